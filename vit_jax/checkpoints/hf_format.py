@@ -1,0 +1,177 @@
+"""Import from and export to transformers' `ViTForImageClassification` (and `ViTModel`).
+
+transformers v5 names                          vit_jax names
+vit.embeddings.patch_embeddings.projection     embedding
+vit.embeddings.cls_token / position_embeddings cls / Transformer/posembed_input/pos_embedding
+vit.layers.{i}.layernorm_before / _after       Transformer/encoderblock_{i}/LayerNorm_0 / _1
+vit.layers.{i}.attention.{q,k,v,o}_proj        .../MultiHeadDotProductAttention_0/{query,key,value,out}
+vit.layers.{i}.mlp.fc1 / fc2                   .../MlpBlock_0/Dense_0 / Dense_1
+vit.layernorm                                  Transformer/encoder_norm
+classifier                                     head
+
+State dicts with the v4 names (`vit.encoder.layer.{i}.attention.attention.query`, ...)
+are read too. transformers' ViT is a class-token model with no representation layer;
+its LayerNorm epsilon (1e-12 by default) and GELU flavour come from its config.
+"""
+
+import math
+
+import numpy as np
+
+from vit_jax.checkpoints import layout
+from vit_jax.checkpoints import state_dict_io
+from vit_jax.checkpoints import tree
+from vit_jax.models import registry
+from vit_jax.models import summary
+
+_V4_TO_V5 = (
+    ('vit.encoder.layer.', 'vit.layers.'),
+    ('.attention.attention.query.', '.attention.q_proj.'),
+    ('.attention.attention.key.', '.attention.k_proj.'),
+    ('.attention.attention.value.', '.attention.v_proj.'),
+    ('.attention.output.dense.', '.attention.o_proj.'),
+    ('.intermediate.dense.', '.mlp.fc1.'),
+    ('.output.dense.', '.mlp.fc2.'),
+)
+_GELU = {'gelu': False, 'gelu_pytorch_tanh': True, 'gelu_new': True, 'gelu_fast': True}
+
+
+def _v5_names(sd):
+  out = {}
+  for k, v in sd.items():
+    for old, new in _V4_TO_V5:
+      k = k.replace(old, new)
+    if not k.startswith(('vit.', 'classifier.')):
+      k = 'vit.' + k  # a bare ViTModel state dict
+    out[k] = v
+  return out
+
+
+def _hf_config_dict(hf_config):
+  if hf_config is None:
+    return {}
+  if hasattr(hf_config, 'to_dict'):
+    return hf_config.to_dict()
+  return dict(hf_config)
+
+
+def from_hf(model_or_state_dict, hf_config=None):
+  """transformers ViT (a model, a state dict or a file) -> (config, params).
+
+  hf_config: the model's `ViTConfig` (or its dict); taken from the model when a model
+    is passed. Needed for the number of heads, the LayerNorm epsilon and the GELU.
+  """
+  if hf_config is None and hasattr(model_or_state_dict, 'config'):
+    hf_config = model_or_state_dict.config
+  hc = _hf_config_dict(hf_config)
+  if 'num_attention_heads' not in hc:
+    raise ValueError('from_hf needs the transformers ViTConfig (for the number of heads, '
+                     'epsilon and activation): pass hf_config=model.config or its dict')
+  if hc.get('hidden_act', 'gelu') not in _GELU:
+    raise ValueError(f"unsupported hidden_act {hc['hidden_act']!r}; "
+                     f'vit_jax supports {sorted(_GELU)}')
+  if not hc.get('qkv_bias', True):
+    raise ValueError('qkv_bias=False is not supported: vit_jax attention has biases')
+  sd = _v5_names(state_dict_io.read_state_dict(model_or_state_dict))
+  sd = {k: v for k, v in sd.items() if not k.startswith('vit.pooler.')}
+
+  c = registry.get_config('ViT-B/16')
+  c.name = hc.get('_name_or_path') or 'hf_vit'
+  c.hidden_size = int(hc['hidden_size'])
+  c.num_heads = int(hc['num_attention_heads'])
+  c.num_layers = sum(1 for k in sd if k.endswith('.layernorm_before.weight'))
+  c.mlp_dim = int(hc['intermediate_size'])
+  patch = int(hc['patch_size'])
+  c.patch_size = (patch, patch)
+  c.in_channels = int(hc.get('num_channels', 3))
+  grid = math.isqrt(sd['vit.embeddings.position_embeddings'].shape[1] - 1)
+  c.image_size = grid * patch
+  c.num_classes = int(sd['classifier.weight'].shape[0]) if 'classifier.weight' in sd else 0
+  c.layernorm_eps = float(hc.get('layer_norm_eps', 1e-12))
+  c.gelu_approximate = _GELU[hc.get('hidden_act', 'gelu')]
+  c.dropout_rate = 0.0
+  c.attention_dropout_rate = 0.0
+
+  flat, used = {}, []
+  def take(key):
+    used.append(key)
+    return sd[key]
+  e = 'vit.embeddings.'
+  flat['embedding/kernel'] = layout.conv_to_flax(take(e + 'patch_embeddings.projection.weight'))
+  flat['embedding/bias'] = take(e + 'patch_embeddings.projection.bias')
+  flat['cls'] = take(e + 'cls_token')
+  flat['Transformer/posembed_input/pos_embedding'] = take(e + 'position_embeddings')
+  for i in range(c.num_layers):
+    p, q = f'vit.layers.{i}.', f'Transformer/encoderblock_{i}/'
+    lin = lambda n: (take(f'{p}{n}.weight'), take(f'{p}{n}.bias'))  # noqa: E731
+    flat.update(layout.attention_from_linears(
+        q + 'MultiHeadDotProductAttention_0', lin('attention.q_proj'), lin('attention.k_proj'),
+        lin('attention.v_proj'), lin('attention.o_proj'), c.num_heads))
+    for src, dst in (('layernorm_before', 'LayerNorm_0'), ('layernorm_after', 'LayerNorm_1')):
+      flat[q + dst + '/scale'], flat[q + dst + '/bias'] = lin(src)
+    for src, dst in (('mlp.fc1', 'Dense_0'), ('mlp.fc2', 'Dense_1')):
+      flat.update(layout.linear_to_dense(q + 'MlpBlock_0/' + dst, *lin(src)))
+  flat['Transformer/encoder_norm/scale'] = take('vit.layernorm.weight')
+  flat['Transformer/encoder_norm/bias'] = take('vit.layernorm.bias')
+  if c.num_classes:
+    flat.update(layout.linear_to_dense('head', take('classifier.weight'),
+                                       take('classifier.bias')))
+  unused = sorted(set(sd) - set(used))
+  if unused:
+    raise tree.CheckpointMismatchError(
+        f'transformers state dict has keys vit_jax does not map ({len(unused)}): '
+        f'{", ".join(unused[:20])}')
+  module = registry.create(c)
+  params = tree.merge_into(summary.abstract_params(module, c.image_size), flat,
+                           what='transformers state dict')
+  return c, params
+
+
+def to_hf(config, params) -> dict:
+  """vit_jax params -> `ViTForImageClassification` state dict (v5 names, torch tensors)."""
+  if config.classifier != 'token':
+    raise ValueError(f'transformers ViT pools the class token; classifier '
+                     f'{config.classifier!r} has no equivalent there')
+  if config.get('representation_size'):
+    raise ValueError('transformers ViTForImageClassification has no pre_logits layer; this '
+                     f'model has representation_size={config.representation_size}')
+  if config.get('resnet') is not None:
+    raise ValueError('transformers ViT has no hybrid (ResNet stem) variant; export to timm')
+  flat = {k: np.asarray(v) for k, v in tree.flatten(params).items()}
+  e = 'vit.embeddings.'
+  sd = {
+      e + 'cls_token': flat['cls'],
+      e + 'position_embeddings': flat['Transformer/posembed_input/pos_embedding'],
+      e + 'patch_embeddings.projection.weight': layout.conv_from_flax(flat['embedding/kernel']),
+      e + 'patch_embeddings.projection.bias': flat['embedding/bias'],
+  }
+  for i in range(config.num_layers):
+    p, q = f'vit.layers.{i}.', f'Transformer/encoderblock_{i}/'
+    att = layout.attention_to_linears(flat, q + 'MultiHeadDotProductAttention_0')
+    for short in 'qkvo':
+      sd[f'{p}attention.{short}_proj.weight'], sd[f'{p}attention.{short}_proj.bias'] = att[short]
+    for dst, src in (('layernorm_before', 'LayerNorm_0'), ('layernorm_after', 'LayerNorm_1')):
+      sd[p + dst + '.weight'] = flat[q + src + '/scale']
+      sd[p + dst + '.bias'] = flat[q + src + '/bias']
+    for dst, src in (('mlp.fc1', 'Dense_0'), ('mlp.fc2', 'Dense_1')):
+      sd[p + dst + '.weight'], sd[p + dst + '.bias'] = layout.dense_to_linear(
+          flat, q + 'MlpBlock_0/' + src)
+  sd['vit.layernorm.weight'] = flat['Transformer/encoder_norm/scale']
+  sd['vit.layernorm.bias'] = flat['Transformer/encoder_norm/bias']
+  if config.num_classes:
+    sd['classifier.weight'], sd['classifier.bias'] = layout.dense_to_linear(flat, 'head')
+  return state_dict_io.as_torch(sd)
+
+
+def to_hf_config(config):
+  """The transformers `ViTConfig` with the architecture and numerics of `config`."""
+  from transformers import ViTConfig  # pylint: disable=g-import-not-at-top
+  return ViTConfig(
+      hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+      num_attention_heads=config.num_heads, intermediate_size=config.mlp_dim,
+      hidden_act='gelu_pytorch_tanh' if config.gelu_approximate else 'gelu',
+      layer_norm_eps=config.layernorm_eps, image_size=config.image_size,
+      patch_size=config.patch_size[0], num_channels=config.in_channels,
+      num_labels=config.num_classes or 2, hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0, qkv_bias=True)
+

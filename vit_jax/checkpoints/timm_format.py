@@ -1,0 +1,341 @@
+"""Import from and export to timm `VisionTransformer` state dicts (ViT and BiT hybrids).
+
+timm names                                   vit_jax names
+patch_embed.proj                             embedding
+cls_token / pos_embed                        cls / Transformer/posembed_input/pos_embedding
+blocks.{i}.norm1 / norm2                     Transformer/encoderblock_{i}/LayerNorm_0 / _1
+blocks.{i}.attn.qkv / attn.proj              .../MultiHeadDotProductAttention_0/{query,key,value} / out
+blocks.{i}.mlp.fc1 / fc2                     .../MlpBlock_0/Dense_0 / Dense_1
+norm                                         Transformer/encoder_norm
+attn_pool.*                                  MAPHead_0/*
+head                                         head
+patch_embed.backbone.stem.conv / norm        conv_root / gn_root
+patch_embed.backbone.stages.{s}.blocks.{u}   block{s+1}/unit{u+1} (convN/normN -> convN/gnN,
+                                             downsample.conv/norm -> conv_proj/gn_proj)
+"""
+
+import math
+import re
+
+import ml_collections
+import numpy as np
+
+from vit_jax.checkpoints import layout
+from vit_jax.checkpoints import state_dict_io
+from vit_jax.checkpoints import tree
+from vit_jax.models import registry
+from vit_jax.models import resnet as resnet_lib
+from vit_jax.models import summary
+
+
+def _timm_base_name(name: str) -> str:
+  base = name.split('.')[0]  # drop a pretrained tag such as '.augreg_in21k'
+  return re.sub(r'_(224|384)$', '', base)
+
+
+def _config_for(name: str) -> ml_collections.ConfigDict:
+  for res in ('224', '384'):
+    candidate = f'{_timm_base_name(name)}_{res}'
+    if candidate in registry.list_models():
+      return registry.get_config(candidate)
+  return registry.get_config(name.split('.')[0])  # raises with the closest names
+
+
+def _count(sd, pattern):
+  idx = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
+  return max(idx) + 1 if idx else 0
+
+
+def _infer_config(sd, name, model, overrides):
+  c = _config_for(name)
+  c.gelu_approximate = False
+  c.hidden_size = int(sd['pos_embed'].shape[-1])
+  c.num_layers = _count(sd, r'blocks\.(\d+)\.')
+  c.mlp_dim = int(sd['blocks.0.mlp.fc1.weight'].shape[0])
+  c.num_classes = int(sd['head.weight'].shape[0]) if 'head.weight' in sd else 0
+  if 'cls_token' in sd:
+    c.classifier = 'token'
+  elif 'attn_pool.latent' in sd:
+    c.classifier = 'map'
+  else:
+    c.classifier = 'gap'
+  c.representation_size = None
+  proj = sd['patch_embed.proj.weight']
+  c.patch_size = (int(proj.shape[2]), int(proj.shape[3]))
+  if 'patch_embed.backbone.stem.conv.weight' in sd:
+    nstages = _count(sd, r'patch_embed\.backbone\.stages\.(\d+)\.')
+    layers = tuple(_count(sd, rf'patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.')
+                   for s in range(nstages))
+    root = sd['patch_embed.backbone.stem.conv.weight']
+  elif 'patch_embed.backbone.conv.weight' in sd:
+    layers = ()
+    root = sd['patch_embed.backbone.conv.weight']
+  else:
+    layers, root = None, None
+  if layers is None:
+    c.resnet = None
+    c.in_channels = int(proj.shape[1])
+  else:
+    c.resnet = ml_collections.ConfigDict(dict(
+        num_layers=layers, width_factor=root.shape[0] / 64, stdconv_eps=1e-8,
+        stdconv_eps_in_sqrt=True, gn_eps=1e-5))
+    c.in_channels = int(root.shape[1])
+  if model is not None:
+    _read_model_settings(c, model)
+  for k, v in overrides.items():
+    c[k] = v
+  prefix = 1 if c.classifier == 'token' else 0
+  grid = math.isqrt(sd['pos_embed'].shape[1] - prefix)
+  stride = 1 if c.resnet is None else resnet_lib.stem_stride(c.resnet.num_layers)
+  c.image_size = grid * stride * c.patch_size[0]
+  return c
+
+
+def _read_model_settings(c, model):
+  """Numerics and structure that a state dict does not show, read off a timm model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  unsupported = []
+  if not isinstance(getattr(model, 'fc_norm', None), torch.nn.Identity):
+    unsupported.append('fc_norm (LayerNorm after pooling; vit_jax normalises the tokens '
+                       'before pooling: build the timm model with fc_norm=False)')
+  if getattr(model, 'num_reg_tokens', 0):
+    unsupported.append('register tokens')
+  if getattr(model, 'no_embed_class', False):
+    unsupported.append('no_embed_class')
+  if not isinstance(getattr(model, 'norm_pre', torch.nn.Identity()), torch.nn.Identity):
+    unsupported.append('pre-norm (norm_pre)')
+  block = model.blocks[0]
+  if not isinstance(getattr(block, 'ls1', torch.nn.Identity()), torch.nn.Identity):
+    unsupported.append('layer scale')
+  if not isinstance(getattr(block.attn, 'q_norm', torch.nn.Identity()), torch.nn.Identity):
+    unsupported.append('qk-norm')
+  if unsupported:
+    raise ValueError('this timm model uses features vit_jax does not implement: '
+                     + '; '.join(unsupported))
+  c.num_heads = int(block.attn.num_heads)
+  c.layernorm_eps = float(block.norm1.eps)
+  act = block.mlp.act
+  if not isinstance(act, torch.nn.GELU):
+    raise ValueError(f'unsupported MLP activation {type(act).__name__} (vit_jax uses GELU)')
+  c.gelu_approximate = act.approximate == 'tanh'
+  if c.resnet is not None:
+    backbone = model.patch_embed.backbone
+    stem = getattr(backbone, 'stem', backbone)
+    c.resnet.stdconv_eps = float(stem.conv.eps)
+    c.resnet.gn_eps = float(stem.norm.eps)
+
+
+def _block_from_timm(sd, i, num_heads):
+  p, q = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+  qkv_w = np.split(sd[p + 'attn.qkv.weight'], 3, axis=0)
+  qkv_b = np.split(sd[p + 'attn.qkv.bias'], 3, axis=0)
+  out = layout.attention_from_linears(
+      q + 'MultiHeadDotProductAttention_0', (qkv_w[0], qkv_b[0]), (qkv_w[1], qkv_b[1]),
+      (qkv_w[2], qkv_b[2]), (sd[p + 'attn.proj.weight'], sd[p + 'attn.proj.bias']),
+      num_heads)
+  for src, dst in (('norm1', 'LayerNorm_0'), ('norm2', 'LayerNorm_1')):
+    out[q + dst + '/scale'] = sd[p + src + '.weight']
+    out[q + dst + '/bias'] = sd[p + src + '.bias']
+  for src, dst in (('fc1', 'Dense_0'), ('fc2', 'Dense_1')):
+    out.update(layout.linear_to_dense(q + 'MlpBlock_0/' + dst, sd[f'{p}mlp.{src}.weight'],
+                                      sd[f'{p}mlp.{src}.bias']))
+  used = [p + s for s in ('attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight',
+                          'attn.proj.bias', 'norm1.weight', 'norm1.bias', 'norm2.weight',
+                          'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight',
+                          'mlp.fc2.bias')]
+  return out, used
+
+
+def _stem_pairs(c):
+  """(timm prefix, vit_jax prefix) of every conv and norm of the hybrid stem."""
+  if c.resnet is None:
+    return []
+  layers = tuple(c.resnet.num_layers)
+  base = 'patch_embed.backbone.' + ('stem.' if layers else '')
+  pairs = [(base + 'conv', 'conv_root', 'conv'), (base + 'norm', 'gn_root', 'norm')]
+  for s, n in enumerate(layers):
+    for u in range(n):
+      tp = f'patch_embed.backbone.stages.{s}.blocks.{u}.'
+      jp = f'block{s + 1}/unit{u + 1}/'
+      for r in (1, 2, 3):
+        pairs += [(f'{tp}conv{r}', f'{jp}conv{r}', 'conv'), (f'{tp}norm{r}', f'{jp}gn{r}', 'norm')]
+      if u == 0:  # the first unit of a stage changes the width: projection shortcut
+        pairs += [(tp + 'downsample.conv', jp + 'conv_proj', 'conv'),
+                  (tp + 'downsample.norm', jp + 'gn_proj', 'norm')]
+  return pairs
+
+
+def _params_from_timm(sd, c):
+  flat, used = {}, []
+  def take(key):
+    used.append(key)
+    return sd[key]
+  flat['embedding/kernel'] = layout.conv_to_flax(take('patch_embed.proj.weight'))
+  flat['embedding/bias'] = take('patch_embed.proj.bias')
+  if c.classifier == 'token':
+    flat['cls'] = take('cls_token')
+  flat['Transformer/posembed_input/pos_embedding'] = take('pos_embed')
+  for i in range(c.num_layers):
+    block, block_used = _block_from_timm(sd, i, c.num_heads)
+    flat.update(block)
+    used += block_used
+  flat['Transformer/encoder_norm/scale'] = take('norm.weight')
+  flat['Transformer/encoder_norm/bias'] = take('norm.bias')
+  if c.classifier == 'map':
+    m = 'MAPHead_0/'
+    flat[m + 'probe'] = take('attn_pool.latent')
+    k_w, v_w = np.split(take('attn_pool.kv.weight'), 2, axis=0)
+    k_b, v_b = np.split(take('attn_pool.kv.bias'), 2, axis=0)
+    flat.update(layout.attention_from_linears(
+        m + 'MultiHeadDotProductAttention_0',
+        (take('attn_pool.q.weight'), take('attn_pool.q.bias')), (k_w, k_b), (v_w, v_b),
+        (take('attn_pool.proj.weight'), take('attn_pool.proj.bias')), c.num_heads))
+    flat[m + 'LayerNorm_0/scale'] = take('attn_pool.norm.weight')
+    flat[m + 'LayerNorm_0/bias'] = take('attn_pool.norm.bias')
+    for src, dst in (('fc1', 'Dense_0'), ('fc2', 'Dense_1')):
+      flat.update(layout.linear_to_dense(m + 'MlpBlock_0/' + dst,
+                                         take(f'attn_pool.mlp.{src}.weight'),
+                                         take(f'attn_pool.mlp.{src}.bias')))
+  if c.num_classes:
+    flat.update(layout.linear_to_dense('head', take('head.weight'), take('head.bias')))
+  for tp, jp, kind in _stem_pairs(c):
+    if kind == 'conv':
+      flat[jp + '/kernel'] = layout.conv_to_flax(take(tp + '.weight'))
+    else:
+      flat[jp + '/scale'] = take(tp + '.weight')
+      flat[jp + '/bias'] = take(tp + '.bias')
+  unused = sorted(set(sd) - set(used))
+  if unused:
+    raise tree.CheckpointMismatchError(
+        f'timm state dict has keys vit_jax does not map ({len(unused)}): '
+        f'{", ".join(unused[:20])}')
+  return flat
+
+
+def from_timm(model_or_state_dict, name: str | None = None, **overrides):
+  """timm ViT (a model, a state dict or a `.safetensors`/torch file) -> (config, params).
+
+  name: the timm model name (e.g. 'vit_base_patch16_224', a pretrained tag is ignored);
+    taken from the model when a model is passed. It gives what a state dict does not
+    show (number of heads); depth, width, classes, classifier and resolution are read
+    from the weights. `overrides` set config fields (e.g. num_heads for a custom model).
+  The returned config reproduces timm's numerics: exact GELU and timm's epsilons.
+  """
+  model = model_or_state_dict if hasattr(model_or_state_dict, 'blocks') else None
+  if name is None:
+    if model is None:
+      raise ValueError('from_timm needs the timm model name when given a state dict, '
+                       "e.g. from_timm(sd, 'vit_base_patch16_224')")
+    name = model.pretrained_cfg.get('architecture') or type(model).__name__
+  sd = state_dict_io.read_state_dict(model_or_state_dict)
+  config = _infer_config(sd, name, model, overrides)
+  flat = _params_from_timm(sd, config)
+  module = registry.create(config)
+  params = tree.merge_into(summary.abstract_params(module, config.image_size), flat,
+                           what='timm state dict')
+  return config, params
+
+
+def to_timm(config, params) -> dict:
+  """vit_jax params -> timm state dict (torch tensors) for the architecture of `config`.
+
+  Load it with `timm.create_model(...).load_state_dict(sd)` into a model built with
+  `create_timm_model(config)` (or the equivalent timm arguments).
+  """
+  if config.get('representation_size'):
+    raise ValueError('timm VisionTransformer has no pre_logits (representation) layer; '
+                     'this model has representation_size='
+                     f'{config.representation_size}. Drop it or export to .npz instead.')
+  if config.classifier not in ('token', 'gap', 'map'):
+    raise ValueError(f'classifier {config.classifier!r} has no timm equivalent')
+  flat = {k: np.asarray(v) for k, v in tree.flatten(params).items()}
+  sd = {}
+  sd['patch_embed.proj.weight'] = layout.conv_from_flax(flat['embedding/kernel'])
+  sd['patch_embed.proj.bias'] = flat['embedding/bias']
+  if config.classifier == 'token':
+    sd['cls_token'] = flat['cls']
+  sd['pos_embed'] = flat['Transformer/posembed_input/pos_embedding']
+  for i in range(config.num_layers):
+    p, q = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+    att = layout.attention_to_linears(flat, q + 'MultiHeadDotProductAttention_0')
+    sd[p + 'attn.qkv.weight'] = np.concatenate([att[s][0] for s in 'qkv'], axis=0)
+    sd[p + 'attn.qkv.bias'] = np.concatenate([att[s][1] for s in 'qkv'], axis=0)
+    sd[p + 'attn.proj.weight'], sd[p + 'attn.proj.bias'] = att['o']
+    for dst, src in (('norm1', 'LayerNorm_0'), ('norm2', 'LayerNorm_1')):
+      sd[p + dst + '.weight'] = flat[q + src + '/scale']
+      sd[p + dst + '.bias'] = flat[q + src + '/bias']
+    for dst, src in (('fc1', 'Dense_0'), ('fc2', 'Dense_1')):
+      sd[f'{p}mlp.{dst}.weight'], sd[f'{p}mlp.{dst}.bias'] = layout.dense_to_linear(
+          flat, q + 'MlpBlock_0/' + src)
+  sd['norm.weight'] = flat['Transformer/encoder_norm/scale']
+  sd['norm.bias'] = flat['Transformer/encoder_norm/bias']
+  if config.classifier == 'map':
+    m = 'MAPHead_0/'
+    att = layout.attention_to_linears(flat, m + 'MultiHeadDotProductAttention_0')
+    sd['attn_pool.latent'] = flat[m + 'probe']
+    sd['attn_pool.q.weight'], sd['attn_pool.q.bias'] = att['q']
+    sd['attn_pool.kv.weight'] = np.concatenate([att['k'][0], att['v'][0]], axis=0)
+    sd['attn_pool.kv.bias'] = np.concatenate([att['k'][1], att['v'][1]], axis=0)
+    sd['attn_pool.proj.weight'], sd['attn_pool.proj.bias'] = att['o']
+    sd['attn_pool.norm.weight'] = flat[m + 'LayerNorm_0/scale']
+    sd['attn_pool.norm.bias'] = flat[m + 'LayerNorm_0/bias']
+    for dst, src in (('fc1', 'Dense_0'), ('fc2', 'Dense_1')):
+      sd[f'attn_pool.mlp.{dst}.weight'], sd[f'attn_pool.mlp.{dst}.bias'] = (
+          layout.dense_to_linear(flat, m + 'MlpBlock_0/' + src))
+  if config.num_classes:
+    sd['head.weight'], sd['head.bias'] = layout.dense_to_linear(flat, 'head')
+  for tp, jp, kind in _stem_pairs(config):
+    if kind == 'conv':
+      sd[tp + '.weight'] = layout.conv_from_flax(flat[jp + '/kernel'])
+    else:
+      sd[tp + '.weight'] = flat[jp + '/scale'].reshape(-1)
+      sd[tp + '.bias'] = flat[jp + '/bias'].reshape(-1)
+  return state_dict_io.as_torch(sd)
+
+
+def timm_name(config) -> str:
+  """The timm model name for a config (a registered timm name, or its paper name's)."""
+  name = config.get('name', '') or ''
+  if name.startswith('vit_'):
+    return name.split('.')[0]
+  for candidate in registry.list_models():
+    if candidate.startswith('vit_') and candidate.endswith(f'_{config.image_size}'):
+      other = registry.get_config(candidate)
+      if _same_architecture(other, config):
+        return candidate
+  raise ValueError(f'no timm model corresponds to {name!r}')
+
+
+def _same_architecture(a, b) -> bool:
+  keys = ('patch_size', 'hidden_size', 'num_heads', 'mlp_dim')
+  if any(tuple(np.atleast_1d(a[k])) != tuple(np.atleast_1d(b[k])) for k in keys):
+    return False
+  ra, rb = a.get('resnet'), b.get('resnet')
+  if (ra is None) != (rb is None):
+    return False
+  return ra is None or tuple(ra.num_layers) == tuple(rb.num_layers)
+
+
+def create_timm_model(config, params=None):
+  """A timm model with the architecture and numerics of `config`, loaded with `params`.
+
+  Plain ViTs match any config; hybrids match the stem numerics of timm configs (as
+  returned by `from_timm`), since timm builds its ResNet with fixed epsilons.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  kwargs = dict(
+      pretrained=False, num_classes=config.num_classes or 0, img_size=config.image_size,
+      embed_dim=config.hidden_size, depth=config.num_layers, num_heads=config.num_heads,
+      mlp_ratio=config.mlp_dim / config.hidden_size,
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=config.layernorm_eps),
+      act_layer='gelu_tanh' if config.gelu_approximate else 'gelu')
+  if config.classifier == 'gap':
+    kwargs.update(global_pool='avg', class_token=False, fc_norm=False)
+  elif config.classifier == 'map':
+    kwargs.update(global_pool='map', class_token=False)
+  model = timm.create_model(timm_name(config), **kwargs).eval()
+  if params is not None:
+    model.load_state_dict(to_timm(config, params))
+  return model

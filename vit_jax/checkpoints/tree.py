@@ -1,0 +1,98 @@
+"""Flat 'a/b/c' views of parameter trees and checked merging of loaded weights."""
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+HEAD_KEYS = ('head/',)
+
+
+class CheckpointMismatchError(ValueError):
+  """Loaded weights do not fit the model: names the keys and shapes that differ."""
+
+
+def flatten(tree, prefix: str = '') -> dict[str, np.ndarray]:
+  """Nested mapping -> {'a/b/c': leaf} (leaves unchanged)."""
+  out = {}
+  for k, v in tree.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + '/'))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+  """{'a/b/c': array} -> nested dict."""
+  tree: dict = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _short(keys, limit=20):
+  keys = sorted(keys)
+  more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
+  return ', '.join(keys[:limit]) + more
+
+
+def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = True,
+               what: str = 'checkpoint'):
+  """Returns `loaded` arranged as the `reference` tree, after checking it fits.
+
+  reference: the model's own (initialised or abstract) parameters; their dtypes are kept.
+  loaded: parameters read from a checkpoint (nested or flat 'a/b/c').
+  drop_head: take `head` (and `pre_logits` when the checkpoint has it but the model
+    does not) from `reference` instead, for a new class count.
+  strict: refuse missing and unexpected keys (shape mismatches are always refused).
+
+  Raises CheckpointMismatchError listing missing keys, unexpected keys and every
+  parameter whose shape differs, with both shapes.
+  """
+  ref = flatten(reference) if not _is_flat(reference) else dict(reference)
+  got = flatten(loaded) if not _is_flat(loaded) else dict(loaded)
+  if drop_head:
+    got = {k: v for k, v in got.items() if not k.startswith(HEAD_KEYS)}
+    if not any(k.startswith('pre_logits/') for k in ref):
+      got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
+  taken_from_ref = {k for k in ref if drop_head and k.startswith(HEAD_KEYS)}
+  missing = set(ref) - set(got) - taken_from_ref
+  unexpected = set(got) - set(ref)
+  wrong = [f'{k}: {what} has {tuple(got[k].shape)}, model expects {tuple(ref[k].shape)}'
+           for k in sorted(set(ref) & set(got)) if tuple(got[k].shape) != tuple(ref[k].shape)]
+  problems = []
+  if wrong:
+    hint = ''
+    if any('pos_embedding' in w for w in wrong):
+      hint = (' (a different resolution: resample with '
+              'vit_jax.models.resample_posemb)')
+    if any(w.startswith('head/') for w in wrong):
+      hint += ' (a different class count: load with drop_head=True)'
+    problems.append(f'shape mismatch{hint}:\n  ' + '\n  '.join(wrong))
+  if strict and missing:
+    problems.append(f'missing from the {what} ({len(missing)}): {_short(missing)}')
+  if strict and unexpected:
+    problems.append(f'unexpected in the {what} ({len(unexpected)}): {_short(unexpected)}')
+  if problems:
+    raise CheckpointMismatchError(f'{what} does not fit the model:\n' + '\n'.join(problems))
+  merged = {}
+  for k, v in ref.items():
+    if k in got:
+      merged[k] = np.asarray(got[k]).astype(v.dtype)
+    elif isinstance(v, jax.ShapeDtypeStruct):
+      raise CheckpointMismatchError(
+          f'{k} is not in the {what} and the reference parameters are abstract: pass '
+          'initialised parameters (vit_jax.models.init_params) as the reference')
+    else:
+      merged[k] = v
+  return unflatten(merged)
+
+
+def _is_flat(tree) -> bool:
+  return all(not isinstance(v, Mapping) for v in tree.values())

@@ -1,0 +1,199 @@
+"""Model names -> ml_collections configs, and `create` to build a Flax module.
+
+Every model of the original ViT release is registered under its paper name
+(`ViT-B/16`, `R50+ViT-B/16`, ...) with the original numerics (tanh-approximate GELU,
+the original epsilons). The corresponding timm names (`vit_base_patch16_224`, ...) are
+registered too, with timm's numerics (exact GELU, timm's epsilons) and resolution, so
+that weights taken from timm reproduce timm's outputs.
+"""
+
+import difflib
+
+import jax.numpy as jnp
+import ml_collections
+
+from vit_jax.models import vit
+
+# Fields of a model config; each has a default here and a one-line meaning.
+_FIELD_DOCS = {
+    'name': 'registered name the config came from',
+    'image_size': 'default input resolution (pixels, square); sets the position grid',
+    'num_classes': 'classifier outputs; 0 or None returns the pooled features',
+    'patch_size': '(rows, cols) of a patch, in pixels (in stem feature pixels for hybrids)',
+    'hidden_size': 'token width D',
+    'num_layers': 'number of encoder blocks',
+    'num_heads': 'attention heads per block',
+    'mlp_dim': 'hidden width of the MLP in each block',
+    'classifier': "pooling: 'token', 'gap', 'map', 'unpooled' or 'token_unpooled'",
+    'representation_size': 'width of the pre_logits Dense+tanh layer; None for none',
+    'head_bias_init': 'initial value of the (zero-initialised) head bias',
+    'dropout_rate': 'dropout after the position embedding, attention and MLP layers',
+    'attention_dropout_rate': 'dropout on the attention weights',
+    'drop_path_rate': 'stochastic depth of the last block (linear from 0 at the first)',
+    'layernorm_eps': 'LayerNorm epsilon (1e-6 original and timm, 1e-12 transformers)',
+    'gelu_approximate': 'tanh-approximate GELU (original) or exact (timm, transformers)',
+    'attention_impl': "jax.nn.dot_product_attention implementation: None, 'xla', 'cudnn'",
+    'in_channels': 'input channels',
+    'dtype': "compute dtype: 'float32' or 'bfloat16'",
+    'param_dtype': "parameter dtype: 'float32' (recommended) or 'bfloat16'",
+    'resnet': 'hybrid stem: None, or num_layers / width_factor / stdconv_eps / '
+              'stdconv_eps_in_sqrt / gn_eps',
+}
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+_SIZES = {  # hidden, mlp, heads, layers
+    'Ti': (192, 768, 3, 12),
+    'S': (384, 1536, 6, 12),
+    'B': (768, 3072, 12, 12),
+    'L': (1024, 4096, 16, 24),
+    'H': (1280, 5120, 16, 32),
+}
+_TIMM_SIZE = {'Ti': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large', 'H': 'huge'}
+
+_REGISTRY: dict[str, ml_collections.ConfigDict] = {}
+
+
+def _base(name, size, patch, resnet=None, image_size=224):
+  hidden, mlp, heads, layers = _SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.image_size = image_size
+  c.num_classes = 1000
+  c.patch_size = (patch, patch)
+  c.hidden_size = hidden
+  c.num_layers = layers
+  c.num_heads = heads
+  c.mlp_dim = mlp
+  c.classifier = 'token'
+  c.representation_size = ml_collections.FieldReference(None, field_type=int)
+  c.head_bias_init = 0.0
+  c.dropout_rate = 0.0
+  c.attention_dropout_rate = 0.0
+  c.drop_path_rate = 0.0
+  c.layernorm_eps = 1e-6
+  c.gelu_approximate = True
+  c.attention_impl = ml_collections.FieldReference(None, field_type=str)
+  c.in_channels = 3
+  c.dtype = 'float32'
+  c.param_dtype = 'float32'
+  if resnet is None:
+    c.resnet = ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict)
+  else:
+    c.resnet = ml_collections.ConfigDict(dict(
+        num_layers=tuple(resnet), width_factor=1.0, stdconv_eps=1e-5,
+        stdconv_eps_in_sqrt=False, gn_eps=1e-6))
+  return c
+
+
+def _timm_numerics(c, name, image_size):
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.name = name
+  c.image_size = image_size
+  c.gelu_approximate = False
+  if c.resnet is not None:
+    c.resnet.stdconv_eps = 1e-8
+    c.resnet.stdconv_eps_in_sqrt = True
+    c.resnet.gn_eps = 1e-5
+  return c
+
+
+def _register(c, timm_base=None):
+  _REGISTRY[c.name] = c
+  if timm_base:
+    for res in (224, 384):
+      tname = f'{timm_base}_{res}'
+      _REGISTRY[tname] = _timm_numerics(c, tname, res)
+
+
+for _size, _patch in [('Ti', 16), ('S', 32), ('S', 16), ('S', 8), ('B', 32), ('B', 16),
+                      ('B', 8), ('L', 32), ('L', 16), ('H', 14)]:
+  _register(_base(f'ViT-{_size}/{_patch}', _size, _patch),
+            f'vit_{_TIMM_SIZE[_size]}_patch{_patch}')
+_register(_base('R50+ViT-B/16', 'B', 1, resnet=(3, 4, 9)), 'vit_base_r50_s16')
+_register(_base('R26+ViT-S/32', 'S', 1, resnet=(2, 2, 2, 2)), 'vit_small_r26_s32')
+_register(_base('R26+ViT-B/32', 'B', 1, resnet=(2, 2, 2, 2)), 'vit_base_r26_s32')
+_register(_base('R50+ViT-L/32', 'L', 1, resnet=(3, 4, 6, 3)), 'vit_large_r50_s32')
+_register(_base('R+ViT-Ti/16', 'Ti', 8, resnet=()), 'vit_tiny_r_s16_p8')
+
+
+def list_models() -> list[str]:
+  """All registered names: paper names first, then timm names."""
+  return sorted(_REGISTRY, key=lambda n: (n.startswith('vit_'), n))
+
+
+def field_docs() -> dict[str, str]:
+  """One-line meaning of every model config field."""
+  return dict(_FIELD_DOCS)
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+  """A fresh copy of the config registered under `name`.
+
+  Raises ValueError naming the closest registered names for an unknown name.
+  """
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
+    hint = f' Closest: {", ".join(close)}.' if close else ''
+    raise ValueError(f'unknown model name {name!r}.{hint} All names: '
+                     'vit_jax.models.list_models().')
+  return ml_collections.ConfigDict(_REGISTRY[name].to_dict())
+
+
+def _dtype(value, field):
+  if value in _DTYPES:
+    return _DTYPES[value]
+  if value in _DTYPES.values():
+    return value
+  raise ValueError(f'{field}={value!r} is not one of {sorted(_DTYPES)}')
+
+
+def create(name_or_config, **overrides) -> vit.VisionTransformer:
+  """Builds the Flax module for a registered name or a config, with field overrides.
+
+  Example: `create('ViT-B/16', num_classes=10, dropout_rate=0.1)`.
+  """
+  if isinstance(name_or_config, str):
+    config = get_config(name_or_config)
+  else:
+    config = ml_collections.ConfigDict(dict(name_or_config))
+  unknown = sorted(set(overrides) - set(_FIELD_DOCS))
+  if unknown:
+    raise ValueError(f'unknown model config field(s) {unknown}; valid fields: '
+                     f'{sorted(_FIELD_DOCS)}')
+  for k, v in overrides.items():
+    if k == 'resnet' and isinstance(v, dict):
+      v = ml_collections.ConfigDict(v)
+    config[k] = v
+  unknown = sorted(set(config.keys()) - set(_FIELD_DOCS))
+  if unknown:
+    raise ValueError(f'unknown model config field(s) {unknown}; valid fields: '
+                     f'{sorted(_FIELD_DOCS)}')
+  defaults = _base('default', 'Ti', 16)
+  get = lambda k: config.get(k, defaults[k])  # noqa: E731
+  if get('classifier') not in vit.CLASSIFIERS:
+    raise ValueError(f"classifier={get('classifier')!r} is not one of {vit.CLASSIFIERS}")
+  patch = get('patch_size')
+  patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+  hidden, heads = get('hidden_size'), get('num_heads')
+  if hidden % heads:
+    raise ValueError(f'hidden_size={hidden} is not divisible by num_heads={heads}')
+  kwargs = dict(
+      num_classes=get('num_classes'), patch_size=patch, hidden_size=hidden,
+      num_layers=get('num_layers'), num_heads=heads, mlp_dim=get('mlp_dim'),
+      classifier=get('classifier'), representation_size=get('representation_size'),
+      head_bias_init=get('head_bias_init'), dropout_rate=get('dropout_rate'),
+      attention_dropout_rate=get('attention_dropout_rate'),
+      drop_path_rate=get('drop_path_rate'), layernorm_eps=get('layernorm_eps'),
+      gelu_approximate=get('gelu_approximate'), attention_impl=get('attention_impl'),
+      in_channels=get('in_channels'), dtype=_dtype(get('dtype'), 'dtype'),
+      param_dtype=_dtype(get('param_dtype'), 'param_dtype'))
+  resnet = config.get('resnet')
+  if resnet is not None:
+    kwargs.update(
+        resnet_layers=tuple(resnet.num_layers),
+        resnet_width_factor=resnet.get('width_factor', 1.0),
+        stdconv_eps=resnet.get('stdconv_eps', 1e-5),
+        stdconv_eps_in_sqrt=resnet.get('stdconv_eps_in_sqrt', False),
+        gn_eps=resnet.get('gn_eps', 1e-6))
+  return vit.VisionTransformer(**kwargs)

@@ -1,0 +1,61 @@
+"""Parameter initialisation, counts and FLOPs of a model, without running it eagerly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import vit
+
+
+def init_params(module: vit.VisionTransformer, image_size: int, seed: int = 0):
+  """Initialised parameters for square inputs of `image_size` pixels."""
+  dummy = jnp.zeros((1, image_size, image_size, module.in_channels), jnp.float32)
+  return jax.jit(lambda rng: module.init(rng, dummy, train=False)['params'])(
+      jax.random.PRNGKey(seed))
+
+
+def abstract_params(module: vit.VisionTransformer, image_size: int):
+  """Shapes and dtypes of the parameters (nothing is allocated)."""
+  dummy = jax.ShapeDtypeStruct((1, image_size, image_size, module.in_channels), jnp.float32)
+  return jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
+                        dummy)['params']
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def forward_flops(module: vit.VisionTransformer, image_size: int, batch: int = 1) -> float:
+  """FLOPs of one inference forward pass per image, from XLA's cost analysis."""
+  params = abstract_params(module, image_size)
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, module.in_channels),
+                                jnp.float32)
+  fn = jax.jit(lambda p, x: module.apply({'params': p}, x, train=False))
+  cost = fn.lower(params, images).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost['flops']) / batch
+
+
+def analytic_flops(module: vit.VisionTransformer, image_size: int) -> float:
+  """Matmul FLOPs (2 per multiply-add) of the transformer part, per image.
+
+  Counts the patch embedding, the attention projections and products, the MLPs and the
+  head; the ResNet stem of hybrids is not included.
+  """
+  sh, sw = module.total_stride()
+  tokens = (image_size // sh) * (image_size // sw)
+  d, m = module.hidden_size, module.mlp_dim
+  in_ch = module.in_channels if module.resnet_layers is None else None
+  flops = 0.0
+  if in_ch is not None:
+    flops += 2 * tokens * module.patch_size[0] * module.patch_size[1] * in_ch * d
+  if module.classifier in ('token', 'token_unpooled'):
+    tokens += 1
+  per_block = 2 * tokens * (4 * d * d + 2 * d * m) + 2 * 2 * tokens * tokens * d
+  flops += module.num_layers * per_block
+  if module.num_classes:
+    width = module.representation_size or d
+    flops += 2 * width * module.num_classes + (2 * d * width if module.representation_size
+                                               else 0)
+  return flops

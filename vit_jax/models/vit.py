@@ -1,0 +1,296 @@
+"""Vision Transformer (Dosovitskiy et al., 2020) and its hybrid ResNet-stem variant.
+
+Parameter names follow the original linen release so that checkpoints load unchanged:
+
+    embedding/{kernel,bias}               patch embedding (conv, stride = patch)
+    cls                                   class token (token classifiers only)
+    Transformer/posembed_input/pos_embedding
+    Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0,
+                                  LayerNorm_1, MlpBlock_0/Dense_{0,1}}
+    Transformer/encoder_norm
+    MAPHead_0/...                         attention-pooling head (classifier='map')
+    pre_logits                            optional Dense + tanh (representation_size)
+    head                                  zero-initialised classifier
+    conv_root, gn_root, block{s}/unit{u}  hybrid ResNet stem
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax.models import attention as attention_lib
+from vit_jax.models import resnet
+
+CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding of shape (1, tokens, width)."""
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (1, x.shape[1], x.shape[2])
+    if self.has_variable('params', 'pos_embedding'):
+      stored = self.get_variable('params', 'pos_embedding').shape
+      if tuple(stored) != shape:
+        raise ValueError(
+            f'position embedding in the parameters has shape {tuple(stored)} but the input '
+            f'gives {shape[1]} tokens, i.e. shape {shape}: the image resolution differs from '
+            'the one the parameters were made for. Resample it with '
+            'vit_jax.models.resample_posemb(posemb, new_grid) (fine-tuning code does this '
+            'when the checkpoint is loaded).')
+    pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), shape,
+                    self.param_dtype)
+    return x + pe.astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    dense = lambda features, name: nn.Dense(  # noqa: E731
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    out_dim = x.shape[-1]
+    x = dense(self.mlp_dim, 'Dense_0')(x)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(out_dim, 'Dense_1')(x)
+    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  layernorm_eps: float = 1e-6
+  gelu_approximate: bool = True
+  attention_impl: str | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool, capture_attention: bool = False):
+    ln = lambda name: nn.LayerNorm(  # noqa: E731
+        epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+    y = ln('LayerNorm_0')(x)
+    y = attention_lib.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
+        implementation=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='MultiHeadDotProductAttention_0')(
+            y, deterministic=deterministic, return_weights=capture_attention)
+    if capture_attention:
+      y, weights = y
+      self.sow('intermediates', 'attention_weights', weights)
+    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+    x = x + DropPath(self.drop_path_rate)(y, deterministic)
+    y = ln('LayerNorm_1')(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                 gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name='MlpBlock_0')(y, deterministic=deterministic)
+    return x + DropPath(self.drop_path_rate)(y, deterministic)
+
+
+class Encoder(nn.Module):
+  """Position embedding, `num_layers` blocks and the final LayerNorm."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  layernorm_eps: float = 1e-6
+  gelu_approximate: bool = True
+  attention_impl: str | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, capture_attention: bool = False):
+    x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    for i in range(self.num_layers):
+      # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last).
+      rate = self.drop_path_rate * i / max(self.num_layers - 1, 1)
+      x = Encoder1DBlock(
+          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+          attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
+          layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
+          attention_impl=self.attention_impl, dtype=self.dtype,
+          param_dtype=self.param_dtype, name=f'encoderblock_{i}')(
+              x, deterministic=not train, capture_attention=capture_attention)
+    return nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False,
+                        dtype=self.dtype, param_dtype=self.param_dtype,
+                        name='encoder_norm')(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens."""
+  num_heads: int
+  mlp_dim: int
+  layernorm_eps: float = 1e-6
+  gelu_approximate: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]),
+                       self.param_dtype)
+    probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = attention_lib.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='MultiHeadDotProductAttention_0')(probe, x)
+    y = nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='LayerNorm_0')(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='MlpBlock_0')(y, deterministic=True)
+    return x[:, 0]
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier over NHWC images with values in [-1, 1].
+
+  Build it with `vit_jax.models.create(name_or_config)`; the fields mirror the model
+  config (see `vit_jax/models/registry.py` for what each one means).
+  """
+  num_classes: int | None
+  patch_size: tuple[int, int]
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  classifier: str = 'token'
+  representation_size: int | None = None
+  head_bias_init: float = 0.0
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  layernorm_eps: float = 1e-6
+  gelu_approximate: bool = True
+  attention_impl: str | None = None
+  in_channels: int = 3
+  # Hybrid stem; resnet_layers=None means a plain ViT, () means the root block only.
+  resnet_layers: Sequence[int] | None = None
+  resnet_width_factor: float = 1.0
+  stdconv_eps: float = 1e-5
+  stdconv_eps_in_sqrt: bool = False
+  gn_eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def total_stride(self) -> tuple[int, int]:
+    """Input pixels per token along (height, width)."""
+    stem = 1 if self.resnet_layers is None else resnet.stem_stride(self.resnet_layers)
+    return (stem * self.patch_size[0], stem * self.patch_size[1])
+
+  def _check_input(self, images):
+    if images.ndim != 4:
+      raise ValueError(f'expected NHWC images of rank 4, got shape {tuple(images.shape)}')
+    _, h, w, c = images.shape
+    if c != self.in_channels:
+      hint = ''
+      if images.shape[1] == self.in_channels:
+        hint = ' The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1).'
+      raise ValueError(f'expected {self.in_channels} channels in the last axis (NHWC), got '
+                       f'shape {tuple(images.shape)}.{hint}')
+    sh, sw = self.total_stride()
+    if h % sh or w % sw:
+      what = (f'patch size {tuple(self.patch_size)}' if self.resnet_layers is None else
+              f'ResNet stem stride x patch size = {(sh, sw)}')
+      raise ValueError(
+          f'image size {(h, w)} is not divisible by the {what}; resize or crop to a multiple '
+          f'(e.g. {(max(h // sh, 1) * sh, max(w // sw, 1) * sw)}).')
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'classifier {self.classifier!r} is not one of {CLASSIFIERS}')
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, capture_attention: bool = False):
+    """Logits (batch, num_classes) in float32; features if num_classes is falsy.
+
+    With capture_attention=True each block sows its attention weights into the
+    'intermediates' collection (apply with mutable=['intermediates']); see
+    `vit_jax.models.attention_maps`.
+    """
+    self._check_input(images)
+    x = images.astype(self.dtype)
+    if self.resnet_layers is not None:
+      x = resnet.bit_stem(
+          x, num_layers=tuple(self.resnet_layers), width_factor=self.resnet_width_factor,
+          stdconv_eps=self.stdconv_eps, stdconv_eps_in_sqrt=self.stdconv_eps_in_sqrt,
+          gn_eps=self.gn_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.Conv(self.hidden_size, kernel_size=tuple(self.patch_size),
+                strides=tuple(self.patch_size), padding='VALID', dtype=self.dtype,
+                param_dtype=self.param_dtype, name='embedding')(x)
+    n, h, w, c = x.shape
+    x = jnp.reshape(x, (n, h * w, c))
+
+    if self.classifier in ('token', 'token_unpooled'):
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, c), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+
+    x = Encoder(
+        num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        drop_path_rate=self.drop_path_rate, layernorm_eps=self.layernorm_eps,
+        gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer')(
+            x, train=train, capture_attention=capture_attention)
+
+    if self.classifier == 'token':
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=1)
+    elif self.classifier == 'map':
+      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                  layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name='MAPHead_0')(x)
+    else:  # 'unpooled', 'token_unpooled': every token, no head.
+      return x
+
+    if self.representation_size:
+      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name='pre_logits')(x)
+      x = jnp.tanh(x)
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
+    return x.astype(jnp.float32)
+
+
+def attention_maps(module: VisionTransformer, params, images) -> list[jax.Array]:
+  """Attention weights of every block, each (batch, heads, tokens, tokens), in order."""
+  _, state = module.apply({'params': params}, images, train=False, capture_attention=True,
+                          mutable=['intermediates'])
+  blocks = state['intermediates']['Transformer']
+  return [blocks[f'encoderblock_{i}']['attention_weights'][0]
+          for i in range(module.num_layers)]
