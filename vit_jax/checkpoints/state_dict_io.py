@@ -51,4 +51,4 @@ def write_state_dict(state_dict: Mapping, path) -> None:
 def as_torch(flat: Mapping[str, np.ndarray]):
   """{name: numpy} -> {name: torch.Tensor} (contiguous copies)."""
   import torch  # pylint: disable=g-import-not-at-top
-  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in flat.items()}
+  return {k: torch.from_numpy(np.array(v, order='C', copy=True)) for k, v in flat.items()}

@@ -114,15 +114,25 @@ def _read_model_settings(c, model):
                      + '; '.join(unsupported))
   c.num_heads = int(block.attn.num_heads)
   c.layernorm_eps = float(block.norm1.eps)
-  act = block.mlp.act
-  if not isinstance(act, torch.nn.GELU):
-    raise ValueError(f'unsupported MLP activation {type(act).__name__} (vit_jax uses GELU)')
-  c.gelu_approximate = act.approximate == 'tanh'
+  c.gelu_approximate = _gelu_is_tanh(block.mlp.act)
   if c.resnet is not None:
     backbone = model.patch_embed.backbone
     stem = getattr(backbone, 'stem', backbone)
     c.resnet.stdconv_eps = float(stem.conv.eps)
     c.resnet.gn_eps = float(stem.norm.eps)
+
+
+def _gelu_is_tanh(act) -> bool:
+  """True for tanh-approximate GELU, False for exact; refuses other activations."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from timm import layers  # pylint: disable=g-import-not-at-top
+  if isinstance(act, torch.nn.GELU):
+    return act.approximate == 'tanh'
+  if isinstance(act, getattr(layers, 'GELUTanh', ())):
+    return True
+  if isinstance(act, getattr(layers, 'GELU', ())):
+    return False
+  raise ValueError(f'unsupported MLP activation {type(act).__name__} (vit_jax uses GELU)')
 
 
 def _block_from_timm(sd, i, num_heads):
@@ -169,6 +179,8 @@ def _params_from_timm(sd, c):
   flat, used = {}, []
   def take(key):
     used.append(key)
+    if key not in sd:
+      raise tree.CheckpointMismatchError(f'timm state dict lacks {key!r}')
     return sd[key]
   flat['embedding/kernel'] = layout.conv_to_flax(take('patch_embed.proj.weight'))
   flat['embedding/bias'] = take('patch_embed.proj.bias')
@@ -298,11 +310,13 @@ def timm_name(config) -> str:
   name = config.get('name', '') or ''
   if name.startswith('vit_'):
     return name.split('.')[0]
-  for candidate in registry.list_models():
-    if candidate.startswith('vit_') and candidate.endswith(f'_{config.image_size}'):
-      other = registry.get_config(candidate)
-      if _same_architecture(other, config):
-        return candidate
+  candidates = [n for n in registry.list_models() if n.startswith('vit_')]
+  # Prefer the variant at the config's resolution, then 224 (timm resizes via img_size).
+  candidates.sort(key=lambda n: (not n.endswith(f'_{config.image_size}'),
+                                 not n.endswith('_224'), n))
+  for candidate in candidates:
+    if _same_architecture(registry.get_config(candidate), config):
+      return candidate
   raise ValueError(f'no timm model corresponds to {name!r}')
 
 

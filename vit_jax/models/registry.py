@@ -12,6 +12,7 @@ import difflib
 import jax.numpy as jnp
 import ml_collections
 
+from vit_jax.models import attention
 from vit_jax.models import vit
 
 # Fields of a model config; each has a default here and a one-line meaning.
@@ -98,10 +99,16 @@ def _timm_numerics(c, name, image_size):
   return c
 
 
+# timm has no 384 px variant of these.
+_NO_TIMM_384 = {'vit_small_patch8', 'vit_base_patch8', 'vit_huge_patch14', 'vit_base_r26_s32'}
+
+
 def _register(c, timm_base=None):
   _REGISTRY[c.name] = c
   if timm_base:
     for res in (224, 384):
+      if res == 384 and timm_base in _NO_TIMM_384:
+        continue
       tname = f'{timm_base}_{res}'
       _REGISTRY[tname] = _timm_numerics(c, tname, res)
 
@@ -164,6 +171,10 @@ def create(name_or_config, **overrides) -> vit.VisionTransformer:
   for k, v in overrides.items():
     if k == 'resnet' and isinstance(v, dict):
       v = ml_collections.ConfigDict(v)
+    if k == 'patch_size':
+      v = (v, v) if isinstance(v, int) else tuple(v)
+    if k in ('dtype', 'param_dtype') and not isinstance(v, str):
+      v = jnp.dtype(v).name
     config[k] = v
   unknown = sorted(set(config.keys()) - set(_FIELD_DOCS))
   if unknown:
@@ -175,6 +186,9 @@ def create(name_or_config, **overrides) -> vit.VisionTransformer:
     raise ValueError(f"classifier={get('classifier')!r} is not one of {vit.CLASSIFIERS}")
   patch = get('patch_size')
   patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+  if get('attention_impl') not in attention.ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl={get('attention_impl')!r} is not one of "
+                     f'{attention.ATTENTION_IMPLEMENTATIONS}')
   hidden, heads = get('hidden_size'), get('num_heads')
   if hidden % heads:
     raise ValueError(f'hidden_size={hidden} is not divisible by num_heads={heads}')

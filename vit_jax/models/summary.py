@@ -40,16 +40,19 @@ def forward_flops(module: vit.VisionTransformer, image_size: int, batch: int = 1
 def analytic_flops(module: vit.VisionTransformer, image_size: int) -> float:
   """Matmul FLOPs (2 per multiply-add) of the transformer part, per image.
 
-  Counts the patch embedding, the attention projections and products, the MLPs and the
-  head; the ResNet stem of hybrids is not included.
+  Counts the patch embedding, the attention projections and products, the MLPs, the
+  pre-logits layer and the head; not the ResNet stem of hybrids, nor the MAP head.
   """
   sh, sw = module.total_stride()
   tokens = (image_size // sh) * (image_size // sw)
   d, m = module.hidden_size, module.mlp_dim
-  in_ch = module.in_channels if module.resnet_layers is None else None
-  flops = 0.0
-  if in_ch is not None:
-    flops += 2 * tokens * module.patch_size[0] * module.patch_size[1] * in_ch * d
+  if module.resnet_layers is None:
+    in_ch = module.in_channels
+  else:  # channels of the stem's output feature map
+    width = int(64 * module.resnet_width_factor)
+    layers = tuple(module.resnet_layers)
+    in_ch = width * 4 * 2 ** (len(layers) - 1) if layers else width
+  flops = 2.0 * tokens * module.patch_size[0] * module.patch_size[1] * in_ch * d
   if module.classifier in ('token', 'token_unpooled'):
     tokens += 1
   per_block = 2 * tokens * (4 * d * d + 2 * d * m) + 2 * 2 * tokens * tokens * d

@@ -1,0 +1,201 @@
+"""Checked loading: `merge_into` and the refusals of `from_timm` / `to_timm` name what
+does not fit (keys, shapes) and say what to do about it."""
+
+import numpy as np
+import pytest
+
+from vit_jax import checkpoints
+from vit_jax import models
+
+CheckpointMismatchError = checkpoints.CheckpointMismatchError
+NUM_CLASSES = 5
+IMAGE_SIZE = 32  # 2x2 patches of 16: a small but complete ViT-Ti/16
+
+
+@pytest.fixture(scope='module')
+def reference():
+  """Initialised ViT-Ti/16 params (1 block, 5 classes, 32px), flat numpy."""
+  module = models.create('ViT-Ti/16', num_layers=1, num_classes=NUM_CLASSES)
+  params = models.init_params(module, IMAGE_SIZE)
+  return {k: np.asarray(v) for k, v in checkpoints.flatten(params).items()}
+
+
+@pytest.fixture
+def loaded(reference):
+  """A 'checkpoint' for the reference model: the same keys and shapes, other values."""
+  rng = np.random.RandomState(0)
+  return {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in reference.items()}
+
+
+def test_mismatch_error_is_a_value_error():
+  assert issubclass(CheckpointMismatchError, ValueError)
+
+
+def test_exact_fit_loads_the_checkpoint_values(reference, loaded):
+  merged = checkpoints.flatten(checkpoints.merge_into(reference, loaded))
+  assert set(merged) == set(reference)
+  for k, v in loaded.items():
+    np.testing.assert_array_equal(merged[k], v, err_msg=k)
+  # A nested checkpoint is the same as a flat one.
+  nested = checkpoints.flatten(checkpoints.merge_into(reference, checkpoints.unflatten(loaded)))
+  for k, v in loaded.items():
+    np.testing.assert_array_equal(nested[k], v, err_msg=k)
+
+
+def test_reference_dtypes_are_kept(reference, loaded):
+  loaded64 = {k: v.astype(np.float64) for k, v in loaded.items()}
+  merged = checkpoints.flatten(checkpoints.merge_into(reference, loaded64))
+  assert {v.dtype for v in merged.values()} == {np.dtype(np.float32)}
+
+
+def test_missing_keys_are_named(reference, loaded):
+  gone = ('Transformer/encoderblock_0/LayerNorm_1/scale', 'cls')
+  partial = {k: v for k, v in loaded.items() if k not in gone}
+  with pytest.raises(CheckpointMismatchError, match='missing') as info:
+    checkpoints.merge_into(reference, partial)
+  for k in gone:
+    assert k in str(info.value)
+  # strict=False takes them from the reference instead.
+  merged = checkpoints.flatten(checkpoints.merge_into(reference, partial, strict=False))
+  for k in gone:
+    np.testing.assert_array_equal(merged[k], reference[k])
+  np.testing.assert_array_equal(merged['embedding/kernel'], loaded['embedding/kernel'])
+
+
+def test_unexpected_keys_are_named(reference, loaded):
+  extra = dict(loaded)
+  extra['Transformer/encoderblock_1/LayerNorm_0/scale'] = np.ones(192, np.float32)
+  with pytest.raises(CheckpointMismatchError, match='unexpected') as info:
+    checkpoints.merge_into(reference, extra)
+  assert 'Transformer/encoderblock_1/LayerNorm_0/scale' in str(info.value)
+  assert 'missing' not in str(info.value)
+  merged = checkpoints.flatten(checkpoints.merge_into(reference, extra, strict=False))
+  assert set(merged) == set(reference)
+
+
+def test_head_shape_mismatch_names_both_shapes_and_hints_drop_head(reference, loaded):
+  other = dict(loaded)
+  other['head/kernel'] = np.zeros((192, 10), np.float32)
+  other['head/bias'] = np.zeros((10,), np.float32)
+  for strict in (True, False):  # shapes are always checked
+    with pytest.raises(CheckpointMismatchError) as info:
+      checkpoints.merge_into(reference, other, strict=strict)
+    msg = str(info.value)
+    assert 'head/kernel' in msg and 'head/bias' in msg
+    assert '(192, 10)' in msg and f'(192, {NUM_CLASSES})' in msg
+    assert 'drop_head=True' in msg
+    assert 'resample_posemb' not in msg
+
+
+def test_pos_embedding_mismatch_hints_resample_posemb(reference, loaded):
+  other = dict(loaded)
+  key = 'Transformer/posembed_input/pos_embedding'
+  assert reference[key].shape == (1, 5, 192)
+  other[key] = np.zeros((1, 17, 192), np.float32)  # a 4x4 grid + class token: 64px
+  with pytest.raises(CheckpointMismatchError, match='resample_posemb') as info:
+    checkpoints.merge_into(reference, other)
+  msg = str(info.value)
+  assert key in msg and '(1, 17, 192)' in msg and '(1, 5, 192)' in msg
+  assert 'drop_head' not in msg
+
+
+def test_drop_head_keeps_the_reference_head(reference, loaded):
+  other = dict(loaded)
+  other['head/kernel'] = np.ones((192, 10), np.float32)
+  other['head/bias'] = np.ones((10,), np.float32)
+  merged = checkpoints.flatten(checkpoints.merge_into(reference, other, drop_head=True))
+  assert set(merged) == set(reference)
+  np.testing.assert_array_equal(merged['head/kernel'], reference['head/kernel'])
+  np.testing.assert_array_equal(merged['head/bias'], reference['head/bias'])
+  assert merged['head/kernel'].shape == (192, NUM_CLASSES)
+  for k, v in loaded.items():
+    if not k.startswith('head/'):
+      np.testing.assert_array_equal(merged[k], v, err_msg=k)
+
+
+def test_pre_logits_not_in_the_model_is_dropped_with_drop_head(reference, loaded):
+  other = dict(loaded)
+  other['pre_logits/kernel'] = np.ones((192, 192), np.float32)
+  other['pre_logits/bias'] = np.ones((192,), np.float32)
+  other['head/kernel'] = np.ones((192, 10), np.float32)
+  other['head/bias'] = np.ones((10,), np.float32)
+  with pytest.raises(CheckpointMismatchError, match='unexpected') as info:
+    checkpoints.merge_into(reference, other)
+  assert 'pre_logits/kernel' in str(info.value)
+  merged = checkpoints.flatten(checkpoints.merge_into(reference, other, drop_head=True))
+  assert set(merged) == set(reference)
+  assert not any(k.startswith('pre_logits') for k in merged)
+
+
+def test_abstract_reference_cannot_fill_missing_keys():
+  module = models.create('ViT-Ti/16', num_layers=1, num_classes=NUM_CLASSES)
+  abstract = models.abstract_params(module, IMAGE_SIZE)
+  flat = {k: np.zeros(v.shape, v.dtype) for k, v in checkpoints.flatten(abstract).items()}
+  del flat['cls']
+  with pytest.raises(CheckpointMismatchError, match='init_params'):
+    checkpoints.merge_into(abstract, flat, strict=False)
+
+
+def test_to_timm_refuses_pre_logits():
+  config = models.get_config('ViT-Ti/16')
+  config.update(num_layers=1, num_classes=3, representation_size=16, image_size=IMAGE_SIZE)
+  params = models.init_params(models.create(config), IMAGE_SIZE)
+  with pytest.raises(ValueError, match='pre_logits'):
+    checkpoints.to_timm(config, params)
+
+
+# ---------------------------------------------------------------------------
+# from_timm refusals (need timm / torch).
+
+@pytest.fixture(scope='module')
+def timm_sd():
+  torch = pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  torch.manual_seed(0)
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1,
+                            num_classes=NUM_CLASSES, img_size=IMAGE_SIZE)
+  return model.state_dict()
+
+
+def test_from_timm_state_dict_fits_with_a_name(timm_sd):
+  config, _ = checkpoints.from_timm(timm_sd, 'vit_tiny_patch16_224')
+  assert (config.num_layers, config.num_classes, config.image_size) == (1, NUM_CLASSES,
+                                                                        IMAGE_SIZE)
+
+
+def test_from_timm_state_dict_needs_a_name(timm_sd):
+  with pytest.raises(ValueError, match='name'):
+    checkpoints.from_timm(timm_sd)
+
+
+def test_from_timm_unknown_key_is_named(timm_sd):
+  import torch  # pylint: disable=g-import-not-at-top
+  sd = dict(timm_sd)
+  sd['blocks.0.ls1.gamma'] = torch.ones(192)
+  with pytest.raises(CheckpointMismatchError, match=r'blocks\.0\.ls1\.gamma'):
+    checkpoints.from_timm(sd, 'vit_tiny_patch16_224')
+
+
+def test_from_timm_missing_key_is_named(timm_sd):
+  sd = {k: v for k, v in timm_sd.items() if k != 'norm.weight'}
+  with pytest.raises((KeyError, CheckpointMismatchError), match=r'norm\.weight'):
+    checkpoints.from_timm(sd, 'vit_tiny_patch16_224')
+
+
+def test_from_timm_refuses_fc_norm():
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=IMAGE_SIZE, global_pool='avg', class_token=False)
+  assert model.fc_norm.__class__.__name__ == 'LayerNorm'  # timm's default for 'avg'
+  with pytest.raises(ValueError, match='fc_norm'):
+    checkpoints.from_timm(model)
+
+
+def test_from_timm_refuses_layer_scale():
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=IMAGE_SIZE, init_values=1e-5)
+  with pytest.raises(ValueError, match='layer scale'):
+    checkpoints.from_timm(model)
