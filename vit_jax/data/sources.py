@@ -1,0 +1,269 @@
+"""Where examples come from: tensorflow-datasets, image folders, the bundled MNIST.
+
+A source is one split of one dataset. It knows its size, its class names, how it is
+divided among processes, and gives, for one process and one epoch, a `tf.data.Dataset`
+of {'image': encoded bytes, 'label': int64} in an order fixed by (seed, epoch), starting
+at any position. The pipeline (`pipeline.py`) builds batches from that.
+
+Per-process division: process p of P reads a disjoint part of the split; the parts cover
+the split. tfds splits use `tfds.even_splits` (contiguous, sizes differing by at most
+one); image folders take every P-th file.
+"""
+
+import abc
+import dataclasses
+import json
+import os
+import concurrent.futures
+import hashlib
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+BUNDLED = ('bundled_mnist',)
+
+
+class DataError(ValueError):
+  """A dataset that cannot be used as configured; the message says how to fix it."""
+
+
+class Source(abc.ABC):
+  """One split of a dataset."""
+
+  name: str
+  split: str
+  class_names: list[str]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @abc.abstractmethod
+  def num_examples(self, process_index: int = 0, process_count: int = 1) -> int:
+    """Examples that process `process_index` of `process_count` reads."""
+
+  @abc.abstractmethod
+  def epoch_dataset(self, *, epoch: int, seed: int, shuffle: bool, start: int = 0,
+                    process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """This process's examples for one epoch, in an order fixed by (seed, epoch).
+
+    Yields {'image': tf.string, 'label': int64, 'position': int64} with position the
+    index in this epoch's order; the first `start` positions are skipped cheaply.
+    """
+
+
+# ----------------------------------------------------------------------------- tfds
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+  if name in BUNDLED:
+    from vit_jax.data import bundled_mnist  # pylint: disable=g-import-not-at-top,unused-import
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f'tfds has no dataset named {name!r} ({e}). For your own images use '
+                    "config.input.source='folder'.") from e
+  if not builder.is_prepared():
+    if name in BUNDLED:
+      logging.info('Preparing the bundled dataset %s in %s (first use).', name,
+                   builder.data_dir)
+      builder.download_and_prepare()
+    else:
+      raise DataError(
+          f'tfds dataset {name!r} is not prepared in {builder.data_dir}. Prepare it once '
+          f'with `tfds build {name} --data_dir={data_dir or "~/tensorflow_datasets"}` '
+          '(datasets with manual downloads, such as imagenet2012, need the archives in '
+          '<data_dir>/downloads/manual first; ImageNet-21k is not in the tfds catalog: see '
+          'docs/data.md), or point config.input.data_dir at the directory that holds it.')
+  return builder
+
+
+@dataclasses.dataclass
+class TfdsSource(Source):
+  """A split of a prepared tfds dataset (local dir or gs://), e.g. 'train[:99%]'."""
+  name: str
+  split: str
+  data_dir: str | None = None
+  shuffle_buffer: int = 50_000
+  image_key: str = 'image'
+  label_key: str = 'label'
+
+  def __post_init__(self):
+    self.builder = _tfds_builder(self.name, self.data_dir)
+    label = self.builder.info.features[self.label_key]
+    names = getattr(label, 'names', None)
+    if names is None and hasattr(label, 'feature'):  # Sequence(ClassLabel): multi-label
+      names = getattr(label.feature, 'names', None)
+    if names is None:
+      raise DataError(f'{self.name}: feature {self.label_key!r} has no class names')
+    self.class_names = list(names)
+    try:
+      self.builder.info.splits[self.split].num_examples  # pylint: disable=expression-not-assigned
+    except (KeyError, ValueError) as e:
+      raise DataError(f'{self.name} has no split {self.split!r}; it has '
+                      f'{sorted(self.builder.info.splits.keys())} ({e})') from e
+
+  def _process_split(self, process_index, process_count):
+    return tfds.even_splits(self.split, n=process_count, drop_remainder=False)[process_index]
+
+  def num_examples(self, process_index=0, process_count=1):
+    split = self._process_split(process_index, process_count)
+    return self.builder.info.splits[split].num_examples
+
+  def epoch_dataset(self, *, epoch, seed, shuffle, start=0, process_index=0,
+                    process_count=1):
+    epoch_seed = mix_seed(seed, epoch, process_index)
+    read_config = tfds.ReadConfig(shuffle_seed=epoch_seed % 2**31, skip_prefetch=True,
+                                  try_autocache=False)
+    options = tf.data.Options()
+    options.deterministic = True
+    read_config.options = options
+    ds = self.builder.as_dataset(
+        split=self._process_split(process_index, process_count), shuffle_files=shuffle,
+        read_config=read_config, decoders={self.image_key: tfds.decode.SkipDecoding()})
+    if shuffle:
+      ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed % 2**31,
+                      reshuffle_each_iteration=False)
+    ds = ds.map(lambda ex: {'image': ex[self.image_key],
+                            'label': tf.cast(ex[self.label_key], tf.int64)})
+    ds = ds.enumerate().map(lambda i, ex: dict(ex, position=i))
+    # Skipping reads (but does not decode) the skipped records: at most one epoch.
+    return ds.skip(start)
+
+
+# --------------------------------------------------------------------- image folder
+
+
+def mix_seed(*values) -> int:
+  """A deterministic 63-bit integer from values (for seeds)."""
+  digest = hashlib.sha256(','.join(str(v) for v in values).encode()).digest()
+  return int.from_bytes(digest[:8], 'little') >> 1
+
+
+def _check_image(path: str) -> str | None:
+  """None if PIL decodes the file completely, else the error."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      with Image.open(f) as im:
+        if im.format == 'JPEG':
+          im.draft('RGB', (max(im.size[0] // 8, 1), max(im.size[1] // 8, 1)))
+        im.load()
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {e}'
+
+
+@dataclasses.dataclass
+class ImageFolderSource(Source):
+  """Images under `<root>/<split>/<class>/<image>`; labels are the sorted class folders.
+
+  Every file is checked once (a full decode; JPEGs at 1/8 scale, which still reads all
+  the data): undecodable or truncated files are skipped, counted and named in the log,
+  so a bad file never stops training. The result is cached in `cache_dir` (default
+  ~/.cache/vit_jax), keyed by the file list; the image folder itself is never written.
+  """
+  root: str
+  split: str
+  class_names: list[str] | None = None
+  cache_dir: str | None = None
+  check_images: bool = True
+
+  def __post_init__(self):
+    self.name = f'folder:{self.root}'
+    split_dir = os.path.join(self.root, self.split)
+    if not tf.io.gfile.isdir(split_dir):
+      available = (sorted(d for d in tf.io.gfile.listdir(self.root)
+                          if tf.io.gfile.isdir(os.path.join(self.root, d)))
+                   if tf.io.gfile.isdir(self.root) else [])
+      raise DataError(f'image folder split {split_dir!r} does not exist; expected '
+                      f'<root>/<split>/<class>/<image>. Splits under {self.root!r}: '
+                      f'{available or "none (the root does not exist)"}')
+    found = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
+                   if tf.io.gfile.isdir(os.path.join(split_dir, d)))
+    if self.class_names is None:
+      self.class_names = found
+    unknown = sorted(set(found) - set(self.class_names))
+    if unknown:
+      raise DataError(f'{split_dir} has class folders {unknown} that are not among the '
+                      f'{len(self.class_names)} training classes')
+    if not self.class_names:
+      raise DataError(f'{split_dir} has no class folders (<class>/<image> expected)')
+    paths, labels = [], []
+    for label, cls in enumerate(self.class_names):
+      cls_dir = os.path.join(split_dir, cls)
+      if not tf.io.gfile.isdir(cls_dir):
+        continue
+      for f in sorted(tf.io.gfile.listdir(cls_dir)):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+          paths.append(os.path.join(cls_dir, f))
+          labels.append(label)
+    if not paths:
+      raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir}')
+    self.skipped: dict[str, str] = {}
+    if self.check_images:
+      bad = self._bad_files(split_dir, paths)
+      if bad:
+        self.skipped = bad
+        logging.warning('Skipping %d undecodable image(s) in %s: %s', len(bad), split_dir,
+                        '; '.join(f'{p} ({e})' for p, e in list(bad.items())[:10]))
+        keep = [i for i, p in enumerate(paths) if p not in bad]
+        paths = [paths[i] for i in keep]
+        labels = [labels[i] for i in keep]
+    self.paths = np.array(paths)
+    self.labels = np.array(labels, np.int64)
+
+  def _bad_files(self, split_dir, paths) -> dict[str, str]:
+    key = hashlib.sha256('\n'.join(paths).encode()).hexdigest()[:16]
+    cache_dir = self.cache_dir or os.path.expanduser('~/.cache/vit_jax')
+    cache = os.path.join(cache_dir, f'checked_images_{key}.json')
+    if tf.io.gfile.exists(cache):
+      with tf.io.gfile.GFile(cache) as f:
+        return json.load(f)
+    logging.info('Checking %d images under %s once (cached in %s).', len(paths), split_dir,
+                 cache)
+    with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 2) * 2) as pool:
+      errors = list(pool.map(_check_image, paths, chunksize=64))
+    bad = {p: e for p, e in zip(paths, errors) if e is not None}
+    try:
+      tf.io.gfile.makedirs(cache_dir)
+      with tf.io.gfile.GFile(cache, 'w') as f:
+        json.dump(bad, f)
+    except (OSError, tf.errors.OpError) as e:
+      logging.warning('Could not cache the image check in %s: %s', cache, e)
+    return bad
+
+  def _shard(self, process_index, process_count):
+    return np.arange(process_index, len(self.paths), process_count)
+
+  def num_examples(self, process_index=0, process_count=1):
+    return len(self._shard(process_index, process_count))
+
+  def epoch_dataset(self, *, epoch, seed, shuffle, start=0, process_index=0,
+                    process_count=1):
+    idx = self._shard(process_index, process_count)
+    if shuffle:
+      idx = np.random.default_rng(mix_seed(seed, epoch, process_index)).permutation(idx)
+    positions = np.arange(len(idx), dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices({
+        'path': self.paths[idx][start:], 'label': self.labels[idx][start:],
+        'position': positions[start:]})
+    return ds.map(lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label'],
+                              'position': ex['position']},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def create_source(input_config, split: str) -> Source:
+  """The source named by config.input (`source` = 'tfds' or 'folder')."""
+  kind = input_config.get('source', 'tfds')
+  if kind == 'tfds':
+    return TfdsSource(name=input_config.name, split=split,
+                      data_dir=input_config.get('data_dir'),
+                      shuffle_buffer=input_config.get('shuffle_buffer', 50_000))
+  if kind == 'folder':
+    return ImageFolderSource(root=input_config.folder, split=split,
+                             class_names=input_config.get('class_names'))
+  raise DataError(f"config.input.source={kind!r}: use 'tfds' or 'folder'")
