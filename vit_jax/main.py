@@ -1,11 +1,13 @@
 r"""Entry point: `python -m vit_jax.main --config=configs/vit_b16.py --workdir=DIR`.
 
 Any config field can be overridden on the command line, e.g.
-`--config.model.num_classes=10 --config.model.image_size=384`.
+`--config.batch_size=512 --config.model.dropout_rate=0.1`.
 
-Training is not wired in yet; until it is, the main job builds the configured model and
-prints its summary (parameters, FLOPs per image, output shape), and writes the resolved
-config and the summary into the workdir.
+Prints the model summary (parameters, FLOPs per image, output shape), writes the
+resolved config into the workdir, then trains and evaluates; a run started again with
+the same workdir resumes from its newest complete checkpoint. Multi-host: pass
+--coordinator_address, --num_processes and --process_id (or set them in the
+environment that `jax.distributed.initialize()` reads, as on Cloud TPU and SLURM).
 """
 
 import json
@@ -24,6 +26,14 @@ from vit_jax import models
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (local or gs://).')
+_SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False,
+                                  'Print the model summary and exit without training.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() (multi-host runs).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (implies --distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).')
 
 
 def model_summary(model_config) -> dict:
@@ -66,14 +76,26 @@ def format_summary(s: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   config = _CONFIG.value
   workdir = epath.Path(_WORKDIR.value)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  is_main = jax.process_index() == 0
   summary = model_summary(config.model)
-  (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
-  print(format_summary(summary), flush=True)
-  logging.info('Wrote %s and %s', workdir / 'config.json', workdir / 'model_summary.json')
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary), flush=True)
+  if _SUMMARY_ONLY.value:
+    return
+  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
+  final = loop.train_and_evaluate(config, workdir)
+  if is_main:
+    print('final: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                                for k, v in final.items()), flush=True)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,77 @@
+"""Orbax checkpoints of the whole train state in the workdir, resumable after preemption.
+
+A checkpoint holds the train state (params, optimizer state, step, RNG) and a JSON
+`meta` item: the data pipeline position (the pipeline is a pure function of seed and
+step, so the step is the position; seed, global batch and steps per epoch are stored to
+check that a resumed run reads the same order), the class names and the resolved config.
+
+Saves are asynchronous and atomic: Orbax writes into a temporary directory and renames
+it when complete, so a run killed mid-save leaves the previous checkpoints untouched and
+the incomplete one is ignored (and cleaned up) on restart. `keep_last` newest checkpoints
+are kept, plus the `keep_best` best by an evaluation metric.
+"""
+
+from typing import Any
+
+from absl import logging
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+
+class TrainCheckpointer:
+  """Saves and restores {'state': train state, 'meta': JSON} under `directory`."""
+
+  def __init__(self, directory, *, keep_last: int = 3, keep_best: int = 0,
+               best_metric: str = 'eval_top1', best_mode: str = 'max',
+               async_save: bool = True):
+    policies = [checkpoint_managers.LatestN(n=max(keep_last, 1))]
+    if keep_best:
+      sign = 1.0 if best_mode == 'max' else -1.0
+      policies.append(checkpoint_managers.BestN(
+          get_metric_fn=lambda m: sign * float(m[best_metric]), n=keep_best,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(directory, options=options,
+                                          item_names=('state', 'meta'))
+
+  @property
+  def directory(self):
+    return self._manager.directory
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
+    """Starts an asynchronous save of `state` at `step` (returns before it completes)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+
+  def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
+    """(state, meta) of `step` (default: the newest complete one), laid out like
+    `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no complete checkpoint in {self.directory}')
+    logging.info('Restoring checkpoint %d from %s', step, self.directory)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return out['state'], out['meta']
+
+  def restore_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+
+  def wait(self) -> None:
+    """Blocks until pending saves are complete."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,52 @@
+"""Sources and batches from the `config.input` block (see `input_config.py`)."""
+
+from vit_jax.data import input_config as input_config_lib
+from vit_jax.data import pipeline
+from vit_jax.data import preprocess_ops
+from vit_jax.data import sources
+
+
+def create_sources(input_config) -> tuple[sources.Source, sources.Source]:
+  """(train, eval) sources; eval folders use the training split's class names."""
+  unknown = sorted(set(input_config.keys()) - set(input_config_lib.FIELD_DOCS))
+  if unknown:
+    raise ValueError(f'unknown config.input field(s) {unknown}; fields: '
+                     f'{sorted(input_config_lib.FIELD_DOCS)}')
+  if input_config.source == 'folder' and not input_config.get('folder'):
+    raise sources.DataError("config.input.source='folder' needs config.input.folder")
+  train = sources.create_source(input_config, input_config.train_split)
+  if input_config.source == 'folder':
+    evaluation = sources.ImageFolderSource(root=input_config.folder,
+                                           split=input_config.eval_split,
+                                           class_names=train.class_names)
+  else:
+    evaluation = sources.create_source(input_config, input_config.eval_split)
+  return train, evaluation
+
+
+def batch_preprocess_fn(input_config):
+  """Mixup / cutmix on batches, or None."""
+  mixup, cutmix = input_config.mixup_alpha, input_config.cutmix_alpha
+  if not mixup and not cutmix:
+    return None
+  from vit_jax.data import mix as mix_lib  # pylint: disable=g-import-not-at-top
+  return lambda batch: mix_lib.mix(batch, mixup_alpha=mixup, cutmix_alpha=cutmix,
+                                   switch_prob=input_config.mix_switch_prob)
+
+
+def create_train_batches(input_config, source, *, global_batch_size, seed, start_step=0,
+                         process_index=None, process_count=None):
+  return pipeline.train_batches(
+      source, global_batch_size=global_batch_size,
+      preprocess=preprocess_ops.parse(input_config.pp_train),
+      batch_preprocess=batch_preprocess_fn(input_config), seed=seed, start_step=start_step,
+      process_index=process_index, process_count=process_count,
+      threads=input_config.get('threads'))
+
+
+def create_eval_batches(input_config, source, *, global_batch_size, process_index=None,
+                        process_count=None):
+  return pipeline.eval_batches(
+      source, global_batch_size=global_batch_size,
+      preprocess=preprocess_ops.parse(input_config.pp_eval), process_index=process_index,
+      process_count=process_count, threads=input_config.get('threads'))

@@ -1,0 +1,626 @@
+"""Per-example preprocessing ops (TensorFlow, run inside `tf.data.Dataset.map`).
+
+A preprocessing pipeline is written as a spec string and turned into one function by
+`parse`:
+
+    fn = parse('decode|inception_crop(224)|flip_lr|value_range(-1, 1)|onehot(1000)')
+    ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+An example is a dict of tensors:
+  'image': an encoded image (tf.string scalar: JPEG, PNG, GIF, BMP) or a decoded
+           uint8 / float32 HxWxC tensor;
+  'label': int scalar, or (multi-label datasets) an int vector of label ids;
+  'rng':   int64 [2], a stateless seed unique to the example.
+Other keys pass through untouched. Ops never modify the dict they are given.
+
+Randomness comes only from stateless TF random ops seeded from example['rng']: a random
+op takes `seed, example['rng'] = stateless_split(example['rng'])`, so its result depends
+only on the example's seed and the op's position in the spec (never on threads or
+iteration order): the same rng gives the same output, bit for bit.
+
+After any crop / resize / value op the image is float32 HxWx3; `decode` gives uint8.
+
+Ops (the factory signatures are what a spec may pass):
+  decode(channels=3)
+  inception_crop(size, area_min=5, area_max=100, min_aspect=3/4, max_aspect=4/3,
+                 method='bilinear', antialias=False)
+  random_resized_crop(size, scale=(0.08, 1.0), ratio=(3/4, 4/3), method='bilinear',
+                      antialias=True)
+  resize(size, method='bilinear', antialias=True)
+  resize_small(size, method='bilinear', antialias=True)
+  central_crop(size)
+  flip_lr(p=0.5)
+  value_range(vmin=-1, vmax=1, in_min=0, in_max=255)
+  normalize(mean='imagenet', std='imagenet')
+  onehot(num_classes, label_smoothing=0.0, key='label', multi=False)
+  randaugment(num_layers=2, magnitude=10, increasing=False)
+  keep(*keys), drop(*keys)
+
+`inception_crop` and `random_resized_crop` accept an encoded image directly; for a JPEG
+they decode only the crop window (`tf.image.decode_and_crop_jpeg`). `parse` therefore
+drops a `decode` (channels=3) that is immediately followed by one of them, so the usual
+spec 'decode|inception_crop(224)|...' takes the window-only path.
+"""
+
+import ast
+import difflib
+import functools
+import inspect
+import math
+import operator
+from typing import Callable
+
+import tensorflow as tf
+
+from vit_jax.data import randaugment as randaugment_lib
+
+Example = dict[str, tf.Tensor]
+Op = Callable[[Example], Example]
+
+_REGISTRY: dict[str, Callable[..., Op]] = {}
+
+_RESIZE_METHODS = ('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3', 'lanczos5',
+                   'gaussian', 'mitchellcubic')
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------
+# Registry and spec parsing.
+
+def register(name: str):
+  """Decorator: registers an op factory `factory(*args, **kwargs) -> fn(example)`.
+
+  The registered factory returns an op that works on a shallow copy of the example, so
+  ops may assign to the dict they receive.
+  """
+  def decorator(factory):
+    if name in _REGISTRY:
+      raise ValueError(f'Preprocessing op {name!r} is already registered.')
+
+    @functools.wraps(factory)
+    def wrapped_factory(*args, **kwargs):
+      fn = factory(*args, **kwargs)
+
+      @functools.wraps(fn)
+      def op(example):
+        return fn(dict(example))
+      op.accepts_encoded_jpeg = getattr(fn, 'accepts_encoded_jpeg', False)
+      op.op_name = name
+      return op
+
+    _REGISTRY[name] = wrapped_factory
+    return wrapped_factory
+  return decorator
+
+
+def registered() -> list[str]:
+  """Names of all registered ops, sorted."""
+  return sorted(_REGISTRY)
+
+
+def parse(spec: str) -> Op:
+  """'op1(args)|op2|...' -> one function applying the ops in order.
+
+  Arguments are Python literals (numbers, strings, tuples, lists, dicts, None, booleans),
+  positional or keyword; simple arithmetic on number literals (`3/4`, `-1`, `2*112`) is
+  allowed too. Nothing is ever `eval`-ed.
+
+  Raises:
+    ValueError: for a syntax error, an unknown op (the message lists the known ops and
+      the closest names) or arguments the op does not take (the message names the op
+      and its signature).
+  """
+  ops = []
+  for piece in _split_top_level(spec):
+    name, args, kwargs = _parse_call(piece, spec)
+    if name not in _REGISTRY:
+      close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+      hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+      raise ValueError(f'Unknown preprocessing op {name!r} in {spec!r}.{hint} '
+                       f'Known ops: {", ".join(registered())}.')
+    factory = _REGISTRY[name]
+    signature = inspect.signature(factory)
+    try:
+      bound = signature.bind(*args, **kwargs)
+      op = factory(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'Bad arguments for preprocessing op {name!r} in {piece!r}: {e}. '
+                       f'It takes {name}{signature}.') from e
+    ops.append((name, bound, op))
+
+  # `decode|inception_crop` -> `inception_crop` on the encoded image (window-only JPEG).
+  fused = []
+  for i, (name, bound, op) in enumerate(ops):
+    if (name == 'decode' and bound.arguments.get('channels', 3) == 3
+        and i + 1 < len(ops) and ops[i + 1][2].accepts_encoded_jpeg):
+      continue
+    fused.append(op)
+
+  def fn(example: Example) -> Example:
+    for op in fused:
+      example = op(example)
+    return example
+  return fn
+
+
+def _split_top_level(spec: str) -> list[str]:
+  """Splits on '|' outside brackets and quotes; strips blanks; rejects empty pieces."""
+  pieces, depth, quote, start = [], 0, None, 0
+  for i, ch in enumerate(spec):
+    if quote:
+      if ch == quote and spec[i - 1] != '\\':
+        quote = None
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    elif ch == '|' and depth == 0:
+      pieces.append(spec[start:i])
+      start = i + 1
+  pieces.append(spec[start:])
+  pieces = [p.strip() for p in pieces]
+  if pieces == ['']:
+    return []
+  if any(not p for p in pieces):
+    raise ValueError(f'Empty op in preprocessing spec {spec!r}.')
+  return pieces
+
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+               ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
+               ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def _literal(node: ast.AST):
+  """ast.literal_eval, plus + - * / // ** between number literals."""
+  try:
+    return ast.literal_eval(node)
+  except ValueError:
+    pass
+  if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+    left, right = _literal(node.left), _literal(node.right)
+    if _is_number(left) and _is_number(right):
+      if isinstance(node.op, ast.Pow) and abs(right) > 64:
+        raise ValueError('exponent too large')
+      return _ARITHMETIC[type(node.op)](left, right)
+  if isinstance(node, ast.UnaryOp) and type(node.op) in _ARITHMETIC:
+    value = _literal(node.operand)
+    if _is_number(value):
+      return _ARITHMETIC[type(node.op)](value)
+  raise ValueError(f'not a literal: {ast.unparse(node)!r}')
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _parse_call(piece: str, spec: str):
+  """'name(1, b=2)' -> ('name', [1], {'b': 2}); 'name' -> ('name', [], {})."""
+  try:
+    node = ast.parse(piece, mode='eval').body
+  except SyntaxError as e:
+    raise ValueError(f'Cannot parse op {piece!r} in preprocessing spec {spec!r}: '
+                     f'{e.msg}.') from e
+  if isinstance(node, ast.Name):
+    return node.id, [], {}
+  if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+    raise ValueError(f'Op {piece!r} in preprocessing spec {spec!r} is not of the form '
+                     'name or name(args).')
+  name = node.func.id
+  try:
+    args = []
+    for a in node.args:
+      if isinstance(a, ast.Starred):
+        raise ValueError('*args are not allowed')
+      args.append(_literal(a))
+    kwargs = {}
+    for k in node.keywords:
+      if k.arg is None:
+        raise ValueError('**kwargs are not allowed')
+      kwargs[k.arg] = _literal(k.value)
+  except ValueError as e:
+    raise ValueError(f'Bad arguments for preprocessing op {name!r} in {piece!r}: {e}. '
+                     'Arguments must be Python literals.') from e
+  return name, args, kwargs
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers.
+
+def _next_seed(example: Example, op_name: str) -> tf.Tensor:
+  """Takes a seed for one op from example['rng'] and advances example['rng']."""
+  if 'rng' not in example:
+    raise ValueError(f"Preprocessing op {op_name!r} is random and needs example['rng'] "
+                     '(an int64 [2] stateless seed); the example has keys '
+                     f'{sorted(example)}.')
+  seed, example['rng'] = tf.unstack(tf.random.experimental.stateless_split(example['rng'], 2))
+  return seed
+
+
+def _check_method(method: str) -> str:
+  if method not in _RESIZE_METHODS:
+    raise ValueError(f'Unknown resize method {method!r}; one of {_RESIZE_METHODS}.')
+  return method
+
+
+def _hw(size) -> tuple[int, int]:
+  """int -> (size, size); (h, w) -> (h, w)."""
+  if isinstance(size, int):
+    return size, size
+  h, w = size
+  return int(h), int(w)
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+  """HxWxC with C in 1..4 -> HxWx3 (gray repeated; alpha dropped)."""
+  c = image.shape[-1]
+  if c == 3:
+    return image
+  if c is not None:
+    return tf.tile(image[..., :1], [1, 1, 3]) if c < 3 else image[..., :3]
+  out = tf.cond(tf.shape(image)[-1] < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]),
+                lambda: image[..., :3])
+  out.set_shape([None, None, 3])
+  return out
+
+
+# libjpeg's accurate integer IDCT: the same pixels as PIL (TF's default, INTEGER_FAST,
+# differs by about 1 on average) and no slower.
+_DCT_METHOD = 'INTEGER_ACCURATE'
+
+
+def _decode_rgb(data: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/GIF/BMP -> uint8 HxWx3 (first frame of an animation)."""
+  image = tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3, dct_method=_DCT_METHOD),
+      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _crop(image: tf.Tensor, window_fn) -> tf.Tensor:
+  """Crops image (encoded or decoded) to window_fn(shape) = (y, x, h, w); HxWx3 out.
+
+  A JPEG is decoded only inside the window; another encoded format is decoded in full
+  and sliced; a decoded image is sliced (uint8 stays uint8).
+  """
+  if image.dtype == tf.string:
+    def jpeg():
+      y, x, h, w = window_fn(tf.image.extract_jpeg_shape(image))
+      return tf.image.decode_and_crop_jpeg(image, tf.stack([y, x, h, w]), channels=3,
+                                           dct_method=_DCT_METHOD)
+
+    def other():
+      decoded = tf.io.decode_image(image, channels=3, expand_animations=False)
+      y, x, h, w = window_fn(tf.shape(decoded))
+      return tf.slice(decoded, [y, x, 0], [h, w, 3])
+
+    out = tf.cond(tf.io.is_jpeg(image), jpeg, other)
+    out.set_shape([None, None, 3])
+    return out
+  y, x, h, w = window_fn(tf.shape(image))
+  return _to_rgb(tf.slice(image, [y, x, 0], [h, w, -1]))
+
+
+def _resize(image: tf.Tensor, hw, method: str, antialias: bool) -> tf.Tensor:
+  """Resizes to hw = (h, w) (ints or int32 tensors); float32 out, no clipping."""
+  out = tf.image.resize(image, hw, method=method, antialias=antialias)
+  return tf.cast(out, tf.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Ops.
+
+@register('decode')
+def decode(channels: int = 3) -> Op:
+  """Encoded image -> uint8 HxWxchannels (channels 3: RGB, or 1: grayscale).
+
+  JPEG, PNG, GIF (first frame) and BMP. Grayscale is repeated to RGB, alpha is dropped
+  (not composited), palettes are expanded, 16-bit PNGs are scaled to 8 bits (x / 257;
+  PIL's convert('RGB') clips them instead). CMYK JPEGs (e.g. the handful in ImageNet, or
+  PIL's Adobe-inverted CMYK) are converted to RGB by TF's libjpeg path itself: they
+  agree with PIL's `convert('RGB')` within JPEG decoder tolerance (tested).
+  An already decoded image only gets its channels fixed (1/2 -> 3 repeated, 4 -> 3).
+  """
+  if channels not in (1, 3):
+    raise ValueError(f'channels must be 1 or 3, got {channels!r}')
+
+  def fn(example):
+    image = example['image']
+    if image.dtype == tf.string:
+      image = _decode_rgb(image)
+    else:
+      image = _to_rgb(image)
+    if channels == 1:
+      image = tf.image.rgb_to_grayscale(image)
+    example['image'] = image
+    return example
+  return fn
+
+
+@register('inception_crop')
+def inception_crop(size, area_min: float = 5, area_max: float = 100,
+                   min_aspect: float = 3 / 4, max_aspect: float = 4 / 3,
+                   method: str = 'bilinear', antialias: bool = False) -> Op:
+  """Inception-style random crop, resized to size x size; float32 [0, 255] out.
+
+  The window comes from `tf.image.stateless_sample_distorted_bounding_box` (up to 100
+  attempts; the whole image if none fits): area in [area_min, area_max] percent of the
+  image, aspect ratio (width / height) in [min_aspect, max_aspect] (up to the rounding
+  of the width to whole pixels). Encoded JPEGs are decoded only inside the window.
+  """
+  if not 0 < area_min <= area_max <= 100:
+    raise ValueError(f'need 0 < area_min <= area_max <= 100, got {area_min}, {area_max}')
+  if not 0 < min_aspect <= max_aspect:
+    raise ValueError(f'need 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}')
+  hw = _hw(size)
+  _check_method(method)
+
+  def fn(example):
+    seed = _next_seed(example, 'inception_crop')
+
+    def window(shape):
+      begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+          shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
+          min_object_covered=0.0, aspect_ratio_range=(min_aspect, max_aspect),
+          area_range=(area_min / 100, area_max / 100), max_attempts=100,
+          use_image_if_no_bounding_boxes=True)
+      return begin[0], begin[1], crop_size[0], crop_size[1]
+
+    example['image'] = _resize(_crop(example['image'], window), hw, method, antialias)
+    return example
+  fn.accepts_encoded_jpeg = True
+  return fn
+
+
+def random_resized_crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                               attempts: int = 10):
+  """torchvision's RandomResizedCrop.get_params, vectorised with stateless randoms.
+
+  All `attempts` draws are made at once: area = uniform(scale) * H * W, aspect =
+  exp(uniform(log ratio)), w = round(sqrt(area * aspect)), h = round(sqrt(area /
+  aspect)) (round half to even, as Python's round); the first draw with 0 < w <= W and
+  0 < h <= H wins, placed uniformly (top in [0, H - h], left in [0, W - w]). If none
+  fits: a central crop of the whole image clamped to the ratio range.
+  Returns int32 scalars (top, left, h, w).
+  """
+  height, width = shape[0], shape[1]
+  fh, fw = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  s_area, s_ratio, s_top, s_left = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  area = fh * fw * tf.random.stateless_uniform([attempts], s_area, scale[0], scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform(
+      [attempts], s_ratio, math.log(ratio[0]), math.log(ratio[1])))
+  ws = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+  hs = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  h, w = hs[first], ws[first]
+  # (maxval >= 1 keeps the draw valid when nothing fits; the fallback replaces it.)
+  top = tf.random.stateless_uniform(
+      [], s_top, 0, tf.maximum(height - h + 1, 1), dtype=tf.int32)
+  left = tf.random.stateless_uniform(
+      [], s_left, 0, tf.maximum(width - w + 1, 1), dtype=tf.int32)
+
+  # Fallback: whole image, clamped to the ratio range, centred.
+  lo, hi = min(ratio), max(ratio)
+  in_ratio = fw / fh
+  fb_w = tf.where(in_ratio > hi, tf.cast(tf.round(fh * hi), tf.int32), width)
+  fb_h = tf.where(in_ratio < lo, tf.cast(tf.round(fw / lo), tf.int32), height)
+  found = tf.reduce_any(fits)
+  h = tf.where(found, h, fb_h)
+  w = tf.where(found, w, fb_w)
+  top = tf.where(found, top, (height - fb_h) // 2)
+  left = tf.where(found, left, (width - fb_w) // 2)
+  return top, left, h, w
+
+
+@register('random_resized_crop')
+def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        method: str = 'bilinear', antialias: bool = True) -> Op:
+  """torchvision RandomResizedCrop (see `random_resized_crop_window`); float32 out.
+
+  Encoded JPEGs are decoded only inside the window. `antialias=True` matches
+  torchvision (PIL always antialiases when downscaling).
+  """
+  if not 0 < scale[0] <= scale[1]:
+    raise ValueError(f'need 0 < scale[0] <= scale[1], got {scale}')
+  if not 0 < ratio[0] <= ratio[1]:
+    raise ValueError(f'need 0 < ratio[0] <= ratio[1], got {ratio}')
+  hw = _hw(size)
+  _check_method(method)
+
+  def fn(example):
+    seed = _next_seed(example, 'random_resized_crop')
+    window = lambda shape: random_resized_crop_window(shape, seed, scale, ratio)
+    example['image'] = _resize(_crop(example['image'], window), hw, method, antialias)
+    return example
+  fn.accepts_encoded_jpeg = True
+  return fn
+
+
+@register('resize')
+def resize(size, method: str = 'bilinear', antialias: bool = True) -> Op:
+  """Resizes to size x size (int) or (h, w); float32 out (bicubic may overshoot)."""
+  hw = _hw(size)
+  _check_method(method)
+
+  def fn(example):
+    example['image'] = _resize(example['image'], hw, method, antialias)
+    return example
+  return fn
+
+
+@register('resize_small')
+def resize_small(size: int, method: str = 'bilinear', antialias: bool = True) -> Op:
+  """Resizes the shorter side to `size`, keeping the aspect ratio; float32 out.
+
+  The longer side becomes floor(size * long / short), exactly as torchvision's
+  `Resize(size)` (big_vision rounds instead; the two differ by at most one pixel).
+  """
+  if not isinstance(size, int) or size <= 0:
+    raise ValueError(f'size must be a positive int, got {size!r}')
+  _check_method(method)
+
+  def fn(example):
+    image = example['image']
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short = tf.minimum(h, w)
+    new_h = tf.where(h <= w, size, size * h // short)
+    new_w = tf.where(h <= w, size * w // short, size)
+    example['image'] = _resize(image, tf.stack([new_h, new_w]), method, antialias)
+    return example
+  return fn
+
+
+@register('central_crop')
+def central_crop(size) -> Op:
+  """Central size x size (int) or (h, w) crop; top = (H - h) // 2, left = (W - w) // 2.
+
+  (torchvision's CenterCrop rounds (H - h) / 2 half to even instead: the same except
+  for odd H - h, where it may sit one pixel lower.) Keeps the dtype.
+  """
+  ch, cw = _hw(size)
+
+  def fn(example):
+    image = example['image']
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    checks = [
+        tf.debugging.assert_greater_equal(
+            h, ch, message=f'central_crop({size}): image height is smaller than {ch}'),
+        tf.debugging.assert_greater_equal(
+            w, cw, message=f'central_crop({size}): image width is smaller than {cw}'),
+    ]
+    with tf.control_dependencies(checks):
+      top, left = (h - ch) // 2, (w - cw) // 2
+    image = tf.slice(image, [top, left, 0], [ch, cw, -1])
+    example['image'] = image
+    return example
+  return fn
+
+
+@register('flip_lr')
+def flip_lr(p: float = 0.5) -> Op:
+  """Flips the image left-right with probability p."""
+  if not 0 <= p <= 1:
+    raise ValueError(f'p must be in [0, 1], got {p!r}')
+
+  def fn(example):
+    seed = _next_seed(example, 'flip_lr')
+    image = example['image']
+    flip = tf.random.stateless_uniform([], seed) < p
+    example['image'] = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+    return example
+  return fn
+
+
+@register('value_range')
+def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0,
+                in_max: float = 255) -> Op:
+  """Maps [in_min, in_max] linearly to [vmin, vmax]: float32 x * a + b (no clipping).
+
+  The released ViT checkpoints expect [-1, 1] (mean = std = 0.5).
+  """
+  if in_max == in_min:
+    raise ValueError('in_max must differ from in_min')
+  a = (vmax - vmin) / (in_max - in_min)
+  b = vmin - in_min * a
+
+  def fn(example):
+    example['image'] = tf.cast(example['image'], tf.float32) * a + b
+    return example
+  return fn
+
+
+@register('normalize')
+def normalize(mean='imagenet', std='imagenet') -> Op:
+  """(x / 255 - mean) / std per channel, float32; 'imagenet' = torchvision's stats."""
+  mean = IMAGENET_MEAN if mean == 'imagenet' else tuple(float(m) for m in mean)
+  std = IMAGENET_STD if std == 'imagenet' else tuple(float(s) for s in std)
+  if len(mean) != len(std):
+    raise ValueError(f'mean and std must have the same length: {mean}, {std}')
+  scale = tf.constant([1 / (255 * s) for s in std], tf.float32)
+  offset = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
+
+  def fn(example):
+    example['image'] = tf.cast(example['image'], tf.float32) * scale + offset
+    return example
+  return fn
+
+
+@register('onehot')
+def onehot(num_classes: int, label_smoothing: float = 0.0, key: str = 'label',
+           multi: bool = False) -> Op:
+  """Int label -> float32 [num_classes] one-hot; a vector of ids -> multi-hot.
+
+  With label_smoothing s the on value is 1 - s + s/K and the off value s/K (a one-hot
+  row still sums to 1). `multi=True`, or a label of rank 1, gives a multi-hot vector
+  (ImageNet-21k style, for a sigmoid loss) with the same on/off values. A label outside
+  [0, num_classes) fails at iteration time with an InvalidArgumentError naming it.
+  """
+  if not isinstance(num_classes, int) or num_classes <= 0:
+    raise ValueError(f'num_classes must be a positive int, got {num_classes!r}')
+  if not 0 <= label_smoothing < 1:
+    raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing!r}')
+  off = label_smoothing / num_classes
+  on = 1.0 - label_smoothing + off
+
+  def fn(example):
+    label = example[key]
+    message = (f'onehot: {key!r} must be in [0, num_classes={num_classes}); '
+               f'the offending {key} is shown below')
+    checks = [
+        tf.debugging.assert_non_negative(label, message=message, summarize=16),
+        tf.debugging.assert_less(label, tf.cast(num_classes, label.dtype),
+                                 message=message, summarize=16),
+    ]
+    with tf.control_dependencies(checks):
+      label = tf.identity(label)
+    if multi or label.shape.rank != 0:
+      hot = tf.reduce_max(tf.one_hot(tf.reshape(label, [-1]), num_classes), axis=0)
+      example[key] = hot * (on - off) + off
+    else:
+      example[key] = tf.one_hot(label, num_classes, on_value=on, off_value=off)
+    return example
+  return fn
+
+
+@register('randaugment')
+def randaugment(num_layers: int = 2, magnitude: float = 10,
+                increasing: bool = False) -> Op:
+  """RandAugment (AugReg / big_vision op set); see `randaugment.randaugment`."""
+  if num_layers < 0:
+    raise ValueError(f'num_layers must be >= 0, got {num_layers!r}')
+  if magnitude < 0:
+    raise ValueError(f'magnitude must be >= 0, got {magnitude!r}')
+
+  def fn(example):
+    seed = _next_seed(example, 'randaugment')
+    example['image'] = randaugment_lib.randaugment(
+        example['image'], seed, num_layers=num_layers, magnitude=magnitude,
+        increasing=increasing)
+    return example
+  return fn
+
+
+@register('keep')
+def keep(*keys: str) -> Op:
+  """Keeps only the given keys (list 'rng' too if later ops are random)."""
+  def fn(example):
+    return {k: v for k, v in example.items() if k in keys}
+  return fn
+
+
+@register('drop')
+def drop(*keys: str) -> Op:
+  """Removes the given keys (missing keys are ignored)."""
+  def fn(example):
+    return {k: v for k, v in example.items() if k not in keys}
+  return fn

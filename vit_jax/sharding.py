@@ -1,0 +1,103 @@
+"""The device mesh and how parameters, optimizer state and batches are laid out on it.
+
+Mesh axes: `data` (pure data parallel: parameters replicated), `fsdp` (data parallel
+with parameters and optimizer state sharded, gathered per layer by XLA) and `model`
+(tensor parallel over attention heads and the MLP hidden units). Batches are split over
+('data', 'fsdp'). Sizes come from `config.mesh`; -1 takes the remaining devices.
+
+Parameter rules: arrays smaller than `min_fsdp_size` elements are replicated; a larger
+array is sharded over `fsdp` along its largest dimension that the fsdp size divides
+(if none does, it stays replicated). With a model axis, MLP and attention kernels are
+also split Megatron-style along their hidden/head dimension.
+"""
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp', 'model')
+BATCH_AXES = ('data', 'fsdp')
+
+# (regex on the 'a/b/c' parameter path, dimension split over 'model')
+_MODEL_RULES = (
+    (r'MlpBlock_0/Dense_0/kernel$', 1),
+    (r'MlpBlock_0/Dense_0/bias$', 0),
+    (r'MlpBlock_0/Dense_1/kernel$', 0),
+    (r'MultiHeadDotProductAttention_0/(query|key|value)/kernel$', 1),
+    (r'MultiHeadDotProductAttention_0/(query|key|value)/bias$', 0),
+    (r'MultiHeadDotProductAttention_0/out/kernel$', 0),
+)
+
+
+class MeshError(ValueError):
+  """A mesh shape that does not fit the devices."""
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, model) sizes; one of them may be -1 (the rest of the devices)."""
+  sizes = [int(mesh_config.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise MeshError(f'config.mesh {dict(zip(AXES, sizes))}: at most one axis may be -1')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise MeshError(f'config.mesh {dict(zip(AXES, sizes))}: {num_devices} devices are not '
+                      f'divisible by the fixed axes ({known})')
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise MeshError(f'config.mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} '
+                    f'devices but {num_devices} are available; set the sizes so their '
+                    'product is the device count, or one of them to -1')
+  return tuple(sizes)
+
+
+def create_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    key = getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
+    parts.append(str(key))
+  return '/'.join(parts)
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
+               min_fsdp_size: int = 2**18) -> P:
+  """PartitionSpec of one parameter (or optimizer-state array mirroring one)."""
+  spec: list[Any] = [None] * len(shape)
+  model = mesh.shape['model']
+  if model > 1:
+    for pattern, dim in _MODEL_RULES:
+      if re.search(pattern, path) and dim < len(shape) and shape[dim] % model == 0:
+        spec[dim] = 'model'
+        break
+  fsdp = mesh.shape['fsdp']
+  if fsdp > 1 and int(np.prod(shape, dtype=np.int64)) >= min_fsdp_size:
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if spec[dim] is None and shape[dim] % fsdp == 0:
+        spec[dim] = 'fsdp'
+        break
+  return P(*spec)
+
+
+def tree_shardings(tree, mesh: Mesh, min_fsdp_size: int = 2**18):
+  """NamedShardings for every array of a tree (params, or an optimizer state)."""
+  def one(path, leaf):
+    shape = tuple(getattr(leaf, 'shape', ()))
+    return NamedSharding(mesh, param_spec(_path_str(path), shape, mesh, min_fsdp_size))
+  return jax.tree_util.tree_map_with_path(one, tree)

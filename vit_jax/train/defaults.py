@@ -1,0 +1,104 @@
+"""Every field of a training config, with its default and meaning.
+
+Config files (configs/*.py) start from `default_config()` and set what their recipe
+needs; `validate(config)` checks a config before anything is compiled.
+"""
+
+import ml_collections
+
+from vit_jax import models
+from vit_jax.data import input_config
+
+FIELD_DOCS = {
+    'seed': 'seed of parameter init, dropout and the data order',
+    'model': 'model config (vit_jax.models.get_config(name), fields overridable)',
+    'input': 'data config (vit_jax/data/input_config.py)',
+    'batch_size': 'global batch size (all processes and devices together)',
+    'accum_steps': 'gradient accumulation: micro-batches per step (same update as one big batch)',
+    'total_steps': 'training steps; None derives it from num_epochs',
+    'num_epochs': 'epochs of the training split when total_steps is None',
+    'optimizer': "name ('adam'|'sgd'), b1, b2, eps, momentum, weight_decay, grad_clip_norm, mu_dtype",
+    'schedule': "base_lr, warmup_steps, decay ('linear'|'cosine'|'rsqrt'|'constant'), end_lr_fraction",
+    'loss': "'softmax_xent' or 'sigmoid_xent' (multi-label, e.g. ImageNet-21k)",
+    'mesh': 'device mesh sizes: data, fsdp, model (-1: the remaining devices)',
+    'min_fsdp_size': 'parameters with fewer elements stay replicated on the fsdp axis',
+    'log_every': 'steps between training metric logs (the only host syncs of the loop)',
+    'eval_every': 'steps between evaluations (0: only at the end)',
+    'checkpoint_every': 'steps between checkpoints (0: only at the end)',
+    'keep_checkpoints': 'newest checkpoints kept',
+    'keep_best': 'best checkpoints kept in addition, by eval_top1 (0: none)',
+    'async_checkpoint': 'save checkpoints in the background',
+    'nonfinite': "on a NaN/inf loss or gradient: 'stop' (keep the last good checkpoint) or 'skip' the update",
+    'init_from': 'pretrained weights to start from (fine-tuning); None trains from scratch',
+    'compilation_cache_dir': 'persistent XLA compilation cache directory; None disables',
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = models.get_config('ViT-Ti/16')
+  c.input = input_config.default_input_config()
+  c.batch_size = 512
+  c.accum_steps = 1
+  c.total_steps = ml_collections.FieldReference(None, field_type=int)
+  c.num_epochs = 10.0
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='adam', b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, weight_decay=0.0,
+      grad_clip_norm=1.0, mu_dtype='float32'))
+  c.schedule = ml_collections.ConfigDict(dict(
+      base_lr=1e-3, warmup_steps=0, decay='cosine', end_lr_fraction=0.0))
+  c.loss = 'softmax_xent'
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.min_fsdp_size = 2**18
+  c.log_every = 50
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.keep_best = 0
+  c.async_checkpoint = True
+  c.nonfinite = 'stop'
+  c.init_from = ml_collections.FieldReference(None, field_type=str)
+  c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
+  return c
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the field."""
+
+
+def validate(config, *, num_devices: int, process_count: int) -> None:
+  """Checks what can be checked without data or compilation; raises ConfigError."""
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(config.keys()) - set(FIELD_DOCS))
+  if unknown:
+    raise ConfigError(f'unknown config field(s) {unknown}; fields: {sorted(FIELD_DOCS)}')
+  try:
+    data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
+  except sharding.MeshError as e:
+    raise ConfigError(f'config.mesh: {e}') from e
+  batch_devices = data * fsdp
+  b, accum = config.batch_size, config.accum_steps
+  if accum < 1:
+    raise ConfigError(f'config.accum_steps={accum} must be at least 1')
+  if b % process_count or b % (accum * batch_devices):
+    raise ConfigError(
+        f'config.batch_size={b} must be divisible by the {process_count} process(es) and by '
+        f'accum_steps x batch devices = {accum} x {batch_devices} (mesh data={data}, '
+        f'fsdp={fsdp}); e.g. use {max(b // (accum * batch_devices), 1) * accum * batch_devices}')
+  try:
+    module = models.create(config.model)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {e}') from e
+  sh, sw = module.total_stride()
+  size = config.model.image_size
+  if size % sh or size % sw:
+    raise ConfigError(f'config.model.image_size={size} is not divisible by the patch size '
+                      f'{tuple(config.model.patch_size)} (pixels per token: {(sh, sw)})')
+  if config.nonfinite not in ('stop', 'skip'):
+    raise ConfigError(f"config.nonfinite={config.nonfinite!r}: use 'stop' or 'skip'")
+  if config.total_steps is None and not config.num_epochs:
+    raise ConfigError('set config.total_steps or config.num_epochs')
+  if config.get('init_from'):
+    raise ConfigError('config.init_from (fine-tuning from pretrained weights) is not '
+                      'implemented yet; leave it None')

@@ -1,0 +1,204 @@
+"""The training loop: owns the side effects (devices, files, logs) around pure steps."""
+
+import json
+import math
+import time
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import models
+from vit_jax import sharding as sharding_lib
+from vit_jax.checkpoints import train_state as ckpt_lib
+from vit_jax.data import builder as data_builder
+from vit_jax.data import pipeline
+from vit_jax.train import defaults
+from vit_jax.train import hardware
+from vit_jax.train import metrics as metrics_lib
+from vit_jax.train import optimizer as optimizer_lib
+from vit_jax.train import step as step_lib
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradient became NaN/inf; the message names the step."""
+
+
+def _check_workdir(workdir: epath.Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / '.write_test'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise defaults.ConfigError(f'--workdir={workdir} is not writable: {e}') from e
+
+
+def evaluate(eval_step, params, eval_source, config, batch_sharding) -> dict:
+  """Top-1, top-5 and loss over the whole eval split, every example counted once."""
+  sums = None
+  batches = data_builder.create_eval_batches(config.input, eval_source,
+                                             global_batch_size=config.batch_size)
+  for batch in pipeline.prefetch_to_device(batches, batch_sharding):
+    out = eval_step(params, batch)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  n = max(float(sums['count']), 1.0)
+  return {'eval_top1': sums['top1_sum'] / n, 'eval_top5': sums['top5_sum'] / n,
+          'eval_loss': sums['loss_sum'] / n, 'eval_examples': float(sums['count'])}
+
+
+class Trainer:
+  """Model, optimizer, shardings and the jitted steps of one config on one mesh."""
+
+  def __init__(self, config, mesh, total_steps: int):
+    self.config = config
+    self.mesh = mesh
+    self.module = models.create(config.model)
+    self.optimizer, self.schedule = optimizer_lib.create_optimizer(config, total_steps)
+    size = config.model.image_size
+    module, optimizer = self.module, self.optimizer
+
+    def init_state(rng):
+      init_rng, train_rng = jax.random.split(rng)
+      dummy = jnp.zeros((1, size, size, module.in_channels), jnp.float32)
+      params = module.init(init_rng, dummy, train=False)['params']
+      return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=optimizer.init(params), rng=train_rng)
+
+    self._init_state = init_state
+    self._rng = jax.random.PRNGKey(config.seed)
+    self._abstract = jax.eval_shape(init_state, self._rng)
+    replicated = sharding_lib.replicated(mesh)
+    self.batch_sharding = sharding_lib.batch_sharding(mesh)
+    self.state_sharding = step_lib.TrainState(
+        step=replicated,
+        params=sharding_lib.tree_shardings(self._abstract.params, mesh, config.min_fsdp_size),
+        opt_state=sharding_lib.tree_shardings(self._abstract.opt_state, mesh,
+                                              config.min_fsdp_size),
+        rng=replicated)
+    self.train_step = jax.jit(
+        step_lib.make_train_step(module, optimizer, loss=config.loss,
+                                 accum_steps=config.accum_steps,
+                                 skip_nonfinite=config.nonfinite == 'skip'),
+        in_shardings=(self.state_sharding, self.batch_sharding),
+        out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
+    self.eval_step = jax.jit(step_lib.make_eval_step(module, loss=config.loss),
+                             in_shardings=(self.state_sharding.params, self.batch_sharding),
+                             out_shardings=replicated)
+
+  def init_state(self):
+    """A freshly initialised train state, created directly in its sharded layout."""
+    return jax.jit(self._init_state, out_shardings=self.state_sharding)(self._rng)
+
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the train state (for restoring)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self._abstract, self.state_sharding)
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Trains (resuming from the newest checkpoint in workdir) and returns final metrics."""
+  workdir = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+  defaults.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  _check_workdir(workdir)
+  if config.get('compilation_cache_dir'):
+    jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
+
+  mesh = sharding_lib.create_mesh(config.mesh)
+  train_source, eval_source = data_builder.create_sources(config.input)
+  spe = pipeline.steps_per_epoch(train_source, config.batch_size)
+  total_steps = config.total_steps or max(int(math.ceil(config.num_epochs * spe)), 1)
+  t = Trainer(config, mesh, total_steps)
+  batch_sharding = t.batch_sharding
+
+  checkpointer = ckpt_lib.TrainCheckpointer(
+      workdir / 'checkpoints', keep_last=config.keep_checkpoints, keep_best=config.keep_best,
+      async_save=config.async_checkpoint)
+  meta = {'seed': config.seed, 'global_batch_size': config.batch_size,
+          'steps_per_epoch': spe, 'class_names': train_source.class_names,
+          'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
+  if checkpointer.latest_step() is not None:
+    state, saved_meta = checkpointer.restore(t.abstract_state())
+    for key in ('seed', 'global_batch_size', 'steps_per_epoch'):
+      if saved_meta.get(key) != meta[key]:
+        logging.warning('Checkpoint was written with %s=%s, the config gives %s: the data '
+                        'order of the resumed run differs from the original run.', key,
+                        saved_meta.get(key), meta[key])
+  else:
+    state = t.init_state()
+  start_step = int(jax.device_get(state.step))
+  module, schedule, image_size = t.module, t.schedule, config.model.image_size
+  train_step, eval_step = t.train_step, t.eval_step
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  progress = metrics_lib.Progress(total_steps, config.batch_size, start_step, enabled=is_main)
+  flops_per_step = 3 * models.forward_flops(module, image_size) * config.batch_size
+  peak = hardware.peak_flops_per_second(module.dtype) * jax.device_count()
+  logging.info('Training %s for %d steps (%d per epoch) from step %d; %.3g FLOPs/step.',
+               config.model.name, total_steps, spe, start_step, flops_per_step)
+
+  batches = pipeline.prefetch_to_device(
+      data_builder.create_train_batches(config.input, train_source,
+                                        global_batch_size=config.batch_size,
+                                        seed=config.seed, start_step=start_step),
+      batch_sharding)
+  pending = []  # per-step device metrics since the last host sync
+  last_eval = {}
+
+  def sync(step_now):
+    """Fetches pending metrics; raises NonFiniteError naming the first bad step."""
+    fetched = jax.device_get(pending)
+    first = start_of_pending
+    for i, m in enumerate(fetched):
+      if not m['finite'] and config.nonfinite == 'stop':
+        raise NonFiniteError(
+            f'non-finite loss or gradient at step {first + i + 1} (loss={m["loss"]}); '
+            f'stopping. The last good checkpoint is step {checkpointer.latest_step()}. '
+            "Lower config.schedule.base_lr, or set config.nonfinite='skip'.")
+    skipped = sum(1 - int(m['finite']) for m in fetched)
+    pending.clear()
+    return fetched, skipped
+
+  start_of_pending = start_step
+  step = start_step
+  final = {}
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, step_metrics = train_step(state, next(batches))
+      pending.append(step_metrics)
+      is_last = step == total_steps
+      do_log = step % config.log_every == 0 or is_last
+      do_eval = (config.eval_every and step % config.eval_every == 0) or is_last
+      do_ckpt = (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last
+      if do_log or do_eval or do_ckpt:
+        fetched, skipped = sync(step)
+        start_of_pending = step
+        if do_log:
+          ips, sps = progress.rate(step)
+          mean = {k: float(np.mean([m[k] for m in fetched])) for k in ('loss', 'grad_norm')}
+          row = dict(mean, learning_rate=float(schedule(step - 1)),
+                     param_norm=float(fetched[-1]['param_norm']), images_per_sec=ips,
+                     sec_per_step=sps, epoch=step / spe,
+                     mfu=(flops_per_step / sps / peak) if peak else None,
+                     skipped_nonfinite=skipped or None)
+          writer.write(step, row)
+          progress.report(step, ips, sps, {'loss': mean['loss'], 'lr': row['learning_rate']})
+      if do_eval:
+        last_eval = evaluate(eval_step, state.params, eval_source, config, batch_sharding)
+        writer.write(step, last_eval)
+        if is_main:
+          logging.info('step %d: %s', step, last_eval)
+        progress.rate(step)  # do not count evaluation time as training time
+      if do_ckpt:
+        checkpointer.save(step, state, dict(meta, step=step),
+                          metrics={k: float(v) for k, v in last_eval.items()} if do_eval
+                          else None)
+    final = dict(last_eval, step=step)
+  finally:
+    checkpointer.close()
+    writer.close()
+  return final

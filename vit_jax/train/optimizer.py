@@ -1,0 +1,71 @@
+"""Learning-rate schedules and the optax optimizer of a training config.
+
+config.optimizer: name ('adam' or 'sgd'), b1, b2 (Adam), momentum (SGD), weight_decay
+(decoupled, applied to kernels only), grad_clip_norm (global norm; 0 disables),
+mu_dtype ('bfloat16' to store Adam's first moment / SGD momentum in bf16).
+config.schedule: base_lr, warmup_steps, decay ('linear', 'cosine', 'rsqrt' or
+'constant'), end_lr_fraction (linear/cosine end value as a fraction of base_lr).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ('linear', 'cosine', 'rsqrt', 'constant')
+OPTIMIZERS = ('adam', 'sgd')
+
+
+def learning_rate_schedule(schedule_config, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to base_lr, then the configured decay until total_steps."""
+  base = float(schedule_config.base_lr)
+  warmup = int(schedule_config.get('warmup_steps', 0))
+  decay = schedule_config.get('decay', 'cosine')
+  end = base * float(schedule_config.get('end_lr_fraction', 0.0))
+  if decay not in SCHEDULES:
+    raise ValueError(f'config.schedule.decay={decay!r} is not one of {SCHEDULES}')
+  if warmup >= total_steps and total_steps > 0:
+    raise ValueError(f'config.schedule.warmup_steps={warmup} is not below the '
+                     f'{total_steps} total steps')
+  rest = max(total_steps - warmup, 1)
+  if decay == 'linear':
+    after = optax.linear_schedule(base, end, rest)
+  elif decay == 'cosine':
+    after = optax.cosine_decay_schedule(base, rest, alpha=end / base if base else 0.0)
+  elif decay == 'rsqrt':
+    timescale = max(warmup, 1)
+    after = lambda step: base * jnp.sqrt(timescale / (step + timescale))  # noqa: E731
+  else:
+    after = optax.constant_schedule(base)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), after], [warmup])
+
+
+def decay_mask(params):
+  """True for kernels (matrices and convolutions): no decay on biases, norms, embeddings."""
+  def is_kernel(path, leaf):
+    return getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def create_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                        optax.Schedule]:
+  """(optimizer, learning-rate schedule) for config.optimizer and config.schedule."""
+  opt = config.optimizer
+  schedule = learning_rate_schedule(config.schedule, total_steps)
+  mu_dtype = jnp.bfloat16 if opt.get('mu_dtype', 'float32') == 'bfloat16' else None
+  wd = float(opt.get('weight_decay', 0.0))
+  parts = []
+  if opt.get('grad_clip_norm', 1.0):
+    parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
+  if opt.name == 'adam':
+    parts.append(optax.scale_by_adam(b1=opt.get('b1', 0.9), b2=opt.get('b2', 0.999),
+                                     eps=opt.get('eps', 1e-8), mu_dtype=mu_dtype))
+  elif opt.name == 'sgd':
+    parts.append(optax.trace(decay=opt.get('momentum', 0.9), accumulator_dtype=mu_dtype))
+  else:
+    raise ValueError(f'config.optimizer.name={opt.name!r} is not one of {OPTIMIZERS}')
+  if wd:
+    parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,121 @@
+"""The train state, the loss, and the train and evaluation steps (pure functions).
+
+`make_train_step` returns a function (state, batch) -> (state, metrics) meant to be
+jitted with explicit shardings (see `loop.py`). With accum_steps > 1 the batch is split
+into accum_steps micro-batches (example i goes to micro-batch i % accum_steps, which
+keeps every micro-batch spread evenly over the devices), gradients are averaged, and
+the update equals that of one step on the whole batch.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax import sharding as sharding_lib
+
+LOSSES = ('softmax_xent', 'sigmoid_xent')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def loss_fn_for(name: str):
+  if name == 'softmax_xent':
+    return lambda logits, labels: optax.softmax_cross_entropy(logits, labels)
+  if name == 'sigmoid_xent':
+    return lambda logits, labels: optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+  raise ValueError(f'config.loss={name!r} is not one of {LOSSES}')
+
+
+def _microbatches(x, accum_steps: int):
+  """(B, ...) -> (accum_steps, B / accum_steps, ...), micro-batch i = x[i::accum_steps]."""
+  b = x.shape[0]
+  x = x.reshape((b // accum_steps, accum_steps) + x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)
+  spec = jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES)
+  return _constrain(x, spec)
+
+
+def _constrain(x, spec):
+  try:
+    return jax.lax.with_sharding_constraint(x, spec)
+  except (RuntimeError, ValueError):  # no mesh in context (e.g. plain jit on one device)
+    return x
+
+
+def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: str,
+                    accum_steps: int = 1, skip_nonfinite: bool = False):
+  """(state, batch) -> (new state, metrics); batch has 'image' and 'label' (soft)."""
+  loss_of = loss_fn_for(loss)
+
+  def compute_loss(params, images, labels, rng):
+    logits = module.apply({'params': params}, images, train=True, rngs={'dropout': rng})
+    return jnp.mean(loss_of(logits, labels))
+
+  grad_fn = jax.value_and_grad(compute_loss)
+
+  def train_step(state: TrainState, batch):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    images, labels = batch['image'], batch['label']
+    if accum_steps == 1:
+      loss_value, grads = grad_fn(state.params, images, labels, step_rng)
+    else:
+      mb_images = _microbatches(images, accum_steps)
+      mb_labels = _microbatches(labels, accum_steps)
+
+      def one(carry, i):
+        loss_sum, grad_sum = carry
+        l, g = grad_fn(state.params, mb_images[i], mb_labels[i],
+                       jax.random.fold_in(step_rng, i))
+        return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (loss_sum, grad_sum), _ = jax.lax.scan(one, (0.0, zeros), jnp.arange(accum_steps))
+      loss_value = loss_sum / accum_steps
+      grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss_value) & jnp.isfinite(optax.global_norm(grads))
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      new_params = jax.tree.map(keep, new_params, state.params)
+      new_opt_state = jax.tree.map(keep, new_opt_state, state.opt_state)
+    new_state = state.replace(step=state.step + 1, params=new_params,
+                              opt_state=new_opt_state)
+    metrics = {'loss': loss_value, 'grad_norm': optax.global_norm(grads),
+               'param_norm': optax.global_norm(state.params),
+               'finite': finite.astype(jnp.int32)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(module, *, loss: str):
+  """(params, batch) -> sums over real examples: loss, top-1 and top-5 correct, count."""
+  loss_of = loss_fn_for(loss)
+
+  def eval_step(params, batch):
+    logits = module.apply({'params': params}, batch['image'], train=False)
+    labels = batch['label']
+    mask = batch['_mask'].astype(jnp.float32)
+    # A prediction is correct if it is a label with the highest target weight: the class
+    # of a (smoothed) one-hot label, or any positive of a multi-hot label.
+    positive = labels >= jnp.max(labels, axis=-1, keepdims=True)
+    topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hits = jnp.take_along_axis(positive, topk, axis=-1)
+    top1 = hits[:, 0].astype(jnp.float32)
+    top5 = jnp.any(hits, axis=-1).astype(jnp.float32)
+    return {'loss_sum': jnp.sum(loss_of(logits, labels) * mask),
+            'top1_sum': jnp.sum(top1 * mask), 'top5_sum': jnp.sum(top5 * mask),
+            'count': jnp.sum(mask)}
+
+  return eval_step
