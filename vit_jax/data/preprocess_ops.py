@@ -127,7 +127,7 @@ def parse(spec: str) -> Op:
       op = factory(*args, **kwargs)
     except (TypeError, ValueError) as e:
       raise ValueError(f'Bad arguments for preprocessing op {name!r} in {piece!r}: {e}. '
-                       f'It takes {name}{signature}.') from e
+                       f'It takes {name}{_plain(signature)}.') from e
     ops.append((name, bound, op))
 
   # `decode|inception_crop` -> `inception_crop` on the encoded image (window-only JPEG).
@@ -143,6 +143,14 @@ def parse(spec: str) -> Op:
       example = op(example)
     return example
   return fn
+
+
+def _plain(signature: inspect.Signature) -> inspect.Signature:
+  """The signature without annotations: 'resize(size, method='bilinear', ...)'."""
+  return signature.replace(
+      parameters=[p.replace(annotation=inspect.Parameter.empty)
+                  for p in signature.parameters.values()],
+      return_annotation=inspect.Signature.empty)
 
 
 def _split_top_level(spec: str) -> list[str]:
