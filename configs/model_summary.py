@@ -1,4 +1,4 @@
-"""Any registered model, chosen on the command line: `--config=configs/model_summary.py:NAME`.
+"""Any registered model's summary: `--config=configs/model_summary.py:NAME --summary_only`.
 
 Source: the model registry (`vit_jax.models.list_models()`), i.e. the original release's
 model shapes (Dosovitskiy et al. 2021, Table 1; hybrids from the original repository) and

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _run(args, tmp_path):
   return subprocess.run(
-      [sys.executable, '-m', 'vit_jax.main', *args, f'--workdir={tmp_path}'],
+      [sys.executable, '-m', 'vit_jax.main', '--summary_only', *args, f'--workdir={tmp_path}'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

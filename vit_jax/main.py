@@ -83,6 +83,13 @@ def main(argv):
   config = _CONFIG.value
   workdir = epath.Path(_WORKDIR.value)
   is_main = jax.process_index() == 0
+  if not _SUMMARY_ONLY.value:
+    from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+    from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
+    # Everything that can be checked without data or compilation fails here, at once.
+    defaults.validate(config, num_devices=jax.device_count(),
+                      process_count=jax.process_count())
+    loop.check_workdir(workdir)
   summary = model_summary(config.model)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +98,6 @@ def main(argv):
     print(format_summary(summary), flush=True)
   if _SUMMARY_ONLY.value:
     return
-  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
   final = loop.train_and_evaluate(config, workdir)
   if is_main:
     print('final: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'

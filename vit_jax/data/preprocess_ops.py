@@ -592,7 +592,7 @@ def onehot(num_classes: int, label_smoothing: float = 0.0, key: str = 'label',
     with tf.control_dependencies(checks):
       label = tf.identity(label)
     if multi or label.shape.rank != 0:
-      hot = tf.reduce_max(tf.one_hot(tf.reshape(label, [-1]), num_classes), axis=0)
+      hot = tf.minimum(tf.reduce_sum(tf.one_hot(tf.reshape(label, [-1]), num_classes), 0), 1)
       example[key] = hot * (on - off) + off
     else:
       example[key] = tf.one_hot(label, num_classes, on_value=on, off_value=off)

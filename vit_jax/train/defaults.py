@@ -73,6 +73,11 @@ def validate(config, *, num_devices: int, process_count: int) -> None:
   unknown = sorted(set(config.keys()) - set(FIELD_DOCS))
   if unknown:
     raise ConfigError(f'unknown config field(s) {unknown}; fields: {sorted(FIELD_DOCS)}')
+  missing = sorted(set(FIELD_DOCS) - set(config.keys()))
+  if missing:
+    raise ConfigError(f'the config has no training fields {missing}: start it from '
+                      'vit_jax.train.defaults.default_config(), or pass --summary_only to '
+                      'print the model summary only')
   try:
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
   except sharding.MeshError as e:
@@ -95,6 +100,16 @@ def validate(config, *, num_devices: int, process_count: int) -> None:
   if size % sh or size % sw:
     raise ConfigError(f'config.model.image_size={size} is not divisible by the patch size '
                       f'{tuple(config.model.patch_size)} (pixels per token: {(sh, sw)})')
+  from vit_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  if config.optimizer.name not in optimizer_lib.OPTIMIZERS:
+    raise ConfigError(f'config.optimizer.name={config.optimizer.name!r} is not one of '
+                      f'{optimizer_lib.OPTIMIZERS}')
+  if config.schedule.decay not in optimizer_lib.SCHEDULES:
+    raise ConfigError(f'config.schedule.decay={config.schedule.decay!r} is not one of '
+                      f'{optimizer_lib.SCHEDULES}')
+  if config.loss not in step_lib.LOSSES:
+    raise ConfigError(f'config.loss={config.loss!r} is not one of {step_lib.LOSSES}')
   if config.nonfinite not in ('stop', 'skip'):
     raise ConfigError(f"config.nonfinite={config.nonfinite!r}: use 'stop' or 'skip'")
   if config.total_steps is None and not config.num_epochs:

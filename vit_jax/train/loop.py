@@ -26,13 +26,14 @@ class NonFiniteError(FloatingPointError):
   """The loss or the gradient became NaN/inf; the message names the step."""
 
 
-def _check_workdir(workdir: epath.Path) -> None:
+def check_workdir(workdir: epath.Path) -> None:
+  """Creates the workdir and checks it is writable; ConfigError naming --workdir if not."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / '.write_test'
     probe.write_text('ok')
     probe.unlink()
-  except OSError as e:
+  except (OSError, ValueError) as e:
     raise defaults.ConfigError(f'--workdir={workdir} is not writable: {e}') from e
 
 
@@ -104,7 +105,7 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
   defaults.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  _check_workdir(workdir)
+  check_workdir(workdir)
   if config.get('compilation_cache_dir'):
     jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
 

@@ -1,0 +1,170 @@
+"""`python -m vit_jax.main` as a user runs it: resume after SIGKILL, non-finite losses,
+configs that cannot work."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TOTAL_STEPS = 24
+
+TINY = [
+    '--config=configs/demo.py', f'--config.total_steps={TOTAL_STEPS}',
+    '--config.model.hidden_size=32', '--config.model.num_layers=1', '--config.model.num_heads=2',
+    '--config.model.mlp_dim=64', '--config.model.dropout_rate=0.1', '--config.batch_size=32',
+    '--config.schedule.warmup_steps=2', '--config.log_every=4', '--config.eval_every=0',
+    '--config.checkpoint_every=3', '--config.keep_checkpoints=2',
+]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _cmd(workdir, data_dir, *extra):
+  return [sys.executable, '-m', 'vit_jax.main', *TINY, f'--config.input.data_dir={data_dir}',
+          f'--workdir={workdir}', *extra]
+
+
+def _env(devices=1):
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def _run(workdir, data_dir, *extra, devices=1, timeout=600):
+  return subprocess.run(_cmd(workdir, data_dir, *extra), cwd=ROOT, env=_env(devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _final_params(workdir, step=TOTAL_STEPS):
+  state = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / 'checkpoints' / str(step)
+                                             / 'state')
+  return {'/'.join(map(str, k)): np.asarray(v) for k, v in _flatten(state['params'])}
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp('reference')
+  start = time.monotonic()
+  proc = _run(workdir, data_dir)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, time.monotonic() - start
+
+
+def test_uninterrupted_run_logs_metrics(reference):
+  workdir, _ = reference
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_rows = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in train_rows] == list(range(4, TOTAL_STEPS + 1, 4))
+  assert all(r['images_per_sec'] > 0 and 0 < r['learning_rate'] for r in train_rows)
+  final_eval = [r for r in rows if 'eval_top1' in r][-1]
+  assert final_eval['step'] == TOTAL_STEPS and final_eval['eval_examples'] == 1000
+  assert 0.0 <= final_eval['eval_top5'] <= 1.0 and final_eval['eval_top1'] <= final_eval['eval_top5']
+  assert list((workdir / 'tensorboard').iterdir())  # TensorBoard event files
+  meta_dirs = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert meta_dirs[-1] == TOTAL_STEPS and len(meta_dirs) <= 2  # keep_checkpoints=2
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(reference, data_dir, tmp_path):
+  ref_dir, ref_seconds = reference
+  workdir = tmp_path / 'killed'
+  rng = random.Random(1234)
+  kills, restores = 0, []
+  for attempt in range(12):
+    proc = subprocess.Popen(_cmd(workdir, data_dir), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if attempt == 0:
+      # Kill during a checkpoint save: as soon as Orbax's temporary directory appears.
+      deadline = time.monotonic() + 300
+      while time.monotonic() < deadline and proc.poll() is None:
+        ckpt = workdir / 'checkpoints'
+        if ckpt.exists() and any('tmp' in p.name for p in ckpt.iterdir()):
+          break
+        time.sleep(0.005)
+    else:
+      time.sleep(rng.uniform(0.3, 1.0) * ref_seconds)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+      kills += 1
+    out = proc.communicate()[0]
+    restores += [line for line in out.splitlines() if 'Restoring checkpoint' in line]
+    if proc.returncode == 0:
+      break
+  else:
+    pytest.fail('the run did not finish after 12 attempts')
+  assert kills >= 2, 'the test should have interrupted the run'
+  assert restores, 'a restarted run should have resumed from a checkpoint'
+  ref, got = _final_params(ref_dir), _final_params(workdir)
+  assert ref.keys() == got.keys()
+  for k in ref:
+    np.testing.assert_array_equal(ref[k], got[k], err_msg=k)  # bit-exact
+  # The training metrics of the steps after the last resume equal the reference's.
+  ref_rows = {r['step']: r['loss'] for r in map(json.loads, (ref_dir / 'metrics.jsonl')
+                                                .read_text().splitlines()) if 'loss' in r}
+  got_rows = {r['step']: r['loss'] for r in map(json.loads, (workdir / 'metrics.jsonl')
+                                                .read_text().splitlines()) if 'loss' in r}
+  assert got_rows[TOTAL_STEPS] == ref_rows[TOTAL_STEPS]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+  proc = _run(tmp_path, data_dir, '--config.schedule.base_lr=1e30', '--config.total_steps=40',
+              '--config.checkpoint_every=1', '--config.log_every=1')
+  assert proc.returncode != 0
+  assert 'non-finite loss or gradient at step' in proc.stderr
+  bad_step = int(proc.stderr.split('non-finite loss or gradient at step ')[1].split()[0])
+  steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < bad_step
+  params = _final_params(tmp_path, steps[-1])
+  assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+def test_nonfinite_skip_mode_finishes(data_dir, tmp_path):
+  proc = _run(tmp_path, data_dir, '--config.schedule.base_lr=1e30', '--config.total_steps=8',
+              '--config.nonfinite=skip', '--config.log_every=1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert sum(r.get('skipped_nonfinite', 0) for r in rows) > 0
+  params = _final_params(tmp_path, 8)
+  assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+@pytest.mark.parametrize('args,devices,message', [
+    (['--config.batch_size=30'], 8, 'config.batch_size=30'),
+    (['--config.accum_steps=3'], 1, 'config.batch_size=32 must be divisible'),
+    (['--config.model.image_size=30'], 1, 'config.model.image_size=30'),
+    (['--config.input.name=no_such_dataset'], 1, "no dataset named 'no_such_dataset'"),
+    (['--config.mesh.data=3'], 8, 'config.mesh'),
+    (['--config.optimizer.name=lamb'], 1, "config.optimizer.name='lamb'"),
+])
+def test_config_that_cannot_work_fails_fast_naming_the_field(data_dir, tmp_path, args, devices,
+                                                             message):
+  proc = _run(tmp_path, data_dir, *args, devices=devices, timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / 'checkpoints').exists() or not list((tmp_path / 'checkpoints').iterdir())
+
+
+def test_unwritable_workdir_is_named(data_dir, tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  proc = _run(blocker / 'sub', data_dir, timeout=120)
+  assert proc.returncode != 0
+  assert f'--workdir={blocker / "sub"} is not writable' in proc.stderr
