@@ -6,6 +6,8 @@ digits (patch 4, 49 tokens); Adam with linear warmup and cosine decay, global-no
 clipping at 1, as in the ViT paper's recipes.
 """
 
+import ml_collections
+
 from vit_jax.train import defaults
 
 
@@ -14,7 +16,13 @@ def get_config():
   c.seed = 0
   c.model.name = 'demo-ViT'
   c.model.image_size = 28
-  c.model.patch_size = (4, 4)
+  # A BiT root block (7x7/2 StdConv + GroupNorm + 3x3/2 max-pool, 64 channels) as the
+  # stem, as in the paper's hybrids: 28 px -> 7x7 tokens of 1x1 "patches". The conv stem
+  # makes the most of only 4,000 training digits.
+  c.model.resnet = ml_collections.ConfigDict(dict(
+      num_layers=(), width_factor=1.0, stdconv_eps=1e-5, stdconv_eps_in_sqrt=False,
+      gn_eps=1e-6))
+  c.model.patch_size = (1, 1)
   c.model.hidden_size = 96
   c.model.num_layers = 4
   c.model.num_heads = 3

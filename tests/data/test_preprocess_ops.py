@@ -3,11 +3,15 @@
 Real photographs from scikit-image (astronaut 512x512, chelsea 300x451, coffee 400x600)
 are written as files and decoded by the ops, eagerly and inside tf.data (graph mode).
 Tolerances found here:
-  decode: PNG / GIF / BMP / palette / RGBA / grayscale exact vs PIL; JPEG (accurate
-    integer IDCT) exact vs PIL; CMYK JPEG mean abs diff < 1.5 (TF converts CMYK itself).
-  resize (antialias) vs PIL resize, rounded to uint8: bilinear mean abs diff < 0.25,
-    max 1; bicubic mean < 0.25, >= 99% within 1 (PIL clips its intermediate pass, so a
-    few overshooting edge pixels differ more).
+  decode vs PIL's convert('RGB'): exact for PNG / GIF / BMP / palette / RGBA / LA /
+    grayscale, and for JPEG (RGB, grayscale, CMYK) with the accurate integer IDCT.
+  resize (antialias) vs PIL resize, rounded to uint8: bilinear mean abs diff < 0.25
+    (found 0.08-0.22), max 1; bicubic mean < 0.25, >= 99% within 1 (PIL rounds and clips
+    its first, horizontal pass to uint8, so overshooting edge pixels differ by up to ~14).
+  JPEG window-only decode vs full decode + crop: mean abs diff < 0.05 (found 0.001-0.01),
+    > 99% of values within 1 (libjpeg's cropped decode differs along the window edges).
+  random_resized_crop vs torchvision's resized_crop on the same window, rounded: mean
+    abs diff < 0.25 (found ~0.17), max 1 (a few more at the edges of a JPEG window).
   central_crop, flip_lr, value_range: exact; normalize: 1e-6.
 """
 
@@ -112,8 +116,10 @@ def test_decode_matches_pil(photos, tmp_path, fmt):
   out = _run('decode', _example(data))['image']
   assert out.dtype == np.uint8 and out.shape == ref.shape
   diff = np.abs(out.astype(np.int32) - ref)
-  if fmt == 'cmyk_jpeg':
-    assert diff.mean() < 1.5 and diff.max() <= 8   # TF's own CMYK -> RGB conversion
+  if 'jpeg' in fmt:
+    # Exact with the accurate integer IDCT (found here, CMYK included); a small margin
+    # for a different libjpeg-turbo build. (TF's default fast IDCT: mean ~1, max ~6.)
+    assert diff.mean() < 0.1 and diff.max() <= 2
   else:
     assert diff.max() == 0
 
@@ -134,7 +140,8 @@ def test_decode_in_graph_mode_and_grey_and_decoded(photos):
   np.testing.assert_array_equal(out[0]['image'], photos['coffee'])
   grey = _run('decode(channels=1)', _example(data['png']))['image']
   ref = np.array(Image.fromarray(photos['coffee']).convert('L'))
-  assert grey.shape == ref.shape + (1,) and np.abs(grey[..., 0] - ref.astype(int)).max() <= 1
+  assert grey.shape == ref.shape + (1,)
+  assert np.abs(grey[..., 0] - ref.astype(int)).max() <= 1
   # Already decoded: 1 channel repeated, alpha dropped.
   one = photos['coffee'][..., :1]
   np.testing.assert_array_equal(_run('decode', _example(one))['image'],
@@ -300,13 +307,14 @@ def test_random_resized_crop_window_matches_torchvision_statistics():
   torch.manual_seed(0)
   ref = np.array([tv_transforms.RandomResizedCrop.get_params(
       torch.empty(3, height, width), (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
-  for ours, theirs in [(h * w, ref[:, 2] * ref[:, 3]), (np.log(w / h), np.log(ref[:, 3] / ref[:, 2])),
+  for ours, theirs in [(h * w, ref[:, 2] * ref[:, 3]),
+                       (np.log(w / h), np.log(ref[:, 3] / ref[:, 2])),
                        (top / (height - h + 1), ref[:, 0] / (height - ref[:, 2] + 1))]:
     assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
 
   # No draw fits a 20 x 400 image at scale >= 0.99: torchvision's central fallback.
-  tall = pp.random_resized_crop_window(tf.constant([20, 400, 3]), tf.constant([1, 2], tf.int64),
-                                       scale=(0.99, 1.0))
+  tall = pp.random_resized_crop_window(tf.constant([20, 400, 3]),
+                                       tf.constant([1, 2], tf.int64), scale=(0.99, 1.0))
   ref = tv_transforms.RandomResizedCrop.get_params(torch.empty(3, 20, 400), (0.99, 1.0),
                                                 (3 / 4, 4 / 3))
   assert [int(v) for v in tall] == list(ref)
@@ -321,10 +329,12 @@ def test_random_resized_crop_pixels_match_torchvision(photos, tmp_path):
     ex = _example(jpeg, rng=(s, 8))
     out = _run('decode|random_resized_crop(224)', ex)['image']
     seed = tf.random.experimental.stateless_split(ex['rng'], 2)[0]
-    top, left, h, w = [int(v) for v in pp.random_resized_crop_window(tf.shape(decoded), seed)]
+    window = pp.random_resized_crop_window(tf.shape(decoded), seed)
+    top, left, h, w = [int(v) for v in window]
     ref = tvf.resized_crop(Image.fromarray(decoded), top, left, h, w, [224, 224],
                            interpolation=tvf.InterpolationMode.BILINEAR)
-    assert np.abs(np.round(out) - np.array(ref)).mean() < 0.5
+    diff = np.abs(np.round(out) - np.array(ref))   # (JPEG window edges: a few > 1)
+    assert diff.mean() < 0.25 and np.mean(diff <= 1) > 0.999
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,8 +346,8 @@ TRAIN_SPEC = ('decode|inception_crop(64)|flip_lr|randaugment(2, 15)|value_range(
 
 def test_determinism_eager_and_tf_data(photos, tmp_path):
   jpeg = _write(tmp_path, 'c.jpg', _encode(Image.fromarray(photos['chelsea']), 'JPEG'))
-  examples = [{'image': jpeg, 'label': np.int64(s % 10), 'rng': np.array([s, 1], np.int64)}
-              for s in range(6)]
+  examples = [{'image': jpeg, 'label': np.int64(s % 10),
+               'rng': np.array([s, 1], np.int64)} for s in range(6)]
   eager = [_run(TRAIN_SPEC, {k: tf.constant(v) for k, v in e.items()}) for e in examples]
   again = [_run(TRAIN_SPEC, {k: tf.constant(v) for k, v in e.items()}) for e in examples]
   graph = _graph_run(TRAIN_SPEC, examples)
@@ -354,9 +364,11 @@ def test_determinism_eager_and_tf_data(photos, tmp_path):
   np.testing.assert_array_equal(eager[0]['rng'], seed.numpy())
 
 
-def test_missing_rng_is_a_clear_error(photos):
+def test_missing_rng_or_decode_is_a_clear_error(photos):
   with pytest.raises(ValueError, match="flip_lr.*needs example\\['rng'\\]"):
     pp.parse('flip_lr')({'image': tf.constant(photos['chelsea'])})
+  with pytest.raises(ValueError, match="'resize_small' needs a decoded image"):
+    pp.parse('resize_small(256)')({'image': tf.constant(b'not decoded')})
 
 
 # ----------------------------------------------------------------------------------------
@@ -372,8 +384,8 @@ def test_onehot_and_label_smoothing():
   np.testing.assert_array_equal(_run('onehot(5)', multi)['label'], [0, 1, 0, 1, 0])
   np.testing.assert_allclose(_run('onehot(4, label_smoothing=0.2)', multi)['label'],
                              [0.05, 0.85, 0.05, 0.85], atol=1e-7)
-  np.testing.assert_array_equal(
-      _run('onehot(3, multi=True)', {'label': tf.constant(2, tf.int64)})['label'], [0, 0, 1])
+  out = _run('onehot(3, multi=True)', {'label': tf.constant(2, tf.int64)})
+  np.testing.assert_array_equal(out['label'], [0, 0, 1])
   np.testing.assert_array_equal(
       _run('onehot(3)', {'label': tf.zeros([0], tf.int64)})['label'], [0, 0, 0])
   out = _run('onehot(3, key="y")', {'y': tf.constant(1), 'label': tf.constant(7)})
@@ -409,7 +421,8 @@ def test_parse_literals_and_arithmetic(photos):
            _example(image))
   np.testing.assert_array_equal(a['image'], b['image'])
   assert a['image'].shape == (32, 48, 3)
-  assert _run(' value_range( -1 , 1 ) | keep("image") ', _example(image))['image'].min() == -1
+  out = _run(' value_range( -1 , 1 ) | keep("image") ', _example(np.zeros((1, 1, 3))))
+  assert set(out) == {'image'} and out['image'].min() == -1
   assert set(_run('', _example(image))) == {'image', 'label', 'rng'}
   assert 'flip_lr' in pp.registered() and 'randaugment' in pp.registered()
 

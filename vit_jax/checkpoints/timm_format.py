@@ -20,6 +20,7 @@ import re
 import ml_collections
 import numpy as np
 
+from vit_jax import torch_import
 from vit_jax.checkpoints import layout
 from vit_jax.checkpoints import state_dict_io
 from vit_jax.checkpoints import tree
@@ -93,7 +94,7 @@ def _infer_config(sd, name, model, overrides):
 
 def _read_model_settings(c, model):
   """Numerics and structure that a state dict does not show, read off a timm model."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = torch_import.torch()
   unsupported = []
   if not isinstance(getattr(model, 'fc_norm', None), torch.nn.Identity):
     unsupported.append('fc_norm (LayerNorm after pooling; vit_jax normalises the tokens '
@@ -124,8 +125,8 @@ def _read_model_settings(c, model):
 
 def _gelu_is_tanh(act) -> bool:
   """True for tanh-approximate GELU, False for exact; refuses other activations."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from timm import layers  # pylint: disable=g-import-not-at-top
+  torch = torch_import.torch()
+  layers = torch_import.module('timm.layers')
   if isinstance(act, torch.nn.GELU):
     return act.approximate == 'tanh'
   if isinstance(act, getattr(layers, 'GELUTanh', ())):
@@ -337,8 +338,8 @@ def create_timm_model(config, params=None):
   returned by `from_timm`), since timm builds its ResNet with fixed epsilons.
   """
   import functools  # pylint: disable=g-import-not-at-top
-  import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  timm = torch_import.module('timm')
+  torch = torch_import.torch()
   kwargs = dict(
       pretrained=False, num_classes=config.num_classes or 0, img_size=config.image_size,
       embed_dim=config.hidden_size, depth=config.num_layers, num_heads=config.num_heads,

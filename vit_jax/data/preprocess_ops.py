@@ -245,8 +245,18 @@ def _next_seed(example: Example, op_name: str) -> tf.Tensor:
     raise ValueError(f"Preprocessing op {op_name!r} is random and needs example['rng'] "
                      '(an int64 [2] stateless seed); the example has keys '
                      f'{sorted(example)}.')
-  seed, example['rng'] = tf.unstack(tf.random.experimental.stateless_split(example['rng'], 2))
+  seeds = tf.random.experimental.stateless_split(example['rng'], 2)
+  seed, example['rng'] = tf.unstack(seeds)
   return seed
+
+
+def _decoded(example: Example, op_name: str) -> tf.Tensor:
+  """example['image'], which must be decoded already."""
+  image = example['image']
+  if image.dtype == tf.string:
+    raise ValueError(f"Preprocessing op {op_name!r} needs a decoded image; put 'decode' "
+                     'before it.')
+  return image
 
 
 def _check_method(method: str) -> str:
@@ -330,9 +340,9 @@ def decode(channels: int = 3) -> Op:
 
   JPEG, PNG, GIF (first frame) and BMP. Grayscale is repeated to RGB, alpha is dropped
   (not composited), palettes are expanded, 16-bit PNGs are scaled to 8 bits (x / 257;
-  PIL's convert('RGB') clips them instead). CMYK JPEGs (e.g. the handful in ImageNet, or
-  PIL's Adobe-inverted CMYK) are converted to RGB by TF's libjpeg path itself: they
-  agree with PIL's `convert('RGB')` within JPEG decoder tolerance (tested).
+  PIL's convert('RGB') clips them instead). JPEGs use libjpeg's accurate integer IDCT
+  and give the same pixels as PIL, CMYK JPEGs included (e.g. the 22 in ImageNet, or PIL's
+  Adobe-inverted CMYK): TF's libjpeg path converts them to RGB itself (tested).
   An already decoded image only gets its channels fixed (1/2 -> 3 repeated, 4 -> 3).
   """
   if channels not in (1, 3):
@@ -459,7 +469,7 @@ def resize(size, method: str = 'bilinear', antialias: bool = True) -> Op:
   _check_method(method)
 
   def fn(example):
-    example['image'] = _resize(example['image'], hw, method, antialias)
+    example['image'] = _resize(_decoded(example, 'resize'), hw, method, antialias)
     return example
   return fn
 
@@ -476,7 +486,7 @@ def resize_small(size: int, method: str = 'bilinear', antialias: bool = True) ->
   _check_method(method)
 
   def fn(example):
-    image = example['image']
+    image = _decoded(example, 'resize_small')
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     short = tf.minimum(h, w)
@@ -497,7 +507,7 @@ def central_crop(size) -> Op:
   ch, cw = _hw(size)
 
   def fn(example):
-    image = example['image']
+    image = _decoded(example, 'central_crop')
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     checks = [
@@ -521,8 +531,8 @@ def flip_lr(p: float = 0.5) -> Op:
     raise ValueError(f'p must be in [0, 1], got {p!r}')
 
   def fn(example):
+    image = _decoded(example, 'flip_lr')
     seed = _next_seed(example, 'flip_lr')
-    image = example['image']
     flip = tf.random.stateless_uniform([], seed) < p
     example['image'] = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
     return example
@@ -542,7 +552,7 @@ def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0,
   b = vmin - in_min * a
 
   def fn(example):
-    example['image'] = tf.cast(example['image'], tf.float32) * a + b
+    example['image'] = tf.cast(_decoded(example, 'value_range'), tf.float32) * a + b
     return example
   return fn
 
@@ -558,7 +568,8 @@ def normalize(mean='imagenet', std='imagenet') -> Op:
   offset = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
 
   def fn(example):
-    example['image'] = tf.cast(example['image'], tf.float32) * scale + offset
+    image = tf.cast(_decoded(example, 'normalize'), tf.float32)
+    example['image'] = image * scale + offset
     return example
   return fn
 
@@ -592,7 +603,8 @@ def onehot(num_classes: int, label_smoothing: float = 0.0, key: str = 'label',
     with tf.control_dependencies(checks):
       label = tf.identity(label)
     if multi or label.shape.rank != 0:
-      hot = tf.minimum(tf.reduce_sum(tf.one_hot(tf.reshape(label, [-1]), num_classes), 0), 1)
+      hot = tf.one_hot(tf.reshape(label, [-1]), num_classes)
+      hot = tf.minimum(tf.reduce_sum(hot, axis=0), 1)   # (an empty list: all off)
       example[key] = hot * (on - off) + off
     else:
       example[key] = tf.one_hot(label, num_classes, on_value=on, off_value=off)
@@ -610,9 +622,10 @@ def randaugment(num_layers: int = 2, magnitude: float = 10,
     raise ValueError(f'magnitude must be >= 0, got {magnitude!r}')
 
   def fn(example):
+    image = _decoded(example, 'randaugment')
     seed = _next_seed(example, 'randaugment')
     example['image'] = randaugment_lib.randaugment(
-        example['image'], seed, num_layers=num_layers, magnitude=magnitude,
+        image, seed, num_layers=num_layers, magnitude=magnitude,
         increasing=increasing)
     return example
   return fn

@@ -43,6 +43,7 @@ import math
 import tensorflow as tf
 
 FILL = 128
+_TIE_EPS = 2.0**-14
 
 OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color',
        'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX',
@@ -95,7 +96,7 @@ def equalize(image: tf.Tensor) -> tf.Tensor:
 
 
 def invert(image: tf.Tensor) -> tf.Tensor:
-  return 255 - image
+  return 255 - tf.convert_to_tensor(image)
 
 
 def posterize(image: tf.Tensor, bits) -> tf.Tensor:
@@ -108,7 +109,8 @@ def posterize(image: tf.Tensor, bits) -> tf.Tensor:
 def solarize(image: tf.Tensor, threshold) -> tf.Tensor:
   """Inverts the values >= threshold (PIL ImageOps.solarize)."""
   values = tf.range(256)
-  return _lut(image, tf.where(values < tf.cast(threshold, tf.int32), values, 255 - values))
+  below = values < tf.cast(threshold, tf.int32)
+  return _lut(image, tf.where(below, values, 255 - values))
 
 
 def solarize_add(image: tf.Tensor, addition, threshold=128) -> tf.Tensor:
@@ -123,7 +125,8 @@ def solarize_add(image: tf.Tensor, addition, threshold=128) -> tf.Tensor:
 
 def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
   degenerate = tf.cast(degenerate, tf.float32)
-  out = degenerate + tf.cast(factor, tf.float32) * (tf.cast(image, tf.float32) - degenerate)
+  image = tf.cast(image, tf.float32)
+  out = degenerate + tf.cast(factor, tf.float32) * (image - degenerate)
   return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
 
 
@@ -174,9 +177,13 @@ def affine(image: tf.Tensor, matrix, fill=FILL) -> tf.Tensor:
   outside the image take `fill`.
   """
   a, b, c, d, e, f = [tf.cast(v, tf.float32) for v in matrix]
-  # Index coordinates (pixel centres at integers): x_i = x - 0.5.
-  transform = tf.stack([a, b, c + 0.5 * (a + b) - 0.5,
-                        d, e, f + 0.5 * (d + e) - 0.5, 0.0, 0.0])
+  # PIL samples input pixel floor(x_in). TF's NEAREST rounds index coordinates (pixel
+  # centres at integers, x_i = x - 0.5) half away from zero, so floor(x_in) =
+  # round(x_in - 0.5 + eps): the small eps keeps exact ties (x_in an integer, e.g. on the
+  # diagonal of a 45 degree rotation) on PIL's side despite float32 rounding.
+  shift = _TIE_EPS - 0.5
+  transform = tf.stack([a, b, c + 0.5 * (a + b) + shift,
+                        d, e, f + 0.5 * (d + e) + shift, 0.0, 0.0])
   out = tf.raw_ops.ImageProjectiveTransformV3(
       images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
       fill_value=tf.cast(fill, tf.float32), interpolation='NEAREST', fill_mode='CONSTANT')
@@ -269,6 +276,7 @@ def apply_op(image: tf.Tensor, name: str, magnitude: float, seed, sign=1.0,
 
 def _as_uint8(image: tf.Tensor, fn) -> tf.Tensor:
   """Runs fn on image as uint8 HxWx3 and returns the input's dtype."""
+  image = tf.convert_to_tensor(image)
   dtype = image.dtype
   x = image if dtype == tf.uint8 else tf.cast(
       tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0, 255), tf.uint8)

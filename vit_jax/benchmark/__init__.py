@@ -1,0 +1,1 @@
+"""`python -m vit_jax.benchmark`: speed measurements (input pipeline; model modes to come)."""
