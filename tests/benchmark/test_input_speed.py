@@ -28,7 +28,7 @@ def test_benchmark_command_writes_json(tmp_path):
   out = tmp_path / 'input.json'
   proc = subprocess.run(
       [sys.executable, '-m', 'vit_jax.benchmark', '--mode=input', '--compare=torchvision',
-       '--workers=1', '--batch=8', '--steps=2', '--files=16', f'--json={out}'],
+       '--workers=1', '--batch=8', '--steps=2', '--files=48', f'--json={out}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads(out.read_text())

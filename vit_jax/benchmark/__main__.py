@@ -16,7 +16,8 @@ _JSON = flags.DEFINE_string('json', None, 'Write the record to this JSON file.')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Threads / worker processes (default: cores).')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed batches (after warm-up).')
-_FILES = flags.DEFINE_integer('files', 512, 'JPEG files written for the run.')
+_FILES = flags.DEFINE_integer(
+    'files', 2048, 'JPEG files written for the run; keep steps x batch within one epoch')
 
 
 def main(argv):

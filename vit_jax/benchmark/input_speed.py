@@ -76,10 +76,14 @@ def torchvision_baseline(paths, *, workers: int, batch_size: int, warmup: int,
 
 
 def run(*, workers: int | None = None, batch_size: int = 64, steps: int = 20,
-        warmup: int = 3, num_files: int = 512, compare: str | None = None,
+        warmup: int = 3, num_files: int = 2048, compare: str | None = None,
         directory: str | None = None) -> dict:
   """Measures ours (and the baseline when compare='torchvision'); returns a record."""
   workers = workers or os.cpu_count() or 1
+  if (warmup + steps) * batch_size > num_files:
+    raise ValueError(f'(warmup {warmup} + steps {steps}) x batch {batch_size} exceeds the '
+                     f'{num_files} files: raise --files so the timing stays within one epoch '
+                     '(an epoch restart is not steady-state throughput)')
   with tempfile.TemporaryDirectory() as tmp:
     root = directory or tmp
     paths = photos_lib.write_photos(os.path.join(root, 'train'), num_files)
