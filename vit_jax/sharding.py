@@ -21,6 +21,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXES = ('data', 'fsdp', 'model')
 BATCH_AXES = ('data', 'fsdp')
 
+# Logical activation axes used in the model (nn.with_logical_constraint) -> mesh axes.
+LOGICAL_RULES = (('batch', BATCH_AXES), ('length', None), ('embed', None), ('mlp', 'model'),
+                 ('heads', 'model'))
+
 # (regex on the 'a/b/c' parameter path, dimension split over 'model')
 _MODEL_RULES = (
     (r'MlpBlock_0/Dense_0/kernel$', 1),

@@ -91,3 +91,27 @@ def test_gradient_accumulation_equals_the_big_batch():
                                       results[1][2], results[4][2]))
   print(f'[tolerance] accumulation max |param diff| = {max(diff):.2e}')
   assert max(diff) < 1e-5
+
+
+def test_activations_are_constrained_to_the_batch_axes():
+  code = """
+import jax, numpy as np, sys
+sys.path.insert(0, %r)
+import sharded_run
+from vit_jax.train import loop
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4, 1), ('data', 'fsdp', 'model'))
+t = loop.Trainer(sharded_run.config_for(2, 4, 1), mesh, 6)
+spec = lambda shape: jax.ShapeDtypeStruct(shape, np.float32, sharding=t.batch_sharding)
+text = t.lower_train_step(t.abstract_state(),
+                          {'image': spec((16, 16, 16, 3)), 'label': spec((16, 5))}).as_text()
+lines = [l for l in text.splitlines() if 'sharding_constraint' in l]
+print(len([l for l in lines if '[{"data", "fsdp"}, {}, {}]' in l]))
+""" % str(HERE)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Token activations (batch, length, embed) are pinned to the batch axes: after the
+  # embedding and after each of the 2 blocks, in the forward pass at least.
+  assert int(proc.stdout.strip().splitlines()[-1]) >= 3

@@ -24,6 +24,10 @@ from vit_jax.models import attention as attention_lib
 from vit_jax.models import resnet
 
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
+# Logical axes of the token activations. Outside a mesh and `nn.logical_axis_rules`
+# context the constraints do nothing; the train step maps them to mesh axes
+# (vit_jax/sharding.py LOGICAL_RULES).
+TOKENS_AXES = ('batch', 'length', 'embed')
 
 
 class DropPath(nn.Module):
@@ -78,6 +82,7 @@ class MlpBlock(nn.Module):
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     out_dim = x.shape[-1]
     x = dense(self.mlp_dim, 'Dense_0')(x)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'mlp'))
     x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = dense(out_dim, 'Dense_1')(x)
@@ -117,7 +122,8 @@ class Encoder1DBlock(nn.Module):
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                  gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                  param_dtype=self.param_dtype, name='MlpBlock_0')(y, deterministic=deterministic)
-    return x + DropPath(self.drop_path_rate)(y, deterministic)
+    return nn.with_logical_constraint(x + DropPath(self.drop_path_rate)(y, deterministic),
+                                      TOKENS_AXES)
 
 
 class Encoder(nn.Module):
@@ -259,6 +265,7 @@ class VisionTransformer(nn.Module):
       cls = self.param('cls', nn.initializers.zeros, (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
 
+    x = nn.with_logical_constraint(x, TOKENS_AXES)
     x = Encoder(
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,

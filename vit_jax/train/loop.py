@@ -80,15 +80,25 @@ class Trainer:
         opt_state=sharding_lib.tree_shardings(self._abstract.opt_state, mesh,
                                               config.min_fsdp_size),
         rng=replicated)
-    self.train_step = jax.jit(
+    train_step = jax.jit(
         step_lib.make_train_step(module, optimizer, loss=config.loss,
                                  accum_steps=config.accum_steps,
                                  skip_nonfinite=config.nonfinite == 'skip'),
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
-    self.eval_step = jax.jit(step_lib.make_eval_step(module, loss=config.loss),
-                             in_shardings=(self.state_sharding.params, self.batch_sharding),
-                             out_shardings=replicated)
+    eval_step = jax.jit(step_lib.make_eval_step(module, loss=config.loss),
+                        in_shardings=(self.state_sharding.params, self.batch_sharding),
+                        out_shardings=replicated)
+    self.train_step = self._with_mesh(train_step)
+    self.eval_step = self._with_mesh(eval_step)
+    self.lower_train_step = self._with_mesh(train_step.lower)  # for inspection and AOT
+
+  def _with_mesh(self, fn):
+    """Runs (and traces) fn with the mesh set, so logical activation constraints apply."""
+    def call(*args):
+      with jax.set_mesh(self.mesh):
+        return fn(*args)
+    return call
 
   def init_state(self):
     """A freshly initialised train state, created directly in its sharded layout."""

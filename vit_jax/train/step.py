@@ -10,6 +10,7 @@ the update equals that of one step on the whole batch.
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -57,7 +58,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: st
   loss_of = loss_fn_for(loss)
 
   def compute_loss(params, images, labels, rng):
-    logits = module.apply({'params': params}, images, train=True, rngs={'dropout': rng})
+    with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+      logits = module.apply({'params': params}, images, train=True, rngs={'dropout': rng})
     return jnp.mean(loss_of(logits, labels))
 
   grad_fn = jax.value_and_grad(compute_loss)
@@ -104,7 +106,8 @@ def make_eval_step(module, *, loss: str):
   loss_of = loss_fn_for(loss)
 
   def eval_step(params, batch):
-    logits = module.apply({'params': params}, batch['image'], train=False)
+    with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+      logits = module.apply({'params': params}, batch['image'], train=False)
     labels = batch['label']
     mask = batch['_mask'].astype(jnp.float32)
     # A prediction is correct if it is a label with the highest target weight: the class
