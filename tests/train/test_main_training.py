@@ -168,3 +168,21 @@ def test_unwritable_workdir_is_named(data_dir, tmp_path):
   proc = _run(blocker / 'sub', data_dir, timeout=120)
   assert proc.returncode != 0
   assert f'--workdir={blocker / "sub"} is not writable' in proc.stderr
+
+
+def test_init_from_a_trained_workdir_starts_from_its_weights(reference, data_dir, tmp_path):
+  ref_dir, _ = reference
+  proc = _run(tmp_path, data_dir, f'--config.init_from={ref_dir}', '--config.init_head=keep',
+              '--config.total_steps=1', '--config.schedule.warmup_steps=0',
+              '--config.schedule.base_lr=1e-12')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'Initialised from {ref_dir}' in proc.stderr
+  # One step at a negligible learning rate: the evaluation equals the trained model's.
+  ref_eval = [json.loads(l) for l in (ref_dir / 'metrics.jsonl').read_text().splitlines()
+              if 'eval_top1' in l][-1]
+  new_eval = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+              if 'eval_top1' in l][-1]
+  assert abs(new_eval['eval_loss'] - ref_eval['eval_loss']) < 1e-4
+  # A missing path fails before anything runs.
+  proc = _run(tmp_path / 'other', data_dir, '--config.init_from=/no/such/weights.npz')
+  assert proc.returncode != 0 and "config.init_from='/no/such/weights.npz'" in proc.stderr

@@ -29,7 +29,10 @@ FIELD_DOCS = {
     'keep_best': 'best checkpoints kept in addition, by eval_top1 (0: none)',
     'async_checkpoint': 'save checkpoints in the background',
     'nonfinite': "on a NaN/inf loss or gradient: 'stop' (keep the last good checkpoint) or 'skip' the update",
-    'init_from': 'pretrained weights to start from (fine-tuning); None trains from scratch',
+    'init_from': 'pretrained weights to fine-tune from: .npz, timm/transformers state dict '
+                 '(.safetensors/.bin/.pth), or an Orbax workdir/step dir; None: from scratch',
+    'init_head': "with init_from: 'reset' (new zero-initialised head) or 'keep' (same classes)",
+    'posemb_resample': "with init_from at a new resolution: 'bilinear' (original) or 'bicubic' (timm)",
     'compilation_cache_dir': 'persistent XLA compilation cache directory; None disables',
 }
 
@@ -59,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.async_checkpoint = True
   c.nonfinite = 'stop'
   c.init_from = ml_collections.FieldReference(None, field_type=str)
+  c.init_head = 'reset'
+  c.posemb_resample = 'bilinear'
   c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
   return c
 
@@ -114,6 +119,12 @@ def validate(config, *, num_devices: int, process_count: int) -> None:
     raise ConfigError(f"config.nonfinite={config.nonfinite!r}: use 'stop' or 'skip'")
   if config.total_steps is None and not config.num_epochs:
     raise ConfigError('set config.total_steps or config.num_epochs')
-  if config.get('init_from'):
-    raise ConfigError('config.init_from (fine-tuning from pretrained weights) is not '
-                      'implemented yet; leave it None')
+  if config.init_from:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    if not epath.Path(config.init_from).exists():
+      raise ConfigError(f'config.init_from={config.init_from!r} does not exist')
+  if config.init_head not in ('reset', 'keep'):
+    raise ConfigError(f"config.init_head={config.init_head!r}: use 'reset' or 'keep'")
+  if config.posemb_resample not in ('bilinear', 'bicubic'):
+    raise ConfigError(f"config.posemb_resample={config.posemb_resample!r}: use 'bilinear' "
+                      "or 'bicubic'")

@@ -104,6 +104,18 @@ class Trainer:
     """A freshly initialised train state, created directly in its sharded layout."""
     return jax.jit(self._init_state, out_shardings=self.state_sharding)(self._rng)
 
+  def with_pretrained(self, state, path: str):
+    """`state` with params from pretrained weights (new head, resampled posemb)."""
+    from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+    loaded = pretrained.load(path, model_config=self.config.model)
+    params = pretrained.adapt(loaded, jax.device_get(state.params),
+                              posemb_method=self.config.posemb_resample,
+                              keep_head=self.config.init_head == 'keep')
+    params = jax.device_put(params, self.state_sharding.params)
+    opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
+    logging.info('Initialised from %s', path)
+    return state.replace(params=params, opt_state=opt_state)
+
   def abstract_state(self):
     """Shapes, dtypes and shardings of the train state (for restoring)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -141,6 +153,8 @@ def train_and_evaluate(config, workdir) -> dict:
                         saved_meta.get(key), meta[key])
   else:
     state = t.init_state()
+    if config.init_from:
+      state = t.with_pretrained(state, config.init_from)
   start_step = int(jax.device_get(state.step))
   module, schedule, image_size = t.module, t.schedule, config.model.image_size
   train_step, eval_step = t.train_step, t.eval_step

@@ -1,0 +1,127 @@
+"""init_from: every kind of pretrained weights, adapted to a new head and resolution."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import timm
+from transformers import ViTConfig, ViTForImageClassification
+
+from vit_jax import checkpoints, models
+from vit_jax.checkpoints import pretrained
+from vit_jax.checkpoints import train_state
+
+SMALL = dict(patch_size=8, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128)
+POS = 'Transformer/posembed_input/pos_embedding'
+
+
+def _params(seed=0, size=32, **kw):
+  module = models.create('ViT-Ti/16', **dict(SMALL, **kw))
+  params = models.init_params(module, size, seed=seed)
+  rng = np.random.default_rng(seed)
+  # Non-trivial values everywhere (the real init has a zero head and zero class token).
+  return jax.tree.map(lambda p: np.asarray(p) + rng.normal(0, 0.1, p.shape).astype(p.dtype),
+                      params)
+
+
+def test_npz_to_new_resolution_and_head(tmp_path):
+  source = _params(num_classes=10)
+  checkpoints.save_npz(tmp_path / 'w.npz', source)
+  target = models.init_params(models.create('ViT-Ti/16', num_classes=2, **SMALL), 48)
+  out = pretrained.adapt(pretrained.load(str(tmp_path / 'w.npz')), target)
+  flat_s, flat_t, flat_o = map(checkpoints.flatten, (source, target, out))
+  assert flat_o[POS].shape == (1, 1 + 36, 64)
+  np.testing.assert_allclose(flat_o[POS], models.resample_posemb(flat_s[POS], 6, 'bilinear'),
+                             atol=1e-6)
+  np.testing.assert_array_equal(flat_o['head/kernel'], flat_t['head/kernel'])  # new head
+  assert flat_o['head/kernel'].shape == (64, 2) and not flat_o['head/kernel'].any()
+  for k in flat_s:
+    if k not in (POS, 'head/kernel', 'head/bias'):
+      np.testing.assert_array_equal(flat_o[k], flat_s[k], err_msg=k)
+  bicubic = pretrained.adapt(pretrained.load(str(tmp_path / 'w.npz')), target,
+                             posemb_method='bicubic')
+  assert not np.allclose(checkpoints.flatten(bicubic)[POS], flat_o[POS])
+
+
+def test_pre_logits_dropped_when_the_new_model_has_none():
+  source = _params(num_classes=10, representation_size=32)  # an ImageNet-21k style model
+  target = models.init_params(models.create('ViT-Ti/16', num_classes=10, **SMALL), 32)
+  out = checkpoints.flatten(pretrained.adapt(source, target))
+  assert not any(k.startswith('pre_logits') for k in out)
+  assert out['head/kernel'].shape == (64, 10) and not out['head/kernel'].any()
+
+
+def test_keep_head_keeps_the_trained_head():
+  source = _params(num_classes=10)
+  target = models.init_params(models.create('ViT-Ti/16', num_classes=10, **SMALL), 32)
+  kept = checkpoints.flatten(pretrained.adapt(source, target, keep_head=True))
+  np.testing.assert_array_equal(kept['head/kernel'], checkpoints.flatten(source)['head/kernel'])
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='head/kernel'):
+    other = models.init_params(models.create('ViT-Ti/16', num_classes=3, **SMALL), 32)
+    pretrained.adapt(source, other, keep_head=True)
+
+
+def test_timm_safetensors_and_hf_files(tmp_path):
+  from safetensors.torch import save_file
+  torch.manual_seed(0)
+  tm = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=2, num_classes=5,
+                         img_size=64).eval()
+  save_file(tm.state_dict(), str(tmp_path / 'timm.safetensors'))
+  config = models.get_config('ViT-Ti/16')
+  config.update(num_layers=2, num_classes=5, image_size=64)
+  loaded = pretrained.load(str(tmp_path / 'timm.safetensors'), model_config=config)
+  _, expected = checkpoints.from_timm(tm)
+  for k, v in checkpoints.flatten(expected).items():
+    np.testing.assert_array_equal(checkpoints.flatten(loaded)[k], v)
+
+  hf = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128,
+                                            image_size=32, patch_size=8, num_labels=3)).eval()
+  hf_dir = tmp_path / 'hf'
+  hf_dir.mkdir()
+  save_file(hf.state_dict(), str(hf_dir / 'model.safetensors'))
+  (hf_dir / 'config.json').write_text(json.dumps(hf.config.to_dict()))
+  loaded = pretrained.load(str(hf_dir / 'model.safetensors'))
+  _, expected = checkpoints.from_hf(hf)
+  for k, v in checkpoints.flatten(expected).items():
+    np.testing.assert_array_equal(checkpoints.flatten(loaded)[k], v)
+  (hf_dir / 'config.json').unlink()
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    pretrained.load(str(hf_dir / 'model.safetensors'))
+
+
+def test_orbax_workdir(tmp_path):
+  params = _params(num_classes=4)
+  ckpt = train_state.TrainCheckpointer(tmp_path / 'checkpoints', async_save=False)
+  state = {'step': np.int32(7), 'params': params, 'rng': np.zeros(2, np.uint32)}
+  ckpt.save(7, state, {'step': 7})
+  ckpt.close()
+  for path in (tmp_path, tmp_path / 'checkpoints', tmp_path / 'checkpoints' / '7'):
+    loaded = checkpoints.flatten(pretrained.load(str(path)))
+    for k, v in checkpoints.flatten(params).items():
+      np.testing.assert_array_equal(loaded[k], v)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(FileNotFoundError, match='no Orbax checkpoint'):
+    pretrained.load(str(tmp_path / 'empty'))
+
+
+@pytest.mark.parametrize('kw,message', [
+    (dict(classifier='gap'), 'classifier: the checkpoint has a class token'),
+    (dict(hidden_size=32, num_heads=4, mlp_dim=64), 'width \\(hidden_size\\): checkpoint 64, model 32'),
+    (dict(num_layers=3), 'depth \\(num_layers\\): checkpoint 2, model 3'),
+    (dict(patch_size=4), 'patch embedding kernel'),
+])
+def test_structural_mismatch_is_refused_with_what_differs(kw, message):
+  source = _params(num_classes=10)
+  target = models.init_params(models.create('ViT-Ti/16', **dict(SMALL, num_classes=10, **kw)),
+                              32)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=message):
+    pretrained.adapt(source, target)
+
+
+def test_unknown_kind_is_an_error(tmp_path):
+  (tmp_path / 'weights.h5').write_text('x')
+  with pytest.raises(ValueError, match='cannot tell what kind'):
+    pretrained.load(str(tmp_path / 'weights.h5'))
