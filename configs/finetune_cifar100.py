@@ -1,0 +1,20 @@
+"""Fine-tune ViT-B/16 (ImageNet-21k weights) on CIFAR-100 at 384 px.
+
+Source: Dosovitskiy et al. 2021, Appendix B.1.1 and Table 4: SGD momentum 0.9, batch
+512, no weight decay, global-norm clipping 1, cosine decay, 10,000 steps, 384 px, a
+new zero-initialised head, position embedding resampled (the paper sweeps the learning
+rate over {0.001, 0.003, 0.01, 0.03}; 0.03 here). Give the pretrained weights, e.g.
+
+    python -m vit_jax.main --config=configs/finetune_cifar100.py --workdir=DIR \\
+        --config.init_from=ViT-B_16.npz
+
+(any .npz, timm/transformers state dict or Orbax workdir; --config.model=... another
+architecture from vit_jax.models.list_models()).
+"""
+
+from vit_jax.train import recipes
+
+
+def get_config():
+  return recipes.finetuning('ViT-B/16', dataset='cifar100', num_classes=100, steps=10000,
+                            base_lr=0.03, train_split='train[:98%]', eval_split='test')

@@ -1,0 +1,20 @@
+"""Fine-tune ViT-B/16 (ImageNet-21k weights) on Oxford Flowers-102 at 384 px.
+
+Source: Dosovitskiy et al. 2021, Appendix B.1.1 and Table 4: SGD momentum 0.9, batch
+512, no weight decay, global-norm clipping 1, cosine decay, 500 steps, 384 px, a
+new zero-initialised head, position embedding resampled (the paper sweeps the learning
+rate over {0.001, 0.003, 0.01, 0.03}; 0.003 here). Give the pretrained weights, e.g.
+
+    python -m vit_jax.main --config=configs/finetune_flowers.py --workdir=DIR \\
+        --config.init_from=ViT-B_16.npz
+
+(any .npz, timm/transformers state dict or Orbax workdir; --config.model=... another
+architecture from vit_jax.models.list_models()).
+"""
+
+from vit_jax.train import recipes
+
+
+def get_config():
+  return recipes.finetuning('ViT-B/16', dataset='oxford_flowers102', num_classes=102, steps=500,
+                            base_lr=0.003, train_split='train', eval_split='test')

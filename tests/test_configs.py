@@ -1,0 +1,45 @@
+"""Every config file loads, names its source, and passes validation."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from vit_jax.train import defaults
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_loads_and_validates(path):
+  module = _load(path)
+  assert 'Source' in module.__doc__, 'each config names its source in its docstring'
+  config = module.get_config()
+  if path.stem == 'model_summary':
+    assert 'batch_size' not in config  # summary only
+    return
+  if path.stem.startswith('finetune_'):
+    assert config.init_from.endswith('.npz')  # must be pointed at real weights
+    with pytest.raises(defaults.ConfigError, match='config.init_from'):
+      defaults.validate(config, num_devices=1, process_count=1)
+    config.init_from = None
+  defaults.validate(config, num_devices=1, process_count=1)
+  assert set(config.keys()) == set(defaults.FIELD_DOCS)
+
+
+def test_paper_recipe_values():
+  b16 = _load(CONFIGS[[p.stem for p in CONFIGS].index('vit_b16')]).get_config()
+  assert (b16.batch_size, b16.schedule.base_lr, b16.optimizer.weight_decay) == (4096, 1e-3, 0.03)
+  assert b16.schedule.warmup_steps == 10_000 and b16.schedule.decay == 'linear'
+  assert b16.model.representation_size == 768 and b16.model.dropout_rate == 0.1
+  ft = _load(CONFIGS[[p.stem for p in CONFIGS].index('finetune_imagenet_384')]).get_config()
+  assert (ft.optimizer.name, ft.optimizer.momentum, ft.schedule.base_lr) == ('sgd', 0.9, 0.03)
+  assert (ft.total_steps, ft.batch_size, ft.model.image_size) == (20_000, 512, 384)
+  assert ft.schedule.warmup_steps == 500 and ft.optimizer.grad_clip_norm == 1.0
