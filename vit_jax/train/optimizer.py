@@ -33,7 +33,8 @@ def learning_rate_schedule(schedule_config, total_steps: int) -> optax.Schedule:
     after = optax.cosine_decay_schedule(base, rest, alpha=end / base if base else 0.0)
   elif decay == 'rsqrt':
     timescale = max(warmup, 1)
-    after = lambda step: base * jnp.sqrt(timescale / (step + timescale))  # noqa: E731
+    after = lambda step: base * jnp.sqrt(  # noqa: E731
+        timescale / jnp.maximum(jnp.asarray(step, jnp.float32) + timescale, 1.0))
   else:
     after = optax.constant_schedule(base)
   if warmup == 0:

@@ -1,0 +1,84 @@
+"""Schedules and optimizer construction against their formulas."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vit_jax import models
+from vit_jax.train import defaults
+from vit_jax.train import optimizer as optimizer_lib
+
+
+def _schedule(decay, warmup=10, total=110, base=0.5, end=0.0):
+  cfg = ml_collections.ConfigDict(dict(base_lr=base, warmup_steps=warmup, decay=decay,
+                                       end_lr_fraction=end))
+  return optimizer_lib.learning_rate_schedule(cfg, total)
+
+
+def test_linear_warmup_then_each_decay():
+  for decay in ('linear', 'cosine', 'rsqrt', 'constant'):
+    s = _schedule(decay)
+    assert float(s(0)) == 0.0
+    assert float(s(5)) == pytest.approx(0.25)
+    assert float(s(10)) == pytest.approx(0.5)
+  # After warmup, t = fraction of the decay phase.
+  t = 0.3
+  step = 10 + int(t * 100)
+  assert float(_schedule('linear')(step)) == pytest.approx(0.5 * (1 - t))
+  assert float(_schedule('cosine')(step)) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * t)))
+  assert float(_schedule('rsqrt')(step)) == pytest.approx(0.5 * math.sqrt(10 / (30 + 10)))
+  assert float(_schedule('linear', end=0.1)(110)) == pytest.approx(0.05)
+  assert float(_schedule('cosine')(110)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_schedule_errors_name_the_field():
+  with pytest.raises(ValueError, match='config.schedule.decay'):
+    _schedule('exponential')
+  with pytest.raises(ValueError, match='warmup_steps=200'):
+    _schedule('cosine', warmup=200)
+
+
+def test_weight_decay_only_on_kernels_and_bf16_moments():
+  module = models.create('ViT-Ti/16', image_size=16, patch_size=8, hidden_size=32,
+                         num_layers=1, num_heads=2, mlp_dim=64, num_classes=3)
+  params = models.init_params(module, 16)
+  mask = optimizer_lib.decay_mask(params)
+  flat = {'/'.join(str(getattr(k, 'key', k)) for k in p): v
+          for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat['Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel']
+  assert flat['embedding/kernel'] and flat['head/kernel']
+  assert not flat['Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias']
+  assert not flat['Transformer/encoder_norm/scale'] and not flat['cls']
+  assert not flat['Transformer/posembed_input/pos_embedding']
+
+  config = defaults.default_config()
+  config.optimizer.update(weight_decay=0.1, mu_dtype='bfloat16')
+  config.schedule.update(base_lr=1.0, warmup_steps=0, decay='constant')
+  opt, _ = optimizer_lib.create_optimizer(config, 10)
+  state = opt.init(params)
+  mus = [x for x in jax.tree.leaves(state) if hasattr(x, 'dtype') and x.dtype == jnp.bfloat16]
+  assert mus, 'Adam first moments are stored in bfloat16'
+  # With zero gradients, only decayed parameters move, by lr * wd * p.
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = opt.update(zeros, state, params)
+  u = {'/'.join(str(getattr(k, 'key', k)) for k in p): np.asarray(v)
+       for p, v in jax.tree_util.tree_leaves_with_path(updates)}
+  p = {'/'.join(str(getattr(k, 'key', k)) for k in q): np.asarray(v)
+       for q, v in jax.tree_util.tree_leaves_with_path(params)}
+  k = 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'
+  np.testing.assert_allclose(u[k], -0.1 * p[k], rtol=1e-6)
+  assert not u['Transformer/encoder_norm/scale'].any()
+
+
+def test_sgd_and_unknown_optimizer():
+  config = defaults.default_config()
+  config.optimizer.update(name='sgd', momentum=0.9)
+  opt, _ = optimizer_lib.create_optimizer(config, 10)
+  assert opt.init({'w': jnp.ones(3)}) is not None
+  config.optimizer.name = 'lamb'
+  with pytest.raises(ValueError, match="config.optimizer.name='lamb'"):
+    optimizer_lib.create_optimizer(config, 10)
