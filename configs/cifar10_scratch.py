@@ -11,25 +11,15 @@ random-resized crops and flips; cf. Touvron et al. 2021, DeiT, Table 9). 32 px i
         --config.input.folder=../shared/data/cifar10
 """
 
-import ml_collections
-
 from vit_jax.train import defaults
+from vit_jax.train import recipes
 
 
 def get_config():
   c = defaults.default_config()
-  c.model.name = 'R+ViT-cifar'
-  c.model.image_size = 32
-  c.model.resnet = ml_collections.ConfigDict(dict(
-      num_layers=(), width_factor=1.0, stdconv_eps=1e-5, stdconv_eps_in_sqrt=False,
-      gn_eps=1e-6))
-  c.model.patch_size = (1, 1)
-  c.model.hidden_size = 128
-  c.model.num_layers = 6
-  c.model.num_heads = 4
-  c.model.mlp_dim = 256
-  c.model.num_classes = 10
-  c.model.dropout_rate = 0.0
+  c.model = recipes.small_hybrid_model('R+ViT-cifar', image_size=32, hidden_size=128,
+                                       num_layers=6, num_heads=4, mlp_dim=256,
+                                       num_classes=10)
   c.model.drop_path_rate = 0.1
   c.input.source = 'folder'
   c.input.folder = '../shared/data/cifar10'

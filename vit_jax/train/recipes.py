@@ -1,11 +1,28 @@
-"""The published ViT recipes as functions, shared by the config files in configs/.
+"""ViT recipes as functions, shared by the config files in configs/.
 
 Source: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021), Table 3 and
 Appendix B.1 (pretraining) and Appendix B.1.1 / Table 4 (fine-tuning).
 """
 
+import ml_collections
+
 from vit_jax import models
 from vit_jax.train import defaults
+
+
+def small_hybrid_model(name: str, *, image_size: int, hidden_size: int, num_layers: int,
+                       num_heads: int, mlp_dim: int, num_classes: int):
+  """A small ViT on a BiT root block (7x7/2 StdConv + GroupNorm + 3x3/2 max-pool, 64
+  channels), as in the paper's hybrids: an image of S px becomes (S/4)^2 tokens of 1x1
+  "patches". The conv stem makes the most of small datasets."""
+  m = models.get_config('R+ViT-Ti/16')
+  m.update(name=name, image_size=image_size, patch_size=(1, 1), hidden_size=hidden_size,
+           num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
+           num_classes=num_classes, dropout_rate=0.0)
+  m.resnet = ml_collections.ConfigDict(dict(
+      num_layers=(), width_factor=1.0, stdconv_eps=1e-5, stdconv_eps_in_sqrt=False,
+      gn_eps=1e-6))
+  return m
 
 
 def imagenet21k_pretraining(model_name: str):
