@@ -11,6 +11,7 @@ environment that `jax.distributed.initialize()` reads, as on Cloud TPU and SLURM
 """
 
 import json
+import logging as std_logging
 import time
 
 from absl import app
@@ -73,9 +74,18 @@ def format_summary(s: dict) -> str:
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of Orbax and tfds (every save, every epoch); keeps warnings."""
+
+  def filter(self, record):
+    noisy = '/orbax/' in record.pathname or '/tensorflow_datasets/' in record.pathname
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
@@ -102,6 +112,8 @@ def main(argv):
   if is_main:
     print('final: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                 for k, v in final.items()), flush=True)
+    print(f'metrics: {workdir / "metrics.jsonl"}, TensorBoard: {workdir / "tensorboard"}, '
+          f'checkpoints: {workdir / "checkpoints"}', flush=True)
 
 
 if __name__ == '__main__':

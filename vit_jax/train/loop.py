@@ -47,8 +47,8 @@ def evaluate(eval_step, params, eval_source, config, batch_sharding) -> dict:
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   n = max(float(sums['count']), 1.0)
-  return {'eval_top1': sums['top1_sum'] / n, 'eval_top5': sums['top5_sum'] / n,
-          'eval_loss': sums['loss_sum'] / n, 'eval_examples': float(sums['count'])}
+  return {'eval_top1': float(sums['top1_sum'] / n), 'eval_top5': float(sums['top5_sum'] / n),
+          'eval_loss': float(sums['loss_sum'] / n), 'eval_examples': int(sums['count'])}
 
 
 class Trainer:
@@ -216,7 +216,8 @@ def train_and_evaluate(config, workdir) -> dict:
         last_eval = evaluate(eval_step, state.params, eval_source, config, batch_sharding)
         writer.write(step, last_eval)
         if is_main:
-          logging.info('step %d: %s', step, last_eval)
+          logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4g}'
+                                                      for k, v in last_eval.items()))
         progress.rate(step)  # do not count evaluation time as training time
       if do_ckpt:
         checkpointer.save(step, state, dict(meta, step=step),
