@@ -85,26 +85,24 @@ def _cutmix(image, label, alpha, seed):
   return image, label
 
 
-def mixup(batch: Batch, alpha: float) -> Batch:
-  """Mixup (Zhang et al. 2018) with lam ~ Beta(alpha, alpha), alpha > 0."""
+def _apply(batch: Batch, alpha: float, fn, name: str) -> Batch:
   if alpha <= 0:
-    raise ValueError(f'mixup alpha must be > 0, got {alpha!r}')
+    raise ValueError(f'{name} alpha must be > 0, got {alpha!r}')
   batch = dict(batch)
   _check(batch)
   seed = _next_seed(batch)
-  batch['image'], batch['label'] = _mixup(batch['image'], batch['label'], alpha, seed)
+  batch['image'], batch['label'] = fn(batch['image'], batch['label'], alpha, seed)
   return batch
+
+
+def mixup(batch: Batch, alpha: float) -> Batch:
+  """Mixup (Zhang et al. 2018) with lam ~ Beta(alpha, alpha), alpha > 0."""
+  return _apply(batch, alpha, _mixup, 'mixup')
 
 
 def cutmix(batch: Batch, alpha: float) -> Batch:
   """CutMix (Yun et al. 2019) with lam ~ Beta(alpha, alpha), alpha > 0."""
-  if alpha <= 0:
-    raise ValueError(f'cutmix alpha must be > 0, got {alpha!r}')
-  batch = dict(batch)
-  _check(batch)
-  seed = _next_seed(batch)
-  batch['image'], batch['label'] = _cutmix(batch['image'], batch['label'], alpha, seed)
-  return batch
+  return _apply(batch, alpha, _cutmix, 'cutmix')
 
 
 def mix(batch: Batch, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
