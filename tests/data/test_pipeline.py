@@ -175,3 +175,34 @@ print('OK')
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
                         timeout=300)
   assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
+
+
+def test_prefetcher_stops_its_thread_on_close_and_passes_errors_on():
+  """close() stops the producer of an endless stream; a producer error reaches the consumer."""
+  import jax  # pylint: disable=import-outside-toplevel
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  pulled = []
+
+  def endless():
+    while True:
+      pulled.append(1)
+      yield {'x': np.zeros((2,), np.float32)}
+
+  with pipeline.prefetch_to_device(endless(), sharding, size=2) as it:
+    assert next(it)['x'].shape == (2,)
+    thread = it._thread  # pylint: disable=protected-access
+  assert not thread.is_alive()
+  n = len(pulled)
+  assert n <= 5, n  # at most queue size + the batch in hand + the one consumed
+  with pytest.raises(StopIteration):
+    next(it)
+
+  def failing():
+    yield {'x': np.ones((2,), np.float32)}
+    raise ValueError('broken record 7')
+
+  it = pipeline.prefetch_to_device(failing(), sharding)
+  np.testing.assert_array_equal(np.asarray(next(it)['x']), 1.0)
+  with pytest.raises(ValueError, match='broken record 7'):
+    next(it)
+  it.close()

@@ -25,9 +25,11 @@ zero examples whose `_mask` is 0 (1 for real examples), and every process yields
 same number of batches.
 """
 
+import atexit
 import math
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 import jax
@@ -165,25 +167,80 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> 
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def prefetch_to_device(batches: Iterator[dict], sharding: jax.sharding.Sharding,
-                       size: int = 2) -> Iterator[dict]:
-  """Places batches on the devices in a background thread, `size` batches ahead."""
-  q: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
+class prefetch_to_device:  # pylint: disable=invalid-name
+  """Places batches on the devices in a background thread, `size` batches ahead.
 
-  def producer():
+  An iterator; also a context manager. `close()` (or leaving the `with` block) stops
+  the thread after the batch it is reading. Prefetchers still running when the
+  interpreter exits are stopped by an atexit hook first: a thread left inside
+  TensorFlow's C++ input code while Python finalises aborts the process
+  ("terminate called ... exception not rethrown").
+  """
+
+  _live: 'weakref.WeakSet[prefetch_to_device]' = None  # set below
+
+  def __init__(self, batches: Iterator[dict], sharding: jax.sharding.Sharding, size: int = 2):
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._done = object()
+    self._finished = False
+    self._thread = threading.Thread(target=self._produce, args=(batches, sharding),
+                                    name='prefetch_to_device', daemon=True)
+    prefetch_to_device._live.add(self)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self, batches, sharding):
     try:
       for batch in batches:
-        q.put(to_global(batch, sharding))
+        if self._stop.is_set() or not self._put(to_global(batch, sharding)):
+          return
     except BaseException as e:  # pylint: disable=broad-except
-      q.put(e)
-    q.put(done)
-
-  threading.Thread(target=producer, daemon=True).start()
-  while True:
-    item = q.get()
-    if item is done:
+      self._put(e)
       return
+    self._put(self._done)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._finished:
+      raise StopIteration
+    item = self._queue.get()
+    if item is self._done:
+      self._finished = True
+      raise StopIteration
     if isinstance(item, BaseException):
+      self._finished = True
       raise item
-    yield item
+    return item
+
+  def close(self, timeout: float = 30.0) -> None:
+    """Stops the producer thread and waits (up to `timeout` s) for it to leave."""
+    self._finished = True
+    self._stop.set()
+    if self._thread.is_alive() and self._thread is not threading.current_thread():
+      self._thread.join(timeout)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+prefetch_to_device._live = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_prefetchers():
+  for p in list(prefetch_to_device._live):
+    p.close()

@@ -42,9 +42,10 @@ def evaluate(eval_step, params, eval_source, config, batch_sharding) -> dict:
   sums = None
   batches = data_builder.create_eval_batches(config.input, eval_source,
                                              global_batch_size=config.batch_size)
-  for batch in pipeline.prefetch_to_device(batches, batch_sharding):
-    out = eval_step(params, batch)
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  with pipeline.prefetch_to_device(batches, batch_sharding) as placed:
+    for batch in placed:
+      out = eval_step(params, batch)
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   n = max(float(sums['count']), 1.0)
   return {'eval_top1': float(sums['top1_sum'] / n), 'eval_top5': float(sums['top5_sum'] / n),
@@ -225,6 +226,7 @@ def train_and_evaluate(config, workdir) -> dict:
                           else None)
     final = dict(last_eval, step=step)
   finally:
+    batches.close()
     checkpointer.close()
     writer.close()
   return final
