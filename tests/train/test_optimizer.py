@@ -82,3 +82,61 @@ def test_sgd_and_unknown_optimizer():
   config.optimizer.name = 'lamb'
   with pytest.raises(ValueError, match="config.optimizer.name='lamb'"):
     optimizer_lib.create_optimizer(config, 10)
+
+
+def _tiny_params():
+  module = models.create('ViT-Ti/16', num_layers=2, hidden_size=16, mlp_dim=32, num_heads=2,
+                         num_classes=3, image_size=32)
+  return module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+
+
+def _one_update(trainable=None, freeze=None, clip=1.0):
+  config = defaults.default_config()
+  config.optimizer.update(name='sgd', momentum=0.0, weight_decay=0.1, grad_clip_norm=clip)
+  config.schedule.update(base_lr=1.0, warmup_steps=0, decay='constant')
+  config.trainable, config.freeze = trainable, freeze
+  tx, _ = optimizer_lib.create_optimizer(config, total_steps=10)
+  params = _tiny_params()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  state = tx.init(params)
+  updates, _ = tx.update(grads, state, params)
+  return params, updates
+
+
+def _changed(updates):
+  flat = jax.tree_util.tree_leaves_with_path(updates)
+  return {optimizer_lib._path_name(p) for p, u in flat if np.any(np.asarray(u) != 0)}
+
+
+def test_linear_probe_updates_only_the_head_and_clips_on_its_own_norm():
+  params, updates = _one_update(trainable='^head/', clip=1.0)
+  assert _changed(updates) == {'head/kernel', 'head/bias'}
+  # The clipped global norm covers the head only: its update (SGD lr 1, before decay of
+  # the kernel) has norm 1 = the clip, whatever the size of the frozen rest.
+  head_grad_norm = 0.5 * math.sqrt(params['head']['kernel'].size + params['head']['bias'].size)
+  assert head_grad_norm > 1.0
+  bias_update = np.asarray(updates['head']['bias'])
+  np.testing.assert_allclose(bias_update, -0.5 / head_grad_norm, rtol=1e-5)
+
+
+def test_freeze_regex_keeps_the_matching_subtrees_fixed():
+  _, updates = _one_update(freeze=r'^(embedding|Transformer/encoderblock_0)/')
+  changed = _changed(updates)
+  assert not any(n.startswith(('embedding/', 'Transformer/encoderblock_0/')) for n in changed)
+  assert any(n.startswith('Transformer/encoderblock_1/') for n in changed)
+  assert {'head/kernel', 'cls', 'Transformer/posembed_input/pos_embedding'} <= changed
+
+
+def test_freeze_errors_name_the_field_and_show_paths():
+  with pytest.raises(optimizer_lib.FreezeError, match=r"config.trainable='\^heads/'.*head/"):
+    _one_update(trainable='^heads/')
+  with pytest.raises(optimizer_lib.FreezeError, match='leave no parameter'):
+    _one_update(freeze='.')
+  config = defaults.default_config()
+  config.freeze = '(unclosed'
+  with pytest.raises(defaults.ConfigError, match=r"config.freeze='\(unclosed' is not a valid"):
+    defaults.validate(config, num_devices=1, process_count=1)
+  config.freeze = None
+  config.trainable = '^nothing_like_this/'
+  with pytest.raises(defaults.ConfigError, match='config.trainable'):
+    defaults.validate(config, num_devices=1, process_count=1)

@@ -4,6 +4,8 @@ Config files (configs/*.py) start from `default_config()` and set what their rec
 needs; `validate(config)` checks a config before anything is compiled.
 """
 
+import re
+
 import ml_collections
 
 from vit_jax import models
@@ -33,6 +35,9 @@ FIELD_DOCS = {
                  '(.safetensors/.bin/.pth), or an Orbax workdir/step dir; None: from scratch',
     'init_head': "with init_from: 'reset' (new zero-initialised head) or 'keep' (same classes)",
     'posemb_resample': "with init_from at a new resolution: 'bilinear' (original) or 'bicubic' (timm)",
+    'trainable': "regex on parameter paths: train only these (linear probe: '^head/'); None: all",
+    'freeze': "regex on parameter paths: keep these fixed, e.g. '^(embedding|Transformer/encoderblock_[0-5]/)'",
+    'eval_at_start': 'evaluate once before the first step (the starting accuracy of a fine-tuning run)',
     'compilation_cache_dir': 'persistent XLA compilation cache directory; None disables',
 }
 
@@ -64,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.FieldReference(None, field_type=str)
   c.init_head = 'reset'
   c.posemb_resample = 'bilinear'
+  c.trainable = ml_collections.FieldReference(None, field_type=str)
+  c.freeze = ml_collections.FieldReference(None, field_type=str)
+  c.eval_at_start = False
   c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
   return c
 
@@ -123,6 +131,19 @@ def validate(config, *, num_devices: int, process_count: int) -> None:
     from etils import epath  # pylint: disable=g-import-not-at-top
     if not epath.Path(config.init_from).exists():
       raise ConfigError(f'config.init_from={config.init_from!r} does not exist')
+  for field in ('trainable', 'freeze'):
+    if config.get(field):
+      try:
+        re.compile(config[field])
+      except re.error as e:
+        raise ConfigError(f'config.{field}={config[field]!r} is not a valid regex: {e}') from e
+  if config.get('trainable') or config.get('freeze'):
+    from vit_jax.models import summary  # pylint: disable=g-import-not-at-top
+    try:
+      optimizer_lib.trainable_labels(summary.abstract_params(module, size),
+                                     config.get('trainable'), config.get('freeze'))
+    except optimizer_lib.FreezeError as e:
+      raise ConfigError(str(e)) from e
   if config.init_head not in ('reset', 'keep'):
     raise ConfigError(f"config.init_head={config.init_head!r}: use 'reset' or 'keep'")
   if config.posemb_resample not in ('bilinear', 'bicubic'):

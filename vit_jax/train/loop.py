@@ -189,6 +189,13 @@ def train_and_evaluate(config, workdir) -> dict:
     pending.clear()
     return fetched, skipped
 
+  if config.get('eval_at_start') and start_step == 0:
+    last_eval = evaluate(eval_step, state.params, eval_source, config, batch_sharding)
+    writer.write(0, last_eval)
+    if is_main:
+      logging.info('step 0 (before training): %s',
+                   ', '.join(f'{k} {v:.4g}' for k, v in last_eval.items()))
+    progress.rate(0)
   start_of_pending = start_step
   step = start_step
   final = {}

@@ -3,9 +3,15 @@
 config.optimizer: name ('adam' or 'sgd'), b1, b2 (Adam), momentum (SGD), weight_decay
 (decoupled, applied to kernels only), grad_clip_norm (global norm; 0 disables),
 mu_dtype ('bfloat16' to store Adam's first moment / SGD momentum in bf16).
+config.trainable / config.freeze: regexes on parameter paths ('Transformer/encoderblock_0/
+MlpBlock_3/Dense_0/kernel'); only matching / all but matching parameters are trained (a
+linear probe is trainable='^head/'). Frozen parameters get no update, no weight decay, no
+optimizer state, and do not count in the clipped global norm.
 config.schedule: base_lr, warmup_steps, decay ('linear', 'cosine', 'rsqrt' or
 'constant'), end_lr_fraction (linear/cosine end value as a fraction of base_lr).
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +55,34 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
+class FreezeError(ValueError):
+  """config.trainable / config.freeze that select nothing or everything."""
+
+
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def trainable_labels(params, trainable: str | None = None, freeze: str | None = None):
+  """'train' or 'frozen' per parameter, from the two regexes (re.search on the path)."""
+  names = [_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  for field, pattern in (('trainable', trainable), ('freeze', freeze)):
+    if pattern and not any(re.search(pattern, n) for n in names):
+      raise FreezeError(f'config.{field}={pattern!r} matches no parameter; parameter paths '
+                        f'look like {names[:3]} ... {names[-2:]}')
+
+  def label(path, _):
+    name = _path_name(path)
+    train = (not trainable or re.search(trainable, name)) and not (
+        freeze and re.search(freeze, name))
+    return 'train' if train else 'frozen'
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  if 'train' not in jax.tree.leaves(labels):
+    raise FreezeError(f'config.trainable={trainable!r} and config.freeze={freeze!r} leave no '
+                      'parameter to train')
+  return labels
+
+
 def create_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation,
                                                         optax.Schedule]:
   """(optimizer, learning-rate schedule) for config.optimizer and config.schedule."""
@@ -69,4 +103,10 @@ def create_optimizer(config, total_steps: int) -> tuple[optax.GradientTransforma
   if wd:
     parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  trainable, freeze = config.get('trainable'), config.get('freeze')
+  if trainable or freeze:
+    tx = optax.multi_transform(
+        {'train': tx, 'frozen': optax.set_to_zero()},
+        lambda params: trainable_labels(params, trainable, freeze))
+  return tx, schedule

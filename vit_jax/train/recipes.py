@@ -76,6 +76,7 @@ def finetuning(model_name: str, *, dataset: str, num_classes: int, steps: int,
   c.init_from = f"{model_name.replace('/', '_').replace('ViT-', 'ViT-')}.npz"
   c.init_head = 'reset'
   c.posemb_resample = 'bilinear'
+  c.eval_at_start = True  # the accuracy the pretrained weights start from
   c.log_every = 50
   c.eval_every = max(steps // 10, 100)
   c.checkpoint_every = max(steps // 10, 100)
