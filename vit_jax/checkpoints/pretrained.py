@@ -12,62 +12,142 @@ the position embedding resampled to the new resolution, and a clear refusal of
 structural differences (token vs pooled classifier, width, depth, hybrid stem).
 """
 
+import dataclasses
 import json
 import math
 import os
 import re
 
+import ml_collections
 import numpy as np
 
+from vit_jax.checkpoints import architecture
 from vit_jax.checkpoints import hf_format
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import state_dict_io
 from vit_jax.checkpoints import timm_format
 from vit_jax.checkpoints import tree
 from vit_jax.models import posemb as posemb_lib
+from vit_jax.models import registry
 
 _POSEMB = 'Transformer/posembed_input/pos_embedding'
 
 
-def _orbax_params(path: str) -> dict:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  candidates = [path, os.path.join(path, 'checkpoints')]
-  for directory in candidates:
+def orbax_step_dir(path: str) -> str:
+  """The step directory (holding state/) of a workdir, its checkpoints/ or a step dir."""
+  for directory in (path, os.path.join(path, 'checkpoints')):
     if os.path.isdir(os.path.join(directory, 'state')):  # a step directory
-      return ocp.StandardCheckpointer().restore(os.path.join(directory, 'state'))['params']
+      return directory
     steps = [int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
              if d.isdigit() and os.path.isdir(os.path.join(directory, d, 'state'))]
     if steps:
-      step_dir = os.path.join(directory, str(max(steps)), 'state')
-      return ocp.StandardCheckpointer().restore(step_dir)['params']
+      return os.path.join(directory, str(max(steps)))
   raise FileNotFoundError(f'no Orbax checkpoint under {path} (expected a workdir, its '
                           'checkpoints/ folder, or a step folder holding state/)')
 
 
+def _orbax_params(path: str) -> dict:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  state_dir = os.path.join(orbax_step_dir(path), 'state')
+  return ocp.StandardCheckpointer().restore(state_dir)['params']
+
+
+def _orbax_meta(path: str) -> dict:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  meta_dir = os.path.join(orbax_step_dir(path), 'meta')
+  if not os.path.isdir(meta_dir):
+    return {}
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir) or {}
+
+
+def _is_hf(sd) -> bool:
+  return any(k.startswith(('vit.', 'embeddings.')) for k in sd)
+
+
+# Heads of the registered widths (ViT-H/14 has 16 heads of 80, the others heads of 64).
+_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
+def _timm_heads(sd) -> int:
+  width = int(sd['pos_embed'].shape[-1])
+  return _HEADS.get(width, max(width // 64, 1))
+
+
 def load(path: str, *, model_config=None) -> dict:
   """Pretrained params (linen names, numpy) from any supported file or directory."""
+  return load_checkpoint(path, model=model_config).params
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """Weights with what is known about them."""
+  config: ml_collections.ConfigDict  # the model config the params fit
+  params: dict
+  kind: str  # 'npz', 'timm', 'hf' or 'orbax'
+  class_names: list[str] | None = None  # from the training run or the HF config
+  pp_eval: str | None = None  # the training run's evaluation preprocessing
+
+
+def _model_config(model) -> ml_collections.ConfigDict | None:
+  if model is None:
+    return None
+  if isinstance(model, str):
+    return registry.get_config(model)
+  return ml_collections.ConfigDict(dict(model))
+
+
+def _hf_class_names(hf_config) -> list[str] | None:
+  id2label = hf_config.get('id2label') or {}
+  names = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
+  if not names or not all(names) or all(n == f'LABEL_{i}' for i, n in enumerate(names)):
+    return None
+  return names
+
+
+def load_checkpoint(path, *, model=None) -> Checkpoint:
+  """Params, model config and (where the file has them) class names of a checkpoint.
+
+  model: a registered name or a model config, for what a file does not record: the
+    numerics of an `.npz` (default: the original release's) and the number of heads of a
+    timm state dict (default: the registered model of that width). Structure (width,
+    depth, classes, resolution, ...) is always read from the weights.
+  """
   path = os.fspath(path)
+  given = _model_config(model)
   if path.endswith('.npz'):
-    return npz.load_npz(path)
+    params = npz.load_npz(path)
+    config = architecture.infer_model_config(params)
+    if given is not None:  # the given numerics, the file's structure
+      for field in ('gelu_approximate', 'layernorm_eps', 'name', 'dtype', 'param_dtype',
+                    'attention_impl'):
+        if field in given:
+          config[field] = given[field]
+    return Checkpoint(config, params, 'npz')
   if path.endswith(('.safetensors', '.bin', '.pt', '.pth')):
     sd = state_dict_io.read_state_dict(path)
-    if any(k.startswith(('vit.', 'embeddings.')) for k in sd):
+    if _is_hf(sd):
       cfg_path = os.path.join(os.path.dirname(path), 'config.json')
       if not os.path.exists(cfg_path):
         raise FileNotFoundError(f'{path} is a transformers state dict; its config.json '
                                 f'must be beside it ({cfg_path})')
       with open(cfg_path) as f:
-        _, params = hf_format.from_hf(sd, hf_config=json.load(f))
-      return params
-    overrides = {}
-    name = 'vit_base_patch16_224'
-    if model_config is not None:
-      overrides['num_heads'] = model_config.num_heads
-      name = model_config.get('name') or name
-    _, params = timm_format.from_timm(sd, name, **overrides)
-    return params
+        hf_config = json.load(f)
+      config, params = hf_format.from_hf(sd, hf_config=hf_config)
+      return Checkpoint(config, params, 'hf', class_names=_hf_class_names(hf_config))
+    name = (given.get('name') if given is not None else None) or 'vit_base_patch16_224'
+    heads = given.num_heads if given is not None else _timm_heads(sd)
+    config, params = timm_format.from_timm(sd, name, num_heads=heads)
+    return Checkpoint(config, params, 'timm')
   if os.path.isdir(path):
-    return _orbax_params(path)
+    params = _orbax_params(path)
+    meta = _orbax_meta(path)
+    if meta.get('model'):
+      config = ml_collections.ConfigDict(meta['model'])
+    else:
+      config = architecture.infer_model_config(params)
+    pp_eval = ((meta.get('config') or {}).get('input') or {}).get('pp_eval')
+    return Checkpoint(config, params, 'orbax', class_names=meta.get('class_names'),
+                      pp_eval=pp_eval)
   raise ValueError(f'cannot tell what kind of checkpoint {path!r} is: expected .npz, '
                    '.safetensors/.bin/.pt/.pth, or an Orbax workdir / step directory')
 

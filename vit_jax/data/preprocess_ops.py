@@ -145,6 +145,12 @@ def parse(spec: str) -> Op:
   return fn
 
 
+def without_ops(spec: str, names) -> str:
+  """`spec` with the ops called `names` removed, e.g. the label ops of an eval spec
+  (`without_ops(pp_eval, ('onehot', 'keep', 'drop'))`) to preprocess bare images."""
+  return '|'.join(p for p in _split_top_level(spec) if _parse_call(p, spec)[0] not in names)
+
+
 def _plain(signature: inspect.Signature) -> inspect.Signature:
   """The signature without annotations: 'resize(size, method='bilinear', ...)'."""
   return signature.replace(

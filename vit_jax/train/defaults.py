@@ -127,6 +127,11 @@ def validate(config, *, num_devices: int, process_count: int) -> None:
     raise ConfigError(f"config.nonfinite={config.nonfinite!r}: use 'stop' or 'skip'")
   if config.total_steps is None and not config.num_epochs:
     raise ConfigError('set config.total_steps or config.num_epochs')
+  warmup = config.schedule.get('warmup_steps', 0)
+  if config.total_steps is not None and warmup >= config.total_steps:
+    raise ConfigError(f'config.schedule.warmup_steps={warmup} is not below '
+                      f'config.total_steps={config.total_steps}: lower warmup_steps, e.g. '
+                      f'--config.schedule.warmup_steps={config.total_steps // 10}')
   if config.init_from:
     from etils import epath  # pylint: disable=g-import-not-at-top
     if not epath.Path(config.init_from).exists():

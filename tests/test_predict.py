@@ -1,0 +1,219 @@
+"""`python -m vit_jax.predict` and `vit_jax.inference` on real photographs.
+
+Photos: scikit-image's bundled images, written as files by the tests. Checkpoints: a
+workdir trained by `vit_jax.main` (class names from its metadata), a timm model with
+random weights saved as safetensors (probabilities compared with timm's on the same
+preprocessed pixels), a transformers model (id2label), an `.npz`.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+skdata = pytest.importorskip('skimage.data')
+
+from vit_jax import inference  # pylint: disable=g-import-not-at-top
+from vit_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
+from vit_jax.checkpoints import npz  # pylint: disable=g-import-not-at-top
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, JAX_PLATFORMS='cpu')
+CLASSES = ['astronaut', 'chelsea', 'coffee', 'rocket', 'camera', 'horse']
+PROB_TOL = 1e-4  # the issue's tolerance against timm, fp32
+
+
+def _photo(name):
+  image = getattr(skdata, name)()
+  if image.dtype == bool:
+    image = image.astype(np.uint8) * 255
+  return image
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+  """astronaut (PNG, RGB), chelsea (JPEG), camera (grayscale PNG), logo (RGBA PNG)."""
+  d = tmp_path_factory.mktemp('photos')
+  paths = []
+  for name, ext in [('astronaut', 'png'), ('chelsea', 'jpg'), ('camera', 'png'),
+                    ('logo', 'png')]:
+    p = d / f'{name}.{ext}'
+    Image.fromarray(_photo(name)).save(p)
+    paths.append(p)
+  return paths
+
+
+def _predict_cli(*args, timeout=300):
+  return subprocess.run([sys.executable, '-m', 'vit_jax.predict', *map(str, args)], cwd=ROOT,
+                        env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  """A tiny model trained for 3 steps by vit_jax.main on crops of six named photos."""
+  data = tmp_path_factory.mktemp('photo_classes')
+  rng = np.random.RandomState(0)
+  for split in ('train', 'test'):
+    for name in CLASSES:
+      image = _photo(name)
+      d = data / split / name
+      d.mkdir(parents=True)
+      for i in range(4):
+        h, w = image.shape[:2]
+        y, x = rng.randint(0, h // 4), rng.randint(0, w // 4)
+        Image.fromarray(image[y:y + 3 * h // 4, x:x + 3 * w // 4]).save(d / f'{i}.png')
+  workdir = tmp_path_factory.mktemp('workdir')
+  pp = 'decode|resize(32)|value_range(-1, 1)'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+       '--config.input.source=folder', f'--config.input.folder={data}',
+       f'--config.input.pp_train={pp}|onehot(6)', f'--config.input.pp_eval={pp}|onehot(6)',
+       '--config.model.image_size=32', '--config.model.num_classes=6',
+       '--config.model.num_layers=1', '--config.model.hidden_size=32',
+       '--config.model.num_heads=2', '--config.model.mlp_dim=64', '--config.batch_size=8',
+       '--config.total_steps=3', '--config.schedule.warmup_steps=1', '--config.eval_every=0'],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def test_cli_on_a_trained_workdir_prints_top5_with_its_class_names(trained_workdir, photos):
+  proc = _predict_cli(f'--checkpoint={trained_workdir}', *photos)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  blocks = proc.stdout.strip().split('\n')
+  assert len(blocks) == len(photos) * 6, proc.stdout
+  for i, path in enumerate(photos):
+    assert blocks[6 * i] == str(path)
+    rows = [line.split() for line in blocks[6 * i + 1:6 * i + 6]]
+    probs = [float(r[0]) for r in rows]
+    names = [r[1] for r in rows]
+    assert len(set(names)) == 5 and set(names) <= set(CLASSES)
+    assert all(0 <= p <= 1 for p in probs) and sum(probs) <= 1 + 1e-4
+    assert probs == sorted(probs, reverse=True)
+  # --json, and a folder argument stands for its images (sorted).
+  proc = _predict_cli(f'--checkpoint={trained_workdir}', '--json', '--top_k=6',
+                      photos[0].parent)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in proc.stdout.strip().split('\n')]
+  assert [r['image'] for r in rows] == sorted(str(p) for p in photos)
+  for r in rows:  # all six classes: probabilities sum to 1
+    assert abs(sum(t['probability'] for t in r['top_k']) - 1) < 1e-4
+
+
+def test_api_uses_the_runs_eval_preprocessing_and_batches(trained_workdir, photos):
+  clf = inference.ImageClassifier.from_pretrained(trained_workdir, batch_size=3)
+  assert clf.class_names == sorted(CLASSES)
+  assert clf.pp == 'decode|resize(32)|value_range(-1, 1)'  # onehot dropped
+  pixels = clf.preprocess(photos + [_photo('coffee'), Image.open(photos[1])])
+  # antialiased resizing may overshoot [-1, 1] slightly (no clipping, as in evaluation)
+  assert pixels.shape == (6, 32, 32, 3) and pixels.min() >= -1.01 and pixels.max() <= 1.01
+  # Two batches of 3 (the second padded) equal one unbatched forward pass.
+  direct = np.asarray(clf.module.apply({'params': clf.params}, pixels, train=False))
+  np.testing.assert_allclose(clf.logits(pixels), direct, atol=1e-5)
+  # A PIL image and its file give the same pixels.
+  np.testing.assert_allclose(pixels[1], pixels[5], atol=1e-6)
+
+
+def _random_timm_model(num_classes):
+  torch.manual_seed(0)
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=num_classes,
+                            depth=2, img_size=64).eval()
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.LayerNorm):
+        m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.2)
+    for name, p in model.named_parameters():
+      if name.endswith('bias'):
+        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.head.weight.normal_(0, 0.2, generator=g)
+  return model
+
+
+def test_timm_checkpoint_probabilities_equal_timms(tmp_path, photos):
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  model = _random_timm_model(num_classes=1000)
+  path = tmp_path / 'vit_tiny.safetensors'
+  save_file(model.state_dict(), str(path))
+  clf = inference.ImageClassifier.from_pretrained(path)
+  assert clf.config.image_size == 64 and clf.num_classes == 1000
+  pixels = clf.preprocess(photos)
+  with torch.no_grad():
+    want = torch.softmax(model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())),
+                         -1).numpy()
+  got = clf.predict_proba(photos)
+  assert float(np.max(want)) > 0.01  # not a uniform distribution
+  np.testing.assert_allclose(got, want, atol=PROB_TOL)
+  # A 1000-class head gets the ImageNet-1k names; the CLI prints the same numbers.
+  top = clf.predict(photos[:1], top_k=5)[0]
+  names = labels_lib.imagenet1k_names()
+  assert [p.label for p in top] == [names[int(i)] for i in np.argsort(-want[0])[:5]]
+  assert labels_lib.imagenet1k_names()[0].startswith('tench')
+  proc = _predict_cli(f'--checkpoint={path}', '--json', *photos[:2])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for row, expected in zip([json.loads(l) for l in proc.stdout.split('\n') if l], want):
+    for t in row['top_k']:
+      assert abs(t['probability'] - expected[t['index']]) < PROB_TOL
+      assert t['label'] == names[t['index']]
+
+
+def test_transformers_checkpoint_takes_names_from_id2label(tmp_path, photos):
+  transformers = pytest.importorskip('transformers')
+  config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                  num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=6,
+                                  id2label={i: n for i, n in enumerate(CLASSES)},
+                                  label2id={n: i for i, n in enumerate(CLASSES)})
+  torch.manual_seed(0)
+  model = transformers.ViTForImageClassification(config).eval()
+  model.save_pretrained(tmp_path / 'hf')
+  path = next((tmp_path / 'hf').glob('*.safetensors'))
+  clf = inference.ImageClassifier.from_pretrained(path)
+  assert clf.class_names == CLASSES
+  pixels = clf.preprocess(photos[:2])
+  with torch.no_grad():
+    want = torch.softmax(model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).logits,
+                         -1).numpy()
+  np.testing.assert_allclose(clf.predict_proba(photos[:2]), want, atol=PROB_TOL)
+
+
+def test_npz_checkpoint_infers_its_architecture_and_a_label_file(tmp_path, photos):
+  from vit_jax import models  # pylint: disable=import-outside-toplevel
+  module = models.create('ViT-Ti/16', num_layers=2, image_size=48, num_classes=6,
+                         classifier='gap')
+  params = models.init_params(module, image_size=48)
+  params = dict(params, head={'kernel': np.random.RandomState(0).normal(
+      0, 0.3, params['head']['kernel'].shape).astype(np.float32), 'bias': params['head']['bias']})
+  npz.save_npz(tmp_path / 'w.npz', params)
+  label_file = tmp_path / 'names.txt'
+  label_file.write_text('\n'.join(c.upper() for c in CLASSES) + '\n')
+  clf = inference.ImageClassifier.from_pretrained(tmp_path / 'w.npz', labels=label_file)
+  assert clf.config.classifier == 'gap' and clf.config.image_size == 48
+  assert clf.config.num_layers == 2 and clf.config.num_heads == 3
+  pixels = clf.preprocess(photos)
+  np.testing.assert_allclose(clf.logits(pixels),
+                             module.apply({'params': params}, pixels, train=False), atol=1e-5)
+  assert {p.label for p in clf.predict(photos[:1])[0]} <= {c.upper() for c in CLASSES}
+  # Errors that name the problem.
+  with pytest.raises(ValueError, match='5 class names for a head of 6 classes'):
+    inference.ImageClassifier.from_pretrained(tmp_path / 'w.npz', labels=CLASSES[:5])
+  with pytest.raises(FileNotFoundError, match='no image file'):
+    clf.predict([tmp_path / 'missing.jpg'])
+
+
+def test_cli_errors_are_one_line_messages(tmp_path, photos):
+  proc = _predict_cli('--checkpoint=/no/such/workdir', photos[0], timeout=120)
+  assert proc.returncode == 2 and 'cannot load /no/such/workdir' in proc.stderr
+  proc = _predict_cli('--checkpoint=/no/such/workdir', tmp_path / 'nope.jpg', timeout=120)
+  assert proc.returncode == 2 and f'no such image file or folder: {tmp_path / "nope.jpg"}' in (
+      proc.stderr)
+  proc = _predict_cli(photos[0], timeout=120)
+  assert proc.returncode == 2 and '--checkpoint is required' in proc.stderr
+  assert 'Traceback' not in proc.stderr

@@ -1,0 +1,166 @@
+"""Classify images with a trained or published checkpoint: load, preprocess, predict.
+
+    from vit_jax import inference
+    clf = inference.ImageClassifier.from_pretrained('workdir/')  # or .npz, timm, HF files
+    for preds in clf.predict(['cat.jpg', 'dog.png']):
+      print([(p.label, round(p.probability, 3)) for p in preds])
+
+Preprocessing is the evaluation preprocessing of the training run when the checkpoint
+records it (an Orbax workdir of this project), with the label ops removed, run by the
+same ops as evaluation (`vit_jax.data.preprocess_ops`); otherwise
+`decode|resize(S)|value_range(-1, 1)` at the model's resolution S, which is what the
+published ViT checkpoints expect (mean = std = 0.5). Label names come from the
+checkpoint (class names of the training run, a transformers `id2label`), a label file,
+or for 1,000-class heads the ImageNet-1k names.
+"""
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import labels as labels_lib
+from vit_jax import models
+from vit_jax.checkpoints import pretrained
+
+_LABEL_OPS = ('onehot', 'keep', 'drop')
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  label: str
+  index: int
+  probability: float
+
+
+def default_pp(image_size: int) -> str:
+  return f'decode|resize({image_size})|value_range(-1, 1)'
+
+
+def _read_image(image):
+  """A path, encoded bytes, PIL image or uint8 array -> what the 'decode' op takes."""
+  if isinstance(image, (str, os.PathLike)):
+    path = pathlib.Path(image)
+    if not path.is_file():
+      raise FileNotFoundError(f'no image file {path}')
+    return path.read_bytes()
+  if isinstance(image, bytes):
+    return image
+  if hasattr(image, 'convert') and hasattr(image, 'size'):  # PIL
+    return np.asarray(image.convert('RGB'))
+  array = np.asarray(image)
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+    raise ValueError(f'expected an HxWxC image (C 1-4), got an array of shape {array.shape}')
+  if array.dtype != np.uint8:
+    raise ValueError(f'expected uint8 pixels (0..255), got {array.dtype}; pass the image '
+                     'as loaded, preprocessing scales it')
+  return array
+
+
+class ImageClassifier:
+  """A ViT and its preprocessing and labels; predictions are batched and jitted."""
+
+  def __init__(self, module: models.VisionTransformer, params, *, pp: str,
+               class_names: Sequence[str] | None = None, batch_size: int = 32,
+               config=None):
+    self.module = module
+    self.params = params
+    self.config = config
+    self.pp = pp
+    self.batch_size = batch_size
+    self.class_names = list(class_names) if class_names else None
+    from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+    self._preprocess_one = preprocess_ops.parse(pp)
+    self._apply = jax.jit(lambda p, x: module.apply({'params': p}, x, train=False))
+
+  @classmethod
+  def from_pretrained(cls, path, *, model=None, labels=None, pp: str | None = None,
+                      batch_size: int = 32) -> 'ImageClassifier':
+    """Loads any checkpoint `vit_jax.checkpoints.pretrained.load_checkpoint` reads.
+
+    model: registered name for what the file does not record (see load_checkpoint).
+    labels: class names (a list, or a text file with one per line) overriding the
+      checkpoint's own.
+    pp: preprocessing ops overriding the checkpoint's evaluation preprocessing.
+    """
+    ckpt = pretrained.load_checkpoint(path, model=model)
+    config = ckpt.config
+    module = models.create(config)
+    num_classes = int(config.get('num_classes') or 0)
+    if not num_classes:
+      raise ValueError(f'{path} has no classification head (num_classes=0): nothing to '
+                       'predict')
+    if isinstance(labels, (str, os.PathLike)):
+      names = labels_lib.read_label_file(labels)
+    elif labels is not None:
+      names = list(labels)
+    else:
+      names = ckpt.class_names or labels_lib.names_for_head(num_classes)
+    if names is not None and len(names) != num_classes:
+      raise ValueError(f'{len(names)} class names for a head of {num_classes} classes '
+                       f'({path})')
+    if pp is None:
+      from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+      pp = (preprocess_ops.without_ops(ckpt.pp_eval, _LABEL_OPS) if ckpt.pp_eval
+            else default_pp(config.image_size))
+    params = jax.tree.map(jnp.asarray, ckpt.params)
+    return cls(module, params, pp=pp, class_names=names, batch_size=batch_size,
+               config=config)
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.module.num_classes)
+
+  def label(self, index: int) -> str:
+    if self.class_names is None:
+      return f'class {index}'
+    return self.class_names[index]
+
+  def preprocess(self, images) -> np.ndarray:
+    """Images (paths, encoded bytes, PIL images or uint8 arrays) -> float32 NHWC."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    out = []
+    for image in images:
+      data = _read_image(image)
+      example = self._preprocess_one({'image': tf.constant(data)})
+      out.append(np.asarray(example['image'], np.float32))
+    shapes = {x.shape for x in out}
+    if len(shapes) > 1:
+      raise ValueError(f'preprocessing {self.pp!r} gives images of different shapes '
+                       f'{sorted(shapes)}: end it with a resize or crop to a fixed size')
+    return np.stack(out) if out else np.zeros((0, 1, 1, 3), np.float32)
+
+  def logits(self, pixels: np.ndarray) -> np.ndarray:
+    """Logits of preprocessed images, in batches of `batch_size` (one compilation)."""
+    pixels = np.asarray(pixels, np.float32)
+    n, bs = len(pixels), self.batch_size
+    chunks = []
+    for start in range(0, n, bs):
+      chunk = pixels[start:start + bs]
+      pad = bs - len(chunk) if n > bs else 0  # a single short batch compiles as it is
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+      out = np.asarray(self._apply(self.params, chunk), np.float32)
+      chunks.append(out[:len(out) - pad])
+    return np.concatenate(chunks) if chunks else np.zeros((0, self.num_classes), np.float32)
+
+  def predict_proba(self, images) -> np.ndarray:
+    """Softmax probabilities, (N, classes)."""
+    logits = self.logits(self.preprocess(images))
+    return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+  def predict(self, images, top_k: int = 5) -> list[list[Prediction]]:
+    """The top_k classes of each image, most probable first."""
+    probs = self.predict_proba(images)
+    top_k = min(top_k, probs.shape[-1])
+    result = []
+    for row in probs:
+      order = np.argsort(-row, kind='stable')[:top_k]
+      result.append([Prediction(self.label(int(i)), int(i), float(row[i])) for i in order])
+    return result

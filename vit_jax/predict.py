@@ -1,0 +1,96 @@
+r"""Top-5 labels of images: `python -m vit_jax.predict --checkpoint=PATH IMAGE...`.
+
+    python -m vit_jax.predict --checkpoint=/tmp/demo photos/*.jpg
+    python -m vit_jax.predict --checkpoint=ViT-B_16-224.npz --labels=names.txt cat.jpg
+
+PATH is anything `init_from` accepts: a workdir of this project (its newest checkpoint,
+with the training run's class names and evaluation preprocessing), an original `.npz`,
+or timm / transformers weights (`.safetensors`, `.bin`, `.pth`; transformers needs its
+`config.json` beside the file). A folder among the IMAGE arguments stands for the
+images in it. Images are preprocessed by the evaluation ops and classified in jitted
+batches; for each image the top-k labels are printed with their softmax probabilities.
+"""
+
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint file or workdir.')
+_MODEL = flags.DEFINE_string(
+    'model', None, 'Registered model name, for what the file does not record (the '
+    'numerics of an .npz, the heads of a timm state dict). Default: read from the weights.')
+_LABELS = flags.DEFINE_string('labels', None, 'Text file of class names, one per line '
+                              "(overrides the checkpoint's; needed for ImageNet-21k heads).")
+_PP = flags.DEFINE_string('pp', None, 'Preprocessing ops overriding the checkpoint\'s, e.g. '
+                          '"decode|resize_small(256)|central_crop(224)|value_range(-1, 1)".')
+_TOP_K = flags.DEFINE_integer('top_k', 5, 'Labels printed per image.')
+_BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per jitted batch.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per image instead.')
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+
+
+def expand_images(args) -> list[pathlib.Path]:
+  """Files as given; folders -> their image files (sorted, recursively)."""
+  out, missing = [], []
+  for a in args:
+    p = pathlib.Path(a)
+    if p.is_dir():
+      out.extend(sorted(f for f in p.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES))
+    elif p.is_file():
+      out.append(p)
+    else:
+      missing.append(a)
+  if missing:
+    raise FileNotFoundError(f'no such image file or folder: {", ".join(missing)}')
+  return out
+
+
+def _fail(message: str) -> None:
+  print(f'vit_jax.predict: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  import json  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # stdout is the answer; keep stderr for problems
+  if not _CHECKPOINT.value:
+    _fail('--checkpoint is required (a workdir, .npz, .safetensors, .bin or .pth)')
+  if len(argv) < 2:
+    _fail('give one or more image files or folders after the flags')
+  try:
+    paths = expand_images(argv[1:])
+  except FileNotFoundError as e:
+    _fail(str(e))
+  if not paths:
+    _fail(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {" ".join(argv[1:])}')
+  from vit_jax import inference  # pylint: disable=g-import-not-at-top
+  try:
+    clf = inference.ImageClassifier.from_pretrained(
+        _CHECKPOINT.value, model=_MODEL.value, labels=_LABELS.value, pp=_PP.value,
+        batch_size=_BATCH.value)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    _fail(f'cannot load {_CHECKPOINT.value}: {e}')
+  if clf.class_names is None:
+    print(f'vit_jax.predict: no class names for this {clf.num_classes}-class head; '
+          'printing indices (pass --labels=FILE)', file=sys.stderr)
+  try:
+    predictions = clf.predict([str(p) for p in paths], top_k=_TOP_K.value)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f'cannot classify the images: {type(e).__name__}: {e}')
+  for path, preds in zip(paths, predictions):
+    if _JSON.value:
+      print(json.dumps({'image': str(path), 'top_k': [
+          {'label': p.label, 'index': p.index, 'probability': p.probability}
+          for p in preds]}))
+      continue
+    print(path)
+    for p in preds:
+      print(f'  {p.probability:7.4f}  {p.label}  ({p.index})')
+
+
+if __name__ == '__main__':
+  app.run(main)
