@@ -125,3 +125,61 @@ def test_unknown_kind_is_an_error(tmp_path):
   (tmp_path / 'weights.h5').write_text('x')
   with pytest.raises(ValueError, match='cannot tell what kind'):
     pretrained.load(str(tmp_path / 'weights.h5'))
+
+
+def test_torch_state_dict_files_without_a_model_config(tmp_path):
+  """timm .pth and transformers pytorch_model.bin (torch.save); with no model config the
+  timm heads come from the width (192 -> 3, ViT-Ti) and the HF config from config.json."""
+  torch.manual_seed(1)
+  tm = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=2, num_classes=5,
+                         img_size=64).eval()
+  torch.save(tm.state_dict(), tmp_path / 'timm.pth')
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'timm.pth'))
+  assert ckpt.kind == 'timm' and ckpt.config.num_heads == 3 and ckpt.config.image_size == 64
+  _, expected = checkpoints.from_timm(tm)
+  for k, v in checkpoints.flatten(expected).items():
+    np.testing.assert_array_equal(checkpoints.flatten(ckpt.params)[k], v)
+
+  hf = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128,
+                                            image_size=32, patch_size=8, num_labels=3)).eval()
+  (tmp_path / 'hf').mkdir()
+  torch.save(hf.state_dict(), tmp_path / 'hf' / 'pytorch_model.bin')
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps(hf.config.to_dict()))
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'hf' / 'pytorch_model.bin'))
+  assert ckpt.kind == 'hf' and ckpt.config.num_heads == 4 and ckpt.class_names is None
+  _, expected = checkpoints.from_hf(hf)
+  for k, v in checkpoints.flatten(expected).items():
+    np.testing.assert_array_equal(checkpoints.flatten(ckpt.params)[k], v)
+
+
+def test_hybrid_stem_mismatch_is_refused():
+  plain = _params(num_classes=10)
+  hybrid = models.init_params(models.create('R+ViT-Ti/16', hidden_size=64, num_layers=2,
+                                            num_heads=4, mlp_dim=128, num_classes=10), 32)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match='hybrid ResNet stem: present in only one'):
+    pretrained.adapt(plain, hybrid)
+
+
+def test_npz_architecture_is_read_from_the_shapes(tmp_path):
+  """.npz files carry no config: structure from shapes, numerics of the original release."""
+  for name, kw, size in [('ViT-Ti/16', dict(num_layers=2, classifier='map',
+                                            representation_size=48), 48),
+                         ('R26+ViT-S/32', dict(num_layers=1), 64)]:
+    module = models.create(name, num_classes=7, **kw)
+    params = models.init_params(module, size)
+    checkpoints.save_npz(tmp_path / 'w.npz', params)
+    ckpt = pretrained.load_checkpoint(str(tmp_path / 'w.npz'))
+    expected = models.get_config(name)
+    expected.update(num_classes=7, image_size=size, **kw)
+    for field in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
+                  'representation_size', 'num_classes', 'image_size', 'gelu_approximate'):
+      assert ckpt.config[field] == expected[field], field
+    assert tuple(ckpt.config.patch_size) == tuple(expected.patch_size)
+    if expected.resnet:
+      assert tuple(ckpt.config.resnet.num_layers) == tuple(expected.resnet.num_layers)
+    x = np.random.RandomState(0).uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
+    np.testing.assert_allclose(models.create(ckpt.config).apply({'params': ckpt.params}, x,
+                                                                 train=False),
+                               module.apply({'params': params}, x, train=False), atol=1e-5)
