@@ -34,7 +34,9 @@ _POSEMB = 'Transformer/posembed_input/pos_embedding'
 
 
 def orbax_step_dir(path: str) -> str:
-  """The step directory (holding state/) of a workdir, its checkpoints/ or a step dir."""
+  """The step directory (holding state/) of a workdir, its checkpoints/ or a step dir
+  (absolute: Orbax refuses relative paths)."""
+  path = os.path.abspath(path)
   for directory in (path, os.path.join(path, 'checkpoints')):
     if os.path.isdir(os.path.join(directory, 'state')):  # a step directory
       return directory
@@ -69,6 +71,9 @@ _HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
 def _timm_heads(sd) -> int:
+  if 'pos_embed' not in sd:
+    raise ValueError('not a ViT state dict of timm or transformers: no pos_embed (timm) or '
+                     f'vit.embeddings.* (transformers) key; it starts {sorted(sd)[:4]}')
   width = int(sd['pos_embed'].shape[-1])
   return _HEADS.get(width, max(width // 64, 1))
 

@@ -1,0 +1,342 @@
+"""`python -m vit_jax.convert`: weights between .npz, timm, transformers and Orbax.
+
+Round trips go through the converter and are checked against an independent
+implementation: the converted weights are loaded strictly into timm or into transformers
+(`from_pretrained`) and their logits compared with the source model's on the same random
+images, within TOL (fp32). Models are small and random, with LayerNorms and biases
+perturbed away from 1 / 0 and a head scaled so that mean |logit| is about one (so the
+absolute tolerance means something). One conversion and two errors go through the
+command line (a subprocess); the rest call `convert.convert`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+transformers = pytest.importorskip('transformers')
+safetensors_torch = pytest.importorskip('safetensors.torch')
+
+from vit_jax import checkpoints  # noqa: E402
+from vit_jax import convert  # noqa: E402
+from vit_jax import models  # noqa: E402
+from vit_jax.checkpoints import pretrained  # noqa: E402
+from vit_jax.checkpoints import train_state  # noqa: E402
+
+TOL = 1e-5  # max |logit difference|, fp32
+LOGIT_RANGE = (0.2, 5.0)  # mean |logit| of the reference
+SIZE = 32   # 2 x 2 patches of 16
+TIMM_KW = dict(depth=2, num_classes=5, img_size=SIZE)
+HF_NAMES = ['cat', 'dog', 'bird']
+ORBAX_NAMES = ['apple', 'pear', 'plum', 'fig']
+PP_EVAL = 'decode|resize_small(40)|central_crop(32)|value_range(-1, 1)|onehot(4)'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _images(seed=0, batch=2):
+  return np.random.RandomState(seed).uniform(-1, 1, (batch, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _perturb(model, seed):
+  """Norm weights + N(0, 0.2), biases + N(0, 0.05), the head N(0, 1 / sqrt(width))."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.LayerNorm):
+        module.weight.add_(torch.randn(module.weight.shape, generator=g) * 0.2)
+    for name, p in model.named_parameters():
+      if name.endswith('bias'):
+        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+      if name in ('head.weight', 'classifier.weight'):
+        p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+  return model
+
+
+def _timm_logits(model, x):
+  with torch.no_grad():
+    return model(_nchw(x)).numpy()
+
+
+def _hf_logits(model, x):
+  with torch.no_grad():
+    return model(pixel_values=_nchw(x)).logits.numpy()
+
+
+def _jax_logits(config, params, x):
+  module = models.create(config)
+  return np.asarray(jax.jit(lambda p, x: module.apply({'params': p}, x, train=False))(
+      params, x))
+
+
+def _close(got, ref, name):
+  assert got.shape == ref.shape, (name, got.shape, ref.shape)
+  scale = float(np.mean(np.abs(ref)))
+  assert LOGIT_RANGE[0] < scale < LOGIT_RANGE[1], f'{name}: mean |logit| {scale}'
+  diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
+  print(f'[tolerance] {name}: max|diff|={diff:.2e} mean|logit|={scale:.2f}')
+  assert diff <= TOL, f'{name}: max |logit diff| {diff} > {TOL}'
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'vit_jax.convert', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope='module')
+def timm_file(tmp_path_factory):
+  """(timm model, its .safetensors file): ViT-Ti/16 numerics, 2 layers, 5 classes."""
+  torch.manual_seed(0)
+  model = _perturb(timm.create_model('vit_tiny_patch16_224', pretrained=False, **TIMM_KW),
+                   seed=1).eval()
+  path = str(tmp_path_factory.mktemp('timm') / 'tiny.safetensors')
+  safetensors_torch.save_file(model.state_dict(), path)
+  return model, path
+
+
+@pytest.fixture(scope='module')
+def hf_dir(tmp_path_factory):
+  """(transformers model, its save_pretrained directory) with class names."""
+  torch.manual_seed(2)
+  config = transformers.ViTConfig(
+      hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+      image_size=SIZE, patch_size=8, num_labels=len(HF_NAMES),
+      id2label=dict(enumerate(HF_NAMES)), label2id={n: i for i, n in enumerate(HF_NAMES)})
+  model = _perturb(transformers.ViTForImageClassification(config), seed=3).eval()
+  path = tmp_path_factory.mktemp('hf') / 'vit'
+  model.save_pretrained(str(path))
+  assert (path / 'model.safetensors').exists()
+  return model, str(path)
+
+
+def _vit_jax_params(seed, **overrides):
+  """Random vit_jax params of a 2-layer ViT-Ti/16: LayerNorm scales 1 + N(0, 0.2), biases
+  N(0, 0.05), other weights N(0, 0.05), the head N(0, 1 / sqrt(width))."""
+  config = models.get_config('ViT-Ti/16')
+  config.update(dict(dict(num_layers=2, image_size=SIZE, num_classes=len(ORBAX_NAMES)),
+                     **overrides))
+  shapes = models.abstract_params(models.create(config), SIZE)  # no compilation
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for k, v in checkpoints.flatten(shapes).items():
+    noise = rng.normal(0, 1, v.shape).astype(np.float32)
+    if k.endswith('/scale'):
+      flat[k] = 1 + 0.2 * noise
+    elif k.startswith(('head/', 'pre_logits/')) and k.endswith('kernel'):
+      flat[k] = noise / np.float32(np.sqrt(v.shape[0]))
+    else:
+      flat[k] = 0.05 * noise
+  return config, checkpoints.unflatten(flat)
+
+
+@pytest.fixture(scope='module')
+def orbax_run(tmp_path_factory):
+  """A workdir as training leaves it: train state (with optimizer state) + meta."""
+  config, params = _vit_jax_params(seed=4)
+  workdir = tmp_path_factory.mktemp('orbax') / 'run'
+  ckpt = train_state.TrainCheckpointer(workdir / 'checkpoints', async_save=False)
+  state = {'step': np.int32(30), 'params': params, 'rng': np.zeros(2, np.uint32),
+           'opt_state': {'mu': jax.tree.map(np.zeros_like, params)}}
+  meta = {'step': 30, 'class_names': ORBAX_NAMES, 'model': config.to_dict(),
+          'config': {'input': {'pp_eval': PP_EVAL}}}
+  ckpt.save(30, state, json.loads(json.dumps(meta)))
+  ckpt.close()
+  return config, params, str(workdir)
+
+
+def test_timm_to_npz_by_cli_and_back_to_timm(timm_file, tmp_path):
+  model, path = timm_file
+  npz = tmp_path / 'tiny.npz'
+  proc = _cli(f'--input={path}', f'--output={npz}')
+  assert proc.returncode == 0, proc.stderr
+  first = proc.stdout.splitlines()[0]
+  assert first.startswith('read timm ') and 'wrote npz to' in first, proc.stdout
+  assert '2 layers x 192 wide, 3 heads' in first and 'MB)' in first
+  assert 'Traceback' not in proc.stderr
+
+  back = tmp_path / 'back.pth'
+  assert convert.convert(npz, back) == 'timm'  # --to from the name
+  restored = timm.create_model('vit_tiny_patch16_224', pretrained=False, **TIMM_KW).eval()
+  restored.load_state_dict(torch.load(back, weights_only=True), strict=True)
+  for k, v in model.state_dict().items():
+    torch.testing.assert_close(restored.state_dict()[k], v, rtol=0, atol=0, msg=k)
+  x = _images(0)
+  _close(_timm_logits(restored, x), _timm_logits(model, x), 'timm -> npz -> timm')
+  # The .npz read back with timm's numerics (--model) gives timm's logits in vit_jax too.
+  ck = pretrained.load_checkpoint(str(npz), model='vit_tiny_patch16_224')
+  _close(_jax_logits(ck.config, ck.params, x), _timm_logits(model, x), 'npz in vit_jax')
+
+
+def test_timm_to_hf(timm_file, tmp_path):
+  model, path = timm_file
+  out = tmp_path / 'hf'
+  assert convert.convert(path, out, to='hf') == 'hf'
+  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
+  hf = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
+  assert hf.config.num_labels == 5 and hf.config.hidden_act == 'gelu'
+  x = _images(1)
+  _close(_hf_logits(hf, x), _timm_logits(model, x), 'timm -> hf')
+
+
+def test_hf_to_orbax_to_npz(hf_dir, tmp_path):
+  model, path = hf_dir
+  orbax_dir = tmp_path / 'ckpt'
+  assert convert.convert(os.path.join(path, 'model.safetensors'), orbax_dir,
+                         to='orbax') == 'orbax'
+  ck = pretrained.load_checkpoint(str(orbax_dir))
+  assert ck.kind == 'orbax' and ck.class_names == HF_NAMES
+  assert ck.config.layernorm_eps == 1e-12 and not ck.config.gelu_approximate
+  x = _images(2)
+  ref = _hf_logits(model, x)
+  _close(_jax_logits(ck.config, ck.params, x), ref, 'hf -> orbax (vit_jax)')
+  # config.init_from reads it the same way.
+  init = checkpoints.flatten(pretrained.load(str(orbax_dir), model_config=ck.config))
+  for k, v in checkpoints.flatten(ck.params).items():
+    np.testing.assert_array_equal(init[k], v, err_msg=k)
+
+  npz = tmp_path / 'w.npz'
+  assert convert.convert(orbax_dir, npz) == 'npz'
+  from_npz = pretrained.load_checkpoint(str(npz))
+  flat = checkpoints.flatten(from_npz.params)
+  assert flat.keys() == checkpoints.flatten(ck.params).keys()
+  for k, v in checkpoints.flatten(ck.params).items():
+    np.testing.assert_array_equal(flat[k], v, err_msg=k)
+  # .npz keeps no numerics: with transformers' (from the Orbax meta) the logits match.
+  _close(_jax_logits(ck.config, from_npz.params, x), ref, 'hf -> orbax -> npz')
+
+
+def test_orbax_with_class_names_to_hf_and_orbax(orbax_run, tmp_path):
+  config, params, workdir = orbax_run
+  out = tmp_path / 'hf'
+  assert convert.convert(workdir, out, to='hf') == 'hf'
+  hf = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
+  assert hf.config.id2label == dict(enumerate(ORBAX_NAMES))
+  assert hf.config.label2id == {n: i for i, n in enumerate(ORBAX_NAMES)}
+  assert hf.config.hidden_act == 'gelu_pytorch_tanh'  # the paper's tanh GELU
+  x = _images(3)
+  _close(_hf_logits(hf, x), _jax_logits(config, params, x), 'orbax -> hf')
+  # ... and the transformers files read back with their class names.
+  assert pretrained.load_checkpoint(str(out / 'model.safetensors')).class_names == ORBAX_NAMES
+
+  # Orbax -> Orbax keeps only the params, with the model, class names and pp_eval.
+  slim = tmp_path / 'slim'
+  # Relative paths work too (Orbax itself wants absolute ones).
+  assert convert.convert(os.path.relpath(workdir), os.path.relpath(slim),
+                         to='orbax') == 'orbax'
+  ck = pretrained.load_checkpoint(str(slim))
+  assert ck.class_names == ORBAX_NAMES and ck.pp_eval == PP_EVAL
+  assert ck.config.to_dict() == pretrained.load_checkpoint(workdir).config.to_dict()
+  for k, v in checkpoints.flatten(params).items():
+    np.testing.assert_array_equal(checkpoints.flatten(ck.params)[k], v, err_msg=k)
+  # The prediction API reads it with its labels and evaluation preprocessing.
+  from vit_jax import inference  # pylint: disable=g-import-not-at-top
+  classifier = inference.ImageClassifier.from_pretrained(str(slim))
+  assert classifier.class_names == ORBAX_NAMES and 'central_crop(32)' in classifier.pp
+  np.testing.assert_allclose(classifier.logits(x), _jax_logits(config, params, x),
+                             atol=TOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _raises(match, *args, **kwargs):
+  with pytest.raises(convert.ConversionError, match=match):
+    convert.convert(*args, **kwargs)
+
+
+def test_output_exists_is_refused_unless_overwrite(timm_file, tmp_path):
+  _, path = timm_file
+  out = tmp_path / 'w.npz'
+  out.write_bytes(b'old')
+  _raises('already exists; pass --overwrite', path, out)
+  assert out.read_bytes() == b'old'
+  assert convert.convert(path, out, overwrite=True) == 'npz'
+  assert checkpoints.load_npz(out)['head']['kernel'].shape == (192, 5)
+  hf = tmp_path / 'hf'
+  hf.mkdir()
+  (hf / 'config.json').write_text('{}')
+  _raises('config.json already exist', path, hf, to='hf')
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / 'notes.txt').write_text('keep me')
+  _raises('already exists', path, other, to='orbax')
+  _raises('not an Orbax checkpoint; refusing to delete', path, other, to='orbax',
+          overwrite=True)
+  assert (other / 'notes.txt').exists()
+  _raises('the output is the input', path, path, overwrite=True)
+  ckpt = tmp_path / 'ckpt'
+  assert convert.convert(out, ckpt, to='orbax') == 'orbax'
+  _raises('already exists', path, ckpt, to='orbax')
+  assert convert.convert(path, ckpt, to='orbax', overwrite=True) == 'orbax'
+  assert pretrained.load_checkpoint(str(ckpt)).config.name == 'timm_vit'  # replaced
+
+
+@pytest.mark.parametrize('output,to,match', [
+    ('x.onnx', 'onnx', "unknown --to='onnx'"),
+    ('out', None, 'cannot tell the output format'),
+    ('x.npz', 'timm', '--to=timm writes a state dict file'),
+    ('x.safetensors', 'npz', 'does not end in .npz'),
+    ('x.safetensors', 'hf', '--to=hf writes a directory'),
+])
+def test_output_format_errors(timm_file, tmp_path, output, to, match):
+  _raises(match, timm_file[1], tmp_path / output, to=to)
+
+
+def test_unreadable_inputs(tmp_path):
+  out = tmp_path / 'out.npz'
+  _raises('does not exist', tmp_path / 'missing.safetensors', out)
+  (tmp_path / 'junk.safetensors').write_bytes(b'not a safetensors file')
+  _raises('cannot read .*junk.safetensors', tmp_path / 'junk.safetensors', out)
+  (tmp_path / 'junk.npz').write_bytes(b'not a zip')
+  _raises('cannot read .*junk.npz', tmp_path / 'junk.npz', tmp_path / 'o.safetensors')
+  (tmp_path / 'w.h5').write_bytes(b'x')
+  _raises('cannot tell what kind of checkpoint', tmp_path / 'w.h5', out)
+  (tmp_path / 'empty').mkdir()
+  _raises('no Orbax checkpoint under', tmp_path / 'empty', out)
+  other = tmp_path / 'other.safetensors'
+  safetensors_torch.save_file({'fc.weight': torch.zeros(2, 2)}, str(other))
+  _raises('cannot read .*other.safetensors', other, out)
+  assert not out.exists()
+
+
+def test_unknown_model_name(timm_file, tmp_path):
+  _raises("--model: unknown model name 'vit_tiny_patch16'", timm_file[1],
+          tmp_path / 'w.npz', model='vit_tiny_patch16')
+
+
+def test_conversions_the_target_cannot_represent(tmp_path):
+  _, params = _vit_jax_params(seed=5, representation_size=32)  # an ImageNet-21k style head
+  checkpoints.save_npz(tmp_path / 'r.npz', params)
+  _raises('cannot convert to timm: timm VisionTransformer has no pre_logits',
+          tmp_path / 'r.npz', tmp_path / 'r.safetensors')
+  _raises('cannot convert to transformers: .*no pre_logits', tmp_path / 'r.npz',
+          tmp_path / 'hf', to='hf')
+  _, gap = _vit_jax_params(seed=6, classifier='gap')
+  checkpoints.save_npz(tmp_path / 'gap.npz', gap)
+  _raises("transformers ViT pools the class token; classifier 'gap'", tmp_path / 'gap.npz',
+          tmp_path / 'hf', to='hf')
+  assert not (tmp_path / 'r.safetensors').exists() and not (tmp_path / 'hf').exists()
+
+
+def test_cli_errors_are_one_message_without_traceback(tmp_path):
+  _, params = _vit_jax_params(seed=5, representation_size=32)
+  checkpoints.save_npz(tmp_path / 'r.npz', params)
+  proc = _cli(f'--input={tmp_path / "r.npz"}', f'--output={tmp_path / "r.safetensors"}')
+  assert proc.returncode == 1
+  assert proc.stderr.startswith('error: cannot convert to timm: timm VisionTransformer has '
+                                'no pre_logits'), proc.stderr
+  assert 'Traceback' not in proc.stderr and not proc.stdout
+  proc = _cli(f'--input={tmp_path / "r.npz"}', f'--output={tmp_path / "x"}', '--to=onnx')
+  assert proc.returncode != 0
+  assert 'value should be one of <npz|timm|hf|orbax>' in proc.stderr
+  assert 'Traceback' not in proc.stderr

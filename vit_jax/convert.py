@@ -1,0 +1,380 @@
+r"""Converts ViT weights between formats: `python -m vit_jax.convert --input=A --output=B`.
+
+    python -m vit_jax.convert --input=ViT-B_16.npz --output=vit_b16.safetensors   # timm
+    python -m vit_jax.convert --input=timm.safetensors --output=vit.npz --model=vit_tiny_patch16_224
+    python -m vit_jax.convert --input=hf_dir/model.safetensors --output=ckpt --to=orbax
+    python -m vit_jax.convert --input=workdir --output=hf_dir --to=hf
+
+Reads anything `vit_jax.checkpoints.pretrained.load_checkpoint` reads: an original-layout
+`.npz`, a timm or transformers state dict (`.safetensors`, `.bin`, `.pt`, `.pth`; a
+transformers file needs its `config.json` beside it), or an Orbax workdir / checkpoint
+directory of this project. Writes
+
+  npz    the original release's `.npz` layout (`--output=NAME.npz`);
+  timm   a timm `VisionTransformer` state dict (`--output=NAME.safetensors|.pth|.bin|.pt`);
+  hf     a directory with `model.safetensors` and `config.json` that
+         `transformers.ViTForImageClassification.from_pretrained(DIR)` loads;
+  orbax  a checkpoint directory in this project's layout ({step}/state with
+         {'params': ...}, {step}/meta with the model config and the class names), which
+         `load_checkpoint`, `config.init_from` and the prediction tools read back.
+
+`--to` defaults from the output's name (`.npz` -> npz, a state-dict file -> timm); a
+directory needs `--to=hf` or `--to=orbax`. Class names known to the input (Orbax meta,
+transformers id2label) are written where the output can hold them (transformers
+id2label/label2id, Orbax meta). `--model` names a registered model for what the input does
+not record: the GELU form and LayerNorm epsilon of an `.npz`, the number of heads of a
+timm state dict.
+"""
+
+import dataclasses
+import json
+import logging as std_logging
+import os
+import shutil
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from vit_jax import torch_import
+
+FORMATS = ('npz', 'timm', 'hf', 'orbax')
+_STATE_DICT_EXTS = ('.safetensors', '.pth', '.bin', '.pt')
+_READ_EXTS = ('.npz',) + _STATE_DICT_EXTS
+HF_WEIGHTS = 'model.safetensors'
+HF_CONFIG = 'config.json'
+ORBAX_STEP = 0
+
+_INPUT = flags.DEFINE_string('input', None, 'Weights to read: .npz, timm/transformers '
+                             'state dict (.safetensors/.bin/.pt/.pth), Orbax directory.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Where to write: a file (npz, timm) or a '
+                              'directory (hf, orbax).')
+_TO = flags.DEFINE_enum('to', None, FORMATS, 'Output format; default from the output name '
+                        '(.npz -> npz, .safetensors/.pth/.bin/.pt -> timm).')
+_MODEL = flags.DEFINE_string('model', None, 'Registered model name for what the input does '
+                             'not record (npz numerics, timm heads).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing output.')
+
+
+class ConversionError(ValueError):
+  """A conversion that cannot be done as asked; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class Result:
+  """What `run` read and wrote (for the command line's summary)."""
+  to: str
+  output: str
+  kind: str          # the input's kind: npz, timm, hf or orbax
+  model_name: str
+  param_count: int
+  config: object     # the model config (ml_collections.ConfigDict)
+  class_names: list | None
+  written_bytes: int
+  notes: list = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    c = self.config
+    classes = f', {len(self.class_names)} class names' if self.class_names else ''
+    layers = f"{c.num_layers} layer{'' if c.num_layers == 1 else 's'}"
+    shape = (f'{layers} x {c.hidden_size} wide, {c.num_heads} heads, '
+             f'{c.image_size}px, {c.num_classes} classes{classes}')
+    line = (f'read {self.kind} {self.model_name} ({self.param_count:,} params; {shape}); '
+            f'wrote {self.to} to {self.output} ({_human(self.written_bytes)})')
+    return line + ''.join(f'\nnote: {n}' for n in self.notes)
+
+
+def _human(n: int) -> str:
+  for unit in ('B', 'KB', 'MB', 'GB'):
+    if n < 1024 or unit == 'GB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return f'{n} B'
+
+
+def _size(path: str) -> int:
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
+             for f in files)
+
+
+def _target_format(output: str, to: str | None) -> str:
+  """The format to write, checked against the output's name (so it reads back)."""
+  name = output.rstrip('/').lower()
+  if to is not None and to not in FORMATS:
+    raise ConversionError(f'unknown --to={to!r}: expected one of {", ".join(FORMATS)}')
+  if to is None:
+    if name.endswith('.npz'):
+      return 'npz'
+    if name.endswith(_STATE_DICT_EXTS):
+      return 'timm'
+    raise ConversionError(
+        f'cannot tell the output format from {output!r}: name a .npz file (npz) or a '
+        '.safetensors/.pth/.bin/.pt file (timm), or pass --to=hf or --to=orbax to write a '
+        'directory')
+  if to == 'npz' and not name.endswith('.npz'):
+    raise ConversionError(f'--to=npz writes a .npz file; {output!r} does not end in .npz')
+  if to == 'timm' and not name.endswith(_STATE_DICT_EXTS):
+    raise ConversionError(f'--to=timm writes a state dict file; name it .safetensors, '
+                          f'.pth, .bin or .pt (got {output!r})')
+  if to in ('hf', 'orbax') and name.endswith(_READ_EXTS):
+    raise ConversionError(f'--to={to} writes a directory; {output!r} is a file name '
+                          f'(for transformers, {HF_WEIGHTS} and {HF_CONFIG} go in the '
+                          'directory)')
+  return to
+
+
+def _is_orbax_dir(path: str) -> bool:
+  """An Orbax checkpoint directory (step folders or state/ + meta/), or an empty one."""
+  entries = os.listdir(path)
+  if 'state' in entries:
+    return True
+  return all(e.isdigit() or '.orbax-checkpoint-tmp' in e for e in entries)
+
+
+def _check_output(output: str, to: str, overwrite: bool) -> None:
+  """Refuses to replace anything unless `overwrite`; clears what will be replaced."""
+  if to == 'hf':
+    if os.path.exists(output) and not os.path.isdir(output):
+      raise ConversionError(f'{output} exists and is not a directory; --to=hf writes a '
+                            'directory')
+    existing = [os.path.join(output, f) for f in (HF_WEIGHTS, HF_CONFIG)
+                if os.path.exists(os.path.join(output, f))]
+    if existing and not overwrite:
+      raise ConversionError(f'{" and ".join(existing)} already exist(s); pass --overwrite '
+                            'to replace')
+    return  # with overwrite the two files are simply rewritten
+  if not os.path.exists(output):
+    return
+  if to == 'orbax' and os.path.isdir(output) and not os.listdir(output):
+    return  # an empty directory: nothing to replace
+  if not overwrite:
+    raise ConversionError(f'{output} already exists; pass --overwrite to replace it')
+  if os.path.isdir(output):
+    if to != 'orbax' or not _is_orbax_dir(output):
+      raise ConversionError(f'{output} is a directory that is not an Orbax checkpoint; '
+                            'refusing to delete it even with --overwrite')
+    shutil.rmtree(output)
+  else:
+    os.remove(output)
+
+
+def _same_path(a: str, b: str) -> bool:
+  return os.path.abspath(a).rstrip('/') == os.path.abspath(b).rstrip('/')
+
+
+def _read(input_path: str, model):
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(input_path):
+    raise ConversionError(f'input {input_path} does not exist')
+  if os.path.isfile(input_path) and not input_path.endswith(_READ_EXTS):
+    raise ConversionError(
+        f'cannot tell what kind of checkpoint {input_path} is: expected .npz, a '
+        'timm/transformers state dict (.safetensors/.bin/.pt/.pth) or an Orbax directory')
+  if model is not None:
+    from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+    try:
+      registry.get_config(model)
+    except ValueError as e:
+      raise ConversionError(f'--model: {e}') from None
+  if os.path.isdir(input_path):
+    # Orbax refuses relative paths ('Checkpoint path should be absolute').
+    input_path = os.path.abspath(input_path)
+  try:
+    return pretrained.load_checkpoint(input_path, model=model)
+  except Exception as e:  # pylint: disable=broad-except
+    # Anything a foreign or damaged file raises (safetensors, zip, pickle, Orbax, a
+    # missing key) is a "cannot read" for the user, not a bug to show a traceback of.
+    raise ConversionError(f'cannot read {input_path}: {type(e).__name__}: {e}') from e
+
+
+def _timm_input_name(config) -> str:
+  """A registered timm name with the structure of a timm checkpoint read without --model.
+
+  `load_checkpoint` names such a checkpoint 'vit_base_patch16_224' whatever its size;
+  this keeps that name only where it fits, so that outputs do not record a wrong one.
+  """
+  from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+  fields = ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim')
+  def layers(c):
+    return None if c.get('resnet') is None else tuple(c.resnet.num_layers)
+  def same(r):
+    return (all(r[f] == config[f] for f in fields) and layers(r) == layers(config) and
+            tuple(np.atleast_1d(r.patch_size)) == tuple(np.atleast_1d(config.patch_size)))
+  names = [n for n in registry.list_models() if n.startswith('vit_')]
+  names.sort(key=lambda n: (not n.endswith(f'_{config.image_size}'), n != config.name, n))
+  for name in names:
+    if same(registry.get_config(name)):
+      return name
+  return 'timm_vit'
+
+
+def _float32_tree(params):
+  """Leaves as numpy; non-numpy floats (bfloat16) as float32, which torch can hold."""
+  import jax  # pylint: disable=g-import-not-at-top
+  def cast(x):
+    x = np.asarray(x)
+    if x.dtype.kind == 'V' or (x.dtype.kind == 'f' and x.dtype not in (
+        np.float16, np.float32, np.float64)):
+      return x.astype(np.float32)
+    return x
+  return jax.tree.map(cast, params)
+
+
+def _release_numerics_note(config, output):
+  """A note when an .npz will not read back with the numerics the params were made for."""
+  if config.get('gelu_approximate', True) and config.get('layernorm_eps', 1e-6) == 1e-6:
+    return None
+  gelu = 'tanh' if config.get('gelu_approximate', True) else 'exact'
+  hint = (f' (e.g. --model={config.name} / config.model)'
+          if str(config.get('name', '')).startswith('vit_') else '')
+  return (f'.npz files do not record numerics; these weights use {gelu} GELU and '
+          f'LayerNorm eps {config.layernorm_eps:g}, while {output} reads back with the '
+          f'original release\'s (tanh GELU, eps 1e-6) unless given a model name{hint}')
+
+
+def _write_npz(ckpt, output, notes):
+  from vit_jax.checkpoints import npz  # pylint: disable=g-import-not-at-top
+  npz.save_npz(output, ckpt.params)
+  note = _release_numerics_note(ckpt.config, output)
+  if note:
+    notes.append(note)
+
+
+def _write_timm(ckpt, output, notes):
+  from vit_jax.checkpoints import state_dict_io  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
+  try:
+    sd = timm_format.to_timm(ckpt.config, _float32_tree(ckpt.params))
+  except ValueError as e:
+    raise ConversionError(f'cannot convert to timm: {e}') from None
+  state_dict_io.write_state_dict(sd, output)
+  try:
+    name = timm_format.timm_name(ckpt.config)
+  except ValueError:
+    name = None
+  if name:
+    notes.append(f'timm state dicts record no heads or activation: build the model with '
+                 f'vit_jax.checkpoints.create_timm_model(config) or timm.create_model('
+                 f"'{name}', depth={ckpt.config.num_layers}, "
+                 f'num_classes={ckpt.config.num_classes}, ...)')
+
+
+def _write_hf(ckpt, output, notes):
+  from vit_jax.checkpoints import hf_format  # pylint: disable=g-import-not-at-top
+  try:
+    sd = hf_format.to_hf(ckpt.config, _float32_tree(ckpt.params))
+  except ValueError as e:
+    raise ConversionError(f'cannot convert to transformers: {e}') from None
+  hf_config = hf_format.to_hf_config(ckpt.config)
+  if not ckpt.config.num_classes:
+    hf_config.num_labels = 0  # no classifier (to_hf_config says 2: a random head)
+    notes.append('no classification head: the transformers model has an identity '
+                 'classifier (use ViTModel for features)')
+  names = ckpt.class_names
+  if names and len(names) == ckpt.config.num_classes:
+    hf_config.id2label = {i: str(n) for i, n in enumerate(names)}
+    hf_config.label2id = {str(n): i for i, n in enumerate(names)}
+  elif names:
+    notes.append(f'{len(names)} class names for {ckpt.config.num_classes} classes: not '
+                 'written')
+  hf_config.architectures = ['ViTForImageClassification']
+  safetensors_torch = torch_import.module('safetensors.torch')
+  os.makedirs(output, exist_ok=True)
+  safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()},
+                              os.path.join(output, HF_WEIGHTS), metadata={'format': 'pt'})
+  hf_config.to_json_file(os.path.join(output, HF_CONFIG))
+
+
+def _write_orbax(ckpt, output, input_path):
+  from vit_jax.checkpoints import train_state  # pylint: disable=g-import-not-at-top
+  meta = {'model': ckpt.config.to_dict(), 'class_names': ckpt.class_names,
+          'converted_from': {'path': os.path.abspath(input_path), 'kind': ckpt.kind}}
+  if ckpt.pp_eval:
+    meta['config'] = {'input': {'pp_eval': ckpt.pp_eval}}
+  # JSON has no tuples; make the meta JSON now so that a value JSON cannot hold fails
+  # before anything is written.
+  meta = json.loads(json.dumps(meta))
+  checkpointer = train_state.TrainCheckpointer(os.path.abspath(output), keep_last=1,
+                                               async_save=False)
+  try:
+    checkpointer.save(ORBAX_STEP, {'params': ckpt.params}, meta)
+  finally:
+    checkpointer.close()
+
+
+def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Result:
+  """Converts, returning what was read and written. Raises ConversionError."""
+  input_path, output_path = os.fspath(input_path), os.fspath(output_path)
+  to = _target_format(output_path, to)
+  if _same_path(input_path, output_path):
+    raise ConversionError(f'the output is the input ({input_path})')
+  if to == 'hf' and _same_path(os.path.dirname(os.path.abspath(input_path)), output_path):
+    raise ConversionError(f'the output directory {output_path} holds the input')
+  # Checked before reading (reading can take minutes) and again just before writing.
+  if not overwrite:
+    _check_output(output_path, to, overwrite=False)
+  ckpt = _read(input_path, model)
+  notes = []
+  if ckpt.kind == 'timm' and model is None:
+    ckpt.config.name = _timm_input_name(ckpt.config)
+  if model is not None and ckpt.kind in ('hf', 'orbax'):
+    notes.append(f'--model is not used for {ckpt.kind} inputs (they record their model)')
+  from vit_jax.checkpoints import tree  # pylint: disable=g-import-not-at-top
+  param_count = sum(int(np.size(v)) for v in tree.flatten(ckpt.params).values())
+  _check_output(output_path, to, overwrite)
+  parent = os.path.dirname(os.path.abspath(output_path))
+  os.makedirs(parent, exist_ok=True)
+  if to == 'npz':
+    _write_npz(ckpt, output_path, notes)
+  elif to == 'timm':
+    _write_timm(ckpt, output_path, notes)
+  elif to == 'hf':
+    _write_hf(ckpt, output_path, notes)
+  else:
+    _write_orbax(ckpt, output_path, input_path)
+  return Result(to=to, output=output_path, kind=ckpt.kind,
+                model_name=str(ckpt.config.get('name') or 'unnamed'),
+                param_count=param_count, config=ckpt.config,
+                class_names=ckpt.class_names, written_bytes=_size(output_path),
+                notes=notes)
+
+
+def convert(input_path, output_path, *, to=None, model=None, overwrite=False) -> str:
+  """Converts the weights at `input_path` to `output_path`; returns the format written.
+
+  to: 'npz', 'timm', 'hf' or 'orbax' (default: from the output's name).
+  model: registered model name for what the input does not record.
+  overwrite: replace an existing output (else refuse).
+  Raises ConversionError (a ValueError) with a message for the user.
+  """
+  return run(input_path, output_path, to=to, model=model, overwrite=overwrite).to
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops Orbax's INFO chatter (every step of a save); keeps its warnings."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  try:
+    result = run(_INPUT.value, _OUTPUT.value, to=_TO.value, model=_MODEL.value,
+                 overwrite=_OVERWRITE.value)
+  except ConversionError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
+  print(result.summary(), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['input', 'output'])
+  app.run(main)
