@@ -1,0 +1,271 @@
+"""vit_jax.visualize: attention rollout, class-token maps, position-embedding similarity,
+the PNG writers and the command line.
+
+Small random models (ViT-Ti/16 with 2 layers at 32 px: a 2x2 patch grid) built in
+process; the CLI runs once in a subprocess on scikit-image photos written as PNG/JPEG.
+References are independent numpy re-computations.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_jax import models
+from vit_jax import visualize
+from vit_jax.checkpoints import npz
+
+IMG, GRID, HEADS, LAYERS, B = 32, (2, 2), 3, 2, 2
+
+
+@functools.cache
+def small(classifier='token', num_layers=LAYERS):
+  module = models.create('ViT-Ti/16', num_layers=num_layers, image_size=IMG, num_classes=5,
+                         classifier=classifier)
+  return module, models.init_params(module, image_size=IMG)
+
+
+@functools.cache
+def model_attention(classifier='token'):
+  module, params = small(classifier)
+  images = np.random.default_rng(0).uniform(-1, 1, (B, IMG, IMG, 3)).astype(np.float32)
+  return [np.asarray(a) for a in models.attention_maps(module, params, images)]
+
+
+def random_attention(layers, batch, heads, tokens, seed=0):
+  logits = np.random.default_rng(seed).normal(size=(layers, batch, heads, tokens, tokens))
+  e = np.exp(logits * 2)
+  return e / e.sum(-1, keepdims=True)
+
+
+def numpy_rollout(attn, residual=True):
+  """R = A_L ... A_1 per image with np.linalg.multi_dot; A = rownorm((mean_h + I) / 2)."""
+  layers, batch, _, t, _ = attn.shape
+  out = []
+  for b in range(batch):
+    mats = []
+    for layer in range(layers):
+      a = attn[layer, b].mean(axis=0)
+      if residual:
+        a = 0.5 * a + 0.5 * np.eye(t)
+      mats.append(a / a.sum(axis=1, keepdims=True))
+    rev = mats[::-1]
+    out.append(rev[0] if len(rev) == 1 else np.linalg.multi_dot(rev))
+  return np.stack(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Rollout.
+
+@pytest.mark.parametrize('classifier,tokens', [('token', 5), ('gap', 4)])
+@pytest.mark.parametrize('fusion', visualize.HEAD_FUSIONS)
+def test_rollout_rows_sum_to_one(classifier, tokens, fusion):
+  attn = model_attention(classifier)
+  assert attn[0].shape == (B, HEADS, tokens, tokens)
+  for residual in (True, False):
+    r = visualize.attention_rollout(attn, residual=residual, head_fusion=fusion)
+    assert r.shape == (B, tokens, tokens)
+    np.testing.assert_allclose(r.sum(-1), 1.0, atol=1e-5)
+    assert (r >= 0).all()
+
+
+def test_one_layer_without_residual_is_the_head_mean():
+  attn = model_attention('token')[:1]
+  r = visualize.attention_rollout(attn, residual=False)
+  np.testing.assert_allclose(r, attn[0].mean(axis=1), atol=1e-6)
+  # With the residual: (A + I) / 2, already row-stochastic.
+  r = visualize.attention_rollout(attn, residual=True)
+  np.testing.assert_allclose(r, (attn[0].mean(axis=1) + np.eye(5)) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize('residual', [True, False])
+def test_rollout_matches_numpy_three_layers(residual):
+  attn = random_attention(3, 2, 4, 7, seed=1)
+  want = numpy_rollout(attn, residual=residual)
+  got = visualize.attention_rollout(list(attn), residual=residual)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  # Order matters (the matrices do not commute): A_1 A_2 A_3 is something else.
+  assert not np.allclose(got, numpy_rollout(attn[::-1], residual=residual))
+
+
+@pytest.mark.parametrize('classifier', ['token', 'gap'])
+def test_rollout_of_a_model_matches_numpy(classifier):
+  attn = np.stack(model_attention(classifier))
+  np.testing.assert_allclose(visualize.attention_rollout(attn), numpy_rollout(attn),
+                             atol=1e-6)
+
+
+def test_rollout_errors():
+  with pytest.raises(ValueError, match='head_fusion'):
+    visualize.attention_rollout(random_attention(1, 1, 1, 3), head_fusion='median')
+  with pytest.raises(ValueError, match='shape'):
+    visualize.attention_rollout(np.ones((2, 3, 3)))
+
+
+def test_rollout_mask():
+  r = visualize.attention_rollout(model_attention('token'))
+  np.testing.assert_allclose(visualize.rollout_mask(r, GRID), r[:, 0, 1:].reshape(B, 2, 2))
+  r = visualize.attention_rollout(model_attention('gap'))
+  np.testing.assert_allclose(visualize.rollout_mask(r, GRID), r.mean(1).reshape(B, 2, 2))
+  with pytest.raises(ValueError, match='3x3'):
+    visualize.rollout_mask(r, (3, 3))
+
+
+# ---------------------------------------------------------------------------------------
+# Class-token maps and position embeddings.
+
+def test_cls_attention_maps():
+  attn = model_attention('token')
+  maps = visualize.cls_attention_maps(attn, GRID)
+  assert maps.shape == (LAYERS, B, HEADS) + GRID
+  for layer in range(LAYERS):
+    np.testing.assert_allclose(maps[layer], attn[layer][:, :, 0, 1:].reshape(B, HEADS, 2, 2))
+  # Row-major patch order: patch (0, 1) is token 2 (token 0 is the class token).
+  np.testing.assert_allclose(maps[1, 0, 2, 0, 1], attn[1][0, 2, 0, 2])
+  attn = model_attention('gap')  # no class token: mean over the queries
+  maps = visualize.cls_attention_maps(attn, GRID)
+  assert maps.shape == (LAYERS, B, HEADS) + GRID
+  np.testing.assert_allclose(maps[0], attn[0].mean(axis=2).reshape(B, HEADS, 2, 2),
+                             atol=1e-7)
+
+
+def test_posemb_similarity_of_a_model():
+  module, params = small('token')
+  pe = visualize.pos_embedding(params)
+  assert pe.shape == (1, 5, 192)
+  sim = visualize.posemb_similarity(pe, GRID, visualize.num_prefix_tokens(module))
+  assert sim.shape == GRID + GRID
+  flat = sim.reshape(4, 4)
+  np.testing.assert_allclose(np.diag(flat), 1.0, atol=1e-12)
+  np.testing.assert_allclose(flat, flat.T, atol=1e-12)
+  e = pe[0, 1:] / np.linalg.norm(pe[0, 1:], axis=-1, keepdims=True)
+  np.testing.assert_allclose(flat, e @ e.T, atol=1e-6)
+
+
+def test_posemb_similarity_one_hot_is_identity():
+  gh, gw = 3, 4
+  pe = np.concatenate([np.full((1, 16), 7.0), 5 * np.eye(12, 16)])  # class token + one-hot
+  sim = visualize.posemb_similarity(pe, (gh, gw), num_prefix_tokens=1)
+  np.testing.assert_allclose(sim.reshape(12, 12), np.eye(12), atol=1e-12)
+  # Tile (i, j) is bright exactly at (i, j).
+  assert sim[1, 2, 1, 2] == 1 and sim[1, 2].sum() == 1
+  with pytest.raises(ValueError, match='prefix'):
+    visualize.posemb_similarity(pe, (gh, gw), num_prefix_tokens=0)
+
+
+def test_pos_embedding_missing():
+  _, params = small('gap')
+  params = dict(params)
+  params['Transformer'] = {k: v for k, v in params['Transformer'].items()
+                           if k != 'posembed_input'}
+  with pytest.raises(ValueError, match='no learned position embedding'):
+    visualize.pos_embedding(params)
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering.
+
+def test_overlay_is_aligned_and_sized(tmp_path):
+  image = np.full((48, 64, 3), 128, np.uint8)
+  mask = np.array([[1.0, 0.0], [0.0, 0.0]])  # the top-left token
+  overlay, bare = visualize.save_rollout_overlay(image, mask, tmp_path / 'x_rollout.png')
+  assert bare == str(tmp_path / 'x_rollout_mask.png')
+  o, m = Image.open(overlay), Image.open(bare)
+  assert o.size == m.size == (64, 48) and o.mode == 'RGB' and m.mode == 'L'
+  m = np.asarray(m)
+  assert m[0, 0] == 255 and m[-1, -1] == 0 and m[:24, :32].mean() > 3 * m[24:, 32:].mean()
+  o = np.asarray(o).astype(int)
+  # jet: top-left (mask 1) red, bottom-right (mask 0) blue.
+  assert o[0, 0, 0] > o[0, 0, 2] and o[-1, -1, 2] > o[-1, -1, 0]
+
+
+def test_figures(tmp_path):
+  maps = visualize.cls_attention_maps(model_attention('token'), GRID)[:, 0]
+  p = visualize.save_layer_maps(maps, tmp_path / 'layers.png', title='t')
+  assert Image.open(p).size == visualize.layer_maps_size(LAYERS, HEADS, GRID) == (400, 200)
+  sim = visualize.posemb_similarity(np.eye(14 * 14, 32)[None], (14, 14), 0)
+  p = visualize.save_posemb_grid(sim, tmp_path / 'posemb.png')
+  assert Image.open(p).size == visualize.posemb_grid_size((14, 14))
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+
+def _cli(*args, cwd):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', 'vit_jax.visualize', *map(str, args)],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp('photos')
+  Image.fromarray(skimage.data.astronaut()).save(d / 'astronaut.png')
+  (d / 'more').mkdir()
+  Image.fromarray(skimage.data.chelsea()).save(d / 'more' / 'chelsea.jpg', quality=90)
+  Image.fromarray(skimage.data.astronaut()[:, ::-1]).save(d / 'more' / 'astronaut.jpg')
+  return d
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+  _, params = small('token')
+  path = tmp_path_factory.mktemp('ckpt') / 'tiny.npz'
+  npz.save_npz(path, params)
+  return path
+
+
+def test_cli_writes_the_pngs(photos, checkpoint, tmp_path):
+  out = tmp_path / 'maps'
+  r = _cli(f'--checkpoint={checkpoint}', f'--out={out}', photos / 'astronaut.png',
+           photos / 'more', cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  stems = ['astronaut', 'astronaut-2', 'chelsea']  # more/ sorted: astronaut.jpg, chelsea.jpg
+  for stem in stems:
+    assert Image.open(out / f'{stem}_rollout.png').size == (IMG, IMG)  # the input view
+    mask = Image.open(out / f'{stem}_rollout_mask.png')
+    assert mask.size == (IMG, IMG) and mask.mode == 'L'
+    assert (Image.open(out / f'{stem}_attention_layers.png').size
+            == visualize.layer_maps_size(LAYERS, HEADS, GRID))
+    assert f'{out / stem}_rollout.png' in r.stdout
+  assert (Image.open(out / 'posemb_similarity.png').size
+          == visualize.posemb_grid_size(GRID))
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      [f'{s}_{k}.png' for s in stems for k in ('rollout', 'rollout_mask', 'attention_layers')]
+      + ['posemb_similarity.png'])
+  tops = [line for line in r.stdout.splitlines() if ': top-1 ' in line]
+  assert len(tops) == 3 and tops[0].startswith(str(photos / 'astronaut.png'))
+  # The overlay blends the photo: the astronaut's white suit shows through.
+  overlay = np.asarray(Image.open(out / 'astronaut_rollout.png'), np.float64)
+  view = np.asarray(Image.open(photos / 'astronaut.png').resize((IMG, IMG)), np.float64)
+  assert np.corrcoef(overlay.mean(-1).ravel(), view.mean(-1).ravel())[0, 1] > 0.3
+
+
+def test_cli_errors(photos, checkpoint, tmp_path):
+  r = _cli(f'--checkpoint={checkpoint}', tmp_path / 'nope.jpg', cwd=tmp_path)
+  assert r.returncode == 2 and 'no such image file or folder' in r.stderr
+  assert 'nope.jpg' in r.stderr and 'Traceback' not in r.stderr
+  r = _cli(f'--checkpoint={tmp_path / "missing.npz"}', photos / 'astronaut.png',
+           cwd=tmp_path)
+  assert r.returncode == 2 and 'no such checkpoint' in r.stderr
+  r = _cli(photos / 'astronaut.png', cwd=tmp_path)
+  assert r.returncode == 2 and '--checkpoint is required' in r.stderr
+  assert not (tmp_path / 'attention_maps').exists()
+
+
+def test_cli_checkpoint_without_position_embedding(photos, tmp_path):
+  _, params = small('token')
+  params = dict(params)
+  params['Transformer'] = {k: v for k, v in params['Transformer'].items()
+                           if k != 'posembed_input'}
+  npz.save_npz(tmp_path / 'no_posemb.npz', params)
+  r = _cli(f'--checkpoint={tmp_path / "no_posemb.npz"}', photos / 'astronaut.png',
+           cwd=tmp_path)
+  assert r.returncode == 2, r.stderr
+  assert 'cannot load' in r.stderr and 'pos_embedding' in r.stderr
+  assert 'Traceback' not in r.stderr
