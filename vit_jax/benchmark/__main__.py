@@ -1,8 +1,19 @@
-r"""`python -m vit_jax.benchmark --mode=input [--compare=torchvision] [--json=FILE]`.
+r"""Benchmarks: `python -m vit_jax.benchmark --mode=train|infer|input ...`.
 
-Modes: `input` (the ImageNet training preprocessing on real photographs, images/s per
-CPU core, optionally next to torchvision's DataLoader pipeline in the same run). The
-model modes (`train`, `infer`) arrive with the performance work.
+    python -m vit_jax.benchmark --model=ViT-B/16 --mode=train --batch=8 --resolution=224 \
+        --dtype=float32 --compare=timm --json=/tmp/b16.json
+    python -m vit_jax.benchmark --mode=input --compare=torchvision
+
+Modes:
+  train: the real train step of `vit_jax.main` (optimizer, clipping, accumulation):
+    warm-up, timed steps (median and spread), images/s, compile time, FLOPs per image
+    (XLA cost analysis, checked against the analytic count), achieved FLOP/s, MFU against
+    the device peak (datasheet on GPU/TPU, a matmul measured in this run on CPU), peak
+    device memory where the backend reports it. `--compare=timm` runs the same model,
+    batch, dtype and optimizer in timm (PyTorch eager and torch.compile) in this process.
+  infer: the same for the inference forward pass.
+  input: the ImageNet training preprocessing on real photographs, images/s per CPU
+    core, optionally next to torchvision's DataLoader pipeline.
 """
 
 import json
@@ -10,21 +21,99 @@ import json
 from absl import app
 from absl import flags
 
-_MODE = flags.DEFINE_enum('mode', 'input', ['input'], 'What to measure.')
-_COMPARE = flags.DEFINE_string('compare', None, "Baseline run in the same process: 'torchvision'.")
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'input'], 'What to measure.')
+_COMPARE = flags.DEFINE_string(
+    'compare', None, "Baseline run in the same process: 'timm' (train/infer; eager and "
+    "torch.compile), 'timm_eager', 'timm_compile', or 'torchvision' (input).")
+_MODEL = flags.DEFINE_string('model', 'ViT-B/16', 'Registered model name (train/infer).')
+_RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input resolution (train/infer).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Compute dtype; parameters stay float32 (train/infer).')
+_ACCUM = flags.DEFINE_integer('accum_steps', 1, 'Gradient accumulation micro-batches (train).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation (train/infer).')
+_SET = flags.DEFINE_multi_string('set', [], 'Model config override FIELD=VALUE (Python '
+                                 "literal), e.g. --set=remat_policy='\'dots\''.")
 _JSON = flags.DEFINE_string('json', None, 'Write the record to this JSON file.')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Threads / worker processes (default: cores).')
-_BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed batches (after warm-up).')
+_BATCH = flags.DEFINE_integer('batch', None, 'Batch size (default: 8 train/infer, 64 input).')
+_STEPS = flags.DEFINE_integer('steps', None, 'Timed steps (default: 10 train/infer, 20 input).')
 _FILES = flags.DEFINE_integer(
     'files', 2048, 'JPEG files written for the run; keep steps x batch within one epoch')
 
 
+def _overrides() -> dict:
+  import ast  # pylint: disable=g-import-not-at-top
+  out = {}
+  for item in _SET.value:
+    key, _, value = item.partition('=')
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def _fmt(r: dict) -> str:
+  t = r['step_time']
+  return (f"  {r['framework']:<22} {r['images_per_sec']:9.2f} images/s   step "
+          f"{t['median_s'] * 1e3:8.1f} ms (p10 {t['p10_s'] * 1e3:.1f}, p90 "
+          f"{t['p90_s'] * 1e3:.1f}, {t['steps']} steps)")
+
+
+def model_main():
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  kwargs = dict(model=_MODEL.value, mode=_MODE.value, batch=_BATCH.value or 8,
+                resolution=_RESOLUTION.value, dtype=_DTYPE.value, steps=_STEPS.value or 10,
+                warmup=_WARMUP.value)
+  compare = _COMPARE.value
+  if compare and not compare.startswith('timm'):
+    raise app.UsageError(f"--compare={compare!r}: use 'timm', 'timm_eager' or 'timm_compile' "
+                         'with --mode=train/infer')
+  baselines = []
+  if compare:  # torch first: it must be imported before TensorFlow (vit_jax.torch_import)
+    if compare in ('timm', 'timm_eager'):
+      baselines.append(model_speed.run_timm(**kwargs))
+    if compare in ('timm', 'timm_compile'):
+      try:
+        baselines.append(model_speed.run_timm(**kwargs, compile_model=True))
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'torch.compile failed: {type(e).__name__}: {e}', flush=True)
+  r = model_speed.run_vit_jax(**kwargs, accum_steps=_ACCUM.value, overrides=_overrides())
+  lines = [
+      f"{r['model']} {r['mode']}, batch {r['batch']}, {r['resolution']} px, {r['dtype']}"
+      f"{', ' + str(r['overrides']) if r['overrides'] else ''} on {r['device_count']} x "
+      f"{r['device']} ({r['backend']}):",
+      _fmt(r),
+      f"  compile {r['compile_s']:.1f} s; forward {r['forward_flops_per_image_xla'] / 1e9:.2f}"
+      f" GFLOPs/image (XLA), analytic/XLA {r['analytic_vs_xla']:.4f}; "
+      f"{r['achieved_flops_per_sec'] / 1e9:.1f} GFLOP/s achieved",
+      f"  MFU {r['mfu']:.3f} of {r['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s "
+      f"({r['peak_source']})"
+      + (f"; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB"
+         if r['peak_memory_bytes'] else '')]
+  for b in baselines:
+    lines.append(_fmt(b))
+    lines.append(f"    vit_jax / {b['framework']}: {r['images_per_sec'] / b['images_per_sec']:.2f}x")
+  print('\n'.join(lines), flush=True)
+  r['baselines'] = baselines
+  for b in baselines:
+    r[f"ratio_vs_{b['framework'].replace(' ', '_').replace('.', '_')}"] = (
+        r['images_per_sec'] / b['images_per_sec'])
+  return r
+
+
 def main(argv):
   del argv
+  if _MODE.value in ('train', 'infer'):
+    record = model_main()
+    if _JSON.value:
+      with open(_JSON.value, 'w') as f:
+        json.dump(record, f, indent=2)
+    return
   from vit_jax.benchmark import input_speed  # pylint: disable=g-import-not-at-top
-  record = input_speed.run(workers=_WORKERS.value, batch_size=_BATCH.value,
-                           steps=_STEPS.value, num_files=_FILES.value, compare=_COMPARE.value)
+  record = input_speed.run(workers=_WORKERS.value, batch_size=_BATCH.value or 64,
+                           steps=_STEPS.value or 20, num_files=_FILES.value,
+                           compare=_COMPARE.value)
   lines = [f"input pipeline ({record['pipeline']}), {record['workers']} worker(s), "
            f"{record['files']} JPEGs of {record['mean_file_kb']:.0f} KB on average:",
            f"  vit_jax:     {record['images_per_sec']:8.1f} images/s = "

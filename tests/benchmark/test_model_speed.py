@@ -1,0 +1,69 @@
+"""The train/infer benchmark command runs end to end and its record is complete and
+consistent (speed targets live in BENCHMARKS.md, never in tests)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import models
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+FIELDS = {
+    'framework', 'model', 'mode', 'batch', 'resolution', 'dtype', 'accum_steps', 'overrides',
+    'images_per_sec', 'step_time', 'compile_s', 'forward_flops_per_image_xla',
+    'forward_flops_per_image_analytic', 'analytic_vs_xla', 'model_flops_per_image',
+    'xla_step_flops_per_image', 'achieved_flops_per_sec', 'peak_flops_per_sec', 'peak_source',
+    'mfu', 'peak_memory_bytes', 'device', 'device_count', 'backend', 'jax_version', 'baselines',
+}
+
+
+def _bench(tmp_path, *args):
+  out = tmp_path / 'record.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.benchmark', '--model=ViT-Ti/16', '--batch=2',
+       '--resolution=32', '--steps=2', '--warmup=1', f'--json={out}', *args], cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+def test_train_benchmark_with_timm_baseline(tmp_path):
+  r, stdout = _bench(tmp_path, '--mode=train', '--compare=timm_eager', '--accum_steps=2')
+  assert FIELDS <= set(r), FIELDS - set(r)
+  assert r['mode'] == 'train' and r['accum_steps'] == 2 and r['step_time']['steps'] == 2
+  t = r['step_time']
+  assert 0 < t['min_s'] <= t['median_s'] <= t['max_s']
+  assert r['images_per_sec'] == pytest.approx(2 / t['median_s'])
+  # A train step counts forward + backward = 3x the forward; XLA's count of the whole
+  # compiled step (optimizer included) is of the same order.
+  assert r['model_flops_per_image'] == pytest.approx(3 * r['forward_flops_per_image_xla'])
+  assert 2 < r['xla_step_flops_per_image'] / r['forward_flops_per_image_xla'] < 6
+  assert r['mfu'] == pytest.approx(r['model_flops_per_image'] * r['images_per_sec']
+                                   / r['peak_flops_per_sec'])
+  assert 0 < r['mfu'] < 1 and 'measured float32' in r['peak_source']
+  (b,) = r['baselines']
+  assert b['framework'] == 'timm eager' and b['timm_model'].startswith('vit_tiny_patch16')
+  assert r['ratio_vs_timm_eager'] == pytest.approx(r['images_per_sec'] / b['images_per_sec'])
+  assert 'vit_jax / timm eager' in stdout and 'MFU' in stdout
+
+
+def test_infer_benchmark_bf16(tmp_path):
+  r, _ = _bench(tmp_path, '--mode=infer', '--dtype=bfloat16')
+  assert r['mode'] == 'infer' and r['dtype'] == 'bfloat16'
+  assert r['model_flops_per_image'] == r['forward_flops_per_image_xla']
+  assert 'measured bfloat16' in r['peak_source'] and r['baselines'] == []
+
+
+def test_vit_b16_flops_equal_the_analytic_count():
+  """XLA's FLOP count of the ViT-B/16 forward pass equals the matmul formula within 1%
+  (the rest is softmax, LayerNorm and GELU)."""
+  module = models.create('ViT-B/16')
+  xla = models.forward_flops(module, 224)
+  analytic = models.analytic_flops(module, 224)
+  assert analytic == pytest.approx(35.1e9, rel=0.01)  # 12 x (4 D^2 + 2 D M) x 197 x 2 + ...
+  assert analytic / xla == pytest.approx(1.0, abs=0.01)

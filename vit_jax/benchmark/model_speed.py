@@ -1,0 +1,203 @@
+"""Speed of the real train step (or inference) of a model, its FLOPs and MFU, optionally
+next to timm (PyTorch eager and `torch.compile`) in the same process.
+
+The train mode builds the step `vit_jax.main` runs (`train.loop.Trainer`: the config's
+optimizer, global-norm clipping, gradient accumulation, donated sharded state) on random
+images and labels already on the devices, so it measures the model and the optimizer,
+not the input pipeline (`--mode=input` measures that). Each timed step is synchronised
+(`block_until_ready`) to get a distribution; the median is the figure reported.
+
+FLOPs: the model's forward FLOPs per image from XLA's cost analysis of the inference
+function, checked against the analytic matmul count; a training step counts 3x the
+forward (forward + backward), the usual MFU convention, and XLA's count of the whole
+compiled step is recorded too. MFU = model FLOPs / step time / peak, where the peak is
+the datasheet figure of a GPU/TPU for the compute dtype, or on a CPU the best large
+matmul measured in the same run (`train.hardware`).
+"""
+
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import models
+from vit_jax.train import hardware
+
+NUM_CLASSES = 1000
+
+
+def _summary(times) -> dict:
+  times = sorted(times)
+  q = lambda f: times[min(int(f * len(times)), len(times) - 1)]  # noqa: E731
+  return {'median_s': statistics.median(times), 'min_s': times[0], 'max_s': times[-1],
+          'p10_s': q(0.1), 'p90_s': q(0.9), 'steps': len(times)}
+
+
+def _timed(fn, steps: int, warmup: int) -> list[float]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def _cost_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def _peak_memory() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
+
+
+def train_config(model: str, *, batch: int, resolution: int, dtype: str,
+                 accum_steps: int = 1, overrides: dict | None = None):
+  """The training config benchmarked: the model as registered, 1000 classes, Adam with
+  weight decay and clipping at 1 (the pretraining recipe's optimizer)."""
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  config = defaults.default_config()
+  config.model = models.get_config(model)
+  config.model.update(image_size=resolution, num_classes=NUM_CLASSES, dtype=dtype)
+  for k, v in (overrides or {}).items():
+    config.model[k] = v
+  config.batch_size = batch
+  config.accum_steps = accum_steps
+  config.total_steps = 10_000
+  config.optimizer.update(name='adam', weight_decay=0.03, grad_clip_norm=1.0)
+  config.schedule.update(base_lr=1e-3, warmup_steps=100, decay='linear')
+  return config
+
+
+def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='float32',
+                steps=10, warmup=2, accum_steps=1, overrides=None) -> dict:
+  """Times vit_jax; returns the record (see the module docstring)."""
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = train_config(model, batch=batch, resolution=resolution, dtype=dtype,
+                        accum_steps=accum_steps, overrides=overrides)
+  defaults.validate(config, num_devices=jax.device_count(), process_count=1)
+  mesh = sharding.create_mesh(config.mesh)
+  trainer = loop.Trainer(config, mesh, config.total_steps)
+  module = trainer.module
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
+  labels = np.eye(NUM_CLASSES, dtype=np.float32)[rng.integers(0, NUM_CLASSES, batch)]
+  data = jax.device_put({'image': images, 'label': labels}, trainer.batch_sharding)
+  state = trainer.init_state()
+  jax.block_until_ready(state)
+
+  start = time.perf_counter()
+  if mode == 'train':
+    compiled = trainer.lower_train_step(state, data).compile()
+  else:
+    infer = jax.jit(lambda p, x: module.apply({'params': p}, x, train=False),
+                    in_shardings=(trainer.state_sharding.params, trainer.batch_sharding))
+    with jax.set_mesh(mesh):
+      compiled = infer.lower(state.params, data['image']).compile()
+  compile_s = time.perf_counter() - start
+  step_flops_xla = _cost_flops(compiled)
+
+  holder = {'state': state}
+  if mode == 'train':
+    def step():
+      holder['state'], metrics = compiled(holder['state'], data)
+      jax.block_until_ready(metrics)
+  else:
+    def step():
+      jax.block_until_ready(compiled(holder['state'].params, data['image']))
+  times = _timed(step, steps, warmup)
+
+  forward = models.forward_flops(module, resolution)
+  analytic = models.analytic_flops(module, resolution)
+  model_flops = (3 if mode == 'train' else 1) * forward
+  peak_device, peak_source = _peak(module.dtype)
+  peak = peak_device * jax.device_count()
+  summary = _summary(times)
+  ips = batch / summary['median_s']
+  return {
+      'framework': 'vit_jax', 'model': model, 'mode': mode, 'batch': batch,
+      'resolution': resolution, 'dtype': dtype, 'accum_steps': accum_steps,
+      'overrides': dict(overrides or {}),
+      'images_per_sec': ips, 'step_time': summary, 'compile_s': compile_s,
+      'forward_flops_per_image_xla': forward,
+      'forward_flops_per_image_analytic': analytic,
+      'analytic_vs_xla': analytic / forward,
+      'model_flops_per_image': model_flops,
+      'xla_step_flops_per_image': step_flops_xla / batch if step_flops_xla else None,
+      'achieved_flops_per_sec': model_flops * ips,
+      'peak_flops_per_sec': peak, 'peak_source': peak_source,
+      'mfu': model_flops * ips / peak,
+      'peak_memory_bytes': _peak_memory(),
+      'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+      'backend': jax.default_backend(), 'jax_version': jax.__version__,
+  }
+
+
+def _peak(dtype) -> tuple[float, str]:
+  device = jax.devices()[0]
+  peak = hardware.datasheet_peak(device, dtype)
+  if peak is not None:
+    return peak, f'datasheet ({device.device_kind}, {jnp.dtype(dtype).name})'
+  return (hardware.measured_matmul_peak(jnp.dtype(dtype).name),
+          f'measured {jnp.dtype(dtype).name} 2048^3 matmul, this run')
+
+
+def run_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='float32',
+             steps=10, warmup=2, compile_model=False) -> dict:
+  """The same model, batch and optimizer (AdamW, clipping at 1) in timm; bf16 = autocast."""
+  from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
+  torch = torch_import.torch()
+  timm = torch_import.module('timm')
+  torch.set_num_threads(os.cpu_count() or 1)
+  config = models.get_config(model)
+  config.image_size = resolution
+  name = timm_format.timm_name(config)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  net = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES,
+                          img_size=resolution).to(device)
+  bf16 = dtype == 'bfloat16'
+  x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+  y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+  fn = torch.compile(net) if compile_model else net
+  autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  if mode == 'train':
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.03)
+
+    def step():
+      with autocast():
+        loss = torch.nn.functional.cross_entropy(fn(x), y)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+      sync()
+  else:
+    net.eval()
+
+    def step():
+      with torch.inference_mode(), autocast():
+        fn(x)
+      sync()
+  start = time.perf_counter()
+  step()  # the first call compiles (torch.compile) / warms up
+  first_s = time.perf_counter() - start
+  times = _timed(step, steps, max(warmup - 1, 0))
+  summary = _summary(times)
+  return {'framework': 'timm ' + ('torch.compile' if compile_model else 'eager'),
+          'timm_model': name, 'mode': mode, 'batch': batch, 'resolution': resolution,
+          'dtype': dtype, 'images_per_sec': batch / summary['median_s'],
+          'step_time': summary, 'first_step_s': first_s, 'device': device,
+          'torch_version': torch.__version__, 'timm_version': timm.__version__}
