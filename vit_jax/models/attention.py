@@ -10,6 +10,8 @@ the weights for visualisation, and attention dropout while training.
 
 from typing import Any
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,20 @@ def attention_weights(query: jax.Array, key: jax.Array) -> jax.Array:
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key,
                       preferred_element_type=jnp.float32)
   return jax.nn.softmax(logits / jnp.sqrt(depth).astype(jnp.float32), axis=-1)
+
+
+def matmul_fn(dtype):
+  """The dot_general of every Dense layer for compute `dtype`.
+
+  Mixed precision: with bfloat16 (or float16) compute, matmul inputs are in that dtype
+  and products accumulate and come out in float32 (the residual stream, LayerNorm inputs
+  and logits stay float32). On CPUs this is about 2x the speed of a float32 matmul, while
+  bf16 in / bf16 out is no faster than float32; on GPUs and TPUs it is what the tensor
+  cores do anyway. None (the default lax.dot_general) for float32.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return None
+  return functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -50,13 +66,16 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f'attention implementation {self.implementation!r} is not one of '
                        f'{ATTENTION_IMPLEMENTATIONS}')
     head_dim = width // self.num_heads
+    dot_general = matmul_fn(self.dtype)
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
         features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
-        name=name)
-    query = dense('query')(inputs_q)
-    key = dense('key')(inputs_kv)
-    value = dense('value')(inputs_kv)
+        dot_general=dot_general, name=name)
+    # Projections accumulate in float32 under mixed precision; the attention products
+    # take the compute dtype again (their logits and softmax are float32 inside).
+    query = dense('query')(inputs_q).astype(self.dtype)
+    key = dense('key')(inputs_kv).astype(self.dtype)
+    value = dense('value')(inputs_kv).astype(self.dtype)
 
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     weights = None
@@ -71,7 +90,8 @@ class MultiHeadDotProductAttention(nn.Module):
                                          implementation=self.implementation)
     out = nn.DenseGeneral(
         features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name='out')(out)
+        kernel_init=nn.initializers.xavier_uniform(), dot_general=dot_general,
+        name='out')(out)
     if return_weights:
       return out, weights
     return out

@@ -34,6 +34,7 @@ _FIELD_DOCS = {
     'layernorm_eps': 'LayerNorm epsilon (1e-6 original and timm, 1e-12 transformers)',
     'gelu_approximate': 'tanh-approximate GELU (original) or exact (timm, transformers)',
     'attention_impl': "jax.nn.dot_product_attention implementation: None, 'xla', 'cudnn'",
+    'remat_policy': "rematerialise each block in backward: None, 'full', 'dots', 'dots_no_batch'",
     'in_channels': 'input channels',
     'dtype': "compute dtype: 'float32' or 'bfloat16'",
     'param_dtype': "parameter dtype: 'float32' (recommended) or 'bfloat16'",
@@ -75,6 +76,7 @@ def _base(name, size, patch, resnet=None, image_size=224):
   c.layernorm_eps = 1e-6
   c.gelu_approximate = True
   c.attention_impl = ml_collections.FieldReference(None, field_type=str)
+  c.remat_policy = ml_collections.FieldReference(None, field_type=str)
   c.in_channels = 3
   c.dtype = 'float32'
   c.param_dtype = 'float32'
@@ -189,6 +191,9 @@ def create(name_or_config, **overrides) -> vit.VisionTransformer:
   if get('attention_impl') not in attention.ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention_impl={get('attention_impl')!r} is not one of "
                      f'{attention.ATTENTION_IMPLEMENTATIONS}')
+  if get('remat_policy') not in vit.REMAT_POLICIES:
+    raise ValueError(f"remat_policy={get('remat_policy')!r} is not one of "
+                     f'{vit.REMAT_POLICIES}')
   hidden, heads = get('hidden_size'), get('num_heads')
   if hidden % heads:
     raise ValueError(f'hidden_size={hidden} is not divisible by num_heads={heads}')
@@ -200,6 +205,7 @@ def create(name_or_config, **overrides) -> vit.VisionTransformer:
       attention_dropout_rate=get('attention_dropout_rate'),
       drop_path_rate=get('drop_path_rate'), layernorm_eps=get('layernorm_eps'),
       gelu_approximate=get('gelu_approximate'), attention_impl=get('attention_impl'),
+      remat_policy=get('remat_policy'),
       in_channels=get('in_channels'), dtype=_dtype(get('dtype'), 'dtype'),
       param_dtype=_dtype(get('param_dtype'), 'param_dtype'))
   resnet = config.get('resnet')

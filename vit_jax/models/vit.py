@@ -28,6 +28,23 @@ CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 # context the constraints do nothing; the train step maps them to mesh axes
 # (vit_jax/sharding.py LOGICAL_RULES).
 TOKENS_AXES = ('batch', 'length', 'embed')
+REMAT_POLICIES = (None, 'full', 'dots', 'dots_no_batch')
+
+
+def remat_policy(name: str | None):
+  """jax.checkpoint policy of a block: what the backward pass keeps from the forward.
+
+  None: keep everything (no rematerialisation, fastest). 'full': keep only the block
+  inputs and recompute the block (least memory). 'dots': keep matmul outputs, recompute
+  the elementwise ops. 'dots_no_batch': keep the weight matmuls' outputs only.
+  """
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy={name!r} is not one of {REMAT_POLICIES}')
+  return {
+      'full': jax.checkpoint_policies.nothing_saveable,
+      'dots': jax.checkpoint_policies.checkpoint_dots,
+      'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }.get(name)
 
 
 class DropPath(nn.Module):
@@ -78,6 +95,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x, *, deterministic: bool):
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=self.dtype, param_dtype=self.param_dtype,
+        dot_general=attention_lib.matmul_fn(self.dtype),
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     out_dim = x.shape[-1]
@@ -103,7 +121,7 @@ class Encoder1DBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool, capture_attention: bool = False):
+  def __call__(self, x, deterministic: bool, capture_attention: bool = False):
     ln = lambda name: nn.LayerNorm(  # noqa: E731
         epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
@@ -137,6 +155,7 @@ class Encoder(nn.Module):
   layernorm_eps: float = 1e-6
   gelu_approximate: bool = True
   attention_impl: str | None = None
+  remat_policy: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -144,16 +163,20 @@ class Encoder(nn.Module):
   def __call__(self, x, *, train: bool, capture_attention: bool = False):
     x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    block_cls = Encoder1DBlock
+    if self.remat_policy is not None:  # same parameter names, recomputed in backward
+      block_cls = nn.remat(Encoder1DBlock, policy=remat_policy(self.remat_policy),
+                           static_argnums=(2, 3))
     for i in range(self.num_layers):
       # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last).
       rate = self.drop_path_rate * i / max(self.num_layers - 1, 1)
-      x = Encoder1DBlock(
+      x = block_cls(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
           layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
           attention_impl=self.attention_impl, dtype=self.dtype,
           param_dtype=self.param_dtype, name=f'encoderblock_{i}')(
-              x, deterministic=not train, capture_attention=capture_attention)
+              x, not train, capture_attention)
     return nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False,
                         dtype=self.dtype, param_dtype=self.param_dtype,
                         name='encoder_norm')(x)
@@ -205,6 +228,7 @@ class VisionTransformer(nn.Module):
   layernorm_eps: float = 1e-6
   gelu_approximate: bool = True
   attention_impl: str | None = None
+  remat_policy: str | None = None
   in_channels: int = 3
   # Hybrid stem; resnet_layers=None means a plain ViT, () means the root block only.
   resnet_layers: Sequence[int] | None = None
@@ -271,7 +295,8 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, layernorm_eps=self.layernorm_eps,
         gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl,
-        dtype=self.dtype, param_dtype=self.param_dtype, name='Transformer')(
+        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='Transformer')(
             x, train=train, capture_attention=capture_attention)
 
     if self.classifier == 'token':
@@ -287,10 +312,11 @@ class VisionTransformer(nn.Module):
 
     if self.representation_size:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name='pre_logits')(x)
+                   dot_general=attention_lib.matmul_fn(self.dtype), name='pre_logits')(x)
       x = jnp.tanh(x)
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   dot_general=attention_lib.matmul_fn(self.dtype),
                    kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
     return x.astype(jnp.float32)
