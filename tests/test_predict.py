@@ -217,3 +217,24 @@ def test_cli_errors_are_one_line_messages(tmp_path, photos):
   proc = _predict_cli(photos[0], timeout=120)
   assert proc.returncode == 2 and '--checkpoint is required' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_checkpoint_of_a_sharded_scanned_run_loads_on_one_device(tmp_path, photos):
+  """A run on 2 devices with FSDP-sharded, layer-stacked (scan_layers) params is read in a
+  1-device process with the unrolled layout."""
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+       f'--config.input.data_dir={tmp_path / "tfds"}', '--config.model.num_layers=2',
+       '--config.model.scan_layers=True', '--config.mesh.fsdp=2', '--config.min_fsdp_size=1000',
+       '--config.batch_size=16', '--config.total_steps=2', '--config.schedule.warmup_steps=1',
+       '--config.eval_every=0'],
+      cwd=ROOT, env=dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=2'),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  clf = inference.ImageClassifier.from_pretrained(workdir)
+  assert set(clf.params['Transformer']) >= {'encoderblock_0', 'encoderblock_1'}
+  assert not clf.config.scan_layers and clf.class_names == [str(i) for i in range(10)]
+  probs = clf.predict_proba(photos)
+  assert probs.shape == (len(photos), 10)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)

@@ -79,3 +79,45 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
 def test_unknown_remat_policy_is_an_error():
   with pytest.raises(ValueError, match="remat_policy='everything' is not one of"):
     models.create('ViT-Ti/16', remat_policy='everything')
+
+
+@pytest.mark.parametrize('remat', [None, 'dots'])
+def test_scan_over_layers_equals_the_unrolled_encoder(remat):
+  """Same logits and gradients; parameters are the unrolled ones stacked per layer."""
+  fp32, params, images = _setup(drop_path_rate=0.2)
+  scanned = models.create('ViT-Ti/16', **dict(SMALL, drop_path_rate=0.2, scan_layers=True,
+                                              remat_policy=remat))
+  stacked = models.stack_layers(params)
+  assert jax.tree.structure(models.init_params(scanned, 32)) == jax.tree.structure(stacked)
+  assert stacked['Transformer']['encoderblock']['LayerNorm_0']['scale'].shape == (2, 64)
+  unstacked = models.unstack_layers(stacked)
+  for a, b in zip(jax.tree.leaves(unstacked), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+  def loss(module, p):
+    logits = module.apply({'params': p}, images, train=False)
+    return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+  l1, g1 = jax.value_and_grad(lambda p: loss(fp32, p))(params)
+  l2, g2 = jax.value_and_grad(lambda p: loss(scanned, p))(stacked)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(models.stack_layers(g1)), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
+  # Training mode (dropout, per-layer drop-path rates) runs and differs from eval.
+  train_logits = scanned.apply({'params': stacked}, images, train=True,
+                               rngs={'dropout': jax.random.PRNGKey(0)})
+  assert not np.allclose(train_logits, scanned.apply({'params': stacked}, images))
+  with pytest.raises(ValueError, match='capture_attention needs scan_layers=False'):
+    models.attention_maps(scanned, stacked, images)
+
+
+def test_pretrained_weights_fit_a_scanned_model():
+  from vit_jax.checkpoints import pretrained  # pylint: disable=import-outside-toplevel
+  _, params, images = _setup()
+  scanned = models.create('ViT-Ti/16', **dict(SMALL, scan_layers=True))
+  reference = jax.device_get(models.init_params(scanned, 32))
+  fitted = pretrained.adapt(params, reference, keep_head=True)
+  assert jax.tree.structure(fitted) == jax.tree.structure(reference)
+  fp32 = models.create('ViT-Ti/16', **SMALL)
+  np.testing.assert_allclose(scanned.apply({'params': fitted}, images),
+                             fp32.apply({'params': params}, images), atol=1e-5)

@@ -29,6 +29,7 @@ from vit_jax.checkpoints import timm_format
 from vit_jax.checkpoints import tree
 from vit_jax.models import posemb as posemb_lib
 from vit_jax.models import registry
+from vit_jax.models import scan_layout
 
 _POSEMB = 'Transformer/posembed_input/pos_embedding'
 
@@ -49,9 +50,19 @@ def orbax_step_dir(path: str) -> str:
 
 
 def _orbax_params(path: str) -> dict:
+  """The params of a train-state checkpoint, on this process's first device whatever the
+  device layout the run was saved from (8 GPUs, a TPU pod, FSDP)."""
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   state_dir = os.path.join(orbax_step_dir(path), 'state')
-  return ocp.StandardCheckpointer().restore(state_dir)['params']
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(state_dir)
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  metadata = getattr(metadata, 'tree', metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata)
+  return jax.device_get(checkpointer.restore(state_dir, target)['params'])
 
 
 def _orbax_meta(path: str) -> dict:
@@ -144,10 +155,13 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     config, params = timm_format.from_timm(sd, name, num_heads=heads)
     return Checkpoint(config, params, 'timm')
   if os.path.isdir(path):
-    params = _orbax_params(path)
+    # Runs with scan_layers store the blocks stacked; readers get the unrolled layout.
+    params = scan_layout.unstack_layers(_orbax_params(path))
     meta = _orbax_meta(path)
     if meta.get('model'):
       config = ml_collections.ConfigDict(meta['model'])
+      if 'scan_layers' in config:
+        config.scan_layers = False
     else:
       config = architecture.infer_model_config(params)
     pp_eval = ((meta.get('config') or {}).get('input') or {}).get('pp_eval')
@@ -183,7 +197,13 @@ def _structure_errors(got, ref) -> list[str]:
 
 def adapt(loaded, reference, *, posemb_method: str = 'bilinear',
           keep_head: bool = False) -> dict:
-  """Fits pretrained params to the model whose (initialised) params are `reference`."""
+  """Fits pretrained params to the model whose (initialised) params are `reference`
+  (either encoder layout: the result has the reference's)."""
+  if scan_layout.is_stacked(reference):
+    adapted = adapt(scan_layout.unstack_layers(loaded), scan_layout.unstack_layers(reference),
+                    posemb_method=posemb_method, keep_head=keep_head)
+    return scan_layout.stack_layers(adapted)
+  loaded = scan_layout.unstack_layers(loaded)
   got = {k: np.asarray(v) for k, v in tree.flatten(loaded).items()}
   ref = tree.flatten(reference)
   errors = _structure_errors(got, ref)

@@ -35,6 +35,7 @@ _FIELD_DOCS = {
     'gelu_approximate': 'tanh-approximate GELU (original) or exact (timm, transformers)',
     'attention_impl': "jax.nn.dot_product_attention implementation: None, 'xla', 'cudnn'",
     'remat_policy': "rematerialise each block in backward: None, 'full', 'dots', 'dots_no_batch'",
+    'scan_layers': 'one nn.scan over the encoder blocks (faster compile; params stacked per layer)',
     'in_channels': 'input channels',
     'dtype': "compute dtype: 'float32' or 'bfloat16'",
     'param_dtype': "parameter dtype: 'float32' (recommended) or 'bfloat16'",
@@ -77,6 +78,7 @@ def _base(name, size, patch, resnet=None, image_size=224):
   c.gelu_approximate = True
   c.attention_impl = ml_collections.FieldReference(None, field_type=str)
   c.remat_policy = ml_collections.FieldReference(None, field_type=str)
+  c.scan_layers = False
   c.in_channels = 3
   c.dtype = 'float32'
   c.param_dtype = 'float32'
@@ -205,7 +207,7 @@ def create(name_or_config, **overrides) -> vit.VisionTransformer:
       attention_dropout_rate=get('attention_dropout_rate'),
       drop_path_rate=get('drop_path_rate'), layernorm_eps=get('layernorm_eps'),
       gelu_approximate=get('gelu_approximate'), attention_impl=get('attention_impl'),
-      remat_policy=get('remat_policy'),
+      remat_policy=get('remat_policy'), scan_layers=get('scan_layers'),
       in_channels=get('in_channels'), dtype=_dtype(get('dtype'), 'dtype'),
       param_dtype=_dtype(get('param_dtype'), 'param_dtype'))
   resnet = config.get('resnet')

@@ -48,14 +48,18 @@ def remat_policy(name: str | None):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example."""
-  rate: float
+  """Stochastic depth: drops the whole residual branch per example.
+
+  `rate` is a float, or a traced scalar when the blocks are scanned (one rate per layer).
+  """
+  rate: Any
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
+    static = isinstance(self.rate, (int, float))
+    if deterministic or (static and self.rate == 0.0):
       return x
-    if self.rate >= 1.0:
+    if static and self.rate >= 1.0:
       return jnp.zeros_like(x)
     keep = 1.0 - self.rate
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -122,6 +126,9 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool, capture_attention: bool = False):
+    return self._forward(x, deterministic, capture_attention, self.drop_path_rate)
+
+  def _forward(self, x, deterministic, capture_attention, drop_path_rate):
     ln = lambda name: nn.LayerNorm(  # noqa: E731
         epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
@@ -135,13 +142,22 @@ class Encoder1DBlock(nn.Module):
       y, weights = y
       self.sow('intermediates', 'attention_weights', weights)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
-    x = x + DropPath(self.drop_path_rate)(y, deterministic)
+    x = x + DropPath(drop_path_rate)(y, deterministic)
     y = ln('LayerNorm_1')(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                  gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                  param_dtype=self.param_dtype, name='MlpBlock_0')(y, deterministic=deterministic)
-    return nn.with_logical_constraint(x + DropPath(self.drop_path_rate)(y, deterministic),
+    return nn.with_logical_constraint(x + DropPath(drop_path_rate)(y, deterministic),
                                       TOKENS_AXES)
+
+
+class ScannedEncoderBlock(Encoder1DBlock):
+  """The block as one step of `nn.scan` over layers: (tokens, this layer's drop-path
+  rate, deterministic) -> (tokens, None). Its parameters gain a leading layer axis."""
+
+  @nn.compact
+  def __call__(self, x, drop_path_rate, deterministic: bool):  # pylint: disable=arguments-renamed
+    return self._forward(x, deterministic, False, drop_path_rate), None
 
 
 class Encoder(nn.Module):
@@ -156,13 +172,42 @@ class Encoder(nn.Module):
   gelu_approximate: bool = True
   attention_impl: str | None = None
   remat_policy: str | None = None
+  scan_layers: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _block_kwargs(self):
+    return dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def _scanned(self, x, train):
+    """All blocks as one `nn.scan` (parameters 'encoderblock/...' with a leading layer
+    axis): the same computation, compiled once instead of num_layers times."""
+    step = ScannedEncoderBlock
+    if self.remat_policy is not None:
+      step = nn.remat(step, policy=remat_policy(self.remat_policy), static_argnums=(3,))
+    layers = nn.scan(step, variable_axes={'params': 0},
+                     split_rngs={'params': True, 'dropout': True},
+                     in_axes=(0, nn.broadcast), length=self.num_layers)
+    rates = self.drop_path_rate * jnp.arange(self.num_layers) / max(self.num_layers - 1, 1)
+    x, _ = layers(**self._block_kwargs(), name='encoderblock')(x, rates, not train)
+    return x
 
   @nn.compact
   def __call__(self, x, *, train: bool, capture_attention: bool = False):
     x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    if self.scan_layers:
+      if capture_attention:
+        raise ValueError('capture_attention needs scan_layers=False: load the weights into '
+                         'the unscanned model (vit_jax.models.unstack_layers)')
+      x = self._scanned(x, train)
+      return nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False,
+                          dtype=self.dtype, param_dtype=self.param_dtype,
+                          name='encoder_norm')(x)
     block_cls = Encoder1DBlock
     if self.remat_policy is not None:  # same parameter names, recomputed in backward
       block_cls = nn.remat(Encoder1DBlock, policy=remat_policy(self.remat_policy),
@@ -170,13 +215,8 @@ class Encoder(nn.Module):
     for i in range(self.num_layers):
       # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last).
       rate = self.drop_path_rate * i / max(self.num_layers - 1, 1)
-      x = block_cls(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
-          layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
-          attention_impl=self.attention_impl, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=f'encoderblock_{i}')(
-              x, not train, capture_attention)
+      x = block_cls(**self._block_kwargs(), drop_path_rate=rate, name=f'encoderblock_{i}')(
+          x, not train, capture_attention)
     return nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False,
                         dtype=self.dtype, param_dtype=self.param_dtype,
                         name='encoder_norm')(x)
@@ -229,6 +269,7 @@ class VisionTransformer(nn.Module):
   gelu_approximate: bool = True
   attention_impl: str | None = None
   remat_policy: str | None = None
+  scan_layers: bool = False
   in_channels: int = 3
   # Hybrid stem; resnet_layers=None means a plain ViT, () means the root block only.
   resnet_layers: Sequence[int] | None = None
@@ -295,8 +336,8 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, layernorm_eps=self.layernorm_eps,
         gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl,
-        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='Transformer')(
+        remat_policy=self.remat_policy, scan_layers=self.scan_layers, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='Transformer')(
             x, train=train, capture_attention=capture_attention)
 
     if self.classifier == 'token':
