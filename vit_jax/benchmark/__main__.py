@@ -31,6 +31,8 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype; parameters stay float32 (train/infer).')
 _ACCUM = flags.DEFINE_integer('accum_steps', 1, 'Gradient accumulation micro-batches (train).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation (train/infer).')
+_CACHE = flags.DEFINE_string('compilation_cache_dir', None,
+                             'Persistent XLA compilation cache (a second run compiles from it).')
 _SET = flags.DEFINE_multi_string('set', [], 'Model config override FIELD=VALUE (Python '
                                  "literal), e.g. --set=remat_policy='\'dots\''.")
 _JSON = flags.DEFINE_string('json', None, 'Write the record to this JSON file.')
@@ -62,6 +64,11 @@ def _fmt(r: dict) -> str:
 
 def model_main():
   from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  if _CACHE.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   kwargs = dict(model=_MODEL.value, mode=_MODE.value, batch=_BATCH.value or 8,
                 resolution=_RESOLUTION.value, dtype=_DTYPE.value, steps=_STEPS.value or 10,
                 warmup=_WARMUP.value)
