@@ -16,13 +16,13 @@ or for 1,000-class heads the ImageNet-1k names.
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import image_files
 from vit_jax import labels as labels_lib
 from vit_jax import models
 from vit_jax.checkpoints import pretrained
@@ -39,28 +39,6 @@ class Prediction:
 
 def default_pp(image_size: int) -> str:
   return f'decode|resize({image_size})|value_range(-1, 1)'
-
-
-def _read_image(image):
-  """A path, encoded bytes, PIL image or uint8 array -> what the 'decode' op takes."""
-  if isinstance(image, (str, os.PathLike)):
-    path = pathlib.Path(image)
-    if not path.is_file():
-      raise FileNotFoundError(f'no image file {path}')
-    return path.read_bytes()
-  if isinstance(image, bytes):
-    return image
-  if hasattr(image, 'convert') and hasattr(image, 'size'):  # PIL
-    return np.asarray(image.convert('RGB'))
-  array = np.asarray(image)
-  if array.ndim == 2:
-    array = array[..., None]
-  if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
-    raise ValueError(f'expected an HxWxC image (C 1-4), got an array of shape {array.shape}')
-  if array.dtype != np.uint8:
-    raise ValueError(f'expected uint8 pixels (0..255), got {array.dtype}; pass the image '
-                     'as loaded, preprocessing scales it')
-  return array
 
 
 class ImageClassifier:
@@ -127,7 +105,7 @@ class ImageClassifier:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     out = []
     for image in images:
-      data = _read_image(image)
+      data = image_files.read_image(image)
       example = self._preprocess_one({'image': tf.constant(data)})
       out.append(np.asarray(example['image'], np.float32))
     shapes = {x.shape for x in out}

@@ -11,12 +11,13 @@ images in it. Images are preprocessed by the evaluation ops and classified in ji
 batches; for each image the top-k labels are printed with their softmax probabilities.
 """
 
-import pathlib
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from vit_jax import image_files
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint file or workdir.')
 _MODEL = flags.DEFINE_string(
@@ -30,25 +31,6 @@ _TOP_K = flags.DEFINE_integer('top_k', 5, 'Labels printed per image.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per jitted batch.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per image instead.')
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
-
-
-def expand_images(args) -> list[pathlib.Path]:
-  """Files as given; folders -> their image files (sorted, recursively)."""
-  out, missing = [], []
-  for a in args:
-    p = pathlib.Path(a)
-    if p.is_dir():
-      out.extend(sorted(f for f in p.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES))
-    elif p.is_file():
-      out.append(p)
-    else:
-      missing.append(a)
-  if missing:
-    raise FileNotFoundError(f'no such image file or folder: {", ".join(missing)}')
-  return out
-
-
 def _fail(message: str) -> None:
   print(f'vit_jax.predict: {message}', file=sys.stderr)
   sys.exit(2)
@@ -59,14 +41,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # stdout is the answer; keep stderr for problems
   if not _CHECKPOINT.value:
     _fail('--checkpoint is required (a workdir, .npz, .safetensors, .bin or .pth)')
-  if len(argv) < 2:
-    _fail('give one or more image files or folders after the flags')
   try:
-    paths = expand_images(argv[1:])
-  except FileNotFoundError as e:
+    paths = image_files.paths_from_args(argv[1:])
+  except (FileNotFoundError, ValueError) as e:
     _fail(str(e))
-  if not paths:
-    _fail(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {" ".join(argv[1:])}')
   from vit_jax import inference  # pylint: disable=g-import-not-at-top
   try:
     clf = inference.ImageClassifier.from_pretrained(

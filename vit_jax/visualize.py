@@ -46,8 +46,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vit_jax import image_files
+
 HEAD_FUSIONS = ('mean', 'max', 'min')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 POSEMB_PATH = ('Transformer', 'posembed_input', 'pos_embedding')
 # Ops that change pixel values only; without them the preprocessing gives the image as
 # the model sees it (same crop and size) in 0..255.
@@ -422,12 +423,11 @@ def model_view(clf, images) -> np.ndarray:
   (N, H, W, 3) at the input resolution (the preprocessing without value_range and
   normalize, so the same decode, crop and resize)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from vit_jax import inference  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
   op = preprocess_ops.parse(preprocess_ops.without_ops(clf.pp, _VALUE_OPS))
   out = []
   for image in images:
-    data = inference._read_image(image)  # pylint: disable=protected-access
+    data = image_files.read_image(image)
     pixels = np.asarray(op({'image': tf.constant(data)})['image'], np.float64)
     if pixels.ndim == 2:
       pixels = pixels[..., None]
@@ -497,22 +497,6 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-def expand_images(args) -> list[pathlib.Path]:
-  """Files as given; folders -> their image files (sorted, recursively)."""
-  out, missing = [], []
-  for a in args:
-    p = pathlib.Path(a)
-    if p.is_dir():
-      out.extend(sorted(f for f in p.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES))
-    elif p.is_file():
-      out.append(p)
-    else:
-      missing.append(a)
-  if missing:
-    raise FileNotFoundError(f'no such image file or folder: {", ".join(missing)}')
-  return out
-
-
 def unique_stems(paths: Sequence[pathlib.Path]) -> list[str]:
   """File stems, with -2, -3, ... appended to repeats."""
   seen, out = {}, []
@@ -530,18 +514,14 @@ def main(argv):
     _fail('--checkpoint is required (a workdir, .npz, .safetensors, .bin or .pth)')
   if not os.path.exists(f['checkpoint']):
     _fail(f'no such checkpoint file or folder: {f["checkpoint"]}')
-  if len(argv) < 2:
-    _fail('give one or more image files or folders after the flags')
   if not 0 <= f['alpha'] <= 1:
     _fail(f'--alpha must be in [0, 1], got {f["alpha"]}')
   if f['batch_size'] < 1:
     _fail(f'--batch_size must be positive, got {f["batch_size"]}')
   try:
-    paths = expand_images(argv[1:])
-  except FileNotFoundError as e:
+    paths = image_files.paths_from_args(argv[1:])
+  except (FileNotFoundError, ValueError) as e:
     _fail(str(e))
-  if not paths:
-    _fail(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {" ".join(argv[1:])}')
 
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import inference  # pylint: disable=g-import-not-at-top
