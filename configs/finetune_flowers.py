@@ -1,7 +1,7 @@
 """Fine-tune ViT-B/16 (ImageNet-21k weights) on Oxford Flowers-102 at 384 px.
 
 Source: Dosovitskiy et al. 2021, Appendix B.1.1 and Table 4: SGD momentum 0.9, batch
-512, no weight decay, global-norm clipping 1, cosine decay, 500 steps, 384 px, a
+512, no weight decay, global-norm clipping 1, cosine decay, 500 steps (50 of warmup), 384 px, a
 new zero-initialised head, position embedding resampled (the paper sweeps the learning
 rate over {0.001, 0.003, 0.01, 0.03}; 0.003 here). Give the pretrained weights, e.g.
 

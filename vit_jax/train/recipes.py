@@ -52,9 +52,13 @@ def imagenet21k_pretraining(model_name: str):
 
 def finetuning(model_name: str, *, dataset: str, num_classes: int, steps: int,
                base_lr: float, train_split: str, eval_split: str, resolution: int = 384,
-               warmup_steps: int = 500):
+               warmup_steps: int | None = None):
   """SGD momentum 0.9, batch 512, no weight decay, clipping 1, cosine decay, new
-  zero-initialised head, position embedding resampled to `resolution`."""
+  zero-initialised head, position embedding resampled to `resolution`. Warmup: 500
+  steps, or a tenth of a run shorter than 5,000 steps (500 would be all of a 500-step
+  run, leaving no decay)."""
+  if warmup_steps is None:
+    warmup_steps = min(500, steps // 10)
   c = defaults.default_config()
   c.model = models.get_config(model_name)
   c.model.num_classes = num_classes
