@@ -43,3 +43,12 @@ def test_paper_recipe_values():
   assert (ft.optimizer.name, ft.optimizer.momentum, ft.schedule.base_lr) == ('sgd', 0.9, 0.03)
   assert (ft.total_steps, ft.batch_size, ft.model.image_size) == (20_000, 512, 384)
   assert ft.schedule.warmup_steps == 500 and ft.optimizer.grad_clip_norm == 1.0
+
+
+def test_finetuning_configs_take_another_architecture():
+  path = CONFIGS[[p.stem for p in CONFIGS].index('finetune_pets')]
+  config = _load(path).get_config('ViT-S/16')  # --config=configs/finetune_pets.py:ViT-S/16
+  assert (config.model.hidden_size, config.model.num_classes) == (384, 37)
+  assert config.model.image_size == 384 and config.schedule.warmup_steps == 50
+  config.init_from = None
+  defaults.validate(config, num_devices=1, process_count=1)

@@ -52,12 +52,12 @@ def orbax_step_dir(path: str) -> str:
 def _orbax_params(path: str) -> dict:
   """The params of a train-state checkpoint, on this process's first device whatever the
   device layout the run was saved from (8 GPUs, a TPU pod, FSDP)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   state_dir = os.path.join(orbax_step_dir(path), 'state')
   checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(state_dir)
-  metadata = getattr(metadata, 'item_metadata', metadata)
+  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
   metadata = getattr(metadata, 'tree', metadata)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(

@@ -73,14 +73,15 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
       hint = (' (a different resolution: resample with '
               'vit_jax.models.resample_posemb)')
     if any(w.startswith('head/') for w in wrong):
-      hint += ' (a different class count: load with drop_head=True)'
+      hint += (' (a different class count: a new head, i.e. config.init_head=\'reset\' '
+               'when fine-tuning, or merge_into(..., drop_head=True))')
     problems.append(f'shape mismatch{hint}:\n  ' + '\n  '.join(wrong))
   if strict and missing:
     problems.append(f'missing from the {what} ({len(missing)}): {_short(missing)}')
   if strict and unexpected:
     problems.append(f'unexpected in the {what} ({len(unexpected)}): {_short(unexpected)}')
   if problems:
-    raise CheckpointMismatchError(f'{what} does not fit the model:\n' + '\n'.join(problems))
+    raise CheckpointMismatchError(f'the model cannot take the {what}:\n' + '\n'.join(problems))
   merged = {}
   for k, v in ref.items():
     if k in got:
