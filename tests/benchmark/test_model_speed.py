@@ -26,7 +26,8 @@ def _bench(tmp_path, *args):
   out = tmp_path / 'record.json'
   proc = subprocess.run(
       [sys.executable, '-m', 'vit_jax.benchmark', '--model=ViT-Ti/16', '--batch=2',
-       '--resolution=32', '--steps=2', '--warmup=1', f'--json={out}', *args], cwd=ROOT,
+       '--resolution=32', '--steps=2', '--warmup=1', '--set=num_layers=2', f'--json={out}',
+       *args], cwd=ROOT,
       env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out.read_text()), proc.stdout

@@ -166,19 +166,26 @@ def test_npz_architecture_is_read_from_the_shapes(tmp_path):
   """.npz files carry no config: structure from shapes, numerics of the original release."""
   for name, kw, size in [('ViT-Ti/16', dict(num_layers=2, classifier='map',
                                             representation_size=48), 48),
-                         ('R26+ViT-S/32', dict(num_layers=1), 64)]:
+                         ('R50+ViT-B/16', dict(num_layers=1, hidden_size=64, num_heads=2,
+                                               mlp_dim=128, resnet=dict(
+                                                   num_layers=(1, 2), width_factor=0.5,
+                                                   stdconv_eps=1e-5, stdconv_eps_in_sqrt=False,
+                                                   gn_eps=1e-6)), 32)]:
     module = models.create(name, num_classes=7, **kw)
     params = models.init_params(module, size)
     checkpoints.save_npz(tmp_path / 'w.npz', params)
     ckpt = pretrained.load_checkpoint(str(tmp_path / 'w.npz'))
     expected = models.get_config(name)
     expected.update(num_classes=7, image_size=size, **kw)
+    if 'resnet' in kw:
+      expected.resnet = kw['resnet']
     for field in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'classifier',
                   'representation_size', 'num_classes', 'image_size', 'gelu_approximate'):
       assert ckpt.config[field] == expected[field], field
     assert tuple(ckpt.config.patch_size) == tuple(expected.patch_size)
     if expected.resnet:
-      assert tuple(ckpt.config.resnet.num_layers) == tuple(expected.resnet.num_layers)
+      assert tuple(ckpt.config.resnet.num_layers) == tuple(expected.resnet['num_layers'])
+      assert ckpt.config.resnet.width_factor == expected.resnet['width_factor']
     x = np.random.RandomState(0).uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
     np.testing.assert_allclose(models.create(ckpt.config).apply({'params': ckpt.params}, x,
                                                                  train=False),

@@ -56,7 +56,7 @@ def test_bf16_logits_close_to_float32():
   np.testing.assert_allclose(np.asarray(got), want, atol=0.03 * np.abs(want).max() + 1e-3)
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
+@pytest.mark.parametrize('policy', ['full', 'dots_no_batch'])  # 'dots': in the scan test
 def test_remat_gives_the_same_loss_and_gradients(policy):
   fp32, params, images = _setup(dropout_rate=0.1, drop_path_rate=0.1)
   remat = models.create('ViT-Ti/16', **dict(SMALL, dropout_rate=0.1, drop_path_rate=0.1,

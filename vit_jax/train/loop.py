@@ -3,10 +3,12 @@
 import json
 import math
 import time
+import uuid
 
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,10 +29,15 @@ class NonFiniteError(FloatingPointError):
 
 
 def check_workdir(workdir: epath.Path) -> None:
-  """Creates the workdir and checks it is writable; ConfigError naming --workdir if not."""
+  """Creates the workdir and checks it is writable; ConfigError naming --workdir if not.
+
+  The probe file has a unique name: every process of a multi-host run checks the same
+  (shared, e.g. gs://) workdir at the same moment, and one shared name let one process
+  delete the file another was about to delete.
+  """
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / '.write_test'
+    probe = workdir / f'.write_test.{uuid.uuid4().hex}'
     probe.write_text('ok')
     probe.unlink()
   except (OSError, ValueError) as e:
@@ -109,7 +116,10 @@ class Trainer:
     """`state` with params from pretrained weights (new head, resampled posemb)."""
     from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
     loaded = pretrained.load(path, model_config=self.config.model)
-    params = pretrained.adapt(loaded, jax.device_get(state.params),
+    # The initialised params, whole, on every host: with FSDP over several processes no
+    # process holds all of them (jax.device_get would refuse).
+    initialised = multihost_utils.process_allgather(state.params, tiled=True)
+    params = pretrained.adapt(loaded, initialised,
                               posemb_method=self.config.posemb_resample,
                               keep_head=self.config.init_head == 'keep')
     params = jax.device_put(params, self.state_sharding.params)

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Multi-node training without SLURM or Cloud TPU: start process i of n of one vit_jax run,
+# or (with --hosts) start all n processes, one per host, over ssh.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch/multinode.sh [options] [--] [vit_jax.main flags ...]
+
+One process (run this on every host, with its own --process_id):
+  launch/multinode.sh --coordinator=HOST0:PORT --num_processes=N --process_id=I \
+      --config=configs/vit_b16.py --workdir=/shared/or/gs/path
+  runs  $PYTHON -m vit_jax.main --coordinator_address=HOST0:PORT --num_processes=N
+        --process_id=I [flags]  (jax.distributed.initialize with these values).
+
+All processes from one machine, over ssh (process i on the i-th host, coordinator on
+the first):
+  launch/multinode.sh --hosts=gpu1,gpu2 [--port=PORT] [--log_dir=DIR] --config=... --workdir=...
+  Every host needs the code at --remote_dir (default: this directory's path) and the
+  same Python environment. If one process fails, the others are stopped.
+
+Options (each also read from the environment variable in capitals):
+  --coordinator=HOST:PORT  address of process 0 (COORDINATOR)
+  --num_processes=N        processes in the run (NUM_PROCESSES)
+  --process_id=I           this process, 0..N-1 (PROCESS_ID)
+  --local_devices=0,1,..   accelerators this process uses (JAX_LOCAL_DEVICE_IDS; default
+                           all of the host's: one process per host)
+  --hosts=H0,H1,...        start one process per host over ssh (HOSTS)
+  --port=PORT              coordinator port with --hosts (PORT, default 62111)
+  --remote_dir=DIR         the code's directory on the hosts (REMOTE_DIR, default $PWD)
+  --log_dir=DIR            with --hosts: process i's output goes to DIR/process_i.log
+                           (LOG_DIR; default: this terminal)
+  --python=PATH            Python with vit_jax installed (PYTHON, default python3)
+  SSH                      ssh command (default: ssh -o BatchMode=yes)
+  REMOTE_ENV               VAR=value pairs set for every process, e.g. 'NCCL_DEBUG=WARN'
+  -h, --help               this text
+Every other argument is passed to vit_jax.main. The workdir must be reachable by all
+processes with the same path (shared file system or gs://).
+EOF
+}
+
+COORDINATOR=${COORDINATOR:-}
+NUM_PROCESSES=${NUM_PROCESSES:-}
+PROCESS_ID=${PROCESS_ID:-}
+HOSTS=${HOSTS:-}
+PORT=${PORT:-62111}
+REMOTE_DIR=${REMOTE_DIR:-$PWD}
+LOG_DIR=${LOG_DIR:-}
+PYTHON=${PYTHON:-python3}
+SSH=${SSH:-ssh -o BatchMode=yes}
+REMOTE_ENV=${REMOTE_ENV:-}
+main_args=()
+while (($#)); do
+  case $1 in
+    --coordinator=*) COORDINATOR=${1#*=} ;;
+    --num_processes=*) NUM_PROCESSES=${1#*=} ;;
+    --process_id=*) PROCESS_ID=${1#*=} ;;
+    --local_devices=*) export JAX_LOCAL_DEVICE_IDS=${1#*=} ;;
+    --hosts=*) HOSTS=${1#*=} ;;
+    --port=*) PORT=${1#*=} ;;
+    --remote_dir=*) REMOTE_DIR=${1#*=} ;;
+    --log_dir=*) LOG_DIR=${1#*=} ;;
+    --python=*) PYTHON=${1#*=} ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; main_args+=("$@"); break ;;
+    *) main_args+=("$1") ;;
+  esac
+  shift
+done
+
+die() { echo "launch/multinode.sh: $*" >&2; exit 2; }
+
+if [[ -z $HOSTS ]]; then
+  # One process of the run.
+  [[ -n $COORDINATOR && -n $NUM_PROCESSES && -n $PROCESS_ID ]] ||
+    { usage >&2; die 'give --coordinator, --num_processes and --process_id (or --hosts)'; }
+  [[ $NUM_PROCESSES =~ ^[1-9][0-9]*$ ]] || die "--num_processes=$NUM_PROCESSES: a positive integer"
+  if ! [[ $PROCESS_ID =~ ^[0-9]+$ ]] || ((PROCESS_ID >= NUM_PROCESSES)); then
+    die "--process_id=$PROCESS_ID must be in 0..$((NUM_PROCESSES - 1))"
+  fi
+  if [[ -n $REMOTE_ENV ]]; then
+    read -r -a env_pairs <<<"$REMOTE_ENV"
+    export "${env_pairs[@]}"
+  fi
+  exec "$PYTHON" -m vit_jax.main --coordinator_address="$COORDINATOR" \
+    --num_processes="$NUM_PROCESSES" --process_id="$PROCESS_ID" ${main_args[@]+"${main_args[@]}"}
+fi
+
+# Fan out: process i on host i, over ssh.
+IFS=, read -r -a hosts <<<"$HOSTS"
+n=${#hosts[@]}
+((n > 0)) || die '--hosts is empty'
+coordinator=${COORDINATOR:-${hosts[0]}:$PORT}
+read -r -a ssh_cmd <<<"$SSH"
+[[ -z $LOG_DIR ]] || mkdir -p "$LOG_DIR"
+pids=()
+for i in "${!hosts[@]}"; do
+  remote=$(printf 'cd %q && PYTHON=%q REMOTE_ENV=%q exec launch/multinode.sh' \
+    "$REMOTE_DIR" "$PYTHON" "$REMOTE_ENV")
+  remote+=$(printf ' %q' --coordinator="$coordinator" --num_processes="$n" \
+    --process_id="$i" -- ${main_args[@]+"${main_args[@]}"})
+  echo "launch/multinode.sh: process $i of $n on ${hosts[i]} (coordinator $coordinator)" >&2
+  if [[ -n $LOG_DIR ]]; then
+    "${ssh_cmd[@]}" "${hosts[i]}" "$remote" >"$LOG_DIR/process_$i.log" 2>&1 </dev/null &
+  else
+    "${ssh_cmd[@]}" "${hosts[i]}" "$remote" </dev/null &
+  fi
+  pids+=($!)
+done
+
+stop_all() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap 'stop_all; exit 130' INT TERM
+
+# Wait for all; the first failure stops the others. (Polling: bash 3.2 has no wait -n.)
+status=0
+running=("${pids[@]}")
+while ((${#running[@]})); do
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+      continue
+    fi
+    rc=0
+    wait "$pid" || rc=$?
+    if ((rc != 0 && status == 0)); then
+      status=$rc
+      echo "launch/multinode.sh: a process exited with status $rc; stopping the others" >&2
+      stop_all
+    fi
+  done
+  running=(${still[@]+"${still[@]}"})
+  if ((${#running[@]})); then sleep 1; fi
+done
+exit "$status"

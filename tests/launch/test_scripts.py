@@ -1,0 +1,448 @@
+"""The launch scripts: syntax, shellcheck, and their command lines, run against stub
+`gcloud`, `srun`, `sbatch`, `ssh`, `python` and `sleep` executables that record their
+arguments (no cloud account or cluster is reachable here)."""
+
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+LAUNCH = ROOT / 'launch'
+SCRIPTS = sorted([*LAUNCH.glob('*.sh'), LAUNCH / 'slurm.sbatch'])
+
+# A recording stub: appends {'argv', 'env'} to $STUB_LOG; its exit status and output come
+# from $STUB_RULES, a JSON list of [substring of the joined arguments, [[status, stdout],
+# ...]]: the first rule that matches answers with its next pair (the last one repeats).
+# With STUB_EXEC set, a `--command=...` (gcloud ssh) containing that text is run by bash.
+STUB = r'''
+import json, os, sys, tarfile
+argv = sys.argv[1:]
+joined = ' '.join(argv)
+record = {'name': os.path.basename(sys.argv[0]), 'argv': argv,
+          'env': {k: os.environ.get(k) for k in ('CONFIG', 'WORKDIR', 'RESTARTS',
+                                                 'JAX_LOCAL_DEVICE_IDS', 'REPO_DIR')}}
+if 'scp' in argv:  # what would be copied to the workers
+  record['tar'] = sorted(tarfile.open(argv[argv.index('scp') + 1]).getnames())
+with open(os.environ['STUB_LOG'], 'a') as f:
+  f.write(json.dumps(record) + '\n')
+status, out = 0, ''
+rules = json.loads(os.environ.get('STUB_RULES', '[]'))
+for i, (needle, answers) in enumerate(rules):
+  if needle in joined:
+    counter = os.environ['STUB_LOG'] + f'.rule{i}'
+    n = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, 'w').write(str(n + 1))
+    status, out = answers[min(n, len(answers) - 1)]
+    break
+if out:
+  print(out)
+command = [a for a in argv if a.startswith('--command=')]
+if command and os.environ.get('STUB_EXEC') and os.environ['STUB_EXEC'] in command[0]:
+  os.execvp('bash', ['bash', '-c', command[0][len('--command='):]])
+sys.exit(status)
+'''
+
+
+@pytest.fixture
+def stubs(tmp_path):
+  """PATH with recording stubs; returns (env, calls()) where calls() reads the records."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  for name in ('gcloud', 'srun', 'sbatch', 'nvidia-smi', 'sleep'):
+    (bin_dir / name).write_text(f'#!{sys.executable}\n{STUB}')
+    (bin_dir / name).chmod(0o755)
+  log = tmp_path / 'calls.jsonl'
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', STUB_LOG=str(log))
+  for var in ('PROJECT', 'ZONE', 'CONFIG', 'WORKDIR', 'EXTRA_ARGS', 'DRY_RUN', 'SPOT',
+              'TPU_NAME', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'REPO_URL', 'DONE_CMD',
+              'JAX_LOCAL_DEVICE_IDS', 'RESTARTS', 'PYTHON', 'HOSTS', 'COORDINATOR',
+              'NUM_PROCESSES', 'PROCESS_ID', 'SSH', 'REMOTE_ENV'):
+    env.pop(var, None)
+  for var in [k for k in env if k.startswith('SLURM_')]:  # when the tests run under SLURM
+    env.pop(var)
+
+  def calls(name=None):
+    if not log.exists():
+      return []
+    rows = [json.loads(l) for l in log.read_text().splitlines()]
+    return [r for r in rows if name is None or r['name'] == name]
+
+  return env, calls
+
+
+def _sh(args, env, timeout=60, **kwargs):
+  return subprocess.run(['bash', *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout, **kwargs)
+
+
+def _flag(argv, name):
+  values = [a.split('=', 1)[1] for a in argv if a.startswith(f'{name}=')]
+  assert len(values) == 1, (name, argv)
+  return values[0]
+
+
+# ------------------------------------------------------------------- syntax, shellcheck
+
+
+def test_scripts_are_executable_and_parse():
+  assert {p.name for p in SCRIPTS} >= {'tpu_vm.sh', 'slurm.sbatch', 'slurm_submit.sh',
+                                       'multinode.sh', 'until_done.sh'}
+  for script in SCRIPTS:
+    assert os.access(script, os.X_OK), script
+    proc = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, (script, proc.stderr)
+    assert 'set -euo pipefail' in script.read_text(), script
+
+
+@pytest.mark.skipif(shutil.which('shellcheck') is None,
+                    reason='shellcheck is not installed on this machine (apt-get install '
+                           'shellcheck); the bash -n check above still ran')
+def test_scripts_pass_shellcheck():
+  proc = subprocess.run(['shellcheck', '--shell=bash', *map(str, SCRIPTS)],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize('script', [s.name for s in SCRIPTS if s.suffix == '.sh'])
+def test_usage_text(script):
+  proc = _sh([LAUNCH / script, '--help'] if script != 'tpu_vm.sh' else [LAUNCH / script,
+                                                                         'help'], os.environ)
+  assert proc.returncode == 0 and proc.stdout.startswith('usage: launch/'), proc.stderr
+
+
+# ---------------------------------------------------------------------------- Cloud TPU
+
+TPU = ['--project=my-proj', '--zone=europe-west4-a', '--type=v3-32', '--name=vit-pod',
+       '--config=configs/vit_b16.py', '--workdir=gs://my-bucket/b16']
+TRICKY = '--config.input.pp_train=decode|inception_crop(224)|value_range(-1, 1)'
+
+
+def _gcloud_location(argv):
+  assert argv[:3] == ['compute', 'tpus', 'tpu-vm'], argv
+  assert argv[4] == 'vit-pod' or argv[3] == 'scp', argv
+  assert _flag(argv, '--zone') == 'europe-west4-a' and _flag(argv, '--project') == 'my-proj'
+
+
+def test_tpu_up_creates_copies_installs_and_starts_on_every_worker(stubs):
+  env, calls = stubs
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'up', *TPU, '--', '--config.batch_size=4096', TRICKY],
+             env)
+  assert proc.returncode == 0, proc.stderr
+  gcloud = [c['argv'] for c in calls('gcloud')]
+  assert [a[3] for a in gcloud] == ['create', 'scp', 'ssh', 'ssh', 'ssh', 'ssh']
+  for argv in gcloud:
+    _gcloud_location(argv)
+  create, scp, extract, install, train, logs = gcloud
+  assert _flag(create, '--accelerator-type') == 'v3-32'
+  assert _flag(create, '--version') == 'tpu-ubuntu2204-base'
+  assert '--spot' not in create
+  assert _flag(scp, '--worker') == 'all' and 'vit-pod:vit_jax.tar.gz' in scp
+  tar = calls('gcloud')[1]['tar']
+  assert {'launch/tpu_vm.sh', 'vit_jax/main.py', 'pyproject.toml'} <= set(tar)
+  assert not any(n.startswith('.git/') for n in tar)
+  for argv in (extract, install, train):
+    assert _flag(argv, '--worker') == 'all'
+  assert 'tar -xzf' in _flag(extract, '--command')
+  assert '[tpu]' in _flag(install, '--command') and '3.11' in _flag(install, '--command')
+  command = _flag(train, '--command')
+  words = shlex.split(command.split('setsid nohup ', 1)[1].split(' >', 1)[0])
+  assert words == ['$HOME/vit_env/bin/python', '-u', '-m', 'vit_jax.main', '--distributed',
+                   '--config=configs/vit_b16.py', '--workdir=gs://my-bucket/b16',
+                   '--config.batch_size=4096', TRICKY]
+  assert _flag(logs, '--worker') == '0' and 'tail' in _flag(logs, '--command')
+
+
+def test_tpu_train_command_runs_as_given_on_a_worker_and_stop_ends_it(stubs, tmp_path):
+  """The remote commands of `train` and `stop` run for real by bash, in a fake worker
+  home whose vit_env Python records its arguments and waits."""
+  env, calls = stubs
+  home = tmp_path / 'worker_home'
+  (home / 'vit_jax').mkdir(parents=True)
+  (home / 'vit_env' / 'bin').mkdir(parents=True)
+  fake = home / 'vit_env' / 'bin' / 'python'
+  fake.write_text(f'#!{sys.executable}\nimport json, sys, time\n'
+                  f'open({str(home / "argv.json")!r}, "w").write(json.dumps(sys.argv[1:]))\n'
+                  'time.sleep(120)\n')
+  fake.chmod(0o755)
+  env = dict(env, HOME=str(home), STUB_EXEC='vit_jax')
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'train', *TPU, '--', TRICKY], env)
+  assert proc.returncode == 0, proc.stderr
+  deadline = time.monotonic() + 30
+  while not (home / 'argv.json').exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert json.loads((home / 'argv.json').read_text()) == [
+      '-u', '-m', 'vit_jax.main', '--distributed', '--config=configs/vit_b16.py',
+      '--workdir=gs://my-bucket/b16', TRICKY]
+  pid = int((home / 'vit_jax.pid').read_text())
+  os.kill(pid, 0)  # running
+  # A second `train` refuses while the first runs.
+  again = _sh([LAUNCH / 'tpu_vm.sh', 'train', *TPU], env)
+  assert again.returncode != 0 and 'a run is going' in again.stderr
+  stop = _sh([LAUNCH / 'tpu_vm.sh', 'stop', *TPU], env)
+  assert stop.returncode == 0, stop.stderr
+  assert _flag(calls('gcloud')[-1]['argv'], '--worker') == 'all'
+  deadline = time.monotonic() + 10
+  while time.monotonic() < deadline:
+    try:
+      os.kill(pid, 0)
+      time.sleep(0.1)
+    except ProcessLookupError:
+      break
+  else:
+    os.kill(pid, 9)
+    pytest.fail('stop did not end the training process')
+  assert not (home / 'vit_jax.pid').exists()
+
+
+def test_tpu_spot_and_runtime_version_from_type(stubs):
+  env, calls = stubs
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'create', '--zone=us-central1-a', '--type=v5litepod-16',
+              '--spot'], env)
+  assert proc.returncode == 0, proc.stderr
+  (argv,) = [c['argv'] for c in calls('gcloud')]
+  assert argv[3:5] == ['create', 'vit-jax'] and '--spot' in argv
+  assert _flag(argv, '--version') == 'v2-alpha-tpuv5-lite'
+  assert not any(a.startswith('--project=') for a in argv)  # gcloud's default project
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'create', '--type=v3-8'], env)
+  assert proc.returncode == 2 and '--zone' in proc.stderr
+
+
+def test_tpu_attempt_recreates_a_preempted_tpu(stubs):
+  env, calls = stubs
+  env = dict(env, STUB_RULES=json.dumps([['describe', [[0, 'PREEMPTED']]]]))
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'attempt', *TPU], env)
+  assert proc.returncode == 0, proc.stderr
+  gcloud = [c['argv'] for c in calls('gcloud')]
+  assert [a[3] for a in gcloud] == ['describe', 'delete', 'create', 'scp', 'ssh', 'ssh', 'ssh',
+                                    'ssh']
+  assert '--quiet' in gcloud[1]
+  stop, run = gcloud[-2:]
+  assert 'kill' in _flag(stop, '--command')
+  assert _flag(run, '--worker') == 'all'
+  assert ('-m vit_jax.main --distributed --config=configs/vit_b16.py '
+          '--workdir=gs://my-bucket/b16') in _flag(run, '--command')
+  # A READY TPU that is set up: no create, no copy; straight to the run.
+  log = pathlib.Path(env['STUB_LOG'])
+  log.unlink()
+  env['STUB_RULES'] = json.dumps([['describe', [[0, 'READY']]]])
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'attempt', *TPU], env)
+  assert proc.returncode == 0, proc.stderr
+  assert [a['argv'][3] for a in calls('gcloud')] == ['describe', 'ssh', 'ssh', 'ssh']
+
+
+def test_tpu_resilient_restarts_until_the_workdir_is_done(stubs):
+  env, calls = stubs
+  env = dict(env, BACKOFF='0', STUB_RULES=json.dumps([
+      ['describe', [[0, 'READY']]],
+      ['run_status.py', [[1, 'step 0 of 10'], [1, 'step 5 of 10'], [0, 'step 10 of 10']]],
+      ['vit_jax.main', [[255, ''], [0, '']]],  # the first run: the TPU was preempted
+  ]))
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'resilient', *TPU, '--spot', '--', '--config.seed=1'], env)
+  assert proc.returncode == 0, proc.stderr
+  runs = [c['argv'] for c in calls('gcloud') if 'vit_jax.main' in ' '.join(c['argv'])]
+  assert len(runs) == 2 and all('--config.seed=1' in _flag(a, '--command') for a in runs)
+  status = [c['argv'] for c in calls('gcloud') if 'run_status.py' in ' '.join(c['argv'])]
+  assert len(status) == 3 and all(_flag(a, '--worker') == '0' for a in status)
+  assert 'gs://my-bucket/b16' in _flag(status[0], '--command')
+  assert 'the run is done (attempt 2)' in proc.stderr
+
+
+# -------------------------------------------------------------------------------- SLURM
+
+
+def _slurm_env(env, tmp_path, **extra):
+  return dict(env, CONFIG='configs/vit_b16.py', WORKDIR=str(tmp_path / 'run'),
+              SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID='123', SLURM_NTASKS='16',
+              SLURM_JOB_NUM_NODES='2', **extra)
+
+
+def test_sbatch_script_runs_one_process_per_gpu_through_srun(stubs, tmp_path):
+  env, calls = stubs
+  env = _slurm_env(env, tmp_path, SLURM_NTASKS_PER_NODE='8', PYTHON='python',
+                   EXTRA_ARGS='--config.total_steps=10 --config.log_every=5')
+  proc = _sh([LAUNCH / 'slurm.sbatch', '--config.batch_size=512'], env)
+  assert proc.returncode == 0, proc.stderr
+  (srun,) = calls('srun')
+  assert srun['argv'] == [
+      '--kill-on-bad-exit=1', '--cpu-bind=none', 'python', '-u', '-m', 'vit_jax.main',
+      '--distributed', '--config=configs/vit_b16.py', f'--workdir={tmp_path / "run"}',
+      '--config.total_steps=10', '--config.log_every=5', '--config.batch_size=512']
+  assert srun['env']['JAX_LOCAL_DEVICE_IDS'] is None  # jax gives task i GPU i itself
+  text = (LAUNCH / 'slurm.sbatch').read_text()
+  assert '#SBATCH --gpus-per-node=8' in text and '#SBATCH --ntasks-per-node=8' in text
+  assert '#SBATCH --requeue' in text
+
+
+def test_sbatch_script_one_process_per_node_sees_all_gpus(stubs, tmp_path):
+  env, calls = stubs
+  proc = _sh([LAUNCH / 'slurm.sbatch'],
+             _slurm_env(env, tmp_path, SLURM_NTASKS_PER_NODE='1', SLURM_GPUS_ON_NODE='4'))
+  assert proc.returncode == 0, proc.stderr
+  assert calls('srun')[0]['env']['JAX_LOCAL_DEVICE_IDS'] == '0,1,2,3'
+
+
+def test_sbatch_script_restarts_inside_the_allocation(stubs, tmp_path):
+  env, calls = stubs
+  done = tmp_path / 'done'
+  env = _slurm_env(env, tmp_path, SLURM_NTASKS_PER_NODE='8', RESTARTS='3', BACKOFF='0',
+                   DONE_CMD=f'test -f {done}',
+                   STUB_RULES=json.dumps([['vit_jax.main', [[1, ''], [0, '']]]]))
+  # The second srun "finishes the run".
+  (pathlib.Path(env['PATH'].split(':')[0]) / 'srun').write_text(
+      f'#!{sys.executable}\n{STUB}'.replace(
+          'sys.exit(status)',
+          f'if status == 0: open({str(done)!r}, "w").close()\nsys.exit(status)'))
+  proc = _sh([LAUNCH / 'slurm.sbatch'], env)
+  assert proc.returncode == 0, proc.stderr
+  assert len(calls('srun')) == 2 and 'the run is done (attempt 2)' in proc.stderr
+
+
+def test_sbatch_script_needs_config_and_workdir(stubs):
+  env, calls = stubs
+  proc = _sh([LAUNCH / 'slurm.sbatch'], env)
+  assert proc.returncode != 0 and 'CONFIG' in proc.stderr and not calls('srun')
+
+
+def test_slurm_submit_command_line(stubs, tmp_path):
+  env, calls = stubs
+  proc = _sh([LAUNCH / 'slurm_submit.sh', '--config=configs/vit_b16.py',
+              f'--workdir={tmp_path}', '--nodes=4', '--partition=h100', '--account=vision',
+              '--time=12:00:00', '--', '--config.batch_size=4096'], env)
+  assert proc.returncode == 0, proc.stderr
+  (sbatch,) = calls('sbatch')
+  argv = sbatch['argv']
+  assert _flag(argv, '--nodes') == '4' and _flag(argv, '--ntasks-per-node') == '8'
+  assert _flag(argv, '--gpus-per-node') == '8' and _flag(argv, '--cpus-per-task') == '12'
+  assert _flag(argv, '--partition') == 'h100' and _flag(argv, '--account') == 'vision'
+  assert _flag(argv, '--time') == '12:00:00' and '--requeue' in argv
+  assert argv[-2:] == [str(LAUNCH / 'slurm.sbatch'), '--config.batch_size=4096']
+  assert sbatch['env']['CONFIG'] == 'configs/vit_b16.py'
+  assert sbatch['env']['WORKDIR'] == str(tmp_path) and sbatch['env']['REPO_DIR'] == str(ROOT)
+  proc = _sh([LAUNCH / 'slurm_submit.sh', '--config=c.py', f'--workdir={tmp_path}',
+              '--per=node', '--gpus_per_node=8', '--no_requeue'], env)
+  assert proc.returncode == 0, proc.stderr
+  argv = calls('sbatch')[-1]['argv']
+  assert _flag(argv, '--ntasks-per-node') == '1' and _flag(argv, '--cpus-per-task') == '96'
+  assert '--no-requeue' in argv and '--requeue' not in argv
+
+
+# ------------------------------------------------------------------- plain multi-node
+
+
+def _recording_python(tmp_path, body=''):
+  fake = tmp_path / 'python'
+  fake.write_text(f'#!{sys.executable}\nimport json, os, sys, time\n'
+                  f'open({str(tmp_path)!r} + "/argv_" + str(os.getpid()), "w")'
+                  '.write(json.dumps(sys.argv[1:]))\n' + body)
+  fake.chmod(0o755)
+  return fake
+
+
+def test_multinode_starts_process_i_of_n(stubs, tmp_path):
+  env, _ = stubs
+  fake = _recording_python(tmp_path)
+  proc = _sh([LAUNCH / 'multinode.sh', '--coordinator=node0:1234', '--num_processes=2',
+              '--process_id=1', f'--python={fake}', '--config=configs/vit_b16.py',
+              '--workdir=/shared/run', '--', TRICKY], env)
+  assert proc.returncode == 0, proc.stderr
+  (argv_file,) = tmp_path.glob('argv_*')
+  assert json.loads(argv_file.read_text()) == [
+      '-m', 'vit_jax.main', '--coordinator_address=node0:1234', '--num_processes=2',
+      '--process_id=1', '--config=configs/vit_b16.py', '--workdir=/shared/run', TRICKY]
+  bad = _sh([LAUNCH / 'multinode.sh', '--coordinator=node0:1234', '--num_processes=2',
+             '--process_id=2'], env)
+  assert bad.returncode == 2 and 'must be in 0..1' in bad.stderr
+
+
+def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
+  env, _ = stubs
+  ssh = tmp_path / 'ssh'
+  ssh.write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/ssh_calls\nexec bash -c "$2"\n')
+  ssh.chmod(0o755)
+  # Process 1 fails at once; process 0 would wait (as in a collective) for two minutes.
+  fake = _recording_python(tmp_path, 'sys.exit(3) if "--process_id=1" in sys.argv else '
+                                     'time.sleep(120)\n')
+  start = time.monotonic()
+  proc = _sh([LAUNCH / 'multinode.sh', '--hosts=gpu-a,gpu-b', '--port=7777',
+              f'--python={fake}', f'--log_dir={tmp_path}/logs', '--config=c.py',
+              '--workdir=/w'], dict(env, SSH=str(ssh)), timeout=60)
+  assert proc.returncode == 3, proc.stderr
+  assert time.monotonic() - start < 30
+  assert 'stopping the others' in proc.stderr
+  calls = (tmp_path / 'ssh_calls').read_text().splitlines()
+  assert [c.split()[0] for c in calls] == ['gpu-a', 'gpu-b']
+  for i, c in enumerate(calls):
+    assert '--coordinator=gpu-a:7777' in c and f'--process_id={i}' in c
+    assert '--num_processes=2' in c and f'cd {ROOT}' in c
+  argvs = [json.loads(p.read_text()) for p in tmp_path.glob('argv_*')]
+  assert sorted(a[4] for a in argvs) == ['--process_id=0', '--process_id=1']
+
+
+# ---------------------------------------------------------------------- until_done.sh
+
+
+def _job(tmp_path, fail_times, status=143):
+  """A job that fails `fail_times` times (as if preempted), then finishes the run."""
+  job = tmp_path / 'job.sh'
+  job.write_text(f'''#!/usr/bin/env bash
+n=$(( $(cat {tmp_path}/count 2>/dev/null || echo 0) + 1 ))
+echo "$n" > {tmp_path}/count
+if (( n <= {fail_times} )); then exit {status}; fi
+touch {tmp_path}/done
+''')
+  job.chmod(0o755)
+  return job
+
+
+def _count(tmp_path):
+  return int((tmp_path / 'count').read_text()) if (tmp_path / 'count').exists() else 0
+
+
+def _until_done(tmp_path, env, *args):
+  return _sh([LAUNCH / 'until_done.sh', f'--done_cmd=test -f {tmp_path}/done', *args], env)
+
+
+def test_until_done_restarts_a_preempted_job_until_it_finishes(stubs, tmp_path):
+  env, calls = stubs
+  proc = _until_done(tmp_path, env, '--backoff=5', '--max_backoff=12', '--max_attempts=10',
+                     '--', _job(tmp_path, fail_times=4))
+  assert proc.returncode == 0, proc.stderr
+  assert _count(tmp_path) == 5 and 'the run is done (attempt 5)' in proc.stderr
+  assert proc.stderr.count('ended with status 143 before the final step') == 4
+  # Exponential backoff, capped (`sleep` is a recording stub).
+  assert [c['argv'] for c in calls('sleep')] == [['5'], ['10'], ['12'], ['12']]
+
+
+def test_until_done_gives_up_after_max_attempts(stubs, tmp_path):
+  env, _ = stubs
+  proc = _until_done(tmp_path, env, '--backoff=0', '--max_attempts=3', '--',
+                     _job(tmp_path, fail_times=100))
+  assert proc.returncode == 1 and _count(tmp_path) == 3
+  assert 'giving up after 3 attempts' in proc.stderr
+
+
+def test_until_done_decides_from_the_workdir_not_the_exit_status(stubs, tmp_path):
+  env, _ = stubs
+  # Exits 0 twice without finishing (e.g. a job step ended by the scheduler).
+  proc = _until_done(tmp_path, env, '--backoff=0', '--', _job(tmp_path, 2, status=0))
+  assert proc.returncode == 0 and _count(tmp_path) == 3
+  # Already done: the job is not started again.
+  proc = _until_done(tmp_path, env, '--', _job(tmp_path, 0))
+  assert proc.returncode == 0 and _count(tmp_path) == 3
+  assert 'already done' in proc.stderr
+
+
+def test_until_done_reads_a_fresh_workdir_as_not_done(stubs, tmp_path):
+  env, _ = stubs
+  env = dict(env, PYTHON=sys.executable)
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={tmp_path}/w', '--backoff=0',
+              '--max_attempts=1', '--', 'true'], env)
+  assert proc.returncode == 1, proc.stderr
+  assert 'no complete checkpoint yet' in proc.stdout
