@@ -35,16 +35,19 @@ _POSEMB = 'Transformer/posembed_input/pos_embedding'
 
 
 def orbax_step_dir(path: str) -> str:
-  """The step directory (holding state/) of a workdir, its checkpoints/ or a step dir
-  (absolute: Orbax refuses relative paths)."""
-  path = os.path.abspath(path)
-  for directory in (path, os.path.join(path, 'checkpoints')):
-    if os.path.isdir(os.path.join(directory, 'state')):  # a step directory
-      return directory
-    steps = [int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
-             if d.isdigit() and os.path.isdir(os.path.join(directory, d, 'state'))]
+  """The step directory (holding state/) of a workdir, its checkpoints/ or a step dir.
+
+  Local paths are made absolute (Orbax refuses relative ones); gs:// paths work too.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  root = epath.Path(path if '://' in str(path) else os.path.abspath(path))
+  for directory in (root, root / 'checkpoints'):
+    if (directory / 'state').is_dir():  # a step directory
+      return str(directory)
+    steps = [int(d.name) for d in (directory.iterdir() if directory.is_dir() else [])
+             if d.name.isdigit() and (d / 'state').is_dir()]
     if steps:
-      return os.path.join(directory, str(max(steps)))
+      return str(directory / str(max(steps)))
   raise FileNotFoundError(f'no Orbax checkpoint under {path} (expected a workdir, its '
                           'checkpoints/ folder, or a step folder holding state/)')
 
@@ -55,9 +58,9 @@ def _orbax_params(path: str) -> dict:
   from etils import epath  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  state_dir = os.path.join(orbax_step_dir(path), 'state')
+  state_dir = epath.Path(orbax_step_dir(path)) / 'state'
   checkpointer = ocp.StandardCheckpointer()
-  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+  metadata = ocp.PyTreeCheckpointHandler().metadata(state_dir)
   metadata = getattr(metadata, 'tree', metadata)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
@@ -67,8 +70,9 @@ def _orbax_params(path: str) -> dict:
 
 def _orbax_meta(path: str) -> dict:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  meta_dir = os.path.join(orbax_step_dir(path), 'meta')
-  if not os.path.isdir(meta_dir):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  meta_dir = epath.Path(orbax_step_dir(path)) / 'meta'
+  if not meta_dir.is_dir():
     return {}
   return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir) or {}
 
@@ -154,7 +158,8 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     heads = given.num_heads if given is not None else _timm_heads(sd)
     config, params = timm_format.from_timm(sd, name, num_heads=heads)
     return Checkpoint(config, params, 'timm')
-  if os.path.isdir(path):
+  if ('://' in path and not path.endswith(('.npz', '.safetensors', '.bin', '.pt', '.pth'))
+      or os.path.isdir(path)):  # an Orbax directory, local or gs://
     # Runs with scan_layers store the blocks stacked; readers get the unrolled layout.
     params = scan_layout.unstack_layers(_orbax_params(path))
     meta = _orbax_meta(path)

@@ -11,13 +11,16 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense peak FLOP/s per device: (bfloat16, float32). Sources: NVIDIA and Google datasheets.
+# Dense peak FLOP/s per JAX device: (bfloat16, float32). Sources: NVIDIA and Google
+# datasheets. JAX shows each TensorCore of a TPU v2/v3 chip as a device (half the chip's
+# peak); v4 and v5p chips are one device (megacore), as is a v5e chip.
 _DATASHEET = {
     'H100': (989e12, 67e12),
     'H200': (989e12, 67e12),
     'A100': (312e12, 19.5e12),
     'V100': (125e12, 15.7e12),
-    'TPU v3': (123e12, 123e12 / 4),
+    'TPU v2': (45e12 / 2, 45e12 / 8),
+    'TPU v3': (123e12 / 2, 123e12 / 8),
     'TPU v4': (275e12, 275e12 / 4),
     'TPU v5 lite': (197e12, 197e12 / 4),
     'TPU v5p': (459e12, 459e12 / 4),
