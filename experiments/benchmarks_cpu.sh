@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the CPU rows of BENCHMARKS.md: ViT-B/16 at 224 px, batch 8, on this machine.
-# Usage: experiments/benchmarks_cpu.sh [OUT_DIR]   (about 25 minutes on a 2-core CPU)
+# Usage: experiments/benchmarks_cpu.sh [OUT_DIR]   (about 30 minutes on a 2-core CPU)
 set -euo pipefail
 out=${1:-/tmp/vit_jax_benchmarks}
 mkdir -p "$out"
 py=${PYTHON:-python}
-bench() { "$py" -m vit_jax.benchmark --model=ViT-B/16 --batch=8 --resolution=224 --steps=10 "$@"; }
+bench() { "$py" -m vit_jax.benchmark --model=ViT-B/16 --batch=8 --resolution=224 --steps=5 --warmup=1 "$@"; }
 
 bench --mode=train --dtype=float32 --compare=timm --json="$out/train_fp32.json"
 bench --mode=train --dtype=bfloat16 --compare=timm_eager --json="$out/train_bf16.json"

@@ -107,6 +107,8 @@ def test_scan_over_layers_equals_the_unrolled_encoder(remat):
   train_logits = scanned.apply({'params': stacked}, images, train=True,
                                rngs={'dropout': jax.random.PRNGKey(0)})
   assert not np.allclose(train_logits, scanned.apply({'params': stacked}, images))
+  # Model FLOPs do not depend on the layout (XLA would count a scanned body once).
+  assert models.forward_flops(scanned, 32) == models.forward_flops(fp32, 32)
   with pytest.raises(ValueError, match='capture_attention needs scan_layers=False'):
     models.attention_maps(scanned, stacked, images)
 
