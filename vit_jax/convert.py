@@ -204,7 +204,7 @@ def _timm_input_name(config) -> str:
   def same(r):
     return (all(r[f] == config[f] for f in fields) and layers(r) == layers(config) and
             tuple(np.atleast_1d(r.patch_size)) == tuple(np.atleast_1d(config.patch_size)))
-  names = [n for n in registry.list_models() if n.startswith('vit_')]
+  names = [n for n in registry.list_models('vit') if n.startswith('vit_')]
   names.sort(key=lambda n: (not n.endswith(f'_{config.image_size}'), n != config.name, n))
   for name in names:
     if same(registry.get_config(name)):

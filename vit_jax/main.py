@@ -41,18 +41,19 @@ def model_summary(model_config) -> dict:
   """Parameter count, FLOPs per image and output shape of the configured model."""
   module = models.create(model_config)
   size = model_config.image_size
-  params = models.abstract_params(module, size)
+  variables = models.abstract_variables(module, size)
   images = jax.ShapeDtypeStruct((1, size, size, module.in_channels), jnp.float32)
-  out = jax.eval_shape(lambda p, x: module.apply({'params': p}, x, train=False), params,
-                       images)
+  out = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, images)
   start = time.perf_counter()
   flops = models.forward_flops(module, size)
   return {
       'model': model_config.name,
       'image_size': size,
-      'parameters': models.param_count(params),
+      'parameters': models.param_count(variables['params']),
       'forward_gflops_per_image': flops / 1e9,
-      'analytic_transformer_gflops_per_image': models.analytic_flops(module, size) / 1e9,
+      'analytic_transformer_gflops_per_image': (
+          models.analytic_flops(module, size) / 1e9
+          if isinstance(module, models.VisionTransformer) else None),
       'output_shape_per_image': list(out.shape[1:]),
       'output_dtype': str(out.dtype),
       'compile_seconds': time.perf_counter() - start,
@@ -66,7 +67,9 @@ def format_summary(s: dict) -> str:
       ('image size', f"{s['image_size']} x {s['image_size']}"),
       ('parameters', f"{s['parameters']:,}"),
       ('forward GFLOPs / image (XLA)', f"{s['forward_gflops_per_image']:.2f}"),
-      ('  of which transformer (analytic)', f"{s['analytic_transformer_gflops_per_image']:.2f}"),
+      ('  of which transformer (analytic)',
+       'n/a' if s['analytic_transformer_gflops_per_image'] is None
+       else f"{s['analytic_transformer_gflops_per_image']:.2f}"),
       ('output shape / image', f"{tuple(s['output_shape_per_image'])} {s['output_dtype']}"),
       ('forward compile time', f"{s['compile_seconds']:.1f} s on {s['backend']}"),
   ]

@@ -92,7 +92,9 @@ def model_main():
       f"{r['device']} ({r['backend']}):",
       _fmt(r),
       f"  compile {r['compile_s']:.1f} s; forward {r['forward_flops_per_image_xla'] / 1e9:.2f}"
-      f" GFLOPs/image (XLA), analytic/XLA {r['analytic_vs_xla']:.4f}; "
+      f" GFLOPs/image (XLA)"
+      + (f", analytic/XLA {r['analytic_vs_xla']:.4f}" if r['analytic_vs_xla'] else '')
+      + '; '
       f"{r['achieved_flops_per_sec'] / 1e9:.1f} GFLOP/s achieved",
       f"  MFU {r['mfu']:.3f} of {r['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s "
       f"({r['peak_source']})"

@@ -100,10 +100,10 @@ def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtyp
   if mode == 'train':
     compiled = trainer.lower_train_step(state, data).compile()
   else:
-    infer = jax.jit(lambda p, x: module.apply({'params': p}, x, train=False),
-                    in_shardings=(trainer.state_sharding.params, trainer.batch_sharding))
+    infer = jax.jit(lambda v, x: module.apply(v, x, train=False),
+                    in_shardings=(trainer.state_sharding.variables(), trainer.batch_sharding))
     with jax.set_mesh(mesh):
-      compiled = infer.lower(state.params, data['image']).compile()
+      compiled = infer.lower(state.variables(), data['image']).compile()
   compile_s = time.perf_counter() - start
   step_flops_xla = _cost_flops(compiled)
 
@@ -114,11 +114,12 @@ def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtyp
       jax.block_until_ready(metrics)
   else:
     def step():
-      jax.block_until_ready(compiled(holder['state'].params, data['image']))
+      jax.block_until_ready(compiled(holder['state'].variables(), data['image']))
   times = _timed(step, steps, warmup)
 
   forward = models.forward_flops(module, resolution)
-  analytic = models.analytic_flops(module, resolution)
+  is_vit = isinstance(module, models.VisionTransformer)
+  analytic = models.analytic_flops(module, resolution) if is_vit else None
   model_flops = (3 if mode == 'train' else 1) * forward
   peak_device, peak_source = _peak(module.dtype)
   peak = peak_device * jax.device_count()
@@ -131,7 +132,7 @@ def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtyp
       'images_per_sec': ips, 'step_time': summary, 'compile_s': compile_s,
       'forward_flops_per_image_xla': forward,
       'forward_flops_per_image_analytic': analytic,
-      'analytic_vs_xla': analytic / forward,
+      'analytic_vs_xla': analytic / forward if analytic else None,
       'model_flops_per_image': model_flops,
       'xla_step_flops_per_image': step_flops_xla / batch if step_flops_xla else None,
       'achieved_flops_per_sec': model_flops * ips,
@@ -164,8 +165,9 @@ def run_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='
   config.image_size = resolution
   name = timm_format.timm_name(config)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  size_kwargs = {'img_size': resolution} if models.family_of(config) in ('vit', 'swin') else {}
   net = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES,
-                          img_size=resolution).to(device)
+                          **size_kwargs).to(device)
   bf16 = dtype == 'bfloat16'
   x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
   y = torch.randint(0, NUM_CLASSES, (batch,), device=device)

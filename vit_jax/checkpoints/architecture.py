@@ -86,7 +86,7 @@ def infer_model_config(params, *, name: str | None = None) -> ml_collections.Con
 
 def _same_structure_name(c) -> str | None:
   """The registered paper name with the same architecture, if any."""
-  for name in registry.list_models():
+  for name in registry.list_models('vit'):
     if name.startswith('vit_'):
       continue  # timm names: other numerics
     r = registry.get_config(name)

@@ -225,8 +225,29 @@ def _params_from_timm(sd, c):
   return flat
 
 
+# Converters of the other families: NAMES (regex on the timm name), config_from_timm,
+# variables_from_timm and to_timm.
+_FAMILY_CONVERTERS = ('vit_jax.checkpoints.timm_swin', 'vit_jax.checkpoints.timm_resnet',
+                      'vit_jax.checkpoints.timm_bit')
+
+
+def _family_converter(name: str):
+  """The converter module for a non-ViT timm name, or None for ViTs."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  for module_name in _FAMILY_CONVERTERS:
+    lib = importlib.import_module(module_name)
+    if re.match(lib.NAMES, name):
+      return lib
+  return None
+
+
 def from_timm(model_or_state_dict, name: str | None = None, **overrides):
-  """timm ViT (a model, a state dict or a `.safetensors`/torch file) -> (config, params).
+  """timm model (a model, a state dict or a `.safetensors`/torch file) -> (config, params).
+
+  ViT and hybrids return their parameter tree. The other families (Swin, ResNet/ResNeXt,
+  Res2Net, BiT ResNetV2; e.g. `from_timm(sd, 'resnet50')`) return the Flax variables
+  {'params': ...}, with 'batch_stats' (BatchNorm running statistics) where the model has
+  them: apply them with `module.apply(variables, x, train=False)`.
 
   name: the timm model name (e.g. 'vit_base_patch16_224', a pretrained tag is ignored);
     taken from the model when a model is passed. It gives what a state dict does not
@@ -234,13 +255,21 @@ def from_timm(model_or_state_dict, name: str | None = None, **overrides):
     from the weights. `overrides` set config fields (e.g. num_heads for a custom model).
   The returned config reproduces timm's numerics: exact GELU and timm's epsilons.
   """
+  is_model = hasattr(model_or_state_dict, 'state_dict')
   model = model_or_state_dict if hasattr(model_or_state_dict, 'blocks') else None
   if name is None:
-    if model is None:
+    if not is_model:
       raise ValueError('from_timm needs the timm model name when given a state dict, '
                        "e.g. from_timm(sd, 'vit_base_patch16_224')")
-    name = model.pretrained_cfg.get('architecture') or type(model).__name__
+    name = (getattr(model_or_state_dict, 'pretrained_cfg', None) or {}).get(
+        'architecture') or type(model_or_state_dict).__name__
   sd = state_dict_io.read_state_dict(model_or_state_dict)
+  family = _family_converter(name)
+  if family is not None:
+    if overrides:
+      raise ValueError(f'from_timm overrides are for ViT models only; got {sorted(overrides)}')
+    config = family.config_from_timm(sd, name)
+    return config, family.variables_from_timm(sd, config)
   config = _infer_config(sd, name, model, overrides)
   flat = _params_from_timm(sd, config)
   module = registry.create(config)
@@ -253,8 +282,12 @@ def to_timm(config, params) -> dict:
   """vit_jax params -> timm state dict (torch tensors) for the architecture of `config`.
 
   Load it with `timm.create_model(...).load_state_dict(sd)` into a model built with
-  `create_timm_model(config)` (or the equivalent timm arguments).
+  `create_timm_model(config)` (or the equivalent timm arguments). For the other families
+  pass the variables returned by `from_timm` (params and batch_stats).
   """
+  if registry.family_of(config) != 'vit':
+    lib = _family_converter(timm_name(config))
+    return state_dict_io.as_torch(lib.to_timm(config, summary.as_variables(params)))
   if config.get('representation_size'):
     raise ValueError('timm VisionTransformer has no pre_logits (representation) layer; '
                      'this model has representation_size='
@@ -309,6 +342,9 @@ def to_timm(config, params) -> dict:
 def timm_name(config) -> str:
   """The timm model name for a config (a registered timm name, or its paper name's)."""
   name = config.get('name', '') or ''
+  family = registry.family_of(config)
+  if family != 'vit':
+    return _family_timm_name(config, family)
   if name.startswith('vit_'):
     return name.split('.')[0]
   candidates = [n for n in registry.list_models() if n.startswith('vit_')]
@@ -319,6 +355,24 @@ def timm_name(config) -> str:
     if _same_architecture(registry.get_config(candidate), config):
       return candidate
   raise ValueError(f'no timm model corresponds to {name!r}')
+
+
+def _family_timm_name(config, family: str) -> str:
+  name = (config.get('name', '') or '').split('.')[0]
+  if name[:1].islower() and name in registry.list_models(family):
+    return name
+  ignore = ('name', 'image_size', 'num_classes', 'dtype', 'param_dtype', 'in_channels',
+            'drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate')
+  mine = {k: v for k, v in config.to_dict().items() if k not in ignore}
+  candidates = [n for n in registry.list_models(family) if n[:1].islower()]
+  candidates.sort(key=lambda n: (registry.get_config(n).get('image_size') != config.get(
+      'image_size'), n))
+  for candidate in candidates:
+    other = {k: v for k, v in registry.get_config(candidate).to_dict().items()
+             if k not in ignore}
+    if other == mine:
+      return candidate
+  raise ValueError(f'no timm model corresponds to {name!r} (family {family})')
 
 
 def _same_architecture(a, b) -> bool:

@@ -5,9 +5,15 @@ Every model of the original ViT release is registered under its paper name
 the original epsilons). The corresponding timm names (`vit_base_patch16_224`, ...) are
 registered too, with timm's numerics (exact GELU, timm's epsilons) and resolution, so
 that weights taken from timm reproduce timm's outputs.
+
+The other architecture families (Swin, ResNet/ResNeXt, Res2Net, BiT ResNetV2) live in
+their own modules; each registers its names through `named_configs()`, documents its
+fields in `FIELD_DOCS` and builds its module with `from_config(config)`. A config's
+`family` field picks the builder; ViT configs have none (or family='vit').
 """
 
 import difflib
+import importlib
 
 import jax.numpy as jnp
 import ml_collections
@@ -55,6 +61,11 @@ _SIZES = {  # hidden, mlp, heads, layers
 _TIMM_SIZE = {'Ti': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large', 'H': 'huge'}
 
 _REGISTRY: dict[str, ml_collections.ConfigDict] = {}
+
+# Modules of the non-ViT families, each with FIELD_DOCS, named_configs() and from_config().
+_FAMILY_MODULES = ('vit_jax.models.swin', 'vit_jax.models.resnet_v1',
+                   'vit_jax.models.res2net', 'vit_jax.models.bit')
+_FAMILIES: dict[str, object] = {}  # family name -> its module
 
 
 def _base(name, size, patch, resnet=None, image_size=224):
@@ -128,14 +139,50 @@ _register(_base('R50+ViT-L/32', 'L', 1, resnet=(3, 4, 6, 3)), 'vit_large_r50_s32
 _register(_base('R+ViT-Ti/16', 'Ti', 8, resnet=()), 'vit_tiny_r_s16_p8')
 
 
-def list_models() -> list[str]:
-  """All registered names: paper names first, then timm names."""
-  return sorted(_REGISTRY, key=lambda n: (n.startswith('vit_'), n))
+def _register_families():
+  for module_name in _FAMILY_MODULES:
+    lib = importlib.import_module(module_name)
+    for name, c in lib.named_configs().items():
+      if name in _REGISTRY:
+        raise ValueError(f'model name {name!r} of {module_name} is already registered')
+      if set(c.keys()) != set(lib.FIELD_DOCS):
+        raise ValueError(f'{module_name}: config {name!r} fields differ from FIELD_DOCS: '
+                         f'{sorted(set(c.keys()) ^ set(lib.FIELD_DOCS))}')
+      _FAMILIES[c.family] = lib
+      _REGISTRY[name] = c
 
 
-def field_docs() -> dict[str, str]:
-  """One-line meaning of every model config field."""
-  return dict(_FIELD_DOCS)
+_register_families()
+
+
+def family_of(name_or_config) -> str:
+  """'vit' or the family of a registered name or config ('swin', 'resnet', 'bit', ...)."""
+  if isinstance(name_or_config, str):
+    name_or_config = get_config(name_or_config)
+  return name_or_config.get('family', 'vit') or 'vit'
+
+
+def families() -> list[str]:
+  return ['vit'] + sorted(_FAMILIES)
+
+
+def _is_timm_name(name: str) -> bool:
+  return name[:1].islower()  # timm names are snake_case; paper names are capitalised
+
+
+def list_models(family: str | None = None) -> list[str]:
+  """All registered names (of one family): paper names first, then timm names."""
+  names = [n for n in _REGISTRY if family is None or family_of(_REGISTRY[n]) == family]
+  return sorted(names, key=lambda n: (_is_timm_name(n), n))
+
+
+def field_docs(family: str = 'vit') -> dict[str, str]:
+  """One-line meaning of every model config field of a family."""
+  if family == 'vit':
+    return dict(_FIELD_DOCS)
+  if family not in _FAMILIES:
+    raise ValueError(f'unknown model family {family!r}; families: {families()}')
+  return dict(_FAMILIES[family].FIELD_DOCS)
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:
@@ -159,15 +206,19 @@ def _dtype(value, field):
   raise ValueError(f'{field}={value!r} is not one of {sorted(_DTYPES)}')
 
 
-def create(name_or_config, **overrides) -> vit.VisionTransformer:
+def create(name_or_config, **overrides):
   """Builds the Flax module for a registered name or a config, with field overrides.
 
-  Example: `create('ViT-B/16', num_classes=10, dropout_rate=0.1)`.
+  Example: `create('ViT-B/16', num_classes=10, dropout_rate=0.1)`,
+  `create('ResNet-50', num_classes=10)`.
   """
   if isinstance(name_or_config, str):
     config = get_config(name_or_config)
   else:
     config = ml_collections.ConfigDict(dict(name_or_config))
+  family = family_of(config)
+  if family != 'vit':
+    return _create_family(family, config, overrides)
   unknown = sorted(set(overrides) - set(_FIELD_DOCS))
   if unknown:
     raise ValueError(f'unknown model config field(s) {unknown}; valid fields: '
@@ -180,7 +231,7 @@ def create(name_or_config, **overrides) -> vit.VisionTransformer:
     if k in ('dtype', 'param_dtype') and not isinstance(v, str):
       v = jnp.dtype(v).name
     config[k] = v
-  unknown = sorted(set(config.keys()) - set(_FIELD_DOCS))
+  unknown = sorted(set(config.keys()) - set(_FIELD_DOCS) - {'family'})
   if unknown:
     raise ValueError(f'unknown model config field(s) {unknown}; valid fields: '
                      f'{sorted(_FIELD_DOCS)}')
@@ -219,3 +270,19 @@ def create(name_or_config, **overrides) -> vit.VisionTransformer:
         stdconv_eps_in_sqrt=resnet.get('stdconv_eps_in_sqrt', False),
         gn_eps=resnet.get('gn_eps', 1e-6))
   return vit.VisionTransformer(**kwargs)
+
+
+def _create_family(family, config, overrides):
+  if family not in _FAMILIES:
+    raise ValueError(f'unknown model family {family!r}; families: {families()}')
+  lib = _FAMILIES[family]
+  docs = lib.FIELD_DOCS
+  for k, v in overrides.items():
+    if k in ('dtype', 'param_dtype') and not isinstance(v, str):
+      v = jnp.dtype(v).name
+    config[k] = v
+  unknown = sorted(set(config.keys()) - set(docs))
+  if unknown:
+    raise ValueError(f'unknown {family} model config field(s) {unknown}; valid fields: '
+                     f'{sorted(docs)}')
+  return lib.from_config(config)

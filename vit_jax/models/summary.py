@@ -7,36 +7,55 @@ import numpy as np
 from vit_jax.models import vit
 
 
-def init_params(module: vit.VisionTransformer, image_size: int, seed: int = 0):
-  """Initialised parameters for square inputs of `image_size` pixels."""
+def init_variables(module, image_size: int, seed: int = 0) -> dict:
+  """All initialised variables ({'params': ...} plus e.g. 'batch_stats') for square
+  inputs of `image_size` pixels."""
   dummy = jnp.zeros((1, image_size, image_size, module.in_channels), jnp.float32)
-  return jax.jit(lambda rng: module.init(rng, dummy, train=False)['params'])(
+  return jax.jit(lambda rng: dict(module.init(rng, dummy, train=False)))(
       jax.random.PRNGKey(seed))
 
 
-def abstract_params(module: vit.VisionTransformer, image_size: int):
-  """Shapes and dtypes of the parameters (nothing is allocated)."""
+def init_params(module, image_size: int, seed: int = 0):
+  """Initialised parameters for square inputs of `image_size` pixels."""
+  return init_variables(module, image_size, seed)['params']
+
+
+def abstract_variables(module, image_size: int) -> dict:
+  """Shapes and dtypes of all variables (nothing is allocated)."""
   dummy = jax.ShapeDtypeStruct((1, image_size, image_size, module.in_channels), jnp.float32)
-  return jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
-                        dummy)['params']
+  return dict(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
+                             dummy))
+
+
+def abstract_params(module, image_size: int):
+  """Shapes and dtypes of the parameters (nothing is allocated)."""
+  return abstract_variables(module, image_size)['params']
+
+
+def as_variables(params_or_variables) -> dict:
+  """{'params': ...} around a parameter tree; a variables dict is returned as it is."""
+  if isinstance(params_or_variables, dict) and 'params' in params_or_variables:
+    return params_or_variables
+  return {'params': params_or_variables}
 
 
 def param_count(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def forward_flops(module: vit.VisionTransformer, image_size: int, batch: int = 1) -> float:
+def forward_flops(module, image_size: int, batch: int = 1) -> float:
   """FLOPs of one inference forward pass per image, from XLA's cost analysis.
 
-  Counted on the unrolled encoder without rematerialisation: XLA counts a scanned loop
-  body once, not once per layer, and the model's FLOPs are the same either way.
+  A ViT is counted on the unrolled encoder without rematerialisation: XLA counts a
+  scanned loop body once, not once per layer, and the model's FLOPs are the same either way.
   """
-  module = module.clone(scan_layers=False, remat_policy=None)
-  params = abstract_params(module, image_size)
+  if isinstance(module, vit.VisionTransformer):
+    module = module.clone(scan_layers=False, remat_policy=None)
+  variables = abstract_variables(module, image_size)
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, module.in_channels),
                                 jnp.float32)
-  fn = jax.jit(lambda p, x: module.apply({'params': p}, x, train=False))
-  cost = fn.lower(params, images).compile().cost_analysis()
+  fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  cost = fn.lower(variables, images).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost['flops']) / batch

@@ -108,11 +108,18 @@ def validate(config, *, num_devices: int, process_count: int) -> None:
     module = models.create(config.model)
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from e
-  sh, sw = module.total_stride()
   size = config.model.image_size
-  if size % sh or size % sw:
-    raise ConfigError(f'config.model.image_size={size} is not divisible by the patch size '
-                      f'{tuple(config.model.patch_size)} (pixels per token: {(sh, sw)})')
+  if isinstance(module, models.VisionTransformer):
+    sh, sw = module.total_stride()
+    if size % sh or size % sw:
+      raise ConfigError(f'config.model.image_size={size} is not divisible by the patch size '
+                        f'{tuple(config.model.patch_size)} (pixels per token: {(sh, sw)})')
+  else:  # other families check their input size while tracing (no compilation)
+    from vit_jax.models import summary  # pylint: disable=g-import-not-at-top
+    try:
+      summary.abstract_variables(module, size)
+    except ValueError as e:
+      raise ConfigError(f'config.model.image_size={size}: {e}') from e
   from vit_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from vit_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   if config.optimizer.name not in optimizer_lib.OPTIMIZERS:

@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 import uuid
 
 from absl import logging
@@ -44,14 +43,14 @@ def check_workdir(workdir: epath.Path) -> None:
     raise defaults.ConfigError(f'--workdir={workdir} is not writable: {e}') from e
 
 
-def evaluate(eval_step, params, eval_source, config, batch_sharding) -> dict:
+def evaluate(eval_step, variables, eval_source, config, batch_sharding) -> dict:
   """Top-1, top-5 and loss over the whole eval split, every example counted once."""
   sums = None
   batches = data_builder.create_eval_batches(config.input, eval_source,
                                              global_batch_size=config.batch_size)
   with pipeline.prefetch_to_device(batches, batch_sharding) as placed:
     for batch in placed:
-      out = eval_step(params, batch)
+      out = eval_step(variables, batch)
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   n = max(float(sums['count']), 1.0)
@@ -73,9 +72,11 @@ class Trainer:
     def init_state(rng):
       init_rng, train_rng = jax.random.split(rng)
       dummy = jnp.zeros((1, size, size, module.in_channels), jnp.float32)
-      params = module.init(init_rng, dummy, train=False)['params']
+      variables = dict(module.init(init_rng, dummy, train=False))
+      params = variables.pop('params')
       return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                 opt_state=optimizer.init(params), rng=train_rng)
+                                 opt_state=optimizer.init(params), rng=train_rng,
+                                 model_state=variables)
 
     self._init_state = init_state
     self._rng = jax.random.PRNGKey(config.seed)
@@ -87,7 +88,8 @@ class Trainer:
         params=sharding_lib.tree_shardings(self._abstract.params, mesh, config.min_fsdp_size),
         opt_state=sharding_lib.tree_shardings(self._abstract.opt_state, mesh,
                                               config.min_fsdp_size),
-        rng=replicated)
+        rng=replicated,
+        model_state=jax.tree.map(lambda _: replicated, self._abstract.model_state))
     train_step = jax.jit(
         step_lib.make_train_step(module, optimizer, loss=config.loss,
                                  accum_steps=config.accum_steps,
@@ -95,7 +97,7 @@ class Trainer:
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     eval_step = jax.jit(step_lib.make_eval_step(module, loss=config.loss),
-                        in_shardings=(self.state_sharding.params, self.batch_sharding),
+                        in_shardings=(self.state_sharding.variables(), self.batch_sharding),
                         out_shardings=replicated)
     self.train_step = self._with_mesh(train_step)
     self.eval_step = self._with_mesh(eval_step)
@@ -200,7 +202,7 @@ def train_and_evaluate(config, workdir) -> dict:
     return fetched, skipped
 
   if config.get('eval_at_start') and start_step == 0:
-    last_eval = evaluate(eval_step, state.params, eval_source, config, batch_sharding)
+    last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
     writer.write(0, last_eval)
     if is_main:
       logging.info('step 0 (before training): %s',
@@ -231,7 +233,8 @@ def train_and_evaluate(config, workdir) -> dict:
           writer.write(step, row)
           progress.report(step, ips, sps, {'loss': mean['loss'], 'lr': row['learning_rate']})
       if do_eval:
-        last_eval = evaluate(eval_step, state.params, eval_source, config, batch_sharding)
+        last_eval = evaluate(eval_step, state.variables(), eval_source, config,
+                             batch_sharding)
         writer.write(step, last_eval)
         if is_main:
           logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4g}'

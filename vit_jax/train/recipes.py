@@ -1,7 +1,20 @@
-"""ViT recipes as functions, shared by the config files in configs/.
+"""Training recipes as functions, shared by the config files in configs/.
 
-Source: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021), Table 3 and
+ViT: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021), Table 3 and
 Appendix B.1 (pretraining) and Appendix B.1.1 / Table 4 (fine-tuning).
+ImageNet-1k supervised training of the comparison architectures (`imagenet1k_supervised`):
+ResNet / ResNeXt / Res2Net: SGD momentum 0.9, lr 0.1 per 256 images, weight decay 1e-4,
+90 epochs, 5 warmup epochs (He et al. 2016; Goyal et al. 2017), with the cosine decay and
+label smoothing 0.1 of He et al. 2019 ("Bag of Tricks") instead of step decay.
+BiT-S upstream (Kolesnikov et al. 2020, Sec. 3.1): SGD momentum 0.9, lr 0.03 per 256
+images, weight decay 1e-4, batch 4096, 90 epochs, 5000 warmup steps (step decay there,
+cosine here).
+Swin (Liu et al. 2021, Sec. 4.1): AdamW, lr 1e-3 at batch 1024, weight decay 0.05, 300
+epochs, 20 warmup epochs, cosine, gradient clipping at 5, RandAugment, mixup 0.8, cutmix
+1.0, label smoothing 0.1, stochastic depth 0.2/0.3/0.5 for T/S/B (random erasing and
+repeated augmentation of the paper are not implemented).
+`bundled_mnist(config)` turns any of them into a few-minute offline run on the bundled
+MNIST digits (the `:mnist` argument of the config files).
 """
 
 import ml_collections
@@ -84,4 +97,82 @@ def finetuning(model_name: str, *, dataset: str, num_classes: int, steps: int,
   c.log_every = 50
   c.eval_every = max(steps // 10, 100)
   c.checkpoint_every = max(steps // 10, 100)
+  return c
+
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def imagenet1k_supervised(model_name: str, *, batch_size: int = 1024):
+  """ImageNet-1k from scratch at 224 px for the Swin, ResNet-family and BiT models.
+
+  The optimizer follows the family (see the module docstring); the learning rate scales
+  linearly with `batch_size`. Inputs are normalised with the ImageNet mean and std, as
+  timm's weights of these models expect.
+  """
+  c = defaults.default_config()
+  c.model = models.get_config(model_name)
+  family = models.family_of(c.model)
+  c.input.source = 'tfds'
+  c.input.name = 'imagenet2012'
+  c.input.train_split = 'train[:99%]'
+  c.input.eval_split = 'validation'
+  size = c.model.image_size
+  c.input.pp_train = f'decode|inception_crop({size})|flip_lr|normalize|onehot(1000, label_smoothing=0.1)'
+  c.input.pp_eval = (f'decode|resize_small({size * 8 // 7})|central_crop({size})|normalize|'
+                     'onehot(1000)')
+  c.batch_size = batch_size
+  steps_per_epoch = IMAGENET_TRAIN_IMAGES * 0.99 / batch_size
+  if family == 'swin':
+    c.num_epochs = 300
+    c.optimizer.update(name='adam', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+                       grad_clip_norm=5.0)
+    c.schedule.update(base_lr=1e-3 * batch_size / 1024,
+                      warmup_steps=int(20 * steps_per_epoch), decay='cosine')
+    c.input.pp_train = (f'decode|inception_crop({size})|flip_lr|randaugment(2, 9)|normalize|'
+                        'onehot(1000, label_smoothing=0.1)')
+    c.input.mixup_alpha = 0.8
+    c.input.cutmix_alpha = 1.0
+  elif family == 'bit':
+    c.num_epochs = 90
+    c.optimizer.update(name='sgd', momentum=0.9, weight_decay=1e-4, grad_clip_norm=0.0)
+    c.schedule.update(base_lr=0.03 * batch_size / 256, warmup_steps=5000, decay='cosine')
+    c.input.pp_train = f'decode|inception_crop({size})|flip_lr|normalize|onehot(1000)'
+  else:  # resnet, resnext, res2net
+    c.num_epochs = 90
+    c.optimizer.update(name='sgd', momentum=0.9, weight_decay=1e-4, grad_clip_norm=0.0)
+    c.schedule.update(base_lr=0.1 * batch_size / 256, warmup_steps=int(5 * steps_per_epoch),
+                      decay='cosine')
+  c.log_every = 100
+  c.eval_every = int(steps_per_epoch) * 5
+  c.checkpoint_every = 2_000
+  return c
+
+
+def bundled_mnist(c, *, image_size: int = 32, batch_size: int = 64, num_epochs: float = 2,
+                  base_lr: float | None = None):
+  """The same recipe on the bundled MNIST digits (offline; a few minutes on a CPU).
+
+  The model keeps its architecture, with 10 classes at `image_size` px; the optimizer keeps
+  its kind with a learning rate and warmup suited to a short run.
+  """
+  c.model.num_classes = 10
+  c.model.image_size = image_size
+  c.input.source = 'tfds'
+  c.input.name = 'bundled_mnist'
+  c.input.train_split = 'train'
+  c.input.eval_split = 'test'
+  c.input.pp_train = (f'decode|random_resized_crop({image_size}, scale=(0.75, 1.0), '
+                      f'ratio=(0.9, 1.1))|value_range(-1, 1)|onehot(10)')
+  c.input.pp_eval = f'decode|resize({image_size})|value_range(-1, 1)|onehot(10)'
+  c.input.mixup_alpha = 0.0
+  c.input.cutmix_alpha = 0.0
+  c.batch_size = batch_size
+  c.num_epochs = num_epochs
+  if base_lr is None:
+    base_lr = 1e-3 if c.optimizer.name == 'adam' else 0.05
+  c.schedule.update(base_lr=base_lr, warmup_steps=20, decay='cosine')
+  c.log_every = 10
+  c.eval_every = 0
+  c.checkpoint_every = 0
   return c

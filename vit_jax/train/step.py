@@ -5,6 +5,14 @@ jitted with explicit shardings (see `loop.py`). With accum_steps > 1 the batch i
 into accum_steps micro-batches (example i goes to micro-batch i % accum_steps, which
 keeps every micro-batch spread evenly over the devices), gradients are averaged, and
 the update equals that of one step on the whole batch.
+
+Models with state besides their parameters (BatchNorm's running statistics in the
+'batch_stats' collection) keep it in `TrainState.model_state`; it is updated by every
+training forward pass and used, not updated, in evaluation. Under jit the batch is one
+global array sharded over the devices, so a BatchNorm mean over the batch axis is the
+mean over all devices' examples (XLA inserts the all-reduce): statistics are synchronised
+across devices without any axis names. With accum_steps > 1 each micro-batch updates the
+running statistics in turn, as a sequence of smaller batches would.
 """
 
 from typing import Any
@@ -26,6 +34,11 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  model_state: Any = flax.struct.field(default_factory=dict)  # e.g. {'batch_stats': ...}
+
+  def variables(self) -> dict:
+    """The Flax variables of the model: {'params': ..., **model_state}."""
+    return {'params': self.params, **self.model_state}
 
 
 def loss_fn_for(name: str):
@@ -57,30 +70,39 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: st
   """(state, batch) -> (new state, metrics); batch has 'image' and 'label' (soft)."""
   loss_of = loss_fn_for(loss)
 
-  def compute_loss(params, images, labels, rng):
+  def compute_loss(params, model_state, images, labels, rng):
+    variables = {'params': params, **model_state}
     with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-      logits = module.apply({'params': params}, images, train=True, rngs={'dropout': rng})
-    return jnp.mean(loss_of(logits, labels))
+      if model_state:
+        logits, new_model_state = module.apply(variables, images, train=True,
+                                               rngs={'dropout': rng},
+                                               mutable=list(model_state))
+      else:
+        logits = module.apply(variables, images, train=True, rngs={'dropout': rng})
+        new_model_state = model_state
+    return jnp.mean(loss_of(logits, labels)), new_model_state
 
-  grad_fn = jax.value_and_grad(compute_loss)
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     images, labels = batch['image'], batch['label']
     if accum_steps == 1:
-      loss_value, grads = grad_fn(state.params, images, labels, step_rng)
+      (loss_value, model_state), grads = grad_fn(state.params, state.model_state, images,
+                                                 labels, step_rng)
     else:
       mb_images = _microbatches(images, accum_steps)
       mb_labels = _microbatches(labels, accum_steps)
 
       def one(carry, i):
-        loss_sum, grad_sum = carry
-        l, g = grad_fn(state.params, mb_images[i], mb_labels[i],
-                       jax.random.fold_in(step_rng, i))
-        return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
+        loss_sum, grad_sum, model_state = carry
+        (l, model_state), g = grad_fn(state.params, model_state, mb_images[i], mb_labels[i],
+                                      jax.random.fold_in(step_rng, i))
+        return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g), model_state), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (loss_sum, grad_sum), _ = jax.lax.scan(one, (0.0, zeros), jnp.arange(accum_steps))
+      (loss_sum, grad_sum, model_state), _ = jax.lax.scan(
+          one, (0.0, zeros, state.model_state), jnp.arange(accum_steps))
       loss_value = loss_sum / accum_steps
       grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
 
@@ -91,8 +113,9 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: st
       keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
       new_params = jax.tree.map(keep, new_params, state.params)
       new_opt_state = jax.tree.map(keep, new_opt_state, state.opt_state)
+      model_state = jax.tree.map(keep, model_state, state.model_state)
     new_state = state.replace(step=state.step + 1, params=new_params,
-                              opt_state=new_opt_state)
+                              opt_state=new_opt_state, model_state=model_state)
     metrics = {'loss': loss_value, 'grad_norm': optax.global_norm(grads),
                'param_norm': optax.global_norm(state.params),
                'finite': finite.astype(jnp.int32)}
@@ -102,12 +125,15 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: st
 
 
 def make_eval_step(module, *, loss: str):
-  """(params, batch) -> sums over real examples: loss, top-1 and top-5 correct, count."""
+  """(variables, batch) -> sums over real examples: loss, top-1 and top-5 correct, count.
+
+  variables: {'params': ..., **model_state} (`TrainState.variables()`).
+  """
   loss_of = loss_fn_for(loss)
 
-  def eval_step(params, batch):
+  def eval_step(variables, batch):
     with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-      logits = module.apply({'params': params}, batch['image'], train=False)
+      logits = module.apply(variables, batch['image'], train=False)
     labels = batch['label']
     mask = batch['_mask'].astype(jnp.float32)
     # A prediction is correct if it is a label with the highest target weight: the class
