@@ -1,15 +1,22 @@
 """Starting a model from pretrained weights of any supported kind (fine-tuning).
 
-`load(path)` reads weights into the linen parameter tree:
-  - an original-layout `.npz` (`load_npz`);
+`load_checkpoint(path, model=...)` reads weights (`load(path)`: the params alone):
+  - an original-layout `.npz` (`load_npz`; a BiT release `.npz` for a 'bit' model);
   - a timm or transformers state dict (`.safetensors`, `.bin`, `.pt`, `.pth`); a
-    transformers file needs its `config.json` beside it;
+    transformers file needs its `config.json` beside it. timm files of the other families
+    (Swin, ResNet/ResNeXt, Res2Net, BiT ResNetV2) are read with the timm name of the
+    `model` config (`timm_format.timm_name`), or of the family the keys show;
   - an Orbax workdir of this project (its newest checkpoint) or one checkpoint step
-    directory.
-`adapt(loaded, reference)` fits them to the new model: a new zero-initialised head (the
-new class count), `pre_logits` dropped when the new model has no representation layer,
-the position embedding resampled to the new resolution, and a clear refusal of
+    directory: params and the model state (BatchNorm running statistics).
+`adapt(loaded, reference)` fits ViT params to the new model: a new zero-initialised head
+(the new class count), `pre_logits` dropped when the new model has no representation
+layer, the position embedding resampled to the new resolution, and a clear refusal of
 structural differences (token vs pooled classifier, width, depth, hybrid stem).
+`adapt_variables(checkpoint, reference, config)` does it for the Flax variables of any
+family ({'params', 'batch_stats'}): a new zero head (Swin `head`, ResNet/Res2Net `fc`, BiT
+`head/conv2d`), Swin relative position bias tables resampled to the new windows
+(`swin.resample_window_params`), BatchNorm statistics taken from the checkpoint, and a
+refusal of weights of another family or architecture.
 """
 
 import dataclasses
@@ -22,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax.checkpoints import architecture
+from vit_jax.checkpoints import bit_npz
 from vit_jax.checkpoints import hf_format
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import state_dict_io
@@ -30,6 +38,7 @@ from vit_jax.checkpoints import tree
 from vit_jax.models import posemb as posemb_lib
 from vit_jax.models import registry
 from vit_jax.models import scan_layout
+from vit_jax.models import swin
 
 _POSEMB = 'Transformer/posembed_input/pos_embedding'
 

@@ -361,8 +361,12 @@ def _family_timm_name(config, family: str) -> str:
   name = (config.get('name', '') or '').split('.')[0]
   if name[:1].islower() and name in registry.list_models(family):
     return name
+  # The architecture decides; rates and epsilons do not (as for ViT paper names, whose
+  # GELU differs from timm's).
   ignore = ('name', 'image_size', 'num_classes', 'dtype', 'param_dtype', 'in_channels',
-            'drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate')
+            'drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate', 'dropout_rate',
+            'stdconv_eps', 'gn_eps', 'bn_eps', 'bn_momentum', 'layernorm_eps',
+            'zero_init_last')
   mine = {k: v for k, v in config.to_dict().items() if k not in ignore}
   candidates = [n for n in registry.list_models(family) if n[:1].islower()]
   candidates.sort(key=lambda n: (registry.get_config(n).get('image_size') != config.get(

@@ -1,0 +1,104 @@
+"""The public entry points `checkpoints.from_timm` / `to_timm` for the non-ViT families.
+
+tests/models/test_{swin,resnet_v1,bit}.py test each converter in depth; here the same
+weights go through the package-level API a user calls: a timm model object (name read from
+it), a state-dict file with a pretrained tag in the name, and export from a paper-name
+config. Weights are random with perturbed norm weights/biases and random BatchNorm running
+statistics; tolerance 1e-4 on logits (fp32, eval mode).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import checkpoints
+from vit_jax import models
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+
+TOL = 1e-4
+
+
+def _perturb(model, seed=0):
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)):
+        m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.2)
+        m.bias.add_(torch.randn(m.bias.shape, generator=g) * 0.05)
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+  return model.eval()
+
+
+def _calibrate_head(model, x):
+  """A random head scaled so that the mean |logit| is about 1 on these images."""
+  head = model.get_classifier()
+  with torch.no_grad():
+    head.weight.normal_(0, 0.02)
+    scale = float(np.mean(np.abs(_timm_logits(model, x) - head.bias.numpy().reshape(-1))))
+    head.weight.mul_(1.0 / scale)
+  return model
+
+
+def _images(size, seed=0):
+  return np.random.RandomState(seed).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+
+
+def _timm_logits(model, x):
+  with torch.no_grad():
+    return model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+
+
+def _ours(config, variables, x):
+  module = models.create(config)
+  return np.asarray(jax.jit(lambda v, y: module.apply(v, y, train=False))(variables, x))
+
+
+def _check(config, variables, model, x, what):
+  theirs = _timm_logits(model, x)
+  ours = _ours(config, variables, x)
+  diff = float(np.max(np.abs(ours - theirs)))
+  print(f'[tolerance] {what}: max|diff|={diff:.2e}, mean|logit|={np.mean(np.abs(theirs)):.2f}')
+  assert np.mean(np.abs(theirs)) > 0.3  # logits of order one: the tolerance means something
+  assert diff < TOL
+
+
+def test_resnet_state_dict_file_with_pretrained_tag(tmp_path):
+  x = _images(64)
+  model = _calibrate_head(_perturb(timm.create_model('resnet50', pretrained=False,
+                                                     num_classes=7)), x)
+  path = tmp_path / 'model.safetensors'
+  checkpoints.write_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, path)
+  config, variables = checkpoints.from_timm(str(path), 'resnet50.a1_in1k')
+  assert models.family_of(config) == 'resnet' and config.num_classes == 7
+  assert set(variables) == {'params', 'batch_stats'}
+  _check(config, variables, model, x, 'from_timm(file, resnet50.a1_in1k)')
+  # Export from the paper-name config of the same architecture, loaded strictly.
+  paper = models.get_config('ResNet-50')
+  paper.num_classes = 7
+  sd = checkpoints.to_timm(paper, variables)
+  fresh = timm.create_model(checkpoints.timm_name(paper), pretrained=False, num_classes=7)
+  fresh.load_state_dict(sd, strict=True)
+  np.testing.assert_array_equal(_timm_logits(fresh.eval(), x), _timm_logits(model, x))
+
+
+@pytest.mark.parametrize('name,size', [('swin_tiny_patch4_window7_224', 224),
+                                       ('resnetv2_50x1_bit', 64),
+                                       ('res2net50_26w_4s', 64)])
+def test_model_object_name_is_read_from_the_model(name, size):
+  x = _images(size)
+  model = _calibrate_head(_perturb(timm.create_model(name, pretrained=False, num_classes=5)),
+                          x)
+  config, variables = checkpoints.from_timm(model)
+  assert config.name.split('.')[0] == name and config.num_classes == 5
+  _check(config, variables, model, x, f'from_timm({name} model)')
+  back = checkpoints.to_timm(config, variables)
+  assert set(back) == set(model.state_dict())
+
+
+def test_family_overrides_are_refused():
+  with pytest.raises(ValueError, match='ViT models only'):
+    checkpoints.from_timm({}, 'resnet50', num_heads=3)
