@@ -42,20 +42,22 @@ def default_pp(image_size: int) -> str:
 
 
 class ImageClassifier:
-  """A ViT and its preprocessing and labels; predictions are batched and jitted."""
+  """A model (of any family) and its preprocessing and labels; predictions are batched
+  and jitted. model_state: the Flax collections besides params (BatchNorm statistics)."""
 
   def __init__(self, module: models.VisionTransformer, params, *, pp: str,
                class_names: Sequence[str] | None = None, batch_size: int = 32,
-               config=None):
+               config=None, model_state=None):
     self.module = module
     self.params = params
+    self.model_state = dict(model_state or {})
     self.config = config
     self.pp = pp
     self.batch_size = batch_size
     self.class_names = list(class_names) if class_names else None
     from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
     self._preprocess_one = preprocess_ops.parse(pp)
-    self._apply = jax.jit(lambda p, x: module.apply({'params': p}, x, train=False))
+    self._apply = jax.jit(lambda p, s, x: module.apply({'params': p, **s}, x, train=False))
 
   @classmethod
   def from_pretrained(cls, path, *, model=None, labels=None, pp: str | None = None,
@@ -89,7 +91,7 @@ class ImageClassifier:
             else default_pp(config.image_size))
     params = jax.tree.map(jnp.asarray, ckpt.params)
     return cls(module, params, pp=pp, class_names=names, batch_size=batch_size,
-               config=config)
+               config=config, model_state=jax.tree.map(jnp.asarray, ckpt.model_state))
 
   @property
   def num_classes(self) -> int:
@@ -124,7 +126,7 @@ class ImageClassifier:
       pad = bs - len(chunk) if n > bs else 0  # a single short batch compiles as it is
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      out = np.asarray(self._apply(self.params, chunk), np.float32)
+      out = np.asarray(self._apply(self.params, self.model_state, chunk), np.float32)
       chunks.append(out[:len(out) - pad])
     return np.concatenate(chunks) if chunks else np.zeros((0, self.num_classes), np.float32)
 

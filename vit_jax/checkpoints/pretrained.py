@@ -61,9 +61,13 @@ def orbax_step_dir(path: str) -> str:
                           'checkpoints/ folder, or a step folder holding state/)')
 
 
-def _orbax_params(path: str) -> dict:
-  """The params of a train-state checkpoint, on this process's first device whatever the
-  device layout the run was saved from (8 GPUs, a TPU pod, FSDP)."""
+def _orbax_variables(path: str) -> tuple[dict, dict]:
+  """(params, model_state) of a train-state checkpoint, on this process's first device
+  whatever the device layout the run was saved from (8 GPUs, a TPU pod, FSDP).
+
+  model_state is e.g. {'batch_stats': ...}; empty for models without state and for
+  checkpoints that hold params only (written by vit_jax.convert, or before model_state).
+  """
   from etils import epath  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -74,7 +78,9 @@ def _orbax_params(path: str) -> dict:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata)
-  return jax.device_get(checkpointer.restore(state_dir, target)['params'])
+  restored = checkpointer.restore(state_dir, target)
+  return (jax.device_get(restored['params']),
+          jax.device_get(dict(restored.get('model_state') or {})))
 
 
 def _orbax_meta(path: str) -> dict:
@@ -115,6 +121,12 @@ class Checkpoint:
   kind: str  # 'npz', 'timm', 'hf' or 'orbax'
   class_names: list[str] | None = None  # from the training run or the HF config
   pp_eval: str | None = None  # the training run's evaluation preprocessing
+  # Flax collections besides params, e.g. {'batch_stats': ...} of a BatchNorm model.
+  model_state: dict = dataclasses.field(default_factory=dict)
+
+  def variables(self) -> dict:
+    """The Flax variables {'params': ..., **model_state}."""
+    return {'params': self.params, **self.model_state}
 
 
 def _model_config(model) -> ml_collections.ConfigDict | None:
@@ -133,17 +145,136 @@ def _hf_class_names(hf_config) -> list[str] | None:
   return names
 
 
+_FAMILY_WORDS = {'vit': 'ViT', 'swin': 'Swin Transformer', 'resnet': 'ResNet/ResNeXt',
+                 'res2net': 'Res2Net', 'bit': 'BiT ResNetV2'}
+# The timm name a state dict of a family is read with when the model config names no timm
+# model (a custom depth or width): every converter reads the structure from the weights,
+# the name gives the numerics (and for Swin a window, corrected from the tables below).
+_DEFAULT_TIMM_NAMES = {'swin': 'swin_tiny_patch4_window7_224', 'resnet': 'resnet50',
+                       'res2net': 'res2net50_26w_4s', 'bit': 'resnetv2_50x1_bit'}
+
+
+def _timm_family(sd) -> str | None:
+  """The family a timm state dict's keys show, None if none does."""
+  if 'pos_embed' in sd or 'cls_token' in sd:
+    return 'vit'
+  if 'layers.0.blocks.0.attn.relative_position_bias_table' in sd:
+    return 'swin'
+  if 'stem.conv.weight' in sd and any(k.startswith('stages.') for k in sd):
+    return 'bit'
+  if ('conv1.weight' in sd or 'conv1.0.weight' in sd) and any(
+      k.startswith('layer1.') for k in sd):
+    return 'res2net' if any('.convs.' in k for k in sd) else 'resnet'
+  return None
+
+
+def _params_family(params) -> str | None:
+  """The family the top-level names of a params tree show, None if none does."""
+  top = set(params)
+  if 'Transformer' in top or 'embedding' in top:
+    return 'vit'
+  if 'patch_embed' in top and any(k.startswith('layers_') for k in top):
+    return 'swin'
+  if 'root_block' in top:
+    return 'bit'
+  if 'conv1' in top and 'layer1' in top:
+    return 'res2net' if any('/convs_' in k for k in tree.flatten(params)) else 'resnet'
+  return None
+
+
+def _refuse_family(what: str, got: str, model_config) -> None:
+  want = registry.family_of(model_config)
+  if got != want:
+    raise tree.CheckpointMismatchError(
+        f'{what} holds {_FAMILY_WORDS.get(got, got)} weights (family {got!r}) but the model '
+        f'config {model_config.get("name")!r} is family {want!r}: set config.model to a '
+        f'{got} model (vit_jax.models.list_models({got!r})) or init_from to {want} weights')
+
+
+def _timm_name_for(config, family: str) -> str:
+  try:
+    return timm_format.timm_name(config)
+  except ValueError:  # a custom depth or width: the structure is read from the weights
+    return _DEFAULT_TIMM_NAMES[family]
+
+
+def _swin_native_windows(c, sd) -> ml_collections.ConfigDict:
+  """`c` with windows (and a resolution giving them) that fit the state dict's bias tables.
+
+  config_from_timm takes the window and resolution from the name; weights trained at
+  another window (or a custom model) have tables of another size.
+  """
+  windows = []
+  for i in range(len(c.depths)):
+    rows = np.shape(sd[f'layers.{i}.blocks.0.attn.relative_position_bias_table'])[0]
+    side = math.isqrt(rows)
+    if side * side != rows or side % 2 == 0:
+      raise tree.CheckpointMismatchError(
+          f'layers.{i}.blocks.0.attn.relative_position_bias_table has {rows} rows: not the '
+          '(2 w - 1)^2 of a square window w')
+    windows.append((side + 1) // 2)
+
+  def fits(size, window):
+    try:
+      plan = swin.stage_plan(size, c.patch_size, c.depths, window)
+    except ValueError:
+      return False
+    return [p[1] for p in plan] == [(w, w) for w in windows]
+
+  if fits(c.image_size, c.window_size):
+    return c
+  step = c.patch_size * 2 ** (len(windows) - 1)
+  candidates = [windows[0]] if len(set(windows)) == 1 else []
+  for size in [c.image_size] + [step * k for k in range(1, 257)]:
+    for window in candidates + [tuple(windows)]:
+      if fits(size, window):
+        c.window_size, c.image_size = window, size
+        return c
+  raise tree.CheckpointMismatchError(f'no resolution gives the windows {windows} of the '
+                                     'Swin state dict')
+
+
+def _load_timm_family(sd, family: str, name: str):
+  """(config, variables) of a timm state dict of a non-ViT family."""
+  if family == 'swin':
+    from vit_jax.checkpoints import timm_swin  # pylint: disable=g-import-not-at-top
+    config = _swin_native_windows(timm_swin.config_from_timm(sd, name), sd)
+    return config, timm_swin.variables_from_timm(sd, config)
+  return timm_format.from_timm(sd, name)
+
+
+def _bit_npz_config(params, given) -> ml_collections.ConfigDict:
+  """The 'bit' config `given` with the depth, width and classes of BiT release params."""
+  config = ml_collections.ConfigDict(given.to_dict())
+  blocks = sorted({int(m.group(1)) for k in params for m in [re.match(r'block(\d+)$', k)]
+                   if m})
+  config.num_layers = tuple(len(params[f'block{b}']) for b in blocks)
+  root = params['root_block']['standardized_conv2d']['kernel']
+  config.width_factor = root.shape[-1] / 64
+  config.in_channels = int(root.shape[2])
+  head = params.get('head', {}).get('conv2d', {}).get('kernel')
+  config.num_classes = int(head.shape[-1]) if head is not None else 0
+  return config
+
+
 def load_checkpoint(path, *, model=None) -> Checkpoint:
-  """Params, model config and (where the file has them) class names of a checkpoint.
+  """Params, model state, model config and (where the file has them) class names.
 
   model: a registered name or a model config, for what a file does not record: the
-    numerics of an `.npz` (default: the original release's) and the number of heads of a
-    timm state dict (default: the registered model of that width). Structure (width,
-    depth, classes, resolution, ...) is always read from the weights.
+    numerics of an `.npz` (default: the original release's), the number of heads of a
+    timm ViT state dict (default: the registered model of that width), and for the other
+    families the timm model a state dict is read as (`timm_format.timm_name(model)`; a
+    custom depth or width is read as the family's base model). Structure (width, depth,
+    classes, resolution, ...) is always read from the weights. Weights of another family
+    than `model`'s are refused (CheckpointMismatchError).
   """
   path = os.fspath(path)
   given = _model_config(model)
+  family = registry.family_of(given) if given is not None else None
   if path.endswith('.npz'):
+    if family == 'bit':
+      params = bit_npz.load_bit_npz(path)
+      return Checkpoint(_bit_npz_config(params, given), params, 'npz')
     params = npz.load_npz(path)
     config = architecture.infer_model_config(params)
     if given is not None:  # the given numerics, the file's structure
@@ -161,26 +292,43 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
                                 f'must be beside it ({cfg_path})')
       with open(cfg_path) as f:
         hf_config = json.load(f)
+      if given is not None:
+        _refuse_family(path, 'vit', given)
       config, params = hf_format.from_hf(sd, hf_config=hf_config)
       return Checkpoint(config, params, 'hf', class_names=_hf_class_names(hf_config))
+    shown = _timm_family(sd)
+    if given is not None and shown is not None:
+      _refuse_family(path, shown, given)
+    family = family or shown or 'vit'
+    if family != 'vit':
+      name = (_timm_name_for(given, family) if given is not None
+              else _DEFAULT_TIMM_NAMES[family])
+      config, variables = _load_timm_family(sd, family, name)
+      variables = dict(variables)
+      params = variables.pop('params')
+      return Checkpoint(config, params, 'timm', model_state=variables)
     name = (given.get('name') if given is not None else None) or 'vit_base_patch16_224'
     heads = given.num_heads if given is not None else _timm_heads(sd)
     config, params = timm_format.from_timm(sd, name, num_heads=heads)
     return Checkpoint(config, params, 'timm')
   if ('://' in path and not path.endswith(('.npz', '.safetensors', '.bin', '.pt', '.pth'))
       or os.path.isdir(path)):  # an Orbax directory, local or gs://
+    params, model_state = _orbax_variables(path)
     # Runs with scan_layers store the blocks stacked; readers get the unrolled layout.
-    params = scan_layout.unstack_layers(_orbax_params(path))
+    params = scan_layout.unstack_layers(params)
     meta = _orbax_meta(path)
     if meta.get('model'):
       config = ml_collections.ConfigDict(meta['model'])
       if 'scan_layers' in config:
         config.scan_layers = False
-    else:
+    elif _params_family(params) in ('vit', None):
       config = architecture.infer_model_config(params)
+    else:
+      raise ValueError(f'{path} holds {_params_family(params)} weights but its meta/ '
+                       'records no model config (meta["model"]) to build them with')
     pp_eval = ((meta.get('config') or {}).get('input') or {}).get('pp_eval')
     return Checkpoint(config, params, 'orbax', class_names=meta.get('class_names'),
-                      pp_eval=pp_eval)
+                      pp_eval=pp_eval, model_state=model_state)
   raise ValueError(f'cannot tell what kind of checkpoint {path!r} is: expected .npz, '
                    '.safetensors/.bin/.pt/.pth, or an Orbax workdir / step directory')
 
@@ -232,3 +380,87 @@ def adapt(loaded, reference, *, posemb_method: str = 'bilinear',
     got[_POSEMB] = posemb_lib.resample_posemb(got[_POSEMB], side, posemb_method,
                                               num_prefix_tokens=prefix)
   return tree.merge_into(reference, got, drop_head=not keep_head, what='pretrained weights')
+
+
+# Where each family keeps its classifier (a new class count replaces it).
+_HEADS_BY_FAMILY = {'vit': ('head/',), 'swin': ('head/',), 'resnet': ('fc/',),
+                    'res2net': ('fc/',), 'bit': ('head/',)}
+# Config fields that do not change the parameter shapes (or that adapting handles).
+_NOT_STRUCTURE = ('name', 'family', 'image_size', 'num_classes', 'dtype', 'param_dtype',
+                  'window_size', 'drop_rate', 'proj_drop_rate', 'attn_drop_rate',
+                  'drop_path_rate', 'dropout_rate', 'layernorm_eps', 'stdconv_eps', 'gn_eps',
+                  'bn_eps', 'bn_momentum', 'zero_init_last')
+
+
+def _plain(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+def _config_differences(loaded, config) -> list[str]:
+  """Architecture fields (of a non-ViT family) that differ between two configs."""
+  fields = sorted((set(loaded.keys()) | set(config.keys())) - set(_NOT_STRUCTURE))
+  return [f'{k}: checkpoint {_plain(loaded.get(k))}, model {_plain(config.get(k))}'
+          for k in fields if _plain(loaded.get(k)) != _plain(config.get(k))]
+
+
+def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bilinear',
+                    keep_head: bool = False) -> dict:
+  """Fits pretrained weights to the model of `config` (any family).
+
+  loaded: a `Checkpoint` (from `load_checkpoint`) or Flax variables {'params', ...}.
+  reference: the model's initialised variables {'params': ..., **model_state}; the
+    result has their structure and dtypes.
+  Returns the variables: ViT params through `adapt`; for the other families the
+  checkpoint's params with a new zero head (`head` of Swin, `fc` of ResNet/Res2Net,
+  `head/conv2d` of BiT) unless keep_head, Swin bias tables resampled to the windows of
+  `config` at its image_size, and the checkpoint's model state (BatchNorm running
+  statistics). Raises CheckpointMismatchError for weights of another family, another
+  architecture (naming the fields or parameters that differ) or without the model state
+  the model needs.
+  """
+  if isinstance(loaded, Checkpoint):
+    loaded_config, loaded = loaded.config, loaded.variables()
+  else:
+    loaded_config, loaded = None, dict(loaded)
+  family = registry.family_of(config)
+  got_family = _params_family(loaded['params'])
+  if got_family is not None:
+    _refuse_family('the checkpoint', got_family, config)
+  if family == 'vit':
+    return {'params': adapt(loaded['params'], reference['params'],
+                            posemb_method=posemb_method, keep_head=keep_head),
+            **{k: v for k, v in reference.items() if k != 'params'}}
+  hint = ('\nSet config.model to the architecture of the checkpoint (only the head, the '
+          'resolution' + (' and the window size' if family == 'swin' else '') +
+          ' may change).')
+  if loaded_config is not None:
+    differences = _config_differences(loaded_config, config)
+    if differences:
+      raise tree.CheckpointMismatchError(
+          'the pretrained weights do not fit this model:\n  ' + '\n  '.join(differences)
+          + hint)
+  params = loaded['params']
+  if family == 'swin':
+    params = swin.resample_window_params(params, config)
+  heads = _HEADS_BY_FAMILY[family]
+  out = {}
+  for collection, ref in reference.items():
+    if collection not in loaded:
+      raise tree.CheckpointMismatchError(
+          f'the pretrained weights have no {collection!r} (the model has: e.g. BatchNorm '
+          'running statistics); a checkpoint of this family written with only its params '
+          '(e.g. by vit_jax.convert) cannot start a model that needs them')
+    got = params if collection == 'params' else loaded[collection]
+    got = {k: np.asarray(v) for k, v in tree.flatten(got).items()}
+    ref_flat = tree.flatten(ref)
+    if not keep_head:  # a new (zero-initialised) head: the reference's
+      got = {k: v for k, v in got.items() if not k.startswith(heads)}
+      got.update({k: v for k, v in ref_flat.items() if k.startswith(heads)})
+    what = 'pretrained weights' if collection == 'params' else f'pretrained {collection}'
+    try:
+      out[collection] = tree.merge_into(ref, got, what=what)
+    except tree.CheckpointMismatchError as e:
+      raise tree.CheckpointMismatchError(f'{e}{hint}') from None
+  return out

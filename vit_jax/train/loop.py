@@ -115,19 +115,21 @@ class Trainer:
     return jax.jit(self._init_state, out_shardings=self.state_sharding)(self._rng)
 
   def with_pretrained(self, state, path: str):
-    """`state` with params from pretrained weights (new head, resampled posemb)."""
+    """`state` with params and model state (BatchNorm statistics) from pretrained weights
+    (new head, resampled position embedding or Swin windows), a fresh optimizer state."""
     from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
-    loaded = pretrained.load(path, model_config=self.config.model)
-    # The initialised params, whole, on every host: with FSDP over several processes no
+    loaded = pretrained.load_checkpoint(path, model=self.config.model)
+    # The initialised variables, whole, on every host: with FSDP over several processes no
     # process holds all of them (jax.device_get would refuse).
-    initialised = multihost_utils.process_allgather(state.params, tiled=True)
-    params = pretrained.adapt(loaded, initialised,
-                              posemb_method=self.config.posemb_resample,
-                              keep_head=self.config.init_head == 'keep')
-    params = jax.device_put(params, self.state_sharding.params)
+    initialised = multihost_utils.process_allgather(state.variables(), tiled=True)
+    variables = pretrained.adapt_variables(loaded, initialised, self.config.model,
+                                           posemb_method=self.config.posemb_resample,
+                                           keep_head=self.config.init_head == 'keep')
+    params = jax.device_put(variables.pop('params'), self.state_sharding.params)
+    model_state = jax.device_put(variables, self.state_sharding.model_state)
     opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
     logging.info('Initialised from %s', path)
-    return state.replace(params=params, opt_state=opt_state)
+    return state.replace(params=params, opt_state=opt_state, model_state=model_state)
 
   def abstract_state(self):
     """Shapes, dtypes and shardings of the train state (for restoring)."""
