@@ -103,3 +103,17 @@ def test_batch_norm_model_trains_and_resumes_bit_exactly(data_dir, tmp_path):
   assert set(a) == set(b) and any(k.startswith('model_state/batch_stats/') for k in a)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_swin_input_size_that_cannot_work_fails_before_compiling():
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('swin_t', ROOT / 'configs' / 'swin_t.py')
+  config_file = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config_file)
+  config = config_file.get_config()
+  config.model.image_size = 200  # 50 tokens a side: not a multiple of window 7
+  with pytest.raises(defaults.ConfigError, match='image_size=200'):
+    defaults.validate(config, num_devices=1, process_count=1)
+  with pytest.raises(ValueError, match='unknown config argument'):
+    config_file.get_config('imagenet21k')

@@ -1,0 +1,230 @@
+"""init_from for the non-ViT families: timm state dicts and Orbax workdirs of BN runs.
+
+A Trainer is initialised from the weights as `config.init_from` does (`with_pretrained`):
+the params (but a new zero head) and the BatchNorm running statistics must be the
+checkpoint's, Swin relative position bias tables resampled to the new windows as timm
+resamples them, and weights of another family or architecture refused by name.
+Weights are random with perturbed norms and random BatchNorm statistics; features are
+compared with timm's in fp32 eval mode within 1e-4.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import checkpoints
+from vit_jax import inference
+from vit_jax import models
+from vit_jax import sharding
+from vit_jax.checkpoints import pretrained
+from vit_jax.checkpoints import timm_swin
+from vit_jax.checkpoints import train_state
+from vit_jax.models import swin
+from vit_jax.train import loop
+from vit_jax.train import recipes
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+
+TOL = 1e-4
+SWIN = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), mlp_ratio=2.0)
+
+
+def _perturb(model, seed=0):
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+        m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.2)
+        m.bias.add_(torch.randn(m.bias.shape, generator=g) * 0.05)
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+  return model.eval()
+
+
+def _images(size, seed=0, batch=2):
+  return np.random.RandomState(seed).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+
+
+def _timm_pooled(model, x):
+  with torch.no_grad():
+    x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+
+
+def _pooled(config, variables, x):
+  """Our pooled features: the same weights in the num_classes=0 variant of the model."""
+  module = models.create(config, num_classes=0)
+  return np.asarray(jax.jit(lambda v, y: module.apply(v, y, train=False))(variables, x))
+
+
+def _config(model, **fields):
+  c = recipes.bundled_mnist(recipes.imagenet1k_supervised(model))
+  c.model.update(fields)
+  return c
+
+
+def _trainer(config):
+  return loop.Trainer(config, sharding.create_mesh(config.mesh, jax.devices()[:1]), 2)
+
+
+def _init_from(config, path):
+  t = _trainer(config)
+  return t, t.with_pretrained(t.init_state(), str(path))
+
+
+def _flat(tree):
+  return {k: np.asarray(v) for k, v in checkpoints.flatten(jax.device_get(tree)).items()}
+
+
+def _no_head(flat, head):
+  return {k: v for k, v in flat.items() if not k.startswith(head)}
+
+
+@pytest.fixture(scope='module')
+def resnet50_file(tmp_path_factory):
+  torch.manual_seed(0)
+  model = _perturb(timm.create_model('resnet50', pretrained=False, num_classes=7))
+  path = tmp_path_factory.mktemp('timm') / 'resnet50.safetensors'
+  checkpoints.write_state_dict(model.state_dict(), path)
+  return model, path
+
+
+def test_timm_resnet50_file(resnet50_file):
+  model, path = resnet50_file
+  config = _config('ResNet-50', num_classes=10, image_size=64)
+  _, state = _init_from(config, path)
+  _, expected = checkpoints.from_timm(str(path), 'resnet50')
+  params, stats = _flat(state.params), _flat(state.model_state['batch_stats'])
+  want = _flat(expected['params'])
+  assert params['fc/kernel'].shape == (2048, 10) and not params['fc/kernel'].any()
+  assert not params['fc/bias'].any()
+  assert set(params) == set(want)
+  for k, v in _no_head(want, 'fc/').items():
+    np.testing.assert_array_equal(params[k], v, err_msg=k)
+  want_stats = _flat(expected['batch_stats'])
+  assert set(stats) == set(want_stats) and len(stats) == 2 * 53
+  for k, v in want_stats.items():
+    np.testing.assert_array_equal(stats[k], v, err_msg=k)
+  # The fine-tuned model starts from timm's features.
+  x = _images(64)
+  ours = _pooled(config.model, {'params': _no_head(state.params, 'fc'),
+                                'batch_stats': state.model_state['batch_stats']}, x)
+  theirs = _timm_pooled(model, x)
+  diff = float(np.max(np.abs(ours - theirs)))
+  print(f'[tolerance] resnet50 init_from pooled features: max|diff|={diff:.2e}, '
+        f'mean={np.mean(np.abs(theirs)):.2f}')
+  assert diff < TOL and np.mean(np.abs(theirs)) > 0.05
+
+
+def test_orbax_workdir_of_a_batchnorm_run(tmp_path):
+  source = _config('ResNet-50', layers=(1, 1, 1, 1))  # 10 classes at 32 px
+  t = _trainer(source)
+  rng = np.random.RandomState(0)
+  batch = {'image': _images(32, batch=8),
+           'label': np.eye(10, dtype=np.float32)[rng.randint(0, 10, 8)]}
+  state, _ = t.train_step(t.init_state(), batch)  # BN statistics of a real step
+  saved = train_state.TrainCheckpointer(tmp_path / 'checkpoints', async_save=False)
+  names = [str(i) for i in range(10)]
+  saved.save(1, state, {'model': source.model.to_dict(), 'class_names': names,
+                        'config': {'input': {'pp_eval': source.input.pp_eval}}})
+  saved.close()
+  params, stats = _flat(state.params), _flat(state.model_state['batch_stats'])
+  assert not np.allclose(stats['bn1/mean'], 0)  # updated by the step
+
+  ckpt = pretrained.load_checkpoint(str(tmp_path))
+  assert ckpt.kind == 'orbax' and ckpt.class_names == names
+  for k, v in stats.items():
+    np.testing.assert_array_equal(_flat(ckpt.model_state['batch_stats'])[k], v, err_msg=k)
+
+  # A new class count: a new zero fc, everything else (statistics too) from the run.
+  target = _config('ResNet-50', layers=(1, 1, 1, 1), num_classes=4)
+  t2, tuned = _init_from(target, tmp_path)
+  got, got_stats = _flat(tuned.params), _flat(tuned.model_state['batch_stats'])
+  assert got['fc/kernel'].shape == (2048, 4) and not got['fc/kernel'].any()
+  for k, v in _no_head(params, 'fc/').items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  assert set(got_stats) == set(stats)
+  for k, v in stats.items():
+    np.testing.assert_array_equal(got_stats[k], v, err_msg=k)
+  assert jax.tree.structure(tuned) == jax.tree.structure(t2.init_state())
+  tuned, metrics = t2.train_step(tuned, dict(batch, label=batch['label'][:, :4]))
+  assert np.isfinite(float(metrics['loss']))
+
+  # keep_head with the same classes keeps the trained fc.
+  source.init_head = 'keep'
+  _, kept = _init_from(source, tmp_path)
+  np.testing.assert_array_equal(_flat(kept.params)['fc/kernel'], params['fc/kernel'])
+
+  # Prediction from the workdir applies the statistics.
+  clf = inference.ImageClassifier.from_pretrained(str(tmp_path))
+  module = models.create(source.model)
+  x = _images(32, seed=1)
+  np.testing.assert_allclose(clf.logits(x), module.apply(state.variables(), x, train=False),
+                             atol=1e-5)
+
+
+def test_timm_swin_at_a_new_window(tmp_path):
+  """A small timm Swin trained at window 4 / 32 px, fine-tuned at window 8 / 64 px: the
+  bias tables are resampled as timm's checkpoint_filter_fn resamples them."""
+  torch.manual_seed(0)
+  kw = dict(SWIN, pretrained=False, patch_size=4)
+  small = _perturb(timm.create_model('swin_tiny_patch4_window7_224', window_size=4,
+                                     img_size=32, num_classes=3, **kw))
+  path = tmp_path / 'swin.pth'
+  torch.save(small.state_dict(), path)
+
+  config = _config('Swin-T', **SWIN, window_size=8, image_size=64, num_classes=5)
+  _, state = _init_from(config, path)
+  params = _flat(state.params)
+  sd = checkpoints.read_state_dict(str(path))
+  native = timm_swin.config_from_timm(sd, 'swin_tiny_patch4_window7_224')
+  native.update(window_size=4, image_size=32)
+  loaded = timm_swin.variables_from_timm(sd, native)['params']
+  expected = _flat(swin.resample_window_params(loaded, config.model))
+  table = 'layers_0/blocks_1/attn/relative_position_bias_table'
+  assert _flat(loaded)[table].shape == (49, 1) and params[table].shape == (225, 1)
+  assert params['head/kernel'].shape == (64, 5) and not params['head/kernel'].any()
+  assert set(params) == set(expected)
+  for k, v in _no_head(expected, 'head/').items():
+    np.testing.assert_allclose(params[k], v, atol=0, rtol=1e-6, err_msg=k)
+
+  big = timm.create_model('swin_tiny_patch4_window7_224', window_size=8, img_size=64,
+                          num_classes=0, **kw).eval()
+  filtered = timm.models.swin_transformer.checkpoint_filter_fn(small.state_dict(), big)
+  big.load_state_dict({k: v for k, v in filtered.items() if not k.startswith('head.')},
+                      strict=False)
+  x = _images(64)
+  ours = _pooled(config.model, {'params': _no_head(state.params, 'head')}, x)
+  theirs = _timm_pooled(big, x)
+  diff = float(np.max(np.abs(ours - theirs)))
+  print(f'[tolerance] swin window 4 -> 8 pooled features: max|diff|={diff:.2e}')
+  assert diff < TOL
+
+
+def test_other_family_or_architecture_is_refused(resnet50_file, tmp_path):
+  _, path = resnet50_file
+  swin_config = models.get_config('Swin-T')
+  swin_config.update(SWIN, image_size=32, window_size=4)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match="ResNet/ResNeXt weights \\(family 'resnet'\\) but the model config "
+                           "'Swin-T' is family 'swin'"):
+    pretrained.load_checkpoint(str(path), model=swin_config)
+  ckpt = pretrained.load_checkpoint(str(path), model='ResNet-50')
+  assert ckpt.kind == 'timm' and set(ckpt.model_state) == {'batch_stats'}
+  reference = models.init_variables(models.create(swin_config), 32)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="family 'resnet'"):
+    pretrained.adapt_variables(ckpt, reference, swin_config)
+  # The same family, another depth: the differing field is named.
+  tiny = models.get_config('ResNet-50')
+  tiny.update(layers=(1, 1, 1, 1), num_classes=10)
+  reference = models.init_variables(models.create(tiny), 32)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r'layers: checkpoint \(3, 4, 6, 3\), model \(1, 1, 1, 1\)'):
+    pretrained.adapt_variables(ckpt, reference, tiny)
+  # Without the config (plain variables), the parameters that differ are named.
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='unexpected in the pretrained'):
+    pretrained.adapt_variables(ckpt.variables(), reference, tiny)
+  # A ResNet-50 file read without a model config: the family comes from the keys.
+  assert models.family_of(pretrained.load_checkpoint(str(path)).config) == 'resnet'
