@@ -62,6 +62,7 @@ def _pooled(config, variables, x):
 def _config(model, **fields):
   c = recipes.bundled_mnist(recipes.imagenet1k_supervised(model))
   c.model.update(fields)
+  c.schedule.warmup_steps = 1
   return c
 
 
@@ -69,9 +70,22 @@ def _trainer(config):
   return loop.Trainer(config, sharding.create_mesh(config.mesh, jax.devices()[:1]), 2)
 
 
-def _init_from(config, path):
+def _zeros_state(t):
+  """A train state of zeros in the trainer's layout. with_pretrained replaces every value
+  of these models (the head by zeros), and ResNet-50's random init compiles for ~15 s on
+  a CPU; the Orbax test below starts from a real init_state."""
+  return jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding),
+                      t.abstract_state())
+
+
+def _init_from(config, path, state=None):
   t = _trainer(config)
-  return t, t.with_pretrained(t.init_state(), str(path))
+  return t, t.with_pretrained(t.init_state() if state is None else state(t), str(path))
+
+
+def _zero_variables(config, size):
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                      models.abstract_variables(models.create(config), size))
 
 
 def _flat(tree):
@@ -94,7 +108,7 @@ def resnet50_file(tmp_path_factory):
 def test_timm_resnet50_file(resnet50_file):
   model, path = resnet50_file
   config = _config('ResNet-50', num_classes=10, image_size=64)
-  _, state = _init_from(config, path)
+  _, state = _init_from(config, path, _zeros_state)
   _, expected = checkpoints.from_timm(str(path), 'resnet50')
   params, stats = _flat(state.params), _flat(state.model_state['batch_stats'])
   want = _flat(expected['params'])
@@ -119,16 +133,16 @@ def test_timm_resnet50_file(resnet50_file):
 
 
 def test_orbax_workdir_of_a_batchnorm_run(tmp_path):
-  source = _config('ResNet-50', layers=(1, 1, 1, 1))  # 10 classes at 32 px
-  t = _trainer(source)
+  config = _config('ResNet-50', layers=(1, 1, 1, 1))  # 10 classes at 32 px
+  t = _trainer(config)
   rng = np.random.RandomState(0)
   batch = {'image': _images(32, batch=8),
            'label': np.eye(10, dtype=np.float32)[rng.randint(0, 10, 8)]}
   state, _ = t.train_step(t.init_state(), batch)  # BN statistics of a real step
   saved = train_state.TrainCheckpointer(tmp_path / 'checkpoints', async_save=False)
   names = [str(i) for i in range(10)]
-  saved.save(1, state, {'model': source.model.to_dict(), 'class_names': names,
-                        'config': {'input': {'pp_eval': source.input.pp_eval}}})
+  saved.save(1, state, {'model': config.model.to_dict(), 'class_names': names,
+                        'config': {'input': {'pp_eval': config.input.pp_eval}}})
   saved.close()
   params, stats = _flat(state.params), _flat(state.model_state['batch_stats'])
   assert not np.allclose(stats['bn1/mean'], 0)  # updated by the step
@@ -138,28 +152,38 @@ def test_orbax_workdir_of_a_batchnorm_run(tmp_path):
   for k, v in stats.items():
     np.testing.assert_array_equal(_flat(ckpt.model_state['batch_stats'])[k], v, err_msg=k)
 
-  # A new class count: a new zero fc, everything else (statistics too) from the run.
-  target = _config('ResNet-50', layers=(1, 1, 1, 1), num_classes=4)
-  t2, tuned = _init_from(target, tmp_path)
+  # init_head='reset': a new zero fc (the model's own init is not zero), everything else
+  # (the statistics too) from the run.
+  fresh = t.init_state()
+  assert _flat(fresh.params)['fc/kernel'].any()
+  tuned = t.with_pretrained(fresh, str(tmp_path))
   got, got_stats = _flat(tuned.params), _flat(tuned.model_state['batch_stats'])
-  assert got['fc/kernel'].shape == (2048, 4) and not got['fc/kernel'].any()
+  assert not got['fc/kernel'].any() and not got['fc/bias'].any()
   for k, v in _no_head(params, 'fc/').items():
     np.testing.assert_array_equal(got[k], v, err_msg=k)
   assert set(got_stats) == set(stats)
   for k, v in stats.items():
     np.testing.assert_array_equal(got_stats[k], v, err_msg=k)
-  assert jax.tree.structure(tuned) == jax.tree.structure(t2.init_state())
-  tuned, metrics = t2.train_step(tuned, dict(batch, label=batch['label'][:, :4]))
+  assert jax.tree.structure(tuned) == jax.tree.structure(state)
+  assert int(tuned.step) == 0
+  tuned, metrics = t.train_step(tuned, batch)  # the state trains (same layout)
   assert np.isfinite(float(metrics['loss']))
 
-  # keep_head with the same classes keeps the trained fc.
-  source.init_head = 'keep'
-  _, kept = _init_from(source, tmp_path)
-  np.testing.assert_array_equal(_flat(kept.params)['fc/kernel'], params['fc/kernel'])
+  # keep_head keeps the trained fc; a new class count needs a new one.
+  reference = jax.device_get(state.variables())
+  kept = pretrained.adapt_variables(ckpt, reference, config.model, keep_head=True)
+  np.testing.assert_array_equal(_flat(kept['params'])['fc/kernel'], params['fc/kernel'])
+  other = models.get_config('ResNet-50')
+  other.update(layers=(1, 1, 1, 1), num_classes=4)
+  reference = _zero_variables(other, 32)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='fc/kernel'):
+    pretrained.adapt_variables(ckpt, reference, other, keep_head=True)
+  new_head = pretrained.adapt_variables(ckpt, reference, other)
+  assert _flat(new_head['params'])['fc/kernel'].shape == (2048, 4)
 
   # Prediction from the workdir applies the statistics.
   clf = inference.ImageClassifier.from_pretrained(str(tmp_path))
-  module = models.create(source.model)
+  module = models.create(config.model)
   x = _images(32, seed=1)
   np.testing.assert_allclose(clf.logits(x), module.apply(state.variables(), x, train=False),
                              atol=1e-5)
@@ -185,7 +209,7 @@ def test_timm_swin_at_a_new_window(tmp_path):
   expected = _flat(swin.resample_window_params(loaded, config.model))
   table = 'layers_0/blocks_1/attn/relative_position_bias_table'
   assert _flat(loaded)[table].shape == (49, 1) and params[table].shape == (225, 1)
-  assert params['head/kernel'].shape == (64, 5) and not params['head/kernel'].any()
+  assert params['head/kernel'].shape == (32, 5) and not params['head/kernel'].any()
   assert set(params) == set(expected)
   for k, v in _no_head(expected, 'head/').items():
     np.testing.assert_allclose(params[k], v, atol=0, rtol=1e-6, err_msg=k)
@@ -213,13 +237,13 @@ def test_other_family_or_architecture_is_refused(resnet50_file, tmp_path):
     pretrained.load_checkpoint(str(path), model=swin_config)
   ckpt = pretrained.load_checkpoint(str(path), model='ResNet-50')
   assert ckpt.kind == 'timm' and set(ckpt.model_state) == {'batch_stats'}
-  reference = models.init_variables(models.create(swin_config), 32)
+  reference = _zero_variables(swin_config, 32)
   with pytest.raises(checkpoints.CheckpointMismatchError, match="family 'resnet'"):
     pretrained.adapt_variables(ckpt, reference, swin_config)
   # The same family, another depth: the differing field is named.
   tiny = models.get_config('ResNet-50')
   tiny.update(layers=(1, 1, 1, 1), num_classes=10)
-  reference = models.init_variables(models.create(tiny), 32)
+  reference = _zero_variables(tiny, 32)
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r'layers: checkpoint \(3, 4, 6, 3\), model \(1, 1, 1, 1\)'):
     pretrained.adapt_variables(ckpt, reference, tiny)

@@ -123,3 +123,36 @@ def test_pretrained_weights_fit_a_scanned_model():
   fp32 = models.create('ViT-Ti/16', **SMALL)
   np.testing.assert_allclose(scanned.apply({'params': fitted}, images),
                              fp32.apply({'params': params}, images), atol=1e-5)
+
+
+@pytest.mark.parametrize('x_shape,w_shape,contract', [
+    ((4, 5, 8), (8, 6), 1),         # Dense
+    ((4, 5, 8), (8, 3, 2), 1),      # DenseGeneral to (heads, head_dim): q, k, v
+    ((4, 5, 3, 2), (3, 2, 7), 2),   # DenseGeneral from (heads, head_dim): out
+])
+def test_bf16_backward_matmuls_take_bf16_operands(x_shape, w_shape, contract):
+  """The gradient of a bf16 Dense matmul equals the float32 gradient within bf16 rounding,
+  and both backward matmuls take bf16 operands with float32 accumulation (left to
+  autodiff, the float32 cotangent would make them float32 matmuls)."""
+  from vit_jax.models import attention  # pylint: disable=g-import-not-at-top
+  dot = attention.matmul_fn(jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.bfloat16)
+  dn = ((tuple(range(len(x_shape) - contract, len(x_shape))), tuple(range(contract))),
+        ((), ()))
+  out_shape = x_shape[:len(x_shape) - contract] + w_shape[contract:]
+  c = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  grads = jax.grad(lambda a, b: jnp.sum(dot(a, b, dn) * c), (0, 1))(x, w)
+  ref = jax.grad(lambda a, b: jnp.sum(jax.lax.dot_general(a, b, dn) * c), (0, 1))(
+      x.astype(jnp.float32), w.astype(jnp.float32))
+  for got, want in zip(grads, ref):
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+    rel = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+    assert rel < 1e-2  # bf16: 8 mantissa bits, one rounding of the cotangent and result
+  jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(dot(a, b, dn) * c), (0, 1)))(x, w)
+  backward = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general']
+  assert len(backward) == 2
+  for e in backward:
+    assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars), e
+    assert e.outvars[0].aval.dtype == jnp.float32, e

@@ -455,9 +455,10 @@ def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bi
     got = params if collection == 'params' else loaded[collection]
     got = {k: np.asarray(v) for k, v in tree.flatten(got).items()}
     ref_flat = tree.flatten(ref)
-    if not keep_head:  # a new (zero-initialised) head: the reference's
+    if not keep_head:  # a new head, zero-initialised (ResNet's own init is torch's uniform)
       got = {k: v for k, v in got.items() if not k.startswith(heads)}
-      got.update({k: v for k, v in ref_flat.items() if k.startswith(heads)})
+      got.update({k: np.zeros(np.shape(v), v.dtype) for k, v in ref_flat.items()
+                  if k.startswith(heads)})
     what = 'pretrained weights' if collection == 'params' else f'pretrained {collection}'
     try:
       out[collection] = tree.merge_into(ref, got, what=what)
