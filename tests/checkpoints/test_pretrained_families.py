@@ -16,6 +16,7 @@ from vit_jax import checkpoints
 from vit_jax import inference
 from vit_jax import models
 from vit_jax import sharding
+from vit_jax.checkpoints import bit_npz
 from vit_jax.checkpoints import pretrained
 from vit_jax.checkpoints import timm_swin
 from vit_jax.checkpoints import train_state
@@ -218,7 +219,7 @@ def test_timm_swin_at_a_new_window(tmp_path):
                           num_classes=0, **kw).eval()
   filtered = timm.models.swin_transformer.checkpoint_filter_fn(small.state_dict(), big)
   big.load_state_dict({k: v for k, v in filtered.items() if not k.startswith('head.')},
-                      strict=False)
+                      strict=True)
   x = _images(64)
   ours = _pooled(config.model, {'params': _no_head(state.params, 'head')}, x)
   theirs = _timm_pooled(big, x)
@@ -252,3 +253,29 @@ def test_other_family_or_architecture_is_refused(resnet50_file, tmp_path):
     pretrained.adapt_variables(ckpt.variables(), reference, tiny)
   # A ResNet-50 file read without a model config: the family comes from the keys.
   assert models.family_of(pretrained.load_checkpoint(str(path)).config) == 'resnet'
+
+
+def test_bit_release_npz_with_a_bit_model_config(tmp_path):
+  """A BiT `.npz` (the original release layout) read for a 'bit' config: depth, width and
+  classes from the file, a new zero head/conv2d (GroupNorm: no model state)."""
+  source = models.get_config('BiT-R50x1')
+  source.update(num_layers=(1, 2, 1, 1), width_factor=0.5, num_classes=3)
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype),
+                        models.abstract_variables(models.create(source), 32)['params'])
+  bit_npz.save_bit_npz(params, tmp_path / 'BiT-M-tiny.npz')
+  target = models.get_config('BiT-R50x1')
+  target.update(num_layers=(1, 2, 1, 1), width_factor=0.5, num_classes=10)
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'BiT-M-tiny.npz'), model=target)
+  assert ckpt.kind == 'npz' and ckpt.model_state == {}
+  assert tuple(ckpt.config.num_layers) == (1, 2, 1, 1) and ckpt.config.num_classes == 3
+  assert ckpt.config.width_factor == 0.5
+  out = _flat(pretrained.adapt_variables(ckpt, _zero_variables(target, 32), target)['params'])
+  assert out['head/conv2d/kernel'].shape == (1, 1, 1024, 10)
+  assert not out['head/conv2d/kernel'].any()
+  for k, v in _no_head(_flat(params), 'head/').items():
+    np.testing.assert_array_equal(out[k], v, err_msg=k)
+  target.width_factor = 1.0
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match='width_factor: checkpoint 0.5, model 1.0'):
+    pretrained.adapt_variables(ckpt, _zero_variables(target, 32), target)
