@@ -340,3 +340,35 @@ def test_cli_errors_are_one_message_without_traceback(tmp_path):
   assert proc.returncode != 0
   assert 'value should be one of <npz|timm|hf|orbax>' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_batch_norm_model_timm_to_orbax_to_timm_keeps_running_statistics(tmp_path):
+  """A timm ResNet (random weights and running statistics) -> Orbax -> timm: the state
+  dict comes back equal, BatchNorm statistics included; .npz and transformers exports
+  are refused with the formats that work."""
+  timm = pytest.importorskip('timm')
+  torch = pytest.importorskip('torch')
+  model = timm.create_model('resnet50', pretrained=False, num_classes=4)
+  g = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+  src = tmp_path / 'r50.safetensors'
+  checkpoints.write_state_dict({k: v.numpy() for k, v in model.state_dict().items()
+                                if not k.endswith('num_batches_tracked')}, src)
+  convert.run(str(src), str(tmp_path / 'orbax'), to='orbax', model='resnet50')
+  loaded = pretrained.load_checkpoint(str(tmp_path / 'orbax'))
+  assert 'batch_stats' in loaded.model_state
+  convert.run(str(tmp_path / 'orbax'), str(tmp_path / 'back.safetensors'), to='timm')
+  back = checkpoints.read_state_dict(str(tmp_path / 'back.safetensors'))
+  fresh = timm.create_model('resnet50', pretrained=False, num_classes=4)
+  fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in back.items()},
+                        strict=True)
+  for k, v in model.state_dict().items():
+    if not k.endswith('num_batches_tracked'):
+      np.testing.assert_array_equal(np.asarray(back[k]), v.numpy(), err_msg=k)
+  for to, output in (('npz', 'x.npz'), ('hf', 'hf_dir')):
+    with pytest.raises(convert.ConversionError, match='--to=timm or --to=orbax'):
+      convert.run(str(tmp_path / 'orbax'), str(tmp_path / output), to=to)

@@ -236,8 +236,21 @@ def _release_numerics_note(config, output):
           f'original release\'s (tanh GELU, eps 1e-6) unless given a model name{hint}')
 
 
+def _family(ckpt) -> str:
+  from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+  return registry.family_of(ckpt.config)
+
+
 def _write_npz(ckpt, output, notes):
   from vit_jax.checkpoints import npz  # pylint: disable=g-import-not-at-top
+  family = _family(ckpt)
+  if family == 'bit':  # the BiT release's .npz layout
+    from vit_jax.checkpoints import bit_npz  # pylint: disable=g-import-not-at-top
+    bit_npz.save_bit_npz(ckpt.variables(), output)
+    return
+  if family != 'vit':
+    raise ConversionError(f'.npz export is for ViT and BiT models; this is a {family} '
+                          'model: use --to=timm or --to=orbax')
   npz.save_npz(output, ckpt.params)
   note = _release_numerics_note(ckpt.config, output)
   if note:
@@ -248,7 +261,8 @@ def _write_timm(ckpt, output, notes):
   from vit_jax.checkpoints import state_dict_io  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
   try:
-    sd = timm_format.to_timm(ckpt.config, _float32_tree(ckpt.params))
+    weights = ckpt.params if _family(ckpt) == 'vit' else ckpt.variables()
+    sd = timm_format.to_timm(ckpt.config, _float32_tree(weights))
   except ValueError as e:
     raise ConversionError(f'cannot convert to timm: {e}') from None
   state_dict_io.write_state_dict(sd, output)
@@ -256,7 +270,10 @@ def _write_timm(ckpt, output, notes):
     name = timm_format.timm_name(ckpt.config)
   except ValueError:
     name = None
-  if name:
+  if name and _family(ckpt) != 'vit':
+    notes.append(f"load it with timm.create_model('{name}', "
+                 f'num_classes={ckpt.config.num_classes or 0}).load_state_dict(...)')
+  elif name:
     notes.append(f'timm state dicts record no heads or activation: build the model with '
                  f'vit_jax.checkpoints.create_timm_model(config) or timm.create_model('
                  f"'{name}', depth={ckpt.config.num_layers}, "
@@ -265,6 +282,9 @@ def _write_timm(ckpt, output, notes):
 
 def _write_hf(ckpt, output, notes):
   from vit_jax.checkpoints import hf_format  # pylint: disable=g-import-not-at-top
+  if _family(ckpt) != 'vit':
+    raise ConversionError(f'transformers export is for ViT models; this is a {_family(ckpt)} '
+                          'model: use --to=timm or --to=orbax')
   try:
     sd = hf_format.to_hf(ckpt.config, _float32_tree(ckpt.params))
   except ValueError as e:
@@ -301,7 +321,10 @@ def _write_orbax(ckpt, output, input_path):
   checkpointer = train_state.TrainCheckpointer(os.path.abspath(output), keep_last=1,
                                                async_save=False)
   try:
-    checkpointer.save(ORBAX_STEP, {'params': ckpt.params}, meta)
+    state = {'params': ckpt.params}
+    if ckpt.model_state:  # BatchNorm running statistics
+      state['model_state'] = ckpt.model_state
+    checkpointer.save(ORBAX_STEP, state, meta)
   finally:
     checkpointer.close()
 
