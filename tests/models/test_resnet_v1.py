@@ -320,3 +320,34 @@ def test_bad_input_and_bad_state_dicts():
   small.base_width = 32
   with pytest.raises(tree.CheckpointMismatchError, match=r'layer1/block_0/conv2/kernel'):
     timm_resnet.variables_from_timm(sd, small)
+
+
+def test_split_grouped_conv_equals_native_forward_and_gradient():
+  """grouped_conv='split' (one conv per group, the CPU default) computes what XLA's
+  feature_group_count does, in the forward pass and in the parameter gradient."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  x = np.random.RandomState(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  results = {}
+  for impl in ('split', 'native'):
+    module = models.create('ResNeXt-50 32x4d', layers=(1, 1, 1, 1), num_classes=5,
+                           grouped_conv=impl, zero_init_last=False)
+    shapes = jax.eval_shape(lambda v, m=module: m.init(jax.random.PRNGKey(0), v, train=False),
+                            x)  # random values without compiling init's RNG
+    rng = np.random.RandomState(1)
+    variables = jax.tree.map(
+        lambda a: (rng.normal(size=a.shape) * 0.1 + (1.0 if a.ndim == 1 else 0.0)).astype(
+            np.float32), shapes)
+
+    # Eval mode: batch statistics of the 1x1 last stage (2 values per channel) would make
+    # the gradient ill-conditioned, hiding the comparison in float noise.
+    def loss(params, m=module, v=variables):
+      return jnp.sum(m.apply({**v, 'params': params}, x, train=False) ** 2)
+    results[impl] = jax.jit(jax.value_and_grad(loss))(variables['params'])
+  (ls, gs), (ln, gn) = results['split'], results['native']
+  np.testing.assert_allclose(ls, ln, rtol=1e-5)
+  worst = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+              for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gn)))
+  print(f'[tolerance] split vs native grouped conv: max relative gradient diff {worst:.2e}')
+  assert worst < 1e-4
+  with pytest.raises(ValueError, match='grouped_conv'):
+    models.create('ResNeXt-50 32x4d', grouped_conv='fast')

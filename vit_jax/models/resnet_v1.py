@@ -65,7 +65,11 @@ FIELD_DOCS = {
     'bn_momentum': 'BatchNorm running-average decay, flax convention (0.9 == torch 0.1)',
     'bn_eps': 'BatchNorm epsilon (1e-5 as torch)',
     'zero_init_last': 'initialise the scale of the last BN of each block to zero',
+    'grouped_conv': "grouped 3x3 convs: 'split' (one conv per group), 'native' (XLA's "
+                    "feature_group_count) or 'auto' (split on CPU, native on GPU/TPU)",
 }
+
+GROUPED_CONV = ('auto', 'split', 'native')
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -114,13 +118,42 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+def split_grouped_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                       rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                       **kwargs):
+  """`lax.conv_general_dilated` with groups computed as one convolution per group.
+
+  Same kernel layout and result as feature_group_count=G. XLA:CPU runs a grouped
+  convolution far slower than G separate ones (measured on a ResNeXt-50 stage-2 conv,
+  batch 8: 68 ms forward and 4.7 s forward+backward, against 9 ms and 27 ms split).
+  """
+  if feature_group_count == 1:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, **kwargs)
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  lhs_feature, rhs_out, out_feature = dn.lhs_spec[1], dn.rhs_spec[0], dn.out_spec[1]
+  parts = [jax.lax.conv_general_dilated(x, w, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dn, **kwargs)
+           for x, w in zip(jnp.split(lhs, feature_group_count, axis=lhs_feature),
+                           jnp.split(rhs, feature_group_count, axis=rhs_out))]
+  return jnp.concatenate(parts, axis=out_feature)
+
+
+def use_split_grouped_conv(grouped_conv: str) -> bool:
+  if grouped_conv == 'auto':
+    return jax.default_backend() == 'cpu'
+  return grouped_conv == 'split'
+
+
 def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, *, name: str,
-         dtype, param_dtype) -> nn.Conv:
+         dtype, param_dtype, grouped_conv: str = 'auto') -> nn.Conv:
   """Bias-free conv with torch's symmetric padding kernel // 2."""
   p = kernel // 2
+  split = groups > 1 and use_split_grouped_conv(grouped_conv)
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((p, p), (p, p)), feature_group_count=groups, use_bias=False,
-                 kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype, name=name)
+                 kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype, name=name,
+                 conv_general_dilated=split_grouped_conv if split else None)
 
 
 def drop_path(module: nn.Module, x, rate: float, train: bool):
@@ -162,6 +195,7 @@ class BlockBase(nn.Module):
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
   zero_init_last: bool = True
+  grouped_conv: str = 'auto'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -172,7 +206,7 @@ class BlockBase(nn.Module):
 
   def conv(self, features, kernel, strides=1, groups=1, *, name):
     return conv(features, kernel, strides, groups, name=name, dtype=self.dtype,
-                param_dtype=self.param_dtype)
+                param_dtype=self.param_dtype, grouped_conv=self.grouped_conv)
 
   def bn(self, train, name, last=False):
     init = nn.initializers.zeros if last and self.zero_init_last else nn.initializers.ones
@@ -240,6 +274,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
   zero_init_last: bool = True
+  grouped_conv: str = 'auto'
   in_channels: int = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -251,8 +286,8 @@ class ResNet(nn.Module):
   def block_settings(self) -> dict:
     return dict(cardinality=self.cardinality, base_width=self.base_width,
                 bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
-                zero_init_last=self.zero_init_last, dtype=self.dtype,
-                param_dtype=self.param_dtype)
+                zero_init_last=self.zero_init_last, grouped_conv=self.grouped_conv,
+                dtype=self.dtype, param_dtype=self.param_dtype)
 
   def _check_input(self, x):
     if x.ndim != 4:
@@ -317,6 +352,7 @@ def base_config(name: str, layers, cardinality=1, base_width=64, *, family=FAMIL
   c.bn_momentum = 0.9
   c.bn_eps = 1e-5
   c.zero_init_last = True
+  c.grouped_conv = 'auto'
   return c
 
 
@@ -381,6 +417,8 @@ def check_config(config, field_docs, family, blocks) -> dict:
   for k in ('drop_path_rate', 'dropout_rate', 'bn_momentum'):
     if not isinstance(c[k], numbers.Real) or not 0.0 <= c[k] < 1.0:
       _fail(k, c[k], 'a float in [0, 1)')
+  if c['grouped_conv'] not in GROUPED_CONV:
+    _fail('grouped_conv', c['grouped_conv'], f'one of {list(GROUPED_CONV)}')
   if not isinstance(c['bn_eps'], numbers.Real) or c['bn_eps'] <= 0:
     _fail('bn_eps', c['bn_eps'], 'a positive float')
   for k in ('dtype', 'param_dtype'):
@@ -397,6 +435,7 @@ def module_kwargs(c: dict) -> dict:
               base_width=c['base_width'], drop_path_rate=float(c['drop_path_rate']),
               dropout_rate=float(c['dropout_rate']), bn_momentum=float(c['bn_momentum']),
               bn_eps=float(c['bn_eps']), zero_init_last=bool(c['zero_init_last']),
+              grouped_conv=c['grouped_conv'],
               in_channels=c['in_channels'], dtype=c['dtype'], param_dtype=c['param_dtype'])
 
 
