@@ -73,6 +73,7 @@ def test_vit_b16_flops_equal_the_analytic_count():
   assert analytic / xla == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.slow  # the same Trainer step runs in tests/train/test_family_configs.py
 def test_train_benchmark_of_a_batch_norm_model(tmp_path):
   """The train step of a BatchNorm family (running statistics in the state) is timed."""
   r, stdout = _bench(tmp_path, '--mode=train',

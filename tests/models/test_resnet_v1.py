@@ -322,6 +322,8 @@ def test_bad_input_and_bad_state_dicts():
     timm_resnet.variables_from_timm(sd, small)
 
 
+# Slow: on CPU the split path is what test_logits_match_timm[resnext50_32x4d] runs.
+@pytest.mark.slow
 def test_split_grouped_conv_equals_native_forward_and_gradient():
   """grouped_conv='split' (one conv per group, the CPU default) computes what XLA's
   feature_group_count does, in the forward pass and in the parameter gradient."""
