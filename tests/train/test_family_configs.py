@@ -87,6 +87,16 @@ def test_family_config_trains_through_main(config, data_dir, tmp_path):
   _check_trained(config, tmp_path, 3)
 
 
+def test_batch_norm_model_trains_through_main(data_dir, tmp_path):
+  """ResNet-50's own config trains 3 steps through main; its statistics are saved."""
+  _run('resnet50', tmp_path, data_dir, '--config.total_steps=3',
+       '--config.schedule.warmup_steps=1')
+  _check_trained('resnet50', tmp_path, 3)
+
+
+# Slow (two runs): CI's budget. Restoring the train state (model_state included) is the
+# same TrainCheckpointer path as the ViT preemption test in test_main_training.py.
+@pytest.mark.slow
 def test_batch_norm_model_trains_and_resumes_bit_exactly(data_dir, tmp_path):
   """ResNet-50's config trains 4 steps; a copy of its workdir cut back to the step-2
   checkpoint resumes to step 4 with the same parameters and running statistics."""
