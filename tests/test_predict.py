@@ -9,6 +9,7 @@ preprocessed pixels), a transformers model (id2label), an `.npz`.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -231,7 +232,8 @@ def test_checkpoint_of_a_sharded_scanned_run_loads_on_one_device(tmp_path, photo
        '--config.eval_every=0'],
       cwd=ROOT, env=dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=2'),
       capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # A crash dump ends with a long list of extension modules: keep what precedes it.
+  assert proc.returncode == 0, re.sub(r'Extension modules:.*', '', proc.stderr)[-3000:]
   clf = inference.ImageClassifier.from_pretrained(workdir)
   assert set(clf.params['Transformer']) >= {'encoderblock_0', 'encoderblock_1'}
   assert not clf.config.scan_layers and clf.class_names == [str(i) for i in range(10)]

@@ -144,3 +144,21 @@ def test_bundled_mnist_shuffles_deterministically(mnist_dir):
   part = [e['image'].numpy() for e in src.epoch_dataset(epoch=2, seed=0, shuffle=True,
                                                         start=50).take(10)]
   assert full[50:] == part
+
+
+def test_bundled_mnist_first_use_by_concurrent_processes(tmp_path):
+  """Three processes that find bundled_mnist unprepared in the same data_dir: one
+  prepares it (under a lock), the others wait, and all read the same complete dataset."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ('from vit_jax.data import sources\n'
+          f's = sources.TfdsSource("bundled_mnist", "train", data_dir={str(tmp_path)!r})\n'
+          'print("EXAMPLES", s.num_examples(), len(s.class_names))\n')
+  procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-2000:]
+  counts = {line for out in outs for line in out.splitlines() if line.startswith('EXAMPLES')}
+  assert counts == {'EXAMPLES 4000 10'}, outs
+  assert sum('downloaded and prepared' in out for out in outs) == 1, outs

@@ -68,9 +68,7 @@ def _tfds_builder(name: str, data_dir: str | None):
                     "config.input.source='folder'.") from e
   if not builder.is_prepared():
     if name in BUNDLED:
-      logging.info('Preparing the bundled dataset %s in %s (first use).', name,
-                   builder.data_dir)
-      builder.download_and_prepare()
+      builder = _prepare_once(builder, name, data_dir)
     else:
       raise DataError(
           f'tfds dataset {name!r} is not prepared in {builder.data_dir}. Prepare it once '
@@ -79,6 +77,29 @@ def _tfds_builder(name: str, data_dir: str | None):
           '<data_dir>/downloads/manual first; ImageNet-21k is not in the tfds catalog: see '
           'docs/data.md), or point config.input.data_dir at the directory that holds it.')
   return builder
+
+
+def _prepare_once(builder, name: str, data_dir: str | None):
+  """Prepares a bundled dataset once, even when several processes start together.
+
+  Processes of one machine (the workers of a multi-process run, parallel tests) share
+  the data directory; an exclusive lock in it makes the first one prepare while the
+  others wait, then read what it wrote. Returns a builder that sees the prepared data.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  root = os.fspath(builder.data_dir_root)
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f'.{name}.prepare.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)  # what another process may have made
+      if not builder.is_prepared():
+        logging.info('Preparing the bundled dataset %s in %s (first use).', name,
+                     builder.data_dir)
+        builder.download_and_prepare()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return tfds.builder(name, data_dir=data_dir)
 
 
 @dataclasses.dataclass
@@ -230,8 +251,10 @@ class ImageFolderSource(Source):
     bad = {p: e for p, e in zip(paths, errors) if e is not None}
     try:
       tf.io.gfile.makedirs(cache_dir)
-      with tf.io.gfile.GFile(cache, 'w') as f:
+      partial = f'{cache}.{os.getpid()}.tmp'  # hosts and processes may write it at once
+      with tf.io.gfile.GFile(partial, 'w') as f:
         json.dump(bad, f)
+      tf.io.gfile.rename(partial, cache, overwrite=True)
     except (OSError, tf.errors.OpError) as e:
       logging.warning('Could not cache the image check in %s: %s', cache, e)
     return bad
