@@ -21,29 +21,35 @@ def _setup(**kw):
   return fp32, params, images
 
 
-def test_bf16_matmuls_accumulate_in_float32():
+@pytest.mark.parametrize('layer_loop,blocks_traced', [('unroll', 2), ('scan', 1)])
+def test_bf16_matmuls_accumulate_in_float32(layer_loop, blocks_traced):
   """Every weight matmul (a dot without batch dimensions) of the bf16 model takes bf16
-  operands and produces float32; the attention products (batched dots inside
-  jax.nn.dot_product_attention) keep float32 logits and return the compute dtype."""
-  module = models.create('ViT-Ti/16', **dict(SMALL, dtype='bfloat16'))
+  operands and produces float32; the attention products keep float32 logits and return
+  the compute dtype. The scanned blocks give the unrolled blocks' logits."""
+  module = models.create('ViT-Ti/16', **dict(SMALL, dtype='bfloat16', layer_loop=layer_loop))
   _, params, images = _setup()
   jaxpr = jax.make_jaxpr(lambda p, x: module.apply({'params': p}, x, train=False))(params,
                                                                                    images)
-  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general']
-  dots += [e for e in _inner_eqns(jaxpr.jaxpr) if e.primitive.name == 'dot_general']
+  dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == 'dot_general']
   weight_dots = [e for e in dots if e.params['dimension_numbers'][1] == ((), ())]
-  assert len(weight_dots) == 2 * 6 + 1  # q, k, v, out, fc1, fc2 per block, head
+  # q, k, v, out, fc1, fc2 per block (a scan traces its block once), and the head.
+  assert len(weight_dots) == blocks_traced * 6 + 1
   for e in weight_dots:
     assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars), e
     assert e.outvars[0].aval.dtype == jnp.float32, e
+  if layer_loop == 'scan':  # equal up to bf16 rounding (XLA fuses the two differently)
+    unrolled = module.clone(layer_loop='unroll')
+    np.testing.assert_allclose(module.apply({'params': params}, images),
+                               unrolled.apply({'params': params}, images), atol=1e-2)
 
 
-def _inner_eqns(jaxpr):
+def _all_eqns(jaxpr):
+  """The equations of a jaxpr and, recursively, of the jaxprs inside them."""
   for e in jaxpr.eqns:
+    yield e
     for sub in [v.jaxpr if hasattr(v, 'jaxpr') else v for v in e.params.values()
                 if hasattr(v, 'eqns') or hasattr(v, 'jaxpr')]:
-      yield from sub.eqns
-      yield from _inner_eqns(sub)
+      yield from _all_eqns(sub)
 
 
 def test_bf16_logits_close_to_float32():
@@ -74,6 +80,57 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
   np.testing.assert_allclose(l2, l1, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize('remat', [None, 'full'])
+def test_layer_loop_scan_equals_unroll_with_the_same_parameter_names(remat):
+  """layer_loop='scan' (the default) runs the encoderblock_{i} parameters as one lax.scan:
+  same names, logits and gradients as the unrolled Python loop."""
+  unrolled = models.create('ViT-Ti/16', **dict(SMALL, num_layers=3, layer_loop='unroll',
+                                               remat_policy=remat))
+  looped = unrolled.clone(layer_loop='scan')
+  params = models.init_params(unrolled, 32)
+  assert jax.tree.structure(models.init_params(looped, 32)) == jax.tree.structure(params)
+  assert 'encoderblock_2' in params['Transformer']
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda p: p + rng.normal(0, 0.05, p.shape).astype(p.dtype), params)
+  images = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+
+  def loss(module, train):
+    def f(p):
+      logits = module.apply({'params': p}, images, train=train)
+      return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+    return jax.jit(jax.value_and_grad(f))
+
+  for train in (False, True):
+    (l1, g1), (l2, g2) = loss(unrolled, train)(params), loss(looped, train)(params)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+      np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
+  # The blocks are really one scan (one compiled body), not three copies.
+  prims = {e.primitive.name for e in jax.make_jaxpr(
+      lambda p: looped.apply({'params': p}, images))(params).jaxpr.eqns}
+  assert 'scan' in prims
+  # Attention maps need the unrolled blocks: the scan default falls back to them.
+  maps = models.attention_maps(looped, params, images)
+  assert len(maps) == 3 and maps[0].shape == (4, 4, 17, 17)
+
+
+def test_layer_loop_scan_with_dropout_and_drop_path():
+  """Stochastic layers under the scan: deterministic for one rng, different for another
+  and from evaluation; a bad layer_loop is refused."""
+  module = models.create('ViT-Ti/16', **dict(SMALL, dropout_rate=0.1, drop_path_rate=0.3))
+  assert module.layer_loop == 'scan'
+  fp32, params, images = _setup()
+  run = lambda seed: module.apply({'params': params}, images, train=True,  # noqa: E731
+                                  rngs={'dropout': jax.random.PRNGKey(seed)})
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+  assert not np.allclose(run(0), module.apply({'params': params}, images))
+  np.testing.assert_allclose(module.apply({'params': params}, images),
+                             fp32.apply({'params': params}, images), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="layer_loop='loop' is not one of"):
+    models.create('ViT-Ti/16', **dict(SMALL, layer_loop='loop'))
 
 
 def test_unknown_remat_policy_is_an_error():

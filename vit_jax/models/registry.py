@@ -39,9 +39,14 @@ _FIELD_DOCS = {
     'drop_path_rate': 'stochastic depth of the last block (linear from 0 at the first)',
     'layernorm_eps': 'LayerNorm epsilon (1e-6 original and timm, 1e-12 transformers)',
     'gelu_approximate': 'tanh-approximate GELU (original) or exact (timm, transformers)',
-    'attention_impl': "jax.nn.dot_product_attention implementation: None, 'xla', 'cudnn'",
+    'attention_impl': "None (heads_major on CPU, jax's choice elsewhere), 'heads_major' (two "
+                      "einsums, fastest on CPU), or jax.nn.dot_product_attention's 'xla' / "
+                      "'cudnn'",
     'remat_policy': "rematerialise each block in backward: None, 'full', 'dots', 'dots_no_batch'",
     'scan_layers': 'one nn.scan over the encoder blocks (faster compile; params stacked per layer)',
+    'layer_loop': "with scan_layers=False: 'scan' runs the blocks as one lax.scan over their "
+                  "parameters stacked per call (compiles once, faster on CPU) or 'unroll' "
+                  '(each block compiled on its own); parameter names are the same either way',
     'in_channels': 'input channels',
     'dtype': "compute dtype: 'float32' or 'bfloat16'",
     'param_dtype': "parameter dtype: 'float32' (recommended) or 'bfloat16'",
@@ -90,6 +95,7 @@ def _base(name, size, patch, resnet=None, image_size=224):
   c.attention_impl = ml_collections.FieldReference(None, field_type=str)
   c.remat_policy = ml_collections.FieldReference(None, field_type=str)
   c.scan_layers = False
+  c.layer_loop = 'scan'
   c.in_channels = 3
   c.dtype = 'float32'
   c.param_dtype = 'float32'
@@ -244,6 +250,8 @@ def create(name_or_config, **overrides):
   if get('attention_impl') not in attention.ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention_impl={get('attention_impl')!r} is not one of "
                      f'{attention.ATTENTION_IMPLEMENTATIONS}')
+  if get('layer_loop') not in vit.LAYER_LOOPS:
+    raise ValueError(f"layer_loop={get('layer_loop')!r} is not one of {vit.LAYER_LOOPS}")
   if get('remat_policy') not in vit.REMAT_POLICIES:
     raise ValueError(f"remat_policy={get('remat_policy')!r} is not one of "
                      f'{vit.REMAT_POLICIES}')
@@ -259,7 +267,8 @@ def create(name_or_config, **overrides):
       drop_path_rate=get('drop_path_rate'), layernorm_eps=get('layernorm_eps'),
       gelu_approximate=get('gelu_approximate'), attention_impl=get('attention_impl'),
       remat_policy=get('remat_policy'), scan_layers=get('scan_layers'),
-      in_channels=get('in_channels'), dtype=_dtype(get('dtype'), 'dtype'),
+      layer_loop=get('layer_loop'), in_channels=get('in_channels'),
+      dtype=_dtype(get('dtype'), 'dtype'),
       param_dtype=_dtype(get('param_dtype'), 'param_dtype'))
   resnet = config.get('resnet')
   if resnet is not None:

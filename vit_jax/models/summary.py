@@ -50,7 +50,7 @@ def forward_flops(module, image_size: int, batch: int = 1) -> float:
   scanned loop body once, not once per layer, and the model's FLOPs are the same either way.
   """
   if isinstance(module, vit.VisionTransformer):
-    module = module.clone(scan_layers=False, remat_policy=None)
+    module = module.clone(scan_layers=False, layer_loop='unroll', remat_policy=None)
   variables = abstract_variables(module, image_size)
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, module.in_channels),
                                 jnp.float32)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import attention as attention_lib
 from vit_jax.models import resnet
+from vit_jax.models import scan_layout
 
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 # Logical axes of the token activations. Outside a mesh and `nn.logical_axis_rules`
@@ -29,6 +30,7 @@ CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 # (vit_jax/sharding.py LOGICAL_RULES).
 TOKENS_AXES = ('batch', 'length', 'embed')
 REMAT_POLICIES = (None, 'full', 'dots', 'dots_no_batch')
+LAYER_LOOPS = ('scan', 'unroll')
 
 
 def remat_policy(name: str | None):
@@ -173,6 +175,7 @@ class Encoder(nn.Module):
   attention_impl: str | None = None
   remat_policy: str | None = None
   scan_layers: bool = False
+  layer_loop: str = 'scan'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -196,6 +199,43 @@ class Encoder(nn.Module):
     x, _ = layers(**self._block_kwargs(), name='encoderblock')(x, rates, not train)
     return x
 
+  def _scan_over_blocks(self, x, train):
+    """The unrolled layout's blocks run as one `lax.scan`: the same computation as the
+    Python loop, compiled once instead of num_layers times.
+
+    The parameters stay `encoderblock_{i}` (the original checkpoints' layout); at each
+    call they are stacked along a new leading axis (one copy of the encoder's weights,
+    about 1% of a ViT-B/16 training step on a CPU) and each step of the scan applies
+    the block to its slice. Gradients flow back through the stacking to each block.
+    """
+    params = self.variables['params']
+    stacked = scan_layout.stack_layers({'Transformer': {
+        f'encoderblock_{i}': params[f'encoderblock_{i}'] for i in range(self.num_layers)}})
+    stacked = stacked['Transformer']['encoderblock']
+    block = ScannedEncoderBlock(**self._block_kwargs())
+    stochastic = train and (self.dropout_rate > 0 or self.attention_dropout_rate > 0 or
+                            self.drop_path_rate > 0)
+    rates = self.drop_path_rate * jnp.arange(self.num_layers) / max(self.num_layers - 1, 1)
+    rngs = (jax.random.split(self.make_rng('dropout'), self.num_layers) if stochastic else
+            jnp.zeros((self.num_layers,), jnp.uint32))
+
+    def body(x, layer):
+      layer_params, rate, rng = layer
+      # A static zero rate keeps DropPath out of the graph (no random bits drawn).
+      rate = rate if self.drop_path_rate > 0 else 0.0
+      y, _ = block.apply({'params': layer_params}, x, rate, not stochastic,
+                         rngs={'dropout': rng} if stochastic else None)
+      return y, None
+
+    if self.remat_policy is not None:
+      body = jax.checkpoint(body, policy=remat_policy(self.remat_policy), prevent_cse=False)
+    # Under mixed precision the blocks return float32 tokens (their residual adds take
+    # the float32 matmul outputs): the loop carries float32 from the start, with the
+    # same values the first block would see in bf16.
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x, _ = jax.lax.scan(body, x, (stacked, rates, rngs))
+    return x
+
   @nn.compact
   def __call__(self, x, *, train: bool, capture_attention: bool = False):
     x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
@@ -205,6 +245,14 @@ class Encoder(nn.Module):
         raise ValueError('capture_attention needs scan_layers=False: load the weights into '
                          'the unscanned model (vit_jax.models.unstack_layers)')
       x = self._scanned(x, train)
+      return nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False,
+                          dtype=self.dtype, param_dtype=self.param_dtype,
+                          name='encoder_norm')(x)
+    if self.layer_loop not in LAYER_LOOPS:
+      raise ValueError(f'layer_loop={self.layer_loop!r} is not one of {LAYER_LOOPS}')
+    if (self.layer_loop == 'scan' and not capture_attention and not self.is_initializing()
+        and self.num_layers > 1):
+      x = self._scan_over_blocks(x, train)
       return nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False,
                           dtype=self.dtype, param_dtype=self.param_dtype,
                           name='encoder_norm')(x)
@@ -270,6 +318,7 @@ class VisionTransformer(nn.Module):
   attention_impl: str | None = None
   remat_policy: str | None = None
   scan_layers: bool = False
+  layer_loop: str = 'scan'
   in_channels: int = 3
   # Hybrid stem; resnet_layers=None means a plain ViT, () means the root block only.
   resnet_layers: Sequence[int] | None = None
@@ -336,8 +385,9 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, layernorm_eps=self.layernorm_eps,
         gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl,
-        remat_policy=self.remat_policy, scan_layers=self.scan_layers, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='Transformer')(
+        remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+        layer_loop=self.layer_loop, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='Transformer')(
             x, train=train, capture_attention=capture_attention)
 
     if self.classifier == 'token':
