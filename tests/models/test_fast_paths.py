@@ -62,9 +62,9 @@ def test_bf16_logits_close_to_float32():
   np.testing.assert_allclose(np.asarray(got), want, atol=0.03 * np.abs(want).max() + 1e-3)
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots_no_batch'])  # 'dots': in the scan test
+@pytest.mark.parametrize('policy', ['full', 'dots_no_batch', 'auto'])  # 'dots': scan test
 def test_remat_gives_the_same_loss_and_gradients(policy):
-  fp32, params, images = _setup(dropout_rate=0.1, drop_path_rate=0.1)
+  fp32, params, images = _setup(dropout_rate=0.1, drop_path_rate=0.1, remat_policy=None)
   remat = models.create('ViT-Ti/16', **dict(SMALL, dropout_rate=0.1, drop_path_rate=0.1,
                                            remat_policy=policy))
   assert jax.tree.structure(models.init_params(remat, 32)) == jax.tree.structure(params)
@@ -131,6 +131,15 @@ def test_layer_loop_scan_with_dropout_and_drop_path():
                              fp32.apply({'params': params}, images), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="layer_loop='loop' is not one of"):
     models.create('ViT-Ti/16', **dict(SMALL, layer_loop='loop'))
+
+
+def test_auto_remat_policy_is_dots_no_batch_on_cpu_only(monkeypatch):
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  assert models.create('ViT-Ti/16').remat_policy == 'auto'
+  assert vit.resolve_remat('auto') == 'dots_no_batch'  # the tests run on CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert vit.resolve_remat('auto') is None
+  assert vit.resolve_remat('full') == 'full'
 
 
 def test_unknown_remat_policy_is_an_error():

@@ -21,10 +21,12 @@ import functools
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
 ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'heads_major')
+WEIGHT_MATMUL = 'weight_matmul'  # checkpoint_name of the custom-VJP Dense matmuls
 
 
 def resolve_implementation(implementation: str | None) -> str | None:
@@ -113,7 +115,9 @@ def _mixed_precision_dot_general(x, w, dimension_numbers, precision=None,
   del preferred_element_type  # always float32
   if precision is None and not kwargs and x.dtype == w.dtype and _is_tensordot(
       x, w, dimension_numbers):
-    return _tensordot_f32(x, w, dimension_numbers)
+    # Named, so that remat policies keep it like a weight matmul (a dot inside a custom
+    # VJP is not a dot_general to jax.checkpoint's policies).
+    return checkpoint_name(_tensordot_f32(x, w, dimension_numbers), WEIGHT_MATMUL)
   return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
                              preferred_element_type=jnp.float32, **kwargs)
 

@@ -42,7 +42,8 @@ _FIELD_DOCS = {
     'attention_impl': "None (heads_major on CPU, jax's choice elsewhere), 'heads_major' (two "
                       "einsums, fastest on CPU), or jax.nn.dot_product_attention's 'xla' / "
                       "'cudnn'",
-    'remat_policy': "rematerialise each block in backward: None, 'full', 'dots', 'dots_no_batch'",
+    'remat_policy': "rematerialise each block in backward: 'auto' (dots_no_batch on CPU, None "
+                    "elsewhere), None, 'full', 'dots', 'dots_no_batch'",
     'scan_layers': 'one nn.scan over the encoder blocks (faster compile; params stacked per layer)',
     'layer_loop': "with scan_layers=False: 'scan' runs the blocks as one lax.scan over their "
                   "parameters stacked per call (compiles once, faster on CPU) or 'unroll' "
@@ -93,7 +94,7 @@ def _base(name, size, patch, resnet=None, image_size=224):
   c.layernorm_eps = 1e-6
   c.gelu_approximate = True
   c.attention_impl = ml_collections.FieldReference(None, field_type=str)
-  c.remat_policy = ml_collections.FieldReference(None, field_type=str)
+  c.remat_policy = ml_collections.FieldReference('auto', field_type=str)
   c.scan_layers = False
   c.layer_loop = 'scan'
   c.in_channels = 3
