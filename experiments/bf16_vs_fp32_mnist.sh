@@ -4,6 +4,7 @@
 # Usage: experiments/bf16_vs_fp32_mnist.sh [WORK]
 set -euo pipefail
 work=${1:-/tmp/vit_jax_bf16}
+mkdir -p "$work"
 py=${PYTHON:-python}
 for dtype in float32 bfloat16; do
   rm -rf "${work:?}/$dtype"

@@ -123,6 +123,7 @@ def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtyp
 
   forward = models.forward_flops(module, resolution)
   is_vit = isinstance(module, models.VisionTransformer)
+  scanned = is_vit and (module.scan_layers or module.layer_loop == 'scan')
   analytic = models.analytic_flops(module, resolution) if is_vit else None
   model_flops = (3 if mode == 'train' else 1) * forward
   peak_device, peak_source = _peak(module.dtype)
@@ -138,7 +139,10 @@ def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtyp
       'forward_flops_per_image_analytic': analytic,
       'analytic_vs_xla': analytic / forward if analytic else None,
       'model_flops_per_image': model_flops,
-      'xla_step_flops_per_image': step_flops_xla / batch if step_flops_xla else None,
+      # XLA counts a scanned loop body once, so its count of a step whose ViT blocks run
+      # as a scan is not the step's; the model FLOPs above come from the unrolled forward.
+      'xla_step_flops_per_image': (step_flops_xla / batch if step_flops_xla and not scanned
+                                   else None),
       'achieved_flops_per_sec': model_flops * ips,
       'peak_flops_per_sec': peak, 'peak_source': peak_source,
       'mfu': model_flops * ips / peak,
