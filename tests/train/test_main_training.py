@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def test_init_from_a_trained_workdir_starts_from_its_weights(reference, data_dir
               '--config.total_steps=1', '--config.schedule.warmup_steps=0',
               '--config.schedule.base_lr=1e-12')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f'Initialised from {ref_dir}' in proc.stderr
+  assert f'Initialised from {ref_dir} (orbax checkpoint, ' in proc.stderr
+  assert 'loaded as they are' in proc.stderr and 'head: keep' in proc.stderr
+  assert 'resampled' not in proc.stderr  # same resolution: nothing resized
   # One step at a negligible learning rate: the evaluation equals the trained model's.
   ref_eval = [json.loads(l) for l in (ref_dir / 'metrics.jsonl').read_text().splitlines()
               if 'eval_top1' in l][-1]
@@ -214,6 +217,10 @@ def test_linear_probe_at_a_new_resolution_from_a_workdir(reference, data_dir, tm
               f"--config.input.pp_eval=decode|resize({size})|value_range(-1, 1)|onehot(10)",
               '--config.checkpoint_every=6', '--config.schedule.base_lr=0.01')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # The log names what was resampled (7x7 -> 10x10 tokens) and the reset head.
+  assert re.search(r'1 resampled: Transformer/posembed_input/pos_embedding \(1, 50, (\d+)\) '
+                   r'-> \(1, 101, \1\)', proc.stderr), proc.stderr[-3000:]
+  assert 'head: reset' in proc.stderr
   rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = [r for r in rows if 'eval_top1' in r]
   assert evals[0]['step'] == 0 and evals[-1]['step'] == 6

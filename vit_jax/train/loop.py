@@ -44,7 +44,10 @@ def check_workdir(workdir: epath.Path) -> None:
 
 
 def evaluate(eval_step, variables, eval_source, config, batch_sharding) -> dict:
-  """Top-1, top-5 and loss over the whole eval split, every example counted once."""
+  """Top-1, top-5 and loss over the whole eval split, every example counted once.
+
+  Top-5 is left out for 5 classes or fewer, where every example would be a hit.
+  """
   sums = None
   batches = data_builder.create_eval_batches(config.input, eval_source,
                                              global_batch_size=config.batch_size)
@@ -52,10 +55,54 @@ def evaluate(eval_step, variables, eval_source, config, batch_sharding) -> dict:
     for batch in placed:
       out = eval_step(variables, batch)
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.device_get(sums)
+  return eval_metrics(jax.device_get(sums), config.model.get('num_classes') or 0)
+
+
+def eval_metrics(sums, num_classes: int) -> dict:
+  """Averages of the eval step's sums; no top-5 for 5 classes or fewer (always 1)."""
   n = max(float(sums['count']), 1.0)
-  return {'eval_top1': float(sums['top1_sum'] / n), 'eval_top5': float(sums['top5_sum'] / n),
-          'eval_loss': float(sums['loss_sum'] / n), 'eval_examples': int(sums['count'])}
+  result = {'eval_top1': float(sums['top1_sum'] / n), 'eval_top5': float(sums['top5_sum'] / n),
+            'eval_loss': float(sums['loss_sum'] / n), 'eval_examples': int(sums['count'])}
+  if num_classes <= 5:
+    del result['eval_top5']
+  return result
+
+
+def init_summary(path, loaded, params, config) -> str:
+  """What `init_from` took from a checkpoint: its format and size, the parameters taken
+  unchanged, resized (position embedding, window tables) and left as initialised."""
+  from vit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+
+  def shapes(tree):  # {name: shape} in the unrolled layout, without touching the arrays
+    out = {}
+    for name, x in checkpoints.flatten(tree).items():
+      prefix = 'Transformer/encoderblock/'
+      if name.startswith(prefix):  # stacked blocks (scan_layers=True)
+        for i in range(x.shape[0]):
+          out[f'Transformer/encoderblock_{i}/{name[len(prefix):]}'] = tuple(x.shape[1:])
+      else:
+        out[name] = tuple(x.shape)
+    return out
+
+  source, new = shapes(loaded.params), shapes(params)
+  kept, resized, fresh = [], [], []
+  head = config.get('init_head', 'reset')
+  for name, shape in new.items():
+    if name not in source or (name.startswith('head/') and head != 'keep'):
+      fresh.append(name)
+    elif source[name] != shape:
+      (fresh if name.startswith('head/') else resized).append(
+          f'{name} {source[name]} -> {shape}')
+    else:
+      kept.append(name)
+  parts = [f'{loaded.kind} checkpoint, {len(source)} arrays; {len(kept)} loaded as they are']
+  if resized:
+    parts.append(f'{len(resized)} resampled: ' + ', '.join(resized))
+  if fresh:
+    parts.append(f'{len(fresh)} not in the checkpoint or of another shape, initialised: '
+                 + ', '.join(fresh[:6]) + (' ...' if len(fresh) > 6 else ''))
+  parts.append(f'head: {head}')
+  return f'{path} ({"; ".join(parts)})'
 
 
 class Trainer:
@@ -128,7 +175,7 @@ class Trainer:
     params = jax.device_put(variables.pop('params'), self.state_sharding.params)
     model_state = jax.device_put(variables, self.state_sharding.model_state)
     opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
-    logging.info('Initialised from %s', path)
+    logging.info('Initialised from %s', init_summary(path, loaded, params, self.config))
     return state.replace(params=params, opt_state=opt_state, model_state=model_state)
 
   def abstract_state(self):

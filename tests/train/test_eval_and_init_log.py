@@ -1,0 +1,36 @@
+"""Evaluation averages and the `init_from` log line, on small hand-made inputs."""
+
+import types
+
+from vit_jax import checkpoints
+from vit_jax import models
+from vit_jax.train import loop
+
+
+def test_top5_is_reported_only_above_five_classes():
+  sums = {'top1_sum': 3.0, 'top5_sum': 8.0, 'loss_sum': 12.0, 'count': 8.0}
+  ten = loop.eval_metrics(sums, num_classes=10)
+  assert ten == {'eval_top1': 3 / 8, 'eval_top5': 1.0, 'eval_loss': 1.5, 'eval_examples': 8}
+  two = loop.eval_metrics(sums, num_classes=2)
+  assert 'eval_top5' not in two and two['eval_top1'] == 3 / 8
+
+
+def test_init_summary_names_kept_resampled_and_new_parameters():
+  small = dict(num_layers=2, hidden_size=32, num_heads=2, mlp_dim=64, patch_size=8)
+  old = models.create('ViT-Ti/16', **small, image_size=32, num_classes=10)
+  new = models.create('ViT-Ti/16', **small, image_size=48, num_classes=3, scan_layers=True)
+  loaded = types.SimpleNamespace(kind='npz', params=models.init_params(old, 32))
+  params = models.init_params(new, 48)  # stacked blocks: compared in the unrolled layout
+  total = len(checkpoints.flatten(loaded.params))
+  line = loop.init_summary('/w/ViT.npz', loaded, params, {'init_head': 'reset'})
+  # Everything but the position embedding (4x4 -> 6x6 patches) and the head is kept.
+  assert line.startswith(f'/w/ViT.npz (npz checkpoint, {total} arrays; '
+                         f'{total - 3} loaded as they are; ')
+  assert ('1 resampled: Transformer/posembed_input/pos_embedding (1, 17, 32) -> (1, 37, 32)'
+          in line)
+  assert '2 not in the checkpoint or of another shape, initialised: head/bias, head/kernel' in line
+  assert line.endswith('head: reset)')
+  # init_head='keep' with the same classes keeps the head too.
+  same = models.init_params(old, 32)
+  line = loop.init_summary('/w/ViT.npz', loaded, same, {'init_head': 'keep'})
+  assert f'{total} loaded as they are; head: keep' in line
