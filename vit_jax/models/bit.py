@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax.models import common
 from vit_jax.models import resnet
 
 FAMILY = 'bit'
@@ -240,20 +241,10 @@ class BiT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _check_input(self, images):
-    if images.ndim != 4:
-      raise ValueError(f'expected NHWC images of rank 4, got shape {tuple(images.shape)}')
-    if images.shape[-1] != self.in_channels:
-      hint = ''
-      if images.shape[1] == self.in_channels:
-        hint = ' The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1).'
-      raise ValueError(f'expected {self.in_channels} channels in the last axis (NHWC), got '
-                       f'shape {tuple(images.shape)}.{hint}')
-
   @nn.compact
   def __call__(self, images, *, train: bool):
     """Logits (batch, num_classes) in float32, or pooled features (batch, width)."""
-    self._check_input(images)
+    common.check_nhwc(images, self.in_channels)
     x = images.astype(self.dtype)
     x = StdConvScope(int(64 * self.width_factor), 7, 2, self.stdconv_eps, self.dtype,
                      self.param_dtype, name='root_block')(x)
@@ -274,14 +265,7 @@ class BiT(nn.Module):
 
 
 def _config(name, num_layers, width_factor, image_size, stdconv_eps):
-  c = ml_collections.ConfigDict()
-  c.name = name
-  c.family = FAMILY
-  c.image_size = image_size
-  c.num_classes = 1000
-  c.in_channels = 3
-  c.dtype = 'float32'
-  c.param_dtype = 'float32'
+  c = common.base_config(name, FAMILY, image_size)
   c.num_layers = tuple(num_layers)
   c.width_factor = float(width_factor)
   c.stdconv_eps = stdconv_eps

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vit_jax.models import common
+
 FAMILY = 'resnet'
 STEM_WIDTH = 64
 EXPANSION = 4  # bottleneck output width / planes
@@ -289,19 +291,9 @@ class ResNet(nn.Module):
                 zero_init_last=self.zero_init_last, grouped_conv=self.grouped_conv,
                 dtype=self.dtype, param_dtype=self.param_dtype)
 
-  def _check_input(self, x):
-    if x.ndim != 4:
-      raise ValueError(f'expected NHWC images of rank 4, got shape {tuple(x.shape)}')
-    if x.shape[-1] != self.in_channels:
-      hint = ''
-      if x.shape[1] == self.in_channels:
-        hint = ' The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1).'
-      raise ValueError(f'expected {self.in_channels} channels in the last axis (NHWC), got '
-                       f'shape {tuple(x.shape)}.{hint}')
-
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    self._check_input(x)
+    common.check_nhwc(x, self.in_channels)
     x = x.astype(self.dtype)
     x = conv(STEM_WIDTH, 7, 2, name='conv1', dtype=self.dtype, param_dtype=self.param_dtype)(x)
     x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
@@ -333,14 +325,7 @@ class ResNet(nn.Module):
 def base_config(name: str, layers, cardinality=1, base_width=64, *, family=FAMILY,
                 block='bottleneck', **extra) -> ml_collections.ConfigDict:
   """A config with every field of the family at its default."""
-  c = ml_collections.ConfigDict()
-  c.name = name
-  c.family = family
-  c.image_size = 224
-  c.num_classes = 1000
-  c.in_channels = 3
-  c.dtype = 'float32'
-  c.param_dtype = 'float32'
+  c = common.base_config(name, family)
   c.layers = tuple(layers)
   c.cardinality = cardinality
   c.base_width = base_width

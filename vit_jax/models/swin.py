@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax.models import common
+
 FAMILY = 'swin'
 
 FIELD_DOCS = {
@@ -418,9 +420,7 @@ class SwinTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(f'expected NHWC images with {self.in_channels} channels, got shape '
-                       f'{x.shape}')
+    common.check_nhwc(x, self.in_channels)
     plan = stage_plan(x.shape[1:3], self.patch_size, self.depths, self.window_size)
     kw = dict(layernorm_eps=self.layernorm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     x = PatchEmbed(self.patch_size, self.embed_dim, name='patch_embed', **kw)(x)
@@ -572,14 +572,7 @@ _TIMM_DROP_PATH = 0.1  # timm's SwinTransformer default
 
 def _config(name, size, window, image_size, drop_path_rate):
   _, embed, depths, heads, _ = _SIZES[size]
-  c = ml_collections.ConfigDict()
-  c.name = name
-  c.family = FAMILY
-  c.image_size = image_size
-  c.num_classes = 1000
-  c.in_channels = 3
-  c.dtype = 'float32'
-  c.param_dtype = 'float32'
+  c = common.base_config(name, FAMILY, image_size)
   c.patch_size = 4
   c.embed_dim = embed
   c.depths = depths

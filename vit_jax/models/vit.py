@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models import attention as attention_lib
+from vit_jax.models import common
 from vit_jax.models import resnet
 from vit_jax.models import scan_layout
 
@@ -356,15 +357,8 @@ class VisionTransformer(nn.Module):
     return (stem * self.patch_size[0], stem * self.patch_size[1])
 
   def _check_input(self, images):
-    if images.ndim != 4:
-      raise ValueError(f'expected NHWC images of rank 4, got shape {tuple(images.shape)}')
-    _, h, w, c = images.shape
-    if c != self.in_channels:
-      hint = ''
-      if images.shape[1] == self.in_channels:
-        hint = ' The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1).'
-      raise ValueError(f'expected {self.in_channels} channels in the last axis (NHWC), got '
-                       f'shape {tuple(images.shape)}.{hint}')
+    common.check_nhwc(images, self.in_channels)
+    _, h, w, _ = images.shape
     sh, sw = self.total_stride()
     if h % sh or w % sw:
       what = (f'patch size {tuple(self.patch_size)}' if self.resnet_layers is None else

@@ -1,0 +1,28 @@
+"""What every model family shares: the input check and the fields every config has."""
+
+import ml_collections
+
+
+def check_nhwc(images, in_channels: int) -> None:
+  """Raises ValueError, with a hint for NCHW input, unless images is (N, H, W, C)."""
+  if images.ndim != 4:
+    raise ValueError(f'expected NHWC images of rank 4, got shape {tuple(images.shape)}')
+  if images.shape[-1] != in_channels:
+    hint = ''
+    if images.shape[1] == in_channels:
+      hint = ' The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1).'
+    raise ValueError(f'expected {in_channels} channels in the last axis (NHWC), got '
+                     f'shape {tuple(images.shape)}.{hint}')
+
+
+def base_config(name: str, family: str, image_size: int = 224) -> ml_collections.ConfigDict:
+  """name, family, image_size, 1000 classes, 3 input channels, float32 compute and params."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.family = family
+  c.image_size = image_size
+  c.num_classes = 1000
+  c.in_channels = 3
+  c.dtype = 'float32'
+  c.param_dtype = 'float32'
+  return c
