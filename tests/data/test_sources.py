@@ -81,6 +81,48 @@ def test_messy_folder_skips_and_counts_bad_files(messy_folder, tmp_path):
   assert len(list((tmp_path / 'c').iterdir())) == 1
 
 
+def test_two_processes_each_decode_half_and_agree_on_the_bad_files(messy_folder, tmp_path):
+  """jax.distributed with 2 processes (separate caches, as on two hosts): each decodes
+  every other file, and both end with the same skipped files and the same file list."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root, files = messy_folder
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  script = pathlib.Path(__file__).with_name('folder_check_run.py')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+
+  def run(caches):
+    procs = [subprocess.Popen([sys.executable, str(script), str(root), str(tmp_path / c),
+                               str(port), str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i, c in enumerate(caches)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out[-3000:]
+    results = [json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[7:])
+               for out in outs]
+    for r in results:
+      assert sorted(pathlib.Path(p).name for p in r['skipped']) == ['corrupt.jpg',
+                                                                      'truncated.jpg']
+      assert len(r['paths']) == len(files)
+    assert results[0]['paths'] == results[1]['paths']
+    return [len(r['decoded']) for r in results], results
+
+  total = len(files) + 2  # six good images, a corrupt and a truncated one
+  decoded, results = run(['cache0', 'cache1'])
+  assert decoded == [total - total // 2, total // 2]
+  assert not set(results[0]['decoded']) & set(results[1]['decoded'])
+  # A replaced host without the cache: the other answers from its cache, still in step.
+  decoded, _ = run(['cache0', 'cache1_new_host'])
+  assert decoded == [0, total // 2]
+
+
 def test_folder_errors_name_the_problem(messy_folder, tmp_path):
   root, _ = messy_folder
   with pytest.raises(sources.DataError, match=r"Splits under .*\['train'\]"):

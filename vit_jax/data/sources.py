@@ -178,13 +178,25 @@ def _check_image(path: str) -> str | None:
     return f'{type(e).__name__}: {e}'
 
 
+def _gather_indices(indices: list[int]) -> list[tuple[int, int]]:
+  """(index, process) of every process's indices: all processes call this together."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = multihost_utils.process_allgather(np.array([len(indices)], np.int64))
+  longest = max(int(np.max(counts)), 1)
+  padded = np.full((longest,), -1, np.int64)
+  padded[:len(indices)] = indices
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, longest)
+  return [(int(i), who) for who, row in enumerate(every) for i in row if i >= 0]
+
+
 @dataclasses.dataclass
 class ImageFolderSource(Source):
   """Images under `<root>/<split>/<class>/<image>`; labels are the sorted class folders.
 
   Every file is checked once (a full decode; JPEGs at 1/8 scale, which still reads all
   the data): undecodable or truncated files are skipped, counted and named in the log,
-  so a bad file never stops training. The result is cached in `cache_dir` (default
+  so a bad file never stops training. With several processes each decodes its share and
+  they exchange what they found. The result is cached in `cache_dir` (default
   ~/.cache/vit_jax), keyed by the file list; the image folder itself is never written.
   """
   root: str
@@ -238,25 +250,46 @@ class ImageFolderSource(Source):
     self.labels = np.array(labels, np.int64)
 
   def _bad_files(self, split_dir, paths) -> dict[str, str]:
+    """{path: error} of the files PIL cannot decode, from the cache or checked now.
+
+    With several processes (jax.process_count() > 1), process p decodes only every P-th
+    file and the processes exchange the indices of the bad ones, so that each file is
+    decoded once across hosts and every process ends with the same list.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
     key = hashlib.sha256('\n'.join(paths).encode()).hexdigest()[:16]
     cache_dir = self.cache_dir or os.path.expanduser('~/.cache/vit_jax')
     cache = os.path.join(cache_dir, f'checked_images_{key}.json')
+    cached = None
     if tf.io.gfile.exists(cache):
       with tf.io.gfile.GFile(cache) as f:
-        return json.load(f)
-    logging.info('Checking %d images under %s once (cached in %s).', len(paths), split_dir,
-                 cache)
-    with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 2) * 2) as pool:
-      errors = list(pool.map(_check_image, paths, chunksize=64))
-    bad = {p: e for p, e in zip(paths, errors) if e is not None}
-    try:
-      tf.io.gfile.makedirs(cache_dir)
-      partial = f'{cache}.{os.getpid()}.tmp'  # hosts and processes may write it at once
-      with tf.io.gfile.GFile(partial, 'w') as f:
-        json.dump(bad, f)
-      tf.io.gfile.rename(partial, cache, overwrite=True)
-    except (OSError, tf.errors.OpError) as e:
-      logging.warning('Could not cache the image check in %s: %s', cache, e)
+        cached = json.load(f)
+    index, count = jax.process_index(), jax.process_count()
+    if cached is not None and count == 1:
+      return cached
+    mine = list(range(index, len(paths), count))
+    if cached is not None:  # this host has the answer; the others may not
+      errors = {i: cached[paths[i]] for i in mine if paths[i] in cached}
+    else:
+      logging.info('Checking %d of %d images under %s once (process %d of %d; cached in '
+                   '%s).', len(mine), len(paths), split_dir, index, count, cache)
+      with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 2) * 2) as pool:
+        checked = pool.map(_check_image, [paths[i] for i in mine], chunksize=64)
+        errors = {i: e for i, e in zip(mine, checked) if e is not None}
+    bad = {paths[i]: e for i, e in errors.items()}
+    if count > 1:
+      for i, who in _gather_indices(sorted(errors)):
+        bad.setdefault(paths[i], f'undecodable (found by process {who})')
+      bad = dict(sorted(bad.items()))
+    if cached is None:
+      try:
+        tf.io.gfile.makedirs(cache_dir)
+        partial = f'{cache}.{os.getpid()}.tmp'  # hosts and processes may write it at once
+        with tf.io.gfile.GFile(partial, 'w') as f:
+          json.dump(bad, f)
+        tf.io.gfile.rename(partial, cache, overwrite=True)
+      except (OSError, tf.errors.OpError) as e:
+        logging.warning('Could not cache the image check in %s: %s', cache, e)
     return bad
 
   def _shard(self, process_index, process_count):
