@@ -97,9 +97,9 @@ def _prepare_once(builder, name: str, data_dir: str | None):
         logging.info('Preparing the bundled dataset %s in %s (first use).', name,
                      builder.data_dir)
         builder.download_and_prepare()
+      return builder
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
-  return tfds.builder(name, data_dir=data_dir)
 
 
 @dataclasses.dataclass
