@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from vit_jax import host_memory
 from vit_jax import models
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
@@ -91,11 +92,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = _CONFIG.value
+  # Before anything starts jax's backend (see vit_jax/host_memory.py).
+  host_memory.configure(config.get('keep_host_memory'))
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  config = _CONFIG.value
   workdir = epath.Path(_WORKDIR.value)
   is_main = jax.process_index() == 0
   if not _SUMMARY_ONLY.value:

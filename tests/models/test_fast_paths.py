@@ -200,8 +200,8 @@ def test_bf16_backward_matmuls_take_bf16_operands(x_shape, w_shape, contract):
   """The gradient of a bf16 Dense matmul equals the float32 gradient within bf16 rounding,
   and both backward matmuls take bf16 operands with float32 accumulation (left to
   autodiff, the float32 cotangent would make them float32 matmuls)."""
-  from vit_jax.models import attention  # pylint: disable=g-import-not-at-top
-  dot = attention.matmul_fn(jnp.bfloat16)
+  from vit_jax.models import dense_matmul  # pylint: disable=g-import-not-at-top
+  dot = dense_matmul.dot_general_fn(jnp.bfloat16)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=w_shape), jnp.bfloat16)

@@ -36,6 +36,10 @@ _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
 _SET = flags.DEFINE_multi_string('set', [], 'Model config override FIELD=VALUE (Python '
                                  "literal), e.g. --set=remat_policy='\'dots\''.")
 _JSON = flags.DEFINE_string('json', None, 'Write the record to this JSON file.')
+_KEEP_HOST_MEMORY = flags.DEFINE_enum(
+    'keep_host_memory', 'auto', ['auto', 'true', 'false'],
+    'Keep memory freed by XLA (and torch) for reuse, as vit_jax.main does '
+    '(vit_jax/host_memory.py); auto: on without a GPU/TPU plugin.')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Threads / worker processes (default: cores).')
 _BATCH = flags.DEFINE_integer('batch', None, 'Batch size (default: 8 train/infer, 64 input).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Timed steps (default: 10 train/infer, 20 input).')
@@ -113,8 +117,14 @@ def model_main():
 
 def main(argv):
   del argv
+  from vit_jax import host_memory  # pylint: disable=g-import-not-at-top
+  # First, before jax or torch allocate (applies to both, so the comparison stays fair).
+  kept = host_memory.configure(
+      {'auto': None, 'true': True, 'false': False}[_KEEP_HOST_MEMORY.value])
   if _MODE.value in ('train', 'infer'):
     record = model_main()
+    record['host_memory_kept'] = kept
+    print(f'  host memory kept for reuse: {kept}', flush=True)
     if _JSON.value:
       with open(_JSON.value, 'w') as f:
         json.dump(record, f, indent=2)

@@ -7,12 +7,15 @@ two implementations:
 
 - `jax.nn.dot_product_attention` ('xla', 'cudnn'), which lets XLA or cuDNN pick a fused
   kernel; the default (None) on GPU and TPU;
-- 'heads_major': two einsums with the heads moved in front of the tokens, so that every
-  batched matmul of the forward and backward pass has its contraction in a layout the
-  CPU's matmul kernels run fast; the default on CPU, where it trains ViT-B/16's attention
-  1.8x faster than `jax.nn.dot_product_attention` (fwd+bwd of one layer at batch 8: 29 ms
-  against 52 ms). It also serves the two cases that need the attention matrix itself:
-  returning the weights for visualisation, and attention dropout while training.
+- 'heads_major': the heads moved in front of the tokens, so that every batched matmul of
+  the forward and backward pass contracts the last axis of row-major operands; the
+  default on CPU. XLA:CPU's fast matmul library only takes that form, and runs a bf16
+  matmul in float32 when an operand is a transposed view, so the backward pass (a custom
+  VJP) materialises the two transposes it needs. One ViT-B/16 layer's attention, fwd+bwd
+  at batch 8 on a 2-core EPYC: 52 ms with `jax.nn.dot_product_attention`, 36 ms with
+  heads-major einsums left to autodiff, 33 ms with the custom VJP in float32 and 28 ms in
+  bf16 (39 ms left to autodiff). Returning the attention weights for visualisation, and
+  attention dropout while training, take the einsum form, which exposes the weights.
 """
 
 from typing import Any
@@ -21,12 +24,12 @@ import functools
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import dense_matmul
+
 ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'heads_major')
-WEIGHT_MATMUL = 'weight_matmul'  # checkpoint_name of the custom-VJP Dense matmuls
 
 
 def resolve_implementation(implementation: str | None) -> str | None:
@@ -39,12 +42,22 @@ def resolve_implementation(implementation: str | None) -> str | None:
   return implementation
 
 
-def heads_major_attention(query, key, value, probs_fn=None):
-  """softmax(q k^T / sqrt(d)) v over (batch, tokens, heads, depth) inputs.
+def heads_major_attention(query, key, value):
+  """softmax(q k^T / sqrt(d)) v over (batch, tokens, heads, depth) inputs, in their dtype.
 
-  Returns (output (batch, q_len, heads, depth), weights (batch, heads, q_len, k_len)).
-  The logits and softmax are float32; `probs_fn` (e.g. dropout) maps the weights to the
-  probabilities that multiply the values.
+  The logits, softmax and its gradient are float32; the four batched matmuls take the
+  inputs' dtype (bf16 under mixed precision) and accumulate in float32.
+  """
+  b, q_len, heads, depth = query.shape
+  out = _attention_core(*(_heads_first(t) for t in (query, key, value)), heads)
+  return jnp.swapaxes(out.reshape(b, heads, q_len, depth), 1, 2)
+
+
+def heads_major_attention_with_weights(query, key, value, probs_fn=None):
+  """heads_major_attention that also returns the weights (batch, heads, q_len, k_len).
+
+  `probs_fn` (e.g. dropout) maps the weights to the probabilities that multiply the
+  values. Left to autodiff.
   """
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))  # (b, h, t, d)
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
@@ -54,72 +67,54 @@ def heads_major_attention(query, key, value, probs_fn=None):
   return jnp.swapaxes(out, 1, 2), weights
 
 
-def matmul_fn(dtype):
-  """The dot_general of every Dense layer for compute `dtype`.
-
-  Mixed precision: with bfloat16 (or float16) compute, matmul inputs are in that dtype
-  and products accumulate and come out in float32 (the residual stream, LayerNorm inputs
-  and logits stay float32). On CPUs this is about 2x the speed of a float32 matmul, while
-  bf16 in / bf16 out is no faster than float32; on GPUs and TPUs it is what the tensor
-  cores do anyway. None (the default lax.dot_general) for float32.
-  """
-  if jnp.dtype(dtype) == jnp.float32:
-    return None
-  return _mixed_precision_dot_general
+# Batched matmuls over (batch*heads, rows, depth) operands with float32 accumulation.
+_ABT = (((2,), (2,)), ((0,), (0,)))  # a . b^T
+_AB = (((2,), (1,)), ((0,), (0,)))   # a . b
 
 
-def _is_tensordot(x, w, dimension_numbers) -> bool:
-  """True for x's trailing axes contracted with w's leading axes, no batch axes (Dense)."""
-  (xc, wc), (xb, wb) = dimension_numbers
-  k = len(xc)
-  return (not xb and not wb and tuple(xc) == tuple(range(x.ndim - k, x.ndim))
-          and tuple(wc) == tuple(range(k)))
+def _bmm(a, b, dimension_numbers):
+  return jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _tensordot_f32(x, w, dimension_numbers):
-  return jax.lax.dot_general(x, w, dimension_numbers, preferred_element_type=jnp.float32)
+def _heads_first(x):
+  """(b, t, h, d) -> (b*h, t, d). The reshape after the transpose makes XLA copy it into
+  row-major order instead of handing the matmul a transposed view."""
+  b, t, h, d = x.shape
+  return jnp.swapaxes(x, 1, 2).reshape(b * h, t, d)
 
 
-def _tensordot_f32_fwd(x, w, dimension_numbers):
-  return _tensordot_f32(x, w, dimension_numbers), (x, w)
+def _transposed(x, heads):
+  """(B, m, n) -> (B, n, m), materialised for the same reason (B split into (B/h, h))."""
+  batch, m, n = x.shape
+  return jnp.swapaxes(x.reshape(batch // heads, heads, m, n), 2, 3).reshape(batch, n, m)
 
 
-def _tensordot_f32_bwd(dimension_numbers, residuals, g):
-  """Both gradient matmuls with low-precision operands and float32 accumulation.
-
-  Left to autodiff, the float32 cotangent g meets the bf16 operand and XLA runs the
-  backward matmuls in float32 (two thirds of the training FLOPs at float32 speed). Here g
-  is rounded to the operands' dtype first, as PyTorch autocast does.
-  """
-  x, w = residuals
-  k = len(dimension_numbers[0][0])
-  x_free, x_c = x.shape[:x.ndim - k], x.shape[x.ndim - k:]
-  m, kk = int(np.prod(x_free)), int(np.prod(x_c))
-  # As 2-D matmuls (XLA's CPU dot supports bf16 x bf16 -> f32 in that form):
-  # dx = g . w^T, dw = x^T . g.
-  x2, w2 = x.reshape(m, kk), w.reshape(kk, -1)
-  g2 = g.astype(x.dtype).reshape(m, -1)
-  dx = jax.lax.dot_general(g2, w2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_core(q, k, v, heads):
+  return _attention_core_fwd(q, k, v, heads)[0]
 
 
-_tensordot_f32.defvjp(_tensordot_f32_fwd, _tensordot_f32_bwd)
+def _attention_core_fwd(q, k, v, heads):
+  del heads
+  scale = np.float32(q.shape[-1] ** -0.5)
+  probs = jax.nn.softmax(_bmm(q, k, _ABT) * scale, axis=-1)
+  return _bmm(probs.astype(v.dtype), v, _AB).astype(v.dtype), (q, k, v, probs)
 
 
-def _mixed_precision_dot_general(x, w, dimension_numbers, precision=None,
-                                 preferred_element_type=None, **kwargs):
-  """Low-precision operands, float32 products, and (for Dense layers) a backward pass
-  whose matmuls also take low-precision operands."""
-  del preferred_element_type  # always float32
-  if precision is None and not kwargs and x.dtype == w.dtype and _is_tensordot(
-      x, w, dimension_numbers):
-    # Named, so that remat policies keep it like a weight matmul (a dot inside a custom
-    # VJP is not a dot_general to jax.checkpoint's policies).
-    return checkpoint_name(_tensordot_f32(x, w, dimension_numbers), WEIGHT_MATMUL)
-  return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
-                             preferred_element_type=jnp.float32, **kwargs)
+def _attention_core_bwd(heads, residuals, d_out):
+  q, k, v, probs = residuals
+  scale = np.float32(q.shape[-1] ** -0.5)
+  d_out = d_out.astype(v.dtype)
+  d_probs = _bmm(d_out, v, _ABT)
+  d_v = _bmm(_transposed(probs.astype(v.dtype), heads), d_out, _AB)
+  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * scale
+  d_logits = d_logits.astype(q.dtype)
+  d_q = _bmm(d_logits, k, _AB)
+  d_k = _bmm(_transposed(d_logits, heads), q, _AB)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -145,7 +140,7 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f'width {width} is not divisible by num_heads={self.num_heads}')
     implementation = resolve_implementation(self.implementation)
     head_dim = width // self.num_heads
-    dot_general = matmul_fn(self.dtype)
+    dot_general = dense_matmul.dot_general_fn(self.dtype)
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
         features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
@@ -158,11 +153,13 @@ class MultiHeadDotProductAttention(nn.Module):
 
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     weights = None
-    if return_weights or use_dropout or implementation == 'heads_major':
+    if return_weights or use_dropout:
       dropout = None
       if use_dropout:
         dropout = lambda w: nn.Dropout(rate=self.dropout_rate)(w, deterministic=False)  # noqa: E731
-      out, weights = heads_major_attention(query, key, value, dropout)
+      out, weights = heads_major_attention_with_weights(query, key, value, dropout)
+    elif implementation == 'heads_major':
+      out = heads_major_attention(query, key, value)
     else:
       out = jax.nn.dot_product_attention(query, key, value, implementation=implementation)
     out = nn.DenseGeneral(

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import attention as attention_lib
 from vit_jax.models import common
+from vit_jax.models import dense_matmul
 from vit_jax.models import resnet
 from vit_jax.models import scan_layout
 
@@ -61,7 +62,7 @@ def remat_policy(name: str | None):
   policies = jax.checkpoint_policies
   # The mixed-precision Dense matmuls run inside a custom VJP, where a policy sees no
   # dot_general: they are kept by their name instead.
-  weights = policies.save_only_these_names(attention_lib.WEIGHT_MATMUL)
+  weights = policies.save_only_these_names(dense_matmul.WEIGHT_MATMUL)
   return {
       'full': policies.nothing_saveable,
       'dots': policies.save_from_both_policies(policies.checkpoint_dots, weights),
@@ -122,7 +123,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x, *, deterministic: bool):
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=self.dtype, param_dtype=self.param_dtype,
-        dot_general=attention_lib.matmul_fn(self.dtype),
+        dot_general=dense_matmul.dot_general_fn(self.dtype),
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     out_dim = x.shape[-1]
@@ -420,11 +421,11 @@ class VisionTransformer(nn.Module):
 
     if self.representation_size:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                   dot_general=attention_lib.matmul_fn(self.dtype), name='pre_logits')(x)
+                   dot_general=dense_matmul.dot_general_fn(self.dtype), name='pre_logits')(x)
       x = jnp.tanh(x)
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                   dot_general=attention_lib.matmul_fn(self.dtype),
+                   dot_general=dense_matmul.dot_general_fn(self.dtype),
                    kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
     return x.astype(jnp.float32)

@@ -39,6 +39,8 @@ FIELD_DOCS = {
     'freeze': "regex on parameter paths: keep these fixed, e.g. '^(embedding|Transformer/encoderblock_[0-5]/)'",
     'eval_at_start': 'evaluate once before the first step (the starting accuracy of a fine-tuning run)',
     'compilation_cache_dir': 'persistent XLA compilation cache directory; None disables',
+    'keep_host_memory': 'CPU: keep memory XLA frees for reuse (no page faults each step; '
+                        'vit_jax/host_memory.py); None: on when jax has no GPU/TPU plugin',
 }
 
 
@@ -73,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.freeze = ml_collections.FieldReference(None, field_type=str)
   c.eval_at_start = False
   c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
+  c.keep_host_memory = ml_collections.FieldReference(None, field_type=bool)
   return c
 
 
