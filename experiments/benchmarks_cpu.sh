@@ -8,9 +8,17 @@ py=${PYTHON:-python}
 bench() { "$py" -m vit_jax.benchmark --model=ViT-B/16 --batch=8 --resolution=224 --steps=5 --warmup=1 "$@"; }
 
 # The defaults: the train step of the ViT recipes (blocks stacked, scan_layers=True;
-# remat_policy='auto'; heads-major attention on CPU), next to timm in the same process.
+# remat_policy='auto'; heads-major attention on CPU). Alone, as vit_jax.main runs it
+# (keep_host_memory on), then next to timm in the same process (keep_host_memory off: the
+# malloc setting is process-wide and slows PyTorch).
+bench --mode=train --dtype=float32 --json="$out/train_fp32_alone.json"
+bench --mode=train --dtype=bfloat16 --json="$out/train_bf16_alone.json"
 bench --mode=train --dtype=float32 --compare=timm --json="$out/train_fp32.json"
 bench --mode=train --dtype=bfloat16 --compare=timm_eager --json="$out/train_bf16.json"
+# Host memory: without keep_host_memory, and with glibc's transparent huge pages instead.
+bench --mode=train --keep_host_memory=false --json="$out/train_fp32_no_keep.json"
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 bench --mode=train --keep_host_memory=false \
+    --json="$out/train_fp32_hugetlb.json"
 bench --mode=infer --dtype=float32 --compare=timm --json="$out/infer_fp32.json"
 bench --mode=infer --dtype=bfloat16 --compare=timm_eager --json="$out/infer_bf16.json"
 # Each fast path switched off (or on) alone, float32 train step.

@@ -31,6 +31,17 @@ def test_summary_of_configured_model(tmp_path):
   assert 0.95 < ratio < 1.05, ratio
   config = json.loads((tmp_path / 'config.json').read_text())
   assert config['model']['num_layers'] == 2
+  # keep_host_memory=None: applied before jax starts, on this CPU-only glibc machine.
+  assert config['keep_host_memory'] is None
+  if sys.platform.startswith('linux'):
+    assert 'keep_host_memory: glibc malloc keeps freed memory' in proc.stderr
+
+
+def test_keep_host_memory_off(tmp_path):
+  proc = _run(['--config=configs/vit_b16.py', '--config.model.num_layers=1',
+               '--config.keep_host_memory=False'], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'keep_host_memory' not in proc.stderr
 
 
 def test_named_model_and_hybrid(tmp_path):

@@ -19,6 +19,7 @@ FIELDS = {
     'forward_flops_per_image_analytic', 'analytic_vs_xla', 'model_flops_per_image',
     'xla_step_flops_per_image', 'achieved_flops_per_sec', 'peak_flops_per_sec', 'peak_source',
     'mfu', 'peak_memory_bytes', 'device', 'device_count', 'backend', 'jax_version', 'baselines',
+    'host_memory_kept',
 }
 
 
@@ -56,6 +57,8 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
   assert b['framework'] == 'timm eager' and b['timm_model'].startswith('vit_tiny_patch16')
   assert r['ratio_vs_timm_eager'] == pytest.approx(r['images_per_sec'] / b['images_per_sec'])
   assert 'vit_jax / timm eager' in stdout and 'MFU' in stdout
+  # With a baseline the process-wide malloc setting stays off (it would slow PyTorch).
+  assert r['host_memory_kept'] is False
 
 
 def test_infer_benchmark_bf16(tmp_path):
@@ -64,6 +67,8 @@ def test_infer_benchmark_bf16(tmp_path):
   assert r['mode'] == 'infer' and r['dtype'] == 'bfloat16'
   assert r['model_flops_per_image'] == r['forward_flops_per_image_xla']
   assert 'measured bfloat16' in r['peak_source'] and r['baselines'] == []
+  if sys.platform.startswith('linux'):  # glibc, no GPU/TPU plugin: kept, as in main
+    assert r['host_memory_kept'] is True
 
 
 def test_vit_b16_flops_equal_the_analytic_count():

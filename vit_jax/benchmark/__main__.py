@@ -38,8 +38,10 @@ _SET = flags.DEFINE_multi_string('set', [], 'Model config override FIELD=VALUE (
 _JSON = flags.DEFINE_string('json', None, 'Write the record to this JSON file.')
 _KEEP_HOST_MEMORY = flags.DEFINE_enum(
     'keep_host_memory', 'auto', ['auto', 'true', 'false'],
-    'Keep memory freed by XLA (and torch) for reuse, as vit_jax.main does '
-    '(vit_jax/host_memory.py); auto: on without a GPU/TPU plugin.')
+    'Keep memory freed by XLA for reuse, as vit_jax.main does (vit_jax/host_memory.py). '
+    'auto: on without a GPU/TPU plugin, except with --compare: the setting is process-wide '
+    'and slows PyTorch (one malloc arena for all its threads), so comparisons run both '
+    'frameworks with the system default.')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Threads / worker processes (default: cores).')
 _BATCH = flags.DEFINE_integer('batch', None, 'Batch size (default: 8 train/infer, 64 input).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Timed steps (default: 10 train/infer, 20 input).')
@@ -119,8 +121,10 @@ def main(argv):
   del argv
   from vit_jax import host_memory  # pylint: disable=g-import-not-at-top
   # First, before jax or torch allocate (applies to both, so the comparison stays fair).
-  kept = host_memory.configure(
-      {'auto': None, 'true': True, 'false': False}[_KEEP_HOST_MEMORY.value])
+  setting = {'auto': None, 'true': True, 'false': False}[_KEEP_HOST_MEMORY.value]
+  if setting is None and _COMPARE.value:
+    setting = False
+  kept = host_memory.configure(setting)
   if _MODE.value in ('train', 'infer'):
     record = model_main()
     record['host_memory_kept'] = kept
