@@ -148,3 +148,51 @@ def test_bf16_attention_matmuls_run_in_bf16_on_cpu():
   for g, r in zip(got, want):
     g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
     assert np.max(np.abs(g - r)) / np.max(np.abs(r)) < 3e-2  # bf16 operands
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU behaviour')
+def test_bf16_vit_train_step_matmuls_run_in_bf16_on_cpu():
+  """The compiled bf16 train step of a 2-block ViT (the benchmark's config: stacked blocks,
+  remat, heads-major attention): every matmul takes bf16 operands but the head's weight
+  gradient, a (batch, width)^T . (batch, classes) product with one free axis."""
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = model_speed.train_config('ViT-Ti/16', batch=4, resolution=32, dtype='bfloat16',
+                                    overrides=dict(num_layers=2, num_classes=10))
+  trainer = loop.Trainer(config, sharding.create_mesh(config.mesh), 1000)
+  rng = np.random.default_rng(0)
+  data = jax.device_put(
+      {'image': rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
+       'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, 4)]},
+      trainer.batch_sharding)
+  hlo = trainer.lower_train_step(trainer.init_state(), data).compile().as_text()
+  dots = _dot_operand_types(hlo)
+  assert len(dots) > 20, dots  # 2 blocks x (6 forward + 12 backward + recomputed) + head
+  float32 = [line for a, b, line in dots if not a == b == 'bf16']
+  assert len(float32) == 1 and 'f32[192,10]' in float32[0], float32
+
+
+def test_heads_major_attention_bias_and_its_gradient():
+  """A (groups, q, k) bias repeated over the (batch, head) pairs, as Swin's windows use it:
+  output and gradients of q, k, v and the bias equal autodiff of the einsum form (1e-5)."""
+  rng = np.random.default_rng(3)
+  b, t, h, d, groups = 4, 6, 2, 8, 4  # groups = 2 windows x 2 heads
+  q, k, v = (rng.normal(size=(b, t, h, d)).astype(np.float32) for _ in range(3))
+  bias = rng.normal(size=(groups, t, t)).astype(np.float32)
+  c = rng.normal(size=(b, t, h, d)).astype(np.float32)
+
+  def reference(q, k, v, bias):
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(d)
+    logits = (logits.reshape(-1, groups, t, t) + bias).reshape(b, h, t, t)
+    return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, -1), v)
+
+  ours = attention.heads_major_attention
+  np.testing.assert_allclose(ours(q, k, v, bias), reference(q, k, v, bias), rtol=1e-5,
+                             atol=1e-5)
+  got = jax.grad(lambda *a: jnp.sum(ours(*a) * c), (0, 1, 2, 3))(q, k, v, bias)
+  want = jax.grad(lambda *a: jnp.sum(reference(*a) * c), (0, 1, 2, 3))(q, k, v, bias)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='groups dividing batch x heads = 8'):
+    ours(q, k, v, bias[:3])

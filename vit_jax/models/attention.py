@@ -42,14 +42,21 @@ def resolve_implementation(implementation: str | None) -> str | None:
   return implementation
 
 
-def heads_major_attention(query, key, value):
-  """softmax(q k^T / sqrt(d)) v over (batch, tokens, heads, depth) inputs, in their dtype.
+def heads_major_attention(query, key, value, bias=None):
+  """softmax(q k^T / sqrt(d) + bias) v over (batch, tokens, heads, depth) inputs.
 
   The logits, softmax and its gradient are float32; the four batched matmuls take the
-  inputs' dtype (bf16 under mixed precision) and accumulate in float32.
+  inputs' dtype (bf16 under mixed precision) and accumulate in float32. `bias` (float32,
+  differentiable) has shape (groups, q_len, k_len): with the (batch, head) pairs in
+  row-major order, pair i gets bias[i % groups]; (heads, q_len, k_len) is a per-head
+  bias, and Swin passes its windows folded into the batch with (windows * heads) groups.
   """
   b, q_len, heads, depth = query.shape
-  out = _attention_core(*(_heads_first(t) for t in (query, key, value)), heads)
+  if bias is not None and (bias.ndim != 3 or (b * heads) % bias.shape[0]
+                           or bias.shape[1:] != (q_len, key.shape[1])):
+    raise ValueError(f'bias shape {bias.shape} is not (groups, {q_len}, {key.shape[1]}) '
+                     f'with groups dividing batch x heads = {b * heads}')
+  out = _attention_core(*(_heads_first(t) for t in (query, key, value)), bias, heads)
   return jnp.swapaxes(out.reshape(b, heads, q_len, depth), 1, 2)
 
 
@@ -89,29 +96,41 @@ def _transposed(x, heads):
   return jnp.swapaxes(x.reshape(batch // heads, heads, m, n), 2, 3).reshape(batch, n, m)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention_core(q, k, v, heads):
-  return _attention_core_fwd(q, k, v, heads)[0]
+def _add_bias(logits, bias):
+  if bias is None:
+    return logits
+  batch, m, n = logits.shape
+  groups = bias.shape[0]
+  return (logits.reshape(batch // groups, groups, m, n) + bias).reshape(batch, m, n)
 
 
-def _attention_core_fwd(q, k, v, heads):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q, k, v, bias, heads):
+  return _attention_core_fwd(q, k, v, bias, heads)[0]
+
+
+def _attention_core_fwd(q, k, v, bias, heads):
   del heads
   scale = np.float32(q.shape[-1] ** -0.5)
-  probs = jax.nn.softmax(_bmm(q, k, _ABT) * scale, axis=-1)
-  return _bmm(probs.astype(v.dtype), v, _AB).astype(v.dtype), (q, k, v, probs)
+  probs = jax.nn.softmax(_add_bias(_bmm(q, k, _ABT) * scale, bias), axis=-1)
+  return _bmm(probs.astype(v.dtype), v, _AB).astype(v.dtype), (q, k, v, bias, probs)
 
 
 def _attention_core_bwd(heads, residuals, d_out):
-  q, k, v, probs = residuals
+  q, k, v, bias, probs = residuals
   scale = np.float32(q.shape[-1] ** -0.5)
   d_out = d_out.astype(v.dtype)
   d_probs = _bmm(d_out, v, _ABT)
   d_v = _bmm(_transposed(probs.astype(v.dtype), heads), d_out, _AB)
-  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * scale
-  d_logits = d_logits.astype(q.dtype)
+  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  d_bias = None
+  if bias is not None:
+    d_bias = jnp.sum(d_logits.reshape(-1, *bias.shape), axis=0)
+    d_bias = d_bias.astype(bias.dtype)
+  d_logits = (d_logits * scale).astype(q.dtype)
   d_q = _bmm(d_logits, k, _AB)
   d_k = _bmm(_transposed(d_logits, heads), q, _AB)
-  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_bias
 
 
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)

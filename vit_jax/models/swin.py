@@ -44,7 +44,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax.models import attention as attention_lib
 from vit_jax.models import common
+from vit_jax.models import dense_matmul
+from vit_jax.models import remat as remat_lib
 
 FAMILY = 'swin'
 
@@ -67,6 +70,9 @@ FIELD_DOCS = {
     'attn_drop_rate': 'dropout on the attention weights',
     'drop_path_rate': 'stochastic depth of the last block (linear from 0 at the first)',
     'layernorm_eps': 'LayerNorm epsilon (1e-5 original and timm)',
+    'remat_policy': "what each block keeps for the backward pass: None (everything, the "
+                    "default), 'full', 'dots', 'dots_no_batch', 'auto' ('dots_no_batch' on "
+                    'CPU; vit_jax/models/remat.py)',
 }
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -257,19 +263,31 @@ class WindowAttention(nn.Module):
                        ((2 * wh - 1) * (2 * ww - 1), self.num_heads), self.param_dtype)
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
-        name=name)
+        dot_general=dense_matmul.dot_general_fn(self.dtype), name=name)
     qkv = dense(3 * c, 'qkv')(x).reshape(b, nw, n, 3, self.num_heads, head_dim)
     q, k, v = (qkv[:, :, :, i] for i in range(3))  # (B, nW, N, heads, head_dim)
-    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k).astype(jnp.float32)
     index = relative_position_index(self.window).reshape(-1)
     bias = jnp.asarray(table, jnp.float32)[index].reshape(n, n, self.num_heads)
-    logits = logits + bias.transpose(2, 0, 1)
-    if mask is not None:
-      logits = logits + jnp.asarray(mask)[None, :, None]
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights)
-    y = jnp.einsum('bwhqk,bwkhd->bwqhd', weights, v).reshape(b, nw, n, c)
+    bias = bias.transpose(2, 0, 1)  # (heads, N, N)
+    heads_major = attention_lib.resolve_implementation(None) == 'heads_major'
+    if heads_major and train and not self.attn_drop_rate:
+      # CPU training: the windows folded into the batch, the bias per (window, head); the
+      # backward matmuls in row-major layouts (vit_jax/models/attention.py). Swin-T's
+      # float32 train step: 1.15 s against 1.21 s with the einsums below, which infer
+      # faster (29.6 against 27.1 images/s; 2-core EPYC, batch 8).
+      if mask is not None:
+        bias = (jnp.asarray(mask, jnp.float32)[:, None] + bias).reshape(-1, n, n)
+      fold = lambda t: t.reshape(b * nw, n, self.num_heads, head_dim)  # noqa: E731
+      y = attention_lib.heads_major_attention(fold(q), fold(k), fold(v), bias)
+      y = y.reshape(b, nw, n, c)
+    else:
+      q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+      logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k).astype(jnp.float32) + bias
+      if mask is not None:
+        logits = logits + jnp.asarray(mask)[None, :, None]
+      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      weights = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights)
+      y = jnp.einsum('bwhqk,bwkhd->bwqhd', weights, v).reshape(b, nw, n, c)
     y = dense(c, 'proj')(y)
     return nn.Dropout(self.proj_drop_rate, deterministic=not train)(y)
 
@@ -283,7 +301,8 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
+              dot_general=dense_matmul.dot_general_fn(self.dtype))
     y = nn.gelu(nn.Dense(self.hidden, name='fc1', **kw)(x), approximate=False)
     y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
     y = nn.Dense(x.shape[-1], name='fc2', **kw)(y)
@@ -308,7 +327,7 @@ class SwinBlock(nn.Module):
                         param_dtype=self.param_dtype, name=name)
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):  # train positional: static under nn.remat
     _, h, w, c = x.shape
     (wh, ww), (sh, sw) = self.window, self.shift
     drop_path = DropPath(self.drop_path_rate)
@@ -380,6 +399,7 @@ class SwinStage(nn.Module):
   proj_drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   layernorm_eps: float = 1e-5
+  remat_policy: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -388,11 +408,15 @@ class SwinStage(nn.Module):
     kw = dict(layernorm_eps=self.layernorm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.downsample:
       x = PatchMerging(self.features, name='downsample', **kw)(x)
+    block_cls = SwinBlock
+    if remat_lib.resolve(self.remat_policy) is not None:  # same names, recomputed in backward
+      block_cls = nn.remat(SwinBlock, policy=remat_lib.policy(self.remat_policy),
+                           static_argnums=(2,))
     for j, rate in enumerate(self.drop_path_rates):
-      x = SwinBlock(self.num_heads, self.window, self.shift if j % 2 else (0, 0),
+      x = block_cls(self.num_heads, self.window, self.shift if j % 2 else (0, 0),
                     mlp_ratio=self.mlp_ratio, proj_drop_rate=self.proj_drop_rate,
                     attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate,
-                    name=f'blocks_{j}', **kw)(x, train=train)
+                    name=f'blocks_{j}', **kw)(x, train)
     return x
 
 
@@ -414,6 +438,7 @@ class SwinTransformer(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   layernorm_eps: float = 1e-5
+  remat_policy: str | None = None
   in_channels: int = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -429,7 +454,7 @@ class SwinTransformer(nn.Module):
       x = SwinStage(self.embed_dim * 2 ** i, heads, window, shift, tuple(rates[i]),
                     downsample=i > 0, mlp_ratio=self.mlp_ratio,
                     proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
-                    name=f'layers_{i}', **kw)(x, train=train)
+                    remat_policy=self.remat_policy, name=f'layers_{i}', **kw)(x, train=train)
     x = nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='norm')(x)
     x = jnp.mean(x, axis=(1, 2))
@@ -584,6 +609,7 @@ def _config(name, size, window, image_size, drop_path_rate):
   c.attn_drop_rate = 0.0
   c.drop_path_rate = drop_path_rate
   c.layernorm_eps = 1e-5
+  c.remat_policy = None  # measured: Swin-T trains 7% faster on CPU without remat
   assert set(c.keys()) == set(FIELD_DOCS)
   return c
 
@@ -667,6 +693,9 @@ def from_config(config) -> SwinTransformer:
       raise ValueError(f'{field}={config[field]!r} must be in [0, 1)')
   if not isinstance(config.layernorm_eps, (int, float)) or config.layernorm_eps <= 0:
     raise ValueError(f'layernorm_eps={config.layernorm_eps!r} must be positive')
+  if config.remat_policy not in remat_lib.POLICIES:
+    raise ValueError(f'remat_policy={config.remat_policy!r} is not one of '
+                     f'{remat_lib.POLICIES}')
   dtypes = {}
   for field in ('dtype', 'param_dtype'):
     if config[field] not in _DTYPES:
@@ -682,4 +711,5 @@ def from_config(config) -> SwinTransformer:
       drop_rate=float(config.drop_rate), proj_drop_rate=float(config.proj_drop_rate),
       attn_drop_rate=float(config.attn_drop_rate),
       drop_path_rate=float(config.drop_path_rate),
-      layernorm_eps=float(config.layernorm_eps), in_channels=config.in_channels, **dtypes)
+      layernorm_eps=float(config.layernorm_eps), remat_policy=config.remat_policy,
+      in_channels=config.in_channels, **dtypes)

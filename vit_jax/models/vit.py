@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from vit_jax.models import attention as attention_lib
 from vit_jax.models import common
 from vit_jax.models import dense_matmul
+from vit_jax.models import remat as remat_lib
 from vit_jax.models import resnet
 from vit_jax.models import scan_layout
 
@@ -31,44 +32,13 @@ CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 # context the constraints do nothing; the train step maps them to mesh axes
 # (vit_jax/sharding.py LOGICAL_RULES).
 TOKENS_AXES = ('batch', 'length', 'embed')
-REMAT_POLICIES = (None, 'auto', 'full', 'dots', 'dots_no_batch')
+REMAT_POLICIES = remat_lib.POLICIES
 LAYER_LOOPS = ('scan', 'unroll')
 
 
-def resolve_remat(name: str | None) -> str | None:
-  """'auto' is 'dots_no_batch' on CPU and None elsewhere; other names stay as they are.
-
-  On CPU, keeping only the weight matmuls' outputs and recomputing the rest in the
-  backward pass (GELU, LayerNorm, softmax and the attention products) moves less memory
-  than keeping everything: ViT-B/16's float32 train step runs 12% faster (2.92 s against
-  3.32 s at batch 8 on a 2-core EPYC; BENCHMARKS.md). Accelerators keep everything.
-  """
-  if name not in REMAT_POLICIES:
-    raise ValueError(f'remat_policy={name!r} is not one of {REMAT_POLICIES}')
-  if name == 'auto':
-    return 'dots_no_batch' if jax.default_backend() == 'cpu' else None
-  return name
-
-
-def remat_policy(name: str | None):
-  """jax.checkpoint policy of a block: what the backward pass keeps from the forward.
-
-  None: keep everything (no rematerialisation). 'full': keep only the block inputs and
-  recompute the block (least memory). 'dots': keep matmul outputs, recompute the
-  elementwise ops. 'dots_no_batch': keep the weight matmuls' outputs only. 'auto': see
-  `resolve_remat`.
-  """
-  name = resolve_remat(name)
-  policies = jax.checkpoint_policies
-  # The mixed-precision Dense matmuls run inside a custom VJP, where a policy sees no
-  # dot_general: they are kept by their name instead.
-  weights = policies.save_only_these_names(dense_matmul.WEIGHT_MATMUL)
-  return {
-      'full': policies.nothing_saveable,
-      'dots': policies.save_from_both_policies(policies.checkpoint_dots, weights),
-      'dots_no_batch': policies.save_from_both_policies(
-          policies.dots_with_no_batch_dims_saveable, weights),
-  }.get(name)
+# The block remat policies live in vit_jax/models/remat.py (shared with Swin).
+resolve_remat = remat_lib.resolve
+remat_policy = remat_lib.policy
 
 
 class DropPath(nn.Module):
