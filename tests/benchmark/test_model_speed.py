@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -110,3 +111,21 @@ def test_resnet50_flops_equal_torchs_count():
   print(f'[tolerance] ResNet-50 forward GFLOPs: XLA {ours / 1e9:.3f}, torch {theirs / 1e9:.3f}')
   assert theirs == pytest.approx(8.18e9, rel=0.01)  # 4.09 GMACs, the usual figure
   assert 0.97 < ours / theirs < 1.0
+
+
+def test_train_benchmark_runs_without_tensorflow():
+  """The Trainer and the benchmark import no TensorFlow (the input pipeline's), so the
+  benchmark runs on GPU images that lack it: a process where importing it fails."""
+  code = textwrap.dedent('''
+      import sys
+      sys.modules['tensorflow'] = None  # any import of it now raises ImportError
+      sys.modules['tensorflow_datasets'] = None
+      from vit_jax.benchmark import model_speed
+      r = model_speed.run_vit_jax(model='ViT-Ti/16', mode='train', batch=2, resolution=32,
+                                  steps=1, warmup=1, overrides=dict(num_layers=1))
+      print('images/s', r['images_per_sec'] > 0)
+  ''')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'images/s True' in proc.stdout

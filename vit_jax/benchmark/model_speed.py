@@ -184,7 +184,9 @@ def run_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
   if mode == 'train':
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.03)
+    # The fused CUDA kernel on GPUs: timm at its fastest.
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.03,
+                            fused=device == 'cuda')
 
     def step():
       with autocast():

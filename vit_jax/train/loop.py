@@ -14,8 +14,6 @@ import numpy as np
 from vit_jax import models
 from vit_jax import sharding as sharding_lib
 from vit_jax.checkpoints import train_state as ckpt_lib
-from vit_jax.data import builder as data_builder
-from vit_jax.data import pipeline
 from vit_jax.train import defaults
 from vit_jax.train import hardware
 from vit_jax.train import metrics as metrics_lib
@@ -48,6 +46,8 @@ def evaluate(eval_step, variables, eval_source, config, batch_sharding) -> dict:
 
   Top-5 is left out for 5 classes or fewer, where every example would be a hit.
   """
+  from vit_jax.data import builder as data_builder  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   sums = None
   batches = data_builder.create_eval_batches(config.input, eval_source,
                                              global_batch_size=config.batch_size)
@@ -186,6 +186,10 @@ class Trainer:
 
 def train_and_evaluate(config, workdir) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) and returns final metrics."""
+  # The input pipeline (TensorFlow) is imported here, not with the module: the Trainer
+  # and the benchmark run where TensorFlow is not installed (e.g. a GPU image).
+  from vit_jax.data import builder as data_builder  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
   defaults.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
