@@ -2,6 +2,7 @@
 consistent (speed targets live in BENCHMARKS.md, never in tests)."""
 
 import json
+import statistics
 import os
 import pathlib
 import subprocess
@@ -20,7 +21,8 @@ FIELDS = {
     'forward_flops_per_image_analytic', 'analytic_vs_xla', 'model_flops_per_image',
     'xla_step_flops_per_image', 'achieved_flops_per_sec', 'peak_flops_per_sec', 'peak_source',
     'mfu', 'peak_memory_bytes', 'device', 'device_count', 'backend', 'jax_version', 'baselines',
-    'host_memory_kept',
+    'host_memory_kept', 'step_times_s', 'peak_flops_per_sec_per_step', 'mfu_of_best_peak',
+    'images_per_sec_per_peak_tflops',
 }
 
 
@@ -51,15 +53,46 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
   # compiled step (optimizer included) is of the same order.
   assert r['model_flops_per_image'] == pytest.approx(3 * r['forward_flops_per_image_xla'])
   assert 2 < r['xla_step_flops_per_image'] / r['forward_flops_per_image_xla'] < 6
-  assert r['mfu'] == pytest.approx(r['model_flops_per_image'] * r['images_per_sec']
-                                   / r['peak_flops_per_sec'])
+  # On a CPU each step's MFU is against the matmul peak probed around it; the MFU is
+  # their median, and against the run's best probe it can only be lower.
+  peaks = r['peak_flops_per_sec_per_step']
+  assert len(peaks) == len(r['step_times_s']) == 2 and min(peaks) > 0
+  step_flops = r['model_flops_per_image'] * r['batch']
+  assert r['mfu'] == pytest.approx(statistics.median(
+      step_flops / t / p for t, p in zip(r['step_times_s'], peaks)))
+  assert r['peak_flops_per_sec'] == pytest.approx(statistics.median(peaks))
+  assert r['mfu_of_best_peak'] <= r['mfu'] * (1 + 1e-9)
   assert 0 < r['mfu'] < 1 and 'measured float32' in r['peak_source']
   (b,) = r['baselines']
   assert b['framework'] == 'timm eager' and b['timm_model'].startswith('vit_tiny_patch16')
   assert r['ratio_vs_timm_eager'] == pytest.approx(r['images_per_sec'] / b['images_per_sec'])
+  assert len(b['peak_flops_per_sec_per_step']) == len(b['step_times_s']) == 2
+  assert r['ratio_per_peak_vs_timm_eager'] == pytest.approx(
+      r['images_per_sec_per_peak_tflops'] / b['images_per_sec_per_peak_tflops'])
   assert 'vit_jax / timm eager' in stdout and 'MFU' in stdout
   # With a baseline the process-wide malloc setting stays off (it would slow PyTorch).
   assert r['host_memory_kept'] is False
+
+
+def test_peak_is_probed_before_the_first_step_and_after_each():
+  """The timed steps and the peak probes interleave, so each step's peak is the mean of
+  the two probes measured just before and just after it."""
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  events = []
+
+  def probe():
+    events.append('probe')
+    return float(len(events))
+
+  times, probes = model_speed._timed(lambda: events.append('step'), steps=3, warmup=2,
+                                     probe=probe)
+  assert events == ['step'] * 2 + ['probe', 'step'] * 3 + ['probe']
+  assert len(times) == 3 and probes == [3.0, 5.0, 7.0, 9.0]
+  assert model_speed._per_step_peaks(probes) == [4.0, 6.0, 8.0]
+  # images/s per TFLOP/s of the peak: 2 images in 0.5 s at 4 TFLOP/s -> 1.
+  assert model_speed._speed_per_peak(2, [0.5], [4e12]) == pytest.approx(1.0)
+  times, probes = model_speed._timed(lambda: None, steps=2, warmup=0)
+  assert len(times) == 2 and probes == []
 
 
 def test_infer_benchmark_bf16(tmp_path):

@@ -10,7 +10,8 @@ Modes:
     (XLA cost analysis, checked against the analytic count), achieved FLOP/s, MFU against
     the device peak (datasheet on GPU/TPU, a matmul measured in this run on CPU), peak
     device memory where the backend reports it. `--compare=timm` runs the same model,
-    batch, dtype and optimizer in timm (PyTorch eager and torch.compile) in this process.
+    batch, dtype and optimizer in timm (PyTorch eager and torch.compile) in this process,
+    one step of each framework in turn (a shared machine's speed drifts).
   infer: the same for the inference forward pass.
   input: the ImageNet training preprocessing on real photographs, images/s per CPU
     core, optionally next to torchvision's DataLoader pipeline.
@@ -76,22 +77,26 @@ def model_main():
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   kwargs = dict(model=_MODEL.value, mode=_MODE.value, batch=_BATCH.value or 8,
-                resolution=_RESOLUTION.value, dtype=_DTYPE.value, steps=_STEPS.value or 10,
-                warmup=_WARMUP.value)
+                resolution=_RESOLUTION.value, dtype=_DTYPE.value)
+  steps = _STEPS.value or 10
   compare = _COMPARE.value
   if compare and not compare.startswith('timm'):
     raise app.UsageError(f"--compare={compare!r}: use 'timm', 'timm_eager' or 'timm_compile' "
                          'with --mode=train/infer')
-  baselines = []
-  if compare:  # torch first: it must be imported before TensorFlow (vit_jax.torch_import)
-    if compare in ('timm', 'timm_eager'):
-      baselines.append(model_speed.run_timm(**kwargs))
-    if compare in ('timm', 'timm_compile'):
-      try:
-        baselines.append(model_speed.run_timm(**kwargs, compile_model=True))
-      except Exception as e:  # pylint: disable=broad-except
-        print(f'torch.compile failed: {type(e).__name__}: {e}', flush=True)
-  r = model_speed.run_vit_jax(**kwargs, accum_steps=_ACCUM.value, overrides=_overrides())
+  # torch first: it must be imported before TensorFlow (vit_jax.torch_import).
+  prepared = []
+  if compare in ('timm', 'timm_eager'):
+    prepared.append(model_speed.prepare_timm(**kwargs))
+  if compare in ('timm', 'timm_compile'):
+    try:
+      prepared.append(model_speed.prepare_timm(**kwargs, compile_model=True))
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'torch.compile failed: {type(e).__name__}: {e}', flush=True)
+  prepared.insert(0, model_speed.prepare_vit_jax(**kwargs, accum_steps=_ACCUM.value,
+                                                 overrides=_overrides()))
+  # One step of each framework per round: all see the machine's speed of the moment.
+  r, *baselines = model_speed.run_interleaved(prepared, steps=steps, warmup=_WARMUP.value,
+                                              dtype=_DTYPE.value)
   lines = [
       f"{r['model']} {r['mode']}, batch {r['batch']}, {r['resolution']} px, {r['dtype']}"
       f"{', ' + str(r['overrides']) if r['overrides'] else ''} on {r['device_count']} x "
@@ -104,16 +109,25 @@ def model_main():
       f"{r['achieved_flops_per_sec'] / 1e9:.1f} GFLOP/s achieved",
       f"  MFU {r['mfu']:.3f} of {r['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s "
       f"({r['peak_source']})"
+      + (f"; {r['mfu_of_best_peak']:.3f} of the best step's peak"
+         if r['peak_flops_per_sec_per_step'] else '')
       + (f"; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB"
          if r['peak_memory_bytes'] else '')]
   for b in baselines:
     lines.append(_fmt(b))
-    lines.append(f"    vit_jax / {b['framework']}: {r['images_per_sec'] / b['images_per_sec']:.2f}x")
+    line = f"    vit_jax / {b['framework']}: {r['images_per_sec'] / b['images_per_sec']:.2f}x"
+    if r['images_per_sec_per_peak_tflops'] and b['images_per_sec_per_peak_tflops']:
+      line += (f" ({r['images_per_sec_per_peak_tflops'] / b['images_per_sec_per_peak_tflops']:.2f}x"
+               ' per unit of the matmul peak measured next to each step)')
+    lines.append(line)
   print('\n'.join(lines), flush=True)
   r['baselines'] = baselines
   for b in baselines:
-    r[f"ratio_vs_{b['framework'].replace(' ', '_').replace('.', '_')}"] = (
-        r['images_per_sec'] / b['images_per_sec'])
+    name = b['framework'].replace(' ', '_').replace('.', '_')
+    r[f'ratio_vs_{name}'] = r['images_per_sec'] / b['images_per_sec']
+    if r['images_per_sec_per_peak_tflops'] and b['images_per_sec_per_peak_tflops']:
+      r[f'ratio_per_peak_vs_{name}'] = (r['images_per_sec_per_peak_tflops']
+                                        / b['images_per_sec_per_peak_tflops'])
   return r
 
 

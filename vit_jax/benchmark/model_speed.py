@@ -11,13 +11,23 @@ FLOPs: the model's forward FLOPs per image from XLA's cost analysis of the infer
 function, checked against the analytic matmul count; a training step counts 3x the
 forward (forward + backward), the usual MFU convention, and XLA's count of the whole
 compiled step is recorded too. MFU = model FLOPs / step time / peak, where the peak is
-the datasheet figure of a GPU/TPU for the compute dtype, or on a CPU the best large
-matmul measured in the same run (`train.hardware`).
+the datasheet figure of a GPU/TPU for the compute dtype, or on a CPU a large matmul
+measured in the same run (`train.hardware`). A shared CPU's speed drifts by 10 to 20%
+within seconds, so on a CPU the matmul is measured before the first timed step and after
+each one: a step's MFU is against the mean of the two probes around it, and the MFU
+reported is the median over the steps (`mfu_of_best_peak`, against the best of those
+peaks, is its lower bound). For the same reason, frameworks compared run their steps in
+turn (`run_interleaved`: one step of each per round), and each record also has its speed
+per TFLOP/s of the peak at each step.
 """
 
+import dataclasses
+import functools
+import itertools
 import os
 import statistics
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +46,42 @@ def _summary(times) -> dict:
           'p10_s': q(0.1), 'p90_s': q(0.9), 'steps': len(times)}
 
 
-def _timed(fn, steps: int, warmup: int) -> list[float]:
+def _timed(fn, steps: int, warmup: int, probe=None) -> tuple[list[float], list[float]]:
+  """Step times; with a `probe`, also the device peak measured before the first step and
+  after each one (steps + 1 values)."""
   for _ in range(warmup):
     fn()
-  times = []
+  times, probes = [], []
+  if probe:
+    probes.append(probe())
   for _ in range(steps):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return times
+    if probe:
+      probes.append(probe())
+  return times, probes
+
+
+def _peak_probe(dtype):
+  """None where the datasheet gives the peak; on a CPU, a matmul probe (`hardware`)."""
+  if hardware.datasheet_peak(jax.devices()[0], dtype) is not None:
+    return None
+  return hardware.matmul_probe(jnp.dtype(dtype).name)
+
+
+def _per_step_peaks(probes: list[float]) -> list[float]:
+  """The peak at each step: the mean of the probes just before and just after it."""
+  return [(a + b) / 2 for a, b in zip(probes, probes[1:])]
+
+
+def _speed_per_peak(batch: int, times, peaks) -> float | None:
+  """Median over the steps of images/s per TFLOP/s of the peak at that step: the speed
+  with the drift of a shared machine's speed taken out, to compare runs made one after
+  the other."""
+  if not peaks:
+    return None
+  return statistics.median(batch / t / (p / 1e12) for t, p in zip(times, peaks))
 
 
 def _cost_flops(compiled) -> float | None:
@@ -84,6 +121,15 @@ def train_config(model: str, *, batch: int, resolution: int, dtype: str,
 def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='float32',
                 steps=10, warmup=2, accum_steps=1, overrides=None) -> dict:
   """Times vit_jax; returns the record (see the module docstring)."""
+  return run_interleaved(
+      [prepare_vit_jax(model=model, mode=mode, batch=batch, resolution=resolution,
+                       dtype=dtype, accum_steps=accum_steps, overrides=overrides)],
+      steps=steps, warmup=warmup, dtype=dtype)[0]
+
+
+def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
+                    dtype='float32', accum_steps=1, overrides=None) -> 'Prepared':
+  """Builds and compiles vit_jax's step; `Prepared.finish` makes the record."""
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -119,22 +165,40 @@ def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtyp
   else:
     def step():
       jax.block_until_ready(compiled(holder['state'].variables(), data['image']))
-  times = _timed(step, steps, warmup)
+  return Prepared(step, functools.partial(
+      _vit_jax_record, module=module, model=model, mode=mode, batch=batch,
+      resolution=resolution, dtype=dtype, accum_steps=accum_steps, overrides=overrides,
+      compile_s=compile_s, step_flops_xla=step_flops_xla))
 
+
+def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dtype,
+                    accum_steps, overrides, compile_s, step_flops_xla) -> dict:
   forward = models.forward_flops(module, resolution)
   is_vit = isinstance(module, models.VisionTransformer)
   scanned = is_vit and (module.scan_layers or module.layer_loop == 'scan')
   analytic = models.analytic_flops(module, resolution) if is_vit else None
   model_flops = (3 if mode == 'train' else 1) * forward
-  peak_device, peak_source = _peak(module.dtype)
-  peak = peak_device * jax.device_count()
   summary = _summary(times)
   ips = batch / summary['median_s']
+  name = jnp.dtype(module.dtype).name
+  if peaks:
+    # A shared CPU's speed drifts by 10-20% within seconds: each step's MFU is against
+    # the peak measured next to it, and the run's MFU is their median. The probe uses
+    # every core, which the CPU devices share: it is the whole host's peak.
+    peak = statistics.median(peaks)
+    mfu = statistics.median(model_flops * batch / t / p for t, p in zip(times, peaks))
+    peak_source = (f'measured {name} 2048^3 matmul next to each step: median of '
+                   f'{min(peaks) / 1e9:.0f} to {max(peaks) / 1e9:.0f} GFLOP/s')
+  else:
+    peak = hardware.datasheet_peak(jax.devices()[0], module.dtype) * jax.device_count()
+    mfu = model_flops * ips / peak
+    peak_source = f'datasheet ({jax.devices()[0].device_kind}, {name})'
   return {
       'framework': 'vit_jax', 'model': model, 'mode': mode, 'batch': batch,
       'resolution': resolution, 'dtype': dtype, 'accum_steps': accum_steps,
       'overrides': dict(overrides or {}),
-      'images_per_sec': ips, 'step_time': summary, 'compile_s': compile_s,
+      'images_per_sec': ips, 'step_time': summary, 'step_times_s': times,
+      'compile_s': compile_s,
       'forward_flops_per_image_xla': forward,
       'forward_flops_per_image_analytic': analytic,
       'analytic_vs_xla': analytic / forward if analytic else None,
@@ -145,25 +209,29 @@ def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtyp
                                    else None),
       'achieved_flops_per_sec': model_flops * ips,
       'peak_flops_per_sec': peak, 'peak_source': peak_source,
-      'mfu': model_flops * ips / peak,
+      'peak_flops_per_sec_per_step': peaks,
+      'mfu': mfu,
+      # Against the best peak of the run's steps: a lower bound of the MFU.
+      'mfu_of_best_peak': model_flops * ips / max(peaks) if peaks else mfu,
+      'images_per_sec_per_peak_tflops': _speed_per_peak(batch, times, peaks),
       'peak_memory_bytes': _peak_memory(),
       'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'backend': jax.default_backend(), 'jax_version': jax.__version__,
   }
 
 
-def _peak(dtype) -> tuple[float, str]:
-  device = jax.devices()[0]
-  peak = hardware.datasheet_peak(device, dtype)
-  if peak is not None:
-    return peak, f'datasheet ({device.device_kind}, {jnp.dtype(dtype).name})'
-  return (hardware.measured_matmul_peak(jnp.dtype(dtype).name),
-          f'measured {jnp.dtype(dtype).name} 2048^3 matmul, this run')
-
-
 def run_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='float32',
              steps=10, warmup=2, compile_model=False) -> dict:
   """The same model, batch and optimizer (AdamW, clipping at 1) in timm; bf16 = autocast."""
+  prepared = prepare_timm(model=model, mode=mode, batch=batch, resolution=resolution,
+                          dtype=dtype, compile_model=compile_model)
+  return run_interleaved([prepared], steps=steps, warmup=max(warmup - 1, 0), dtype=dtype)[0]
+
+
+def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
+                 dtype='float32', compile_model=False) -> 'Prepared':
+  """timm's step, run once (torch.compile compiles then); `Prepared.finish` makes the
+  record."""
   from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
   torch = torch_import.torch()
@@ -206,10 +274,39 @@ def run_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='
   start = time.perf_counter()
   step()  # the first call compiles (torch.compile) / warms up
   first_s = time.perf_counter() - start
-  times = _timed(step, steps, max(warmup - 1, 0))
+  return Prepared(step, functools.partial(
+      _timm_record, framework='timm ' + ('torch.compile' if compile_model else 'eager'),
+      timm_model=name, mode=mode, batch=batch, resolution=resolution, dtype=dtype,
+      first_step_s=first_s, device=device, torch_version=torch.__version__,
+      timm_version=timm.__version__))
+
+
+def _timm_record(times, peaks, *, batch, **fields) -> dict:
   summary = _summary(times)
-  return {'framework': 'timm ' + ('torch.compile' if compile_model else 'eager'),
-          'timm_model': name, 'mode': mode, 'batch': batch, 'resolution': resolution,
-          'dtype': dtype, 'images_per_sec': batch / summary['median_s'],
-          'step_time': summary, 'first_step_s': first_s, 'device': device,
-          'torch_version': torch.__version__, 'timm_version': timm.__version__}
+  return {**fields, 'batch': batch, 'images_per_sec': batch / summary['median_s'],
+          'step_time': summary, 'step_times_s': times, 'peak_flops_per_sec_per_step': peaks,
+          'images_per_sec_per_peak_tflops': _speed_per_peak(batch, times, peaks)}
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A benchmark ready to time: `step()` runs one synchronised step; `finish(times,
+  peaks)` returns the record from the step times and the peak at each step ([] where the
+  datasheet gives it)."""
+  step: Callable[[], None]
+  finish: Callable[[list, list], dict]
+
+
+def run_interleaved(prepared: list[Prepared], *, steps: int, warmup: int,
+                    dtype: str) -> list[dict]:
+  """Times the benchmarks' steps in turn (one step of each, `steps` rounds), so that
+  frameworks compared share the machine's speed of the moment; on a CPU the matmul peak
+  is probed before the first step and after every step (`_timed`)."""
+  for p in prepared:
+    for _ in range(warmup):
+      p.step()
+  n = len(prepared)
+  steps_in_turn = itertools.cycle([p.step for p in prepared])
+  times, probes = _timed(lambda: next(steps_in_turn)(), steps * n, 0, _peak_probe(dtype))
+  peaks = _per_step_peaks(probes)
+  return [p.finish(times[i::n], peaks[i::n]) for i, p in enumerate(prepared)]

@@ -35,19 +35,31 @@ def datasheet_peak(device, dtype) -> float | None:
   return None
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_peak(dtype_name: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` n x n matmuls on the default device."""
+def matmul_probe(dtype_name: str = 'float32', n: int = 2048, repeats: int = 3):
+  """A function that returns the FLOP/s of the best of `repeats` n x n matmuls, now.
+
+  A shared CPU (a cloud VM) changes speed by 10 to 20% within seconds, so a benchmark
+  calls it next to each timed step to know the peak at the time of that step.
+  """
   dtype = jnp.dtype(dtype_name)
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   f(a, a).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+
+  def probe() -> float:
+    best = float('inf')
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a, a).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+  return probe
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(dtype_name: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` n x n matmuls on the default device."""
+  return matmul_probe(dtype_name, n, repeats)()
 
 
 def peak_flops_per_second(dtype) -> float:
