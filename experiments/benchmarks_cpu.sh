@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the CPU rows of BENCHMARKS.md: ViT-B/16 at 224 px, batch 8, on this machine.
-# Usage: experiments/benchmarks_cpu.sh [OUT_DIR]   (about 25 minutes on a 2-core CPU)
+# Usage: experiments/benchmarks_cpu.sh [OUT_DIR]   (about 35 minutes on a 2-core CPU)
+# MFU is per step against the float32/bf16 matmul peak probed next to that step (median
+# over the steps), and --compare runs the frameworks' steps in turn: this VM's speed
+# drifts 10-20% within seconds (vit_jax/benchmark/model_speed.py).
 set -euo pipefail
 out=${1:-/tmp/vit_jax_benchmarks}
 mkdir -p "$out"
@@ -11,16 +14,16 @@ bench() { "$py" -m vit_jax.benchmark --model=ViT-B/16 --batch=8 --resolution=224
 # remat_policy='auto'; heads-major attention on CPU). Alone, as vit_jax.main runs it
 # (keep_host_memory on), then next to timm in the same process (keep_host_memory off: the
 # malloc setting is process-wide and slows PyTorch).
-bench --mode=train --dtype=float32 --json="$out/train_fp32_alone.json"
-bench --mode=train --dtype=bfloat16 --json="$out/train_bf16_alone.json"
-bench --mode=train --dtype=float32 --compare=timm --json="$out/train_fp32.json"
-bench --mode=train --dtype=bfloat16 --compare=timm_eager --json="$out/train_bf16.json"
+bench --mode=train --dtype=float32 --steps=10 --json="$out/train_fp32_alone.json"
+bench --mode=train --dtype=bfloat16 --steps=10 --json="$out/train_bf16_alone.json"
+bench --mode=train --dtype=float32 --compare=timm --steps=8 --json="$out/train_fp32.json"
+bench --mode=train --dtype=bfloat16 --compare=timm --steps=8 --json="$out/train_bf16.json"
 # Host memory: without keep_host_memory, and with glibc's transparent huge pages instead.
 bench --mode=train --keep_host_memory=false --json="$out/train_fp32_no_keep.json"
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 bench --mode=train --keep_host_memory=false \
     --json="$out/train_fp32_hugetlb.json"
 bench --mode=infer --dtype=float32 --compare=timm --json="$out/infer_fp32.json"
-bench --mode=infer --dtype=bfloat16 --compare=timm_eager --json="$out/infer_bf16.json"
+bench --mode=infer --dtype=bfloat16 --compare=timm --json="$out/infer_bf16.json"
 # Each fast path switched off (or on) alone, float32 train step.
 bench --mode=train --set=scan_layers=False --json="$out/train_layer_loop_scan.json"
 bench --mode=train --set=scan_layers=False --set="layer_loop='unroll'" \
@@ -41,3 +44,16 @@ for run in cold warm; do
   bench --mode=train --steps=2 --set=scan_layers=False --set="layer_loop='unroll'" \
       --compilation_cache_dir="$out/xla_cache" --json="$out/cache_$run.json"
 done
+
+# One line per record: step time, images/s, MFU (per step, median; and against the run's
+# best peak), and the ratios to the baselines run in turn with it.
+"$py" - "$out" <<'PY'
+import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
+  r = json.loads(f.read_text())
+  line = (f"{f.stem:42s} {r['step_time']['median_s']:7.3f} s {r['images_per_sec']:7.2f} img/s "
+          f"MFU {r['mfu']:.3f} (best-peak {r['mfu_of_best_peak']:.3f}) compile {r['compile_s']:.1f} s")
+  for b in r.get('baselines', []):
+    line += f" | {b['framework']} {b['images_per_sec']:.2f} img/s: {r['images_per_sec'] / b['images_per_sec']:.2f}x"
+  print(line)
+PY

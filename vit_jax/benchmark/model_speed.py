@@ -17,8 +17,8 @@ within seconds, so on a CPU the matmul is measured before the first timed step a
 each one: a step's MFU is against the mean of the two probes around it, and the MFU
 reported is the median over the steps (`mfu_of_best_peak`, against the best of those
 peaks, is its lower bound). For the same reason, frameworks compared run their steps in
-turn (`run_interleaved`: one step of each per round), and each record also has its speed
-per TFLOP/s of the peak at each step.
+turn (`run_interleaved`: one step of each per round), so that their ratio is taken at the
+same machine speed.
 """
 
 import dataclasses
@@ -77,8 +77,10 @@ def _per_step_peaks(probes: list[float]) -> list[float]:
 
 def _speed_per_peak(batch: int, times, peaks) -> float | None:
   """Median over the steps of images/s per TFLOP/s of the peak at that step: the speed
-  with the drift of a shared machine's speed taken out, to compare runs made one after
-  the other."""
+  with the drift of a shared machine's speed taken out, to compare runs of vit_jax made
+  one after the other. Not across frameworks: the probes around PyTorch's steps read 2 to
+  5% lower than those around vit_jax's in the same rounds (timm train step, ViT-B/16),
+  so frameworks are compared by their step times, taken in turn (`run_interleaved`)."""
   if not peaks:
     return None
   return statistics.median(batch / t / (p / 1e12) for t, p in zip(times, peaks))
