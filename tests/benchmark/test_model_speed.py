@@ -2,9 +2,9 @@
 consistent (speed targets live in BENCHMARKS.md, never in tests)."""
 
 import json
-import statistics
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import textwrap

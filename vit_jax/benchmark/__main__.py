@@ -8,7 +8,7 @@ Modes:
   train: the real train step of `vit_jax.main` (optimizer, clipping, accumulation):
     warm-up, timed steps (median and spread), images/s, compile time, FLOPs per image
     (XLA cost analysis, checked against the analytic count), achieved FLOP/s, MFU against
-    the device peak (datasheet on GPU/TPU, a matmul measured in this run on CPU), peak
+    the device peak (datasheet on GPU/TPU; on CPU a matmul probed next to each step), peak
     device memory where the backend reports it. `--compare=timm` runs the same model,
     batch, dtype and optimizer in timm (PyTorch eager and torch.compile) in this process,
     one step of each framework in turn (a shared machine's speed drifts).
