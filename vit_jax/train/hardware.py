@@ -5,7 +5,6 @@ datasheet figure that XLA reaches, so the peak is measured: the best of a few la
 matmuls in the compute dtype (with float32 accumulation for bfloat16).
 """
 
-import functools
 import time
 
 import jax
@@ -56,16 +55,50 @@ def matmul_probe(dtype_name: str = 'float32', n: int = 2048, repeats: int = 3):
   return probe
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_peak(dtype_name: str = 'float32', n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` n x n matmuls on the default device."""
-  return matmul_probe(dtype_name, n, repeats)()
+class PeakMeter:
+  """Peak FLOP/s of all the run's devices, for the MFU that a training run logs.
 
+  GPU/TPU: the datasheet peak per device times the device count, constant. Otherwise
+  (CPU) the peak is probed (`matmul_probe`): at start, then after each logging window
+  that lasted at least `1 / max_overhead` times the probe's own time, so probing costs at
+  most that share of the run. A window's peak is the mean of the probes at its two ends: a
+  cloud VM drifts 10 to 20% within seconds, and one start-up figure would carry that
+  error into every logged MFU. A process's CPU devices share its cores, so the probe is
+  the whole host's peak: it counts once per process, not once per device.
+  """
 
-def peak_flops_per_second(dtype) -> float:
-  """Peak FLOP/s of one device for `dtype` compute (datasheet, else measured)."""
-  device = jax.devices()[0]
-  peak = datasheet_peak(device, dtype)
-  if peak is None:
-    peak = measured_matmul_peak(jnp.dtype(dtype).name)
-  return peak
+  def __init__(self, dtype, *, probe=None, clock=time.perf_counter, max_overhead=0.02):
+    device = jax.devices()[0]
+    sheet = datasheet_peak(device, dtype)
+    self._clock = clock
+    self.max_overhead = max_overhead
+    if sheet is not None:
+      self.source = f'datasheet peak of {device.device_kind} x {jax.device_count()}'
+      self._probe = None
+      self._last = sheet * jax.device_count()
+    else:
+      self.source = (f'{jnp.dtype(dtype).name} matmul peak measured during the run '
+                     f'x {jax.process_count()} process(es)')
+      self._probe = probe or matmul_probe(jnp.dtype(dtype).name)
+      self._last, self._cost = self._timed_probe()
+
+  def _timed_probe(self) -> tuple[float, float]:
+    start = self._clock()
+    peak = self._probe() * jax.process_count()
+    return peak, self._clock() - start
+
+  @property
+  def peak(self) -> float:
+    """The latest peak: the datasheet's, or the last probe's."""
+    return self._last
+
+  def window(self, seconds: float) -> tuple[float, bool]:
+    """(peak FLOP/s over a logging window of `seconds` that just ended, whether it probed).
+
+    After a probe the caller restarts its clock: the probe is not training time.
+    """
+    if self._probe is None or seconds * self.max_overhead < self._cost:
+      return self._last, False
+    before = self._last
+    self._last, self._cost = self._timed_probe()
+    return (before + self._last) / 2, True

@@ -228,9 +228,10 @@ def train_and_evaluate(config, workdir) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   progress = metrics_lib.Progress(total_steps, config.batch_size, start_step, enabled=is_main)
   flops_per_step = 3 * models.forward_flops(module, image_size) * config.batch_size
-  peak = hardware.peak_flops_per_second(module.dtype) * jax.device_count()
-  logging.info('Training %s for %d steps (%d per epoch) from step %d; %.3g FLOPs/step.',
-               config.model.name, total_steps, spe, start_step, flops_per_step)
+  peak_meter = hardware.PeakMeter(module.dtype)
+  logging.info('Training %s for %d steps (%d per epoch) from step %d; %.3g FLOPs/step; '
+               'MFU against the %s (%.4g FLOP/s at start).', config.model.name, total_steps,
+               spe, start_step, flops_per_step, peak_meter.source, peak_meter.peak)
 
   batches = pipeline.prefetch_to_device(
       data_builder.create_train_batches(config.input, train_source,
@@ -277,11 +278,14 @@ def train_and_evaluate(config, workdir) -> dict:
         start_of_pending = step
         if do_log:
           ips, sps = progress.rate(step)
+          peak, probed = peak_meter.window(progress.last_window_s)
+          if probed:
+            progress.rate(step)  # the probe's time is not training time
           mean = {k: float(np.mean([m[k] for m in fetched])) for k in ('loss', 'grad_norm')}
           row = dict(mean, learning_rate=float(schedule(step - 1)),
                      param_norm=float(fetched[-1]['param_norm']), images_per_sec=ips,
                      sec_per_step=sps, epoch=step / spe,
-                     mfu=(flops_per_step / sps / peak) if peak else None,
+                     mfu=flops_per_step / sps / peak,
                      skipped_nonfinite=skipped or None)
           writer.write(step, row)
           progress.report(step, ips, sps, {'loss': mean['loss'], 'lr': row['learning_rate']})

@@ -62,6 +62,7 @@ class Progress:
     self._t0 = time.perf_counter()
     self._last_t = self._t0
     self._last_step = start_step
+    self.last_window_s = 0.0
 
   def rate(self, step: int) -> tuple[float, float]:
     """(images/s since the last call, seconds per step); resets the window."""
@@ -69,6 +70,7 @@ class Progress:
     steps = max(step - self._last_step, 1)
     dt = max(now - self._last_t, 1e-9)
     self._last_t, self._last_step = now, step
+    self.last_window_s = dt
     return steps * self.batch / dt, dt / steps
 
   def report(self, step: int, images_per_sec: float, sec_per_step: float,
