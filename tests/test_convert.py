@@ -22,6 +22,7 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 transformers = pytest.importorskip('transformers')
 safetensors_torch = pytest.importorskip('safetensors.torch')
+import torch_reference as torch_ref  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from vit_jax import checkpoints  # noqa: E402
 from vit_jax import convert  # noqa: E402
@@ -40,36 +41,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _images(seed=0, batch=2):
-  return np.random.RandomState(seed).uniform(-1, 1, (batch, SIZE, SIZE, 3)).astype(np.float32)
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  return torch_ref.random_images(SIZE, seed=seed, batch=batch)
 
 
 def _perturb(model, seed):
-  """Norm weights + N(0, 0.2), biases + N(0, 0.05), the head N(0, 1 / sqrt(width))."""
+  """Norms and biases perturbed (tests/torch_reference.py), the head N(0, 1 / sqrt(width))."""
   g = torch.Generator().manual_seed(seed)
+  assert torch_ref.perturb_torch(model, generator=g) > 0
   with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.LayerNorm):
-        module.weight.add_(torch.randn(module.weight.shape, generator=g) * 0.2)
     for name, p in model.named_parameters():
-      if name.endswith('bias'):
-        p.add_(torch.randn(p.shape, generator=g) * 0.05)
       if name in ('head.weight', 'classifier.weight'):
         p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
   return model
 
 
 def _timm_logits(model, x):
-  with torch.no_grad():
-    return model(_nchw(x)).numpy()
+  return torch_ref.torch_logits(model, x)
 
 
 def _hf_logits(model, x):
-  with torch.no_grad():
-    return model(pixel_values=_nchw(x)).logits.numpy()
+  return torch_ref.torch_logits(model, x, hf=True)
 
 
 def _jax_logits(config, params, x):
@@ -78,11 +69,11 @@ def _jax_logits(config, params, x):
       params, x))
 
 
-def _close(got, ref, name):
-  assert got.shape == ref.shape, (name, got.shape, ref.shape)
-  scale = float(np.mean(np.abs(ref)))
+def _close(got, want, name):
+  assert got.shape == want.shape, (name, got.shape, want.shape)
+  scale = float(np.mean(np.abs(want)))
   assert LOGIT_RANGE[0] < scale < LOGIT_RANGE[1], f'{name}: mean |logit| {scale}'
-  diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
+  diff = float(np.max(np.abs(got.astype(np.float64) - want)))
   print(f'[tolerance] {name}: max|diff|={diff:.2e} mean|logit|={scale:.2f}')
   assert diff <= TOL, f'{name}: max |logit diff| {diff} > {TOL}'
 

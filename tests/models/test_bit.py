@@ -28,44 +28,29 @@ from vit_jax.models import bit
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
+import torch_reference as torch_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-NORM_STD, BIAS_STD = 0.2, 0.05
-RES, BATCH = 64, 2
+RES, BATCH = 64, torch_ref.BATCH
 PAPER_TO_TIMM = {p: t for p, (t, _, _) in bit.MODELS.items()}
-
-
-def _images(size=RES, batch=BATCH, channels=3, seed=0):
-  return np.random.RandomState(seed).uniform(-1, 1, (batch, size, size, channels)).astype(
-      np.float32)
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 def _randomise(model, images, seed=0):
   """Perturbs GroupNorm weights and biases and draws a head giving logits of std ~1."""
   g = torch.Generator().manual_seed(seed)
+  assert torch_ref.perturb_torch(model, generator=g) > 0
   with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.GroupNorm):
-        m.weight.add_(torch.randn(m.weight.shape, generator=g) * NORM_STD)
-    for name, p in model.named_parameters():
-      if name.endswith('bias'):
-        p.add_(torch.randn(p.shape, generator=g) * BIAS_STD)
     fc = getattr(model.head, 'fc', None)
     if isinstance(fc, torch.nn.Conv2d):
-      feats = model.forward_head(model.forward_features(_nchw(images)), pre_logits=True)
-      feats = feats.double().numpy()
-      std = 1.0 / (np.sqrt(np.mean(feats ** 2)) * np.sqrt(feats.shape[-1]))
+      feats = model.forward_head(model.forward_features(torch_ref.to_nchw(images)), pre_logits=True)
+      std = torch_ref.calibrated_head_std(feats.double().numpy())
       fc.weight.copy_(torch.randn(fc.weight.shape, generator=g) * std)
-      fc.bias.copy_(torch.randn(fc.bias.shape, generator=g) * BIAS_STD)
+      fc.bias.copy_(torch.randn(fc.bias.shape, generator=g) * torch_ref.BIAS_STD)
   return model
 
 
 def _torch_out(model, images):
   with torch.no_grad():
-    return model(_nchw(images)).numpy()
+    return model(torch_ref.to_nchw(images)).numpy()
 
 
 def _jax_out(config, variables, images, train=False, rngs=None):
@@ -149,11 +134,11 @@ def r50():
   """timm resnetv2_50x1_bit with random weights, its logits (fp32 and float64) and the
   imported config, variables and fp32 logits."""
   torch.manual_seed(0)
-  images = _images()
+  images = torch_ref.random_images(RES)
   model = _randomise(timm.create_model('resnetv2_50x1_bit').eval(), images)
   ref32 = _torch_out(model, images)
   with torch.no_grad():
-    ref64 = copy.deepcopy(model).double()(_nchw(images).double()).numpy()
+    ref64 = copy.deepcopy(model).double()(torch_ref.to_nchw(images).double()).numpy()
   sd = _state_dict(model)
   config = timm_bit.config_from_timm(sd, 'resnetv2_50x1_bit.goog_in21k_ft_in1k')
   variables = timm_bit.variables_from_timm(sd, config)
@@ -235,7 +220,7 @@ def _small_timm(num_classes, in_channels=3, drop_path_rate=0.0):
 def test_small_custom_model_and_features_equal_timm(num_classes):
   """Depth, width, input channels and classes are read off the state dict."""
   _, model = _small_timm(num_classes, in_channels=2)
-  images = _images(size=32, channels=2, seed=1)
+  images = torch_ref.random_images(32, channels=2, seed=1)
   _randomise(model, images, seed=1)
   sd = _state_dict(model)
   config = timm_bit.config_from_timm(sd, 'resnetv2_50x1_bit')
@@ -253,7 +238,7 @@ def test_small_custom_model_and_features_equal_timm(num_classes):
   # Float64 on both sides: the implementation is exact (1e-7 is the float32 logits cast).
   module = bit.from_config(config).clone(dtype=jnp.float64, param_dtype=jnp.float64)
   with torch.no_grad():
-    ref64 = model.double()(_nchw(images).double()).numpy()
+    ref64 = model.double()(torch_ref.to_nchw(images).double()).numpy()
   with jax.enable_x64(True):
     v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
     out64 = np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(
@@ -270,7 +255,7 @@ def test_drop_path_rates_match_timm_and_train_mode():
   config, _ = _small_timm(5, drop_path_rate=0.9)
   config.num_layers = (3,)
   module = bit.from_config(config)
-  images = _images(size=32, batch=8)
+  images = torch_ref.random_images(32, batch=8)
   shapes = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False), images)
   rng = np.random.RandomState(0)  # random weights without compiling the initialisers
   variables = jax.tree.map(lambda s: rng.normal(0, 1, s.shape).astype(np.float32), shapes)

@@ -22,6 +22,7 @@ from vit_jax.models import swin
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
+import torch_reference as torch_ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TINY = 'swin_tiny_patch4_window7_224'
 SMALL = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
@@ -34,34 +35,18 @@ def _config(base=TINY, **overrides):
 
 
 def _images(hw, seed=0, batch=2):
-  h, w = swin.pair(hw)
-  return np.random.RandomState(seed).uniform(-1, 1, (batch, h, w, 3)).astype(np.float32)
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  return torch_ref.random_images(swin.pair(hw), seed=seed, batch=batch)
 
 
 def _randomise(model, x, seed=0):
-  """Perturbs norms (+N(0, .2)) and biases (+N(0, .05)), tables N(0, .5), calibrated head."""
+  """Perturbs norms and biases (tests/torch_reference.py), tables N(0, .5), calibrated head."""
   g = torch.Generator().manual_seed(seed)
+  assert torch_ref.perturb_torch(model, generator=g) > 0
   with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.LayerNorm):
-        module.weight.add_(torch.randn(module.weight.shape, generator=g) * 0.2)
     for name, p in model.named_parameters():
-      if name.endswith('bias'):
-        p.add_(torch.randn(p.shape, generator=g) * 0.05)
-      elif name.endswith('relative_position_bias_table'):
+      if name.endswith('relative_position_bias_table'):
         p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    head = model.head.fc
-    captured = []
-    hook = head.register_forward_pre_hook(lambda mod, inputs: captured.append(inputs[0]))
-    model(_nchw(x))
-    hook.remove()
-    feats = captured[0].double()
-    std = 1.0 / (float(feats.pow(2).mean().sqrt()) * np.sqrt(feats.shape[-1]))
-    head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
+  torch_ref.set_torch_head(model, model.head.fc, torch_ref.to_nchw(x), seed=seed)
 
 
 def _timm_model(x, name=TINY, **kwargs):
@@ -72,7 +57,7 @@ def _timm_model(x, name=TINY, **kwargs):
 
 def _timm_logits(model, x):
   with torch.no_grad():
-    return model(_nchw(x)).numpy()
+    return model(torch_ref.to_nchw(x)).numpy()
 
 
 # For the small models: XLA's LLVM optimisation is most of their cost and changes nothing
@@ -284,7 +269,7 @@ def test_training_forward_and_gradients_match_timm():
   (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
                                compiler_options=FAST_COMPILE)(variables)
   model.zero_grad()
-  want = model(_nchw(x))
+  want = model(torch_ref.to_nchw(x))
   (want * torch.from_numpy(c)).sum().backward()
   assert _diff(logits, want.detach().numpy(), 'train-mode logits') < TOL
   ours = timm_swin.to_timm(config, grads)

@@ -12,9 +12,10 @@ import sys
 import jax
 import numpy as np
 
+from sharded_run import flatten as _flat
+from sharded_run import trainer_on_mesh
 from vit_jax import models
 from vit_jax.train import defaults
-from vit_jax.train import loop
 
 BATCH = 16
 
@@ -33,16 +34,9 @@ def config_for(data: int, fsdp: int, accum: int):
   return c
 
 
-def _flat(tree):
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def main():
   data, fsdp, accum, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-  devices = jax.devices()[:data * fsdp]
-  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp, 1), ('data', 'fsdp', 'model'))
-  trainer = loop.Trainer(config_for(data, fsdp, accum), mesh, total_steps=6)
+  trainer = trainer_on_mesh(config_for(data, fsdp, accum))
   state = trainer.init_state()
   rng = np.random.default_rng(0)
   losses, first_images, step1 = [], None, None

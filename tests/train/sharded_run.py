@@ -30,11 +30,23 @@ def config_for(data: int, fsdp: int, accum: int):
   return c
 
 
+def trainer_on_mesh(config):
+  """A Trainer on the first data x fsdp devices, as a (data, fsdp, 1) mesh."""
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp, 1)
+  return loop.Trainer(config, jax.sharding.Mesh(devices, ('data', 'fsdp', 'model')),
+                      total_steps=6)
+
+
+def flatten(tree):
+  """{'a/b/c': numpy array} of a pytree of arrays."""
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def main():
   data, fsdp, accum, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-  devices = jax.devices()[:data * fsdp]
-  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp, 1), ('data', 'fsdp', 'model'))
-  trainer = loop.Trainer(config_for(data, fsdp, accum), mesh, total_steps=6)
+  trainer = trainer_on_mesh(config_for(data, fsdp, accum))
   state = trainer.init_state()
   rng = np.random.default_rng(0)
   losses = []
@@ -44,13 +56,12 @@ def main():
     batch = jax.device_put({'image': images, 'label': labels}, trainer.batch_sharding)
     state, metrics = trainer.train_step(state, batch)
     losses.append(float(metrics['loss']))
-  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_leaves_with_path(state.params)}
   specs = {'/'.join(str(getattr(k, 'key', k)) for k in path): str(v.sharding.spec)
            for path, v in jax.tree_util.tree_leaves_with_path(state.params)}
-  np.savez(out, losses=np.array(losses), **{f'param:{k}': v for k, v in flat.items()})
+  np.savez(out, losses=np.array(losses),
+           **{f'param:{k}': v for k, v in flatten(state.params).items()})
   with open(out + '.json', 'w') as f:
-    json.dump({'specs': specs, 'devices': len(devices)}, f)
+    json.dump({'specs': specs, 'devices': trainer.mesh.devices.size}, f)
 
 
 if __name__ == '__main__':

@@ -98,9 +98,7 @@ def test_activations_are_constrained_to_the_batch_axes():
 import jax, numpy as np, sys
 sys.path.insert(0, %r)
 import sharded_run
-from vit_jax.train import loop
-mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4, 1), ('data', 'fsdp', 'model'))
-t = loop.Trainer(sharded_run.config_for(2, 4, 1), mesh, 6)
+t = sharded_run.trainer_on_mesh(sharded_run.config_for(2, 4, 1))
 spec = lambda shape: jax.ShapeDtypeStruct(shape, np.float32, sharding=t.batch_sharding)
 text = t.lower_train_step(t.abstract_state(),
                           {'image': spec((16, 16, 16, 3)), 'label': spec((16, 5))}).as_text()
