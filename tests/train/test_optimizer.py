@@ -140,3 +140,30 @@ def test_freeze_errors_name_the_field_and_show_paths():
   config.trainable = '^nothing_like_this/'
   with pytest.raises(defaults.ConfigError, match='config.trainable'):
     defaults.validate(config, num_devices=1, process_count=1)
+
+
+@pytest.mark.parametrize('max_norm', [0.5, 3.0, 100.0])
+def test_clip_by_global_norm_equals_optax_and_numpy(max_norm):
+  """The scalar-multiply clip: same result as optax's and as the formula, same state."""
+  import optax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  grads = {'a': rng.normal(size=(3, 4)).astype(np.float32),
+           'b': {'c': rng.normal(size=(5,)).astype(np.float32)}}
+  ours = optimizer_lib.clip_by_global_norm(max_norm)
+  theirs = optax.clip_by_global_norm(max_norm)
+  assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+  got, _ = ours.update(grads, ours.init(grads))
+  want, _ = theirs.update(grads, theirs.init(grads))
+  norm = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in jax.tree.leaves(grads)))
+  scale = min(1.0, max_norm / norm)
+  for g, o, w in zip(jax.tree.leaves(grads), jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(o, np.float64(g) * scale, rtol=1e-6)
+    np.testing.assert_allclose(o, w, rtol=1e-6)
+  got_norm = float(optax.global_norm(got))
+  assert got_norm == pytest.approx(min(norm, max_norm), rel=1e-6)
+
+
+def test_nonfinite_gradients_stay_nonfinite_after_clipping():
+  clip = optimizer_lib.clip_by_global_norm(1.0)
+  got, _ = clip.update({'a': jnp.array([1.0, jnp.nan])}, clip.init(None))
+  assert not np.isfinite(np.asarray(got['a'])).any()

@@ -117,7 +117,9 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: st
     new_state = state.replace(step=state.step + 1, params=new_params,
                               opt_state=new_opt_state, model_state=model_state)
     metrics = {'loss': loss_value, 'grad_norm': optax.global_norm(grads),
-               'param_norm': optax.global_norm(state.params),
+               # Of the new parameters: a norm of the old ones would make XLA copy every
+               # parameter before updating it in place (2% of a ViT-B/16 step on a CPU).
+               'param_norm': optax.global_norm(new_params),
                'finite': finite.astype(jnp.int32)}
     return new_state, metrics
 
