@@ -44,6 +44,7 @@ def test_cpu_peak_is_probed_at_start_and_after_long_windows_only(monkeypatch):
 def test_probe_counts_once_per_process_not_once_per_device(monkeypatch):
   monkeypatch.setattr(hardware, 'datasheet_peak', lambda device, dtype: None)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)  # CPU devices share the cores
   clock = FakeClock(probe_s=0.1)
   meter = hardware.PeakMeter('float32', probe=fake_probe([400.0, 300.0], clock), clock=clock)
   assert meter.peak == 800.0
