@@ -222,3 +222,37 @@ def test_bf16_backward_matmuls_take_bf16_operands(x_shape, w_shape, contract):
   for e in backward:
     assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars), e
     assert e.outvars[0].aval.dtype == jnp.float32, e
+
+
+@pytest.mark.parametrize('remat', [None, 'dots_no_batch'])
+def test_every_layer_layout_draws_the_same_dropout_masks(remat):
+  """Dropout, attention dropout and drop-path: the scanned (stacked parameters), looped
+  and unrolled encoders hand each block the same key, so a training step's loss and
+  gradients do not depend on the layout."""
+  kw = dict(SMALL, num_layers=3, dropout_rate=0.2, attention_dropout_rate=0.2,
+            drop_path_rate=0.3, remat_policy=remat)
+  unrolled, params, images = _setup(**kw, layer_loop='unroll')
+  layouts = {'unroll': (unrolled, params),
+             'scan': (unrolled.clone(layer_loop='scan'), params),
+             'scan_layers': (models.create('ViT-Ti/16', **kw, scan_layers=True),
+                             models.stack_layers(params))}
+
+  def loss_and_grad(module, p, seed=0):
+    def f(p):
+      logits = module.apply({'params': p}, images, train=True,
+                            rngs={'dropout': jax.random.PRNGKey(seed)})
+      return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+    loss, grad = jax.jit(jax.value_and_grad(f))(p)
+    return loss, models.unstack_layers(grad) if 'encoderblock' in grad['Transformer'] else grad
+
+  want_loss, want_grad = loss_and_grad(*layouts['unroll'])
+  eval_loss, _ = loss_and_grad(unrolled.clone(dropout_rate=0.0, attention_dropout_rate=0.0,
+                                              drop_path_rate=0.0), params)
+  assert abs(float(want_loss) - float(eval_loss)) > 1e-4  # the masks change the loss
+  assert abs(float(want_loss) - float(loss_and_grad(unrolled, params, seed=1)[0])) > 1e-4
+  for name in ('scan', 'scan_layers'):
+    loss, grad = loss_and_grad(*layouts[name])
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=name)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want_grad),
+                            jax.tree.leaves(grad)):
+      np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=f'{name} {path}')

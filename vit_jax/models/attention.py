@@ -146,11 +146,12 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, deterministic: bool = True,
-               return_weights: bool = False):
+               return_weights: bool = False, dropout_rng=None):
     """Returns the attended values, and the attention weights if asked for.
 
     inputs_kv defaults to inputs_q (self-attention); the MAP head passes a learned
-    probe as query and the tokens as keys and values.
+    probe as query and the tokens as keys and values. The attention dropout takes
+    `dropout_rng`, or a key drawn from the 'dropout' stream.
     """
     if inputs_kv is None:
       inputs_kv = inputs_q
@@ -175,7 +176,8 @@ class MultiHeadDotProductAttention(nn.Module):
     if return_weights or use_dropout:
       dropout = None
       if use_dropout:
-        dropout = lambda w: nn.Dropout(rate=self.dropout_rate)(w, deterministic=False)  # noqa: E731
+        dropout = lambda w: nn.Dropout(rate=self.dropout_rate)(  # noqa: E731
+            w, deterministic=False, rng=dropout_rng)
       out, weights = heads_major_attention_with_weights(query, key, value, dropout)
     elif implementation == 'heads_major':
       out = heads_major_attention(query, key, value)

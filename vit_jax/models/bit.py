@@ -42,7 +42,6 @@ the rate at the last, as timm) drops the residual branch; BiT itself did not use
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -150,14 +149,6 @@ class PreActConv(nn.Module):
     return y, shortcut
 
 
-def drop_path(x, rate: float, rng):
-  """Zeroes whole examples of a residual branch with probability `rate`, scaling the
-  kept ones by 1 / (1 - rate)."""
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
 class PreActBottleneck(nn.Module):
   """Pre-activation bottleneck unit; the stride sits on the 3x3 conv (b)."""
   features: int  # output width; the bottleneck is a quarter of it
@@ -181,7 +172,7 @@ class PreActBottleneck(nn.Module):
     y, _ = PreActConv(mid, 3, strides=self.strides, name='b', **kw)(y)
     y, _ = PreActConv(self.features, 1, name='c', **kw)(y)
     if train and self.drop_path_rate > 0:
-      y = drop_path(y, self.drop_path_rate, self.make_rng('dropout'))
+      y = common.drop_path(y, self.drop_path_rate, self.make_rng('dropout'))
     return y + shortcut
 
 

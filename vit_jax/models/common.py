@@ -1,5 +1,8 @@
-"""What every model family shares: the input check and the fields every config has."""
+"""What every model family shares: the input check, stochastic depth and the fields
+every config has."""
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 
@@ -13,6 +16,14 @@ def check_nhwc(images, in_channels: int) -> None:
       hint = ' The input looks like NCHW: transpose it with x.transpose(0, 2, 3, 1).'
     raise ValueError(f'expected {in_channels} channels in the last axis (NHWC), got '
                      f'shape {tuple(images.shape)}.{hint}')
+
+
+def drop_path(x, rate, rng):
+  """Stochastic depth: zeroes a residual branch per example with probability `rate` (a
+  float or a traced scalar) and scales the kept ones by 1 / (1 - rate)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
 def base_config(name: str, family: str, image_size: int = 224) -> ml_collections.ConfigDict:

@@ -162,10 +162,7 @@ def drop_path(module: nn.Module, x, rate: float, train: bool):
   """Per-sample stochastic depth: zero the branch with prob `rate`, else scale 1/(1-rate)."""
   if not train or rate <= 0.0:
     return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (
-      x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  return common.drop_path(x, rate, module.make_rng('dropout'))
 
 
 class Downsample(nn.Module):

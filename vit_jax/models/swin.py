@@ -236,9 +236,7 @@ class DropPath(nn.Module):
   def __call__(self, x, *, train: bool):
     if not train or self.rate == 0.0:
       return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return common.drop_path(x, self.rate, self.make_rng('dropout'))
 
 
 class WindowAttention(nn.Module):

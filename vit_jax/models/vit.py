@@ -49,15 +49,14 @@ class DropPath(nn.Module):
   rate: Any
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, rng=None):
+    """`rng` defaults to a key drawn from the 'dropout' stream."""
     static = isinstance(self.rate, (int, float))
     if deterministic or (static and self.rate == 0.0):
       return x
     if static and self.rate >= 1.0:
       return jnp.zeros_like(x)
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return common.drop_path(x, self.rate, self.make_rng('dropout') if rng is None else rng)
 
 
 class AddPositionEmbs(nn.Module):
@@ -90,7 +89,10 @@ class MlpBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, deterministic: bool, rng=None):
+    """`rng`, if given, is split into the two dropout layers' keys; without it they draw
+    from the 'dropout' stream."""
+    rngs = (None, None) if rng is None or deterministic else tuple(jax.random.split(rng))
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=self.dtype, param_dtype=self.param_dtype,
         dot_general=dense_matmul.dot_general_fn(self.dtype),
@@ -100,9 +102,9 @@ class MlpBlock(nn.Module):
     x = dense(self.mlp_dim, 'Dense_0')(x)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'mlp'))
     x = nn.gelu(x, approximate=self.gelu_approximate)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic, rng=rngs[0])
     x = dense(out_dim, 'Dense_1')(x)
-    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic, rng=rngs[1])
 
 
 class Encoder1DBlock(nn.Module):
@@ -119,10 +121,20 @@ class Encoder1DBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, capture_attention: bool = False):
-    return self._forward(x, deterministic, capture_attention, self.drop_path_rate)
+  def __call__(self, x, deterministic: bool, capture_attention: bool = False, rng=None):
+    """`rng` is the block's dropout key; without it, one is drawn from the 'dropout'
+    stream (the encoder passes one per layer, the same in every layer layout)."""
+    return self._forward(x, deterministic, capture_attention, self.drop_path_rate, rng)
 
-  def _forward(self, x, deterministic, capture_attention, drop_path_rate):
+  def _forward(self, x, deterministic, capture_attention, drop_path_rate, rng):
+    keys = [None] * 5
+    if not deterministic:
+      drops_paths = not isinstance(drop_path_rate, (int, float)) or drop_path_rate > 0
+      if rng is None and (self.dropout_rate > 0 or self.attention_dropout_rate > 0 or
+                          drops_paths):
+        rng = self.make_rng('dropout')
+      if rng is not None:  # one key per dropout site, whichever way the layers run
+        keys = list(jax.random.split(rng, 5))
     ln = lambda name: nn.LayerNorm(  # noqa: E731
         epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
@@ -131,27 +143,31 @@ class Encoder1DBlock(nn.Module):
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
         implementation=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
         name='MultiHeadDotProductAttention_0')(
-            y, deterministic=deterministic, return_weights=capture_attention)
+            y, deterministic=deterministic, return_weights=capture_attention,
+            dropout_rng=keys[0])
     if capture_attention:
       y, weights = y
       self.sow('intermediates', 'attention_weights', weights)
-    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
-    x = x + DropPath(drop_path_rate)(y, deterministic)
+    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic, rng=keys[1])
+    x = x + DropPath(drop_path_rate)(y, deterministic, keys[2])
     y = ln('LayerNorm_1')(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                  gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name='MlpBlock_0')(y, deterministic=deterministic)
-    return nn.with_logical_constraint(x + DropPath(drop_path_rate)(y, deterministic),
+                 param_dtype=self.param_dtype, name='MlpBlock_0')(
+                     y, deterministic=deterministic, rng=keys[3])
+    return nn.with_logical_constraint(x + DropPath(drop_path_rate)(y, deterministic, keys[4]),
                                       TOKENS_AXES)
 
 
 class ScannedEncoderBlock(Encoder1DBlock):
-  """The block as one step of `nn.scan` over layers: (tokens, this layer's drop-path
-  rate, deterministic) -> (tokens, None). Its parameters gain a leading layer axis."""
+  """The block as one step of `nn.scan` over layers: (tokens, (this layer's drop-path
+  rate, dropout key or None), deterministic) -> (tokens, None). Its parameters gain a
+  leading layer axis."""
 
   @nn.compact
-  def __call__(self, x, drop_path_rate, deterministic: bool):  # pylint: disable=arguments-renamed
-    return self._forward(x, deterministic, False, drop_path_rate), None
+  def __call__(self, x, layer, deterministic: bool):  # pylint: disable=arguments-renamed
+    drop_path_rate, rng = layer
+    return self._forward(x, deterministic, False, drop_path_rate, rng), None
 
 
 class Encoder(nn.Module):
@@ -203,8 +219,19 @@ class Encoder(nn.Module):
                      split_rngs={'params': True, 'dropout': True},
                      in_axes=(0, nn.broadcast), length=self.num_layers)
     x, _ = layers(**self._block_kwargs(), name='encoderblock')(
-        self._float32_carry(x), self._drop_path_rates(), not train)
+        self._float32_carry(x), (self._drop_path_rates(), self._layer_rngs(train)), not train)
     return x
+
+  def _stochastic(self, train):
+    return train and (self.dropout_rate > 0 or self.attention_dropout_rate > 0 or
+                      self.drop_path_rate > 0)
+
+  def _layer_rngs(self, train):
+    """One dropout key per block (None when nothing is random): the scanned, looped and
+    unrolled layouts hand block i the same key, so they draw the same masks."""
+    if not self._stochastic(train):
+      return None
+    return jax.random.split(self.make_rng('dropout'), self.num_layers)
 
   def _scan_over_blocks(self, x, train):
     """The unrolled layout's blocks run as one `lax.scan`: the same computation as the
@@ -221,23 +248,19 @@ class Encoder(nn.Module):
         f'encoderblock_{i}': params[f'encoderblock_{i}'] for i in range(self.num_layers)}})
     stacked = stacked['Transformer']['encoderblock']
     block = ScannedEncoderBlock(**self._block_kwargs())
-    stochastic = train and (self.dropout_rate > 0 or self.attention_dropout_rate > 0 or
-                            self.drop_path_rate > 0)
-    rngs = (jax.random.split(self.make_rng('dropout'), self.num_layers) if stochastic else
-            jnp.zeros((self.num_layers,), jnp.uint32))
+    stochastic = self._stochastic(train)
 
     def body(x, layer):
       layer_params, rate, rng = layer
       # A static zero rate keeps DropPath out of the graph (no random bits drawn).
       rate = rate if self.drop_path_rate > 0 else 0.0
-      y, _ = block.apply({'params': layer_params}, x, rate, not stochastic,
-                         rngs={'dropout': rng} if stochastic else None)
+      y, _ = block.apply({'params': layer_params}, x, (rate, rng), not stochastic)
       return y, None
 
     if resolve_remat(self.remat_policy) is not None:
       body = jax.checkpoint(body, policy=remat_policy(self.remat_policy), prevent_cse=False)
     x, _ = jax.lax.scan(body, self._float32_carry(x),
-                        (stacked, self._drop_path_rates(), rngs))
+                        (stacked, self._drop_path_rates(), self._layer_rngs(train)))
     return x
 
   @nn.compact
@@ -258,10 +281,11 @@ class Encoder(nn.Module):
     if resolve_remat(self.remat_policy) is not None:  # same names, recomputed in backward
       block_cls = nn.remat(Encoder1DBlock, policy=remat_policy(self.remat_policy),
                            static_argnums=(2, 3))
+    rngs = self._layer_rngs(train)
     for i in range(self.num_layers):
       rate = self.drop_path_rate * i / max(self.num_layers - 1, 1)  # a static float
       x = block_cls(**self._block_kwargs(), drop_path_rate=rate, name=f'encoderblock_{i}')(
-          x, not train, capture_attention)
+          x, not train, capture_attention, None if rngs is None else rngs[i])
     return self._encoder_norm(x)
 
 
