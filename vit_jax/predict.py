@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vit_jax import image_files
+from vit_jax import cli_inputs
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint file or workdir.')
 _MODEL = flags.DEFINE_string(
@@ -32,26 +32,15 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per jitted batch.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per image instead.')
 
 def _fail(message: str) -> None:
-  print(f'vit_jax.predict: {message}', file=sys.stderr)
-  sys.exit(2)
+  cli_inputs.fail('vit_jax.predict', message)
 
 
 def main(argv):
   import json  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # stdout is the answer; keep stderr for problems
-  if not _CHECKPOINT.value:
-    _fail('--checkpoint is required (a workdir, .npz, .safetensors, .bin or .pth)')
-  try:
-    paths = image_files.paths_from_args(argv[1:])
-  except (FileNotFoundError, ValueError) as e:
-    _fail(str(e))
-  from vit_jax import inference  # pylint: disable=g-import-not-at-top
-  try:
-    clf = inference.ImageClassifier.from_pretrained(
-        _CHECKPOINT.value, model=_MODEL.value, labels=_LABELS.value, pp=_PP.value,
-        batch_size=_BATCH.value)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    _fail(f'cannot load {_CHECKPOINT.value}: {e}')
+  paths, clf = cli_inputs.images_and_classifier(
+      'vit_jax.predict', argv[1:], _CHECKPOINT.value, model=_MODEL.value,
+      labels=_LABELS.value, pp=_PP.value, batch_size=_BATCH.value)
   if clf.class_names is None:
     print(f'vit_jax.predict: no class names for this {clf.num_classes}-class head; '
           'printing indices (pass --labels=FILE)', file=sys.stderr)

@@ -39,13 +39,12 @@ mean-pooling head sees (a MAP head's own pooling attention is not included).
 """
 
 import math
-import os
 import pathlib
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 
+from vit_jax import cli_inputs
 from vit_jax import image_files
 
 HEAD_FUSIONS = ('mean', 'max', 'min')
@@ -493,8 +492,7 @@ def _define_flags():
 
 
 def _fail(message: str) -> None:
-  print(f'vit_jax.visualize: {message}', file=sys.stderr)
-  sys.exit(2)
+  cli_inputs.fail('vit_jax.visualize', message)
 
 
 def unique_stems(paths: Sequence[pathlib.Path]) -> list[str]:
@@ -510,26 +508,15 @@ def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   f = {k: v.value for k, v in _FLAGS.items()}
-  if not f['checkpoint']:
-    _fail('--checkpoint is required (a workdir, .npz, .safetensors, .bin or .pth)')
-  if not os.path.exists(f['checkpoint']):
-    _fail(f'no such checkpoint file or folder: {f["checkpoint"]}')
   if not 0 <= f['alpha'] <= 1:
     _fail(f'--alpha must be in [0, 1], got {f["alpha"]}')
   if f['batch_size'] < 1:
     _fail(f'--batch_size must be positive, got {f["batch_size"]}')
-  try:
-    paths = image_files.paths_from_args(argv[1:])
-  except (FileNotFoundError, ValueError) as e:
-    _fail(str(e))
+  paths, clf = cli_inputs.images_and_classifier(
+      'vit_jax.visualize', argv[1:], f['checkpoint'], model=f['model'], labels=f['labels'],
+      pp=f['pp'])
 
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import inference  # pylint: disable=g-import-not-at-top
-  try:
-    clf = inference.ImageClassifier.from_pretrained(
-        f['checkpoint'], model=f['model'], labels=f['labels'], pp=f['pp'])
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    _fail(f'cannot load {f["checkpoint"]}: {e}')
   module = clf.module
   try:
     posemb = pos_embedding(clf.params)
