@@ -68,7 +68,13 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
   assert r['ratio_vs_timm_eager'] == pytest.approx(r['images_per_sec'] / b['images_per_sec'])
   assert len(b['peak_flops_per_sec_per_step']) == len(b['step_times_s']) == 2
   assert b['images_per_sec_per_peak_tflops'] > 0
+  # timm's MFU is against PyTorch's own matmul peak (probed before and after its steps).
+  assert b['library_peak_flops_per_sec'] > 1e9
+  assert b['mfu_of_library_peak'] == pytest.approx(
+      step_flops * b['images_per_sec'] / 2 / b['library_peak_flops_per_sec'])
+  assert 0 < b['mfu_of_library_peak'] < 1
   assert 'vit_jax / timm eager' in stdout and 'MFU' in stdout
+  assert "of PyTorch's float32 2048^3 matmul" in stdout
   # With a baseline the process-wide malloc setting stays off (it would slow PyTorch).
   assert r['host_memory_kept'] is False
 

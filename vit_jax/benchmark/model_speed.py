@@ -276,18 +276,44 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   start = time.perf_counter()
   step()  # the first call compiles (torch.compile) / warms up
   first_s = time.perf_counter() - start
+  library_probe = torch_matmul_probe(torch, dtype, device)
   return Prepared(step, functools.partial(
-      _timm_record, framework='timm ' + ('torch.compile' if compile_model else 'eager'),
+      _timm_record, library_probe=library_probe, library_peak_before=library_probe(),
+      framework='timm ' + ('torch.compile' if compile_model else 'eager'),
       timm_model=name, mode=mode, batch=batch, resolution=resolution, dtype=dtype,
       first_step_s=first_s, device=device, torch_version=torch.__version__,
       timm_version=timm.__version__))
 
 
-def _timm_record(times, peaks, *, batch, **fields) -> dict:
+def torch_matmul_probe(torch, dtype: str, device: str, n: int = 2048, repeats: int = 3):
+  """PyTorch's counterpart of `hardware.matmul_probe`: a function returning the FLOP/s of
+  the best of `repeats` n x n matmuls in `dtype`, now. Next to XLA's probe it shows how
+  much of a ratio to timm is the two frameworks' matmul libraries rather than the model
+  code (on a 2-core Intel Xeon with AMX, PyTorch's bf16 matmul is 2x XLA's)."""
+  a = torch.ones(n, n, dtype=getattr(torch, dtype), device=device)
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  (a @ a).sum().item()
+
+  def probe() -> float:
+    best = float('inf')
+    for _ in range(repeats):
+      t = time.perf_counter()
+      a @ a
+      sync()
+      best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+  return probe
+
+
+def _timm_record(times, peaks, *, batch, library_probe, library_peak_before,
+                 **fields) -> dict:
   summary = _summary(times)
   return {**fields, 'batch': batch, 'images_per_sec': batch / summary['median_s'],
           'step_time': summary, 'step_times_s': times, 'peak_flops_per_sec_per_step': peaks,
-          'images_per_sec_per_peak_tflops': _speed_per_peak(batch, times, peaks)}
+          'images_per_sec_per_peak_tflops': _speed_per_peak(batch, times, peaks),
+          # PyTorch's own 2048^3 matmul, the mean of a probe before the timed steps and
+          # one after them.
+          'library_peak_flops_per_sec': (library_peak_before + library_probe()) / 2}
 
 
 @dataclasses.dataclass
