@@ -22,7 +22,7 @@ FIELDS = {
     'xla_step_flops_per_image', 'achieved_flops_per_sec', 'peak_flops_per_sec', 'peak_source',
     'mfu', 'peak_memory_bytes', 'device', 'device_count', 'backend', 'jax_version', 'baselines',
     'host_memory_kept', 'step_times_s', 'peak_flops_per_sec_per_step', 'mfu_of_best_peak',
-    'images_per_sec_per_peak_tflops',
+    'images_per_sec_per_peak_tflops', 'host_cpu',
 }
 
 
@@ -75,6 +75,7 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
   assert 0 < b['mfu_of_library_peak'] < 1
   assert 'vit_jax / timm eager' in stdout and 'MFU' in stdout
   assert "of PyTorch's float32 2048^3 matmul" in stdout
+  assert f"{os.cpu_count()} cores" in r['host_cpu'] and r['host_cpu'] in stdout
   # With a baseline the process-wide malloc setting stays off (it would slow PyTorch).
   assert r['host_memory_kept'] is False
 

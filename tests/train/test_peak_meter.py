@@ -1,5 +1,7 @@
 """The peak FLOP/s behind the MFU that `vit_jax.main` logs (`hardware.PeakMeter`)."""
 
+import os
+
 import jax
 import pytest
 
@@ -68,4 +70,18 @@ def test_real_cpu_probe_is_the_hosts_peak_whatever_the_device_count():
   direct = hardware.matmul_probe('float32')()
   # Within the VM's drift of the direct probe, not device_count times it.
   assert direct / 2 < meter.peak < 2 * direct
-  assert 'measured' in meter.source
+  assert 'measured' in meter.source and hardware.host_cpu() in meter.source
+
+
+def test_host_cpu_names_model_cores_and_matrix_extensions(tmp_path):
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n'
+                     'flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n'
+                     'processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\n')
+  name = hardware.host_cpu(str(cpuinfo))
+  assert name == (f'Intel(R) Xeon(R) Processor, {os.cpu_count()} cores, AMX-BF16, '
+                  'AVX512-BF16, AVX512F, AVX2')
+  cpuinfo.write_text('model name\t: AMD EPYC\nflags\t\t: fpu avx2\n')
+  assert hardware.host_cpu(str(cpuinfo)).endswith('cores, AVX2')
+  # No /proc/cpuinfo (macOS): still a name and the core count.
+  assert f'{os.cpu_count()} cores' in hardware.host_cpu(str(tmp_path / 'missing'))

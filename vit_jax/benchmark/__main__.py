@@ -100,7 +100,7 @@ def model_main():
   lines = [
       f"{r['model']} {r['mode']}, batch {r['batch']}, {r['resolution']} px, {r['dtype']}"
       f"{', ' + str(r['overrides']) if r['overrides'] else ''} on {r['device_count']} x "
-      f"{r['device']} ({r['backend']}):",
+      f"{r['device']} ({r['backend']}; host {r['host_cpu']}):",
       _fmt(r),
       f"  compile {r['compile_s']:.1f} s; forward {r['forward_flops_per_image_xla'] / 1e9:.2f}"
       f" GFLOPs/image (XLA)"

@@ -218,6 +218,7 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
       'images_per_sec_per_peak_tflops': _speed_per_peak(batch, times, peaks),
       'peak_memory_bytes': _peak_memory(),
       'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+      'host_cpu': hardware.host_cpu(),
       'backend': jax.default_backend(), 'jax_version': jax.__version__,
   }
 

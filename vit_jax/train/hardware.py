@@ -26,6 +26,32 @@ _DATASHEET = {
 }
 
 
+def host_cpu(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The host CPU as a benchmark record should name it: model, cores and the matrix
+  instructions XLA and PyTorch may use, e.g. 'Intel(R) Xeon(R) Processor, 2 cores,
+  AMX-BF16, AVX512-BF16'. Two hosts of the same name and core count can differ 2x in
+  bf16 matmul speed (BENCHMARKS.md), so the record keeps the flags."""
+  import os  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  name, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name' and value.strip():
+          name = value.strip()
+        elif key.strip() in ('flags', 'Features'):
+          flags = set(value.split())
+  except OSError:
+    pass
+  extensions = [label for flag, label in (('amx_bf16', 'AMX-BF16'),
+                                          ('avx512_bf16', 'AVX512-BF16'),
+                                          ('avx512f', 'AVX512F'), ('avx2', 'AVX2'),
+                                          ('sve', 'SVE'), ('bf16', 'BF16'))
+                if flag in flags]
+  return ', '.join([name, f'{os.cpu_count()} cores', *extensions])
+
+
 def datasheet_peak(device, dtype) -> float | None:
   kind = getattr(device, 'device_kind', '')
   for name, (bf16, fp32) in _DATASHEET.items():
@@ -78,7 +104,7 @@ class PeakMeter:
       self._last = sheet * jax.device_count()
     else:
       self.source = (f'{jnp.dtype(dtype).name} matmul peak measured during the run '
-                     f'x {jax.process_count()} process(es)')
+                     f'x {jax.process_count()} process(es) on {host_cpu()}')
       self._probe = probe or matmul_probe(jnp.dtype(dtype).name)
       self._last, self._cost = self._timed_probe()
 
