@@ -1,6 +1,8 @@
 """Fast paths change speed or memory, not results: mixed precision (bf16 matmul inputs,
 float32 accumulation) and rematerialisation policies."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,3 +258,26 @@ def test_every_layer_layout_draws_the_same_dropout_masks(remat):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want_grad),
                             jax.tree.leaves(grad)):
       np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=f'{name} {path}')
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_mixed_precision_remat_keeps_the_attention_probabilities(dtype, capsys):
+  """remat_policy 'auto' (dots_no_batch on CPU) keeps the float32 softmax output of each
+  block's attention for the backward pass under bf16, and recomputes it in float32;
+  either way the gradients are those without remat."""
+  module = models.create('ViT-Ti/16', **dict(SMALL, dtype=dtype))
+  _, params, images = _setup()
+
+  def loss(p, module=module):
+    return jnp.mean(jax.nn.log_softmax(module.apply({'params': p}, images, train=True))[:, 0])
+
+  jax.ad_checkpoint.print_saved_residuals(loss, params)
+  saved = capsys.readouterr().out
+  # The blocks run as one scan, which stacks what they keep: (layers, batch x heads,
+  # tokens, tokens) probabilities.
+  probs = [line for line in saved.splitlines() if line.strip().startswith('f32[2,16,17,17]')]
+  assert len(probs) == (1 if dtype == 'bfloat16' else 0), saved
+  grads = jax.grad(loss)(params)
+  want = jax.grad(functools.partial(loss, module=module.clone(remat_policy=None)))(params)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)

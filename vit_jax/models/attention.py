@@ -24,12 +24,15 @@ import functools
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import dense_matmul
 
 ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'heads_major')
+# checkpoint_name of the heads-major attention's softmax output (for remat policies).
+ATTENTION_PROBS = 'attention_probs'
 
 
 def resolve_implementation(implementation: str | None) -> str | None:
@@ -112,7 +115,8 @@ def _attention_core(q, k, v, bias, heads):
 def _attention_core_fwd(q, k, v, bias, heads):
   del heads
   scale = np.float32(q.shape[-1] ** -0.5)
-  probs = jax.nn.softmax(_add_bias(_bmm(q, k, _ABT) * scale, bias), axis=-1)
+  probs = checkpoint_name(jax.nn.softmax(_add_bias(_bmm(q, k, _ABT) * scale, bias), axis=-1),
+                          ATTENTION_PROBS)
   return _bmm(probs.astype(v.dtype), v, _AB).astype(v.dtype), (q, k, v, bias, probs)
 
 

@@ -214,7 +214,7 @@ class Encoder(nn.Module):
     axis): the same computation, compiled once instead of num_layers times."""
     step = ScannedEncoderBlock
     if resolve_remat(self.remat_policy) is not None:
-      step = nn.remat(step, policy=remat_policy(self.remat_policy), static_argnums=(3,))
+      step = nn.remat(step, policy=remat_policy(self.remat_policy, self.dtype), static_argnums=(3,))
     layers = nn.scan(step, variable_axes={'params': 0},
                      split_rngs={'params': True, 'dropout': True},
                      in_axes=(0, nn.broadcast), length=self.num_layers)
@@ -258,7 +258,7 @@ class Encoder(nn.Module):
       return y, None
 
     if resolve_remat(self.remat_policy) is not None:
-      body = jax.checkpoint(body, policy=remat_policy(self.remat_policy), prevent_cse=False)
+      body = jax.checkpoint(body, policy=remat_policy(self.remat_policy, self.dtype), prevent_cse=False)
     x, _ = jax.lax.scan(body, self._float32_carry(x),
                         (stacked, self._drop_path_rates(), self._layer_rngs(train)))
     return x
@@ -279,7 +279,7 @@ class Encoder(nn.Module):
       return self._encoder_norm(self._scan_over_blocks(x, train))
     block_cls = Encoder1DBlock
     if resolve_remat(self.remat_policy) is not None:  # same names, recomputed in backward
-      block_cls = nn.remat(Encoder1DBlock, policy=remat_policy(self.remat_policy),
+      block_cls = nn.remat(Encoder1DBlock, policy=remat_policy(self.remat_policy, self.dtype),
                            static_argnums=(2, 3))
     rngs = self._layer_rngs(train)
     for i in range(self.num_layers):
