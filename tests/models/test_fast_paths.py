@@ -136,12 +136,12 @@ def test_layer_loop_scan_with_dropout_and_drop_path():
 
 
 def test_auto_remat_policy_is_dots_no_batch_on_cpu_only(monkeypatch):
-  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import remat  # pylint: disable=g-import-not-at-top
   assert models.create('ViT-Ti/16').remat_policy == 'auto'
-  assert vit.resolve_remat('auto') == 'dots_no_batch'  # the tests run on CPU
+  assert remat.resolve('auto') == 'dots_no_batch'  # the tests run on CPU
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert vit.resolve_remat('auto') is None
-  assert vit.resolve_remat('full') == 'full'
+  assert remat.resolve('auto') is None
+  assert remat.resolve('full') == 'full'
 
 
 def test_unknown_remat_policy_is_an_error():
@@ -258,6 +258,24 @@ def test_every_layer_layout_draws_the_same_dropout_masks(remat):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want_grad),
                             jax.tree.leaves(grad)):
       np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=f'{name} {path}')
+
+
+@pytest.mark.parametrize('layout', [dict(layer_loop='unroll'), dict(layer_loop='scan'),
+                                    dict(scan_layers=True)])
+def test_zero_drop_path_draws_no_random_bits(layout):
+  """With drop_path_rate=0 and dropout on, no layout draws drop-path masks: each block
+  draws random bits for its four dropout sites only (attention weights, attention
+  output, GELU output, MLP output), after the embedding's dropout."""
+  module = models.create('ViT-Ti/16', **dict(SMALL, **layout, dropout_rate=0.1,
+                                             attention_dropout_rate=0.1, drop_path_rate=0.0))
+  _, params, images = _setup()
+  if layout.get('scan_layers'):
+    params = models.stack_layers(params)
+  jaxpr = jax.make_jaxpr(lambda p, x: module.apply(
+      {'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)}))(params, images)
+  draws = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == 'random_bits']
+  blocks_traced = 1 if layout.get('scan_layers') or layout['layer_loop'] == 'scan' else 2
+  assert len(draws) == 1 + 4 * blocks_traced, [e.outvars[0].aval.shape for e in draws]
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])

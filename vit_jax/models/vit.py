@@ -36,11 +36,6 @@ REMAT_POLICIES = remat_lib.POLICIES
 LAYER_LOOPS = ('scan', 'unroll')
 
 
-# The block remat policies live in vit_jax/models/remat.py (shared with Swin).
-resolve_remat = remat_lib.resolve
-remat_policy = remat_lib.policy
-
-
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per example.
 
@@ -161,12 +156,14 @@ class Encoder1DBlock(nn.Module):
 
 class ScannedEncoderBlock(Encoder1DBlock):
   """The block as one step of `nn.scan` over layers: (tokens, (this layer's drop-path
-  rate, dropout key or None), deterministic) -> (tokens, None). Its parameters gain a
-  leading layer axis."""
+  rate or None for none, dropout key or None), deterministic) -> (tokens, None). Its
+  parameters gain a leading layer axis."""
 
   @nn.compact
   def __call__(self, x, layer, deterministic: bool):  # pylint: disable=arguments-renamed
     drop_path_rate, rng = layer
+    if drop_path_rate is None:  # a static zero keeps DropPath out of the graph
+      drop_path_rate = 0.0
     return self._forward(x, deterministic, False, drop_path_rate, rng), None
 
 
@@ -213,13 +210,15 @@ class Encoder(nn.Module):
     """All blocks as one `nn.scan` (parameters 'encoderblock/...' with a leading layer
     axis): the same computation, compiled once instead of num_layers times."""
     step = ScannedEncoderBlock
-    if resolve_remat(self.remat_policy) is not None:
-      step = nn.remat(step, policy=remat_policy(self.remat_policy, self.dtype), static_argnums=(3,))
+    if remat_lib.resolve(self.remat_policy) is not None:
+      step = nn.remat(step, policy=remat_lib.policy(self.remat_policy, self.dtype),
+                      static_argnums=(3,))
     layers = nn.scan(step, variable_axes={'params': 0},
                      split_rngs={'params': True, 'dropout': True},
                      in_axes=(0, nn.broadcast), length=self.num_layers)
+    rates = self._drop_path_rates() if self.drop_path_rate > 0 else None
     x, _ = layers(**self._block_kwargs(), name='encoderblock')(
-        self._float32_carry(x), (self._drop_path_rates(), self._layer_rngs(train)), not train)
+        self._float32_carry(x), (rates, self._layer_rngs(train)), not train)
     return x
 
   def _stochastic(self, train):
@@ -257,8 +256,9 @@ class Encoder(nn.Module):
       y, _ = block.apply({'params': layer_params}, x, (rate, rng), not stochastic)
       return y, None
 
-    if resolve_remat(self.remat_policy) is not None:
-      body = jax.checkpoint(body, policy=remat_policy(self.remat_policy, self.dtype), prevent_cse=False)
+    if remat_lib.resolve(self.remat_policy) is not None:
+      body = jax.checkpoint(body, policy=remat_lib.policy(self.remat_policy, self.dtype),
+                            prevent_cse=False)
     x, _ = jax.lax.scan(body, self._float32_carry(x),
                         (stacked, self._drop_path_rates(), self._layer_rngs(train)))
     return x
@@ -278,8 +278,8 @@ class Encoder(nn.Module):
         and self.num_layers > 1):
       return self._encoder_norm(self._scan_over_blocks(x, train))
     block_cls = Encoder1DBlock
-    if resolve_remat(self.remat_policy) is not None:  # same names, recomputed in backward
-      block_cls = nn.remat(Encoder1DBlock, policy=remat_policy(self.remat_policy, self.dtype),
+    if remat_lib.resolve(self.remat_policy) is not None:  # same names, recomputed in backward
+      block_cls = nn.remat(Encoder1DBlock, policy=remat_lib.policy(self.remat_policy, self.dtype),
                            static_argnums=(2, 3))
     rngs = self._layer_rngs(train)
     for i in range(self.num_layers):
