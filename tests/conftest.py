@@ -26,18 +26,3 @@ if _CACHE_ENV not in os.environ:  # the controller makes it; xdist workers inher
 
 import torch  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
 import torchvision  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
-
-# The longest modules (each several minutes on a slow 2-core host) run first, so that
-# `pytest -n 2 --dist loadscope` does not end with one worker running one alone.
-_LONG_FIRST = ('tests/launch/test_multiprocess.py', 'tests/train/test_main_training.py',
-               'tests/test_predict.py', 'tests/models/test_fast_paths.py',
-               'tests/train/test_sharding_and_accumulation.py', 'tests/data/test_sources.py',
-               'tests/checkpoints/test_pretrained.py', 'tests/models/test_swin.py',
-               'tests/benchmark/test_model_speed.py')
-
-
-def pytest_collection_modifyitems(items):
-  def rank(item):
-    path = item.nodeid.split('::')[0]
-    return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
-  items.sort(key=rank)  # stable: each module keeps its own order
