@@ -7,7 +7,6 @@ preprocessed pixels), a transformers model (id2label), an `.npz`.
 """
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -25,9 +24,10 @@ import torch_reference as torch_ref  # pylint: disable=g-import-not-at-top,wrong
 from vit_jax import inference  # pylint: disable=g-import-not-at-top
 from vit_jax import labels as labels_lib  # pylint: disable=g-import-not-at-top
 from vit_jax.checkpoints import npz  # pylint: disable=g-import-not-at-top
+import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, JAX_PLATFORMS='cpu')
+ENV = subprocess_env.cpu_env()
 CLASSES = ['astronaut', 'chelsea', 'coffee', 'rocket', 'camera', 'horse']
 PROB_TOL = 1e-4  # the issue's tolerance against timm, fp32
 
@@ -226,7 +226,7 @@ def test_checkpoint_of_a_sharded_scanned_run_loads_on_one_device(tmp_path, photo
        '--config.model.scan_layers=True', '--config.mesh.fsdp=2', '--config.min_fsdp_size=1000',
        '--config.batch_size=16', '--config.total_steps=2', '--config.schedule.warmup_steps=1',
        '--config.eval_every=0'],
-      cwd=ROOT, env=dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=2'),
+      cwd=ROOT, env=subprocess_env.cpu_env(devices=2),
       capture_output=True, text=True, timeout=600)
   # A crash dump ends with a long list of extension modules: keep what precedes it.
   assert proc.returncode == 0, re.sub(r'Extension modules:.*', '', proc.stderr)[-3000:]

@@ -1,6 +1,5 @@
 """Batching, determinism, resumption, exact-once evaluation and per-process parts."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from PIL import Image
 
 from vit_jax.data import pipeline
 from vit_jax.data import sources
+import subprocess_env
 
 NUM_CLASSES, PER_CLASS = 3, 23  # 69 images: not a multiple of any batch size used
 
@@ -170,8 +170,7 @@ assert b['image'].addressable_shards[0].data.shape == (2, 6, 5, 3)
 np.testing.assert_array_equal(np.asarray(b['image']), local['image'])
 print('OK')
 """
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = subprocess_env.cpu_env(devices=8)
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
                         timeout=300)
   assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]

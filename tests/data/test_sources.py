@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from vit_jax.data import sources
+import subprocess_env
 
 CIFAR = pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'data' / 'cifar10'
 
@@ -85,7 +86,6 @@ def test_two_processes_each_decode_half_and_agree_on_the_bad_files(messy_folder,
   """jax.distributed with 2 processes (separate caches, as on two hosts): each decodes
   every other file, and both end with the same skipped files and the same file list."""
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import socket  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -94,8 +94,7 @@ def test_two_processes_each_decode_half_and_agree_on_the_bad_files(messy_folder,
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
   script = pathlib.Path(__file__).with_name('folder_check_run.py')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env.cpu_env()  # one CPU device
 
   def run(caches):
     procs = [subprocess.Popen([sys.executable, str(script), str(root), str(tmp_path / c),

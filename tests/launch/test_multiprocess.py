@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 import pytest
+import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
@@ -90,9 +91,8 @@ def _free_port() -> int:
 
 
 def _env(devices, **extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHON=sys.executable, **extra)
+  env = subprocess_env.cpu_env(devices, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+                               PYTHON=sys.executable, **extra)
   env.pop('JAX_COORDINATOR_ADDRESS', None)
   return env
 

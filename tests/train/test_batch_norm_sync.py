@@ -5,13 +5,13 @@ the statistics differ clearly from what one device's share of the batch would gi
 agreement shows the statistics really are synchronised across devices.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import subprocess_env
 
 HERE = pathlib.Path(__file__).resolve().parent
 TOL = 1e-4
@@ -19,8 +19,7 @@ TOL = 1e-4
 
 def _run(tmp_path, data, fsdp, accum):
   out = tmp_path / f'bn_{data}_{fsdp}_{accum}.npz'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = subprocess_env.cpu_env(devices=8)
   proc = subprocess.run([sys.executable, str(HERE / 'bn_sharded_run.py'), str(data),
                          str(fsdp), str(accum), str(out)], env=env, capture_output=True,
                         text=True, timeout=600)

@@ -3,7 +3,6 @@
 bit-exactly with its running statistics."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def _run(config, workdir, data_dir, *extra):
          f'--workdir={workdir}', f'--config.input.data_dir={data_dir}',
          '--config.batch_size=16', '--config.log_every=1', '--config.input.eval_split=test[:64]',
          *FAMILY_CONFIGS[config], *extra]
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = subprocess_env.cpu_env(devices=1)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc

@@ -2,7 +2,6 @@
 configs that cannot work."""
 
 import json
-import os
 import pathlib
 import random
 import re
@@ -14,6 +13,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOTAL_STEPS = 24
@@ -38,8 +38,7 @@ def _cmd(workdir, data_dir, *extra):
 
 
 def _env(devices=1):
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess_env.cpu_env(devices)
 
 
 def _run(workdir, data_dir, *extra, devices=1, timeout=600):

@@ -1,13 +1,13 @@
 """The same training on 1 device, data=8 and data=2 x fsdp=4; accumulation = big batch."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import subprocess_env
 
 HERE = pathlib.Path(__file__).resolve().parent
 TOL = 2e-5  # float32 reductions are ordered differently on different meshes
@@ -15,8 +15,7 @@ TOL = 2e-5  # float32 reductions are ordered differently on different meshes
 
 def _run(tmp_path, data, fsdp, accum):
   out = tmp_path / f'run_{data}_{fsdp}_{accum}.npz'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = subprocess_env.cpu_env(devices=8)
   proc = subprocess.run([sys.executable, str(HERE / 'sharded_run.py'), str(data), str(fsdp),
                          str(accum), str(out)], env=env, capture_output=True, text=True,
                         timeout=600)
@@ -105,8 +104,7 @@ text = t.lower_train_step(t.abstract_state(),
 lines = [l for l in text.splitlines() if 'sharding_constraint' in l]
 print(len([l for l in lines if '[{"data", "fsdp"}, {}, {}]' in l]))
 """ % str(HERE)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = subprocess_env.cpu_env(devices=8)
   proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -192,7 +192,12 @@ class Encoder(nn.Module):
         attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def _drop_path_rates(self):
-    """Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last)."""
+    """Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last).
+
+    None when drop_path_rate is 0: a scanned block then takes a static zero rate, which
+    keeps DropPath out of the graph (no random bits drawn)."""
+    if self.drop_path_rate <= 0:
+      return None
     return self.drop_path_rate * jnp.arange(self.num_layers) / max(self.num_layers - 1, 1)
 
   def _encoder_norm(self, x):
@@ -216,9 +221,8 @@ class Encoder(nn.Module):
     layers = nn.scan(step, variable_axes={'params': 0},
                      split_rngs={'params': True, 'dropout': True},
                      in_axes=(0, nn.broadcast), length=self.num_layers)
-    rates = self._drop_path_rates() if self.drop_path_rate > 0 else None
     x, _ = layers(**self._block_kwargs(), name='encoderblock')(
-        self._float32_carry(x), (rates, self._layer_rngs(train)), not train)
+        self._float32_carry(x), (self._drop_path_rates(), self._layer_rngs(train)), not train)
     return x
 
   def _stochastic(self, train):
@@ -251,8 +255,6 @@ class Encoder(nn.Module):
 
     def body(x, layer):
       layer_params, rate, rng = layer
-      # A static zero rate keeps DropPath out of the graph (no random bits drawn).
-      rate = rate if self.drop_path_rate > 0 else 0.0
       y, _ = block.apply({'params': layer_params}, x, (rate, rng), not stochastic)
       return y, None
 
