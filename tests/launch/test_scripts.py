@@ -338,9 +338,12 @@ def test_slurm_submit_command_line(stubs, tmp_path):
 
 def _recording_python(tmp_path, body=''):
   fake = tmp_path / 'python'
-  fake.write_text(f'#!{sys.executable}\nimport json, os, sys, time\n'
-                  f'open({str(tmp_path)!r} + "/argv_" + str(os.getpid()), "w")'
-                  '.write(json.dumps(sys.argv[1:]))\n' + body)
+  # Written under another name, then renamed: a process killed at any moment leaves a
+  # whole argv file or none.
+  fake.write_text(f'#!{sys.executable}\nimport glob, json, os, sys, time\n'
+                  f'd = {str(tmp_path)!r}\n'
+                  'open(f"{d}/partial_{os.getpid()}", "w").write(json.dumps(sys.argv[1:]))\n'
+                  'os.replace(f"{d}/partial_{os.getpid()}", f"{d}/argv_{os.getpid()}")\n' + body)
   fake.chmod(0o755)
   return fake
 
@@ -366,9 +369,15 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
   ssh = tmp_path / 'ssh'
   ssh.write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/ssh_calls\nexec bash -c "$2"\n')
   ssh.chmod(0o755)
-  # Process 1 fails at once; process 0 would wait (as in a collective) for two minutes.
-  fake = _recording_python(tmp_path, 'sys.exit(3) if "--process_id=1" in sys.argv else '
-                                     'time.sleep(120)\n')
+  # Process 1 fails as soon as both have started (so that both record their arguments);
+  # process 0 would wait (as in a collective) for two minutes.
+  fake = _recording_python(
+      tmp_path, 'if "--process_id=1" in sys.argv:\n'
+      '  deadline = time.time() + 20\n'
+      '  while len(glob.glob(f"{d}/argv_*")) < 2 and time.time() < deadline:\n'
+      '    time.sleep(0.01)\n'
+      '  sys.exit(3)\n'
+      'time.sleep(120)\n')
   start = time.monotonic()
   proc = _sh([LAUNCH / 'multinode.sh', '--hosts=gpu-a,gpu-b', '--port=7777',
               f'--python={fake}', f'--log_dir={tmp_path}/logs', '--config=c.py',
