@@ -21,7 +21,14 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 "$py" -c "import jax, torch, timm; print('jax', jax.__version__, jax.devices(), '| torch',
 torch.__version__, '| timm', timm.__version__)" | tee -a "$out/gpu.txt"
-bench() { "$py" -m vit_jax.benchmark --model=ViT-B/16 --resolution=224 --steps=10 --warmup=3 "$@"; }
+# A run that fails (cuDNN's fused attention may refuse a shape, say) is reported and the
+# next runs still happen: a lent GPU's minutes are few. The script exits 1 at the end if
+# any run failed.
+failed=()
+bench() {
+  "$py" -m vit_jax.benchmark --model=ViT-B/16 --resolution=224 --steps=10 --warmup=3 "$@" \
+      || { echo "FAILED: vit_jax.benchmark $*" >&2; failed+=("$*"); }
+}
 # Train step, bf16 mixed precision: MFU of the datasheet's dense bf16 peak (989 TFLOP/s on
 # H100 and H200), against timm torch.compile in the same process.
 bench --mode=train --dtype=bfloat16 --batch=256 --compare=timm_compile \
@@ -33,3 +40,7 @@ bench --mode=train --dtype=bfloat16 --batch=256 --set="attention_impl='cudnn'" \
 bench --mode=infer --dtype=bfloat16 --batch=256 --compare=timm_compile \
     --json="$out/infer_bf16_b256.json"
 bench --mode=infer --dtype=float32 --batch=256 --json="$out/infer_fp32_b256.json"
+if ((${#failed[@]})); then
+  printf 'failed run: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
