@@ -159,7 +159,7 @@ def test_clip_by_global_norm_equals_optax_and_numpy(max_norm):
   for g, o, w in zip(jax.tree.leaves(grads), jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(o, np.float64(g) * scale, rtol=1e-6)
     np.testing.assert_allclose(o, w, rtol=1e-6)
-  got_norm = float(optax.global_norm(got))
+  got_norm = float(optax.tree.norm(got))
   assert got_norm == pytest.approx(min(norm, max_norm), rel=1e-6)
 
 
