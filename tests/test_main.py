@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import subprocess_env
 from vit_jax import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ def _run(args, tmp_path):
 
 def test_summary_of_configured_model(tmp_path):
   proc = _run(['--config=configs/vit_b16.py', '--config.model.num_layers=2'], tmp_path)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   summary = json.loads((tmp_path / 'model_summary.json').read_text())
   # Independent count: the registry model with the same overrides as the config file.
   module = models.create('ViT-B/16', num_layers=2, num_classes=21843, representation_size=768)
@@ -40,14 +41,14 @@ def test_summary_of_configured_model(tmp_path):
 def test_keep_host_memory_off(tmp_path):
   proc = _run(['--config=configs/vit_b16.py', '--config.model.num_layers=1',
                '--config.keep_host_memory=False'], tmp_path)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   assert 'keep_host_memory' not in proc.stderr
 
 
 def test_named_model_and_hybrid(tmp_path):
   proc = _run(['--config=configs/model_summary.py:R26+ViT-S/32', '--config.model.num_layers=1'],
               tmp_path)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   summary = json.loads((tmp_path / 'model_summary.json').read_text())
   assert summary['model'] == 'R26+ViT-S/32'
   assert summary['output_shape_per_image'] == [1000]

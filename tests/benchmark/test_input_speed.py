@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from PIL import Image
+import subprocess_env
 
 from vit_jax.benchmark import photos
 
@@ -30,7 +31,7 @@ def test_benchmark_command_writes_json(tmp_path):
       [sys.executable, '-m', 'vit_jax.benchmark', '--mode=input', '--compare=torchvision',
        '--workers=1', '--batch=8', '--steps=2', '--files=48', f'--json={out}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   record = json.loads(out.read_text())
   assert record['images_per_sec_per_core'] > 0
   assert record['baseline_images_per_sec_per_core'] > 0

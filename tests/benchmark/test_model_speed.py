@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import subprocess_env
 
 from vit_jax import models
 
@@ -36,7 +37,7 @@ def _bench(tmp_path, *args, model=TINY_VIT):
        '--resolution=32', '--steps=2', '--warmup=1', f'--json={out}',
        *args], cwd=ROOT,
       env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   return json.loads(out.read_text()), proc.stdout
 
 
@@ -166,5 +167,5 @@ def test_train_benchmark_runs_without_tensorflow():
   ''')
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   assert 'images/s True' in proc.stdout

@@ -23,7 +23,7 @@ def _run(tmp_path, data, fsdp, accum):
   proc = subprocess.run([sys.executable, str(HERE / 'bn_sharded_run.py'), str(data),
                          str(fsdp), str(accum), str(out)], env=env, capture_output=True,
                         text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   return dict(np.load(out))
 
 

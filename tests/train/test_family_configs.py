@@ -39,7 +39,7 @@ def _run(config, workdir, data_dir, *extra):
          *FAMILY_CONFIGS[config], *extra]
   env = subprocess_env.cpu_env(devices=1)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   return proc
 
 

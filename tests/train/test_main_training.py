@@ -65,7 +65,7 @@ def reference(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp('reference')
   start = time.monotonic()
   proc = _run(workdir, data_dir)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   return workdir, time.monotonic() - start
 
 
@@ -152,7 +152,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
 def test_nonfinite_skip_mode_finishes(data_dir, tmp_path):
   proc = _run(tmp_path, data_dir, '--config.schedule.base_lr=1e30', '--config.total_steps=8',
               '--config.nonfinite=skip', '--config.log_every=1')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert sum(r.get('skipped_nonfinite', 0) for r in rows) > 0
   params = _final_params(tmp_path, 8)
@@ -188,7 +188,7 @@ def test_init_from_a_trained_workdir_starts_from_its_weights(reference, data_dir
   proc = _run(tmp_path, data_dir, f'--config.init_from={ref_dir}', '--config.init_head=keep',
               '--config.total_steps=1', '--config.schedule.warmup_steps=0',
               '--config.schedule.base_lr=1e-12')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   assert f'Initialised from {ref_dir} (orbax checkpoint, ' in proc.stderr
   assert 'loaded as they are' in proc.stderr and 'head: keep' in proc.stderr
   assert 'resampled' not in proc.stderr  # same resolution: nothing resized
@@ -216,7 +216,7 @@ def test_linear_probe_at_a_new_resolution_from_a_workdir(reference, data_dir, tm
               f"--config.input.pp_train=decode|resize({size})|value_range(-1, 1)|onehot(10)",
               f"--config.input.pp_eval=decode|resize({size})|value_range(-1, 1)|onehot(10)",
               '--config.checkpoint_every=6', '--config.schedule.base_lr=0.01')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   # The log names what was resampled (7x7 -> 10x10 tokens) and the reset head.
   assert re.search(r'1 resampled: Transformer/posembed_input/pos_embedding \(1, 50, (\d+)\) '
                    r'-> \(1, 101, \1\)', proc.stderr), proc.stderr[-3000:]

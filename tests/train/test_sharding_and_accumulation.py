@@ -19,7 +19,7 @@ def _run(tmp_path, data, fsdp, accum):
   proc = subprocess.run([sys.executable, str(HERE / 'sharded_run.py'), str(data), str(fsdp),
                          str(accum), str(out)], env=env, capture_output=True, text=True,
                         timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   result = dict(np.load(out))
   meta = json.loads(pathlib.Path(str(out) + '.json').read_text())
   return result, meta
@@ -107,7 +107,7 @@ print(len([l for l in lines if '[{"data", "fsdp"}, {}, {}]' in l]))
   env = subprocess_env.cpu_env(devices=8)
   proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                         timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, subprocess_env.failure(proc)
   # Token activations (batch, length, embed) are pinned to the batch axes: after the
   # embedding and after each of the 2 blocks, in the forward pass at least.
   assert int(proc.stdout.strip().splitlines()[-1]) >= 3
