@@ -27,3 +27,12 @@ def test_ci_extracts_the_readme_test_command():
   readme = (ROOT / 'README.md').read_text()
   block = re.search(r'<!-- test-command -->\n```bash\n(.*?)\n```', readme, flags=re.S).group(1)
   assert out == block.strip()
+
+
+def test_the_longest_first_modules_exist_and_ci_keeps_their_order():
+  import conftest  # pylint: disable=import-outside-toplevel
+  missing = [m for m in conftest._LONGEST_FIRST if not (ROOT / m).is_file()]  # pylint: disable=protected-access
+  assert not missing, f'tests/conftest.py _LONGEST_FIRST names missing modules: {missing}'
+  readme = (ROOT / 'README.md').read_text()
+  block = re.search(r'<!-- test-command -->\n```bash\n(.*?)\n```', readme, flags=re.S).group(1)
+  assert '--dist loadscope --no-loadscope-reorder' in block
