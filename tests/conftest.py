@@ -45,7 +45,7 @@ import torchvision  # noqa: E402,F401  pylint: disable=unused-import,wrong-impor
 # command runs the suite with `--dist loadscope --no-loadscope-reorder`: each module goes
 # whole to one of two workers, in the order below, so these start first and the suite
 # does not end with one worker running a long module alone (pytest-xdist's own order,
-# most tests first, put test_multiprocess.py and its 220 s fixture last).
+# most tests first, queued test_multiprocess.py and its 220 s fixture among the last).
 _LONGEST_FIRST = (
     'tests/launch/test_multiprocess.py',
     'tests/train/test_main_training.py',
