@@ -19,6 +19,7 @@ that read compiled programs check, are the same; only the machine code is less t
 """
 
 import atexit
+import collections
 import os
 import shutil
 import tempfile
@@ -59,17 +60,15 @@ _LONGEST_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+def pytest_collection_modifyitems(items):
   """Modules in _LONGEST_FIRST's order, then the rest with the most tests first (as
   pytest-xdist orders them by default); a module's own tests keep their order."""
-  per_module = {}
-  for item in items:
-    per_module[item.nodeid.split('::')[0]] = per_module.get(item.nodeid.split('::')[0], 0) + 1
+  module = {item: item.nodeid.split('::')[0] for item in items}
+  tests_in = collections.Counter(module.values())
 
   def rank(item):
-    module = item.nodeid.split('::')[0]
-    if module in _LONGEST_FIRST:
-      return (0, _LONGEST_FIRST.index(module), '')
-    return (1, -per_module[module], module)
+    if module[item] in _LONGEST_FIRST:
+      return (0, _LONGEST_FIRST.index(module[item]), '')
+    return (1, -tests_in[module[item]], module[item])
 
   items.sort(key=rank)
