@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from vit_jax.data import mix
+from vit_jax.data import traced
 
 B, H, W, K = 6, 16, 20, 8
 LABELS = np.array([0, 1, 2, 3, 4, 5])   # distinct, so each row's weights are readable
@@ -112,13 +113,15 @@ def test_mix_switches_and_is_deterministic():
   np.testing.assert_array_equal(mix.mix(b, 0, 0)['image'], x)
 
 
-def test_mix_in_tf_data_after_batching_equals_eager():
+@pytest.mark.parametrize('autograph', [True, False])
+def test_mix_in_tf_data_after_batching_equals_eager(autograph):
+  """Mapped as the training pipeline maps it (traced without AutoGraph) and with it."""
   batch = _batch()
   ds = tf.data.Dataset.from_tensor_slices(
       {'image': batch['image'], 'label': batch['label']}).repeat(2).batch(4)
   ds = ds.enumerate().map(lambda i, b: dict(b, rng=tf.stack([i, 5 * i])))
   plain = list(ds)
-  mixed = list(ds.map(mix.mix))
+  mixed = list(ds.map(mix.mix if autograph else traced.without_autograph(mix.mix)))
   assert [m['image'].shape[0] for m in mixed] == [4, 4, 4]
   for p, m in zip(plain, mixed):
     eager = mix.mix(p)

@@ -38,6 +38,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,g-bad-import-orde
 from PIL import Image  # pylint: disable=g-bad-import-order
 
 from vit_jax.data import preprocess_ops as pp
+from vit_jax.data import traced
 
 skimage_data = pytest.importorskip('skimage.data')
 
@@ -73,14 +74,17 @@ def _run(spec_or_op, example):
   return {k: v.numpy() for k, v in fn(example).items()}
 
 
-def _graph_run(spec, examples, **constants):
+def _graph_run(spec, examples, autograph=True, **constants):
   """Runs `spec` with tf.data (graph mode) over a list of example dicts; `constants`
-  are added to every example (inside the graph)."""
+  are added to every example (inside the graph). autograph=False: traced as the
+  training pipeline maps it (`traced.without_autograph`)."""
   ds = tf.data.Dataset.from_tensor_slices(
       {k: np.stack([e[k] for e in examples]) for k in examples[0]})
   constants = {k: tf.constant(v) for k, v in constants.items()}
   ds = ds.map(lambda e: dict(e, **constants))
-  ds = ds.map(pp.parse(spec), num_parallel_calls=2, deterministic=True)
+  fn = pp.parse(spec)
+  ds = ds.map(fn if autograph else traced.without_autograph(fn), num_parallel_calls=2,
+              deterministic=True)
   return [{k: v.numpy() for k, v in e.items()} for e in ds]
 
 
@@ -362,6 +366,32 @@ def test_determinism_eager_and_tf_data(photos, tmp_path):
   for _ in range(3):
     seed = tf.random.experimental.stateless_split(seed, 2)[1]
   np.testing.assert_array_equal(eager[0]['rng'], seed.numpy())
+
+
+# Every registered op at least once, in an order where each gets the input it expects.
+EVERY_OP_SPEC = ('decode|inception_crop(96)|random_resized_crop(80)|flip_lr(0.5)|'
+                 'randaugment(2, 15)|resize_small(72)|central_crop(64)|resize((48, 40))|'
+                 'value_range(-1, 1)|normalize|onehot(10, label_smoothing=0.1)|'
+                 'keep("image", "label", "rng")|drop("rng")')
+
+
+def test_every_op_traced_without_autograph_gives_its_eager_results(photos, tmp_path):
+  """The pipelines map ops without AutoGraph (vit_jax/data/traced.py): an op that
+  branched on a tensor with a Python `if` would fail to trace, or differ, here."""
+  assert {pp._parse_call(p, EVERY_OP_SPEC)[0]  # pylint: disable=protected-access
+          for p in EVERY_OP_SPEC.split('|')} == set(pp.registered())
+  png = _write(tmp_path, 'a.png', _encode(Image.fromarray(photos['astronaut']), 'PNG'))
+  examples = [{'image': png, 'label': np.int64(s), 'rng': np.array([s, 7], np.int64)}
+              for s in range(8)]
+  eager = [_run(EVERY_OP_SPEC, {k: tf.constant(v) for k, v in e.items()})
+           for e in examples]
+  traced_results = _graph_run(EVERY_OP_SPEC, examples, autograph=False)
+  for e, t in zip(eager, traced_results):
+    assert e.keys() == t.keys() == {'image', 'label'}
+    for k in e:
+      np.testing.assert_array_equal(t[k], e[k], err_msg=k)
+  assert eager[0]['image'].shape == (48, 40, 3)
+  assert len({e['image'].tobytes() for e in eager}) == len(eager)  # random ops differ
 
 
 def test_missing_rng_or_decode_is_a_clear_error(photos):

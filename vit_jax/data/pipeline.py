@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from vit_jax.data import sources as sources_lib
+from vit_jax.data import traced
 
 Example = dict
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -105,7 +106,7 @@ def train_batches(source: sources_lib.Source, *, global_batch_size: int,
       rng = tf.random.experimental.stateless_fold_in(example_seed, ex['position'])
       return _without_bookkeeping(preprocess(dict(ex, rng=rng)))
 
-    ds = ds.map(per_example, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    ds = ds.map(traced.without_autograph(per_example), num_parallel_calls=_AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
     if batch_preprocess is not None:
       first_step = epoch * spe + step_in_epoch
@@ -114,7 +115,7 @@ def train_batches(source: sources_lib.Source, *, global_batch_size: int,
         rng = tf.random.experimental.stateless_fold_in(batch_seed, first_step + i)
         return _without_bookkeeping(batch_preprocess(dict(batch, rng=rng)))
 
-      ds = ds.enumerate().map(per_batch, num_parallel_calls=_AUTOTUNE, deterministic=True)
+      ds = ds.enumerate().map(traced.without_autograph(per_batch), num_parallel_calls=_AUTOTUNE, deterministic=True)
     ds = ds.prefetch(_AUTOTUNE).with_options(_options(threads))
     yield from ds.as_numpy_iterator()
     epoch, step_in_epoch = epoch + 1, 0
@@ -139,7 +140,7 @@ def eval_batches(source: sources_lib.Source, *, global_batch_size: int,
     out['_mask'] = tf.constant(1, tf.int32)
     return out
 
-  ds = ds.map(per_example, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = ds.map(traced.without_autograph(per_example), num_parallel_calls=_AUTOTUNE, deterministic=True)
   padding = num_batches * local - mine
   if padding:
     spec = ds.element_spec

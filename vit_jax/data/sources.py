@@ -22,6 +22,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax.data import traced
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 BUNDLED = ('bundled_mnist',)
 
@@ -148,9 +150,10 @@ class TfdsSource(Source):
     if shuffle:
       ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed % 2**31,
                       reshuffle_each_iteration=False)
-    ds = ds.map(lambda ex: {'image': ex[self.image_key],
-                            'label': tf.cast(ex[self.label_key], tf.int64)})
-    ds = ds.enumerate().map(lambda i, ex: dict(ex, position=i))
+    ds = ds.map(traced.without_autograph(
+        lambda ex: {'image': ex[self.image_key],
+                    'label': tf.cast(ex[self.label_key], tf.int64)}))
+    ds = ds.enumerate().map(traced.without_autograph(lambda i, ex: dict(ex, position=i)))
     # Skipping reads (but does not decode) the skipped records: at most one epoch.
     return ds.skip(start)
 
@@ -307,8 +310,9 @@ class ImageFolderSource(Source):
     ds = tf.data.Dataset.from_tensor_slices({
         'path': self.paths[idx][start:], 'label': self.labels[idx][start:],
         'position': positions[start:]})
-    return ds.map(lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label'],
-                              'position': ex['position']},
+    return ds.map(traced.without_autograph(
+        lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label'],
+                    'position': ex['position']}),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
