@@ -59,7 +59,7 @@ def model_summary(model_config) -> dict:
           if isinstance(module, models.VisionTransformer) else None),
       'output_shape_per_image': list(out.shape[1:]),
       'output_dtype': str(out.dtype),
-      'compile_seconds': time.perf_counter() - start,
+      'flop_count_seconds': time.perf_counter() - start,
       'backend': jax.default_backend(),
   }
 
@@ -74,7 +74,7 @@ def format_summary(s: dict) -> str:
        'n/a' if s['analytic_transformer_gflops_per_image'] is None
        else f"{s['analytic_transformer_gflops_per_image']:.2f}"),
       ('output shape / image', f"{tuple(s['output_shape_per_image'])} {s['output_dtype']}"),
-      ('forward compile time', f"{s['compile_seconds']:.1f} s on {s['backend']}"),
+      ('FLOP count time', f"{s['flop_count_seconds']:.1f} s on {s['backend']}"),
   ]
   width = max(len(k) for k, _ in rows)
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)

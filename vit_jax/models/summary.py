@@ -46,6 +46,10 @@ def param_count(params) -> int:
 def forward_flops(module, image_size: int, batch: int = 1) -> float:
   """FLOPs of one inference forward pass per image, from XLA's cost analysis.
 
+  The analysis reads the lowered program, before XLA's optimisations, so nothing is
+  compiled: ViT-B/16 takes 0.6 s instead of 2.2 s, ViT-H/14 1.5 s instead of 3.8 s (a
+  2-core CPU), with the same count for ViTs; for ResNet-50 the count is 0.6% below the
+  compiled program's. A backend that cannot analyse a lowered program compiles it.
   A ViT is counted on the unrolled encoder without rematerialisation: XLA counts a
   scanned loop body once, not once per layer, and the model's FLOPs are the same either way.
   """
@@ -54,11 +58,16 @@ def forward_flops(module, image_size: int, batch: int = 1) -> float:
   variables = abstract_variables(module, image_size)
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, module.in_channels),
                                 jnp.float32)
-  fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
-  cost = fn.lower(variables, images).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
+  lowered = jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, images)
+  cost = _first(lowered.cost_analysis())
+  if not cost or 'flops' not in cost:
+    cost = _first(lowered.compile().cost_analysis())
   return float(cost['flops']) / batch
+
+
+def _first(cost):
+  """A cost analysis as one dict (some jax versions return a list of one)."""
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
 def analytic_flops(module: vit.VisionTransformer, image_size: int) -> float:
