@@ -368,29 +368,40 @@ def test_determinism_eager_and_tf_data(photos, tmp_path):
   np.testing.assert_array_equal(eager[0]['rng'], seed.numpy())
 
 
-# Every registered op at least once, in an order where each gets the input it expects.
-EVERY_OP_SPEC = ('decode|inception_crop(96)|random_resized_crop(80)|flip_lr(0.5)|'
+# Every registered op at least once, in an order where each gets the input it expects;
+# `decode` is not followed by a crop, which `parse` would let crop the encoded image.
+EVERY_OP_SPEC = ('decode|flip_lr(0.5)|inception_crop(96)|random_resized_crop(80)|'
                  'randaugment(2, 15)|resize_small(72)|central_crop(64)|resize((48, 40))|'
                  'value_range(-1, 1)|normalize|onehot(10, label_smoothing=0.1)|'
                  'keep("image", "label", "rng")|drop("rng")')
 
 
-def test_every_op_traced_without_autograph_gives_its_eager_results(photos, tmp_path):
-  """The pipelines map ops without AutoGraph (vit_jax/data/traced.py): an op that
-  branched on a tensor with a Python `if` would fail to trace, or differ, here."""
+def test_every_op_spec_names_every_registered_op():
   assert {pp._parse_call(p, EVERY_OP_SPEC)[0]  # pylint: disable=protected-access
           for p in EVERY_OP_SPEC.split('|')} == set(pp.registered())
-  png = _write(tmp_path, 'a.png', _encode(Image.fromarray(photos['astronaut']), 'PNG'))
-  examples = [{'image': png, 'label': np.int64(s), 'rng': np.array([s, 7], np.int64)}
+
+
+@pytest.mark.parametrize('spec,fmt,shape', [
+    (EVERY_OP_SPEC, 'PNG', (48, 40, 3)),
+    # The crops on the encoded JPEG (`decode` fused into them: window-only decoding).
+    ('decode|inception_crop(40)|value_range(-1, 1)|onehot(10)', 'JPEG', (40, 40, 3)),
+    ('decode|random_resized_crop(40)|value_range(-1, 1)|onehot(10)', 'JPEG', (40, 40, 3)),
+])
+def test_ops_traced_without_autograph_give_their_eager_results(photos, tmp_path, spec, fmt,
+                                                                shape):
+  """The pipelines map ops without AutoGraph (vit_jax/data/traced.py): an op that
+  branched on a tensor with a Python `if` would fail to trace, or differ, here."""
+  data = _write(tmp_path, f'a.{fmt.lower()}',
+                _encode(Image.fromarray(photos['astronaut']), fmt))
+  examples = [{'image': data, 'label': np.int64(s), 'rng': np.array([s, 7], np.int64)}
               for s in range(8)]
-  eager = [_run(EVERY_OP_SPEC, {k: tf.constant(v) for k, v in e.items()})
-           for e in examples]
-  traced_results = _graph_run(EVERY_OP_SPEC, examples, autograph=False)
+  eager = [_run(spec, {k: tf.constant(v) for k, v in e.items()}) for e in examples]
+  traced_results = _graph_run(spec, examples, autograph=False)
   for e, t in zip(eager, traced_results):
-    assert e.keys() == t.keys() == {'image', 'label'}
+    assert e.keys() == t.keys() and {'image', 'label'} <= e.keys()
     for k in e:
       np.testing.assert_array_equal(t[k], e[k], err_msg=k)
-  assert eager[0]['image'].shape == (48, 40, 3)
+  assert eager[0]['image'].shape == shape
   assert len({e['image'].tobytes() for e in eager}) == len(eager)  # random ops differ
 
 

@@ -186,7 +186,6 @@ def test_forward_flops_compiles_when_the_lowered_program_has_no_cost_analysis(mo
   within 0.01% (the matmuls are the same; a few elementwise ops differ)."""
   import jax  # pylint: disable=g-import-not-at-top
   module = models.create('ViT-Ti/16', num_layers=2)
-  lowered = models.forward_flops(module, 64)
   compiled_calls = []
   real_compile = jax.stages.Lowered.compile
 
@@ -194,8 +193,10 @@ def test_forward_flops_compiles_when_the_lowered_program_has_no_cost_analysis(mo
     compiled_calls.append(1)
     return real_compile(self, *args, **kwargs)
 
-  monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_and_count)
+  lowered = models.forward_flops(module, 64)
+  assert compiled_calls == []  # on CPU the lowered program is analysed: nothing compiled
+  monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
   assert models.forward_flops(module, 64) == pytest.approx(lowered, rel=1e-4)
   assert compiled_calls == [1]
 

@@ -89,7 +89,11 @@ def train_batches(source: sources_lib.Source, *, global_batch_size: int,
                   seed: int = 0, start_step: int = 0, process_index: int | None = None,
                   process_count: int | None = None,
                   threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Endless local training batches (numpy) of global_batch_size / process_count."""
+  """Endless local training batches (numpy) of global_batch_size / process_count.
+
+  `preprocess` (per example) and `batch_preprocess` are traced without AutoGraph
+  (`traced.py`): they branch on a tensor's value with `tf.cond`, not a Python `if`.
+  """
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch_size(global_batch_size, process_count)
   spe = steps_per_epoch(source, global_batch_size, process_count)
@@ -106,7 +110,8 @@ def train_batches(source: sources_lib.Source, *, global_batch_size: int,
       rng = tf.random.experimental.stateless_fold_in(example_seed, ex['position'])
       return _without_bookkeeping(preprocess(dict(ex, rng=rng)))
 
-    ds = ds.map(traced.without_autograph(per_example), num_parallel_calls=_AUTOTUNE, deterministic=True)
+    ds = ds.map(traced.without_autograph(per_example), num_parallel_calls=_AUTOTUNE,
+                deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
     if batch_preprocess is not None:
       first_step = epoch * spe + step_in_epoch
@@ -115,7 +120,8 @@ def train_batches(source: sources_lib.Source, *, global_batch_size: int,
         rng = tf.random.experimental.stateless_fold_in(batch_seed, first_step + i)
         return _without_bookkeeping(batch_preprocess(dict(batch, rng=rng)))
 
-      ds = ds.enumerate().map(traced.without_autograph(per_batch), num_parallel_calls=_AUTOTUNE, deterministic=True)
+      ds = ds.enumerate().map(traced.without_autograph(per_batch),
+                              num_parallel_calls=_AUTOTUNE, deterministic=True)
     ds = ds.prefetch(_AUTOTUNE).with_options(_options(threads))
     yield from ds.as_numpy_iterator()
     epoch, step_in_epoch = epoch + 1, 0
@@ -140,7 +146,8 @@ def eval_batches(source: sources_lib.Source, *, global_batch_size: int,
     out['_mask'] = tf.constant(1, tf.int32)
     return out
 
-  ds = ds.map(traced.without_autograph(per_example), num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = ds.map(traced.without_autograph(per_example), num_parallel_calls=_AUTOTUNE,
+              deterministic=True)
   padding = num_batches * local - mine
   if padding:
     spec = ds.element_spec

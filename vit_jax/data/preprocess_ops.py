@@ -73,7 +73,8 @@ def register(name: str):
   """Decorator: registers an op factory `factory(*args, **kwargs) -> fn(example)`.
 
   The registered factory returns an op that works on a shallow copy of the example, so
-  ops may assign to the dict they receive.
+  ops may assign to the dict they receive. The pipelines trace ops without AutoGraph
+  (`traced.py`): an op branches on a tensor's value with `tf.cond`, not a Python `if`.
   """
   def decorator(factory):
     if name in _REGISTRY:
