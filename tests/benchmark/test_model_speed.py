@@ -44,7 +44,7 @@ def _bench(tmp_path, *args, model=TINY_VIT):
 def test_train_benchmark_with_timm_baseline(tmp_path):
   # Unrolled blocks: XLA's count of a scanned step would count the loop body once.
   r, stdout = _bench(tmp_path, '--mode=train', '--compare=timm_eager', '--accum_steps=2',
-                     '--set=scan_layers=False', "--set=layer_loop='unroll'")
+                     '--set=scan_layers=False', "--set=layer_loop='unroll'", '--profile')
   assert FIELDS <= set(r), FIELDS - set(r)
   assert r['mode'] == 'train' and r['accum_steps'] == 2 and r['step_time']['steps'] == 2
   t = r['step_time']
@@ -79,6 +79,14 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
   assert f"{os.cpu_count()} cores" in r['host_cpu'] and r['host_cpu'] in stdout
   # With a baseline the process-wide malloc setting stays off (it would slow PyTorch).
   assert r['host_memory_kept'] is False
+  # --profile: both frameworks' steps broken down; the parts add up to the wall time.
+  for record in (r, b):
+    profile = record['profile']
+    assert profile['steps'] == 2 and profile['seconds']['matmul'] > 0
+    assert sum(profile['seconds'].values()) == pytest.approx(profile['wall_s'], rel=1e-6)
+  sources = ' '.join(op['source'] for op in r['profile']['top_ops'])
+  assert 'Dense_' in sources or 'MultiHeadDotProductAttention' in sources, sources
+  assert 'where a step goes' in stdout and 'timm eager: longest operations' in stdout
 
 
 def test_peak_is_probed_before_the_first_step_and_after_each():

@@ -13,6 +13,9 @@ Modes:
     batch, dtype and optimizer in timm (PyTorch eager and torch.compile) in this process,
     one step of each framework in turn (a shared machine's speed drifts).
   infer: the same for the inference forward pass.
+  --profile (train/infer, CPU): then where a step's time goes, by kind of operation
+    (matmul, attention, elementwise, copies), for vit_jax and timm eager side by side
+    (`step_profile`).
   input: the ImageNet training preprocessing on real photographs, images/s per CPU
     core, optionally next to torchvision's DataLoader pipeline.
 """
@@ -36,6 +39,9 @@ _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
                              'Persistent XLA compilation cache (a second run compiles from it).')
 _SET = flags.DEFINE_multi_string('set', [], 'Model config override FIELD=VALUE (Python '
                                  "literal), e.g. --set=remat_policy='\'dots\''.")
+_PROFILE = flags.DEFINE_bool(
+    'profile', False, "After the timed steps, profile 2 more of each framework's steps and "
+    'print where their time goes: matmul, attention, elementwise, copies (CPU; train/infer).')
 _JSON = flags.DEFINE_string('json', None, 'Write the record to this JSON file.')
 _KEEP_HOST_MEMORY = flags.DEFINE_enum(
     'keep_host_memory', 'auto', ['auto', 'true', 'false'],
@@ -71,6 +77,7 @@ def _fmt(r: dict) -> str:
 
 def model_main():
   from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  from vit_jax.benchmark import step_profile  # pylint: disable=g-import-not-at-top
   if _CACHE.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir', _CACHE.value)
@@ -124,6 +131,12 @@ def model_main():
         f"its MFU {b['mfu_of_library_peak']:.3f} of PyTorch's {r['dtype']} 2048^3 matmul "
         f"({b['library_peak_flops_per_sec'] / 1e9:.1f} GFLOP/s, "
         f"{b['library_peak_flops_per_sec'] / r['peak_flops_per_sec']:.2f}x vit_jax's peak)")
+  if _PROFILE.value:
+    profiled = {}
+    for p, record in zip(prepared, [r, *baselines]):
+      if p.profile:
+        record['profile'] = profiled[record['framework']] = p.profile()
+    lines += step_profile.format_table(profiled)
   print('\n'.join(lines), flush=True)
   r['baselines'] = baselines
   for b in baselines:

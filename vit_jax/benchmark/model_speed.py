@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
+from vit_jax.benchmark import step_profile
 from vit_jax.train import hardware
 
 NUM_CLASSES = 1000
@@ -170,7 +171,8 @@ def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   return Prepared(step, functools.partial(
       _vit_jax_record, module=module, model=model, mode=mode, batch=batch,
       resolution=resolution, dtype=dtype, accum_steps=accum_steps, overrides=overrides,
-      compile_s=compile_s, step_flops_xla=step_flops_xla))
+      compile_s=compile_s, step_flops_xla=step_flops_xla),
+      profile=lambda: step_profile.xla_breakdown(step, compiled.as_text()))
 
 
 def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dtype,
@@ -283,7 +285,10 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
       framework='timm ' + ('torch.compile' if compile_model else 'eager'),
       timm_model=name, mode=mode, batch=batch, resolution=resolution, dtype=dtype,
       first_step_s=first_s, device=device, torch_version=torch.__version__,
-      timm_version=timm.__version__))
+      timm_version=timm.__version__),
+      # torch.compile's kernels are not aten operations: only eager is broken down.
+      profile=(None if compile_model
+               else functools.partial(step_profile.torch_breakdown, torch, step)))
 
 
 def torch_matmul_probe(torch, dtype: str, device: str, n: int = 2048, repeats: int = 3):
@@ -321,9 +326,11 @@ def _timm_record(times, peaks, *, batch, library_probe, library_peak_before,
 class Prepared:
   """A benchmark ready to time: `step()` runs one synchronised step; `finish(times,
   peaks)` returns the record from the step times and the peak at each step ([] where the
-  datasheet gives it)."""
+  datasheet gives it). `profile()`, where given, runs a few more steps under the
+  framework's profiler and returns where their time went (`step_profile`)."""
   step: Callable[[], None]
   finish: Callable[[list, list], dict]
+  profile: Callable[[], dict] | None = None
 
 
 def run_interleaved(prepared: list[Prepared], *, steps: int, warmup: int,

@@ -1,0 +1,149 @@
+"""`--profile`'s breakdown of a step by kind of operation (vit_jax.benchmark.step_profile)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax.benchmark import step_profile
+
+_HLO = """\
+HloModule m, entry_computation_layout={(f32[4,8,8]{2,1,0})->f32[4,8,8]{2,1,0}}
+
+%fused_bmm (p0: f32[4,8,8], p1: f32[4,8,8]) -> f32[4,8,8] {
+  %p0 = f32[4,8,8]{2,1,0} parameter(0)
+  %p1 = f32[4,8,8]{2,1,0} parameter(1)
+  %dot.1 = f32[4,8,8]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+  ROOT %exponential.1 = f32[4,8,8]{2,1,0} exponential(%dot.1)
+}
+
+%fused_dense (p0.1: f32[32,8], p1.1: f32[8,8]) -> f32[32,8] {
+  %p0.1 = f32[32,8]{1,0} parameter(0)
+  %p1.1 = f32[8,8]{1,0} parameter(1)
+  ROOT %dot.2 = f32[32,8]{1,0} dot(%p0.1, %p1.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_outer (p0.2: f32[32,8], p1.2: f32[8,8]) -> f32[32,8] {
+  %p0.2 = f32[32,8]{1,0} parameter(0)
+  %p1.2 = f32[8,8]{1,0} parameter(1)
+  ROOT %inner = f32[32,8]{1,0} fusion(%p0.2, %p1.2), kind=kOutput, calls=%fused_dense
+}
+
+%fused_transpose (p0.3: f32[4,8,8]) -> f32[4,8,8] {
+  %p0.3 = f32[4,8,8]{2,1,0} parameter(0)
+  %transpose.1 = f32[4,8,8]{2,1,0} transpose(%p0.3), dimensions={0,2,1}
+  ROOT %copy.1 = f32[4,8,8]{2,1,0} copy(%transpose.1)
+}
+
+%fused_dus (p0.5: f32[4,8,8], p1.5: f32[1,8,8], p2.5: s32[]) -> f32[4,8,8] {
+  %p0.5 = f32[4,8,8]{2,1,0} parameter(0)
+  %p1.5 = f32[1,8,8]{2,1,0} parameter(1)
+  %p2.5 = s32[] parameter(2)
+  %constant.2 = s32[] constant(1)
+  %add.2 = s32[] add(%p2.5, %constant.2)
+  %constant.3 = s32[] constant(0)
+  ROOT %dynamic-update-slice.1 = f32[4,8,8]{2,1,0} dynamic-update-slice(%p0.5, %p1.5, %add.2, %constant.3, %constant.3)
+}
+
+%fused_add (p0.4: f32[4,8,8]) -> f32[4,8,8] {
+  %p0.4 = f32[4,8,8]{2,1,0} parameter(0)
+  %constant.1 = f32[] constant(1)
+  %broadcast.1 = f32[4,8,8]{2,1,0} broadcast(%constant.1), dimensions={}
+  ROOT %add.1 = f32[4,8,8]{2,1,0} add(%p0.4, %broadcast.1)
+}
+
+ENTRY %main (x: f32[4,8,8], w: f32[32,8], v: f32[8,8], i: s32[]) -> (f32[4,8,8], f32[32,8]) {
+  %x = f32[4,8,8]{2,1,0} parameter(0)
+  %w = f32[32,8]{1,0} parameter(1)
+  %v = f32[8,8]{1,0} parameter(2)
+  %attention_fusion = f32[4,8,8]{2,1,0} fusion(%x, %x), kind=kCustom, calls=%fused_bmm, metadata={op_name="jit(f)/Block/MultiHeadDotProductAttention_0/dot_general"}
+  %matmul_fusion = f32[32,8]{1,0} fusion(%w, %v), kind=kCustom, calls=%fused_outer
+  %copy_fusion = f32[4,8,8]{2,1,0} fusion(%attention_fusion), kind=kLoop, calls=%fused_transpose
+  %add_fusion = f32[4,8,8]{2,1,0} fusion(%copy_fusion), kind=kLoop, calls=%fused_add
+  %i = s32[] parameter(3)
+  %slice.1 = f32[1,8,8]{2,1,0} slice(%x), slice={[0:1], [0:8], [0:8]}
+  %dus_fusion = f32[4,8,8]{2,1,0} fusion(%x, %slice.1, %i), kind=kLoop, calls=%fused_dus
+  %dot.3 = f32[32,8]{1,0} dot(%w, %v), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %tuple = (f32[4,8,8]{2,1,0}, f32[32,8]{1,0}) tuple(%add_fusion, %matmul_fusion)
+}
+"""
+
+
+def test_each_operation_gets_the_category_of_what_it_contains():
+  instructions, computations = step_profile._parse_hlo(_HLO)
+  category = lambda name: step_profile._category(name, instructions, computations)  # noqa: E731
+  assert category('attention_fusion') == 'attention'  # a batched dot (and its softmax)
+  assert category('matmul_fusion') == 'matmul'  # a dot inside a nested fusion
+  assert category('dot.3') == 'matmul'
+  assert category('copy_fusion') == 'copies'
+  assert category('dus_fusion') == 'copies'  # its index arithmetic is on scalars
+  assert category('add_fusion') == 'elementwise'
+  assert step_profile._source(instructions['attention_fusion'][1]) == (
+      'Block/MultiHeadDotProductAttention_0/dot_general')
+
+
+def test_time_of_overlapping_operations_is_shared_as_a_fine_grid_shares_it():
+  rng = np.random.default_rng(0)
+  starts = rng.integers(0, 900, 40)
+  events = [{'name': f'op{i % 13}', 'ts': int(s), 'dur': int(d)}
+            for i, (s, d) in enumerate(zip(starts, rng.integers(1, 200, 40)))]
+  shared = step_profile._shared_wall_time(events)
+  # Independently: each microsecond of the span, split among the events covering it.
+  expected = {}
+  for t in range(1200):
+    covering = [e['name'] for e in events if e['ts'] <= t < e['ts'] + e['dur']]
+    for name in covering:
+      expected[name] = expected.get(name, 0.0) + 1 / len(covering)
+  assert set(shared) == set(expected)
+  for name, micros in expected.items():
+    assert shared[name] == pytest.approx(micros, abs=1e-6)
+  busy = sum(1 for t in range(1200)
+             if any(e['ts'] <= t < e['ts'] + e['dur'] for e in events))
+  assert sum(shared.values()) == pytest.approx(busy)
+
+
+def test_xla_breakdown_of_a_step_with_a_matmul_attention_and_elementwise_work():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((48, 197, 64), np.float32))
+  w = jnp.asarray(rng.standard_normal((1024, 1024), np.float32))
+  x = jnp.asarray(rng.standard_normal((512, 1024), np.float32))
+
+  @jax.jit
+  def f(q, w, x):
+    scores = jnp.einsum('bqd,bkd->bqk', q, q)
+    return jnp.tanh(jnp.sin(scores) * 3 + 1).sum() + (x @ w).sum()
+
+  compiled = f.lower(q, w, x).compile()
+  r = step_profile.xla_breakdown(lambda: jax.block_until_ready(compiled(q, w, x)),
+                                 compiled.as_text(), steps=3)
+  assert r['steps'] == 3 and set(r['seconds']) == {*step_profile.CATEGORIES,
+                                                    step_profile.OUTSIDE}
+  for kind in ('matmul', 'attention', 'elementwise'):
+    assert r['seconds'][kind] > 0, r
+  assert sum(r['seconds'].values()) == pytest.approx(r['wall_s'], rel=1e-6)
+  categories = {op['category'] for op in r['top_ops']}
+  assert {'matmul', 'attention'} <= categories, r['top_ops']
+  assert all(op['calls'] >= 1 and op['seconds'] > 0 for op in r['top_ops'])
+  lines = step_profile.format_table({'vit_jax': r})
+  assert any(line.split()[:1] == ['attention'] for line in lines), lines
+
+
+def test_torch_breakdown_puts_aten_operations_in_the_same_categories():
+  from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
+  torch = torch_import.torch()
+  a = torch.randn(256, 512)
+  b = torch.randn(512, 512)
+  q = torch.randn(8, 64, 32)
+
+  def step():
+    (a @ b).relu()
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    q.transpose(1, 2).contiguous()
+
+  r = step_profile.torch_breakdown(torch, step, steps=2)
+  for kind in ('matmul', 'attention', 'elementwise', 'copies'):
+    assert r['seconds'][kind] > 0, r
+  assert sum(r['seconds'].values()) == pytest.approx(r['wall_s'], rel=1e-6)
+  by_op = {op['op']: op['category'] for op in r['top_ops']}
+  assert by_op.get('aten::mm') == 'matmul', by_op
+  assert by_op.get('aten::relu') in (None, 'elementwise')

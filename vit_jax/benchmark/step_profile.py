@@ -1,0 +1,219 @@
+"""Where a step's time goes: its wall time split by kind of operation (`--profile`).
+
+    matmul        weight matmuls and convolutions (dots without batch dimensions)
+    attention     batched matmuls, with what XLA fused into them (the softmax)
+    elementwise   elementwise work and reductions: LayerNorm, GELU, the optimizer update
+    copies        transposes, copies, slices and fills
+    outside ops   the step's wall time in which no operation ran (dispatch, waits)
+
+vit_jax (XLA:CPU): a few steps run under `jax.profiler`; each event of the trace named
+after an instruction of the step's optimised HLO is one operation, put in its category by
+the instructions it contains (a fusion holding a batched dot is attention). XLA:CPU runs
+independent operations at the same time, so an event's wall time is shared equally with
+the operations running beside it: the categories then add up to the wall time and do not
+count the same second twice. Loops and conditionals only hold other operations and are
+not counted themselves. The breakdown needs XLA:CPU's per-operation events; on GPU and
+TPU, read the trace in XProf instead.
+
+timm (PyTorch eager): `torch.profiler`'s self CPU time of each `aten::` operation, in the
+same categories; eager PyTorch runs one operation at a time (each on every core).
+"""
+
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+from typing import Callable
+
+import jax
+
+CATEGORIES = ('matmul', 'attention', 'elementwise', 'copies')
+OUTSIDE = 'outside ops'
+TOP_OPS = 10
+
+# HLO opcodes that only move or fill data. jax's remat marks the values it saves with a
+# reduce-precision to their own precision, which leaves them as they are.
+_COPY_OPCODES = frozenset({'reduce-precision',
+    'parameter', 'constant', 'copy', 'transpose', 'bitcast', 'reshape', 'broadcast',
+    'slice', 'dynamic-slice', 'dynamic-update-slice', 'concatenate', 'pad', 'iota',
+    'tuple', 'get-tuple-element', 'copy-start', 'copy-done', 'reverse', 'gather'})
+# Opcodes that hold other operations, each traced on its own.
+_CONTAINERS = frozenset({'while', 'conditional', 'call'})
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([^\s=]+)\s*=\s*(.+?)\s([a-z][\w\-]*)\((.*)$')
+_SCALAR = re.compile(r'[a-z]\w*\[\]')
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s.*\{\s*$')
+
+
+def _parse_hlo(text: str) -> tuple[dict, dict]:
+  """Instructions (name -> (opcode, rest of the line, whether the result is a scalar))
+  and computations (name -> instruction names) of an optimised HLO module's text."""
+  instructions, computations, current = {}, collections.defaultdict(list), None
+  for line in text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(1)
+      continue
+    m = _INSTRUCTION.match(line)
+    if m and current is not None:
+      name, shape, opcode, rest = m.groups()
+      instructions[name] = (opcode, rest, bool(_SCALAR.fullmatch(shape)))
+      computations[current].append(name)
+  return instructions, computations
+
+
+def _category(name: str, instructions: dict, computations: dict) -> str:
+  opcodes, batched, stack, seen = set(), False, [name], set()
+  while stack:
+    opcode, rest, scalar = instructions[stack.pop()]
+    # A fusion is what it calls; arithmetic on scalars (the index of a dynamic slice)
+    # does not make a copy elementwise work.
+    if opcode != 'fusion' and not scalar:
+      opcodes.add(opcode)
+    batched |= opcode == 'dot' and 'lhs_batch_dims' in rest
+    for called in re.findall(r'calls=%([^\s,]+)', rest):
+      if called not in seen:
+        seen.add(called)
+        stack.extend(computations.get(called, ()))
+  if batched:
+    return 'attention'
+  if opcodes & {'dot', 'convolution'}:
+    return 'matmul'
+  if opcodes <= _COPY_OPCODES:
+    return 'copies'
+  return 'elementwise'
+
+
+def _source(rest: str) -> str:
+  """The last three parts of the instruction's op_name: the model code it comes from."""
+  m = re.search(r'op_name="([^"]*)"', rest)
+  return '/'.join(m.group(1).split('/')[-3:]) if m else ''
+
+
+def _shared_wall_time(events: list[dict]) -> collections.Counter:
+  """Per event name, its wall time with time shared equally among the events that run at
+  once (a sweep over the events' starts and ends)."""
+  points = sorted((t, kind, i) for i, e in enumerate(events)
+                  for t, kind in ((e['ts'], 1), (e['ts'] + e['dur'], -1)))
+  shared, active, last = collections.Counter(), set(), None
+  for t, kind, i in points:
+    if active:
+      for j in active:
+        shared[events[j]['name']] += (t - last) / len(active)
+    last = t
+    if kind == 1:
+      active.add(i)
+    else:
+      active.discard(i)
+  return shared
+
+
+def _record(categories: dict, wall_s: float, steps: int, top: list) -> dict:
+  per_step = {c: categories.get(c, 0.0) / steps for c in CATEGORIES}
+  per_step[OUTSIDE] = max(wall_s - sum(per_step.values()), 0.0)
+  return {'steps': steps, 'wall_s': wall_s, 'seconds': per_step, 'top_ops': top}
+
+
+def xla_breakdown(step: Callable[[], None], hlo_text: str, steps: int = 2) -> dict:
+  """Runs `step` (synchronised) `steps` times under jax.profiler; the per-step seconds of
+  each category, and the operations that took longest."""
+  if jax.default_backend() != 'cpu':
+    raise ValueError(f'--profile reads XLA:CPU per-operation events; the backend is '
+                     f'{jax.default_backend()!r}: open a jax.profiler trace in XProf instead')
+  instructions, computations = _parse_hlo(hlo_text)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    start = time.perf_counter()
+    try:
+      for _ in range(steps):
+        step()
+    finally:
+      wall_s = (time.perf_counter() - start) / steps
+      jax.profiler.stop_trace()
+    (path,) = glob.glob(f'{trace_dir}/**/perfetto_trace.json.gz', recursive=True)
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = [e for e in (trace['traceEvents'] if isinstance(trace, dict) else trace)
+            if e.get('ph') == 'X' and e.get('name') in instructions
+            and instructions[e['name']][0] not in _CONTAINERS]
+  if not events:
+    raise ValueError("the profiler's trace names none of the step's operations")
+  shared = _shared_wall_time(events)
+  calls = collections.Counter(e['name'] for e in events)
+  categories = collections.Counter()
+  top = []
+  for name, micros in shared.most_common():
+    category = _category(name, instructions, computations)
+    categories[category] += micros / 1e6
+    if len(top) < TOP_OPS:
+      top.append({'op': name, 'category': category, 'seconds': micros / 1e6 / steps,
+                  'calls': calls[name] // steps, 'source': _source(instructions[name][1])})
+  return _record(categories, wall_s, steps, top)
+
+
+_TORCH_MATMUL = frozenset({
+    'aten::mm', 'aten::addmm', 'aten::mkldnn_convolution', 'aten::convolution_backward',
+    'aten::_convolution', 'aten::thnn_conv2d', 'aten::mkldnn_linear', 'aten::_mkl_linear'})
+_TORCH_ATTENTION = frozenset({'aten::bmm', 'aten::baddbmm', 'aten::_softmax',
+                              'aten::_softmax_backward_data'})
+_TORCH_COPIES = frozenset({
+    'aten::copy_', 'aten::fill_', 'aten::zero_', 'aten::cat', 'aten::clone', 'aten::stack',
+    'aten::contiguous', 'aten::_to_copy', 'aten::index', 'aten::slice', 'aten::select',
+    'aten::transpose', 'aten::t', 'aten::view', 'aten::reshape', 'aten::permute',
+    'aten::as_strided', 'aten::expand', 'aten::empty', 'aten::empty_like', 'aten::zeros',
+    'aten::unbind', 'aten::split', 'aten::detach', 'aten::_unsafe_view'})
+
+
+def _torch_category(name: str) -> str:
+  if name in _TORCH_MATMUL:
+    return 'matmul'
+  if name in _TORCH_ATTENTION or 'scaled_dot_product' in name:
+    return 'attention'
+  if name in _TORCH_COPIES:
+    return 'copies'
+  return 'elementwise'
+
+
+def torch_breakdown(torch, step: Callable[[], None], steps: int = 2) -> dict:
+  """The same record for a PyTorch eager step, from torch.profiler's self CPU times."""
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    wall_s = (time.perf_counter() - start) / steps
+  categories = collections.Counter()
+  ops = []
+  for row in prof.key_averages():
+    if not row.key.startswith('aten::'):
+      continue  # autograd and optimizer frames: time outside the operations
+    seconds = row.self_cpu_time_total / 1e6
+    categories[_torch_category(row.key)] += seconds
+    ops.append((seconds, row.key, row.count))
+  top = [{'op': key, 'category': _torch_category(key), 'seconds': s / steps,
+          'calls': count // steps, 'source': ''}
+         for s, key, count in sorted(ops, reverse=True)[:TOP_OPS]]
+  return _record(categories, wall_s, steps, top)
+
+
+def format_table(records: dict) -> list[str]:
+  """Lines of a table: one column per framework (name -> record), seconds per step and
+  the share of the profiled wall time."""
+  names = list(records)
+  lines = ['  where a step goes (seconds per step, share of its wall time; '
+           f"profiled over {records[names[0]]['steps']} steps):",
+           '    ' + ' ' * 13 + ''.join(f'{n:>22}' for n in names)]
+  for category in (*CATEGORIES, OUTSIDE):
+    cells = ''.join(
+        f"{r['seconds'][category]:>14.3f} s {100 * r['seconds'][category] / r['wall_s']:4.0f}%"
+        for r in records.values())
+    lines.append(f'    {category:<13}{cells}')
+  lines.append('    ' + f"{'wall':<13}" + ''.join(f"{r['wall_s']:>14.3f} s      "
+                                                   for r in records.values()))
+  for n, r in records.items():
+    lines.append(f'  {n}: longest operations')
+    for op in r['top_ops'][:5]:
+      lines.append(f"    {op['seconds'] * 1e3:8.1f} ms x{op['calls']:<3} {op['category']:<11} "
+                   f"{op['op']}  {op['source']}".rstrip())
+  return lines
