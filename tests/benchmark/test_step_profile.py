@@ -45,6 +45,11 @@ HloModule m, entry_computation_layout={(f32[4,8,8]{2,1,0})->f32[4,8,8]{2,1,0}}
   ROOT %dynamic-update-slice.1 = f32[4,8,8]{2,1,0} dynamic-update-slice(%p0.5, %p1.5, %add.2, %constant.3, %constant.3)
 }
 
+%fused_scalar (p0.6: f32[]) -> f32[] {
+  %p0.6 = f32[] parameter(0)
+  ROOT %sqrt.1 = f32[] sqrt(%p0.6)
+}
+
 %fused_add (p0.4: f32[4,8,8]) -> f32[4,8,8] {
   %p0.4 = f32[4,8,8]{2,1,0} parameter(0)
   %constant.1 = f32[] constant(1)
@@ -52,7 +57,7 @@ HloModule m, entry_computation_layout={(f32[4,8,8]{2,1,0})->f32[4,8,8]{2,1,0}}
   ROOT %add.1 = f32[4,8,8]{2,1,0} add(%p0.4, %broadcast.1)
 }
 
-ENTRY %main (x: f32[4,8,8], w: f32[32,8], v: f32[8,8], i: s32[]) -> (f32[4,8,8], f32[32,8]) {
+ENTRY %main (x: f32[4,8,8], w: f32[32,8], v: f32[8,8], i: s32[], s: f32[]) -> (f32[4,8,8], f32[32,8]) {
   %x = f32[4,8,8]{2,1,0} parameter(0)
   %w = f32[32,8]{1,0} parameter(1)
   %v = f32[8,8]{1,0} parameter(2)
@@ -63,6 +68,8 @@ ENTRY %main (x: f32[4,8,8], w: f32[32,8], v: f32[8,8], i: s32[]) -> (f32[4,8,8],
   %i = s32[] parameter(3)
   %slice.1 = f32[1,8,8]{2,1,0} slice(%x), slice={[0:1], [0:8], [0:8]}
   %dus_fusion = f32[4,8,8]{2,1,0} fusion(%x, %slice.1, %i), kind=kLoop, calls=%fused_dus
+  %s = f32[] parameter(4)
+  %scalar_fusion = f32[] fusion(%s), kind=kLoop, calls=%fused_scalar
   %dot.3 = f32[32,8]{1,0} dot(%w, %v), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   ROOT %tuple = (f32[4,8,8]{2,1,0}, f32[32,8]{1,0}) tuple(%add_fusion, %matmul_fusion)
 }
@@ -78,6 +85,7 @@ def test_each_operation_gets_the_category_of_what_it_contains():
   assert category('copy_fusion') == 'copies'
   assert category('dus_fusion') == 'copies'  # its index arithmetic is on scalars
   assert category('add_fusion') == 'elementwise'
+  assert category('scalar_fusion') == 'elementwise'  # only scalars, but not a copy
   assert step_profile._source(instructions['attention_fusion'][1]) == (
       'Block/MultiHeadDotProductAttention_0/dot_general')
 

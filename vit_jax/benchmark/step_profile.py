@@ -65,18 +65,19 @@ def _parse_hlo(text: str) -> tuple[dict, dict]:
 
 
 def _category(name: str, instructions: dict, computations: dict) -> str:
-  opcodes, batched, stack, seen = set(), False, [name], set()
+  opcodes, scalar_opcodes, batched, stack, seen = set(), set(), False, [name], set()
   while stack:
     opcode, rest, scalar = instructions[stack.pop()]
     # A fusion is what it calls; arithmetic on scalars (the index of a dynamic slice)
     # does not make a copy elementwise work.
-    if opcode != 'fusion' and not scalar:
-      opcodes.add(opcode)
+    if opcode != 'fusion':
+      (scalar_opcodes if scalar else opcodes).add(opcode)
     batched |= opcode == 'dot' and 'lhs_batch_dims' in rest
     for called in re.findall(r'calls=%([^\s,]+)', rest):
       if called not in seen:
         seen.add(called)
         stack.extend(computations.get(called, ()))
+  opcodes = opcodes or scalar_opcodes  # only scalar work: a learning rate, a norm
   if batched:
     return 'attention'
   if opcodes & {'dot', 'convolution'}:
