@@ -155,22 +155,45 @@ def test_bf16_vit_train_step_matmuls_run_in_bf16_on_cpu():
   """The compiled bf16 train step of a 2-block ViT (the benchmark's config: stacked blocks,
   remat, heads-major attention): every matmul takes bf16 operands but the head's weight
   gradient, a (batch, width)^T . (batch, classes) product with one free axis."""
+  dots = _dot_operand_types(_compiled_train_step('bfloat16', num_layers=2))
+  assert len(dots) > 20, dots  # 2 blocks x (6 forward + 12 backward + recomputed) + head
+  float32 = [line for a, b, line in dots if not a == b == 'bf16']
+  assert len(float32) == 1 and 'f32[192,10]' in float32[0], float32
+
+
+def _compiled_train_step(dtype, **overrides):
+  """Optimised HLO text of a small ViT's train step (the benchmark's config)."""
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
   from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
-  config = model_speed.train_config('ViT-Ti/16', batch=4, resolution=32, dtype='bfloat16',
-                                    overrides=dict(num_layers=2, num_classes=10))
+  config = model_speed.train_config('ViT-Ti/16', batch=4, resolution=32, dtype=dtype,
+                                    overrides=dict(num_classes=10, **overrides))
   trainer = loop.Trainer(config, sharding.create_mesh(config.mesh), 1000)
   rng = np.random.default_rng(0)
   data = jax.device_put(
       {'image': rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
        'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, 4)]},
       trainer.batch_sharding)
-  hlo = trainer.lower_train_step(trainer.init_state(), data).compile().as_text()
-  dots = _dot_operand_types(hlo)
-  assert len(dots) > 20, dots  # 2 blocks x (6 forward + 12 backward + recomputed) + head
-  float32 = [line for a, b, line in dots if not a == b == 'bf16']
-  assert len(float32) == 1 and 'f32[192,10]' in float32[0], float32
+  return trainer.lower_train_step(trainer.init_state(), data).compile().as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU behaviour')
+def test_unrolled_blocks_transpose_the_mlp_gradient_without_recomputing_later_blocks():
+  """With the blocks unrolled, XLA fused into the transposed copy of each MLP's output
+  gradient the elementwise gradients of every later block (up to 560 instructions in
+  ViT-B/16, 230 ms a layer); the copy now takes a materialised gradient."""
+  from vit_jax.benchmark import step_profile  # pylint: disable=g-import-not-at-top
+  hlo = _compiled_train_step('float32', num_layers=4, scan_layers=False,
+                             layer_loop='unroll')
+  instructions, computations = step_profile._parse_hlo(hlo)
+  sizes = []
+  for opcode, rest, _ in instructions.values():
+    called = re.search(r'calls=%([^\s,]+)', rest)
+    if (opcode == 'fusion' and called and 'MlpBlock_0/Dense_1' in rest
+        and any(instructions[i][0] == 'transpose' for i in computations[called.group(1)])):
+      sizes.append(len(computations[called.group(1)]))
+  assert len(sizes) >= 4, sizes  # one per block at least
+  assert max(sizes) <= 20, sizes
 
 
 def test_heads_major_attention_bias_and_its_gradient():

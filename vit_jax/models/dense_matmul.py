@@ -106,7 +106,10 @@ def _tensordot_bwd(dimension_numbers, transpose_tokens, residuals, g):
     # Fewer output features than input ones (the MLP's second layer): transpose g, the
     # smaller operand, and the product back; x is often recomputed elementwise work
     # (GELU) that XLA would otherwise recompute inside the transposed copy, 10x slower.
-    g_t = jnp.transpose(g.reshape(lead, -1, n), (2, 0, 1))
+    # g is materialised first: with the blocks unrolled, XLA fused into this transposed
+    # copy the elementwise gradients of every later block's residual stream (500
+    # instructions), recomputing them per layer at up to 230 ms each.
+    g_t = _materialised(lambda a: jnp.transpose(a.reshape(lead, -1, n), (2, 0, 1)), g)
     dw_t = jax.lax.dot_general(g_t, x.reshape(lead, -1, kk), (((1, 2), (0, 1)), ((), ())),
                                preferred_element_type=f32)  # (n, kk)
     # Transposed through a reshape: a plain .T becomes the matmul's output layout, which
