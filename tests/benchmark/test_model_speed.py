@@ -84,8 +84,11 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
     profile = record['profile']
     assert profile['steps'] == 2 and profile['seconds']['matmul'] > 0
     assert sum(profile['seconds'].values()) == pytest.approx(profile['wall_s'], rel=1e-6)
-  sources = ' '.join(op['source'] for op in r['profile']['top_ops'])
-  assert 'Dense_' in sources or 'MultiHeadDotProductAttention' in sources, sources
+  # Each of the longest XLA operations is traced back to the JAX code that made it (which
+  # operations are longest on this tiny model depends on the host, so no name is assumed;
+  # XLA-inserted copies may have none; tests/benchmark/test_step_profile.py checks names.)
+  top = r['profile']['top_ops']
+  assert len(top) >= 5 and any('/' in op['source'] for op in top), top
   assert 'where a step goes' in stdout and 'timm eager: longest operations' in stdout
 
 
