@@ -116,7 +116,8 @@ def main(argv):
     print(format_summary(summary), flush=True)
   if _SUMMARY_ONLY.value:
     return
-  final = loop.train_and_evaluate(config, workdir)
+  final = loop.train_and_evaluate(
+      config, workdir, forward_flops_per_image=summary['forward_gflops_per_image'] * 1e9)
   if is_main:
     print('final: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                 for k, v in final.items()), flush=True)

@@ -76,6 +76,12 @@ def test_uninterrupted_run_logs_metrics(reference):
   assert [r['step'] for r in train_rows] == list(range(4, TOTAL_STEPS + 1, 4))
   assert all(r['images_per_sec'] > 0 and 0 < r['learning_rate'] for r in train_rows)
   assert all(0 < r['mfu'] < 1 for r in train_rows), [r['mfu'] for r in train_rows]
+  # The MFU counts the model summary's forward FLOPs, 3x (forward and backward) per image.
+  summary = json.loads((workdir / 'model_summary.json').read_text())
+  config = json.loads((workdir / 'config.json').read_text())
+  for r in train_rows:
+    assert r['mfu'] * r['peak_flops_per_sec'] * r['sec_per_step'] == pytest.approx(
+        3 * summary['forward_gflops_per_image'] * 1e9 * config['batch_size'], rel=1e-6)
   final_eval = [r for r in rows if 'eval_top1' in r][-1]
   assert final_eval['step'] == TOTAL_STEPS and final_eval['eval_examples'] == 1000
   assert 0.0 <= final_eval['eval_top5'] <= 1.0 and final_eval['eval_top1'] <= final_eval['eval_top5']

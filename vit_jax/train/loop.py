@@ -184,8 +184,13 @@ class Trainer:
                         self._abstract, self.state_sharding)
 
 
-def train_and_evaluate(config, workdir) -> dict:
-  """Trains (resuming from the newest checkpoint in workdir) and returns final metrics."""
+def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = None) -> dict:
+  """Trains (resuming from the newest checkpoint in workdir) and returns final metrics.
+
+  `forward_flops_per_image` (for the MFU) is counted from the model when not given;
+  `vit_jax.main` passes the count of its model summary, so a run counts once (on GPU and
+  TPU the count compiles the forward pass).
+  """
   # The input pipeline (TensorFlow) is imported here, not with the module: the Trainer
   # and the benchmark run where TensorFlow is not installed (e.g. a GPU image).
   from vit_jax.data import builder as data_builder  # pylint: disable=g-import-not-at-top
@@ -227,7 +232,9 @@ def train_and_evaluate(config, workdir) -> dict:
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   progress = metrics_lib.Progress(total_steps, config.batch_size, start_step, enabled=is_main)
-  flops_per_step = 3 * models.forward_flops(module, image_size) * config.batch_size
+  if forward_flops_per_image is None:
+    forward_flops_per_image = models.forward_flops(module, image_size)
+  flops_per_step = 3 * forward_flops_per_image * config.batch_size
   peak_meter = hardware.PeakMeter(module.dtype)
   logging.info('Training %s for %d steps (%d per epoch) from step %d; %.3g FLOPs/step; '
                'MFU against the %s (%.4g FLOP/s at start).', config.model.name, total_steps,
@@ -285,7 +292,7 @@ def train_and_evaluate(config, workdir) -> dict:
           row = dict(mean, learning_rate=float(schedule(step - 1)),
                      param_norm=float(fetched[-1]['param_norm']), images_per_sec=ips,
                      sec_per_step=sps, epoch=step / spe,
-                     mfu=flops_per_step / sps / peak,
+                     mfu=flops_per_step / sps / peak, peak_flops_per_sec=peak,
                      skipped_nonfinite=skipped or None)
           writer.write(step, row)
           progress.report(step, ips, sps, {'loss': mean['loss'], 'lr': row['learning_rate']})
