@@ -182,3 +182,26 @@ def test_train_benchmark_runs_without_tensorflow():
                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
   assert proc.returncode == 0, subprocess_env.failure(proc)
   assert 'images/s True' in proc.stdout
+
+
+def test_profile_on_another_backend_stops_before_anything_compiles():
+  """--profile reads XLA:CPU's events: on a GPU/TPU backend (faked here) it says so before
+  building or compiling any model, rather than after the timed steps."""
+  code = textwrap.dedent('''
+      import runpy, sys
+      import jax
+      from vit_jax.benchmark import model_speed
+      jax.default_backend = lambda: 'gpu'
+      def built(*args, **kwargs):
+        raise AssertionError('a model was built before the --profile check')
+      model_speed.prepare_vit_jax = model_speed.prepare_timm = built
+      sys.argv = ['vit_jax.benchmark', '--model=ViT-Ti/16', '--mode=train', '--profile',
+                  '--compare=timm_eager']
+      runpy.run_module('vit_jax.benchmark', run_name='__main__')
+  ''')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert proc.returncode != 0
+  assert "--profile reads XLA:CPU per-operation events, and jax runs on 'gpu'" in proc.stderr, (
+      subprocess_env.failure(proc))
+  assert 'XProf' in proc.stderr and 'a model was built' not in proc.stderr

@@ -75,6 +75,16 @@ def _fmt(r: dict) -> str:
           f"{t['p90_s'] * 1e3:.1f}, {t['steps']} steps)")
 
 
+def check_profile_backend(backend: str) -> None:
+  """--profile maps XLA:CPU's per-operation trace events to the compiled HLO; other
+  backends' traces name kernels instead, so it stops before anything compiles."""
+  if backend != 'cpu':
+    raise app.UsageError(
+        f'--profile reads XLA:CPU per-operation events, and jax runs on {backend!r}: drop '
+        '--profile, and for a breakdown there open a jax.profiler trace in XProf '
+        '(TensorBoard\'s profile plugin)')
+
+
 def model_main():
   from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
   from vit_jax.benchmark import step_profile  # pylint: disable=g-import-not-at-top
@@ -90,6 +100,9 @@ def model_main():
   if compare and not compare.startswith('timm'):
     raise app.UsageError(f"--compare={compare!r}: use 'timm', 'timm_eager' or 'timm_compile' "
                          'with --mode=train/infer')
+  if _PROFILE.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    check_profile_backend(jax.default_backend())
   # torch first: it must be imported before TensorFlow (vit_jax.torch_import).
   prepared = []
   if compare in ('timm', 'timm_eager'):
@@ -131,13 +144,13 @@ def model_main():
         f"its MFU {b['mfu_of_library_peak']:.3f} of PyTorch's {r['dtype']} 2048^3 matmul "
         f"({b['library_peak_flops_per_sec'] / 1e9:.1f} GFLOP/s, "
         f"{b['library_peak_flops_per_sec'] / r['peak_flops_per_sec']:.2f}x vit_jax's peak)")
+  print('\n'.join(lines), flush=True)  # before profiling: the timings are not lost to it
   if _PROFILE.value:
     profiled = {}
     for p, record in zip(prepared, [r, *baselines]):
       if p.profile:
         record['profile'] = profiled[record['framework']] = p.profile()
-    lines += step_profile.format_table(profiled)
-  print('\n'.join(lines), flush=True)
+    print('\n'.join(step_profile.format_table(profiled)), flush=True)
   r['baselines'] = baselines
   for b in baselines:
     name = b['framework'].replace(' ', '_').replace('.', '_')
