@@ -20,7 +20,6 @@ that read compiled programs check, are the same; only the machine code is less t
 
 import atexit
 import collections
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -39,13 +38,11 @@ os.environ['XLA_FLAGS'] = ' '.join(
     _flags + [f for f in _TEST_XLA_FLAGS
               if not any(g.split('=')[0] == f.split('=')[0] for g in _flags)])
 
-# TensorFlow (imported by the input pipeline) loads Keras 3 at import, and Keras loads
-# scikit-learn and SciPy: about 3 s of each process's start on a 2-core host, in a suite
-# that starts a Python process for every `vit_jax.main` run. Neither the project nor tfds
-# uses Keras. With TF_USE_LEGACY_KERAS=1 TensorFlow looks for tf_keras instead, and
-# without it installed leaves Keras out (`tf.keras` is then unavailable).
-if importlib.util.find_spec('tf_keras') is None:
-  os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
+# TensorFlow without Keras (about 3 s of each process's start), as the command-line tools
+# run it: in the test processes too, and in the subprocesses they start (vit_jax.main
+# sets it itself; other scripts the tests run inherit it).
+from vit_jax import tensorflow_startup  # noqa: E402  pylint: disable=wrong-import-position
+tensorflow_startup.leave_keras_out()
 
 import torch  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
 import torchvision  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position

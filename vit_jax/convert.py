@@ -38,6 +38,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from vit_jax import tensorflow_startup
 from vit_jax import torch_import
 
 FORMATS = ('npz', 'timm', 'hf', 'orbax')
@@ -387,6 +388,7 @@ class _QuietOrbax(std_logging.Filter):
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  tensorflow_startup.leave_keras_out()
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
     result = run(_INPUT.value, _OUTPUT.value, to=_TO.value, model=_MODEL.value,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from vit_jax import host_memory
+from vit_jax import tensorflow_startup
 from vit_jax import models
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
@@ -93,6 +94,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
+  tensorflow_startup.leave_keras_out()  # before the input pipeline imports TensorFlow
   # Before anything starts jax's backend (see vit_jax/host_memory.py).
   host_memory.configure(config.get('keep_host_memory'))
   if _DISTRIBUTED.value or _COORDINATOR.value:

@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 
 from vit_jax import cli_inputs
+from vit_jax import tensorflow_startup
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint file or workdir.')
 _MODEL = flags.DEFINE_string(
@@ -37,6 +38,7 @@ def _fail(message: str) -> None:
 
 def main(argv):
   import json  # pylint: disable=g-import-not-at-top
+  tensorflow_startup.leave_keras_out()
   logging.set_verbosity(logging.WARNING)  # stdout is the answer; keep stderr for problems
   paths, clf = cli_inputs.images_and_classifier(
       'vit_jax.predict', argv[1:], _CHECKPOINT.value, model=_MODEL.value,

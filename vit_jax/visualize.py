@@ -46,6 +46,7 @@ import numpy as np
 
 from vit_jax import cli_inputs
 from vit_jax import image_files
+from vit_jax import tensorflow_startup
 
 HEAD_FUSIONS = ('mean', 'max', 'min')
 POSEMB_PATH = ('Transformer', 'posembed_input', 'pos_embedding')
@@ -506,6 +507,7 @@ def unique_stems(paths: Sequence[pathlib.Path]) -> list[str]:
 
 def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
+  tensorflow_startup.leave_keras_out()
   logging.set_verbosity(logging.WARNING)
   f = {k: v.value for k, v in _FLAGS.items()}
   if not 0 <= f['alpha'] <= 1:

@@ -161,6 +161,8 @@ def model_main():
 def main(argv):
   del argv
   from vit_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from vit_jax import tensorflow_startup  # pylint: disable=g-import-not-at-top
+  tensorflow_startup.leave_keras_out()
   # First, before jax or torch allocate (applies to both, so the comparison stays fair).
   setting = {'auto': None, 'true': True, 'false': False}[_KEEP_HOST_MEMORY.value]
   if setting is None and _COMPARE.value:
