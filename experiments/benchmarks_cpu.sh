@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the CPU rows of BENCHMARKS.md: ViT-B/16 at 224 px, batch 8, on this machine.
-# Usage: experiments/benchmarks_cpu.sh [OUT_DIR]   (about 35 minutes on a 2-core CPU)
+# Usage: experiments/benchmarks_cpu.sh [OUT_DIR]   (about 40 minutes on a 2-core CPU)
 # MFU is per step against the float32/bf16 matmul peak probed next to that step (median
 # over the steps), and --compare runs the frameworks' steps in turn: this VM's speed
 # drifts 10-20% within seconds (vit_jax/benchmark/model_speed.py).
@@ -23,6 +23,11 @@ bench --mode=train --keep_host_memory=false --json="$out/train_fp32_no_keep.json
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 bench --mode=train --keep_host_memory=false \
     --json="$out/train_fp32_hugetlb.json"
 bench --mode=infer --dtype=float32 --compare=timm --json="$out/infer_fp32.json"
+# Where the steps' time goes, next to timm eager (matmul, attention, elementwise, copies).
+bench --mode=train --dtype=float32 --compare=timm_eager --steps=6 --profile \
+    --json="$out/profile_train_fp32.json"
+bench --mode=train --dtype=bfloat16 --compare=timm_eager --steps=6 --profile \
+    --json="$out/profile_train_bf16.json"
 bench --mode=infer --dtype=bfloat16 --compare=timm --json="$out/infer_bf16.json"
 # Each fast path switched off (or on) alone, float32 train step.
 bench --mode=train --set=scan_layers=False --json="$out/train_layer_loop_scan.json"
@@ -58,4 +63,8 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
     if 'mfu_of_library_peak' in b:  # timm's MFU against PyTorch's own matmul peak
       line += f" (its MFU {b['mfu_of_library_peak']:.3f} of {b['library_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s)"
   print(line)
+  for rec in (r, *r.get('baselines', [])):
+    if 'profile' in rec:  # --profile: seconds per step by kind of operation
+      parts = ', '.join(f'{k} {v:.2f}' for k, v in rec['profile']['seconds'].items())
+      print(f"{'':42s} {rec['framework']}: {parts} (s/step)")
 PY
