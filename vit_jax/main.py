@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from vit_jax import host_memory
-from vit_jax import tensorflow_startup
 from vit_jax import models
+from vit_jax import tensorflow_startup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
