@@ -205,3 +205,59 @@ def test_profile_on_another_backend_stops_before_anything_compiles():
   assert "--profile reads XLA:CPU per-operation events, and jax runs on 'gpu'" in proc.stderr, (
       subprocess_env.failure(proc))
   assert 'XProf' in proc.stderr and 'a model was built' not in proc.stderr
+
+
+def test_variant_is_timed_in_turn_and_compared_step_by_step(tmp_path):
+  """--variant builds a second vit_jax step with more overrides; the two run in turn and
+  the record gives the paired ratio of their step times, round by round."""
+  r, stdout = _bench(tmp_path, '--mode=infer', '--steps=3', '--variant=scan_layers=False',
+                     "--variant=layer_loop='unroll'", "--variant=dtype='bfloat16'")
+  v = r['variant']
+  assert FIELDS - {'baselines', 'host_memory_kept'} <= set(v)
+  assert v['framework'] == 'vit_jax variant' and r['baselines'] == []
+  assert r['overrides'] == {'num_layers': 2}
+  changes = {'scan_layers': False, 'layer_loop': 'unroll', 'dtype': 'bfloat16'}
+  assert v['variant'] == changes and v['overrides'] == {'num_layers': 2, **changes}
+  # The unrolled blocks' XLA count is of the whole program; the scanned one's is not.
+  assert r['xla_step_flops_per_image'] is None and v['xla_step_flops_per_image'] > 0
+  # The same model shape (XLA's count adds bf16's conversions: 12% at this tiny size).
+  assert v['forward_flops_per_image_analytic'] == r['forward_flops_per_image_analytic'] > 0
+  # The peak was probed in float32 (--dtype): the bf16 variant gets no MFU, not a wrong one.
+  assert r['dtype'] == 'float32' and 0 < r['mfu'] < 1
+  assert v['dtype'] == 'bfloat16' and v['mfu'] is None and v['peak_flops_per_sec'] is None
+  assert 'MFU not measured (none: the matmul peak was probed in float32' in stdout
+  ratio = v['step_time_vs_vit_jax']
+  expected = [b / a for a, b in zip(r['step_times_s'], v['step_times_s'])]
+  assert ratio['rounds'] == 3 and ratio['ratios'] == pytest.approx(expected)
+  assert ratio['median'] == pytest.approx(statistics.median(expected))
+  assert ratio['min'] <= ratio['median'] <= ratio['max']
+  assert f"variant / vit_jax step time: {ratio['median']:.3f}x" in stdout
+
+
+def test_a_bad_variant_stops_before_anything_compiles():
+  """A --variant field or value the model config rejects is named before either step is
+  built (compiling the first could take minutes for a large model)."""
+  code = textwrap.dedent('''
+      import runpy, sys
+      from vit_jax.benchmark import model_speed
+      def built(*args, **kwargs):
+        raise AssertionError('a model was built before the config check')
+      model_speed.prepare_vit_jax = model_speed.prepare_timm = built
+      sys.argv = ['vit_jax.benchmark', '--model=ViT-Ti/16', '--mode=train',
+                  "--variant=remat_policy='sometimes'"]
+      runpy.run_module('vit_jax.benchmark', run_name='__main__')
+  ''')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert proc.returncode != 0
+  assert "--variant: config.model: remat_policy='sometimes' is not one of" in proc.stderr, (
+      subprocess_env.failure(proc))
+  assert 'a model was built' not in proc.stderr
+
+
+def test_overrides_must_be_field_equals_value():
+  from vit_jax.benchmark import __main__ as bench  # pylint: disable=g-import-not-at-top
+  assert bench.parse_overrides(["remat_policy='dots'", 'num_layers=2', 'name=ViT-B/16']) == {
+      'remat_policy': 'dots', 'num_layers': 2, 'name': 'ViT-B/16'}
+  with pytest.raises(bench.app.UsageError, match="--variant='scan_layers': write FIELD=VALUE"):
+    bench.parse_overrides(['scan_layers'], 'variant')

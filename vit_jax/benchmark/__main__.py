@@ -16,6 +16,10 @@ Modes:
   --profile (train/infer, CPU): then where a step's time goes, by kind of operation
     (matmul, attention, elementwise, copies), for vit_jax and timm eager side by side
     (`step_profile`).
+  --variant=FIELD=VALUE (train/infer, repeatable): a second vit_jax step with these model
+    config overrides on top of --set, timed in turn with the first; prints the paired
+    ratio of their step times (one per round), the way to measure a fast path's effect on
+    a machine whose speed drifts more than the effect.
   input: the ImageNet training preprocessing on real photographs, images/s per CPU
     core, optionally next to torchvision's DataLoader pipeline.
 """
@@ -38,7 +42,11 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation (tr
 _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
                              'Persistent XLA compilation cache (a second run compiles from it).')
 _SET = flags.DEFINE_multi_string('set', [], 'Model config override FIELD=VALUE (Python '
-                                 "literal), e.g. --set=remat_policy='\'dots\''.")
+                                 """literal), e.g. --set=remat_policy="'dots'".""")
+_VARIANT = flags.DEFINE_multi_string(
+    'variant', [], 'Also time vit_jax with these model config overrides FIELD=VALUE (on top '
+    'of --set), one step of each in turn, and print the paired ratio of their step times, '
+    """e.g. --variant=remat_policy="'dots'" (train/infer).""")
 _PROFILE = flags.DEFINE_bool(
     'profile', False, "After the timed steps, profile 2 more of each framework's steps and "
     'print where their time goes: matmul, attention, elementwise, copies (CPU; train/infer).')
@@ -56,16 +64,29 @@ _FILES = flags.DEFINE_integer(
     'files', 2048, 'JPEG files written for the run; keep steps x batch within one epoch')
 
 
-def _overrides() -> dict:
+def parse_overrides(items, flag: str = 'set') -> dict:
+  """FIELD=VALUE strings as a dict; a VALUE that is not a Python literal stays a string."""
   import ast  # pylint: disable=g-import-not-at-top
   out = {}
-  for item in _SET.value:
-    key, _, value = item.partition('=')
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or not key:
+      raise app.UsageError(f'--{flag}={item!r}: write FIELD=VALUE, e.g. '
+                           f"--{flag}=remat_policy=\"'dots'\"")
     try:
       out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       out[key] = value
   return out
+
+
+def paired_ratio(times_a, times_b) -> dict:
+  """B's step time over A's, one ratio per round (the two steps were taken one after the
+  other, at the machine's speed of that moment): median, min, max and the ratios."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  ratios = [b / a for a, b in zip(times_a, times_b)]
+  return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios),
+          'rounds': len(ratios), 'ratios': ratios}
 
 
 def _fmt(r: dict) -> str:
@@ -103,6 +124,15 @@ def model_main():
   if _PROFILE.value:
     import jax  # pylint: disable=g-import-not-at-top
     check_profile_backend(jax.default_backend())
+  overrides = parse_overrides(_SET.value)
+  variant_overrides = parse_overrides(_VARIANT.value, 'variant')
+  configs = [overrides] + ([{**overrides, **variant_overrides}] if variant_overrides else [])
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  for flag, o in zip(('--set', '--variant'), configs):  # fails here, before any compile
+    try:
+      model_speed.check_config(**kwargs, accum_steps=_ACCUM.value, overrides=o)
+    except defaults.ConfigError as e:
+      raise app.UsageError(f'{flag}: {e}') from e
   # torch first: it must be imported before TensorFlow (vit_jax.torch_import).
   prepared = []
   if compare in ('timm', 'timm_eager'):
@@ -112,11 +142,22 @@ def model_main():
       prepared.append(model_speed.prepare_timm(**kwargs, compile_model=True))
     except Exception as e:  # pylint: disable=broad-except
       print(f'torch.compile failed: {type(e).__name__}: {e}', flush=True)
-  prepared.insert(0, model_speed.prepare_vit_jax(**kwargs, accum_steps=_ACCUM.value,
-                                                 overrides=_overrides()))
+  prepared = [model_speed.prepare_vit_jax(**kwargs, accum_steps=_ACCUM.value, overrides=o)
+              for o in configs] + prepared
   # One step of each framework per round: all see the machine's speed of the moment.
   r, *baselines = model_speed.run_interleaved(prepared, steps=steps, warmup=_WARMUP.value,
                                               dtype=_DTYPE.value)
+  variant = None
+  if variant_overrides:
+    variant, *baselines = baselines
+    variant['framework'] = 'vit_jax variant'
+    variant['variant'] = variant_overrides
+    if variant['peak_flops_per_sec_per_step'] and variant['dtype'] != r['dtype']:
+      # The probes ran in --dtype: no peak of the variant's compute dtype was measured.
+      variant.update(mfu=None, mfu_of_best_peak=None, peak_flops_per_sec=None,
+                     images_per_sec_per_peak_tflops=None,
+                     peak_source=f"none: the matmul peak was probed in {r['dtype']}, the "
+                     f"variant computes in {variant['dtype']}")
   lines = [
       f"{r['model']} {r['mode']}, batch {r['batch']}, {r['resolution']} px, {r['dtype']}"
       f"{', ' + str(r['overrides']) if r['overrides'] else ''} on {r['device_count']} x "
@@ -133,6 +174,17 @@ def model_main():
          if r['peak_flops_per_sec_per_step'] else '')
       + (f"; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB"
          if r['peak_memory_bytes'] else '')]
+  if variant:
+    ratio = variant['step_time_vs_vit_jax'] = paired_ratio(r['step_times_s'],
+                                                           variant['step_times_s'])
+    mfu = (f"{variant['mfu']:.3f}" if variant['mfu'] is not None
+           else f"not measured ({variant['peak_source']})")
+    lines += [
+        f"  variant: {variant_overrides}",
+        _fmt(variant),
+        f"    MFU {mfu}; variant / vit_jax step time: {ratio['median']:.3f}x "
+        f"(paired median of {ratio['rounds']} rounds, {ratio['min']:.3f} to "
+        f"{ratio['max']:.3f})"]
   for b in baselines:
     # The baseline's MFU against its own library's matmul peak: with the vit_jax MFU
     # above, it splits the ratio into model code and matmul library.
@@ -147,11 +199,12 @@ def model_main():
   print('\n'.join(lines), flush=True)  # before profiling: the timings are not lost to it
   if _PROFILE.value:
     profiled = {}
-    for p, record in zip(prepared, [r, *baselines]):
+    for p, record in zip(prepared, [r, *([variant] if variant else []), *baselines]):
       if p.profile:
         record['profile'] = profiled[record['framework']] = p.profile()
     print('\n'.join(step_profile.format_table(profiled)), flush=True)
   r['baselines'] = baselines
+  r['variant'] = variant
   for b in baselines:
     name = b['framework'].replace(' ', '_').replace('.', '_')
     r[f'ratio_vs_{name}'] = r['images_per_sec'] / b['images_per_sec']
@@ -168,6 +221,8 @@ def main(argv):
   if setting is None and _COMPARE.value:
     setting = False
   kept = host_memory.configure(setting)
+  if _VARIANT.value and _MODE.value == 'input':
+    raise app.UsageError('--variant sets model config fields: use it with --mode=train/infer')
   if _MODE.value in ('train', 'infer'):
     record = model_main()
     record['host_memory_kept'] = kept

@@ -130,15 +130,25 @@ def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtyp
       steps=steps, warmup=warmup, dtype=dtype)[0]
 
 
+def check_config(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
+                 dtype='float32', accum_steps=1, overrides=None):
+  """The config `prepare_vit_jax` would build, validated (`defaults.ConfigError` names a
+  bad field) without compiling anything."""
+  del mode  # the same config for both modes
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  config = train_config(model, batch=batch, resolution=resolution, dtype=dtype,
+                        accum_steps=accum_steps, overrides=overrides)
+  defaults.validate(config, num_devices=jax.device_count(), process_count=1)
+  return config
+
+
 def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
                     dtype='float32', accum_steps=1, overrides=None) -> 'Prepared':
   """Builds and compiles vit_jax's step; `Prepared.finish` makes the record."""
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
-  config = train_config(model, batch=batch, resolution=resolution, dtype=dtype,
+  config = check_config(model=model, batch=batch, resolution=resolution, dtype=dtype,
                         accum_steps=accum_steps, overrides=overrides)
-  defaults.validate(config, num_devices=jax.device_count(), process_count=1)
   mesh = sharding.create_mesh(config.mesh)
   trainer = loop.Trainer(config, mesh, config.total_steps)
   module = trainer.module
@@ -199,7 +209,7 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
     peak_source = f'datasheet ({jax.devices()[0].device_kind}, {name})'
   return {
       'framework': 'vit_jax', 'model': model, 'mode': mode, 'batch': batch,
-      'resolution': resolution, 'dtype': dtype, 'accum_steps': accum_steps,
+      'resolution': resolution, 'dtype': name, 'accum_steps': accum_steps,
       'overrides': dict(overrides or {}),
       'images_per_sec': ips, 'step_time': summary, 'step_times_s': times,
       'compile_s': compile_s,
