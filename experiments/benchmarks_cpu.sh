@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the CPU rows of BENCHMARKS.md: ViT-B/16 at 224 px, batch 8, on this machine.
-# Usage: experiments/benchmarks_cpu.sh [OUT_DIR]   (about 40 minutes on a 2-core CPU)
+# Usage: experiments/benchmarks_cpu.sh [OUT_DIR]   (about 50 minutes on a 2-core CPU)
 # MFU is per step against the float32/bf16 matmul peak probed next to that step (median
 # over the steps), and --compare runs the frameworks' steps in turn: this VM's speed
 # drifts 10-20% within seconds (vit_jax/benchmark/model_speed.py).
@@ -29,15 +29,19 @@ bench --mode=train --dtype=float32 --compare=timm_eager --steps=6 --profile \
 bench --mode=train --dtype=bfloat16 --compare=timm_eager --steps=6 --profile \
     --json="$out/profile_train_bf16.json"
 bench --mode=infer --dtype=bfloat16 --compare=timm --json="$out/infer_bf16.json"
-# Each fast path switched off (or on) alone, float32 train step.
-bench --mode=train --set=scan_layers=False --json="$out/train_layer_loop_scan.json"
-bench --mode=train --set=scan_layers=False --set="layer_loop='unroll'" \
-    --json="$out/train_unrolled.json"
-bench --mode=train --set=scan_layers=False --set="layer_loop='unroll'" --set=remat_policy=None \
-    --set="attention_impl='xla'" --json="$out/train_unrolled_no_remat_xla_attention.json"
-bench --mode=train --set=remat_policy=None --json="$out/train_no_remat.json"
-bench --mode=train --set="attention_impl='xla'" --json="$out/train_xla_attention.json"
-bench --mode=train --set="remat_policy='full'" --json="$out/train_remat_full.json"
+# Each fast path switched off (or on) alone, float32 train step: the default and the
+# variant take one step each per round, and the paired ratio of their step times is printed.
+bench --mode=train --steps=8 --variant=scan_layers=False --json="$out/variant_layer_loop_scan.json"
+bench --mode=train --steps=8 --variant=scan_layers=False --variant="layer_loop='unroll'" \
+    --json="$out/variant_unrolled.json"
+bench --mode=train --steps=8 --variant=scan_layers=False --variant="layer_loop='unroll'" \
+    --variant=remat_policy=None --variant="attention_impl='xla'" \
+    --json="$out/variant_unrolled_no_remat_xla_attention.json"
+bench --mode=train --steps=8 --variant=remat_policy=None --json="$out/variant_no_remat.json"
+bench --mode=train --steps=8 --variant="attention_impl='xla'" --json="$out/variant_xla_attention.json"
+bench --mode=train --steps=8 --variant="remat_policy='full'" --json="$out/variant_remat_full.json"
+bench --mode=train --steps=8 --variant="remat_policy='dots'" --json="$out/variant_remat_dots.json"
+bench --mode=train --steps=8 --variant="dtype='bfloat16'" --json="$out/variant_bf16.json"
 # ViT-H/14 compile time with scan over layers, against ViT-B/16's (batch 1, 2 timed steps).
 "$py" -m vit_jax.benchmark --model=ViT-H/14 --mode=train --batch=1 --steps=2 --warmup=1 \
     --json="$out/compile_h14_scan.json"
@@ -63,6 +67,11 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
     if 'mfu_of_library_peak' in b:  # timm's MFU against PyTorch's own matmul peak
       line += f" (its MFU {b['mfu_of_library_peak']:.3f} of {b['library_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s)"
   print(line)
+  v = r.get('variant')
+  if v:  # --variant: the paired ratio of the step times, round by round
+    q = v['step_time_vs_vit_jax']
+    print(f"{'':42s} variant {v['variant']}: {q['median']:.3f}x the step time "
+          f"({q['min']:.3f} to {q['max']:.3f}, {q['rounds']} rounds)")
   for rec in (r, *r.get('baselines', [])):
     if 'profile' in rec:  # --profile: seconds per step by kind of operation
       parts = ', '.join(f'{k} {v:.2f}' for k, v in rec['profile']['seconds'].items())
