@@ -23,20 +23,21 @@ FIELDS = {
     'xla_step_flops_per_image', 'achieved_flops_per_sec', 'peak_flops_per_sec', 'peak_source',
     'mfu', 'peak_memory_bytes', 'device', 'device_count', 'backend', 'jax_version', 'baselines',
     'host_memory_kept', 'step_times_s', 'peak_flops_per_sec_per_step', 'mfu_of_best_peak',
-    'images_per_sec_per_peak_tflops', 'host_cpu',
+    'images_per_sec_per_peak_tflops', 'host_cpu', 'mesh',
 }
 
 
 TINY_VIT = ('--model=ViT-Ti/16', '--set=num_layers=2')
 
 
-def _bench(tmp_path, *args, model=TINY_VIT):
+def _bench(tmp_path, *args, model=TINY_VIT, env=None):
   out = tmp_path / 'record.json'
   proc = subprocess.run(
       [sys.executable, '-m', 'vit_jax.benchmark', *model, '--batch=2',
        '--resolution=32', '--steps=2', '--warmup=1', f'--json={out}',
        *args], cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=600)
+      env=env or dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+      timeout=600)
   assert proc.returncode == 0, subprocess_env.failure(proc)
   return json.loads(out.read_text()), proc.stdout
 
@@ -232,6 +233,20 @@ def test_variant_is_timed_in_turn_and_compared_step_by_step(tmp_path):
   assert ratio['median'] == pytest.approx(statistics.median(expected))
   assert ratio['min'] <= ratio['median'] <= ratio['max']
   assert f"variant / vit_jax step time: {ratio['median']:.3f}x" in stdout
+
+
+def test_a_variant_of_the_training_config_fsdp(tmp_path):
+  """A dotted path reaches beyond the model config: the same step with its parameters
+  sharded over the devices (FSDP) instead of replicated, on 2 CPU devices."""
+  r, stdout = _bench(tmp_path, '--mode=train', '--variant=mesh.fsdp=2',
+                     '--variant=optimizer.grad_clip_norm=0.5',
+                     env=subprocess_env.cpu_env(devices=2))
+  v = r['variant']
+  assert r['device_count'] == 2 and r['mesh'] == {'data': 2, 'fsdp': 1, 'model': 1}
+  assert v['mesh'] == {'data': 1, 'fsdp': 2, 'model': 1}
+  assert v['overrides'] == {'num_layers': 2, 'mesh.fsdp': 2, 'optimizer.grad_clip_norm': 0.5}
+  assert v['step_time_vs_vit_jax']['rounds'] == 2 and 0 < v['mfu'] < 1
+  assert "variant: {'mesh.fsdp': 2, 'optimizer.grad_clip_norm': 0.5}" in stdout
 
 
 def test_a_bad_variant_stops_before_anything_compiles():

@@ -16,8 +16,9 @@ Modes:
   --profile (train/infer, CPU): then where a step's time goes, by kind of operation
     (matmul, attention, elementwise, copies), for vit_jax and timm eager side by side
     (`step_profile`).
-  --variant=FIELD=VALUE (train/infer, repeatable): a second vit_jax step with these model
-    config overrides on top of --set, timed in turn with the first; prints the paired
+  --variant=FIELD=VALUE (train/infer, repeatable): a second vit_jax step with these config
+    overrides (as --set: a model field, or a dotted path such as mesh.fsdp) on top of
+    --set, timed in turn with the first; prints the paired
     ratio of their step times (one per round), the way to measure a fast path's effect on
     a machine whose speed drifts more than the effect.
   input: the ImageNet training preprocessing on real photographs, images/s per CPU
@@ -41,10 +42,12 @@ _ACCUM = flags.DEFINE_integer('accum_steps', 1, 'Gradient accumulation micro-bat
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation (train/infer).')
 _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
                              'Persistent XLA compilation cache (a second run compiles from it).')
-_SET = flags.DEFINE_multi_string('set', [], 'Model config override FIELD=VALUE (Python '
-                                 """literal), e.g. --set=remat_policy="'dots'".""")
+_SET = flags.DEFINE_multi_string(
+    'set', [], 'Config override FIELD=VALUE (a Python literal): a model config field, e.g. '
+    """--set=remat_policy="'dots'", or a dotted path of the training config, e.g. """
+    '--set=mesh.fsdp=8.')
 _VARIANT = flags.DEFINE_multi_string(
-    'variant', [], 'Also time vit_jax with these model config overrides FIELD=VALUE (on top '
+    'variant', [], 'Also time vit_jax with these config overrides FIELD=VALUE (as --set, on top '
     'of --set), one step of each in turn, and print the paired ratio of their step times, '
     """e.g. --variant=remat_policy="'dots'" (train/infer).""")
 _PROFILE = flags.DEFINE_bool(

@@ -103,7 +103,12 @@ def train_config(model: str, *, batch: int, resolution: int, dtype: str,
                  accum_steps: int = 1, overrides: dict | None = None):
   """The training config benchmarked: the model as registered (a ViT's blocks stacked,
   scan_layers=True, as the ViT training recipes run them), 1000 classes, Adam with weight
-  decay and clipping at 1 (the pretraining recipe's optimizer)."""
+  decay and clipping at 1 (the pretraining recipe's optimizer).
+
+  `overrides`: a plain FIELD is a model config field (`remat_policy`); a dotted path sets
+  any field of the training config (`mesh.fsdp`, `optimizer.name`, `model.dtype`), after
+  the settings above.
+  """
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   from vit_jax.train import recipes  # pylint: disable=g-import-not-at-top
   config = defaults.default_config()
@@ -111,14 +116,41 @@ def train_config(model: str, *, batch: int, resolution: int, dtype: str,
   config.model.update(image_size=resolution, num_classes=NUM_CLASSES, dtype=dtype)
   if models.family_of(config.model) == 'vit':
     config.model.scan_layers = recipes.STACKED_BLOCKS  # as the ViT training recipes
-  for k, v in (overrides or {}).items():
-    config.model[k] = v
+  overrides = overrides or {}
+  for k, v in overrides.items():
+    if '.' not in k:
+      config.model[k] = v
   config.batch_size = batch
   config.accum_steps = accum_steps
   config.total_steps = 10_000
   config.optimizer.update(name='adam', weight_decay=0.03, grad_clip_norm=1.0)
   config.schedule.update(base_lr=1e-3, warmup_steps=100, decay='linear')
+  for k, v in overrides.items():
+    if '.' in k:
+      _set_path(config, k, v)
   return config
+
+
+def _set_path(config, path: str, value) -> None:
+  """config's field at a dotted path set to value; a path that names no field is an
+  error (a typo would otherwise add a field nothing reads)."""
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  *parents, leaf = path.split('.')
+  node = config
+  for i, part in enumerate(parents):
+    child = node.get(part) if hasattr(node, 'get') else None
+    if not hasattr(child, 'keys'):
+      raise defaults.ConfigError(
+          f"config.{path}: config.{'.'.join(parents[:i + 1])} is not a group of fields")
+    node = child
+  if leaf not in node:
+    where = f"config.{'.'.join(parents)}"
+    raise defaults.ConfigError(f'config.{path}: {where} has no field {leaf!r}; its fields: '
+                               f'{sorted(node.keys())}')
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise defaults.ConfigError(f'config.{path}={value!r}: {e}') from e
 
 
 def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='float32',
@@ -181,12 +213,12 @@ def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   return Prepared(step, functools.partial(
       _vit_jax_record, module=module, model=model, mode=mode, batch=batch,
       resolution=resolution, dtype=dtype, accum_steps=accum_steps, overrides=overrides,
-      compile_s=compile_s, step_flops_xla=step_flops_xla),
+      compile_s=compile_s, step_flops_xla=step_flops_xla, mesh=dict(mesh.shape)),
       profile=lambda: step_profile.xla_breakdown(step, compiled.as_text()))
 
 
 def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dtype,
-                    accum_steps, overrides, compile_s, step_flops_xla) -> dict:
+                    accum_steps, overrides, compile_s, step_flops_xla, mesh) -> dict:
   forward = models.forward_flops(module, resolution)
   is_vit = isinstance(module, models.VisionTransformer)
   scanned = is_vit and (module.scan_layers or module.layer_loop == 'scan')
@@ -230,6 +262,7 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
       'images_per_sec_per_peak_tflops': _speed_per_peak(batch, times, peaks),
       'peak_memory_bytes': _peak_memory(),
       'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+      'mesh': mesh,  # axis sizes (data, fsdp, model)
       'host_cpu': hardware.host_cpu(),
       'backend': jax.default_backend(), 'jax_version': jax.__version__,
   }
