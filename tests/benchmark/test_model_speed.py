@@ -4,6 +4,7 @@ consistent (speed targets live in BENCHMARKS.md, never in tests)."""
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
   assert 0 < r['mfu'] < 1 and 'measured float32' in r['peak_source']
   (b,) = r['baselines']
   assert b['framework'] == 'timm eager' and b['timm_model'].startswith('vit_tiny_patch16')
+  assert b['timm_kwargs'] == {'depth': 2}  # the same 2 blocks as vit_jax's model
   assert r['ratio_vs_timm_eager'] == pytest.approx(r['images_per_sec'] / b['images_per_sec'])
   assert len(b['peak_flops_per_sec_per_step']) == len(b['step_times_s']) == 2
   assert b['images_per_sec_per_peak_tflops'] > 0
@@ -236,8 +238,9 @@ def test_variant_is_timed_in_turn_and_compared_step_by_step(tmp_path):
 
 
 def test_a_variant_of_the_training_config_fsdp(tmp_path):
-  """A dotted path reaches beyond the model config: the same step with its parameters
-  sharded over the devices (FSDP) instead of replicated, on 2 CPU devices."""
+  """A dotted path reaches beyond the model config: the same step on a mesh whose second
+  axis is fsdp (parameters of at least min_fsdp_size elements sharded over it) instead of
+  data, on 2 CPU devices."""
   r, stdout = _bench(tmp_path, '--mode=train', '--variant=mesh.fsdp=2',
                      '--variant=optimizer.grad_clip_norm=0.5',
                      env=subprocess_env.cpu_env(devices=2))
@@ -249,25 +252,67 @@ def test_a_variant_of_the_training_config_fsdp(tmp_path):
   assert "variant: {'mesh.fsdp': 2, 'optimizer.grad_clip_norm': 0.5}" in stdout
 
 
-def test_a_bad_variant_stops_before_anything_compiles():
-  """A --variant field or value the model config rejects is named before either step is
-  built (compiling the first could take minutes for a large model)."""
-  code = textwrap.dedent('''
+@pytest.mark.parametrize('flags, message', [
+    (["--variant=remat_policy='sometimes'"],
+     "--variant: config.model: remat_policy='sometimes' is not one of"),
+    (['--set=mesh.fdsp=2'], "--set: config.mesh.fdsp: config.mesh has no field 'fdsp'"),
+    (['--set=num_layers=2', '--variant=model.num_layers=2'],
+     "--variant={'model.num_layers': 2} changes nothing"),
+    (["--set=classifier='gap'", '--compare=timm_eager'],
+     "--set with --compare=timm_eager: config.model.classifier='gap': the timm model compared "
+     'cannot follow it'),
+])
+def test_a_bad_override_stops_before_anything_compiles(flags, message):
+  """A --set or --variant that the config rejects, or a variant that changes nothing, is
+  named before either step is built (compiling the first could take minutes)."""
+  code = textwrap.dedent(f'''
       import runpy, sys
       from vit_jax.benchmark import model_speed
       def built(*args, **kwargs):
         raise AssertionError('a model was built before the config check')
       model_speed.prepare_vit_jax = model_speed.prepare_timm = built
-      sys.argv = ['vit_jax.benchmark', '--model=ViT-Ti/16', '--mode=train',
-                  "--variant=remat_policy='sometimes'"]
+      sys.argv = ['vit_jax.benchmark', '--model=ViT-Ti/16', '--mode=train', *{flags!r}]
       runpy.run_module('vit_jax.benchmark', run_name='__main__')
   ''')
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
   assert proc.returncode != 0
-  assert "--variant: config.model: remat_policy='sometimes' is not one of" in proc.stderr, (
-      subprocess_env.failure(proc))
+  assert message in proc.stderr, subprocess_env.failure(proc)
   assert 'a model was built' not in proc.stderr
+
+
+def test_overrides_reach_the_training_config_after_the_benchmarks_own_settings():
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  config = model_speed.train_config(
+      'ViT-Ti/16', batch=8, resolution=32, dtype='float32',
+      overrides={'optimizer.grad_clip_norm': 0.5, 'num_layers': 3, 'config.min_fsdp_size': 0,
+                 'model.dtype': 'bfloat16', 'mesh.fsdp': 2})
+  assert config.optimizer.grad_clip_norm == 0.5 and config.optimizer.name == 'adam'
+  assert config.optimizer.weight_decay == 0.03  # the benchmark's setting, kept
+  assert config.model.num_layers == 3 and config.model.dtype == 'bfloat16'
+  assert config.min_fsdp_size == 0 and config.mesh.fsdp == 2 and config.batch_size == 8
+  assert model_speed.config_path('resnet.width_factor') == 'model.resnet.width_factor'
+  assert model_speed.config_path('config.model.dtype') == 'model.dtype'
+
+
+@pytest.mark.parametrize('model, overrides, message', [
+    ('ViT-Ti/16', {'mesh.fsdp.x': 1}, 'config.mesh.fsdp is not a group of fields'),
+    ('ViT-Ti/16', {'scan_layers': 'false'}, "config.model.scan_layers='false'"),
+    ('ViT-Ti/16', {'remat_polcy': 'dots'}, "config.model has no field 'remat_polcy'"),
+    ('ViT-Ti/16', {'seed': 1}, 'a training config field is config.seed'),
+    ('ViT-Ti/16', {'config.batch_size': 4}, 'config.batch_size is set by --batch'),
+    ('ViT-Ti/16', {'image_size': 64}, 'config.model.image_size is set by --resolution'),
+    ('ViT-Ti/16', {'num_classes': 10}, 'config.model.num_classes is fixed at 1000'),
+    ('ViT-Ti/16', {'config.log_every': 5}, 'config.log_every is not part of the step'),
+    ('R50+ViT-B/16', {'resnet': {'width_factor': 2}},
+     'config.model.resnet is a group of fields: set them one by one'),
+])
+def test_an_override_that_cannot_work_is_named(model, overrides, message):
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  with pytest.raises(defaults.ConfigError, match=re.escape(message)):
+    model_speed.train_config(model, batch=8, resolution=32, dtype='float32',
+                             overrides=overrides)
 
 
 def test_overrides_must_be_field_equals_value():
@@ -276,3 +321,29 @@ def test_overrides_must_be_field_equals_value():
       'remat_policy': 'dots', 'num_layers': 2, 'name': 'ViT-B/16'}
   with pytest.raises(bench.app.UsageError, match="--variant='scan_layers': write FIELD=VALUE"):
     bench.parse_overrides(['scan_layers'], 'variant')
+  with pytest.raises(bench.app.UsageError, match='config.model.num_layers is already set'):
+    bench.parse_overrides(['num_layers=2', 'model.num_layers=3'])
+  # A field named two ways counts once: the variant's value replaces --set's.
+  assert bench.merge_overrides({'model.num_layers': 2, 'remat_policy': 'dots'},
+                               {'num_layers': 4}) == {'remat_policy': 'dots', 'num_layers': 4}
+
+
+def test_timm_builds_the_model_that_vit_jax_runs_with_the_overrides():
+  """A ViT's shape overrides reach timm's model (depth, width, heads, an MLP width that is
+  no whole multiple of the width, where int(224 * (230 / 224)) is 229): the two models
+  have the same parameters, counted."""
+  timm = pytest.importorskip('timm')
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  overrides = {'num_layers': 2, 'hidden_size': 224, 'num_heads': 4, 'mlp_dim': 230,
+               'remat_policy': 'dots', 'mesh.fsdp': 1}
+  kwargs = model_speed.timm_kwargs('ViT-Ti/16', overrides)
+  assert kwargs == {'depth': 2, 'embed_dim': 224, 'num_heads': 4,
+                    'mlp_ratio': pytest.approx(230 / 224)}
+  theirs = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=1000,
+                             img_size=32, **kwargs)
+  module = models.create('ViT-Ti/16', num_classes=1000, **{
+      k: v for k, v in overrides.items() if '.' not in k})
+  ours = models.init_params(module, image_size=32)
+  assert sum(p.numel() for p in theirs.parameters()) == sum(
+      x.size for x in jax.tree_util.tree_leaves(ours))

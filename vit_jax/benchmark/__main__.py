@@ -44,8 +44,8 @@ _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
                              'Persistent XLA compilation cache (a second run compiles from it).')
 _SET = flags.DEFINE_multi_string(
     'set', [], 'Config override FIELD=VALUE (a Python literal): a model config field, e.g. '
-    """--set=remat_policy="'dots'", or a dotted path of the training config, e.g. """
-    '--set=mesh.fsdp=8.')
+    """--set=remat_policy="'dots'"; a field of a training config group, e.g. """
+    '--set=mesh.fsdp=8; or a top-level one after config., e.g. --set=config.min_fsdp_size=0.')
 _VARIANT = flags.DEFINE_multi_string(
     'variant', [], 'Also time vit_jax with these config overrides FIELD=VALUE (as --set, on top '
     'of --set), one step of each in turn, and print the paired ratio of their step times, '
@@ -68,19 +68,35 @@ _FILES = flags.DEFINE_integer(
 
 
 def parse_overrides(items, flag: str = 'set') -> dict:
-  """FIELD=VALUE strings as a dict; a VALUE that is not a Python literal stays a string."""
+  """FIELD=VALUE strings as a dict; a VALUE that is not a Python literal stays a string.
+  FIELD is a model config field or a training config path (`model_speed.config_path`)."""
   import ast  # pylint: disable=g-import-not-at-top
-  out = {}
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  out, paths = {}, {}
   for item in items:
     key, sep, value = item.partition('=')
     if not sep or not key:
       raise app.UsageError(f'--{flag}={item!r}: write FIELD=VALUE, e.g. '
                            f"--{flag}=remat_policy=\"'dots'\"")
+    path = model_speed.config_path(key)
+    if path in paths:
+      raise app.UsageError(f'--{flag}={item!r}: config.{path} is already set by '
+                           f'--{flag}={paths[path]!r}')
+    paths[path] = item
     try:
       out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       out[key] = value
   return out
+
+
+def merge_overrides(base: dict, variant: dict) -> dict:
+  """base with variant's fields over it; a field named two ways (`num_layers` and
+  `model.num_layers`) counts once, with variant's value."""
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  replaced = {model_speed.config_path(k) for k in variant}
+  return {**{k: v for k, v in base.items() if model_speed.config_path(k) not in replaced},
+          **variant}
 
 
 def paired_ratio(times_a, times_b) -> dict:
@@ -129,20 +145,33 @@ def model_main():
     check_profile_backend(jax.default_backend())
   overrides = parse_overrides(_SET.value)
   variant_overrides = parse_overrides(_VARIANT.value, 'variant')
-  configs = [overrides] + ([{**overrides, **variant_overrides}] if variant_overrides else [])
+  configs = [overrides]
+  if variant_overrides:
+    configs.append(merge_overrides(overrides, variant_overrides))
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  checked = []
   for flag, o in zip(('--set', '--variant'), configs):  # fails here, before any compile
     try:
-      model_speed.check_config(**kwargs, accum_steps=_ACCUM.value, overrides=o)
+      checked.append(model_speed.check_config(**kwargs, accum_steps=_ACCUM.value,
+                                              overrides=o).to_dict())
     except defaults.ConfigError as e:
       raise app.UsageError(f'{flag}: {e}') from e
+  if compare:  # timm runs the same model: --set may only change what timm can follow
+    try:
+      model_speed.timm_kwargs(_MODEL.value, overrides)
+    except defaults.ConfigError as e:
+      raise app.UsageError(f'--set with --compare={compare}: {e}') from e
+  if len(checked) == 2 and checked[0] == checked[1]:
+    raise app.UsageError(f'--variant={variant_overrides} changes nothing in the config that '
+                         '--set gives: the two steps would be the same')
   # torch first: it must be imported before TensorFlow (vit_jax.torch_import).
   prepared = []
   if compare in ('timm', 'timm_eager'):
-    prepared.append(model_speed.prepare_timm(**kwargs))
+    prepared.append(model_speed.prepare_timm(**kwargs, overrides=overrides))
   if compare in ('timm', 'timm_compile'):
     try:
-      prepared.append(model_speed.prepare_timm(**kwargs, compile_model=True))
+      prepared.append(model_speed.prepare_timm(**kwargs, compile_model=True,
+                                               overrides=overrides))
     except Exception as e:  # pylint: disable=broad-except
       print(f'torch.compile failed: {type(e).__name__}: {e}', flush=True)
   prepared = [model_speed.prepare_vit_jax(**kwargs, accum_steps=_ACCUM.value, overrides=o)
@@ -155,12 +184,6 @@ def model_main():
     variant, *baselines = baselines
     variant['framework'] = 'vit_jax variant'
     variant['variant'] = variant_overrides
-    if variant['peak_flops_per_sec_per_step'] and variant['dtype'] != r['dtype']:
-      # The probes ran in --dtype: no peak of the variant's compute dtype was measured.
-      variant.update(mfu=None, mfu_of_best_peak=None, peak_flops_per_sec=None,
-                     images_per_sec_per_peak_tflops=None,
-                     peak_source=f"none: the matmul peak was probed in {r['dtype']}, the "
-                     f"variant computes in {variant['dtype']}")
   lines = [
       f"{r['model']} {r['mode']}, batch {r['batch']}, {r['resolution']} px, {r['dtype']}"
       f"{', ' + str(r['overrides']) if r['overrides'] else ''} on {r['device_count']} x "
@@ -171,10 +194,11 @@ def model_main():
       + (f", analytic/XLA {r['analytic_vs_xla']:.4f}" if r['analytic_vs_xla'] else '')
       + '; '
       f"{r['achieved_flops_per_sec'] / 1e9:.1f} GFLOP/s achieved",
-      f"  MFU {r['mfu']:.3f} of {r['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s "
-      f"({r['peak_source']})"
+      (f"  MFU {r['mfu']:.3f} of {r['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s "
+       f"({r['peak_source']})" if r['mfu'] is not None
+       else f"  MFU not measured ({r['peak_source']})")
       + (f"; {r['mfu_of_best_peak']:.3f} of the best step's peak"
-         if r['peak_flops_per_sec_per_step'] else '')
+         if r['mfu_of_best_peak'] is not None and r['peak_flops_per_sec_per_step'] else '')
       + (f"; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB"
          if r['peak_memory_bytes'] else '')]
   if variant:
@@ -196,9 +220,10 @@ def model_main():
     lines.append(_fmt(b))
     lines.append(
         f"    vit_jax / {b['framework']}: {r['images_per_sec'] / b['images_per_sec']:.2f}x; "
-        f"its MFU {b['mfu_of_library_peak']:.3f} of PyTorch's {r['dtype']} 2048^3 matmul "
-        f"({b['library_peak_flops_per_sec'] / 1e9:.1f} GFLOP/s, "
-        f"{b['library_peak_flops_per_sec'] / r['peak_flops_per_sec']:.2f}x vit_jax's peak)")
+        f"its MFU {b['mfu_of_library_peak']:.3f} of PyTorch's {_DTYPE.value} 2048^3 matmul "
+        f"({b['library_peak_flops_per_sec'] / 1e9:.1f} GFLOP/s"
+        + (f", {b['library_peak_flops_per_sec'] / r['peak_flops_per_sec']:.2f}x vit_jax's peak)"
+           if r['peak_flops_per_sec'] else ')'))
   print('\n'.join(lines), flush=True)  # before profiling: the timings are not lost to it
   if _PROFILE.value:
     profiled = {}

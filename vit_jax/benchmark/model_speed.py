@@ -105,9 +105,9 @@ def train_config(model: str, *, batch: int, resolution: int, dtype: str,
   scan_layers=True, as the ViT training recipes run them), 1000 classes, Adam with weight
   decay and clipping at 1 (the pretraining recipe's optimizer).
 
-  `overrides`: a plain FIELD is a model config field (`remat_policy`); a dotted path sets
-  any field of the training config (`mesh.fsdp`, `optimizer.name`, `model.dtype`), after
-  the settings above.
+  `overrides` (FIELD -> value, see `config_path`) are set last, over these settings; a
+  field that names nothing, or that the benchmark sets from its own flags, is a
+  `defaults.ConfigError` naming it.
   """
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   from vit_jax.train import recipes  # pylint: disable=g-import-not-at-top
@@ -116,24 +116,56 @@ def train_config(model: str, *, batch: int, resolution: int, dtype: str,
   config.model.update(image_size=resolution, num_classes=NUM_CLASSES, dtype=dtype)
   if models.family_of(config.model) == 'vit':
     config.model.scan_layers = recipes.STACKED_BLOCKS  # as the ViT training recipes
-  overrides = overrides or {}
-  for k, v in overrides.items():
-    if '.' not in k:
-      config.model[k] = v
   config.batch_size = batch
   config.accum_steps = accum_steps
   config.total_steps = 10_000
   config.optimizer.update(name='adam', weight_decay=0.03, grad_clip_norm=1.0)
   config.schedule.update(base_lr=1e-3, warmup_steps=100, decay='linear')
-  for k, v in overrides.items():
-    if '.' in k:
-      _set_path(config, k, v)
+  for key, value in (overrides or {}).items():
+    path = config_path(key)
+    _check_settable(path)
+    _set_path(config, path, value)
   return config
+
+
+# What an override may set: the parts of the training config that shape the timed step.
+_SETTABLE = ('model', 'optimizer', 'schedule', 'mesh', 'min_fsdp_size', 'loss', 'nonfinite',
+             'trainable', 'freeze', 'seed')
+# Set by the benchmark's own flags, or fixed so that timm runs the same model.
+_FIXED = {'batch_size': 'set by --batch', 'accum_steps': 'set by --accum_steps',
+          'keep_host_memory': 'set by --keep_host_memory',
+          'compilation_cache_dir': 'set by --compilation_cache_dir',
+          'model.image_size': 'set by --resolution', 'model.name': 'set by --model',
+          'model.num_classes': f'fixed at {NUM_CLASSES}, as in the timm model compared'}
+
+
+def config_path(key: str) -> str:
+  """The training-config path an override's FIELD names: a model config field as it is
+  (`remat_policy`, `resnet.width_factor`); a path from a training config field
+  (`mesh.fsdp`, `optimizer.grad_clip_norm`, `model.dtype`); or any path after `config.`
+  (`config.min_fsdp_size`)."""
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  if key.startswith('config.'):
+    return key[len('config.'):]
+  if '.' in key and key.split('.')[0] in defaults.FIELD_DOCS:
+    return key
+  return 'model.' + key
+
+
+def _check_settable(path: str) -> None:
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  if path in _FIXED:
+    raise defaults.ConfigError(f'config.{path} is {_FIXED[path]}, not by an override')
+  head = path.split('.')[0]
+  if head in defaults.FIELD_DOCS and head not in _SETTABLE:
+    raise defaults.ConfigError(
+        f'config.{path} is not part of the step the benchmark times; an override may set '
+        f'{", ".join(_SETTABLE)}')
 
 
 def _set_path(config, path: str, value) -> None:
   """config's field at a dotted path set to value; a path that names no field is an
-  error (a typo would otherwise add a field nothing reads)."""
+  error (a typo would otherwise add a field nothing reads), as is a whole group."""
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   *parents, leaf = path.split('.')
   node = config
@@ -143,10 +175,15 @@ def _set_path(config, path: str, value) -> None:
       raise defaults.ConfigError(
           f"config.{path}: config.{'.'.join(parents[:i + 1])} is not a group of fields")
     node = child
+  where = 'config' + ''.join(f'.{p}' for p in parents)
   if leaf not in node:
-    where = f"config.{'.'.join(parents)}"
+    hint = (f'; a training config field is config.{leaf}'
+            if parents == ['model'] and leaf in defaults.FIELD_DOCS else '')
     raise defaults.ConfigError(f'config.{path}: {where} has no field {leaf!r}; its fields: '
-                               f'{sorted(node.keys())}')
+                               f'{sorted(node.keys())}{hint}')
+  if hasattr(node[leaf], 'keys'):
+    raise defaults.ConfigError(f'config.{path} is a group of fields: set them one by one, '
+                               f'e.g. config.{path}.{sorted(node[leaf].keys())[0]}=...')
   try:
     node[leaf] = value
   except (TypeError, ValueError) as e:
@@ -227,7 +264,13 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
   summary = _summary(times)
   ips = batch / summary['median_s']
   name = jnp.dtype(module.dtype).name
-  if peaks:
+  probed = jnp.dtype(dtype).name  # the probes' dtype (the run's --dtype)
+  mfu_of_best_peak = per_peak = None
+  if peaks and name != probed:
+    # A --set/--variant of the model's dtype: no peak of its compute dtype was measured.
+    peak = mfu = None
+    peak_source = f'none: the matmul peak was probed in {probed}, the model computes in {name}'
+  elif peaks:
     # A shared CPU's speed drifts by 10-20% within seconds: each step's MFU is against
     # the peak measured next to it, and the run's MFU is their median. The probe uses
     # every core, which the CPU devices share: it is the whole host's peak.
@@ -235,9 +278,12 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
     mfu = statistics.median(model_flops * batch / t / p for t, p in zip(times, peaks))
     peak_source = (f'measured {name} 2048^3 matmul next to each step: median of '
                    f'{min(peaks) / 1e9:.0f} to {max(peaks) / 1e9:.0f} GFLOP/s')
+    # Against the best peak of the run's steps: a lower bound of the MFU.
+    mfu_of_best_peak = model_flops * ips / max(peaks)
+    per_peak = _speed_per_peak(batch, times, peaks)
   else:
     peak = hardware.datasheet_peak(jax.devices()[0], module.dtype) * jax.device_count()
-    mfu = model_flops * ips / peak
+    mfu = mfu_of_best_peak = model_flops * ips / peak
     peak_source = f'datasheet ({jax.devices()[0].device_kind}, {name})'
   return {
       'framework': 'vit_jax', 'model': model, 'mode': mode, 'batch': batch,
@@ -257,9 +303,8 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
       'peak_flops_per_sec': peak, 'peak_source': peak_source,
       'peak_flops_per_sec_per_step': peaks,
       'mfu': mfu,
-      # Against the best peak of the run's steps: a lower bound of the MFU.
-      'mfu_of_best_peak': model_flops * ips / max(peaks) if peaks else mfu,
-      'images_per_sec_per_peak_tflops': _speed_per_peak(batch, times, peaks),
+      'mfu_of_best_peak': mfu_of_best_peak,
+      'images_per_sec_per_peak_tflops': per_peak,
       'peak_memory_bytes': _peak_memory(),
       'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'mesh': mesh,  # axis sizes (data, fsdp, model)
@@ -276,12 +321,53 @@ def run_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='
   return run_interleaved([prepared], steps=steps, warmup=max(warmup - 1, 0), dtype=dtype)[0]
 
 
+# Model fields that change how vit_jax computes, not what: a timm comparison may set them.
+_HOW = ('remat_policy', 'scan_layers', 'layer_loop', 'attention_impl', 'gelu_approximate',
+        'layernorm_eps')
+# ViT fields that timm's VisionTransformer takes as keyword arguments (and mlp_dim, as
+# mlp_ratio); training config groups that leave the model and optimizer as timm runs them.
+_TIMM_VIT = {'num_layers': 'depth', 'hidden_size': 'embed_dim', 'num_heads': 'num_heads',
+             'dropout_rate': 'drop_rate', 'attention_dropout_rate': 'attn_drop_rate',
+             'drop_path_rate': 'drop_path_rate'}
+_TIMM_SAME_STEP = ('mesh', 'min_fsdp_size', 'seed')
+
+
+def timm_kwargs(model: str, overrides: dict | None) -> dict:
+  """timm.create_model's keyword arguments for the model vit_jax runs with `overrides`
+  (a ViT's depth, width, heads, MLP ratio and dropout rates), so that a comparison times
+  the same model; a `defaults.ConfigError` for an override timm's side cannot follow."""
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  config = models.get_config(model)
+  is_vit = models.family_of(config) == 'vit'
+  out, shape = {}, {}
+  for key, value in (overrides or {}).items():
+    path = config_path(key)
+    head, _, field = path.partition('.')
+    if head in _TIMM_SAME_STEP or (head == 'model' and field in _HOW):
+      continue
+    if head == 'model' and is_vit and (field in _TIMM_VIT or field == 'mlp_dim'):
+      if field in _TIMM_VIT:
+        out[_TIMM_VIT[field]] = value
+      if field in ('hidden_size', 'mlp_dim'):
+        shape[field] = value
+      continue
+    raise defaults.ConfigError(
+        f'config.{path}={value!r}: the timm model compared cannot follow it (timm runs '
+        f'{model} as registered, with AdamW and clipping at 1, autocast from --dtype); set '
+        f'it without --compare, or compare with --variant')
+  if shape:  # timm's MLP width is int(embed_dim x mlp_ratio): a hair over, not under
+    out['mlp_ratio'] = (shape.get('mlp_dim', config.mlp_dim)
+                        / shape.get('hidden_size', config.hidden_size)) * (1 + 1e-9)
+  return out
+
+
 def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
-                 dtype='float32', compile_model=False) -> 'Prepared':
+                 dtype='float32', compile_model=False, overrides=None) -> 'Prepared':
   """timm's step, run once (torch.compile compiles then); `Prepared.finish` makes the
-  record."""
+  record. `overrides` are vit_jax's, followed where timm can (`timm_kwargs`)."""
   from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
+  model_kwargs = timm_kwargs(model, overrides)
   torch = torch_import.torch()
   timm = torch_import.module('timm')
   torch.set_num_threads(os.cpu_count() or 1)
@@ -291,7 +377,7 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   size_kwargs = {'img_size': resolution} if models.family_of(config) in ('vit', 'swin') else {}
   net = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES,
-                          **size_kwargs).to(device)
+                          **size_kwargs, **model_kwargs).to(device)
   bf16 = dtype == 'bfloat16'
   x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
   y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
@@ -326,7 +412,8 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   return Prepared(step, functools.partial(
       _timm_record, library_probe=library_probe, library_peak_before=library_probe(),
       framework='timm ' + ('torch.compile' if compile_model else 'eager'),
-      timm_model=name, mode=mode, batch=batch, resolution=resolution, dtype=dtype,
+      timm_model=name, timm_kwargs=model_kwargs, mode=mode, batch=batch,
+      resolution=resolution, dtype=dtype,
       first_step_s=first_s, device=device, torch_version=torch.__version__,
       timm_version=timm.__version__),
       # torch.compile's kernels are not aten operations: only eager is broken down.
