@@ -24,7 +24,7 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path):
       env={'PATH': f'{bin_dir}:/usr/bin:/bin', 'PYTHON': str(bin_dir / 'python')},
       capture_output=True, text=True, timeout=60)
   assert proc.returncode == 1, proc.stderr
-  assert "FAILED: vit_jax.benchmark --mode=train --dtype=bfloat16 --batch=256 --set=" \
+  assert "FAILED: vit_jax.benchmark --mode=train --dtype=bfloat16 --batch=256 --variant=" \
          "attention_impl='cudnn'" in proc.stderr
   runs = [l for l in calls.read_text().splitlines() if 'vit_jax.benchmark' in l]
   assert len(runs) == 4  # both inference runs came after the failed one
