@@ -14,6 +14,7 @@ import pytest
 import subprocess_env
 
 from vit_jax import models
+from vit_jax.benchmark import overrides as overrides_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -291,8 +292,8 @@ def test_overrides_reach_the_training_config_after_the_benchmarks_own_settings()
   assert config.optimizer.weight_decay == 0.03  # the benchmark's setting, kept
   assert config.model.num_layers == 3 and config.model.dtype == 'bfloat16'
   assert config.min_fsdp_size == 0 and config.mesh.fsdp == 2 and config.batch_size == 8
-  assert model_speed.config_path('resnet.width_factor') == 'model.resnet.width_factor'
-  assert model_speed.config_path('config.model.dtype') == 'model.dtype'
+  assert overrides_lib.config_path('resnet.width_factor') == 'model.resnet.width_factor'
+  assert overrides_lib.config_path('config.model.dtype') == 'model.dtype'
 
 
 @pytest.mark.parametrize('model, overrides, message', [
@@ -316,15 +317,17 @@ def test_an_override_that_cannot_work_is_named(model, overrides, message):
 
 
 def test_overrides_must_be_field_equals_value():
-  from vit_jax.benchmark import __main__ as bench  # pylint: disable=g-import-not-at-top
-  assert bench.parse_overrides(["remat_policy='dots'", 'num_layers=2', 'name=ViT-B/16']) == {
+  # Not vit_jax.benchmark.__main__: its absl flags would clash with other modules' in this
+  # process (--model).
+  from absl import app  # pylint: disable=g-import-not-at-top
+  assert overrides_lib.parse(["remat_policy='dots'", 'num_layers=2', 'name=ViT-B/16']) == {
       'remat_policy': 'dots', 'num_layers': 2, 'name': 'ViT-B/16'}
-  with pytest.raises(bench.app.UsageError, match="--variant='scan_layers': write FIELD=VALUE"):
-    bench.parse_overrides(['scan_layers'], 'variant')
-  with pytest.raises(bench.app.UsageError, match='config.model.num_layers is already set'):
-    bench.parse_overrides(['num_layers=2', 'model.num_layers=3'])
+  with pytest.raises(app.UsageError, match="--variant='scan_layers': write FIELD=VALUE"):
+    overrides_lib.parse(['scan_layers'], 'variant')
+  with pytest.raises(app.UsageError, match='config.model.num_layers is already set'):
+    overrides_lib.parse(['num_layers=2', 'model.num_layers=3'])
   # A field named two ways counts once: the variant's value replaces --set's.
-  assert bench.merge_overrides({'model.num_layers': 2, 'remat_policy': 'dots'},
+  assert overrides_lib.merge({'model.num_layers': 2, 'remat_policy': 'dots'},
                                {'num_layers': 4}) == {'remat_policy': 'dots', 'num_layers': 4}
 
 
@@ -334,10 +337,9 @@ def test_timm_builds_the_model_that_vit_jax_runs_with_the_overrides():
   have the same parameters, counted."""
   timm = pytest.importorskip('timm')
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
   overrides = {'num_layers': 2, 'hidden_size': 224, 'num_heads': 4, 'mlp_dim': 230,
                'remat_policy': 'dots', 'mesh.fsdp': 1}
-  kwargs = model_speed.timm_kwargs('ViT-Ti/16', overrides)
+  kwargs = overrides_lib.timm_kwargs('ViT-Ti/16', overrides)
   assert kwargs == {'depth': 2, 'embed_dim': 224, 'num_heads': 4,
                     'mlp_ratio': pytest.approx(230 / 224)}
   theirs = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=1000,

@@ -67,47 +67,6 @@ _FILES = flags.DEFINE_integer(
     'files', 2048, 'JPEG files written for the run; keep steps x batch within one epoch')
 
 
-def parse_overrides(items, flag: str = 'set') -> dict:
-  """FIELD=VALUE strings as a dict; a VALUE that is not a Python literal stays a string.
-  FIELD is a model config field or a training config path (`model_speed.config_path`)."""
-  import ast  # pylint: disable=g-import-not-at-top
-  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
-  out, paths = {}, {}
-  for item in items:
-    key, sep, value = item.partition('=')
-    if not sep or not key:
-      raise app.UsageError(f'--{flag}={item!r}: write FIELD=VALUE, e.g. '
-                           f"--{flag}=remat_policy=\"'dots'\"")
-    path = model_speed.config_path(key)
-    if path in paths:
-      raise app.UsageError(f'--{flag}={item!r}: config.{path} is already set by '
-                           f'--{flag}={paths[path]!r}')
-    paths[path] = item
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
-
-
-def merge_overrides(base: dict, variant: dict) -> dict:
-  """base with variant's fields over it; a field named two ways (`num_layers` and
-  `model.num_layers`) counts once, with variant's value."""
-  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
-  replaced = {model_speed.config_path(k) for k in variant}
-  return {**{k: v for k, v in base.items() if model_speed.config_path(k) not in replaced},
-          **variant}
-
-
-def paired_ratio(times_a, times_b) -> dict:
-  """B's step time over A's, one ratio per round (the two steps were taken one after the
-  other, at the machine's speed of that moment): median, min, max and the ratios."""
-  import statistics  # pylint: disable=g-import-not-at-top
-  ratios = [b / a for a, b in zip(times_a, times_b)]
-  return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios),
-          'rounds': len(ratios), 'ratios': ratios}
-
-
 def _fmt(r: dict) -> str:
   t = r['step_time']
   return (f"  {r['framework']:<22} {r['images_per_sec']:9.2f} images/s   step "
@@ -127,6 +86,7 @@ def check_profile_backend(backend: str) -> None:
 
 def model_main():
   from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  from vit_jax.benchmark import overrides as overrides_lib  # pylint: disable=g-import-not-at-top
   from vit_jax.benchmark import step_profile  # pylint: disable=g-import-not-at-top
   if _CACHE.value:
     import jax  # pylint: disable=g-import-not-at-top
@@ -143,11 +103,11 @@ def model_main():
   if _PROFILE.value:
     import jax  # pylint: disable=g-import-not-at-top
     check_profile_backend(jax.default_backend())
-  overrides = parse_overrides(_SET.value)
-  variant_overrides = parse_overrides(_VARIANT.value, 'variant')
+  overrides = overrides_lib.parse(_SET.value)
+  variant_overrides = overrides_lib.parse(_VARIANT.value, 'variant')
   configs = [overrides]
   if variant_overrides:
-    configs.append(merge_overrides(overrides, variant_overrides))
+    configs.append(overrides_lib.merge(overrides, variant_overrides))
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   checked = []
   for flag, o in zip(('--set', '--variant'), configs):  # fails here, before any compile
@@ -158,7 +118,7 @@ def model_main():
       raise app.UsageError(f'{flag}: {e}') from e
   if compare:  # timm runs the same model: --set may only change what timm can follow
     try:
-      model_speed.timm_kwargs(_MODEL.value, overrides)
+      overrides_lib.timm_kwargs(_MODEL.value, overrides)
     except defaults.ConfigError as e:
       raise app.UsageError(f'--set with --compare={compare}: {e}') from e
   if len(checked) == 2 and checked[0] == checked[1]:
@@ -202,7 +162,7 @@ def model_main():
       + (f"; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB"
          if r['peak_memory_bytes'] else '')]
   if variant:
-    ratio = variant['step_time_vs_vit_jax'] = paired_ratio(r['step_times_s'],
+    ratio = variant['step_time_vs_vit_jax'] = model_speed.paired_ratio(r['step_times_s'],
                                                            variant['step_times_s'])
     mfu = (f"{variant['mfu']:.3f}" if variant['mfu'] is not None
            else f"not measured ({variant['peak_source']})")

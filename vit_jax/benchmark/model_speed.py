@@ -34,10 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
+from vit_jax.benchmark import overrides as overrides_lib
 from vit_jax.benchmark import step_profile
 from vit_jax.train import hardware
 
-NUM_CLASSES = 1000
+NUM_CLASSES = overrides_lib.NUM_CLASSES
 
 
 def _summary(times) -> dict:
@@ -87,6 +88,14 @@ def _speed_per_peak(batch: int, times, peaks) -> float | None:
   return statistics.median(batch / t / (p / 1e12) for t, p in zip(times, peaks))
 
 
+def paired_ratio(times_a, times_b) -> dict:
+  """B's step time over A's, one ratio per round (the two steps were taken one after the
+  other, at the machine's speed of that moment): median, min, max and the ratios."""
+  ratios = [b / a for a, b in zip(times_a, times_b)]
+  return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios),
+          'rounds': len(ratios), 'ratios': ratios}
+
+
 def _cost_flops(compiled) -> float | None:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -105,7 +114,7 @@ def train_config(model: str, *, batch: int, resolution: int, dtype: str,
   scan_layers=True, as the ViT training recipes run them), 1000 classes, Adam with weight
   decay and clipping at 1 (the pretraining recipe's optimizer).
 
-  `overrides` (FIELD -> value, see `config_path`) are set last, over these settings; a
+  `overrides` (FIELD -> value, see `overrides.py`) are set last, over these settings; a
   field that names nothing, or that the benchmark sets from its own flags, is a
   `defaults.ConfigError` naming it.
   """
@@ -121,73 +130,8 @@ def train_config(model: str, *, batch: int, resolution: int, dtype: str,
   config.total_steps = 10_000
   config.optimizer.update(name='adam', weight_decay=0.03, grad_clip_norm=1.0)
   config.schedule.update(base_lr=1e-3, warmup_steps=100, decay='linear')
-  for key, value in (overrides or {}).items():
-    path = config_path(key)
-    _check_settable(path)
-    _set_path(config, path, value)
+  overrides_lib.apply(config, overrides)
   return config
-
-
-# What an override may set: the parts of the training config that shape the timed step.
-_SETTABLE = ('model', 'optimizer', 'schedule', 'mesh', 'min_fsdp_size', 'loss', 'nonfinite',
-             'trainable', 'freeze', 'seed')
-# Set by the benchmark's own flags, or fixed so that timm runs the same model.
-_FIXED = {'batch_size': 'set by --batch', 'accum_steps': 'set by --accum_steps',
-          'keep_host_memory': 'set by --keep_host_memory',
-          'compilation_cache_dir': 'set by --compilation_cache_dir',
-          'model.image_size': 'set by --resolution', 'model.name': 'set by --model',
-          'model.num_classes': f'fixed at {NUM_CLASSES}, as in the timm model compared'}
-
-
-def config_path(key: str) -> str:
-  """The training-config path an override's FIELD names: a model config field as it is
-  (`remat_policy`, `resnet.width_factor`); a path from a training config field
-  (`mesh.fsdp`, `optimizer.grad_clip_norm`, `model.dtype`); or any path after `config.`
-  (`config.min_fsdp_size`)."""
-  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
-  if key.startswith('config.'):
-    return key[len('config.'):]
-  if '.' in key and key.split('.')[0] in defaults.FIELD_DOCS:
-    return key
-  return 'model.' + key
-
-
-def _check_settable(path: str) -> None:
-  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
-  if path in _FIXED:
-    raise defaults.ConfigError(f'config.{path} is {_FIXED[path]}, not by an override')
-  head = path.split('.')[0]
-  if head in defaults.FIELD_DOCS and head not in _SETTABLE:
-    raise defaults.ConfigError(
-        f'config.{path} is not part of the step the benchmark times; an override may set '
-        f'{", ".join(_SETTABLE)}')
-
-
-def _set_path(config, path: str, value) -> None:
-  """config's field at a dotted path set to value; a path that names no field is an
-  error (a typo would otherwise add a field nothing reads), as is a whole group."""
-  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
-  *parents, leaf = path.split('.')
-  node = config
-  for i, part in enumerate(parents):
-    child = node.get(part) if hasattr(node, 'get') else None
-    if not hasattr(child, 'keys'):
-      raise defaults.ConfigError(
-          f"config.{path}: config.{'.'.join(parents[:i + 1])} is not a group of fields")
-    node = child
-  where = 'config' + ''.join(f'.{p}' for p in parents)
-  if leaf not in node:
-    hint = (f'; a training config field is config.{leaf}'
-            if parents == ['model'] and leaf in defaults.FIELD_DOCS else '')
-    raise defaults.ConfigError(f'config.{path}: {where} has no field {leaf!r}; its fields: '
-                               f'{sorted(node.keys())}{hint}')
-  if hasattr(node[leaf], 'keys'):
-    raise defaults.ConfigError(f'config.{path} is a group of fields: set them one by one, '
-                               f'e.g. config.{path}.{sorted(node[leaf].keys())[0]}=...')
-  try:
-    node[leaf] = value
-  except (TypeError, ValueError) as e:
-    raise defaults.ConfigError(f'config.{path}={value!r}: {e}') from e
 
 
 def run_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='float32',
@@ -321,53 +265,13 @@ def run_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='
   return run_interleaved([prepared], steps=steps, warmup=max(warmup - 1, 0), dtype=dtype)[0]
 
 
-# Model fields that change how vit_jax computes, not what: a timm comparison may set them.
-_HOW = ('remat_policy', 'scan_layers', 'layer_loop', 'attention_impl', 'gelu_approximate',
-        'layernorm_eps')
-# ViT fields that timm's VisionTransformer takes as keyword arguments (and mlp_dim, as
-# mlp_ratio); training config groups that leave the model and optimizer as timm runs them.
-_TIMM_VIT = {'num_layers': 'depth', 'hidden_size': 'embed_dim', 'num_heads': 'num_heads',
-             'dropout_rate': 'drop_rate', 'attention_dropout_rate': 'attn_drop_rate',
-             'drop_path_rate': 'drop_path_rate'}
-_TIMM_SAME_STEP = ('mesh', 'min_fsdp_size', 'seed')
-
-
-def timm_kwargs(model: str, overrides: dict | None) -> dict:
-  """timm.create_model's keyword arguments for the model vit_jax runs with `overrides`
-  (a ViT's depth, width, heads, MLP ratio and dropout rates), so that a comparison times
-  the same model; a `defaults.ConfigError` for an override timm's side cannot follow."""
-  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
-  config = models.get_config(model)
-  is_vit = models.family_of(config) == 'vit'
-  out, shape = {}, {}
-  for key, value in (overrides or {}).items():
-    path = config_path(key)
-    head, _, field = path.partition('.')
-    if head in _TIMM_SAME_STEP or (head == 'model' and field in _HOW):
-      continue
-    if head == 'model' and is_vit and (field in _TIMM_VIT or field == 'mlp_dim'):
-      if field in _TIMM_VIT:
-        out[_TIMM_VIT[field]] = value
-      if field in ('hidden_size', 'mlp_dim'):
-        shape[field] = value
-      continue
-    raise defaults.ConfigError(
-        f'config.{path}={value!r}: the timm model compared cannot follow it (timm runs '
-        f'{model} as registered, with AdamW and clipping at 1, autocast from --dtype); set '
-        f'it without --compare, or compare with --variant')
-  if shape:  # timm's MLP width is int(embed_dim x mlp_ratio): a hair over, not under
-    out['mlp_ratio'] = (shape.get('mlp_dim', config.mlp_dim)
-                        / shape.get('hidden_size', config.hidden_size)) * (1 + 1e-9)
-  return out
-
-
 def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
                  dtype='float32', compile_model=False, overrides=None) -> 'Prepared':
   """timm's step, run once (torch.compile compiles then); `Prepared.finish` makes the
-  record. `overrides` are vit_jax's, followed where timm can (`timm_kwargs`)."""
+  record. `overrides` are vit_jax's, followed where timm can (`overrides.timm_kwargs`)."""
   from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
-  model_kwargs = timm_kwargs(model, overrides)
+  model_kwargs = overrides_lib.timm_kwargs(model, overrides)
   torch = torch_import.torch()
   timm = torch_import.module('timm')
   torch.set_num_threads(os.cpu_count() or 1)
