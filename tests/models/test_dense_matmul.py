@@ -167,7 +167,7 @@ def _compiled_train_step(dtype, **overrides):
   from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
   from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
   config = model_speed.train_config('ViT-Ti/16', batch=4, resolution=32, dtype=dtype,
-                                    overrides=dict(num_classes=10, **overrides))
+                                    num_classes=10, overrides=overrides)
   trainer = loop.Trainer(config, sharding.create_mesh(config.mesh), 1000)
   rng = np.random.default_rng(0)
   data = jax.device_put(

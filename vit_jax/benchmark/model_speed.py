@@ -109,10 +109,11 @@ def _peak_memory() -> int | None:
 
 
 def train_config(model: str, *, batch: int, resolution: int, dtype: str,
-                 accum_steps: int = 1, overrides: dict | None = None):
+                 accum_steps: int = 1, overrides: dict | None = None,
+                 num_classes: int = NUM_CLASSES):
   """The training config benchmarked: the model as registered (a ViT's blocks stacked,
-  scan_layers=True, as the ViT training recipes run them), 1000 classes, Adam with weight
-  decay and clipping at 1 (the pretraining recipe's optimizer).
+  scan_layers=True, as the ViT training recipes run them), 1000 classes (`num_classes`),
+  Adam with weight decay and clipping at 1 (the pretraining recipe's optimizer).
 
   `overrides` (FIELD -> value, see `overrides.py`) are set last, over these settings; a
   field that names nothing, or that the benchmark sets from its own flags, is a
@@ -122,7 +123,7 @@ def train_config(model: str, *, batch: int, resolution: int, dtype: str,
   from vit_jax.train import recipes  # pylint: disable=g-import-not-at-top
   config = defaults.default_config()
   config.model = models.get_config(model)
-  config.model.update(image_size=resolution, num_classes=NUM_CLASSES, dtype=dtype)
+  config.model.update(image_size=resolution, num_classes=num_classes, dtype=dtype)
   if models.family_of(config.model) == 'vit':
     config.model.scan_layers = recipes.STACKED_BLOCKS  # as the ViT training recipes
   config.batch_size = batch
