@@ -70,6 +70,7 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
   (b,) = r['baselines']
   assert b['framework'] == 'timm eager' and b['timm_model'].startswith('vit_tiny_patch16')
   assert b['timm_kwargs'] == {'depth': 2}  # the same 2 blocks as vit_jax's model
+  assert b['accum_steps'] == 2  # and the same 2 micro-batches a step
   assert r['ratio_vs_timm_eager'] == pytest.approx(r['images_per_sec'] / b['images_per_sec'])
   assert len(b['peak_flops_per_sec_per_step']) == len(b['step_times_s']) == 2
   assert b['images_per_sec_per_peak_tflops'] > 0
@@ -349,3 +350,35 @@ def test_timm_builds_the_model_that_vit_jax_runs_with_the_overrides():
   ours = models.init_params(module, image_size=32)
   assert sum(p.numel() for p in theirs.parameters()) == sum(
       x.size for x in jax.tree_util.tree_leaves(ours))
+
+
+def test_timm_accumulates_over_the_same_micro_batches():
+  """With --accum_steps, timm's train step runs as many forward and backward passes over
+  smaller batches as vit_jax's, then one optimizer update (the benchmark compares steps
+  of the same work)."""
+  pytest.importorskip('timm')
+  from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  torch = torch_import.torch()
+  prepared = model_speed.prepare_timm(model='ViT-Ti/16', batch=4, resolution=32,
+                                      overrides={'num_layers': 1}, accum_steps=2)
+  batches, updates = [], []
+  forward = torch.nn.functional.cross_entropy
+  step = torch.optim.AdamW.step
+
+  def counted_forward(logits, labels, *args, **kwargs):
+    batches.append(logits.shape[0])
+    return forward(logits, labels, *args, **kwargs)
+
+  def counted_step(self, *args, **kwargs):
+    updates.append(1)
+    return step(self, *args, **kwargs)
+
+  torch.nn.functional.cross_entropy = counted_forward
+  torch.optim.AdamW.step = counted_step
+  try:
+    prepared.step()
+  finally:
+    torch.nn.functional.cross_entropy = forward
+    torch.optim.AdamW.step = step
+  assert batches == [2, 2] and len(updates) == 1

@@ -127,11 +127,12 @@ def model_main():
   # torch first: it must be imported before TensorFlow (vit_jax.torch_import).
   prepared = []
   if compare in ('timm', 'timm_eager'):
-    prepared.append(model_speed.prepare_timm(**kwargs, overrides=overrides))
+    prepared.append(model_speed.prepare_timm(**kwargs, overrides=overrides,
+                                             accum_steps=_ACCUM.value))
   if compare in ('timm', 'timm_compile'):
     try:
       prepared.append(model_speed.prepare_timm(**kwargs, compile_model=True,
-                                               overrides=overrides))
+                                               overrides=overrides, accum_steps=_ACCUM.value))
     except Exception as e:  # pylint: disable=broad-except
       print(f'torch.compile failed: {type(e).__name__}: {e}', flush=True)
   prepared = [model_speed.prepare_vit_jax(**kwargs, accum_steps=_ACCUM.value, overrides=o)

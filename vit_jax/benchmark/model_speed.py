@@ -267,9 +267,11 @@ def run_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224, dtype='
 
 
 def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
-                 dtype='float32', compile_model=False, overrides=None) -> 'Prepared':
+                 dtype='float32', compile_model=False, overrides=None,
+                 accum_steps=1) -> 'Prepared':
   """timm's step, run once (torch.compile compiles then); `Prepared.finish` makes the
-  record. `overrides` are vit_jax's, followed where timm can (`overrides.timm_kwargs`)."""
+  record. `overrides` are vit_jax's, followed where timm can (`overrides.timm_kwargs`);
+  a train step accumulates gradients over `accum_steps` micro-batches, as vit_jax's."""
   from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
   model_kwargs = overrides_lib.timm_kwargs(model, overrides)
@@ -295,10 +297,13 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.03,
                             fused=device == 'cuda')
 
+    micro_batches = list(zip(x.chunk(accum_steps), y.chunk(accum_steps)))
+
     def step():
-      with autocast():
-        loss = torch.nn.functional.cross_entropy(fn(x), y)
-      loss.backward()
+      for xs, ys in micro_batches:  # gradients add up over the micro-batches
+        with autocast():
+          loss = torch.nn.functional.cross_entropy(fn(xs), ys) / accum_steps
+        loss.backward()
       torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
       opt.step()
       opt.zero_grad(set_to_none=True)
@@ -318,7 +323,7 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
       _timm_record, library_probe=library_probe, library_peak_before=library_probe(),
       framework='timm ' + ('torch.compile' if compile_model else 'eager'),
       timm_model=name, timm_kwargs=model_kwargs, mode=mode, batch=batch,
-      resolution=resolution, dtype=dtype,
+      accum_steps=accum_steps if mode == 'train' else 1, resolution=resolution, dtype=dtype,
       first_step_s=first_s, device=device, torch_version=torch.__version__,
       timm_version=timm.__version__),
       # torch.compile's kernels are not aten operations: only eager is broken down.
