@@ -18,9 +18,9 @@ Modes:
     (`step_profile`).
   --variant=FIELD=VALUE (train/infer, repeatable): a second vit_jax step with these config
     overrides (as --set: a model field, or a dotted path such as mesh.fsdp) on top of
-    --set, timed in turn with the first; prints the paired
-    ratio of their step times (one per round), the way to measure a fast path's effect on
-    a machine whose speed drifts more than the effect.
+    --set, timed in turn with the first; prints the paired ratio of their step times (one
+    per round), the way to measure a fast path's effect on a machine whose speed drifts
+    more than the effect.
   input: the ImageNet training preprocessing on real photographs, images/s per CPU
     core, optionally next to torchvision's DataLoader pipeline.
 """
@@ -163,8 +163,8 @@ def model_main():
       + (f"; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB"
          if r['peak_memory_bytes'] else '')]
   if variant:
-    ratio = variant['step_time_vs_vit_jax'] = model_speed.paired_ratio(r['step_times_s'],
-                                                           variant['step_times_s'])
+    ratio = variant['step_time_vs_vit_jax'] = model_speed.paired_ratio(
+        r['step_times_s'], variant['step_times_s'])
     mfu = (f"{variant['mfu']:.3f}" if variant['mfu'] is not None
            else f"not measured ({variant['peak_source']})")
     lines += [
@@ -211,7 +211,7 @@ def main(argv):
     setting = False
   kept = host_memory.configure(setting)
   if _VARIANT.value and _MODE.value == 'input':
-    raise app.UsageError('--variant sets model config fields: use it with --mode=train/infer')
+    raise app.UsageError('--variant changes the model or train step: use it with --mode=train/infer')
   if _MODE.value in ('train', 'infer'):
     record = model_main()
     record['host_memory_kept'] = kept
