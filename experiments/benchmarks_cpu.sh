@@ -29,19 +29,19 @@ bench --mode=train --dtype=float32 --compare=timm_eager --steps=6 --profile \
 bench --mode=train --dtype=bfloat16 --compare=timm_eager --steps=6 --profile \
     --json="$out/profile_train_bf16.json"
 bench --mode=infer --dtype=bfloat16 --compare=timm --json="$out/infer_bf16.json"
-# Each fast path switched off (or on) alone, float32 train step: the default and the
-# variant take one step each per round, and the paired ratio of their step times is printed.
-bench --mode=train --steps=8 --variant=scan_layers=False --json="$out/variant_layer_loop_scan.json"
-bench --mode=train --steps=8 --variant=scan_layers=False --variant="layer_loop='unroll'" \
-    --json="$out/variant_unrolled.json"
-bench --mode=train --steps=8 --variant=scan_layers=False --variant="layer_loop='unroll'" \
-    --variant=remat_policy=None --variant="attention_impl='xla'" \
-    --json="$out/variant_unrolled_no_remat_xla_attention.json"
-bench --mode=train --steps=8 --variant=remat_policy=None --json="$out/variant_no_remat.json"
-bench --mode=train --steps=8 --variant="attention_impl='xla'" --json="$out/variant_xla_attention.json"
-bench --mode=train --steps=8 --variant="remat_policy='full'" --json="$out/variant_remat_full.json"
-bench --mode=train --steps=8 --variant="remat_policy='dots'" --json="$out/variant_remat_dots.json"
-bench --mode=train --steps=8 --variant="dtype='bfloat16'" --json="$out/variant_bf16.json"
+# Each fast path switched off (or on) alone, float32 train step: the default and the named
+# variants take one step each per round, and the paired ratio of each variant's step times
+# to the default's is printed. Two processes, since each variant holds its own train state.
+bench --mode=train --steps=8 --variant=per_block:scan_layers=False \
+    --variant=unrolled:scan_layers=False --variant="unrolled:layer_loop='unroll'" \
+    --variant=unrolled_original:scan_layers=False \
+    --variant="unrolled_original:layer_loop='unroll'" \
+    --variant=unrolled_original:remat_policy=None \
+    --variant="unrolled_original:attention_impl='xla'" --json="$out/variants_layout.json"
+bench --mode=train --steps=8 --variant=no_remat:remat_policy=None \
+    --variant="xla_attention:attention_impl='xla'" --variant="remat_full:remat_policy='full'" \
+    --variant="remat_dots:remat_policy='dots'" --variant="bf16:dtype='bfloat16'" \
+    --json="$out/variants_fast_paths.json"
 # ViT-H/14 compile time with scan over layers, against ViT-B/16's (batch 1, 2 timed steps).
 "$py" -m vit_jax.benchmark --model=ViT-H/14 --mode=train --batch=1 --steps=2 --warmup=1 \
     --json="$out/compile_h14_scan.json"
@@ -67,10 +67,9 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
     if 'mfu_of_library_peak' in b:  # timm's MFU against PyTorch's own matmul peak
       line += f" (its MFU {b['mfu_of_library_peak']:.3f} of {b['library_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s)"
   print(line)
-  v = r.get('variant')
-  if v:  # --variant: the paired ratio of the step times, round by round
+  for v in r.get('variants', []):  # --variant: the paired ratio of the step times
     q = v['step_time_vs_vit_jax']
-    print(f"{'':42s} variant {v['variant']}: {q['median']:.3f}x the step time "
+    print(f"{'':42s} {v['name']} {v['variant']}: {q['median']:.3f}x the step time "
           f"({q['min']:.3f} to {q['max']:.3f}, {q['rounds']} rounds)")
   for rec in (r, *r.get('baselines', [])):
     if 'profile' in rec:  # --profile: seconds per step by kind of operation

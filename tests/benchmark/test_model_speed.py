@@ -25,7 +25,7 @@ FIELDS = {
     'xla_step_flops_per_image', 'achieved_flops_per_sec', 'peak_flops_per_sec', 'peak_source',
     'mfu', 'peak_memory_bytes', 'device', 'device_count', 'backend', 'jax_version', 'baselines',
     'host_memory_kept', 'step_times_s', 'peak_flops_per_sec_per_step', 'mfu_of_best_peak',
-    'images_per_sec_per_peak_tflops', 'host_cpu', 'mesh',
+    'images_per_sec_per_peak_tflops', 'host_cpu', 'mesh', 'compiled_memory',
 }
 
 
@@ -217,9 +217,10 @@ def test_variant_is_timed_in_turn_and_compared_step_by_step(tmp_path):
   the record gives the paired ratio of their step times, round by round."""
   r, stdout = _bench(tmp_path, '--mode=infer', '--steps=3', '--variant=scan_layers=False',
                      "--variant=layer_loop='unroll'", "--variant=dtype='bfloat16'")
-  v = r['variant']
+  [v] = r['variants']
   assert FIELDS - {'baselines', 'host_memory_kept'} <= set(v)
-  assert v['framework'] == 'vit_jax variant' and r['baselines'] == []
+  assert v['framework'] == 'vit_jax variant' and v['name'] == 'variant'
+  assert r['baselines'] == []
   assert r['overrides'] == {'num_layers': 2}
   changes = {'scan_layers': False, 'layer_loop': 'unroll', 'dtype': 'bfloat16'}
   assert v['variant'] == changes and v['overrides'] == {'num_layers': 2, **changes}
@@ -246,7 +247,7 @@ def test_a_variant_of_the_training_config_fsdp(tmp_path):
   r, stdout = _bench(tmp_path, '--mode=train', '--variant=mesh.fsdp=2',
                      '--variant=optimizer.grad_clip_norm=0.5',
                      env=subprocess_env.cpu_env(devices=2))
-  v = r['variant']
+  [v] = r['variants']
   assert r['device_count'] == 2 and r['mesh'] == {'data': 2, 'fsdp': 1, 'model': 1}
   assert v['mesh'] == {'data': 1, 'fsdp': 2, 'model': 1}
   assert v['overrides'] == {'num_layers': 2, 'mesh.fsdp': 2, 'optimizer.grad_clip_norm': 0.5}
@@ -254,12 +255,67 @@ def test_a_variant_of_the_training_config_fsdp(tmp_path):
   assert "variant: {'mesh.fsdp': 2, 'optimizer.grad_clip_norm': 0.5}" in stdout
 
 
+def test_named_variants_are_timed_in_the_same_rounds(tmp_path):
+  """Overrides with a NAME make one variant per NAME: the default and both variants take
+  one step each per round, and each variant's ratio pairs its steps with the default's."""
+  r, stdout = _bench(tmp_path, '--mode=train', '--steps=3', "--variant=bf16:dtype='bfloat16'",
+                     "--variant=full:remat_policy='full'", '--variant=keep:remat_policy=None',
+                     "--variant=bf16:remat_policy='dots'")
+  names = [v['name'] for v in r['variants']]
+  assert names == ['bf16', 'full', 'keep']  # in the order the names first appear
+  bf16, full, keep = r['variants']
+  assert bf16['variant'] == {'dtype': 'bfloat16', 'remat_policy': 'dots'}
+  assert bf16['framework'] == 'vit_jax bf16' and bf16['dtype'] == 'bfloat16'
+  assert full['overrides'] == {'num_layers': 2, 'remat_policy': 'full'}
+  # XLA's buffer assignment of each step: keeping every activation (None) takes more
+  # temporary memory than keeping each block's input alone ('full'), with the same
+  # arguments (parameters, optimizer state, batch).
+  m = {v['name']: v['compiled_memory'] for v in r['variants']}
+  assert m['full']['temp_bytes'] < m['keep']['temp_bytes']
+  assert m['full']['argument_bytes'] == m['keep']['argument_bytes'] == (
+      r['compiled_memory']['argument_bytes'])
+  for mem in (*m.values(), r['compiled_memory']):
+    assert mem['step_bytes'] == (mem['argument_bytes'] + mem['output_bytes']
+                                 - mem['alias_bytes'] + mem['temp_bytes'])
+    assert mem['alias_bytes'] > 0  # the donated train state is updated in place
+  # The arguments hold at least the float32 parameters and Adam's two moments.
+  module = models.create(r['model'], num_layers=2, num_classes=1000)
+  params = models.param_count(models.abstract_params(module, 32))
+  assert r['compiled_memory']['argument_bytes'] >= 3 * 4 * params
+  assert "memory (XLA's buffer assignment, per device): the step needs" in stdout
+  for v in (bf16, full, keep):
+    expected = [b / a for a, b in zip(r['step_times_s'], v['step_times_s'])]
+    assert v['step_time_vs_vit_jax']['ratios'] == pytest.approx(expected)
+    assert f"{v['name']} / vit_jax step time: {v['step_time_vs_vit_jax']['median']:.3f}x" in (
+        stdout)
+  assert "  full: {'remat_policy': 'full'}" in stdout
+
+
+def test_variant_names_group_their_overrides():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  assert overrides_lib.parse_variants(
+      ['num_layers=3', "bf16:dtype='bfloat16'", 'fsdp-2:mesh.fsdp=2', 'bf16:num_layers=4',
+       "x:optimizer.name=a:b"]) == {
+          'variant': {'num_layers': 3}, 'bf16': {'dtype': 'bfloat16', 'num_layers': 4},
+          'fsdp-2': {'mesh.fsdp': 2}, 'x': {'optimizer.name': 'a:b'}}
+  with pytest.raises(app.UsageError, match="--variant='2x:dtype=1': a variant NAME starts"):
+    overrides_lib.parse_variants(['2x:dtype=1'])
+  with pytest.raises(app.UsageError, match="--variant='b:model.a=2': config.model.a is "
+                     "already set by --variant='b:a=1'"):
+    overrides_lib.parse_variants(['b:a=1', 'b:model.a=2'])
+
+
 @pytest.mark.parametrize('flags, message', [
     (["--variant=remat_policy='sometimes'"],
      "--variant: config.model: remat_policy='sometimes' is not one of"),
     (['--set=mesh.fdsp=2'], "--set: config.mesh.fdsp: config.mesh has no field 'fdsp'"),
     (['--set=num_layers=2', '--variant=model.num_layers=2'],
-     "--variant={'model.num_layers': 2} changes nothing"),
+     "--variant {'model.num_layers': 2} changes nothing in the config that --set gives"),
+    (["--variant=a:remat_policy='dots'", "--variant=b:config.model.remat_policy='dots'"],
+     "--variant=b:... {'config.model.remat_policy': 'dots'} gives the same config as "
+     '--variant=a:...'),
+    (["--variant=a:remat_policy='dots'", "--variant=b:remat_polcy='dots'"],
+     "--variant=b:...: config.model.remat_polcy: config.model has no field 'remat_polcy'"),
     (["--set=classifier='gap'", '--compare=timm_eager'],
      "--set with --compare=timm_eager: config.model.classifier='gap': the timm model compared "
      'cannot follow it'),

@@ -16,11 +16,13 @@ Modes:
   --profile (train/infer, CPU): then where a step's time goes, by kind of operation
     (matmul, attention, elementwise, copies), for vit_jax and timm eager side by side
     (`step_profile`).
-  --variant=FIELD=VALUE (train/infer, repeatable): a second vit_jax step with these config
-    overrides (as --set: a model field, or a dotted path such as mesh.fsdp) on top of
-    --set, timed in turn with the first; prints the paired ratio of their step times (one
-    per round), the way to measure a fast path's effect on a machine whose speed drifts
-    more than the effect.
+  --variant=[NAME:]FIELD=VALUE (train/infer, repeatable): a second vit_jax step with these
+    config overrides (as --set: a model field, or a dotted path such as mesh.fsdp) on top
+    of --set, timed in turn with the first; prints the paired ratio of their step times
+    (one per round), the way to measure a fast path's effect on a machine whose speed
+    drifts more than the effect. Overrides with a NAME form one variant per NAME (e.g.
+    --variant=bf16:dtype="'bfloat16'" --variant=dots:remat_policy="'dots'"), all timed in
+    the same rounds; each holds its own train state in memory.
   input: the ImageNet training preprocessing on real photographs, images/s per CPU
     core, optionally next to torchvision's DataLoader pipeline.
 """
@@ -47,9 +49,10 @@ _SET = flags.DEFINE_multi_string(
     """--set=remat_policy="'dots'"; a field of a training config group, e.g. """
     '--set=mesh.fsdp=8; or a top-level one after config., e.g. --set=config.min_fsdp_size=0.')
 _VARIANT = flags.DEFINE_multi_string(
-    'variant', [], 'Also time vit_jax with these config overrides FIELD=VALUE (as --set, on top '
-    'of --set), one step of each in turn, and print the paired ratio of their step times, '
-    """e.g. --variant=remat_policy="'dots'" (train/infer).""")
+    'variant', [], 'Also time vit_jax with these config overrides [NAME:]FIELD=VALUE (as --set, '
+    'on top of --set), one step of each in turn, and print the paired ratio of their step '
+    """times, e.g. --variant=remat_policy="'dots'" (train/infer). Overrides with a NAME """
+    'make one variant per NAME, timed in the same rounds.')
 _PROFILE = flags.DEFINE_bool(
     'profile', False, "After the timed steps, profile 2 more of each framework's steps and "
     'print where their time goes: matmul, attention, elementwise, copies (CPU; train/infer).')
@@ -72,6 +75,17 @@ def _fmt(r: dict) -> str:
   return (f"  {r['framework']:<22} {r['images_per_sec']:9.2f} images/s   step "
           f"{t['median_s'] * 1e3:8.1f} ms (p10 {t['p10_s'] * 1e3:.1f}, p90 "
           f"{t['p90_s'] * 1e3:.1f}, {t['steps']} steps)")
+
+
+def _fmt_memory(r: dict) -> str:
+  m = r['compiled_memory']
+  if not m:
+    return '  memory: no analysis from this backend'
+  size = lambda n: f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'  # noqa: E731
+  return (f"  memory (XLA's buffer assignment, per device): the step needs "
+          f"{size(m['step_bytes'])}: arguments {size(m['argument_bytes'])}, temporaries "
+          f"{size(m['temp_bytes'])}, outputs {size(m['output_bytes'] - m['alias_bytes'])} "
+          'beyond the donated arguments')
 
 
 def check_profile_backend(backend: str) -> None:
@@ -104,16 +118,16 @@ def model_main():
     import jax  # pylint: disable=g-import-not-at-top
     check_profile_backend(jax.default_backend())
   overrides = overrides_lib.parse(_SET.value)
-  variant_overrides = overrides_lib.parse(_VARIANT.value, 'variant')
-  configs = [overrides]
-  if variant_overrides:
-    configs.append(overrides_lib.merge(overrides, variant_overrides))
+  variants = overrides_lib.parse_variants(_VARIANT.value)
+  configs = [overrides] + [overrides_lib.merge(overrides, v) for v in variants.values()]
+  flag_of = ['--set'] + [f'--variant={n}:...' if n != overrides_lib.VARIANT else '--variant'
+                         for n in variants]
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   checked = []
-  for flag, o in zip(('--set', '--variant'), configs):  # fails here, before any compile
+  for flag, o in zip(flag_of, configs):  # fails here, before any compile
     try:
       checked.append(model_speed.check_config(**kwargs, accum_steps=_ACCUM.value,
-                                              overrides=o).to_dict())
+                                              overrides=o))
     except defaults.ConfigError as e:
       raise app.UsageError(f'{flag}: {e}') from e
   if compare:  # timm runs the same model: --set may only change what timm can follow
@@ -121,9 +135,13 @@ def model_main():
       overrides_lib.timm_kwargs(_MODEL.value, overrides)
     except defaults.ConfigError as e:
       raise app.UsageError(f'--set with --compare={compare}: {e}') from e
-  if len(checked) == 2 and checked[0] == checked[1]:
-    raise app.UsageError(f'--variant={variant_overrides} changes nothing in the config that '
-                         '--set gives: the two steps would be the same')
+  as_dicts = [c.to_dict() for c in checked]
+  for i, (name, v) in enumerate(variants.items(), 1):
+    same = [flag_of[j] for j in range(i) if as_dicts[j] == as_dicts[i]]
+    if same:
+      what = ('changes nothing in the config that --set gives' if same[0] == '--set'
+              else f'gives the same config as {same[0]}')
+      raise app.UsageError(f'{flag_of[i]} {v} {what}: the two steps would be the same')
   # torch first: it must be imported before TensorFlow (vit_jax.torch_import).
   prepared = []
   if compare in ('timm', 'timm_eager'):
@@ -135,16 +153,16 @@ def model_main():
                                                overrides=overrides, accum_steps=_ACCUM.value))
     except Exception as e:  # pylint: disable=broad-except
       print(f'torch.compile failed: {type(e).__name__}: {e}', flush=True)
-  prepared = [model_speed.prepare_vit_jax(**kwargs, accum_steps=_ACCUM.value, overrides=o)
-              for o in configs] + prepared
+  prepared = [model_speed.prepare_vit_jax(**kwargs, accum_steps=_ACCUM.value, overrides=o,
+                                          config=c)
+              for o, c in zip(configs, checked)] + prepared
   # One step of each framework per round: all see the machine's speed of the moment.
   r, *baselines = model_speed.run_interleaved(prepared, steps=steps, warmup=_WARMUP.value,
                                               dtype=_DTYPE.value)
-  variant = None
-  if variant_overrides:
-    variant, *baselines = baselines
-    variant['framework'] = 'vit_jax variant'
-    variant['variant'] = variant_overrides
+  timed_variants, baselines = baselines[:len(variants)], baselines[len(variants):]
+  for v, (name, changes) in zip(timed_variants, variants.items()):
+    v['framework'] = f'vit_jax {name}'
+    v['name'], v['variant'] = name, changes
   lines = [
       f"{r['model']} {r['mode']}, batch {r['batch']}, {r['resolution']} px, {r['dtype']}"
       f"{', ' + str(r['overrides']) if r['overrides'] else ''} on {r['device_count']} x "
@@ -161,16 +179,18 @@ def model_main():
       + (f"; {r['mfu_of_best_peak']:.3f} of the best step's peak"
          if r['mfu_of_best_peak'] is not None and r['peak_flops_per_sec_per_step'] else '')
       + (f"; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB"
-         if r['peak_memory_bytes'] else '')]
-  if variant:
-    ratio = variant['step_time_vs_vit_jax'] = model_speed.paired_ratio(
-        r['step_times_s'], variant['step_times_s'])
-    mfu = (f"{variant['mfu']:.3f}" if variant['mfu'] is not None
-           else f"not measured ({variant['peak_source']})")
+         if r['peak_memory_bytes'] else ''),
+      _fmt_memory(r)]
+  for v in timed_variants:
+    ratio = v['step_time_vs_vit_jax'] = model_speed.paired_ratio(
+        r['step_times_s'], v['step_times_s'])
+    mfu = (f"{v['mfu']:.3f}" if v['mfu'] is not None
+           else f"not measured ({v['peak_source']})")
     lines += [
-        f"  variant: {variant_overrides}",
-        _fmt(variant),
-        f"    MFU {mfu}; variant / vit_jax step time: {ratio['median']:.3f}x "
+        f"  {v['name']}: {v['variant']}",
+        _fmt(v),
+        '  ' + _fmt_memory(v),
+        f"    MFU {mfu}; {v['name']} / vit_jax step time: {ratio['median']:.3f}x "
         f"(paired median of {ratio['rounds']} rounds, {ratio['min']:.3f} to "
         f"{ratio['max']:.3f})"]
   for b in baselines:
@@ -188,12 +208,12 @@ def model_main():
   print('\n'.join(lines), flush=True)  # before profiling: the timings are not lost to it
   if _PROFILE.value:
     profiled = {}
-    for p, record in zip(prepared, [r, *([variant] if variant else []), *baselines]):
+    for p, record in zip(prepared, [r, *timed_variants, *baselines]):
       if p.profile:
         record['profile'] = profiled[record['framework']] = p.profile()
     print('\n'.join(step_profile.format_table(profiled)), flush=True)
   r['baselines'] = baselines
-  r['variant'] = variant
+  r['variants'] = timed_variants
   for b in baselines:
     name = b['framework'].replace(' ', '_').replace('.', '_')
     r[f'ratio_vs_{name}'] = r['images_per_sec'] / b['images_per_sec']

@@ -108,6 +108,24 @@ def _peak_memory() -> int | None:
   return stats.get('peak_bytes_in_use')
 
 
+def compiled_memory(compiled) -> dict | None:
+  """What XLA's buffer assignment gives a compiled step, per device (any backend, CPU
+  included, where the runtime reports no peak): its arguments, outputs (less those that
+  reuse a donated argument's buffer), temporaries, and their sum, the memory one step
+  needs while it runs. None where the backend gives no analysis."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if m is None:
+    return None
+  out = {'argument_bytes': m.argument_size_in_bytes, 'output_bytes': m.output_size_in_bytes,
+         'alias_bytes': m.alias_size_in_bytes, 'temp_bytes': m.temp_size_in_bytes}
+  out['step_bytes'] = (out['argument_bytes'] + out['output_bytes'] - out['alias_bytes']
+                       + out['temp_bytes'])
+  return out
+
+
 def train_config(model: str, *, batch: int, resolution: int, dtype: str,
                  accum_steps: int = 1, overrides: dict | None = None,
                  num_classes: int = NUM_CLASSES):
@@ -157,12 +175,15 @@ def check_config(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
 
 
 def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
-                    dtype='float32', accum_steps=1, overrides=None) -> 'Prepared':
-  """Builds and compiles vit_jax's step; `Prepared.finish` makes the record."""
+                    dtype='float32', accum_steps=1, overrides=None,
+                    config=None) -> 'Prepared':
+  """Builds and compiles vit_jax's step; `Prepared.finish` makes the record. `config`: what
+  `check_config` returned for these arguments, if the caller has it (checked once)."""
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
-  config = check_config(model=model, batch=batch, resolution=resolution, dtype=dtype,
-                        accum_steps=accum_steps, overrides=overrides)
+  if config is None:
+    config = check_config(model=model, batch=batch, resolution=resolution, dtype=dtype,
+                          accum_steps=accum_steps, overrides=overrides)
   mesh = sharding.create_mesh(config.mesh)
   trainer = loop.Trainer(config, mesh, config.total_steps)
   module = trainer.module
@@ -195,12 +216,14 @@ def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   return Prepared(step, functools.partial(
       _vit_jax_record, module=module, model=model, mode=mode, batch=batch,
       resolution=resolution, dtype=dtype, accum_steps=accum_steps, overrides=overrides,
-      compile_s=compile_s, step_flops_xla=step_flops_xla, mesh=dict(mesh.shape)),
+      compile_s=compile_s, step_flops_xla=step_flops_xla, mesh=dict(mesh.shape),
+      memory=compiled_memory(compiled)),
       profile=lambda: step_profile.xla_breakdown(step, compiled.as_text()))
 
 
 def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dtype,
-                    accum_steps, overrides, compile_s, step_flops_xla, mesh) -> dict:
+                    accum_steps, overrides, compile_s, step_flops_xla, mesh,
+                    memory) -> dict:
   forward = models.forward_flops(module, resolution)
   is_vit = isinstance(module, models.VisionTransformer)
   scanned = is_vit and (module.scan_layers or module.layer_loop == 'scan')
@@ -251,6 +274,7 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
       'mfu_of_best_peak': mfu_of_best_peak,
       'images_per_sec_per_peak_tflops': per_peak,
       'peak_memory_bytes': _peak_memory(),
+      'compiled_memory': memory,  # per device, from XLA's buffer assignment
       'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'mesh': mesh,  # axis sizes (data, fsdp, model)
       'host_cpu': hardware.host_cpu(),

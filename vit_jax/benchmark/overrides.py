@@ -8,6 +8,7 @@ training config path after `config.` (`config.min_fsdp_size`).
 """
 
 import ast
+import re
 
 from absl import app
 
@@ -17,25 +18,52 @@ from vit_jax.train import defaults
 NUM_CLASSES = 1000  # the benchmark's classes (model_speed), as the timm model compared
 
 
-def parse(items, flag: str = 'set') -> dict:
+def parse(items, flag: str = 'set', name: str | None = None) -> dict:
   """FIELD=VALUE strings as a dict; a VALUE that is not a Python literal stays a string.
-  FIELD is a model config field or a training config path (`config_path`)."""
+  FIELD is a model config field or a training config path (`config_path`). Errors quote
+  each item as `--flag=[name:]item`."""
   out, paths = {}, {}
+  shown = lambda item: f'--{flag}=' + repr(f'{name}:{item}' if name else item)
   for item in items:
     key, sep, value = item.partition('=')
     if not sep or not key:
-      raise app.UsageError(f'--{flag}={item!r}: write FIELD=VALUE, e.g. '
+      raise app.UsageError(f'{shown(item)}: write FIELD=VALUE, e.g. '
                            f"--{flag}=remat_policy=\"'dots'\"")
     path = config_path(key)
     if path in paths:
-      raise app.UsageError(f'--{flag}={item!r}: config.{path} is already set by '
-                           f'--{flag}={paths[path]!r}')
+      raise app.UsageError(f'{shown(item)}: config.{path} is already set by '
+                           f'{shown(paths[path])}')
     paths[path] = item
     try:
       out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       out[key] = value
   return out
+
+
+VARIANT = 'variant'  # the name of a --variant's overrides given without a NAME:
+_NAME = re.compile(r'[A-Za-z][\w\-]*$')
+
+
+def parse_variants(items) -> dict[str, dict]:
+  """`--variant=[NAME:]FIELD=VALUE` strings as {NAME: overrides}, in the order the names
+  first appear; overrides without a NAME form the variant named `VARIANT`.
+
+  A FIELD holds no ':', so the NAME is what precedes the first ':' before the '='.
+  """
+  groups: dict[str, list[str]] = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    name, colon, field = key.partition(':')
+    if not colon:
+      name, field = VARIANT, key
+    elif not _NAME.match(name):
+      raise app.UsageError(f'--variant={item!r}: a variant NAME starts with a letter and '
+                           "holds letters, digits, '_' and '-', e.g. --variant=bf16:dtype="
+                           "\"'bfloat16'\"")
+    groups.setdefault(name, []).append(f'{field}{sep}{value}')
+  return {name: parse(fields, 'variant', None if name == VARIANT else name)
+          for name, fields in groups.items()}
 
 
 def merge(base: dict, variant: dict) -> dict:
