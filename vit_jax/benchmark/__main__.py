@@ -16,13 +16,16 @@ Modes:
   --profile (train/infer, CPU): then where a step's time goes, by kind of operation
     (matmul, attention, elementwise, copies), for vit_jax and timm eager side by side
     (`step_profile`).
-  --variant=[NAME:]FIELD=VALUE (train/infer, repeatable): a second vit_jax step with these
-    config overrides (as --set: a model field, or a dotted path such as mesh.fsdp) on top
-    of --set, timed in turn with the first; prints the paired ratio of their step times
-    (one per round), the way to measure a fast path's effect on a machine whose speed
-    drifts more than the effect. Overrides with a NAME form one variant per NAME (e.g.
-    --variant=bf16:dtype="'bfloat16'" --variant=dots:remat_policy="'dots'"), all timed in
-    the same rounds; each holds its own train state in memory.
+  --variant=[NAME:]FIELD=VALUE (train/infer, repeatable): one more vit_jax step per
+    variant, with these config overrides (as --set: a model field, or a dotted path such
+    as mesh.fsdp) on top of --set, timed in turn with the default; prints the paired ratio
+    of each variant's step times to the default's (one per round), the way to measure a
+    fast path's effect on a machine whose speed drifts more than the effect. Items with a
+    NAME form one variant per NAME (e.g. --variant=bf16:dtype="'bfloat16'"
+    --variant=dots:remat_policy="'dots'"); the items without one form one more variant,
+    named 'variant'. Each variant holds its own train state in memory.
+  Every step's record gives the memory XLA's buffer assignment gives it per device
+    (`compiled_memory`: arguments, temporaries, outputs), on any backend.
   input: the ImageNet training preprocessing on real photographs, images/s per CPU
     core, optionally next to torchvision's DataLoader pipeline.
 """
@@ -51,8 +54,8 @@ _SET = flags.DEFINE_multi_string(
 _VARIANT = flags.DEFINE_multi_string(
     'variant', [], 'Also time vit_jax with these config overrides [NAME:]FIELD=VALUE (as --set, '
     'on top of --set), one step of each in turn, and print the paired ratio of their step '
-    """times, e.g. --variant=remat_policy="'dots'" (train/infer). Overrides with a NAME """
-    'make one variant per NAME, timed in the same rounds.')
+    """times, e.g. --variant=remat_policy="'dots'" (train/infer). Items with a NAME make """
+    "one variant per NAME; those without one make one more, named 'variant'.")
 _PROFILE = flags.DEFINE_bool(
     'profile', False, "After the timed steps, profile 2 more of each framework's steps and "
     'print where their time goes: matmul, attention, elementwise, copies (CPU; train/infer).')
@@ -120,8 +123,7 @@ def model_main():
   overrides = overrides_lib.parse(_SET.value)
   variants = overrides_lib.parse_variants(_VARIANT.value)
   configs = [overrides] + [overrides_lib.merge(overrides, v) for v in variants.values()]
-  flag_of = ['--set'] + [f'--variant={n}:...' if n != overrides_lib.VARIANT else '--variant'
-                         for n in variants]
+  flag_of = ['--set'] + [f'--variant {n!r}' for n in variants]
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   checked = []
   for flag, o in zip(flag_of, configs):  # fails here, before any compile
@@ -141,7 +143,7 @@ def model_main():
     if same:
       what = ('changes nothing in the config that --set gives' if same[0] == '--set'
               else f'gives the same config as {same[0]}')
-      raise app.UsageError(f'{flag_of[i]} {v} {what}: the two steps would be the same')
+      raise app.UsageError(f'{flag_of[i]} ({v}) {what}: the two steps would be the same')
   # torch first: it must be imported before TensorFlow (vit_jax.torch_import).
   prepared = []
   if compare in ('timm', 'timm_eager'):
@@ -178,12 +180,12 @@ def model_main():
        else f"  MFU not measured ({r['peak_source']})")
       + (f"; {r['mfu_of_best_peak']:.3f} of the best step's peak"
          if r['mfu_of_best_peak'] is not None and r['peak_flops_per_sec_per_step'] else '')
-      + (f"; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB"
-         if r['peak_memory_bytes'] else ''),
+      + (f"; the device's peak memory in this process {r['peak_memory_bytes'] / 2**30:.2f}"
+         ' GiB' if r['peak_memory_bytes'] else ''),
       _fmt_memory(r)]
-  for v in timed_variants:
+  for k, v in enumerate(timed_variants, 1):  # step k of each round's len(prepared)
     ratio = v['step_time_vs_vit_jax'] = model_speed.paired_ratio(
-        r['step_times_s'], v['step_times_s'])
+        r['step_times_s'], v['step_times_s'], offset=k / len(prepared))
     mfu = (f"{v['mfu']:.3f}" if v['mfu'] is not None
            else f"not measured ({v['peak_source']})")
     lines += [

@@ -19,6 +19,11 @@ reported is the median over the steps (`mfu_of_best_peak`, against the best of t
 peaks, is its lower bound). For the same reason, frameworks compared run their steps in
 turn (`run_interleaved`: one step of each per round), so that their ratio is taken at the
 same machine speed.
+
+Memory: `compiled_memory` is what XLA's buffer assignment gives the compiled step per
+device (arguments, temporaries, outputs beyond the donated arguments), on every backend;
+`peak_memory_bytes` is the device's peak over the process where the runtime reports it
+(GPU, TPU).
 """
 
 import dataclasses
@@ -88,10 +93,23 @@ def _speed_per_peak(batch: int, times, peaks) -> float | None:
   return statistics.median(batch / t / (p / 1e12) for t, p in zip(times, peaks))
 
 
-def paired_ratio(times_a, times_b) -> dict:
-  """B's step time over A's, one ratio per round (the two steps were taken one after the
-  other, at the machine's speed of that moment): median, min, max and the ratios."""
-  ratios = [b / a for a, b in zip(times_a, times_b)]
+def paired_ratio(times_a, times_b, offset: float = 0.0) -> dict:
+  """B's step time over A's, one ratio per round: median, min, max and the ratios.
+
+  B's step i ran `offset` of a round after A's step i (0 <= offset < 1; with steps taken
+  in turn, B's position in the round over the number of steps in it). A's step time at
+  that moment is interpolated geometrically between its steps i and i + 1 (step i alone
+  in the last round), so that a machine whose speed drifts steadily through a round
+  affects A and B alike, wherever B sits in it.
+  """
+  if not 0 <= offset < 1:
+    raise ValueError(f'offset={offset} is not in [0, 1)')
+  ratios = []
+  for i, b in enumerate(times_b):
+    a = times_a[i]
+    if offset and i + 1 < len(times_a):
+      a = a ** (1 - offset) * times_a[i + 1] ** offset
+    ratios.append(b / a)
   return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios),
           'rounds': len(ratios), 'ratios': ratios}
 
@@ -112,15 +130,16 @@ def compiled_memory(compiled) -> dict | None:
   """What XLA's buffer assignment gives a compiled step, per device (any backend, CPU
   included, where the runtime reports no peak): its arguments, outputs (less those that
   reuse a donated argument's buffer), temporaries, and their sum, the memory one step
-  needs while it runs. None where the backend gives no analysis."""
+  needs while it runs: the footprint of this one executable, not of the process (which
+  also holds other steps' state, generated code and libraries' scratch memory). None
+  where the backend gives no analysis."""
   try:
     m = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError):
+    out = {'argument_bytes': m.argument_size_in_bytes, 'output_bytes': m.output_size_in_bytes,
+           'alias_bytes': m.alias_size_in_bytes, 'temp_bytes': m.temp_size_in_bytes}
+  except (NotImplementedError, AttributeError) as e:  # no analysis, or another API
+    print(f'no memory analysis of the compiled step: {type(e).__name__}: {e}', flush=True)
     return None
-  if m is None:
-    return None
-  out = {'argument_bytes': m.argument_size_in_bytes, 'output_bytes': m.output_size_in_bytes,
-         'alias_bytes': m.alias_size_in_bytes, 'temp_bytes': m.temp_size_in_bytes}
   out['step_bytes'] = (out['argument_bytes'] + out['output_bytes'] - out['alias_bytes']
                        + out['temp_bytes'])
   return out
@@ -205,14 +224,16 @@ def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   compile_s = time.perf_counter() - start
   step_flops_xla = _cost_flops(compiled)
 
-  holder = {'state': state}
+  # Inference holds the variables only, not the optimizer state.
+  holder = {'state': state} if mode == 'train' else {'variables': state.variables()}
+  del state
   if mode == 'train':
     def step():
       holder['state'], metrics = compiled(holder['state'], data)
       jax.block_until_ready(metrics)
   else:
     def step():
-      jax.block_until_ready(compiled(holder['state'].variables(), data['image']))
+      jax.block_until_ready(compiled(holder['variables'], data['image']))
   return Prepared(step, functools.partial(
       _vit_jax_record, module=module, model=model, mode=mode, batch=batch,
       resolution=resolution, dtype=dtype, accum_steps=accum_steps, overrides=overrides,
@@ -273,6 +294,7 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
       'mfu': mfu,
       'mfu_of_best_peak': mfu_of_best_peak,
       'images_per_sec_per_peak_tflops': per_peak,
+      # The device's peak over the process so far (every step built), not this step's.
       'peak_memory_bytes': _peak_memory(),
       'compiled_memory': memory,  # per device, from XLA's buffer assignment
       'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
@@ -401,7 +423,8 @@ def run_interleaved(prepared: list[Prepared], *, steps: int, warmup: int,
                     dtype: str) -> list[dict]:
   """Times the benchmarks' steps in turn (one step of each, `steps` rounds), so that
   frameworks compared share the machine's speed of the moment; on a CPU the matmul peak
-  is probed before the first step and after every step (`_timed`)."""
+  is probed before the first step and after every step (`_timed`). Step i of the round
+  is the i-th of `prepared`."""
   for p in prepared:
     for _ in range(warmup):
       p.step()

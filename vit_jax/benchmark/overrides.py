@@ -41,13 +41,14 @@ def parse(items, flag: str = 'set', name: str | None = None) -> dict:
   return out
 
 
-VARIANT = 'variant'  # the name of a --variant's overrides given without a NAME:
-_NAME = re.compile(r'[A-Za-z][\w\-]*$')
+VARIANT = 'variant'  # the name of the variant made of the --variant items without a NAME
+_NAME = re.compile(r'[A-Za-z][A-Za-z0-9_\-]*')
 
 
 def parse_variants(items) -> dict[str, dict]:
   """`--variant=[NAME:]FIELD=VALUE` strings as {NAME: overrides}, in the order the names
-  first appear; overrides without a NAME form the variant named `VARIANT`.
+  first appear. The items without a NAME form one more variant of their own, named
+  `VARIANT` (they are not shared by the named ones: `--set` is what all steps share).
 
   A FIELD holds no ':', so the NAME is what precedes the first ':' before the '='.
   """
@@ -57,10 +58,11 @@ def parse_variants(items) -> dict[str, dict]:
     name, colon, field = key.partition(':')
     if not colon:
       name, field = VARIANT, key
-    elif not _NAME.match(name):
-      raise app.UsageError(f'--variant={item!r}: a variant NAME starts with a letter and '
-                           "holds letters, digits, '_' and '-', e.g. --variant=bf16:dtype="
-                           "\"'bfloat16'\"")
+    elif not _NAME.fullmatch(name) or name == VARIANT:
+      raise app.UsageError(
+          f'--variant={item!r}: a variant NAME starts with an ASCII letter and holds letters, '
+          f"digits, '_' and '-', and is not {VARIANT!r} (the name of the items without one), "
+          'e.g. --variant=bf16:dtype="\'bfloat16\'"')
     groups.setdefault(name, []).append(f'{field}{sep}{value}')
   return {name: parse(fields, 'variant', None if name == VARIANT else name)
           for name, fields in groups.items()}

@@ -202,15 +202,17 @@ def format_table(records: dict) -> list[str]:
   """Lines of a table: one column per framework (name -> record), seconds per step and
   the share of the profiled wall time."""
   names = list(records)
+  w = max(22, *(len(n) + 2 for n in names))  # a column's width
   lines = ['  where a step goes (seconds per step, share of its wall time; '
            f"profiled over {records[names[0]]['steps']} steps):",
-           '    ' + ' ' * 13 + ''.join(f'{n:>22}' for n in names)]
+           '    ' + ' ' * 13 + ''.join(f'{n:>{w}}' for n in names)]
   for category in (*CATEGORIES, OUTSIDE):
     cells = ''.join(
-        f"{r['seconds'][category]:>14.3f} s {100 * r['seconds'][category] / r['wall_s']:4.0f}%"
+        f"{r['seconds'][category]:>{w - 8}.3f} s "
+        f"{100 * r['seconds'][category] / r['wall_s']:4.0f}%"
         for r in records.values())
     lines.append(f'    {category:<13}{cells}')
-  lines.append('    ' + f"{'wall':<13}" + ''.join(f"{r['wall_s']:>14.3f} s      "
+  lines.append('    ' + f"{'wall':<13}" + ''.join(f"{r['wall_s']:>{w - 8}.3f} s      "
                                                    for r in records.values()))
   for n, r in records.items():
     lines.append(f'  {n}: longest operations')
