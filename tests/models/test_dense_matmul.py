@@ -161,8 +161,57 @@ def test_bf16_vit_train_step_matmuls_run_in_bf16_on_cpu():
   assert len(float32) == 1 and 'f32[192,10]' in float32[0], float32
 
 
+# StableHLO ops that only move, convert or hold values.
+_MOVES = frozenset({
+    'constant', 'convert', 'bitcast_convert', 'reshape', 'transpose', 'broadcast_in_dim',
+    'slice', 'dynamic_slice', 'dynamic_update_slice', 'concatenate', 'pad', 'tuple',
+    'get_tuple_element', 'optimization_barrier', 'while', 'case', 'return', 'iota'})
+
+
+def _computed_in_bf16(stablehlo_text):
+  """(op, result shape) of each StableHLO op that computes a bf16 result, rather than
+  moving or converting one. Before XLA's optimisation: XLA:CPU then rewrites bf16
+  arithmetic into float32 operations with a rounding after each one."""
+  found = []
+  for line in stablehlo_text.splitlines():
+    m = re.search(r'= stablehlo\.(\w+)[ (]', line)
+    result = line.split(' loc(')[0].rsplit('->', 1)[-1].rsplit(':', 1)[-1]
+    types = re.findall(r'tensor<((?:\d+x)*)bf16>', result)
+    if m and types and m.group(1) not in _MOVES:
+      found.append((m.group(1), types[-1].rstrip('x')))
+  return found
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU behaviour')
+def test_bf16_vit_train_step_computes_its_elementwise_work_in_float32():
+  """Under mixed precision, LayerNorm, GELU, softmax, the residual stream and the
+  optimizer compute in float32; bf16 values are matmul operands. A chain of elementwise
+  ops computed in bf16 runs 2x to 4x slower on XLA:CPU than in float32 (the tanh-GELU over
+  ViT-B/16's MLP activations: 7.8 ms against 1.8 ms; BENCHMARKS.md). What remains in bf16
+  is small: the patch embedding's bias and position-embedding adds and their gradients'
+  sums, and the sum of the query, key and value input gradients, one (batch, tokens,
+  width) array per block."""
+  text = _lowered_train_step('bfloat16', num_layers=2).as_text()
+  found = _computed_in_bf16(text)
+  assert {op for op, _ in found} <= {'add', 'reduce', 'convolution'}, found
+  # Nothing in bf16 over the MLP's hidden units (768 for ViT-Ti) or the attention logits
+  # (5 tokens at 32 px: ...x5x5).
+  assert not [(op, shape) for op, shape in found if shape.endswith('x768') or
+              shape.endswith('x5x5')], found
+  assert sum(op == 'add' for op, _ in found) <= 2 + 2 * 2, found  # embedding, 2 blocks
+  # The check sees the failure it guards against: GELU applied to bf16 values.
+  gelu = jax.jit(lambda x: jax.nn.gelu(x.astype(jnp.bfloat16)).astype(jnp.float32))
+  ops = {op for op, _ in _computed_in_bf16(gelu.lower(jnp.ones((4, 8))).as_text())}
+  assert {'tanh', 'multiply'} <= ops, ops
+
+
 def _compiled_train_step(dtype, **overrides):
   """Optimised HLO text of a small ViT's train step (the benchmark's config)."""
+  return _lowered_train_step(dtype, **overrides).compile().as_text()
+
+
+def _lowered_train_step(dtype, **overrides):
+  """A small ViT's train step (the benchmark's config), lowered (jax.stages.Lowered)."""
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
   from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -174,7 +223,7 @@ def _compiled_train_step(dtype, **overrides):
       {'image': rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
        'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, 4)]},
       trainer.batch_sharding)
-  return trainer.lower_train_step(trainer.init_state(), data).compile().as_text()
+  return trainer.lower_train_step(trainer.init_state(), data)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU behaviour')
