@@ -96,6 +96,17 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
   top = r['profile']['top_ops']
   assert len(top) >= 5 and any('/' in op['source'] for op in top), top
   assert 'where a step goes' in stdout and 'timm eager: longest operations' in stdout
+  # vit_jax's time by part of the model: the same shared time as the categories, split by
+  # module path and pass; the two unrolled blocks counted together.
+  parts = {p['part']: p for p in r['profile']['parts']}
+  assert sum(p['seconds'] for p in parts.values()) == pytest.approx(
+      sum(v for k, v in r['profile']['seconds'].items() if k != 'outside ops'), rel=1e-6)
+  mlp = parts['Transformer/encoderblock/MlpBlock_0']
+  assert mlp['forward'] > 0 and mlp['backward'] > 0
+  assert not any('encoderblock_' in name for name in parts)
+  outside = parts['outside the model (loss, optimizer)']
+  assert outside['seconds'] > 0 and outside['forward'] is None and outside['backward'] is None
+  assert 'vit_jax: by part of the model' in stdout and 'timm eager: by part' not in stdout
 
 
 def test_peak_is_probed_before_the_first_step_and_after_each():

@@ -136,6 +136,32 @@ def test_xla_breakdown_of_a_step_with_a_matmul_attention_and_elementwise_work():
   assert any(line.split()[:1] == ['attention'] for line in lines), lines
 
 
+@pytest.mark.parametrize('op_name, part', [
+    ('jit(train_step)/jvp(VisionTransformer)/Transformer/Transformer._scanned/while/body/'
+     'closed_call/encoderblock/encoderblock._forward/MlpBlock_0/Dense_1/dot_general',
+     ('Transformer/encoderblock/MlpBlock_0', 'forward')),
+    ('jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/Transformer._scanned/'
+     'while/body/closed_call/checkpoint/rematted_computation/encoderblock/'
+     'encoderblock._forward/LayerNorm_0/reduce_sum',
+     ('Transformer/encoderblock/LayerNorm_0', 'recomputed')),
+    ('jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/encoderblock_11/'
+     'MultiHeadDotProductAttention_0/query/dot_general',
+     ('Transformer/encoderblock/MultiHeadDotProductAttention_0', 'backward')),
+    ('jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/Transformer._scanned/'
+     'while/body/jit(dynamic_update_index_in_dim)/dynamic_update_slice',
+     ('Transformer', 'backward')),
+    ('jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/jvp(VisionTransformer)/'
+     'Transformer/checkpoint/encoderblock_1/encoderblock_1._forward/MlpBlock_0/Dense_1/'
+     'cond/branch_0_fun/transpose', ('Transformer/encoderblock/MlpBlock_0', 'backward')),
+    ('jit(train_step)/jvp(VisionTransformer)/add', ('VisionTransformer', 'forward')),
+    ('jit(train_step)/jit(clip)/min', (step_profile.OUTSIDE_MODEL, '')),
+    ('', (step_profile.NO_SOURCE, '')),
+])
+def test_each_operation_is_put_in_the_part_of_the_model_it_comes_from(op_name, part):
+  rest = f'%x), metadata={{op_name="{op_name}" stack_frame_id=3}}' if op_name else '%x)'
+  assert step_profile._part(rest) == part  # pylint: disable=protected-access
+
+
 def test_torch_breakdown_puts_aten_operations_in_the_same_categories():
   from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
   torch = torch_import.torch()

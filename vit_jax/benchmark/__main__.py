@@ -14,7 +14,8 @@ Modes:
     one step of each framework in turn (a shared machine's speed drifts).
   infer: the same for the inference forward pass.
   --profile (train/infer, CPU): then where a step's time goes, by kind of operation
-    (matmul, attention, elementwise, copies), for vit_jax and timm eager side by side
+    (matmul, attention, elementwise, copies), for vit_jax and timm eager side by side,
+    and for vit_jax by part of the model and pass (forward, recomputed, backward)
     (`step_profile`).
   --variant=[NAME:]FIELD=VALUE (train/infer, repeatable): one more vit_jax step per
     variant, with these config overrides (as --set: a model field, or a dotted path such

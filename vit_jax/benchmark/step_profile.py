@@ -17,6 +17,11 @@ TPU, read the trace in XProf instead.
 
 timm (PyTorch eager): `torch.profiler`'s self CPU time of each `aten::` operation, in the
 same categories; eager PyTorch runs one operation at a time (each on every core).
+
+For vit_jax the same shared times are also summed by part of the model (`parts`): the
+module path in each instruction's op_name (the blocks of a stack together) and the pass,
+forward, recomputed under remat, or backward; the loss and the optimizer are outside the
+model.
 """
 
 import collections
@@ -93,6 +98,52 @@ def _source(rest: str) -> str:
   return '/'.join(m.group(1).split('/')[-3:]) if m else ''
 
 
+OUTSIDE_MODEL = 'outside the model (loss, optimizer)'
+NO_SOURCE = 'no source (copies XLA added)'
+DIRECTIONS = ('forward', 'recomputed', 'backward')
+TOP_PARTS = 12
+_MODEL = re.compile(r'^(?:transpose\()?jvp\(([A-Z]\w*)\)\)?$')
+_WRAPPERS = re.compile(r'^(while|body|closed_call|checkpoint|rematted_computation|cond|'
+                       r'branch_\d+_fun|remat|scan|jit\(.*\)|.*\._\w+)$')
+_REPEATED = re.compile(r'^([a-z][a-z0-9]*)_\d+$')  # encoderblock_3: one of a stack
+
+
+def _part(rest: str) -> tuple[str, str]:
+  """The part of the model an instruction comes from and the pass it belongs to, from its
+  op_name: the model's module path (repeated blocks counted together, at most three
+  levels: 'Transformer/encoderblock/MlpBlock_0'), and 'forward', 'recomputed' (under
+  remat) or 'backward' ('' outside the model). Work outside the model's apply is `OUTSIDE_MODEL`; an instruction
+  without an op_name (a copy XLA added) is `NO_SOURCE`."""
+  m = re.search(r'op_name="([^"]*)"', rest)
+  if not m:
+    return NO_SOURCE, ''
+  segments = m.group(1).split('/')
+  models = [i for i, s in enumerate(segments) if _MODEL.match(s)]
+  if not models:
+    return OUTSIDE_MODEL, ''
+  backward = segments[models[0]].startswith('transpose(')
+  direction = ('recomputed' if backward and 'rematted_computation' in segments
+               else 'backward' if backward else 'forward')
+  # Under remat the backward pass traces the model again: its path restarts after the
+  # last 'jvp(Model)' ('.../transpose(jvp(M))/Transformer/jvp(M)/Transformer/...').
+  path = [_REPEATED.sub(r'\1', s) for s in segments[models[-1] + 1:-1]
+          if not _WRAPPERS.match(s)]
+  return '/'.join(path[:3]) or _MODEL.match(segments[models[-1]]).group(1), direction
+
+
+def _named_rest(name: str, instructions: dict, computations: dict) -> str:
+  """The instruction's line, or for a fusion without an op_name of its own, the line of
+  the last instruction it calls that has one (its root, where that has one)."""
+  rest = instructions[name][1]
+  if 'op_name="' in rest or instructions[name][0] != 'fusion':
+    return rest
+  for called in re.findall(r'calls=%([^\s,]+)', rest):
+    for inner in reversed(computations.get(called, ())):
+      if 'op_name="' in instructions[inner][1]:
+        return instructions[inner][1]
+  return rest
+
+
 def _shared_wall_time(events: list[dict]) -> collections.Counter:
   """Per event name, its wall time with time shared equally among the events that run at
   once (a sweep over the events' starts and ends)."""
@@ -111,10 +162,20 @@ def _shared_wall_time(events: list[dict]) -> collections.Counter:
   return shared
 
 
-def _record(categories: dict, wall_s: float, steps: int, top: list) -> dict:
+def _record(categories: dict, wall_s: float, steps: int, top: list,
+            parts: dict | None = None) -> dict:
   per_step = {c: categories.get(c, 0.0) / steps for c in CATEGORIES}
   per_step[OUTSIDE] = max(wall_s - sum(per_step.values()), 0.0)
-  return {'steps': steps, 'wall_s': wall_s, 'seconds': per_step, 'top_ops': top}
+  record = {'steps': steps, 'wall_s': wall_s, 'seconds': per_step, 'top_ops': top}
+  if parts is not None:
+    # Seconds per step of each part of the model, by pass, longest first.
+    # None for the passes of work outside the model.
+    record['parts'] = [
+        {'part': part, **{d: (by_pass.get(d, 0.0) / steps if set(by_pass) - {''} else None)
+                          for d in DIRECTIONS},
+         'seconds': sum(by_pass.values()) / steps}
+        for part, by_pass in sorted(parts.items(), key=lambda kv: -sum(kv[1].values()))]
+  return record
 
 
 def xla_breakdown(step: Callable[[], None], hlo_text: str, steps: int = 2) -> dict:
@@ -144,14 +205,17 @@ def xla_breakdown(step: Callable[[], None], hlo_text: str, steps: int = 2) -> di
   shared = _shared_wall_time(events)
   calls = collections.Counter(e['name'] for e in events)
   categories = collections.Counter()
+  parts = collections.defaultdict(collections.Counter)
   top = []
   for name, micros in shared.most_common():
     category = _category(name, instructions, computations)
     categories[category] += micros / 1e6
+    part, direction = _part(_named_rest(name, instructions, computations))
+    parts[part][direction] += micros / 1e6
     if len(top) < TOP_OPS:
       top.append({'op': name, 'category': category, 'seconds': micros / 1e6 / steps,
                   'calls': calls[name] // steps, 'source': _source(instructions[name][1])})
-  return _record(categories, wall_s, steps, top)
+  return _record(categories, wall_s, steps, top, parts)
 
 
 _TORCH_MATMUL = frozenset({
@@ -215,6 +279,19 @@ def format_table(records: dict) -> list[str]:
   lines.append('    ' + f"{'wall':<13}" + ''.join(f"{r['wall_s']:>{w - 8}.3f} s      "
                                                    for r in records.values()))
   for n, r in records.items():
+    if r.get('parts'):
+      lines.append(f'  {n}: by part of the model (seconds per step; blocks together)')
+      pw = min(64, max(len(p['part']) for p in r['parts']) + 2)  # the part's column
+      lines.append(f"    {'':<{pw}}" + ''.join(f'{d:>11}' for d in (*DIRECTIONS, 'total')))
+      shown = r['parts'][:TOP_PARTS]
+      rest = r['parts'][TOP_PARTS:]
+      if rest:
+        shown = shown + [{'part': f'{len(rest)} more parts', **{
+            k: sum(p[k] or 0.0 for p in rest) for k in (*DIRECTIONS, 'seconds')}}]
+      for p in shown:
+        lines.append(f"    {p['part'][:pw]:<{pw}}" + ''.join(
+            f'{p[k]:>9.3f} s' if p[k] is not None else f"{'-':>11}"
+            for k in (*DIRECTIONS, 'seconds')))
     lines.append(f'  {n}: longest operations')
     for op in r['top_ops'][:5]:
       lines.append(f"    {op['seconds'] * 1e3:8.1f} ms x{op['calls']:<3} {op['category']:<11} "
