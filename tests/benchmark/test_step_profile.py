@@ -149,7 +149,15 @@ def test_xla_breakdown_of_a_step_with_a_matmul_attention_and_elementwise_work():
      ('Transformer/encoderblock/MultiHeadDotProductAttention_0', 'backward')),
     ('jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/Transformer._scanned/'
      'while/body/jit(dynamic_update_index_in_dim)/dynamic_update_slice',
-     ('Transformer', 'backward')),
+     ('Transformer' + step_profile.SCAN_LOOP, 'backward')),
+    ('jit(<lambda>)/VisionTransformer/Transformer/encoderblock_3/encoderblock_3._forward/'
+     'MlpBlock_0/Dense_0/dot_general', ('Transformer/encoderblock/MlpBlock_0', 'forward')),
+    ('jit(train_step)/jvp(ResNetV1)/layer1/block_0/block_0.finish/conv_proj/conv',
+     ('layer/block/conv_proj', 'forward')),
+    ('jit(train_step)/transpose(jvp(VisionTransformer))/block1/unit02/gn1/reduce_sum',
+     ('block/unit/gn1', 'backward')),
+    ('jit(train_step)/jvp(SwinTransformer)/layers_2/blocks_1/norm2/mul',
+     ('layers/blocks/norm2', 'forward')),
     ('jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/jvp(VisionTransformer)/'
      'Transformer/checkpoint/encoderblock_1/encoderblock_1._forward/MlpBlock_0/Dense_1/'
      'cond/branch_0_fun/transpose', ('Transformer/encoderblock/MlpBlock_0', 'backward')),

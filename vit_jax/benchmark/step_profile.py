@@ -99,26 +99,43 @@ def _source(rest: str) -> str:
 
 
 OUTSIDE_MODEL = 'outside the model (loss, optimizer)'
-NO_SOURCE = 'no source (copies XLA added)'
+NO_SOURCE = 'no op_name (added by XLA)'
+SCAN_LOOP = ' (scan loop: layer slices, saved values, fills)'
 DIRECTIONS = ('forward', 'recomputed', 'backward')
 TOP_PARTS = 12
 _MODEL = re.compile(r'^(?:transpose\()?jvp\(([A-Z]\w*)\)\)?$')
-_WRAPPERS = re.compile(r'^(while|body|closed_call|checkpoint|rematted_computation|cond|'
-                       r'branch_\d+_fun|remat|scan|jit\(.*\)|.*\._\w+)$')
-_REPEATED = re.compile(r'^([a-z][a-z0-9]*)_\d+$')  # encoderblock_3: one of a stack
+_MODULE = re.compile(r'^[A-Za-z_][\w\-]*$')  # a module's name (not a transform or method)
+_NOT_MODULES = frozenset({'while', 'body', 'closed_call', 'checkpoint', 'rematted_computation',
+                          'cond', 'remat', 'remat2', 'scan', 'custom_jvp_call',
+                          'custom_vjp_call'})
+# One of a stack: encoderblock_3, layers_0 (lowercase, '_', a number), and unit01, block1
+# where they hold other modules; norm1 and norm2 (two layers of one block), Dense_1 and
+# MlpBlock_0 stay as they are.
+_REPEATED = re.compile(r'^([a-z][a-z]*?)_\d+$')
+_REPEATED_PARENT = re.compile(r'^([a-z][a-z]*?)\d+$')
 
 
 def _part(rest: str) -> tuple[str, str]:
   """The part of the model an instruction comes from and the pass it belongs to, from its
-  op_name: the model's module path (repeated blocks counted together, at most three
-  levels: 'Transformer/encoderblock/MlpBlock_0'), and 'forward', 'recomputed' (under
-  remat) or 'backward' ('' outside the model). Work outside the model's apply is `OUTSIDE_MODEL`; an instruction
-  without an op_name (a copy XLA added) is `NO_SOURCE`."""
+  op_name.
+
+  The part is the model's module path, at most three levels
+  ('Transformer/encoderblock/MlpBlock_0'), with the blocks of a stack counted together.
+  The work of a scan over the blocks outside their modules (slicing each layer's
+  parameters, writing the saved values, filling the stacked buffers) is the loop's
+  module path plus `SCAN_LOOP`. The pass is 'forward', 'recomputed' (the forward ops
+  that a remat policy recomputes, where XLA keeps them apart from the backward ops they
+  feed) or 'backward'; it is '' for work outside the model's apply (`OUTSIDE_MODEL`) and
+  for instructions without an op_name (`NO_SOURCE`).
+  """
   m = re.search(r'op_name="([^"]*)"', rest)
   if not m:
     return NO_SOURCE, ''
   segments = m.group(1).split('/')
   models = [i for i, s in enumerate(segments) if _MODEL.match(s)]
+  if not models and len(segments) > 2 and segments[0].startswith('jit(') and re.match(
+      r'^[A-Z]\w*$', segments[1]):
+    models = [1]  # inference: jit(f)/Model/... with no jvp
   if not models:
     return OUTSIDE_MODEL, ''
   backward = segments[models[0]].startswith('transpose(')
@@ -126,9 +143,18 @@ def _part(rest: str) -> tuple[str, str]:
                else 'backward' if backward else 'forward')
   # Under remat the backward pass traces the model again: its path restarts after the
   # last 'jvp(Model)' ('.../transpose(jvp(M))/Transformer/jvp(M)/Transformer/...').
-  path = [_REPEATED.sub(r'\1', s) for s in segments[models[-1] + 1:-1]
-          if not _WRAPPERS.match(s)]
-  return '/'.join(path[:3]) or _MODEL.match(segments[models[-1]]).group(1), direction
+  path, in_loop = [], False
+  for s in segments[models[-1] + 1:-1]:
+    if s == 'while':
+      in_loop = True
+    if _MODULE.match(s) and s not in _NOT_MODULES and not re.match(r'^branch_\d+_fun$', s):
+      if path:
+        path[-1] = _REPEATED_PARENT.sub(r'\1', path[-1])  # it holds this module
+      path.append(_REPEATED.sub(r'\1', s))
+      in_loop = False
+  model = segments[models[-1]]
+  name = '/'.join(path[:3]) or (_MODEL.match(model).group(1) if _MODEL.match(model) else model)
+  return name + (SCAN_LOOP if in_loop else ''), direction
 
 
 def _named_rest(name: str, instructions: dict, computations: dict) -> str:
@@ -285,9 +311,13 @@ def format_table(records: dict) -> list[str]:
       lines.append(f"    {'':<{pw}}" + ''.join(f'{d:>11}' for d in (*DIRECTIONS, 'total')))
       shown = r['parts'][:TOP_PARTS]
       rest = r['parts'][TOP_PARTS:]
-      if rest:
+      if len(rest) == 1:
+        shown = r['parts']
+      elif rest:
         shown = shown + [{'part': f'{len(rest)} more parts', **{
-            k: sum(p[k] or 0.0 for p in rest) for k in (*DIRECTIONS, 'seconds')}}]
+            k: (sum(p[k] for p in rest if p[k] is not None)
+                if any(p[k] is not None for p in rest) else None)
+            for k in (*DIRECTIONS, 'seconds')}}]
       for p in shown:
         lines.append(f"    {p['part'][:pw]:<{pw}}" + ''.join(
             f'{p[k]:>9.3f} s' if p[k] is not None else f"{'-':>11}"
