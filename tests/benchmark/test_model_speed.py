@@ -376,6 +376,47 @@ def test_each_config_is_checked_once_and_the_checked_one_is_built():
   assert "checked 3 built ['auto', 'full', 'dots']" in proc.stdout
 
 
+def test_a_step_that_cannot_fit_is_named_before_any_step_runs():
+  """With every step built (each variant holds its own train state), the largest step's
+  temporaries must fit in what is free; otherwise the run stops before the timing."""
+  code = textwrap.dedent('''
+      import runpy, sys
+      from vit_jax.benchmark import model_speed
+      model_speed.free_memory = lambda: (1 << 20, 'free in the test')
+      def timed(*args, **kwargs):
+        raise AssertionError('a step was timed')
+      model_speed.run_interleaved = timed
+      sys.argv = ['vit_jax.benchmark', '--model=ViT-Ti/16', '--set=num_layers=2',
+                  '--batch=2', '--resolution=32', '--mode=train',
+                  "--variant=keep:remat_policy=None"]
+      runpy.run_module('vit_jax.benchmark', run_name='__main__')
+  ''')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert proc.returncode != 0
+  assert re.search(r'the vit_jax keep step needs [\d.]+ GiB beyond its arguments while it '
+                   r'runs, and 0.00 GiB is free in the test with the 2 steps built: time '
+                   r'fewer --variant steps', proc.stderr), subprocess_env.failure(proc)
+  assert 'a step was timed' not in proc.stderr
+
+
+def test_step_memory_check_passes_what_fits(monkeypatch):
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  mem = lambda temp: {'temp_bytes': temp, 'output_bytes': 10, 'alias_bytes': 10}  # noqa: E731
+  steps = [model_speed.Prepared(None, None, memory=mem(100)),
+           model_speed.Prepared(None, None, memory=mem(300)),
+           model_speed.Prepared(None, None)]  # a timm step: no analysis
+  free, _ = model_speed.free_memory()
+  assert free is None or free > 0  # the host's available memory on CPU
+  monkeypatch.setattr(model_speed, 'free_memory', lambda: (300, 'free'))
+  model_speed.check_step_memory(steps, ['a', 'b', 'timm'])  # the largest needs 300
+  monkeypatch.setattr(model_speed, 'free_memory', lambda: (299, 'free'))
+  with pytest.raises(MemoryError, match='the b step needs'):
+    model_speed.check_step_memory(steps, ['a', 'b', 'timm'])
+  monkeypatch.setattr(model_speed, 'free_memory', lambda: (None, 'unknown'))
+  model_speed.check_step_memory(steps, ['a', 'b', 'timm'])
+
+
 def test_variant_names_group_their_overrides():
   from absl import app  # pylint: disable=g-import-not-at-top
   assert overrides_lib.parse_variants(

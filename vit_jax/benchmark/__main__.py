@@ -159,6 +159,11 @@ def model_main():
   prepared = [model_speed.prepare_vit_jax(**kwargs, accum_steps=_ACCUM.value, overrides=o,
                                           config=c)
               for o, c in zip(configs, checked)] + prepared
+  try:  # every state is allocated now: a step that cannot run fails here, not midway
+    model_speed.check_step_memory(
+        prepared, ['vit_jax'] + [f'vit_jax {n}' for n in variants])
+  except MemoryError as e:
+    raise app.UsageError(str(e)) from e
   # One step of each framework per round: all see the machine's speed of the moment.
   r, *baselines = model_speed.run_interleaved(prepared, steps=steps, warmup=_WARMUP.value,
                                               dtype=_DTYPE.value)

@@ -234,12 +234,13 @@ def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   else:
     def step():
       jax.block_until_ready(compiled(holder['variables'], data['image']))
+  memory = compiled_memory(compiled)
   return Prepared(step, functools.partial(
       _vit_jax_record, module=module, model=model, mode=mode, batch=batch,
       resolution=resolution, dtype=dtype, accum_steps=accum_steps, overrides=overrides,
       compile_s=compile_s, step_flops_xla=step_flops_xla, mesh=dict(mesh.shape),
-      memory=compiled_memory(compiled)),
-      profile=lambda: step_profile.xla_breakdown(step, compiled.as_text()))
+      memory=memory),
+      profile=lambda: step_profile.xla_breakdown(step, compiled.as_text()), memory=memory)
 
 
 def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dtype,
@@ -417,6 +418,44 @@ class Prepared:
   step: Callable[[], None]
   finish: Callable[[list, list], dict]
   profile: Callable[[], dict] | None = None
+  memory: dict | None = None  # `compiled_memory` of a vit_jax step
+
+
+def free_memory() -> tuple[int | None, str]:
+  """Bytes a step can still allocate, and where that figure comes from: the device's
+  pool less what is in use (GPU, TPU), or the host's available memory (CPU). None where
+  neither is known."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return stats['bytes_limit'] - stats.get('bytes_in_use', 0), 'free in the device pool'
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024, "of the host's available memory"
+  except OSError:
+    pass
+  return None, 'unknown'
+
+
+def check_step_memory(prepared: list[Prepared], names: list[str]) -> None:
+  """Raises MemoryError, before any step runs, when the largest of the steps needs more
+  memory beyond its arguments (temporaries, outputs that do not reuse a donated buffer)
+  than is free now that every step's state is allocated: several variants each hold their
+  own train state, and the run would otherwise fail in the middle of the timing."""
+  free, where = free_memory()
+  needs = [(p.memory['temp_bytes'] + p.memory['output_bytes'] - p.memory['alias_bytes'], n)
+           for p, n in zip(prepared, names) if p.memory]
+  if free is None or not needs:
+    return
+  need, name = max(needs)
+  if need > free:
+    gib = lambda b: f'{b / 2**30:.2f} GiB'  # noqa: E731
+    raise MemoryError(
+        f'the {name} step needs {gib(need)} beyond its arguments while it runs, and '
+        f'{gib(free)} is {where} with the {len(prepared)} steps built: time fewer '
+        '--variant steps per run, a smaller --batch, or a remat policy that keeps less '
+        "(--set=remat_policy=\"'full'\")")
 
 
 def run_interleaved(prepared: list[Prepared], *, steps: int, warmup: int,
