@@ -153,14 +153,20 @@ def test_xla_breakdown_of_a_step_with_a_matmul_attention_and_elementwise_work():
     ('jit(<lambda>)/VisionTransformer/Transformer/encoderblock_3/encoderblock_3._forward/'
      'MlpBlock_0/Dense_0/dot_general', ('Transformer/encoderblock/MlpBlock_0', 'forward')),
     ('jit(train_step)/jvp(ResNetV1)/layer1/block_0/block_0.finish/conv_proj/conv',
-     ('layer/block/conv_proj', 'forward')),
+     ('layer1/block/conv_proj', 'forward')),
     ('jit(train_step)/transpose(jvp(VisionTransformer))/block1/unit02/gn1/reduce_sum',
-     ('block/unit/gn1', 'backward')),
+     ('block1/unit/gn1', 'backward')),
     ('jit(train_step)/jvp(SwinTransformer)/layers_2/blocks_1/norm2/mul',
-     ('layers/blocks/norm2', 'forward')),
+     ('layers_2/blocks/norm2', 'forward')),
     ('jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/jvp(VisionTransformer)/'
      'Transformer/checkpoint/encoderblock_1/encoderblock_1._forward/MlpBlock_0/Dense_1/'
      'cond/branch_0_fun/transpose', ('Transformer/encoderblock/MlpBlock_0', 'backward')),
+    ('jit(train_step)/jvp(VisionTransformer)/Transformer/Transformer._scan_over_blocks/while/'
+     'body/closed_call/encoderblock/encoderblock._forward/MlpBlock_0/Dense_1/dot_general',
+     ('Transformer/encoderblock/MlpBlock_0', 'forward')),
+    ('jit(train_step)/jvp(Res2Net)/layer3/block_4/convs_2/conv', ('layer3/block/convs', 'forward')),
+    ('jit(train_step)/jvp(SwinTransformer)/layers_1/downsample/reduction/dot_general',
+     ('layers_1/downsample/reduction', 'forward')),
     ('jit(train_step)/jvp(VisionTransformer)/add', ('VisionTransformer', 'forward')),
     ('jit(train_step)/jit(clip)/min', (step_profile.OUTSIDE_MODEL, '')),
     ('', (step_profile.NO_SOURCE, '')),

@@ -110,7 +110,9 @@ _NOT_MODULES = frozenset({'while', 'body', 'closed_call', 'checkpoint', 'rematte
                           'custom_vjp_call'})
 # One of a stack: encoderblock_3, layers_0 (lowercase, '_', a number), and unit01, block1
 # where they hold other modules; norm1 and norm2 (two layers of one block), Dense_1 and
-# MlpBlock_0 stay as they are.
+# MlpBlock_0 stay as they are. A stack at the model's top level is a stack of stages
+# (Swin's layers_2, ResNet's layer1, BiT's block1), which differ in width: its members
+# stay apart.
 _REPEATED = re.compile(r'^([a-z][a-z]*?)_\d+$')
 _REPEATED_PARENT = re.compile(r'^([a-z][a-z]*?)\d+$')
 
@@ -120,7 +122,8 @@ def _part(rest: str) -> tuple[str, str]:
   op_name.
 
   The part is the model's module path, at most three levels
-  ('Transformer/encoderblock/MlpBlock_0'), with the blocks of a stack counted together.
+  ('Transformer/encoderblock/MlpBlock_0'), with the blocks of a stack counted together
+  (the stages of the model's top level stay apart: Swin's 'layers_2/blocks/mlp').
   The work of a scan over the blocks outside their modules (slicing each layer's
   parameters, writing the saved values, filling the stacked buffers) is the loop's
   module path plus `SCAN_LOOP`. The pass is 'forward', 'recomputed' (the forward ops
@@ -148,9 +151,9 @@ def _part(rest: str) -> tuple[str, str]:
     if s == 'while':
       in_loop = True
     if _MODULE.match(s) and s not in _NOT_MODULES and not re.match(r'^branch_\d+_fun$', s):
-      if path:
+      if len(path) > 1:
         path[-1] = _REPEATED_PARENT.sub(r'\1', path[-1])  # it holds this module
-      path.append(_REPEATED.sub(r'\1', s))
+      path.append(_REPEATED.sub(r'\1', s) if path else s)
       in_loop = False
   model = segments[models[-1]]
   name = '/'.join(path[:3]) or (_MODEL.match(model).group(1) if _MODEL.match(model) else model)

@@ -250,7 +250,8 @@ class Encoder(nn.Module):
     stacked = scan_layout.stack_layers({'Transformer': {
         f'encoderblock_{i}': params[f'encoderblock_{i}'] for i in range(self.num_layers)}})
     stacked = stacked['Transformer']['encoderblock']
-    block = ScannedEncoderBlock(**self._block_kwargs())
+    # Named as the stacked layout's block, so that profiles and traces say 'encoderblock'.
+    block = ScannedEncoderBlock(**self._block_kwargs(), name='encoderblock')
     stochastic = self._stochastic(train)
 
     def body(x, layer):
