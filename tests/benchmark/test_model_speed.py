@@ -394,8 +394,8 @@ def test_a_step_that_cannot_fit_is_named_before_any_step_runs():
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
   assert proc.returncode != 0
-  assert re.search(r'the vit_jax keep step needs [\d.]+ GiB beyond its arguments while it '
-                   r'runs, and 0.00 GiB is free in the test with the 2 steps built: time '
+  assert re.search(r'the vit_jax keep step needs [\d.]+ [GM]iB beyond its arguments while '
+                   r'it runs, and 1.0 MiB is free in the test with the 2 steps built: time '
                    r'fewer --variant steps', proc.stderr), subprocess_env.failure(proc)
   assert 'a step was timed' not in proc.stderr
 
@@ -568,3 +568,10 @@ def test_timm_accumulates_over_the_same_micro_batches():
     torch.nn.functional.cross_entropy = forward
     torch.optim.AdamW.step = step
   assert batches == [2, 2] and len(updates) == 1
+
+
+def test_byte_sizes_are_given_in_mebibytes_below_a_gibibyte():
+  assert model_speed.format_bytes(0) == '0.0 MiB'
+  assert model_speed.format_bytes(2**30 - 2**19) == '1023.5 MiB'
+  assert model_speed.format_bytes(2**30) == '1.00 GiB'
+  assert model_speed.format_bytes(int(2.5 * 2**30)) == '2.50 GiB'

@@ -85,7 +85,8 @@ def _fmt_memory(r: dict) -> str:
   m = r['compiled_memory']
   if not m:
     return '  memory: no analysis from this backend'
-  size = lambda n: f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'  # noqa: E731
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  size = model_speed.format_bytes
   return (f"  memory (XLA's buffer assignment, per device): the step needs "
           f"{size(m['step_bytes'])}: arguments {size(m['argument_bytes'])}, temporaries "
           f"{size(m['temp_bytes'])}, outputs {size(m['output_bytes'] - m['alias_bytes'])} "
@@ -186,8 +187,8 @@ def model_main():
        else f"  MFU not measured ({r['peak_source']})")
       + (f"; {r['mfu_of_best_peak']:.3f} of the best step's peak"
          if r['mfu_of_best_peak'] is not None and r['peak_flops_per_sec_per_step'] else '')
-      + (f"; the device's peak memory in this process {r['peak_memory_bytes'] / 2**30:.2f}"
-         ' GiB' if r['peak_memory_bytes'] else ''),
+      + ("; the device's peak memory in this process "
+         f"{model_speed.format_bytes(r['peak_memory_bytes'])}" if r['peak_memory_bytes'] else ''),
       _fmt_memory(r)]
   for k, v in enumerate(timed_variants, 1):  # step k of each round's len(prepared)
     ratio = v['step_time_vs_vit_jax'] = model_speed.paired_ratio(

@@ -438,6 +438,11 @@ def free_memory() -> tuple[int | None, str]:
   return None, 'unknown'
 
 
+def format_bytes(n: int) -> str:
+  """'1.09 GiB' from a gibibyte up, else '995.3 MiB'."""
+  return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
+
+
 def check_step_memory(prepared: list[Prepared], names: list[str]) -> None:
   """Raises MemoryError, before any step runs, when the largest of the steps needs more
   memory beyond its arguments (temporaries, outputs that do not reuse a donated buffer)
@@ -450,10 +455,9 @@ def check_step_memory(prepared: list[Prepared], names: list[str]) -> None:
     return
   need, name = max(needs)
   if need > free:
-    gib = lambda b: f'{b / 2**30:.2f} GiB'  # noqa: E731
     raise MemoryError(
-        f'the {name} step needs {gib(need)} beyond its arguments while it runs, and '
-        f'{gib(free)} is {where} with the {len(prepared)} steps built: time fewer '
+        f'the {name} step needs {format_bytes(need)} beyond its arguments while it runs, '
+        f'and {format_bytes(free)} is {where} with the {len(prepared)} steps built: time fewer '
         '--variant steps per run, a smaller --batch, or a remat policy that keeps less '
         "(--set=remat_policy=\"'full'\")")
 
