@@ -571,6 +571,7 @@ def test_timm_accumulates_over_the_same_micro_batches():
 
 
 def test_byte_sizes_are_given_in_mebibytes_below_a_gibibyte():
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
   assert model_speed.format_bytes(0) == '0.0 MiB'
   assert model_speed.format_bytes(2**30 - 2**19) == '1023.5 MiB'
   assert model_speed.format_bytes(2**30) == '1.00 GiB'
