@@ -113,6 +113,49 @@ def parse(spec: str) -> Op:
       the closest names) or arguments the op does not take (the message names the op
       and its signature).
   """
+  ops = _build(spec)
+  # `decode|inception_crop` -> `inception_crop` on the encoded image (window-only JPEG).
+  fused = []
+  for i, (name, bound, op) in enumerate(ops):
+    if (name == 'decode' and bound.arguments.get('channels', 3) == 3
+        and i + 1 < len(ops) and ops[i + 1][2].accepts_encoded_jpeg):
+      continue
+    fused.append(op)
+
+  def fn(example: Example) -> Example:
+    for op in fused:
+      example = op(example)
+    return example
+  return fn
+
+
+# The ops that set the image's height and width, from their `size` argument.
+_SIZE_OPS = ('inception_crop', 'random_resized_crop', 'resize', 'central_crop')
+
+
+def output_spec(spec: str) -> tuple[tuple[int, int] | None, str | None, int | None]:
+  """What a spec makes of any image, read from its ops without running them:
+  ((height, width), the op that sets them, the onehot op's num_classes).
+
+  The size is None where the spec does not fix it (no resize or crop, or a
+  `resize_small` after the last one); num_classes is None without an `onehot`.
+  Raises ValueError as `parse` does.
+  """
+  size, size_op, num_classes = None, None, None
+  for name, bound, _ in _build(spec):
+    bound.apply_defaults()
+    if name in _SIZE_OPS:
+      s = bound.arguments['size']
+      size, size_op = ((s, s) if isinstance(s, int) else tuple(s)), name
+    elif name == 'resize_small':
+      size, size_op = None, name
+    elif name == 'onehot':
+      num_classes = bound.arguments['num_classes']
+  return size, size_op, num_classes
+
+
+def _build(spec: str) -> list:
+  """[(op name, its bound arguments, the op)] for each op of the spec, checked."""
   ops = []
   for piece in _split_top_level(spec):
     name, args, kwargs = _parse_call(piece, spec)
@@ -130,20 +173,7 @@ def parse(spec: str) -> Op:
       raise ValueError(f'Bad arguments for preprocessing op {name!r} in {piece!r}: {e}. '
                        f'It takes {name}{_plain(signature)}.') from e
     ops.append((name, bound, op))
-
-  # `decode|inception_crop` -> `inception_crop` on the encoded image (window-only JPEG).
-  fused = []
-  for i, (name, bound, op) in enumerate(ops):
-    if (name == 'decode' and bound.arguments.get('channels', 3) == 3
-        and i + 1 < len(ops) and ops[i + 1][2].accepts_encoded_jpeg):
-      continue
-    fused.append(op)
-
-  def fn(example: Example) -> Example:
-    for op in fused:
-      example = op(example)
-    return example
-  return fn
+  return ops
 
 
 def without_ops(spec: str, names) -> str:

@@ -13,8 +13,8 @@ Families: ViT (and hybrids), Swin ('Swin-T', ...), ResNet/ResNeXt ('ResNet-50',
 """
 
 from vit_jax.models.posemb import resample_posemb
-from vit_jax.models.registry import (create, families, family_of, field_docs, get_config,
-                                     list_models)
+from vit_jax.models.registry import (create, differs_from_its_name, families, family_of,
+                                     field_docs, get_config, list_models)
 from vit_jax.models.scan_layout import stack_layers, unstack_layers
 from vit_jax.models.summary import (abstract_params, abstract_variables, analytic_flops,
                                     as_variables, forward_flops, init_params,

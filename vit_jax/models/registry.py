@@ -205,6 +205,58 @@ def get_config(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_REGISTRY[name].to_dict())
 
 
+def _patch_size(value) -> tuple[int, int]:
+  """(rows, cols) from 16, (16,) (a one-value override: --config.model.patch_size=16) or
+  (16, 16); ValueError for anything else."""
+  patch = (value,) if isinstance(value, int) else tuple(value)
+  if len(patch) == 1:
+    patch = patch * 2
+  if len(patch) != 2 or not all(isinstance(p, int) and p > 0 for p in patch):
+    raise ValueError(f'patch_size={value!r} must be one or two positive ints (pixels per '
+                     'patch), e.g. 16 or (16, 16)')
+  return patch
+
+
+# The fields that give a model its shape (its parameters' shapes), in any family.
+_ARCHITECTURE_FIELDS = ('family', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
+                        'patch_size', 'resnet', 'width_factor', 'layers', 'block',
+                        'base_width', 'cardinality', 'scale', 'embed_dim', 'depths',
+                        'mlp_ratio', 'window_size')
+
+
+def _comparable(field, value):
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: _comparable(k, v) for k, v in value.items()}
+  if field == 'patch_size' and value is not None:
+    try:
+      return _patch_size(value)
+    except ValueError:
+      return value
+  if isinstance(value, list | tuple):
+    return tuple(_comparable('', v) for v in value)
+  return value
+
+
+def differs_from_its_name(config) -> list[tuple[str, object, object]]:
+  """[(field, the config's value, the registered value)] where a config whose `name` is a
+  registered model has another architecture than that model (a config named 'ViT-S/16'
+  with hidden_size 32); [] for an unregistered name, which only labels the run."""
+  name = config.get('name')
+  if name not in _REGISTRY:
+    return []
+  registered = _REGISTRY[name]
+  out = []
+  for field in _ARCHITECTURE_FIELDS:
+    if field in registered or field in config:
+      mine = _comparable(field, config.get(field, registered.get(field)))
+      theirs = _comparable(field, registered.get(field, config.get(field)))
+      if mine != theirs:
+        out.append((field, config.get(field), registered.get(field)))
+  return out
+
+
 def _dtype(value, field):
   if value in _DTYPES:
     return _DTYPES[value]
@@ -234,7 +286,7 @@ def create(name_or_config, **overrides):
     if k == 'resnet' and isinstance(v, dict):
       v = ml_collections.ConfigDict(v)
     if k == 'patch_size':
-      v = (v, v) if isinstance(v, int) else tuple(v)
+      v = _patch_size(v)
     if k in ('dtype', 'param_dtype') and not isinstance(v, str):
       v = jnp.dtype(v).name
     config[k] = v
@@ -246,8 +298,7 @@ def create(name_or_config, **overrides):
   get = lambda k: config.get(k, defaults[k])  # noqa: E731
   if get('classifier') not in vit.CLASSIFIERS:
     raise ValueError(f"classifier={get('classifier')!r} is not one of {vit.CLASSIFIERS}")
-  patch = get('patch_size')
-  patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+  patch = _patch_size(get('patch_size'))
   if get('attention_impl') not in attention.ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention_impl={get('attention_impl')!r} is not one of "
                      f'{attention.ATTENTION_IMPLEMENTATIONS}')

@@ -66,10 +66,11 @@ class AddPositionEmbs(nn.Module):
       if tuple(stored) != shape:
         raise ValueError(
             f'position embedding in the parameters has shape {tuple(stored)} but the input '
-            f'gives {shape[1]} tokens, i.e. shape {shape}: the image resolution differs from '
-            'the one the parameters were made for. Resample it with '
-            'vit_jax.models.resample_posemb(posemb, new_grid) (fine-tuning code does this '
-            'when the checkpoint is loaded).')
+            f'gives {shape[1]} tokens, i.e. shape {shape}: the images are not the size the '
+            'parameters were made for. In training, make config.model.image_size and the '
+            "size of config.input's preprocessing the same; to use weights made for another "
+            'resolution, resample them with vit_jax.models.resample_posemb(posemb, new_grid) '
+            '(config.init_from does this when it loads them).')
     pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), shape,
                     self.param_dtype)
     return x + pe.astype(x.dtype)

@@ -6,6 +6,7 @@ needs; `validate(config)` checks a config before anything is compiled.
 
 import re
 
+from absl import logging
 import ml_collections
 
 from vit_jax import models
@@ -83,8 +84,13 @@ class ConfigError(ValueError):
   """A config that cannot work; the message names the field."""
 
 
-def validate(config, *, num_devices: int, process_count: int) -> None:
-  """Checks what can be checked without data or compilation; raises ConfigError."""
+def validate(config, *, num_devices: int, process_count: int, check_input: bool = True) -> None:
+  """Checks what can be checked without data or compilation; raises ConfigError.
+
+  check_input: also check `config.input`'s preprocessing against the model (its ops, the
+  image size it gives, its onehot classes); this imports TensorFlow, and is skipped where
+  TensorFlow is not installed (the pipeline then fails on its own).
+  """
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(config.keys()) - set(FIELD_DOCS))
   if unknown:
@@ -112,6 +118,18 @@ def validate(config, *, num_devices: int, process_count: int) -> None:
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from e
   size = config.model.image_size
+  if not isinstance(size, int) or size <= 0:
+    raise ConfigError(f'config.model.image_size={size!r} must be a positive int (pixels of '
+                      'the square input), e.g. 224')
+  differences = models.differs_from_its_name(config.model)
+  if differences:  # a shrunk model for a test run is fine; a name taken as a selector is not
+    name = config.model.name
+    logging.warning(
+        'config.model.name=%r is a registered model, but config.model differs from it in '
+        '%s. The name only labels the run: the fields give the architecture. To train %s '
+        'itself, start from vit_jax.models.get_config(%r) (as the recipes in configs/ do).',
+        name, ', '.join(f'{f}={mine!r} ({name} has {theirs!r})'
+                        for f, mine, theirs in differences), name, name)
   if isinstance(module, models.VisionTransformer):
     sh, sw = module.total_stride()
     if size % sh or size % sw:
@@ -159,8 +177,46 @@ def validate(config, *, num_devices: int, process_count: int) -> None:
                                      config.get('trainable'), config.get('freeze'))
     except optimizer_lib.FreezeError as e:
       raise ConfigError(str(e)) from e
+  if check_input:
+    _check_preprocessing(config)
   if config.init_head not in ('reset', 'keep'):
     raise ConfigError(f"config.init_head={config.init_head!r}: use 'reset' or 'keep'")
   if config.posemb_resample not in ('bilinear', 'bicubic'):
     raise ConfigError(f"config.posemb_resample={config.posemb_resample!r}: use 'bilinear' "
                       "or 'bicubic'")
+
+
+def _check_preprocessing(config) -> None:
+  """config.input.pp_train and pp_eval: their ops exist and take their arguments, they
+  give the model's image size (where the spec fixes it) and, with an `onehot`, its number
+  of classes."""
+  try:
+    from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  except ImportError:  # no TensorFlow: the input pipeline cannot run, and says so itself
+    return
+  size, classes = config.model.image_size, config.model.get('num_classes')
+  for field in ('pp_train', 'pp_eval'):
+    spec = config.input.get(field)
+    if not spec:
+      continue
+    try:
+      (h, w), size_op, onehot_classes = _with_size(preprocess_ops.output_spec(spec))
+    except ValueError as e:
+      raise ConfigError(f'config.input.{field}: {e}') from e
+    if h is not None and (h, w) != (size, size):
+      got = f'{h}x{w}' if h != w else f'{h}x{h}'
+      raise ConfigError(
+          f'config.input.{field}={spec!r} makes {got} images (its {size_op}), but '
+          f'config.model.image_size={size}: change the size in {size_op}(...) to {size}, or '
+          f'set --config.model.image_size={h}' + (' (a square image)' if h != w else '') +
+          ' to train at that resolution (a pretrained position embedding is resampled).')
+    if onehot_classes is not None and classes and onehot_classes != classes:
+      raise ConfigError(
+          f'config.input.{field}={spec!r} one-hot encodes {onehot_classes} classes, but '
+          f'config.model.num_classes={classes}: make them the same (onehot({classes}) or '
+          f'--config.model.num_classes={onehot_classes}).')
+
+
+def _with_size(output):
+  size, size_op, classes = output
+  return (size if size is not None else (None, None)), size_op, classes

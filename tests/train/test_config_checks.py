@@ -1,0 +1,148 @@
+"""`defaults.validate` catches, before any data or compilation, the configs that would
+fail later: preprocessing that does not give the model's input, a one-value patch size,
+a bad image size; and says when a registered model's name labels another architecture."""
+
+import time
+
+from absl import logging
+import pytest
+
+from vit_jax import models
+from vit_jax.data import preprocess_ops
+from vit_jax.train import defaults
+
+
+def _config(image_size=28, num_classes=10):
+  c = defaults.default_config()
+  c.model = models.get_config('ViT-Ti/16')
+  c.model.update(name='test-ViT', image_size=image_size, num_classes=num_classes,
+                 patch_size=(7, 7), hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+  c.input.pp_train = f'decode|random_resized_crop({image_size})|value_range(-1, 1)|onehot(10)'
+  c.input.pp_eval = f'decode|resize({image_size})|value_range(-1, 1)|onehot(10)'
+  c.batch_size, c.total_steps = 8, 10
+  return c
+
+
+def _validate(c, **kw):
+  defaults.validate(c, num_devices=1, process_count=1, **kw)
+
+
+def test_the_preprocessing_spec_gives_its_size_and_classes():
+  assert preprocess_ops.output_spec('decode|resize(32)|flip_lr|onehot(7)') == (
+      (32, 32), 'resize', 7)
+  assert preprocess_ops.output_spec('decode|inception_crop((24, 32))') == (
+      (24, 32), 'inception_crop', None)
+  # resize_small after the last fixed size leaves the size to the image.
+  assert preprocess_ops.output_spec('decode|resize(64)|resize_small(40)')[0] is None
+  assert preprocess_ops.output_spec(
+      'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)')[:2] == (
+          (224, 224), 'central_crop')
+  assert preprocess_ops.output_spec('decode|flip_lr') == (None, None, None)
+
+
+def test_a_matching_config_passes():
+  _validate(_config())
+
+
+@pytest.mark.parametrize('field', ['pp_train', 'pp_eval'])
+def test_preprocessing_of_another_size_than_the_model_is_named(field):
+  c = _config()
+  c.model.image_size = 35  # fine-tuning at a new resolution, preprocessing left at 28
+  with pytest.raises(defaults.ConfigError) as e:
+    _validate(c)
+  msg = str(e.value)
+  assert f'config.input.{field}=' in msg or field == 'pp_eval'
+  assert 'makes 28x28 images' in msg and 'config.model.image_size=35' in msg
+  assert '--config.model.image_size=28' in msg
+
+
+def test_a_rectangular_crop_is_named():
+  c = _config()
+  c.input.pp_eval = 'decode|resize((28, 21))|value_range(-1, 1)|onehot(10)'
+  with pytest.raises(defaults.ConfigError, match=r'config.input.pp_eval=.*makes 28x21 images '
+                     r'\(its resize\)'):
+    _validate(c)
+
+
+def test_onehot_classes_other_than_the_model_are_named():
+  c = _config(num_classes=5)
+  with pytest.raises(defaults.ConfigError,
+                     match=r"config.input.pp_train=.* one-hot encodes 10 classes, but "
+                           r"config.model.num_classes=5"):
+    _validate(c)
+  c.model.num_classes = 0  # pooled features, no head: nothing to compare
+  _validate(c)
+
+
+def test_a_misspelled_op_fails_at_once():
+  c = _config()
+  c.input.pp_train = 'decode|resise(28)|value_range(-1, 1)|onehot(10)'
+  start = time.perf_counter()
+  with pytest.raises(defaults.ConfigError, match=r"config.input.pp_train: Unknown "
+                     r"preprocessing op 'resise'.*Did you mean 'resize'"):
+    _validate(c)
+  assert time.perf_counter() - start < 30  # no data, no compilation
+  c.input.pp_train = 'decode|resize(28, methd="bicubic")|onehot(10)'
+  with pytest.raises(defaults.ConfigError, match=r"config.input.pp_train: Bad arguments for "
+                     r"preprocessing op 'resize'"):
+    _validate(c)
+
+
+def test_the_benchmark_skips_the_input_check():
+  c = _config()
+  c.model.image_size = 35  # the benchmark's synthetic batches are made at the model's size
+  _validate(c, check_input=False)
+
+
+@pytest.mark.parametrize('patch', [(7,), (7, 7)])
+def test_a_one_value_patch_size_is_square(patch):
+  # --config.model.patch_size=7 on a tuple field gives (7,)
+  c = _config()
+  c.model.patch_size = patch
+  _validate(c)
+  assert models.create(c.model).patch_size == (7, 7)
+
+
+@pytest.mark.parametrize('patch', [(7, 7, 7), (0, 7), (-7,), (7.5, 7)])
+def test_a_bad_patch_size_is_named(patch):
+  c = _config()
+  c.model.patch_size = patch
+  with pytest.raises(defaults.ConfigError, match=r'config.model: patch_size=.* must be one or '
+                     r'two positive ints'):
+    _validate(c)
+
+
+@pytest.mark.parametrize('size', [-28, 0])
+def test_a_non_positive_image_size_is_named(size):
+  c = _config()
+  c.model.image_size = size
+  with pytest.raises(defaults.ConfigError, match=rf'config.model.image_size={size} must be a '
+                     'positive int'):
+    _validate(c)
+
+
+def test_a_registered_name_on_another_architecture_is_warned_about(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  c = _config()
+  _validate(c)
+  assert not warnings  # an unregistered name only labels the run
+  c.model.name = 'ViT-S/16'
+  _validate(c)
+  assert len(warnings) == 1
+  assert "config.model.name='ViT-S/16' is a registered model" in warnings[0]
+  assert 'hidden_size=32 (ViT-S/16 has 384)' in warnings[0]
+  assert 'patch_size=(7, 7) (ViT-S/16 has (16, 16))' in warnings[0]
+  assert 'num_classes' not in warnings[0] and 'image_size' not in warnings[0]
+
+
+def test_registered_configs_match_their_names():
+  for name in models.list_models():
+    assert models.differs_from_its_name(models.get_config(name)) == [], name
+  c = models.get_config('ViT-B/16')
+  c.patch_size = (16,)  # the same patches, as --config.model.patch_size=16 gives them
+  c.num_classes, c.image_size, c.dropout_rate = 37, 384, 0.1  # what fine-tuning changes
+  assert models.differs_from_its_name(c) == []
+  c = models.get_config('Swin-T')
+  c.depths = (2, 2, 2, 2)
+  assert [d[0] for d in models.differs_from_its_name(c)] == ['depths']
