@@ -140,9 +140,25 @@ def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path):
   start = time.monotonic()
   with pytest.raises(sources.DataError, match=r"'mnist' is not prepared.*tfds build mnist"):
     sources.TfdsSource(name='mnist', split='train', data_dir=str(tmp_path))
-  with pytest.raises(sources.DataError, match="no dataset named 'no_such_dataset_xyz'"):
+  with pytest.raises(sources.DataError, match="config.input.name='no_such_dataset_xyz'"):
     sources.TfdsSource(name='no_such_dataset_xyz', split='train', data_dir=str(tmp_path))
   assert time.monotonic() - start < 30  # no download attempts
+
+
+def test_unknown_tfds_name_is_short_and_suggests_the_closest(tmp_path):
+  with pytest.raises(sources.DataError) as info:
+    sources.TfdsSource(name='mnistt', split='train', data_dir=str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(f"config.input.name='mnistt' is not a tfds dataset (nor prepared "
+                            f"in {tmp_path})"), message
+  closest = message.split('Closest names: ')[1].split('.')[0].split(', ')
+  assert closest[0] == 'mnist', closest
+  assert 'tfds.list_builders()' in message and 'datasets/catalog' in message
+  # tfds's own error lists its whole catalogue; it is neither repeated nor chained.
+  assert len(message) < 600 and 'abstract_reasoning' not in message
+  assert info.value.__cause__ is None and info.value.__suppress_context__
+  with pytest.raises(sources.DataError, match="Closest names: bundled_mnist[,.]"):
+    sources.TfdsSource(name='bundled_mnits', split='train', data_dir=str(tmp_path))
 
 
 @pytest.fixture(scope='module')

@@ -138,9 +138,13 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(reference, data_dir,
   # The training metrics of the steps after the last resume equal the reference's.
   ref_rows = {r['step']: r['loss'] for r in map(json.loads, (ref_dir / 'metrics.jsonl')
                                                 .read_text().splitlines()) if 'loss' in r}
-  got_rows = {r['step']: r['loss'] for r in map(json.loads, (workdir / 'metrics.jsonl')
-                                                .read_text().splitlines()) if 'loss' in r}
+  got = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  got_rows = {r['step']: r['loss'] for r in got if 'loss' in r}
   assert got_rows[TOTAL_STEPS] == ref_rows[TOTAL_STEPS]
+  # Each step is logged once: a resumed run drops what the killed one logged after its
+  # last checkpoint.
+  assert [r['step'] for r in got if 'loss' in r] == list(range(4, TOTAL_STEPS + 1, 4))
+  assert [r['step'] for r in got if 'eval_top1' in r] == [TOTAL_STEPS]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
@@ -169,7 +173,7 @@ def test_nonfinite_skip_mode_finishes(data_dir, tmp_path):
     (['--config.batch_size=30'], 8, 'config.batch_size=30'),
     (['--config.accum_steps=3'], 1, 'config.batch_size=32 must be divisible'),
     (['--config.model.image_size=30'], 1, 'config.model.image_size=30'),
-    (['--config.input.name=no_such_dataset'], 1, "no dataset named 'no_such_dataset'"),
+    (['--config.input.name=no_such_dataset'], 1, "config.input.name='no_such_dataset'"),
     (['--config.mesh.data=3'], 8, 'config.mesh'),
     (['--config.optimizer.name=lamb'], 1, "config.optimizer.name='lamb'"),
 ])

@@ -12,6 +12,7 @@ one); image folders take every P-th file.
 
 import abc
 import dataclasses
+import difflib
 import json
 import os
 import concurrent.futures
@@ -65,9 +66,17 @@ def _tfds_builder(name: str, data_dir: str | None):
     from vit_jax.data import bundled_mnist  # pylint: disable=g-import-not-at-top,unused-import
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DataError(f'tfds has no dataset named {name!r} ({e}). For your own images use '
-                    "config.input.source='folder'.") from e
+  except tfds.core.registered.DatasetNotFoundError:
+    # tfds's own message lists its whole catalogue (twice); it is not chained.
+    close = difflib.get_close_matches(
+        name, tfds.list_builders(with_community_datasets=False) + list(BUNDLED), n=5)
+    raise DataError(
+        f'config.input.name={name!r} is not a tfds dataset (nor prepared in '
+        f'{data_dir or "~/tensorflow_datasets"}). Closest names: '
+        f'{", ".join(close) or "none"}. All names: python -c "import tensorflow_datasets '
+        'as tfds; print(tfds.list_builders())", or '
+        'https://www.tensorflow.org/datasets/catalog/overview. For your own images use '
+        "config.input.source='folder'.") from None
   if not builder.is_prepared():
     if name in BUNDLED:
       builder = _prepare_once(builder, name, data_dir)

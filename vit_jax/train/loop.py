@@ -230,7 +230,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
   module, schedule, image_size = t.module, t.schedule, config.model.image_size
   train_step, eval_step = t.train_step, t.eval_step
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start_step)
   progress = metrics_lib.Progress(total_steps, config.batch_size, start_step, enabled=is_main)
   if forward_flops_per_image is None:
     forward_flops_per_image = models.forward_flops(module, image_size)

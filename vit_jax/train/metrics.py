@@ -4,13 +4,19 @@ Only process 0 writes. metrics.jsonl holds one JSON object per line with `step` 
 metrics by name, readable without TensorFlow:
 
     import json; rows = [json.loads(l) for l in open('WORKDIR/metrics.jsonl')]
+
+A run resumed from step S first drops what an interrupted run logged after its last
+checkpoint (steps > S; everything when S is 0) from metrics.jsonl and from the TensorBoard
+event files, so every reader sees each step once, with the resumed run's values.
 """
 
 import json
 import math
+import os
 import sys
 import time
 
+from absl import logging
 from etils import epath
 import numpy as np
 
@@ -20,17 +26,86 @@ def _finite(value):
   return value if math.isfinite(value) else str(value)
 
 
-class MetricsWriter:
-  """Writes scalars to TensorBoard and metrics.jsonl (process 0 only)."""
+def _trim_jsonl(path: epath.Path, last_step: int) -> int:
+  """Drops the rows with step > last_step (and a line cut short); returns how many.
 
-  def __init__(self, workdir, *, enabled: bool = True):
+  The file is rewritten beside itself and renamed over the original, so a crash during
+  the rewrite leaves either the old file or the new one.
+  """
+  if not path.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      step = json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):  # the last line, if a kill cut it short
+      step = None
+    if step is not None and step <= last_step:
+      kept.append(line + '\n')
+    else:
+      dropped += 1
+  if dropped:
+    partial = path.with_name(f'.{path.name}.tmp')
+    partial.write_text(''.join(kept))
+    partial.replace(path)
+  return dropped
+
+
+def _trim_tensorboard(tf, tb_dir: str, last_step: int) -> int:
+  """Drops the summary events with step > last_step (and a record cut short); returns
+  how many.
+
+  Each file is rewritten beside itself and renamed over the original, as for the jsonl;
+  the temporary name lacks 'tfevents', so TensorBoard never reads it.
+  """
+  dropped = 0
+  for path in tf.io.gfile.glob(os.path.join(tb_dir, '*tfevents*')):
+    kept, dropped_here = [], 0
+    try:
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        event = tf.compat.v1.Event.FromString(record)
+        if event.HasField('summary') and event.step > last_step:
+          dropped_here += 1
+        else:
+          kept.append(record)
+    except tf.errors.DataLossError:  # truncated by the kill
+      dropped_here += 1
+    if dropped_here:
+      partial = os.path.join(tb_dir, '.trim.tmp')
+      with tf.io.TFRecordWriter(partial) as w:
+        for record in kept:
+          w.write(record)
+      tf.io.gfile.rename(partial, path, overwrite=True)
+      dropped += dropped_here
+  return dropped
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard and metrics.jsonl (process 0 only).
+
+  `start_step`: the step this run starts from (the restored checkpoint's, 0 for a new
+  run). What an earlier run logged after it is dropped first (see the module docstring);
+  None keeps everything.
+  """
+
+  def __init__(self, workdir, *, enabled: bool = True, start_step: int | None = None):
     self.enabled = enabled
     self._path = epath.Path(workdir) / 'metrics.jsonl'
     self._tb = None
     if enabled:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
-      self._tb = tf.summary.create_file_writer(str(epath.Path(workdir) / 'tensorboard'))
+      tb_dir = str(epath.Path(workdir) / 'tensorboard')
+      if start_step is not None:
+        # A new run (step 0: no checkpoint) keeps nothing, a step-0 evaluation included.
+        last_step = start_step if start_step > 0 else -1
+        rows = _trim_jsonl(self._path, last_step)
+        events = _trim_tensorboard(tf, tb_dir, last_step) if tf.io.gfile.isdir(tb_dir) else 0
+        if rows or events:
+          logging.info('Starting at step %d: dropped %d metrics.jsonl row(s) and %d '
+                       'TensorBoard event(s) that an interrupted run logged after its '
+                       'last checkpoint.', start_step, rows, events)
+      self._tb = tf.summary.create_file_writer(tb_dir)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
