@@ -34,9 +34,7 @@ def load_bit_npz(path) -> dict:
   Check it against a model with `tree.merge_into(params_of_the_model, loaded)` (or with
   drop_head=True for a new class count).
   """
-  with npz._open(path, 'rb') as f:  # pylint: disable=protected-access
-    data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    flat = {k: data[k] for k in data.files}
+  flat = npz._read_arrays(path)  # pylint: disable=protected-access
   if not any(k.endswith('root_block/standardized_conv2d/kernel') for k in flat):
     raise ValueError(f'{path} is not a BiT .npz checkpoint: it has no '
                      f'{PREFIX}root_block/standardized_conv2d/kernel (keys: '

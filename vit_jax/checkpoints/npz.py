@@ -12,6 +12,7 @@ and in timm's `.npz` loader.
 import io
 import os
 import re
+import zipfile
 
 import numpy as np
 
@@ -44,11 +45,32 @@ def _open(path, mode):
   return open(path, mode)
 
 
+# An .npz is a zip archive: a local file header, or the end record of an empty archive.
+_ZIP_MAGIC = (b'PK\x03\x04', b'PK\x05\x06')
+
+
+def _read_arrays(path) -> dict[str, np.ndarray]:
+  """{name: array} of an `.npz`; ValueError naming the file if it is not one of arrays."""
+  with _open(path, 'rb') as f:
+    raw = f.read()
+  if not raw.startswith(_ZIP_MAGIC):
+    found = f'it starts with {raw[:16]!r}' if raw else 'it is empty'
+    raise ValueError(f'{path} is not a NumPy .npz archive (a zip of arrays written by '
+                     f'numpy.savez; {found})')
+  try:
+    data = np.load(io.BytesIO(raw), allow_pickle=False)
+    return {k: data[k] for k in data.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    # Object arrays would need unpickling, which can run code: never done for weights.
+    reason = ('it holds Python objects, not numeric arrays' if 'pickle' in str(e)
+              else f'{type(e).__name__}: {e}')
+    raise ValueError(f'{path} is not a NumPy .npz archive of arrays vit_jax can read '
+                     f'({reason})') from e
+
+
 def load_npz(path) -> dict:
   """Reads an original-layout `.npz` (local or gs://) into a linen-named params tree."""
-  with _open(path, 'rb') as f:
-    data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    flat = {k: data[k] for k in data.files}
+  flat = _read_arrays(path)
   for prefix in _PREFIXES:
     if flat and all(k.startswith(prefix) for k in flat):
       flat = {k[len(prefix):]: v for k, v in flat.items()}

@@ -101,9 +101,6 @@ _HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
 def _timm_heads(sd) -> int:
-  if 'pos_embed' not in sd:
-    raise ValueError('not a ViT state dict of timm or transformers: no pos_embed (timm) or '
-                     f'vit.embeddings.* (transformers) key; it starts {sorted(sd)[:4]}')
   width = int(sd['pos_embed'].shape[-1])
   return _HEADS.get(width, max(width // 64, 1))
 
@@ -262,10 +259,12 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
 
   model: a registered name or a model config, for what a file does not record: the
     numerics of an `.npz` (default: the original release's), the number of heads of a
-    timm ViT state dict (default: the registered model of that width), and for the other
-    families the timm model a state dict is read as (`timm_format.timm_name(model)`; a
-    custom depth or width is read as the family's base model). Structure (width, depth,
-    classes, resolution, ...) is always read from the weights. Weights of another family
+    timm ViT state dict (default: the registered model of that width; a model whose name
+    is not registered, e.g. exported by vit_jax.convert, also gives its numerics), and
+    for the other families the timm model a state dict is read as
+    (`timm_format.timm_name(model)`; a custom depth or width is read as the family's base
+    model). Structure (width, depth, classes, resolution, ...) is always read from the
+    weights. Weights of another family
     than `model`'s are refused (CheckpointMismatchError).
   """
   path = os.fspath(path)
@@ -307,9 +306,12 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
       variables = dict(variables)
       params = variables.pop('params')
       return Checkpoint(config, params, 'timm', model_state=variables)
+    timm_format.check_vit_keys(sd, path)  # before the name: the keys tell first
     name = (given.get('name') if given is not None else None) or 'vit_base_patch16_224'
     heads = given.num_heads if given is not None else _timm_heads(sd)
-    config, params = timm_format.from_timm(sd, name, num_heads=heads)
+    # A name that is not registered (a custom model, e.g. exported by vit_jax.convert)
+    # is read with the given config: its heads and numerics, the file's structure.
+    config, params = timm_format.from_timm(sd, name, base_config=given, num_heads=heads)
     return Checkpoint(config, params, 'timm')
   if ('://' in path and not path.endswith(('.npz', '.safetensors', '.bin', '.pt', '.pth'))
       or os.path.isdir(path)):  # an Orbax directory, local or gs://

@@ -1,6 +1,7 @@
 """Reading and writing PyTorch-style state dicts (safetensors or torch files) as numpy."""
 
 import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -25,10 +26,8 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
       raise FileNotFoundError(f'no state dict at {path}')
     if path.endswith('.safetensors'):
-      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-      return dict(load_file(path))
-    torch = torch_import.torch()
-    source = torch.load(path, map_location='cpu', weights_only=True)
+      return _load_safetensors(path)
+    source = _load_torch(path)
     if 'state_dict' in source and isinstance(source['state_dict'], Mapping):
       source = source['state_dict']
   elif hasattr(source, 'state_dict') and callable(source.state_dict):
@@ -36,6 +35,54 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
   if not isinstance(source, Mapping):
     raise TypeError(f'expected a torch module, a state dict or a path, got {type(source)}')
   return {k: to_numpy(v) for k, v in source.items()}
+
+
+def _start(path: str) -> str:
+  """What a file that is not what it should be starts with (its first bytes)."""
+  with open(path, 'rb') as f:
+    head = f.read(16)
+  return f'it starts with {head!r}' if head else 'it is empty'
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return dict(load_file(path))
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f'{path} is not a safetensors file safetensors can read ({e}; '
+                     f'{_start(path)})') from e
+
+
+def _torch_load_reason(e: Exception) -> str:
+  """What torch.load found, in its first sentence, without its advice to load the file
+  unsafely (weights_only off) or to allowlist what it holds."""
+  text = str(e)
+  found = re.search(r'WeightsUnpickler error:\s*([^\n]+)', text)
+  if found:
+    refused = found.group(1).split(' Please use')[0].rstrip('.')
+    return f'the weights-only unpickler refused it: {refused}'
+  if 'weights_only' in text:
+    return type(e).__name__
+  first = text.split('\n')[0].split('. ')[0].rstrip('.')
+  return f'{type(e).__name__}: {first}' if first else type(e).__name__
+
+
+def _load_torch(path: str) -> Mapping:
+  """A torch file's dict of tensors, loaded with weights_only=True (never runs pickled code)."""
+  torch = torch_import.torch()
+  try:
+    source = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    # torch raises many types here (UnpicklingError, RuntimeError, EOFError, KeyError, ...).
+    raise ValueError(
+        f'{path} is not a PyTorch checkpoint torch.load can read safely '
+        f'({_torch_load_reason(e)}; {_start(path)}): expected a state dict '
+        'of tensors written by torch.save, or a .safetensors file') from e
+  if not isinstance(source, Mapping):
+    raise ValueError(f'{path} holds a {type(source).__name__}, not a state dict (a dict '
+                     'of tensor names to tensors)')
+  return source
 
 
 def write_state_dict(state_dict: Mapping, path) -> None:

@@ -15,6 +15,7 @@ patch_embed.backbone.stages.{s}.blocks.{u}   block{s+1}/unit{u+1} (convN/normN -
 """
 
 import math
+import os
 import re
 
 import ml_collections
@@ -34,12 +35,37 @@ def _timm_base_name(name: str) -> str:
   return re.sub(r'_(224|384)$', '', base)
 
 
-def _config_for(name: str) -> ml_collections.ConfigDict:
-  for res in ('224', '384'):
-    candidate = f'{_timm_base_name(name)}_{res}'
+def _registered_name(name: str) -> str | None:
+  """The registered config a timm (or paper) name stands for, None if there is none."""
+  for candidate in (f'{_timm_base_name(name)}_224', f'{_timm_base_name(name)}_384',
+                    name.split('.')[0]):
     if candidate in registry.list_models():
-      return registry.get_config(candidate)
-  return registry.get_config(name.split('.')[0])  # raises with the closest names
+      return candidate
+  return None
+
+
+# The keys every timm ViT state dict has (the structure is read from them).
+VIT_KEYS = ('pos_embed', 'patch_embed.proj.weight', 'blocks.0.mlp.fc1.weight')
+
+
+def check_vit_keys(sd, what: str) -> None:
+  """Raises ValueError naming `what` (a file) when `sd` is not a timm ViT state dict."""
+  missing = [k for k in VIT_KEYS if k not in sd]
+  if missing:
+    raise ValueError(
+        f'not a ViT state dict: {what} lacks {", ".join(missing)} (every timm '
+        f'VisionTransformer has them); its keys start {sorted(sd)[:4]}. vit_jax reads timm '
+        'ViT, Swin, ResNet/ResNeXt, Res2Net and BiT ResNetV2 state dicts and transformers '
+        'ViTs (vit.embeddings.*)')
+
+
+def _config_for(name: str, base=None) -> ml_collections.ConfigDict:
+  """The registered config of `name`, else a copy of `base` (e.g. the config being
+  fine-tuned, whose name is its own); raises with the closest names without either."""
+  registered = _registered_name(name)
+  if registered is None and base is not None:
+    return ml_collections.ConfigDict(base.to_dict())
+  return registry.get_config(registered or name.split('.')[0])
 
 
 def _count(sd, pattern):
@@ -47,9 +73,16 @@ def _count(sd, pattern):
   return max(idx) + 1 if idx else 0
 
 
-def _infer_config(sd, name, model, overrides):
-  c = _config_for(name)
-  c.gelu_approximate = False
+def _infer_config(sd, name, model, overrides, base=None):
+  c = _config_for(name, base)
+  # timm's numerics, unless the numerics are the base config's (a custom model, e.g. one
+  # of this project exported by vit_jax.convert).
+  own = base is not None and _registered_name(name) is None
+  stem = base.get('resnet') if own else None
+  if not own:
+    c.gelu_approximate = False
+  if 'scan_layers' in c:
+    c.scan_layers = False  # the state dict's blocks are one per layer
   c.hidden_size = int(sd['pos_embed'].shape[-1])
   c.num_layers = _count(sd, r'blocks\.(\d+)\.')
   c.mlp_dim = int(sd['blocks.0.mlp.fc1.weight'].shape[0])
@@ -77,9 +110,11 @@ def _infer_config(sd, name, model, overrides):
     c.resnet = None
     c.in_channels = int(proj.shape[1])
   else:
+    numerics = dict(stdconv_eps=1e-8, stdconv_eps_in_sqrt=True, gn_eps=1e-5)  # timm's
+    if stem is not None:
+      numerics = {k: stem.get(k, v) for k, v in numerics.items()}
     c.resnet = ml_collections.ConfigDict(dict(
-        num_layers=layers, width_factor=root.shape[0] / 64, stdconv_eps=1e-8,
-        stdconv_eps_in_sqrt=True, gn_eps=1e-5))
+        num_layers=layers, width_factor=root.shape[0] / 64, **numerics))
     c.in_channels = int(root.shape[1])
   if model is not None:
     _read_model_settings(c, model)
@@ -241,7 +276,8 @@ def _family_converter(name: str):
   return None
 
 
-def from_timm(model_or_state_dict, name: str | None = None, **overrides):
+def from_timm(model_or_state_dict, name: str | None = None, *, base_config=None,
+              **overrides):
   """timm model (a model, a state dict or a `.safetensors`/torch file) -> (config, params).
 
   ViT and hybrids return their parameter tree. The other families (Swin, ResNet/ResNeXt,
@@ -253,10 +289,16 @@ def from_timm(model_or_state_dict, name: str | None = None, **overrides):
     taken from the model when a model is passed. It gives what a state dict does not
     show (number of heads); depth, width, classes, classifier and resolution are read
     from the weights. `overrides` set config fields (e.g. num_heads for a custom model).
-  The returned config reproduces timm's numerics: exact GELU and timm's epsilons.
+  base_config: a ViT model config to start from when `name` is not registered (defaults
+    to its name), e.g. the config of a custom model exported by vit_jax.convert: its
+    heads, numerics and name are kept, the structure is read from the weights as above.
+  The returned config reproduces timm's numerics (exact GELU and timm's epsilons), or
+  the base config's when it is used.
   """
   is_model = hasattr(model_or_state_dict, 'state_dict')
   model = model_or_state_dict if hasattr(model_or_state_dict, 'blocks') else None
+  if name is None and base_config is not None:
+    name = base_config.get('name') or None
   if name is None:
     if not is_model:
       raise ValueError('from_timm needs the timm model name when given a state dict, '
@@ -270,7 +312,9 @@ def from_timm(model_or_state_dict, name: str | None = None, **overrides):
       raise ValueError(f'from_timm overrides are for ViT models only; got {sorted(overrides)}')
     config = family.config_from_timm(sd, name)
     return config, family.variables_from_timm(sd, config)
-  config = _infer_config(sd, name, model, overrides)
+  check_vit_keys(sd, os.fspath(model_or_state_dict)
+                 if isinstance(model_or_state_dict, (str, os.PathLike)) else 'the state dict')
+  config = _infer_config(sd, name, model, overrides, base_config)
   flat = _params_from_timm(sd, config)
   module = registry.create(config)
   params = tree.merge_into(summary.abstract_params(module, config.image_size), flat,
