@@ -264,8 +264,8 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     for the other families the timm model a state dict is read as
     (`timm_format.timm_name(model)`; a custom depth or width is read as the family's base
     model). Structure (width, depth, classes, resolution, ...) is always read from the
-    weights. Weights of another family
-    than `model`'s are refused (CheckpointMismatchError).
+    weights. Weights of another family than `model`'s are refused
+    (CheckpointMismatchError).
   """
   path = os.fspath(path)
   given = _model_config(model)
