@@ -211,6 +211,15 @@ def test_init_from_a_trained_workdir_starts_from_its_weights(reference, data_dir
   # A missing path fails before anything runs.
   proc = _run(tmp_path / 'other', data_dir, '--config.init_from=/no/such/weights.npz')
   assert proc.returncode != 0 and "config.init_from='/no/such/weights.npz'" in proc.stderr
+  # Weights of another width fail when they are read, before the input pipeline and the
+  # train state are built (load_pretrained, not with_pretrained), and the checkpoint
+  # manager is closed on the way out (no errors from its threads after the message).
+  proc = _run(tmp_path / 'wider', data_dir, f'--config.init_from={ref_dir}',
+              '--config.model.hidden_size=48')
+  assert proc.returncode != 0
+  assert 'in load_pretrained' in proc.stderr and 'with_pretrained' not in proc.stderr
+  assert 'width (hidden_size): checkpoint 32, model 48' in proc.stderr, proc.stderr[-3000:]
+  assert 'cannot schedule new futures' not in proc.stderr
 
 
 def test_linear_probe_at_a_new_resolution_from_a_workdir(reference, data_dir, tmp_path):

@@ -1,5 +1,6 @@
 """The training loop: owns the side effects (devices, files, logs) around pure steps."""
 
+import contextlib
 import json
 import math
 import uuid
@@ -105,6 +106,22 @@ def init_summary(path, loaded, params, config) -> str:
   return f'{path} ({"; ".join(parts)})'
 
 
+def load_pretrained(config):
+  """Reads `config.init_from` and fits it to the model's shapes, the fitted values
+  thrown away: weights that cannot start this model (a damaged file, another architecture,
+  another family) fail here, before the input pipeline and any compilation. Returns the
+  weights read, for `Trainer.with_pretrained`."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  loaded = pretrained.load_checkpoint(config.init_from, model=config.model)
+  shapes = models.abstract_variables(models.create(config.model), config.model.image_size)
+  # Zeros stand in for the initialised values (pages never written cost no memory).
+  reference = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  pretrained.adapt_variables(loaded, reference, config.model,
+                             posemb_method=config.posemb_resample,
+                             keep_head=config.init_head == 'keep')
+  return loaded
+
+
 class Trainer:
   """Model, optimizer, shardings and the jitted steps of one config on one mesh."""
 
@@ -161,11 +178,15 @@ class Trainer:
     """A freshly initialised train state, created directly in its sharded layout."""
     return jax.jit(self._init_state, out_shardings=self.state_sharding)(self._rng)
 
-  def with_pretrained(self, state, path: str):
+  def with_pretrained(self, state, path: str, loaded=None):
     """`state` with params and model state (BatchNorm statistics) from pretrained weights
-    (new head, resampled position embedding or Swin windows), a fresh optimizer state."""
+    (new head, resampled position embedding or Swin windows), a fresh optimizer state.
+
+    loaded: the weights of `path` already read (`load_pretrained`), or None to read them.
+    """
     from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
-    loaded = pretrained.load_checkpoint(path, model=self.config.model)
+    if loaded is None:
+      loaded = pretrained.load_checkpoint(path, model=self.config.model)
     # The initialised variables, whole, on every host: with FSDP over several processes no
     # process holds all of them (jax.device_get would refuse).
     initialised = multihost_utils.process_allgather(state.variables(), tiled=True)
@@ -202,77 +223,84 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
   if config.get('compilation_cache_dir'):
     jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
 
-  mesh = sharding_lib.create_mesh(config.mesh)
-  train_source, eval_source = data_builder.create_sources(config.input)
-  spe = pipeline.steps_per_epoch(train_source, config.batch_size)
-  total_steps = config.total_steps or max(int(math.ceil(config.num_epochs * spe)), 1)
-  t = Trainer(config, mesh, total_steps)
-  batch_sharding = t.batch_sharding
+  with contextlib.ExitStack() as cleanup:  # closed in reverse order, on any exit
+    checkpointer = ckpt_lib.TrainCheckpointer(
+        workdir / 'checkpoints', keep_last=config.keep_checkpoints, keep_best=config.keep_best,
+        async_save=config.async_checkpoint)
+    cleanup.callback(checkpointer.close)  # also when the setup below fails (Orbax's threads)
+    resuming = checkpointer.latest_step() is not None
+    pretrained_weights = load_pretrained(config) if config.init_from and not resuming else None
 
-  checkpointer = ckpt_lib.TrainCheckpointer(
-      workdir / 'checkpoints', keep_last=config.keep_checkpoints, keep_best=config.keep_best,
-      async_save=config.async_checkpoint)
-  meta = {'seed': config.seed, 'global_batch_size': config.batch_size,
-          'steps_per_epoch': spe, 'class_names': train_source.class_names,
-          'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
-  if checkpointer.latest_step() is not None:
-    state, saved_meta = checkpointer.restore(t.abstract_state())
-    for key in ('seed', 'global_batch_size', 'steps_per_epoch'):
-      if saved_meta.get(key) != meta[key]:
-        logging.warning('Checkpoint was written with %s=%s, the config gives %s: the data '
-                        'order of the resumed run differs from the original run.', key,
-                        saved_meta.get(key), meta[key])
-  else:
-    state = t.init_state()
-    if config.init_from:
-      state = t.with_pretrained(state, config.init_from)
-  start_step = int(jax.device_get(state.step))
-  module, schedule, image_size = t.module, t.schedule, config.model.image_size
-  train_step, eval_step = t.train_step, t.eval_step
+    mesh = sharding_lib.create_mesh(config.mesh)
+    train_source, eval_source = data_builder.create_sources(config.input)
+    spe = pipeline.steps_per_epoch(train_source, config.batch_size)
+    total_steps = config.total_steps or max(int(math.ceil(config.num_epochs * spe)), 1)
+    t = Trainer(config, mesh, total_steps)
+    batch_sharding = t.batch_sharding
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start_step)
-  progress = metrics_lib.Progress(total_steps, config.batch_size, start_step, enabled=is_main)
-  if forward_flops_per_image is None:
-    forward_flops_per_image = models.forward_flops(module, image_size)
-  flops_per_step = 3 * forward_flops_per_image * config.batch_size
-  peak_meter = hardware.PeakMeter(module.dtype)
-  logging.info('Training %s for %d steps (%d per epoch) from step %d; %.3g FLOPs/step; '
-               'MFU against the %s (%.4g FLOP/s at start).', config.model.name, total_steps,
-               spe, start_step, flops_per_step, peak_meter.source, peak_meter.peak)
+    meta = {'seed': config.seed, 'global_batch_size': config.batch_size,
+            'steps_per_epoch': spe, 'class_names': train_source.class_names,
+            'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
+    if resuming:
+      state, saved_meta = checkpointer.restore(t.abstract_state())
+      for key in ('seed', 'global_batch_size', 'steps_per_epoch'):
+        if saved_meta.get(key) != meta[key]:
+          logging.warning('Checkpoint was written with %s=%s, the config gives %s: the data '
+                          'order of the resumed run differs from the original run.', key,
+                          saved_meta.get(key), meta[key])
+    else:
+      state = t.init_state()
+      if config.init_from:
+        state = t.with_pretrained(state, config.init_from, pretrained_weights)
+        del pretrained_weights
+    start_step = int(jax.device_get(state.step))
+    module, schedule, image_size = t.module, t.schedule, config.model.image_size
+    train_step, eval_step = t.train_step, t.eval_step
 
-  batches = pipeline.prefetch_to_device(
-      data_builder.create_train_batches(config.input, train_source,
-                                        global_batch_size=config.batch_size,
-                                        seed=config.seed, start_step=start_step),
-      batch_sharding)
-  pending = []  # per-step device metrics since the last host sync
-  last_eval = {}
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start_step)
+    cleanup.callback(writer.close)
+    progress = metrics_lib.Progress(total_steps, config.batch_size, start_step, enabled=is_main)
+    if forward_flops_per_image is None:
+      forward_flops_per_image = models.forward_flops(module, image_size)
+    flops_per_step = 3 * forward_flops_per_image * config.batch_size
+    peak_meter = hardware.PeakMeter(module.dtype)
+    logging.info('Training %s for %d steps (%d per epoch) from step %d; %.3g FLOPs/step; '
+                 'MFU against the %s (%.4g FLOP/s at start).', config.model.name, total_steps,
+                 spe, start_step, flops_per_step, peak_meter.source, peak_meter.peak)
 
-  def sync(step_now):
-    """Fetches pending metrics; raises NonFiniteError naming the first bad step."""
-    fetched = jax.device_get(pending)
-    first = start_of_pending
-    for i, m in enumerate(fetched):
-      if not m['finite'] and config.nonfinite == 'stop':
-        raise NonFiniteError(
-            f'non-finite loss or gradient at step {first + i + 1} (loss={m["loss"]}); '
-            f'stopping. The last good checkpoint is step {checkpointer.latest_step()}. '
-            "Lower config.schedule.base_lr, or set config.nonfinite='skip'.")
-    skipped = sum(1 - int(m['finite']) for m in fetched)
-    pending.clear()
-    return fetched, skipped
+    batches = pipeline.prefetch_to_device(
+        data_builder.create_train_batches(config.input, train_source,
+                                          global_batch_size=config.batch_size,
+                                          seed=config.seed, start_step=start_step),
+        batch_sharding)
+    cleanup.callback(batches.close)
+    pending = []  # per-step device metrics since the last host sync
+    last_eval = {}
 
-  if config.get('eval_at_start') and start_step == 0:
-    last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
-    writer.write(0, last_eval)
-    if is_main:
-      logging.info('step 0 (before training): %s',
-                   ', '.join(f'{k} {v:.4g}' for k, v in last_eval.items()))
-    progress.rate(0)
-  start_of_pending = start_step
-  step = start_step
-  final = {}
-  try:
+    def sync(step_now):
+      """Fetches pending metrics; raises NonFiniteError naming the first bad step."""
+      fetched = jax.device_get(pending)
+      first = start_of_pending
+      for i, m in enumerate(fetched):
+        if not m['finite'] and config.nonfinite == 'stop':
+          raise NonFiniteError(
+              f'non-finite loss or gradient at step {first + i + 1} (loss={m["loss"]}); '
+              f'stopping. The last good checkpoint is step {checkpointer.latest_step()}. '
+              "Lower config.schedule.base_lr, or set config.nonfinite='skip'.")
+      skipped = sum(1 - int(m['finite']) for m in fetched)
+      pending.clear()
+      return fetched, skipped
+
+    if config.get('eval_at_start') and start_step == 0:
+      last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
+      writer.write(0, last_eval)
+      if is_main:
+        logging.info('step 0 (before training): %s',
+                     ', '.join(f'{k} {v:.4g}' for k, v in last_eval.items()))
+      progress.rate(0)
+    start_of_pending = start_step
+    step = start_step
+    final = {}
     for step in range(start_step + 1, total_steps + 1):
       state, step_metrics = train_step(state, next(batches))
       pending.append(step_metrics)
@@ -309,8 +337,4 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                           metrics={k: float(v) for k, v in last_eval.items()} if do_eval
                           else None)
     final = dict(last_eval, step=step)
-  finally:
-    batches.close()
-    checkpointer.close()
-    writer.close()
-  return final
+    return final
