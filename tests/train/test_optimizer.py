@@ -84,23 +84,28 @@ def test_sgd_and_unknown_optimizer():
     optimizer_lib.create_optimizer(config, 10)
 
 
-def _tiny_params():
-  module = models.create('ViT-Ti/16', num_layers=2, hidden_size=16, mlp_dim=32, num_heads=2,
-                         num_classes=3, image_size=32)
+def _tiny_params(scan_layers=False, num_layers=2):
+  module = models.create('ViT-Ti/16', num_layers=num_layers, hidden_size=16, mlp_dim=32,
+                         num_heads=2, num_classes=3, image_size=32, scan_layers=scan_layers)
   return module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
 
 
-def _one_update(trainable=None, freeze=None, clip=1.0):
+def _one_update(trainable=None, freeze=None, clip=1.0, params=None):
   config = defaults.default_config()
   config.optimizer.update(name='sgd', momentum=0.0, weight_decay=0.1, grad_clip_norm=clip)
   config.schedule.update(base_lr=1.0, warmup_steps=0, decay='constant')
   config.trainable, config.freeze = trainable, freeze
   tx, _ = optimizer_lib.create_optimizer(config, total_steps=10)
-  params = _tiny_params()
+  params = _tiny_params() if params is None else params
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
   state = tx.init(params)
   updates, _ = tx.update(grads, state, params)
   return params, updates
+
+
+def _by_name(tree):
+  return {optimizer_lib._path_name(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _changed(updates):
@@ -125,6 +130,31 @@ def test_freeze_regex_keeps_the_matching_subtrees_fixed():
   assert not any(n.startswith(('embedding/', 'Transformer/encoderblock_0/')) for n in changed)
   assert any(n.startswith('Transformer/encoderblock_1/') for n in changed)
   assert {'head/kernel', 'cls', 'Transformer/posembed_input/pos_embedding'} <= changed
+
+
+@pytest.mark.parametrize('freeze, trainable', [
+    (r'^(embedding|Transformer/encoderblock_[0-1])/', None),
+    (None, r'^(head|Transformer/encoderblock_2)/'),
+    (r'encoderblock_[13]/MlpBlock_0/', None),
+])
+def test_freezing_single_blocks_works_on_stacked_blocks(freeze, trainable):
+  """With scan_layers=True (the recipes' layout) a regex naming blocks freezes those
+  layers of each stacked parameter: the updates equal the unstacked layout's, clipped
+  norm and weight decay included."""
+  from vit_jax.models import scan_layout  # pylint: disable=g-import-not-at-top
+  stacked = _tiny_params(scan_layers=True, num_layers=4)
+  unrolled = scan_layout.unstack_layers(jax.tree.map(np.asarray, stacked))
+  _, stacked_updates = _one_update(trainable=trainable, freeze=freeze, params=stacked)
+  _, unrolled_updates = _one_update(trainable=trainable, freeze=freeze, params=unrolled)
+  got = _by_name(scan_layout.unstack_layers(jax.tree.map(np.asarray, stacked_updates)))
+  want = _by_name(jax.tree.map(np.asarray, unrolled_updates))
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
+  frozen = [n for n in want if not np.any(want[n])]
+  trained = [n for n in want if np.any(want[n])]
+  assert frozen and trained  # the regex split the blocks
+  assert any('encoderblock_' in n for n in frozen) and any('encoderblock_' in n for n in trained)
 
 
 def test_freeze_errors_name_the_field_and_show_paths():

@@ -6,7 +6,11 @@ mu_dtype ('bfloat16' to store Adam's first moment / SGD momentum in bf16).
 config.trainable / config.freeze: regexes on parameter paths ('Transformer/encoderblock_0/
 MlpBlock_3/Dense_0/kernel'); only matching / all but matching parameters are trained (a
 linear probe is trainable='^head/'). Frozen parameters get no update, no weight decay, no
-optimizer state, and do not count in the clipped global norm.
+optimizer state, and do not count in the clipped global norm. With the blocks stacked
+(scan_layers=True: 'Transformer/encoderblock/...' with a leading layer axis) the regexes
+still see each block's own name ('Transformer/encoderblock_3/...'), so
+freeze='^Transformer/encoderblock_[0-5]/' freezes the first six layers of each stacked
+parameter (their gradients and updates are zeroed; their optimizer moments stay zero).
 config.schedule: base_lr, warmup_steps, decay ('linear', 'cosine', 'rsqrt' or
 'constant'), end_lr_fraction (linear/cosine end value as a fraction of base_lr).
 """
@@ -63,24 +67,63 @@ def _path_name(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
+_STACKED_BLOCKS = 'encoderblock'  # the path segment of the blocks stacked by nn.scan
+
+
+def _layer_names(path, leaf) -> list[str]:
+  """The names the regexes see for a parameter: its path, or for a leaf of the stacked
+  blocks one name per layer, as the unstacked layout names it (encoderblock_{i})."""
+  parts = _path_name(path).split('/')
+  if _STACKED_BLOCKS not in parts[:-1]:
+    return ['/'.join(parts)]
+  i = parts.index(_STACKED_BLOCKS)
+  return ['/'.join(parts[:i] + [f'{_STACKED_BLOCKS}_{layer}'] + parts[i + 1:])
+          for layer in range(leaf.shape[0])]
+
+
+def _trained(name: str, trainable: str | None, freeze: str | None) -> bool:
+  return bool((not trainable or re.search(trainable, name)) and not (
+      freeze and re.search(freeze, name)))
+
+
 def trainable_labels(params, trainable: str | None = None, freeze: str | None = None):
-  """'train' or 'frozen' per parameter, from the two regexes (re.search on the path)."""
-  names = [_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  """'train' or 'frozen' per parameter, from the two regexes (re.search on the path;
+  a stacked leaf trains when any of its layers does, see `freeze_stacked_layers`)."""
+  names = [n for p, leaf in jax.tree_util.tree_leaves_with_path(params)
+           for n in _layer_names(p, leaf)]
   for field, pattern in (('trainable', trainable), ('freeze', freeze)):
     if pattern and not any(re.search(pattern, n) for n in names):
       raise FreezeError(f'config.{field}={pattern!r} matches no parameter; parameter paths '
                         f'look like {names[:3]} ... {names[-2:]}')
 
-  def label(path, _):
-    name = _path_name(path)
-    train = (not trainable or re.search(trainable, name)) and not (
-        freeze and re.search(freeze, name))
+  def label(path, leaf):
+    train = any(_trained(n, trainable, freeze) for n in _layer_names(path, leaf))
     return 'train' if train else 'frozen'
   labels = jax.tree_util.tree_map_with_path(label, params)
   if 'train' not in jax.tree.leaves(labels):
     raise FreezeError(f'config.trainable={trainable!r} and config.freeze={freeze!r} leave no '
                       'parameter to train')
   return labels
+
+
+def freeze_stacked_layers(tx: optax.GradientTransformation, trainable: str | None,
+                          freeze: str | None) -> optax.GradientTransformation:
+  """`tx` with the frozen layers of the stacked blocks' leaves zeroed where their other
+  layers train (a mask along the leading layer axis; every other leaf passes unchanged).
+  The gradients are masked before `tx` (frozen layers stay out of the clipped norm and
+  the moments) and its updates after (weight decay). The state is `tx`'s own."""
+  def mask(tree):
+    def one(path, u):
+      trained = [_trained(n, trainable, freeze) for n in _layer_names(path, u)]
+      if all(trained):
+        return u
+      return u * jnp.asarray(trained, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+  def update(updates, state, params=None):
+    updates, state = tx.update(mask(updates), state, params)
+    return mask(updates), state
+  return optax.GradientTransformation(tx.init, update)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -122,6 +165,6 @@ def create_optimizer(config, total_steps: int) -> tuple[optax.GradientTransforma
   trainable, freeze = config.get('trainable'), config.get('freeze')
   if trainable or freeze:
     tx = optax.multi_transform(
-        {'train': tx, 'frozen': optax.set_to_zero()},
+        {'train': freeze_stacked_layers(tx, trainable, freeze), 'frozen': optax.set_to_zero()},
         lambda params: trainable_labels(params, trainable, freeze))
   return tx, schedule
