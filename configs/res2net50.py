@@ -2,7 +2,7 @@
 
 Source: see vit_jax/train/recipes.py (imagenet1k_supervised) for the paper and the recipe.
 The argument `mnist` gives the same model and optimizer on the bundled MNIST digits, a
-run of a few minutes on a CPU that needs no download:
+short CPU run that needs no download (minutes; checkpointed every 25 steps):
 
     python -m vit_jax.main --config=configs/res2net50.py --workdir=/tmp/res2net50
     python -m vit_jax.main --config=configs/res2net50.py:mnist --workdir=/tmp/res2net50_mnist

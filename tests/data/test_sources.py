@@ -219,3 +219,37 @@ def test_bundled_mnist_first_use_by_concurrent_processes(tmp_path):
   counts = {line for out in outs for line in out.splitlines() if line.startswith('EXAMPLES')}
   assert counts == {'EXAMPLES 4000 10'}, outs
   assert sum('downloaded and prepared' in out for out in outs) == 1, outs
+
+
+def test_a_onehot_narrower_than_the_folders_classes_is_named(tmp_path):
+  """3 class folders and onehot(2): refused when the sources are made, naming the folder,
+  both counts and the fields to change (before, TensorFlow failed in the first batch);
+  a wider onehot only warns."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import builder  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import input_config  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'pets'
+  for split in ('train', 'test'):
+    for cls in ('cat', 'dog', 'fox'):
+      (root / split / cls).mkdir(parents=True)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / cls / 'a.png')
+  c = input_config.default_input_config()
+  c.source, c.folder = 'folder', str(root)
+  c.pp_train = 'decode|resize(8)|onehot(2)'
+  with pytest.raises(sources.DataError, match=rf"config.input.folder='{root}' has 3 classes, "
+                     r'but config.input.pp_train one-hot encodes 2 \(onehot\(2\)\): set '
+                     r'onehot\(3\).*--config.model.num_classes=3'):
+    builder.create_sources(c)
+  warnings = []
+  original = logging.warning
+  logging.warning = lambda msg, *args: warnings.append(msg % args)
+  try:
+    c.pp_train = 'decode|resize(8)|onehot(5)'
+    train, _ = builder.create_sources(c)
+    c.pp_train = 'decode|resize(8)|onehot(3)'
+    builder.create_sources(c)
+  finally:
+    logging.warning = original
+  assert train.class_names == ['cat', 'dog', 'fox']
+  assert len(warnings) == 1 and 'one-hot encodes 5' in warnings[0]
+  assert 'the other 2 outputs are never a label' in warnings[0]

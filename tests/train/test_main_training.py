@@ -157,6 +157,12 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
   assert steps and steps[-1] < bad_step
   params = _final_params(tmp_path, steps[-1])
   assert all(np.all(np.isfinite(v)) for v in params.values())
+  assert f'The last good checkpoint is step {steps[-1]}.' in proc.stderr
+  # Before any checkpoint: said so, not 'step None'.
+  proc = _run(tmp_path / 'early', data_dir, '--config.schedule.base_lr=1e30',
+              '--config.total_steps=40', '--config.checkpoint_every=0', '--config.log_every=1')
+  assert proc.returncode != 0 and 'No checkpoint was written before it.' in proc.stderr
+  assert 'step None' not in proc.stderr
 
 
 def test_nonfinite_skip_mode_finishes(data_dir, tmp_path):

@@ -38,7 +38,8 @@ def test_linear_warmup_then_each_decay():
 def test_schedule_errors_name_the_field():
   with pytest.raises(ValueError, match='config.schedule.decay'):
     _schedule('exponential')
-  with pytest.raises(ValueError, match='warmup_steps=200'):
+  with pytest.raises(ValueError, match=r'warmup_steps=200 is not below the 110 total steps.*'
+                     r'--config.schedule.warmup_steps=11'):
     _schedule('cosine', warmup=200)
 
 

@@ -1,5 +1,7 @@
 """Sources and batches from the `config.input` block (see `input_config.py`)."""
 
+from absl import logging
+
 from vit_jax.data import input_config as input_config_lib
 from vit_jax.data import pipeline
 from vit_jax.data import preprocess_ops
@@ -21,7 +23,25 @@ def create_sources(input_config) -> tuple[sources.Source, sources.Source]:
                                            class_names=train.class_names)
   else:
     evaluation = sources.create_source(input_config, input_config.eval_split)
+  _check_label_count(input_config, train)
   return train, evaluation
+
+
+def _check_label_count(input_config, train) -> None:
+  """The one-hot width of the preprocessing holds every class of the data: fewer fails
+  in the first batch (deep in TensorFlow), more trains outputs no image has."""
+  classes = len(train.class_names or ())
+  width = preprocess_ops.output_spec(input_config.pp_train)[2]
+  if not classes or width is None or width == classes:
+    return
+  where = (f'config.input.folder={input_config.folder!r}' if input_config.source == 'folder'
+           else f'config.input.name={input_config.name!r}')
+  message = (f'{where} has {classes} classes, but config.input.pp_train one-hot encodes '
+             f'{width} (onehot({width})): set onehot({classes}) in config.input.pp_train and '
+             f'config.input.pp_eval, and --config.model.num_classes={classes}')
+  if width < classes:
+    raise sources.DataError(message)
+  logging.warning('%s; the other %d outputs are never a label.', message, width - classes)
 
 
 def batch_preprocess_fn(input_config):

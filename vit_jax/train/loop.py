@@ -283,9 +283,11 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       first = start_of_pending
       for i, m in enumerate(fetched):
         if not m['finite'] and config.nonfinite == 'stop':
+          last = checkpointer.latest_step()
           raise NonFiniteError(
               f'non-finite loss or gradient at step {first + i + 1} (loss={m["loss"]}); '
-              f'stopping. The last good checkpoint is step {checkpointer.latest_step()}. '
+              'stopping. ' + (f'The last good checkpoint is step {last}. ' if last is not None
+                              else 'No checkpoint was written before it. ') +
               "Lower config.schedule.base_lr, or set config.nonfinite='skip'.")
       skipped = sum(1 - int(m['finite']) for m in fetched)
       pending.clear()

@@ -35,7 +35,9 @@ def learning_rate_schedule(schedule_config, total_steps: int) -> optax.Schedule:
     raise ValueError(f'config.schedule.decay={decay!r} is not one of {SCHEDULES}')
   if warmup >= total_steps and total_steps > 0:
     raise ValueError(f'config.schedule.warmup_steps={warmup} is not below the '
-                     f'{total_steps} total steps')
+                     f'{total_steps} total steps of the run (config.total_steps, or '
+                     'config.num_epochs times the steps per epoch): lower it, e.g. '
+                     f'--config.schedule.warmup_steps={total_steps // 10}, or train longer')
   rest = max(total_steps - warmup, 1)
   if decay == 'linear':
     after = optax.linear_schedule(base, end, rest)
