@@ -1,64 +1,121 @@
+#!/usr/bin/env python3
 """Has a vit_jax run reached its final step? Reads the workdir (local or gs://).
-
-usage: python launch/run_status.py WORKDIR [--total_steps=N] [--json]
 
 Prints e.g. `step 3000 of 10000 (newest complete checkpoint)` and exits 0 when the
 newest complete checkpoint is the final step, 1 when it is not (or there is none yet),
-2 on errors. The final step is the one the training loop computes: config.total_steps,
-else ceil(num_epochs * steps_per_epoch), both from the newest checkpoint's `meta`
-(pass --total_steps when a restart raises config.total_steps). The training loop always
-saves a checkpoint at the final step, so a finished run always shows it.
+2 on errors (the workdir cannot be read, a checkpoint's meta is missing or unreadable,
+bad arguments). The final step is the one the training loop computes:
+config.total_steps, else ceil(num_epochs * steps_per_epoch), both from the newest
+checkpoint's `meta` (pass --total_steps when a restart raises config.total_steps). The
+training loop always saves a checkpoint at the final step, so a finished run always
+shows it.
 
-Read-only: the checkpoint directory is opened with Orbax in read-only mode, so running
-this next to a training job never removes its in-progress (temporary) checkpoints. JAX
-runs on the CPU here (JAX_PLATFORMS=cpu unless set), so it does not take the
-accelerators of a job running on the same machine.
+Only the standard library is needed for a local workdir, so any Python 3.7+ runs this
+(python3 outside the project's environment included); a gs:// (or other URL) workdir
+needs etils.epath and a backend that reads it (the project's environment). Read-only:
+it lists WORKDIR/checkpoints and reads the newest complete step's meta/metadata, as
+Orbax does, so running it next to a training job never touches the job's in-progress
+(temporary) checkpoints, and it starts no JAX.
+
+--check tests, without reading any checkpoint, that this Python can run the check for
+WORKDIR (prints `launch/run_status.py: ready ...`, exits 0; else exits 2 saying why):
+launch/until_done.sh runs it once before it starts anything.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
+import pathlib
+import re
 import sys
+
+PROG = 'launch/run_status.py'
+# Orbax's standard step names (CheckpointManager without step_prefix or padding). A
+# checkpoint being written lives in `<step>.orbax-checkpoint-tmp-<timestamp>` and is
+# renamed when complete; on gs:// it is written in place and complete once it holds
+# commit_success.txt (Orbax's defaults: atomic rename, commit file on GCS).
+STEP_NAME = re.compile(r'0|[1-9][0-9]*')
+COMMIT_FILE = 'commit_success.txt'
+
+
+def _path(workdir: str):
+  """A pathlib.Path for a local workdir, an etils.epath.Path for a URL (gs://...)."""
+  if '://' not in workdir:
+    return pathlib.Path(workdir)
+  try:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise RuntimeError(
+        f'reading {workdir} needs etils.epath ({type(e).__name__}: {e}); run this with '
+        f'the Python vit_jax is installed in (not {sys.executable})') from e
+  return epath.Path(workdir)
+
+
+def complete_steps(checkpoints) -> list[int]:
+  """The steps of the complete checkpoints in a `checkpoints` directory, ascending."""
+  if not checkpoints.is_dir():
+    return []
+  needs_commit_file = str(checkpoints).startswith('gs://')
+  steps = []
+  for d in checkpoints.iterdir():
+    if STEP_NAME.fullmatch(d.name) and d.is_dir() and (
+        not needs_commit_file or (d / COMMIT_FILE).exists()):
+      steps.append(int(d.name))
+  return sorted(steps)
+
+
+def final_step(meta: dict) -> int:
+  """The training loop's last step from a checkpoint's meta (vit_jax.train.loop)."""
+  config = meta.get('config') or {}
+  if config.get('total_steps'):
+    return int(config['total_steps'])
+  return max(int(math.ceil(config['num_epochs'] * meta['steps_per_epoch'])), 1)
 
 
 def status(workdir: str, total_steps: int | None = None) -> dict:
   """{'step': newest complete checkpoint step or None, 'total_steps', 'done'}."""
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  logging.set_verbosity(logging.ERROR)  # Orbax warns that read-only mode is read-only
-  directory = epath.Path(workdir) / 'checkpoints'
-  if not directory.exists():
+  steps = complete_steps(_path(workdir) / 'checkpoints')
+  if not steps:
     return {'step': None, 'total_steps': total_steps, 'done': False}
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                                      cleanup_tmp_directories=False),
-      item_names=('state', 'meta'))
-  step = manager.latest_step()
-  if step is None:
-    return {'step': None, 'total_steps': total_steps, 'done': False}
+  step = steps[-1]
   if total_steps is None:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    config = meta.get('config') or {}
-    total_steps = config.get('total_steps') or max(
-        int(math.ceil(config['num_epochs'] * meta['steps_per_epoch'])), 1)
+    meta_file = _path(workdir) / 'checkpoints' / str(step) / 'meta' / 'metadata'
+    try:
+      meta = json.loads(meta_file.read_text())
+      total_steps = final_step(meta)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise RuntimeError(
+          f'cannot find the final step in {meta_file} ({type(e).__name__}: {e}); pass '
+          '--total_steps=N') from e
   return {'step': step, 'total_steps': total_steps, 'done': step >= total_steps}
 
 
+def check(workdir: str) -> str:
+  """Raises unless this Python can read `workdir`; returns what it runs on."""
+  _path(workdir).exists()  # for a URL: imports and reaches the backend (credentials)
+  return (f'{PROG}: ready (Python {sys.version.split()[0]} at {sys.executable} can '
+          f'read {workdir})')
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-  parser.add_argument('workdir')
-  parser.add_argument('--total_steps', type=int, default=None)
+  parser = argparse.ArgumentParser(
+      prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('workdir', help="the run's workdir (--workdir of vit_jax.main)")
+  parser.add_argument('--total_steps', type=int, default=None,
+                      help='the final step (default: from the newest checkpoint)')
   parser.add_argument('--json', action='store_true', help='print the status as JSON')
-  args = parser.parse_args(argv)
+  parser.add_argument('--check', action='store_true',
+                      help='only test that this Python can read WORKDIR (see above)')
+  args = parser.parse_args(argv)  # exits 2 on bad arguments
   try:
+    if args.check:
+      print(check(args.workdir))
+      return 0
     s = status(args.workdir, args.total_steps)
   except Exception as e:  # pylint: disable=broad-except
-    print(f'launch/run_status.py: cannot read {args.workdir}: {type(e).__name__}: {e}',
-          file=sys.stderr)
+    print(f'{PROG}: cannot read {args.workdir}: {type(e).__name__}: {e}', file=sys.stderr)
     return 2
   if args.json:
     print(json.dumps(s))

@@ -23,8 +23,16 @@ Options:
   --max_attempts=N     (MAX_ATTEMPTS, default 20)
   --backoff=SECONDS    wait before the first restart (BACKOFF, default 60)
   --max_backoff=SECS   longest wait (MAX_BACKOFF, default 1800)
-  PYTHON               Python that runs launch/run_status.py (default python3)
-Exit status: 0 when the run is done, 1 when it is not after --max_attempts attempts.
+  PYTHON               Python that runs launch/run_status.py (default: the active
+                       virtualenv's python, else this checkout's .venv/bin/python,
+                       else python3). Any Python 3.7+ reads a local workdir; a gs://
+                       workdir needs the one vit_jax is installed in.
+Before it starts anything it checks that PYTHON runs launch/run_status.py (--check);
+if not, or if the status check fails later (exit status other than 0 done, 1 not
+done), it stops at once instead of starting the job again. With --done_cmd, any exit
+status other than 0 means "not done".
+Exit status: 0 when the run is done, 1 when it is not after --max_attempts attempts,
+2 on errors (bad options, a status check that cannot run or cannot read the workdir).
 EOF
 }
 
@@ -34,8 +42,17 @@ DONE_CMD=${DONE_CMD:-}
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-20}
 BACKOFF=${BACKOFF:-60}
 MAX_BACKOFF=${MAX_BACKOFF:-1800}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [[ -z $PYTHON ]]; then
+  if [[ -n ${VIRTUAL_ENV:-} && -x $VIRTUAL_ENV/bin/python ]]; then
+    PYTHON=$VIRTUAL_ENV/bin/python
+  elif [[ -x $here/../.venv/bin/python ]]; then
+    PYTHON=$(cd "$here/.." && pwd)/.venv/bin/python
+  else
+    PYTHON=python3
+  fi
+fi
 
 while (($#)); do
   case $1 in
@@ -60,17 +77,42 @@ for v in MAX_ATTEMPTS BACKOFF MAX_BACKOFF; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v=${!v} is not a whole number"
 done
 
+status_cmd=("$PYTHON" "$here/run_status.py" "$WORKDIR")
+[[ -z $TOTAL_STEPS ]] || status_cmd+=(--total_steps="$TOTAL_STEPS")
+
+# Once, before anything starts: can PYTHON run the status check for this workdir? (A
+# Python without the needed modules, or no Python at all, must not read as "not done".)
+check_status_python() {
+  local out rc=0 where fix
+  out=$("$PYTHON" "$here/run_status.py" --check "$WORKDIR" 2>&1) || rc=$?
+  [[ $rc -ne 0 || $out != *'run_status.py: ready'* ]] || return 0
+  where=$(command -v -- "$PYTHON" || echo 'not found')
+  fix='a Python 3.7+ that runs it'
+  [[ $WORKDIR != *://* ]] || fix='the Python vit_jax is installed in'
+  [[ -z $out ]] || out=$(printf ', saying:\n%s\n' "$out" | sed '2,$s/^/  /')
+  die "the workdir status check cannot run under PYTHON=$PYTHON ($where):" \
+    "\`$PYTHON launch/run_status.py --check $WORKDIR\` exited with status $rc$out
+Nothing was started. Set PYTHON to $fix (PYTHON=/path/to/venv/bin/python $0 ...)," \
+    "or give --done_cmd."
+}
+
+# 0 when done, 1 when not; exits (status 2) when the status check itself fails.
 is_done() {
   if [[ -n $DONE_CMD ]]; then
     bash -c "$DONE_CMD"
-  else
-    local args=("$here/run_status.py" "$WORKDIR")
-    [[ -z $TOTAL_STEPS ]] || args+=(--total_steps="$TOTAL_STEPS")
-    "$PYTHON" "${args[@]}"
+    return
   fi
+  local rc=0
+  "${status_cmd[@]}" || rc=$?
+  case $rc in
+    0 | 1) return "$rc" ;;
+    *) die "cannot tell whether the run is done: \`${status_cmd[*]}\` exited with status" \
+      "$rc (its message is above); $1. Fix that, then start the same command again" ;;
+  esac
 }
 
-if is_done; then
+[[ -n $DONE_CMD ]] || check_status_python
+if is_done 'nothing started'; then
   log 'the run is already done; nothing to start'
   exit 0
 fi
@@ -81,7 +123,7 @@ while :; do
   log "attempt $attempt of $MAX_ATTEMPTS: $*"
   rc=0
   "$@" || rc=$?
-  if is_done; then
+  if is_done "not restarting after attempt $attempt (status $rc)"; then
     log "the run is done (attempt $attempt)"
     exit 0
   fi

@@ -457,3 +457,178 @@ def test_until_done_reads_a_fresh_workdir_as_not_done(stubs, tmp_path):
               '--max_attempts=1', '--', 'true'], env)
   assert proc.returncode == 1, proc.stderr
   assert 'no complete checkpoint yet' in proc.stdout
+
+
+# ------------------------------------------------- run_status.py, and until_done.sh's Python
+
+# meta as vit_jax.train.loop stores it; the final step is ceil(1.7 epochs x 3 steps) = 6.
+META = {'seed': 0, 'steps_per_epoch': 3, 'config': {'total_steps': 0, 'num_epochs': 1.7}}
+
+
+@pytest.fixture(scope='module')
+def finished_workdir(tmp_path_factory):
+  """A workdir as vit_jax.main leaves it at the end: Orbax checkpoints of steps 3 and 6
+  (written by the project's own checkpointer), the final step being 6."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from vit_jax.checkpoints import train_state  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp('finished')
+  ckpt = train_state.TrainCheckpointer(workdir / 'checkpoints', async_save=False)
+  for step in (3, 6):
+    ckpt.save(step, {'w': jnp.full((2,), float(step))}, META)
+  ckpt.close()
+  return workdir
+
+
+def _copy(workdir, tmp_path):
+  return pathlib.Path(shutil.copytree(workdir, tmp_path / 'w'))
+
+
+def _bare_python(tmp_path, name='bare_python'):
+  """Python with the standard library only (no site-packages: no absl, etils, orbax),
+  like a system python3 next to the project's .venv; it leaves a mark when it runs."""
+  fake = tmp_path / name
+  fake.write_text(f'#!/bin/sh\ntouch {tmp_path}/{name}.ran\nexec {sys.executable} -I -S "$@"\n')
+  fake.chmod(0o755)
+  assert subprocess.run([fake, '-c', 'import absl'], capture_output=True).returncode == 1
+  return fake
+
+
+def _orbax_latest_step(workdir):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  manager = ocp.CheckpointManager(
+      workdir / 'checkpoints', item_names=('state', 'meta'),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           cleanup_tmp_directories=False))
+  return manager.latest_step()
+
+
+def _status(python, workdir, *args):
+  return subprocess.run([str(python), str(LAUNCH / 'run_status.py'), str(workdir), *args],
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_run_status_reads_orbax_checkpoints_with_the_standard_library_only(
+    finished_workdir, tmp_path):
+  python = _bare_python(tmp_path)
+  proc = _status(python, finished_workdir)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout == f'{finished_workdir}: step 6 of 6 (newest complete checkpoint): done\n'
+  proc = _status(python, finished_workdir, '--json')
+  assert json.loads(proc.stdout) == {'step': 6, 'total_steps': 6, 'done': True}
+  proc = _status(python, finished_workdir, '--total_steps=10')  # a raised total_steps
+  assert proc.returncode == 1 and 'step 6 of 10 (newest complete checkpoint)\n' in proc.stdout
+  # Step 6 still being written (Orbax's temporary name), next to things that are no
+  # checkpoint: the newest complete step is 3, for Orbax as for run_status.py.
+  workdir = _copy(finished_workdir, tmp_path)
+  (workdir / 'checkpoints' / '6').rename(workdir / 'checkpoints' / '6.orbax-checkpoint-tmp-17')
+  (workdir / 'checkpoints' / '9').write_text('a file, not a step folder')
+  (workdir / 'checkpoints' / 'step_12').mkdir()
+  assert _orbax_latest_step(workdir) == 3
+  proc = _status(python, workdir)
+  assert proc.returncode == 1 and proc.stdout == f'{workdir}: step 3 of 6 (newest complete checkpoint)\n'
+
+
+def test_run_status_fails_with_status_2_on_an_unreadable_meta(finished_workdir, tmp_path):
+  workdir = _copy(finished_workdir, tmp_path)
+  meta = workdir / 'checkpoints' / '6' / 'meta' / 'metadata'
+  meta.write_text('{"config": {}}')  # no total_steps, no num_epochs
+  proc = _status(sys.executable, workdir)
+  assert proc.returncode == 2 and not proc.stdout
+  assert f'cannot find the final step in {meta}' in proc.stderr
+  assert "KeyError: 'num_epochs'" in proc.stderr and '--total_steps=N' in proc.stderr
+  proc = _status(sys.executable, workdir, '--total_steps=6')  # the fix it names
+  assert proc.returncode == 0, proc.stderr
+
+
+def test_run_status_is_executable_and_prints_its_usage(tmp_path):
+  script = LAUNCH / 'run_status.py'
+  assert os.access(script, os.X_OK)
+  assert script.read_text().startswith('#!/usr/bin/env python3\n')
+  proc = subprocess.run([script, '--help'], capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith('usage: launch/run_status.py ')
+  for text in ('workdir', '--total_steps', '--json', '--check', 'exits 0 when'):
+    assert text in proc.stdout, text
+  # Without arguments: the usage and status 2 (an error), as until_done.sh expects.
+  proc = subprocess.run([script], capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and 'usage: launch/run_status.py' in proc.stderr
+
+
+def test_until_done_does_not_restart_a_finished_run_under_a_bare_python(
+    stubs, finished_workdir, tmp_path):
+  env, calls = stubs
+  # No PYTHON: the active virtualenv's python is the one used (here: a bare one).
+  venv = tmp_path / 'venv'
+  (venv / 'bin').mkdir(parents=True)
+  python = _bare_python(venv / 'bin', 'python')
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={finished_workdir}', '--backoff=5',
+              '--', _job(tmp_path, 0)], dict(env, VIRTUAL_ENV=str(venv)))
+  assert proc.returncode == 0, proc.stderr
+  assert 'the run is already done; nothing to start' in proc.stderr
+  assert 'step 6 of 6' in proc.stdout
+  assert _count(tmp_path) == 0 and not calls('sleep')
+  assert (python.parent / 'python.ran').exists()
+
+
+def test_until_done_resumes_an_unfinished_run_under_a_bare_python(
+    stubs, finished_workdir, tmp_path):
+  env, calls = stubs
+  workdir = _copy(finished_workdir, tmp_path)
+  final = workdir / 'checkpoints' / '6'
+  shutil.move(final, tmp_path / 'final')
+  job = tmp_path / 'job.sh'  # the "resumed run" writes its final checkpoint
+  job.write_text(f'#!/usr/bin/env bash\necho 1 >> {tmp_path}/count\nmv {tmp_path}/final {final}\n')
+  job.chmod(0o755)
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={workdir}', '--backoff=5', '--', job],
+             dict(env, PYTHON=str(_bare_python(tmp_path))))
+  assert proc.returncode == 0, proc.stderr
+  assert 'step 3 of 6 (newest complete checkpoint)\n' in proc.stdout
+  assert 'the run is done (attempt 1)' in proc.stderr
+  assert _count(tmp_path) == 1 and not calls('sleep')
+
+
+@pytest.mark.parametrize('python', ['/bin/false', 'missing', 'bare_gs'])
+def test_until_done_stops_at_once_when_python_cannot_run_the_status_check(
+    stubs, finished_workdir, tmp_path, python):
+  env, calls = stubs
+  workdir = str(finished_workdir)
+  if python == 'missing':
+    python = str(tmp_path / 'no_such_python')
+  elif python == 'bare_gs':  # gs:// needs etils, which a bare Python lacks
+    python, workdir = str(_bare_python(tmp_path)), 'gs://my-bucket/b16'
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={workdir}', '--backoff=5',
+              '--max_attempts=20', '--', _job(tmp_path, 0)], dict(env, PYTHON=python))
+  assert proc.returncode == 2, proc.stderr
+  assert f'the workdir status check cannot run under PYTHON={python} (' in proc.stderr
+  assert f'`{python} launch/run_status.py --check {workdir}` exited with status' in proc.stderr
+  assert 'Nothing was started. Set PYTHON to ' in proc.stderr
+  assert 'PYTHON=/path/to/venv/bin/python' in proc.stderr
+  if python.endswith('no_such_python'):
+    assert '(not found)' in proc.stderr and 'status 127' in proc.stderr
+  if workdir.startswith('gs://'):
+    assert 'needs etils.epath' in proc.stderr
+    assert 'Set PYTHON to the Python vit_jax is installed in' in proc.stderr
+  # Nothing started, no wait, no "not done" reading.
+  assert _count(tmp_path) == 0 and not calls('sleep')
+  assert 'attempt' not in proc.stderr and 'restarting' not in proc.stderr
+
+
+def test_until_done_stops_when_the_status_check_fails_after_an_attempt(stubs, tmp_path):
+  env, calls = stubs
+  workdir = tmp_path / 'w'
+  job = tmp_path / 'job.sh'  # leaves a checkpoint whose meta cannot be read
+  job.write_text(f'''#!/usr/bin/env bash
+echo 1 >> {tmp_path}/count
+mkdir -p {workdir}/checkpoints/4/meta && echo 'not json' > {workdir}/checkpoints/4/meta/metadata
+''')
+  job.chmod(0o755)
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={workdir}', '--backoff=5',
+              '--max_attempts=20', '--', job], dict(env, PYTHON=sys.executable))
+  assert proc.returncode == 2, proc.stderr
+  assert 'no complete checkpoint yet' in proc.stdout  # before the attempt: not done
+  assert f'cannot find the final step in {workdir}/checkpoints/4/meta/metadata' in proc.stderr
+  assert 'cannot tell whether the run is done' in proc.stderr
+  assert 'exited with status 2' in proc.stderr
+  assert 'not restarting after attempt 1 (status 0)' in proc.stderr
+  assert _count(tmp_path) == 1 and not calls('sleep')
+  assert 'restarting in' not in proc.stderr and 'before the final step' not in proc.stderr
