@@ -63,3 +63,12 @@ def test_bad_override_fails_with_message(tmp_path):
   proc = _run(['--config=configs/model_summary.py:ViT-B/17'], tmp_path)
   assert proc.returncode != 0
   assert 'ViT-B/16' in proc.stderr  # closest names are suggested
+
+
+def test_a_misspelled_override_is_one_line_naming_the_flag_and_the_field(tmp_path):
+  proc = _run(['--config=configs/demo.py', '--config.batch_size=32',
+               '--config.model.hiden_size=3'], tmp_path)
+  assert proc.returncode == 1
+  assert ('FATAL Flags parsing error: --config.model.hiden_size names no config field: '
+          "'hiden_size'\nDid you mean \"hidden_size\"") in proc.stderr, proc.stderr
+  assert 'Traceback' not in proc.stderr and "\\'" not in proc.stderr

@@ -144,6 +144,24 @@ def _main_then_exit(argv):
   os._exit(0)  # pylint: disable=protected-access
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a --config override that names no field reported as absl
+  reports other bad flags (one line, the closest field), not as an escaped traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    field = text.split("'")[1] if text.count("'") >= 2 else None
+    names = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    named = [n for n in names if field and n.split('.')[-1] == field]
+    sys.stderr.write(f'FATAL Flags parsing error: {named[0] if named else "a --config override"}'
+                     f' names no config field: {text}\nThe fields of a training config and their meaning: '
+                     'vit_jax/train/defaults.py (config.model: vit_jax.models.field_docs()).\n')
+    sys.exit(1)
+
+
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(_main_then_exit)
+  app.run(_main_then_exit, flags_parser=_parse_flags)
