@@ -90,6 +90,21 @@ def test_uninterrupted_run_logs_metrics(reference):
   assert meta_dirs[-1] == TOTAL_STEPS and len(meta_dirs) <= 2  # keep_checkpoints=2
 
 
+def test_a_finished_run_started_again_trains_nothing_and_reports_its_evaluation(
+    reference, data_dir, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  ref_dir, _ = reference
+  workdir = tmp_path / 'again'
+  shutil.copytree(ref_dir, workdir)
+  before = (workdir / 'metrics.jsonl').read_text()
+  proc = _run(workdir, data_dir)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  final_eval = [json.loads(l) for l in before.splitlines() if 'eval_top1' in l][-1]
+  assert f"final: eval_top1 {final_eval['eval_top1']:.4f}" in proc.stdout, proc.stdout
+  assert f'step {TOTAL_STEPS}' in proc.stdout
+  assert (workdir / 'metrics.jsonl').read_text() == before  # nothing logged again
+
+
 def _latest_checkpoint(workdir):
   ckpt = workdir / 'checkpoints'
   return max((int(p.name) for p in ckpt.iterdir() if p.name.isdigit()), default=0) if (

@@ -338,5 +338,14 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
         checkpointer.save(step, state, dict(meta, step=step),
                           metrics={k: float(v) for k, v in last_eval.items()} if do_eval
                           else None)
+    if start_step >= total_steps and not last_eval:  # a finished run started again
+      last_eval = _last_logged_eval(workdir / 'metrics.jsonl')
     final = dict(last_eval, step=step)
     return final
+
+
+def _last_logged_eval(path) -> dict:
+  """The last evaluation row of a workdir's metrics.jsonl (without its step), or {}."""
+  rows = [json.loads(line) for line in (path.read_text().splitlines() if path.exists() else ())
+          if '"eval_' in line]
+  return {k: v for k, v in rows[-1].items() if k != 'step'} if rows else {}
