@@ -237,6 +237,91 @@ def test_orbax_with_class_names_to_hf_and_orbax(orbax_run, tmp_path):
                              atol=TOL, rtol=0)
 
 
+def _demo_like_run(tmp_path):
+  """(config, params, workdir): an Orbax checkpoint of the demo's kind of model (BiT root
+  stem, tanh GELU, the stem's own epsilons, 3 heads of 32) under an unregistered name."""
+  from vit_jax.train import recipes  # pylint: disable=g-import-not-at-top
+  config = recipes.small_hybrid_model('demo-like-ViT', image_size=SIZE, hidden_size=96,
+                                      num_layers=2, num_heads=3, mlp_dim=192,
+                                      num_classes=len(ORBAX_NAMES))
+  params = torch_ref.perturb_jax_params(models.init_params(models.create(config), SIZE),
+                                        seed=7, head_std=96 ** -0.5)
+  workdir = tmp_path / 'demo_run'
+  ckpt = train_state.TrainCheckpointer(workdir / 'checkpoints', async_save=False)
+  meta = {'step': 1, 'class_names': ORBAX_NAMES, 'model': config.to_dict(),
+          'config': {'input': {'pp_eval': PP_EVAL}}}
+  ckpt.save(1, {'step': np.int32(1), 'params': params}, json.loads(json.dumps(meta)))
+  ckpt.close()
+  return config, params, str(workdir)
+
+
+def test_unregistered_hybrid_to_safetensors_reads_back_as_itself(tmp_path):
+  """The walk-through's bug: a timm export of the demo read back (no model given, as
+  predict reads it) as a 1-head exact-GELU model. The .safetensors records the config."""
+  config, params, workdir = _demo_like_run(tmp_path)
+  out = tmp_path / 'ft.safetensors'
+  result = convert.run(workdir, out)
+  assert any("timm has no model of the architecture of 'demo-like-ViT'" in n and
+             'recorded in the file' in n for n in result.notes), result.notes
+  ck = pretrained.load_checkpoint(str(out))
+  assert ck.config_recorded and ck.config.name == 'demo-like-ViT'
+  assert ck.config.num_heads == 3 and ck.config.gelu_approximate
+  assert ck.class_names == ORBAX_NAMES and ck.pp_eval == PP_EVAL
+  x = _images(5)
+  _close(_jax_logits(ck.config, ck.params, x), _jax_logits(config, params, x),
+         'orbax -> safetensors (recorded config)')
+  # Converted again (-> Orbax) it keeps its name, classes and numerics.
+  convert.run(str(out), tmp_path / 'back', to='orbax')
+  back = pretrained.load_checkpoint(str(tmp_path / 'back'))
+  assert back.config.name == 'demo-like-ViT' and back.class_names == ORBAX_NAMES
+  assert back.config.resnet.stdconv_eps == config.resnet.stdconv_eps
+  # A torch file records nothing: the note says what a loader will guess instead.
+  notes = convert.run(workdir, tmp_path / 'ft.pth').notes
+  assert any(n.startswith('ft.pth is a torch file, which records no model config') and
+             'num_heads 1 (not 3), GELU exact (not tanh)' in n and
+             'Write .safetensors to record it' in n for n in notes), notes
+  assert all('\n' not in n for n in notes)
+
+
+def test_registered_name_export_still_loads_in_timm(timm_file, tmp_path):
+  """The recorded config lives in the safetensors header: timm loads the tensors
+  strictly, and vit_jax reads the same logits back without a model name."""
+  model, path = timm_file
+  out = tmp_path / 'tiny.safetensors'
+  result = convert.run(path, out, model='vit_tiny_patch16_224')
+  assert any("timm.create_model('vit_tiny_patch16_224'" in n for n in result.notes)
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with safe_open(str(out), framework='pt') as f:
+    recorded = json.loads(f.metadata()[pretrained.META_MODEL])
+  assert recorded['name'] == 'vit_tiny_patch16_224' and recorded['num_heads'] == 3
+  assert recorded['gelu_approximate'] is False  # timm's numerics, as read
+  restored = timm.create_model('vit_tiny_patch16_224', pretrained=False, **TIMM_KW).eval()
+  restored.load_state_dict(safetensors_torch.load_file(str(out)), strict=True)
+  x = _images(6)
+  want = _timm_logits(model, x)
+  _close(_timm_logits(restored, x), want, 'timm -> safetensors -> timm')
+  ck = pretrained.load_checkpoint(str(out))
+  assert ck.config_recorded and not ck.config.gelu_approximate
+  _close(_jax_logits(ck.config, ck.params, x), want, 'timm -> safetensors -> vit_jax')
+
+
+def test_cli_takes_the_output_as_an_argument(timm_file, tmp_path):
+  """`convert --input=X --to=hf DIR` (the README's form) writes DIR; a missing flag is
+  one line naming it, with an example."""
+  _, path = timm_file
+  out = tmp_path / 'hf_dir'
+  proc = _cli(f'--input={path}', '--to=hf', str(out))
+  assert proc.returncode == 0, proc.stderr
+  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
+  proc = _cli(f'--input={path}', '--to=hf')
+  assert proc.returncode == 1 and proc.stderr.startswith(
+      'error: --output is required: where to write (e.g. python -m vit_jax.convert '), (
+          proc.stderr)
+  assert 'Traceback' not in proc.stderr and 'FATAL' not in proc.stderr
+  # The transformers directory is an input too.
+  assert convert.convert(out, tmp_path / 'w.npz') == 'npz'
+
+
 # ----------------------------------------------------------------------------- errors
 
 

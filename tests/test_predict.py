@@ -3,7 +3,9 @@
 Photos: scikit-image's bundled images, written as files by the tests. Checkpoints: a
 workdir trained by `vit_jax.main` (class names from its metadata), a timm model with
 random weights saved as safetensors (probabilities compared with timm's on the same
-preprocessed pixels), a transformers model (id2label), an `.npz`.
+preprocessed pixels), a transformers model (id2label; its file and its save_pretrained
+directory), an `.npz`, and the workdir's model exported by `vit_jax.convert` to
+.safetensors (the same predictions as the workdir).
 """
 
 import json
@@ -108,6 +110,39 @@ def test_cli_on_a_trained_workdir_prints_top5_with_its_class_names(trained_workd
     assert abs(sum(t['probability'] for t in r['top_k']) - 1) < 1e-4
 
 
+def test_cli_on_a_safetensors_export_of_the_workdir_prints_the_same(trained_workdir, photos,
+                                                                    tmp_path):
+  """The workdir's model (the demo's: BiT stem, tanh GELU, 2 heads of 16, an unregistered
+  name) exported by `vit_jax.convert` to .safetensors predicts what the workdir does:
+  the file records the config, class names and preprocessing (no 1-head guess)."""
+  export = tmp_path / 'ft.safetensors'
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.convert', f'--input={trained_workdir}',
+                         f'--output={export}'], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  assert "note: timm has no model of the architecture of 'demo-ViT'" in proc.stdout
+  rows = {}
+  for checkpoint in (trained_workdir, export):
+    proc = _predict_cli(f'--checkpoint={checkpoint}', '--json', '--top_k=6', *photos)
+    assert proc.returncode == 0, subprocess_env.failure(proc)
+    rows[checkpoint] = [json.loads(l) for l in proc.stdout.strip().split('\n')]
+  assert len(rows[export]) == len(photos)
+  for want, got in zip(rows[trained_workdir], rows[export]):
+    assert got['image'] == want['image']
+    assert [t['label'] for t in got['top_k']] == [t['label'] for t in want['top_k']]
+    assert {t['label'] for t in got['top_k']} == set(CLASSES)
+    np.testing.assert_allclose([t['probability'] for t in got['top_k']],
+                               [t['probability'] for t in want['top_k']], atol=1e-5)
+  # What the export used to give (a torch file records no config: a guess) differs by
+  # more than that tolerance, even for this 3-step model's near-uniform probabilities.
+  from vit_jax import convert  # pylint: disable=import-outside-toplevel
+  convert.run(str(trained_workdir), str(tmp_path / 'ft.pth'))
+  guessed = inference.ImageClassifier.from_pretrained(tmp_path / 'ft.pth')
+  assert guessed.config.num_heads == 1
+  right = inference.ImageClassifier.from_pretrained(export).predict_proba(photos)
+  assert float(np.max(np.abs(guessed.predict_proba(photos) - right))) > 5e-5
+
+
 def test_api_uses_the_runs_eval_preprocessing_and_batches(trained_workdir, photos):
   clf = inference.ImageClassifier.from_pretrained(trained_workdir, batch_size=3)
   assert clf.class_names == sorted(CLASSES)
@@ -178,6 +213,13 @@ def test_transformers_checkpoint_takes_names_from_id2label(tmp_path, photos):
     want = torch.softmax(model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).logits,
                          -1).numpy()
   np.testing.assert_allclose(clf.predict_proba(photos[:2]), want, atol=PROB_TOL)
+  # The save_pretrained directory (as `vit_jax.convert --to=hf DIR` writes it) works too.
+  proc = _predict_cli(f'--checkpoint={tmp_path / "hf"}', '--json', '--top_k=6', *photos[:2])
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  for row, expected in zip([json.loads(l) for l in proc.stdout.split('\n') if l], want):
+    assert {t['label'] for t in row['top_k']} == set(CLASSES)
+    for t in row['top_k']:
+      assert abs(t['probability'] - expected[t['index']]) < PROB_TOL
 
 
 def test_npz_checkpoint_infers_its_architecture_and_a_label_file(tmp_path, photos):

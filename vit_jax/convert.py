@@ -4,14 +4,18 @@ r"""Converts ViT weights between formats: `python -m vit_jax.convert --input=A -
     python -m vit_jax.convert --input=timm.safetensors --output=vit.npz --model=vit_tiny_patch16_224
     python -m vit_jax.convert --input=hf_dir/model.safetensors --output=ckpt --to=orbax
     python -m vit_jax.convert --input=workdir --output=hf_dir --to=hf
+    python -m vit_jax.convert --input=workdir --to=hf hf_dir   # the output as an argument
 
 Reads anything `vit_jax.checkpoints.pretrained.load_checkpoint` reads: an original-layout
 `.npz`, a timm or transformers state dict (`.safetensors`, `.bin`, `.pt`, `.pth`; a
-transformers file needs its `config.json` beside it), or an Orbax workdir / checkpoint
-directory of this project. Writes
+transformers file needs its `config.json` beside it, or the directory holding both), or
+an Orbax workdir / checkpoint directory of this project. Writes
 
   npz    the original release's `.npz` layout (`--output=NAME.npz`);
   timm   a timm `VisionTransformer` state dict (`--output=NAME.safetensors|.pth|.bin|.pt`);
+         a `.safetensors` file records the model config (heads, GELU form, epsilons),
+         class names and evaluation preprocessing in its metadata, which vit_jax's
+         loaders read back (a torch file cannot: a note says what it loses);
   hf     a directory with `model.safetensors` and `config.json` that
          `transformers.ViTForImageClassification.from_pretrained(DIR)` loads;
   orbax  a checkpoint directory in this project's layout ({step}/state with
@@ -259,6 +263,10 @@ def _write_npz(ckpt, output, notes):
 
 
 def _write_timm(ckpt, output, notes):
+  """Writes the timm state dict; a .safetensors file records the model config, class
+  names and evaluation preprocessing in its metadata (vit_jax's loaders read them back;
+  timm and torch ignore them). A torch file cannot: a note says what a loader loses."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import state_dict_io  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
   try:
@@ -266,19 +274,44 @@ def _write_timm(ckpt, output, notes):
     sd = timm_format.to_timm(ckpt.config, _float32_tree(weights))
   except ValueError as e:
     raise ConversionError(f'cannot convert to timm: {e}') from None
-  state_dict_io.write_state_dict(sd, output)
+  metadata = None
+  if output.lower().endswith('.safetensors'):
+    try:
+      metadata = pretrained.state_dict_metadata(ckpt.config, ckpt.class_names, ckpt.pp_eval)
+    except TypeError as e:
+      notes.append(f'the model config is not recorded in {output} (JSON cannot hold it: '
+                   f'{e}); load it with load_checkpoint(path, model=config)')
+  state_dict_io.write_state_dict(sd, output, metadata=metadata)
   try:
     name = timm_format.timm_name(ckpt.config)
   except ValueError:
     name = None
+  lost = (pretrained.unrecorded_fields(ckpt.config, sd)
+          if metadata is None and _family(ckpt) == 'vit' else [])
+  if lost:
+    model_flag = (f' (--model={ckpt.config.name})'
+                  if ckpt.config.get('name') in _registered() else '')
+    notes.append(f'{os.path.basename(output)} is a torch file, which records no model '
+                 f'config: read back without one it gets {", ".join(lost)}. Write '
+                 '.safetensors to record it, or load it with load_checkpoint(path, '
+                 f'model=config){model_flag}')
   if name and _family(ckpt) != 'vit':
     notes.append(f"load it with timm.create_model('{name}', "
                  f'num_classes={ckpt.config.num_classes or 0}).load_state_dict(...)')
   elif name:
-    notes.append(f'timm state dicts record no heads or activation: build the model with '
-                 f'vit_jax.checkpoints.create_timm_model(config) or timm.create_model('
+    notes.append(f'timm reads no heads or activation from a state dict: build the model '
+                 f'with vit_jax.checkpoints.create_timm_model(config) or timm.create_model('
                  f"'{name}', depth={ckpt.config.num_layers}, "
                  f'num_classes={ckpt.config.num_classes}, ...)')
+  elif metadata is not None and _family(ckpt) == 'vit':
+    notes.append(f'timm has no model of the architecture of {ckpt.config.get("name")!r}; '
+                 'its config (heads, GELU, epsilons) is recorded in the file for vit_jax '
+                 '(predict, init_from, load_checkpoint)')
+
+
+def _registered() -> list[str]:
+  from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+  return registry.list_models()
 
 
 def _write_hf(ckpt, output, notes):
@@ -343,7 +376,7 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
     _check_output(output_path, to, overwrite=False)
   ckpt = _read(input_path, model)
   notes = []
-  if ckpt.kind == 'timm' and model is None:
+  if ckpt.kind == 'timm' and model is None and not ckpt.config_recorded:
     ckpt.config.name = _timm_input_name(ckpt.config)
   if model is not None and ckpt.kind in ('hf', 'orbax'):
     notes.append(f'--model is not used for {ckpt.kind} inputs (they record their model)')
@@ -385,13 +418,31 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+_EXAMPLE = ('e.g. python -m vit_jax.convert --input=WORKDIR --output=ft.safetensors, or '
+            '--input=WORKDIR --to=hf DIR')
+
+
+def _paths(args) -> tuple[str, str]:
+  """(input, output) of the flags; one positional argument is the output (`--to=hf DIR`)."""
+  output = _OUTPUT.value
+  if len(args) > 1 or (args and output):
+    raise ConversionError(f'unexpected arguments {args}: give the output once, as '
+                          f'--output=PATH or one argument ({_EXAMPLE})')
+  if args:
+    output = args[0]
+  if not _INPUT.value:
+    raise ConversionError(f'--input is required: the weights to read ({_EXAMPLE})')
+  if not output:
+    raise ConversionError(f'--output is required: where to write ({_EXAMPLE})')
+  return _INPUT.value, output
+
+
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   tensorflow_startup.leave_keras_out()
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
-    result = run(_INPUT.value, _OUTPUT.value, to=_TO.value, model=_MODEL.value,
+    input_path, output_path = _paths(argv[1:])
+    result = run(input_path, output_path, to=_TO.value, model=_MODEL.value,
                  overwrite=_OVERWRITE.value)
   except ConversionError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
@@ -401,5 +452,4 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['input', 'output'])
   app.run(main)

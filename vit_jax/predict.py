@@ -6,7 +6,10 @@ r"""Top-5 labels of images: `python -m vit_jax.predict --checkpoint=PATH IMAGE..
 PATH is anything `init_from` accepts: a workdir of this project (its newest checkpoint,
 with the training run's class names and evaluation preprocessing), an original `.npz`,
 or timm / transformers weights (`.safetensors`, `.bin`, `.pth`; transformers needs its
-`config.json` beside the file). A folder among the IMAGE arguments stands for the
+`config.json` beside the file, and the folder holding both, as `vit_jax.convert --to=hf`
+or save_pretrained writes it, works too). A `.safetensors` file written by
+`vit_jax.convert` is read with the model config, class names and preprocessing it
+records. A folder among the IMAGE arguments stands for the
 images in it. Images are preprocessed by the evaluation ops and classified in jitted
 batches; for each image the top-k labels are printed with their softmax probabilities.
 """
@@ -20,7 +23,8 @@ from absl import logging
 from vit_jax import cli_inputs
 from vit_jax import tensorflow_startup
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint file or workdir.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint file, workdir or '
+                                  'transformers directory (config.json + model.safetensors).')
 _MODEL = flags.DEFINE_string(
     'model', None, 'Registered model name, for what the file does not record (the '
     'numerics of an .npz, the heads of a timm state dict). Default: read from the weights.')

@@ -162,3 +162,20 @@ def test_to_hf_refuses_pre_logits():
   params = models.init_params(models.create(config), 32)
   with pytest.raises(ValueError, match='pre_logits'):
     checkpoints.to_hf(config, params)
+
+
+def test_a_save_pretrained_directory_reads_as_its_weights(hf, ck, tmp_path):
+  """The directory transformers' save_pretrained (and `vit_jax.convert --to=hf`) writes:
+  config.json + model.safetensors, read as the file."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  hf['model'].save_pretrained(str(tmp_path / 'vit'))
+  assert (tmp_path / 'vit' / 'model.safetensors').is_file()
+  got = pretrained.load_checkpoint(str(tmp_path / 'vit'))
+  assert got.kind == 'hf' and got.config.to_dict() == hf['config'].to_dict()
+  _assert_same_params(got.params, hf['params'])
+  out = ck.jax_logits(models.create(got.config), got.params, hf['x'])
+  assert ck.max_diff(out, hf['ref'], 'save_pretrained dir vs transformers') < TOL
+  (tmp_path / 'vit' / 'model.safetensors').unlink()  # config.json alone: not a checkpoint
+  with pytest.raises(FileNotFoundError, match='transformers directory holding '
+                     'model.safetensors or pytorch_model.bin beside its config.json'):
+    pretrained.load_checkpoint(str(tmp_path / 'vit'))

@@ -1,6 +1,8 @@
 """A timm state dict exported by vit_jax (`to_timm`, as `vit_jax.convert` writes it) of a
 model whose name is not registered loads back as fine-tuning init; a state dict of
-another kind is refused naming the file."""
+another kind is refused naming the file. A `.safetensors` export records its model config
+in its metadata and reads back with it when no model is given (logits equal to the
+exported model's); a caller's config wins; a record that does not fit is refused."""
 
 import numpy as np
 import pytest
@@ -106,3 +108,85 @@ def test_a_state_dict_that_is_not_a_vit_is_refused_naming_the_file(tmp_path, suf
   message = str(info.value)
   assert path in message and 'pos_embed' in message and 'conv1.weight' in message
   assert 'unknown model name' not in message
+
+
+# ------------------------------------------- a .safetensors export records its config
+
+
+def _demo_like(name='demo-like-ViT'):
+  """The demo's model (BiT root stem, tanh GELU, the stem's own epsilons, 3 heads of 32),
+  2 layers, under a name nobody registered."""
+  return recipes.small_hybrid_model(name, image_size=28, hidden_size=96, num_layers=2,
+                                    num_heads=3, mlp_dim=192, num_classes=10)
+
+
+def _demo_like_export(ck, tmp_path, name, *, metadata=True):
+  """(config, params, images, logits, path): random perturbed params exported as
+  convert writes them (to_timm; .safetensors with the recorded config)."""
+  config = _demo_like()
+  params = ck.perturb_jax_params(models.init_params(models.create(config), 28), seed=3,
+                                 head_std=96 ** -0.5)
+  images = ck.random_images(28, seed=4)
+  logits = ck.jax_logits(models.create(config), params, images)
+  path = str(tmp_path / name)
+  meta = (pretrained.state_dict_metadata(config, [f'digit {i}' for i in range(10)],
+                                         'decode|resize(28)|value_range(-1, 1)')
+          if metadata else None)
+  state_dict_io.write_state_dict(timm_format.to_timm(config, params), path, metadata=meta)
+  return config, params, images, logits, path
+
+
+def test_safetensors_export_records_its_config_and_reads_back_without_a_model(ck, tmp_path):
+  config, _, images, logits, path = _demo_like_export(ck, tmp_path, 'demo.safetensors')
+  assert 0.2 < np.abs(logits).mean() < 5
+  ckpt = pretrained.load_checkpoint(path)  # no model: as predict reads it
+  c = ckpt.config
+  assert ckpt.config_recorded and c.name == config.name
+  assert (c.num_heads, c.gelu_approximate, c.layernorm_eps) == (3, True, 1e-6)
+  assert c.resnet.to_dict() == dict(config.resnet.to_dict(), num_layers=())
+  assert ckpt.class_names == [f'digit {i}' for i in range(10)]
+  assert ckpt.pp_eval == 'decode|resize(28)|value_range(-1, 1)'
+  got = ck.jax_logits(models.create(c), ckpt.params, images)
+  assert ck.max_diff(got, logits, 'recorded config vs the exported model') < 1e-5
+
+  # The same weights in a torch file record nothing: read back as a guess, which differs
+  # (the bug: 1 head, exact GELU, timm's stem epsilons), and convert names what it loses.
+  pth = str(tmp_path / 'demo.pth')
+  state_dict_io.write_state_dict(timm_format.to_timm(config, ckpt.params), pth)
+  guess = pretrained.load_checkpoint(pth)
+  assert not guess.config_recorded and guess.config.num_heads == 1
+  wrong = ck.jax_logits(models.create(guess.config), guess.params, images)
+  assert ck.max_diff(wrong, logits, 'guessed config (must differ)') > 1e-3
+  lost = pretrained.unrecorded_fields(config, state_dict_io.read_state_dict(pth))
+  assert lost[:2] == ['num_heads 1 (not 3)', 'GELU exact (not tanh)'], lost
+  with pytest.raises(ValueError, match='torch file has no header'):
+    state_dict_io.write_state_dict({'x': np.zeros(1)}, pth, metadata={'a': 'b'})
+
+
+def test_a_given_model_wins_over_the_recorded_config(ck, tmp_path):
+  _, _, images, logits, path = _demo_like_export(ck, tmp_path, 'demo.safetensors')
+  given = _demo_like('my-name')
+  given.gelu_approximate = False
+  ckpt = pretrained.load_checkpoint(path, model=given)
+  assert not ckpt.config_recorded
+  assert ckpt.config.name == 'my-name' and ckpt.config.gelu_approximate is False
+  exact = ck.jax_logits(models.create(ckpt.config), ckpt.params, images)
+  assert ck.max_diff(exact, logits, 'the given exact GELU (must differ)') > 1e-4
+
+
+def test_a_record_that_does_not_fit_the_weights_is_refused(ck, tmp_path):
+  config, params, _, _, _ = _demo_like_export(ck, tmp_path, 'ok.safetensors')
+  sd = timm_format.to_timm(config, params)
+  wrong = _demo_like()
+  wrong.update(hidden_size=64, num_heads=2)
+  path = str(tmp_path / 'wrong.safetensors')
+  state_dict_io.write_state_dict(sd, path, metadata=pretrained.state_dict_metadata(wrong))
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r'does not fit its weights: hidden_size: recorded 64, weights 96'):
+    pretrained.load_checkpoint(path)
+  damaged = str(tmp_path / 'damaged.safetensors')
+  state_dict_io.write_state_dict(sd, damaged, metadata={pretrained.META_MODEL: '{"num_'})
+  with pytest.raises(ValueError, match='records a damaged model config.*--model=NAME'):
+    pretrained.load_checkpoint(damaged)
+  # Either reads with the caller's config.
+  assert pretrained.load_checkpoint(damaged, model=config).config.num_heads == 3

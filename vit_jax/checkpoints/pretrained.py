@@ -3,7 +3,10 @@
 `load_checkpoint(path, model=...)` reads weights (`load(path)`: the params alone):
   - an original-layout `.npz` (`load_npz`; a BiT release `.npz` for a 'bit' model);
   - a timm or transformers state dict (`.safetensors`, `.bin`, `.pt`, `.pth`); a
-    transformers file needs its `config.json` beside it. timm files of the other families
+    transformers file needs its `config.json` beside it, and a directory holding both
+    (save_pretrained's layout, `vit_jax.convert --to=hf`) stands for the file. A
+    `.safetensors` file vit_jax.convert wrote records the model config in its metadata
+    (`state_dict_metadata`): it is read with that config. timm files of the other families
     (Swin, ResNet/ResNeXt, Res2Net, BiT ResNetV2) are read with the timm name of the
     `model` config (`timm_format.timm_name`), or of the family the keys show;
   - an Orbax workdir of this project (its newest checkpoint) or one checkpoint step
@@ -58,7 +61,24 @@ def orbax_step_dir(path: str) -> str:
     if steps:
       return str(directory / str(max(steps)))
   raise FileNotFoundError(f'no Orbax checkpoint under {path} (expected a workdir, its '
-                          'checkpoints/ folder, or a step folder holding state/)')
+                          'checkpoints/ folder, a step folder holding state/, or a '
+                          f'transformers directory holding {" or ".join(HF_DIR_WEIGHTS)} '
+                          'beside its config.json)')
+
+
+# The weights file of a directory written by transformers' save_pretrained (or
+# `vit_jax.convert --to=hf`), beside its config.json.
+HF_DIR_WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
+
+
+def _hf_dir_weights(path: str) -> str | None:
+  """The weights file of a local transformers directory, None for any other directory."""
+  if '://' in path or not os.path.isfile(os.path.join(path, 'config.json')):
+    return None
+  for name in HF_DIR_WEIGHTS:
+    if os.path.isfile(os.path.join(path, name)):
+      return os.path.join(path, name)
+  return None
 
 
 def _orbax_variables(path: str) -> tuple[dict, dict]:
@@ -105,6 +125,105 @@ def _timm_heads(sd) -> int:
   return _HEADS.get(width, max(width // 64, 1))
 
 
+# Keys of a `.safetensors` header's metadata (`__metadata__`, str -> str) in which
+# vit_jax.convert records what a timm state dict does not show: the model config (JSON
+# of config.model: heads, GELU form, epsilons, name), the class names (JSON list) and the
+# evaluation preprocessing. timm and torch ignore them.
+META_MODEL = 'vit_jax.model'
+META_CLASS_NAMES = 'vit_jax.class_names'
+META_PP_EVAL = 'vit_jax.pp_eval'
+
+
+def state_dict_metadata(config, class_names=None, pp_eval=None) -> dict[str, str]:
+  """The safetensors metadata recording a model config, class names and preprocessing.
+
+  Raises TypeError for a config JSON cannot hold."""
+  meta = {'format': 'pt', META_MODEL: json.dumps(config.to_dict(), sort_keys=True)}
+  if class_names:
+    meta[META_CLASS_NAMES] = json.dumps([str(n) for n in class_names])
+  if pp_eval:
+    meta[META_PP_EVAL] = str(pp_eval)
+  return meta
+
+
+def _recorded_config(path: str, meta: dict) -> ml_collections.ConfigDict | None:
+  """The model config a state dict's metadata records (META_MODEL), None if none."""
+  text = meta.get(META_MODEL)
+  if text is None:
+    return None
+  try:
+    config = json.loads(text)
+    if not isinstance(config, dict) or not isinstance(config.get('num_heads'), int):
+      raise ValueError('not a JSON object with an integer num_heads')
+  except ValueError as e:
+    raise ValueError(f'{path} records a damaged model config ({META_MODEL!r} in its '
+                     f'safetensors metadata: {e}); pass model= (predict: --model=NAME) to '
+                     'read the weights without it') from None
+  return ml_collections.ConfigDict(config)
+
+
+def _recorded_names(meta: dict, num_classes) -> list[str] | None:
+  try:
+    names = json.loads(meta.get(META_CLASS_NAMES, 'null'))
+  except ValueError:
+    return None
+  if isinstance(names, list) and len(names) == (num_classes or 0):
+    return [str(n) for n in names]
+  return None
+
+
+# Fields that fix the parameter shapes of a ViT, checked between a recorded config and
+# the weights (a record that does not fit its weights is refused, not half used).
+_VIT_STRUCTURE = ('hidden_size', 'num_layers', 'mlp_dim', 'num_classes', 'classifier',
+                  'patch_size', 'in_channels')
+
+
+def unrecorded_fields(config, sd) -> list[str]:
+  """What a timm ViT state dict `sd` (as to_timm writes it) of the model `config` loses
+  when it records no config (a torch file): the fields load_checkpoint, given no model,
+  reads differently, as 'field guessed (not true)'."""
+  guess = timm_format._infer_config(  # pylint: disable=protected-access
+      sd, 'vit_base_patch16_224', None, {'num_heads': _timm_heads(sd)})
+  def gelu(c):
+    return 'tanh' if c.get('gelu_approximate', True) else 'exact'
+  pairs = [('num_heads', guess.num_heads, config.num_heads),
+           ('GELU', gelu(guess), gelu(config)),
+           ('layernorm_eps', guess.layernorm_eps, config.get('layernorm_eps', 1e-6))]
+  if config.get('resnet') is not None and guess.get('resnet') is not None:
+    pairs += [(f'stem {k}', guess.resnet.get(k), config.resnet.get(k))
+              for k in ('stdconv_eps', 'stdconv_eps_in_sqrt', 'gn_eps')]
+  return [f'{k} {g} (not {t})' for k, g, t in pairs if g != t]
+
+
+def _check_recorded(path, recorded, config, sd) -> None:
+  """Refuses a recorded config whose structure differs from what the weights show; keeps
+  its image size where it gives the weights' token grid (e.g. 30 px of 16 px patches)."""
+  def structure(c):
+    out = {f: _plain(c.get(f)) for f in _VIT_STRUCTURE}
+    out['num_classes'] = out['num_classes'] or 0
+    r = c.get('resnet')
+    out['resnet'] = None if r is None else (_plain(r.get('num_layers')),
+                                            float(r.get('width_factor')))
+    return out
+  got, want = structure(config), structure(recorded)
+  differences = [f'{k}: recorded {want[k]}, weights {got[k]}' for k in got
+                 if got[k] != want[k]]
+  prefix = 1 if config.classifier == 'token' else 0
+  grid = math.isqrt(int(np.shape(sd['pos_embed'])[1]) - prefix)
+  unit = config.image_size // grid  # pixels per token side
+  if recorded.get('image_size') != config.image_size:
+    if int(recorded.get('image_size') or 0) // unit == grid:
+      config.image_size = int(recorded.image_size)
+    else:
+      differences.append(f'image_size: recorded {recorded.get("image_size")}, weights '
+                         f'{config.image_size} ({grid}x{grid} tokens)')
+  if differences:
+    raise tree.CheckpointMismatchError(
+        f'{path} records a model config ({META_MODEL!r} in its safetensors metadata) that '
+        'does not fit its weights: ' + '; '.join(differences) + '. Pass model= (predict: '
+        '--model=NAME) to read the weights with another config.')
+
+
 def load(path: str, *, model_config=None) -> dict:
   """Pretrained params (linen names, numpy) from any supported file or directory."""
   return load_checkpoint(path, model=model_config).params
@@ -120,6 +239,9 @@ class Checkpoint:
   pp_eval: str | None = None  # the training run's evaluation preprocessing
   # Flax collections besides params, e.g. {'batch_stats': ...} of a BatchNorm model.
   model_state: dict = dataclasses.field(default_factory=dict)
+  # The config is the one the file records (a state dict vit_jax.convert wrote), not
+  # guessed from the weights nor given by the caller.
+  config_recorded: bool = False
 
   def variables(self) -> dict:
     """The Flax variables {'params': ..., **model_state}."""
@@ -260,7 +382,9 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
   model: a registered name or a model config, for what a file does not record: the
     numerics of an `.npz` (default: the original release's), the number of heads of a
     timm ViT state dict (default: the registered model of that width; a model whose name
-    is not registered, e.g. exported by vit_jax.convert, also gives its numerics), and
+    is not registered, e.g. exported by vit_jax.convert, also gives its numerics; a
+    `.safetensors` file vit_jax.convert wrote records its config, class names and
+    evaluation preprocessing (META_MODEL, ...), used when `model` is None), and
     for the other families the timm model a state dict is read as
     (`timm_format.timm_name(model)`; a custom depth or width is read as the family's base
     model). Structure (width, depth, classes, resolution, ...) is always read from the
@@ -270,6 +394,8 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
   path = os.fspath(path)
   given = _model_config(model)
   family = registry.family_of(given) if given is not None else None
+  if os.path.isdir(path) and _hf_dir_weights(path):  # a transformers save_pretrained dir
+    path = _hf_dir_weights(path)
   if path.endswith('.npz'):
     if family == 'bit':
       params = bit_npz.load_bit_npz(path)
@@ -296,17 +422,38 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
       config, params = hf_format.from_hf(sd, hf_config=hf_config)
       return Checkpoint(config, params, 'hf', class_names=_hf_class_names(hf_config))
     shown = _timm_family(sd)
+    meta = state_dict_io.read_metadata(path)
+    # The config vit_jax.convert recorded (heads, numerics, name); a caller's wins.
+    recorded = _recorded_config(path, meta) if given is None else None
+    if recorded is not None and shown is not None and registry.family_of(recorded) != shown:
+      raise tree.CheckpointMismatchError(
+          f'{path} records a {registry.family_of(recorded)!r} model config but holds '
+          f'{_FAMILY_WORDS.get(shown, shown)} weights; pass model= (predict: --model=NAME) '
+          'to read them with another config')
     if given is not None and shown is not None:
       _refuse_family(path, shown, given)
+    extras = dict(pp_eval=meta.get(META_PP_EVAL), config_recorded=recorded is not None)
+    family = family or (registry.family_of(recorded) if recorded is not None else None)
     family = family or shown or 'vit'
     if family != 'vit':
-      name = (_timm_name_for(given, family) if given is not None
-              else _DEFAULT_TIMM_NAMES[family])
+      by = given if given is not None else recorded
+      name = _timm_name_for(by, family) if by is not None else _DEFAULT_TIMM_NAMES[family]
       config, variables = _load_timm_family(sd, family, name)
       variables = dict(variables)
       params = variables.pop('params')
-      return Checkpoint(config, params, 'timm', model_state=variables)
+      return Checkpoint(config, params, 'timm', model_state=variables,
+                        class_names=_recorded_names(meta, config.get('num_classes')),
+                        **extras)
     timm_format.check_vit_keys(sd, path)  # before the name: the keys tell first
+    if META_MODEL in meta:  # written by vit_jax: not weights timm trained
+      base = given if given is not None else recorded
+      config, params = timm_format.from_timm(
+          sd, base.get('name') or 'vit_jax_model', base_config=base, keep_base=True,
+          num_heads=base.num_heads)
+      if recorded is not None:
+        _check_recorded(path, recorded, config, sd)
+      return Checkpoint(config, params, 'timm',
+                        class_names=_recorded_names(meta, config.num_classes), **extras)
     name = (given.get('name') if given is not None else None) or 'vit_base_patch16_224'
     heads = given.num_heads if given is not None else _timm_heads(sd)
     # A name that is not registered (a custom model, e.g. exported by vit_jax.convert)

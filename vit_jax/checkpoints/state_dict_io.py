@@ -85,13 +85,45 @@ def _load_torch(path: str) -> Mapping:
   return source
 
 
-def write_state_dict(state_dict: Mapping, path) -> None:
-  """Writes a state dict of tensors or arrays to `.safetensors` (else torch.save)."""
+def read_metadata(path) -> dict[str, str]:
+  """The `__metadata__` (str -> str) of a `.safetensors` file's header; {} for a torch file
+  (torch.save files have no header) or a safetensors file without metadata."""
+  path = os.fspath(path)
+  if not path.endswith('.safetensors'):
+    return {}
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  try:
+    with safe_open(path, framework='np') as f:
+      return dict(f.metadata() or {})
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f'{path} is not a safetensors file safetensors can read ({e}; '
+                     f'{_start(path)})') from e
+
+
+def write_state_dict(state_dict: Mapping, path, *, metadata: Mapping[str, str] | None = None
+                     ) -> None:
+  """Writes a state dict of tensors or arrays to `.safetensors` (else torch.save).
+
+  metadata: str -> str entries for the safetensors header's `__metadata__` (loaders of
+    the tensors, timm's and torch's, ignore it). A torch file has no header: passing
+    metadata for one raises ValueError (a reserved key would break a strict
+    `load_state_dict`).
+  """
   path = os.fspath(path)
   if path.endswith('.safetensors'):
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file({k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}, path)
+    bad = [k for k, v in (metadata or {}).items()
+           if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+      raise ValueError(f'safetensors metadata maps str to str; not so for {bad}: '
+                       'json.dumps the values')
+    save_file({k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}, path,
+              metadata=dict(metadata) if metadata else None)
     return
+  if metadata:
+    raise ValueError(f'{path}: a torch file has no header for metadata '
+                     f'({sorted(metadata)}); write a .safetensors file to keep it')
   torch = torch_import.torch()
   torch.save({k: v if hasattr(v, 'detach') else torch.from_numpy(np.asarray(v))
               for k, v in state_dict.items()}, path)

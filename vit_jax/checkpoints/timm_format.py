@@ -59,11 +59,12 @@ def check_vit_keys(sd, what: str) -> None:
         'ViTs (vit.embeddings.*)')
 
 
-def _config_for(name: str, base=None) -> ml_collections.ConfigDict:
+def _config_for(name: str, base=None, keep_base=False) -> ml_collections.ConfigDict:
   """The registered config of `name`, else a copy of `base` (e.g. the config being
-  fine-tuned, whose name is its own); raises with the closest names without either."""
+  fine-tuned, whose name is its own; always with keep_base); raises with the closest
+  names without either."""
   registered = _registered_name(name)
-  if registered is None and base is not None:
+  if base is not None and (registered is None or keep_base):
     return ml_collections.ConfigDict(base.to_dict())
   return registry.get_config(registered or name.split('.')[0])
 
@@ -73,11 +74,11 @@ def _count(sd, pattern):
   return max(idx) + 1 if idx else 0
 
 
-def _infer_config(sd, name, model, overrides, base=None):
-  c = _config_for(name, base)
+def _infer_config(sd, name, model, overrides, base=None, keep_base=False):
+  c = _config_for(name, base, keep_base)
   # timm's numerics, unless the numerics are the base config's (a custom model, e.g. one
-  # of this project exported by vit_jax.convert).
-  own = base is not None and _registered_name(name) is None
+  # of this project exported by vit_jax.convert, or a config the file records).
+  own = base is not None and (keep_base or _registered_name(name) is None)
   stem = base.get('resnet') if own else None
   if not own:
     c.gelu_approximate = False
@@ -277,7 +278,7 @@ def _family_converter(name: str):
 
 
 def from_timm(model_or_state_dict, name: str | None = None, *, base_config=None,
-              **overrides):
+              keep_base=False, **overrides):
   """timm model (a model, a state dict or a `.safetensors`/torch file) -> (config, params).
 
   ViT and hybrids return their parameter tree. The other families (Swin, ResNet/ResNeXt,
@@ -292,6 +293,9 @@ def from_timm(model_or_state_dict, name: str | None = None, *, base_config=None,
   base_config: a ViT model config to start from when `name` is not registered (defaults
     to its name), e.g. the config of a custom model exported by vit_jax.convert: its
     heads, numerics and name are kept, the structure is read from the weights as above.
+  keep_base: start from `base_config` and keep its numerics even when its name is
+    registered (the config a vit_jax export records, or a caller's, for weights that
+    timm did not train).
   The returned config reproduces timm's numerics (exact GELU and timm's epsilons), or
   the base config's when it is used.
   """
@@ -314,7 +318,7 @@ def from_timm(model_or_state_dict, name: str | None = None, *, base_config=None,
     return config, family.variables_from_timm(sd, config)
   check_vit_keys(sd, os.fspath(model_or_state_dict)
                  if isinstance(model_or_state_dict, (str, os.PathLike)) else 'the state dict')
-  config = _infer_config(sd, name, model, overrides, base_config)
+  config = _infer_config(sd, name, model, overrides, base_config, keep_base)
   flat = _params_from_timm(sd, config)
   module = registry.create(config)
   params = tree.merge_into(summary.abstract_params(module, config.image_size), flat,
