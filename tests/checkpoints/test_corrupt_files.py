@@ -104,3 +104,16 @@ def test_good_files_still_load(tmp_path):
     path = str(tmp_path / f'good{suffix}')
     state_dict_io.write_state_dict(arrays, path)
     np.testing.assert_array_equal(state_dict_io.read_state_dict(path)['a'], arrays['a'])
+
+
+@pytest.mark.parametrize('name', ['w.safetensors', 'w.pth'])
+def test_written_state_dicts_have_the_permissions_of_other_files(tmp_path, name):
+  """As np.savez and torch.save write them (the umask's), not owner-only."""
+  old = os.umask(0o022)
+  try:
+    state_dict_io.write_state_dict({'w': np.zeros(3, np.float32)}, tmp_path / name)
+    (tmp_path / 'other').write_text('x')
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644
+  assert os.stat(tmp_path / 'other').st_mode & 0o777 == 0o644

@@ -120,6 +120,9 @@ def write_state_dict(state_dict: Mapping, path, *, metadata: Mapping[str, str] |
                        'json.dumps the values')
     save_file({k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}, path,
               metadata=dict(metadata) if metadata else None)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file readable by its owner only
     return
   if metadata:
     raise ValueError(f'{path}: a torch file has no header for metadata '
