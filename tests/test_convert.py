@@ -445,6 +445,10 @@ def test_batch_norm_model_timm_to_orbax_to_timm_keeps_running_statistics(tmp_pat
   for k, v in model.state_dict().items():
     if not k.endswith('num_batches_tracked'):
       np.testing.assert_array_equal(np.asarray(back[k]), v.numpy(), err_msg=k)
+  # The export records its (ResNet) config, and reads back with no model given.
+  again = pretrained.load_checkpoint(str(tmp_path / 'back.safetensors'))
+  assert again.config_recorded and again.config.get('family') == 'resnet'
+  assert again.config.num_classes == 4 and 'batch_stats' in again.model_state
   for to, output in (('npz', 'x.npz'), ('hf', 'hf_dir')):
     with pytest.raises(convert.ConversionError, match='--to=timm or --to=orbax'):
       convert.run(str(tmp_path / 'orbax'), str(tmp_path / output), to=to)

@@ -72,3 +72,12 @@ def test_a_misspelled_override_is_one_line_naming_the_flag_and_the_field(tmp_pat
   assert ('FATAL Flags parsing error: --config.model.hiden_size names no config field: '
           "'hiden_size'\nDid you mean \"hidden_size\"") in proc.stderr, proc.stderr
   assert 'Traceback' not in proc.stderr and "\\'" not in proc.stderr
+
+
+def test_an_error_inside_a_config_file_keeps_its_traceback(tmp_path):
+  config_file = tmp_path / 'mine.py'
+  config_file.write_text("import os\n\ndef get_config():\n  return os.environ['MY_DATA_DIR_NOT_SET']\n")
+  proc = _run([f'--config={config_file}'], tmp_path)
+  assert proc.returncode != 0
+  assert 'Traceback' in proc.stderr and "KeyError: 'MY_DATA_DIR_NOT_SET'" in proc.stderr
+  assert 'names no config field' not in proc.stderr

@@ -156,8 +156,10 @@ def _parse_flags(argv):
     field = text.split("'")[1] if text.count("'") >= 2 else None
     names = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
     named = [n for n in names if field and n.split('.')[-1] == field]
-    sys.stderr.write(f'FATAL Flags parsing error: {named[0] if named else "a --config override"}'
-                     f' names no config field: {text}\nThe fields of a training config and their meaning: '
+    if not named:  # raised inside the config file itself: its own traceback tells more
+      raise
+    sys.stderr.write(f'FATAL Flags parsing error: {named[0]} names no config field: '
+                     f'{text}\nThe fields of a training config and their meaning: '
                      'vit_jax/train/defaults.py (config.model: vit_jax.models.field_docs()).\n')
     sys.exit(1)
 

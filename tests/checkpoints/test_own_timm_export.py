@@ -190,3 +190,18 @@ def test_a_record_that_does_not_fit_the_weights_is_refused(ck, tmp_path):
     pretrained.load_checkpoint(damaged)
   # Either reads with the caller's config.
   assert pretrained.load_checkpoint(damaged, model=config).config.num_heads == 3
+
+
+def test_a_record_with_a_one_value_patch_size_reads_back(ck, tmp_path):
+  """--config.model.patch_size=7 trains with (7,): the record keeps it as given, and
+  reading it back takes (7,) as (7, 7)."""
+  config = _demo_like()
+  params = models.init_params(models.create(config), 28)
+  recorded = _demo_like()
+  recorded.patch_size = (config.patch_size[0],)
+  path = str(tmp_path / 'one_value.safetensors')
+  state_dict_io.write_state_dict(timm_format.to_timm(config, params), path,
+                                 metadata=pretrained.state_dict_metadata(recorded))
+  ckpt = pretrained.load_checkpoint(path)
+  assert ckpt.config_recorded
+  assert models.create(ckpt.config).patch_size == tuple(config.patch_size)

@@ -47,13 +47,40 @@ def test_a_matching_config_passes():
 @pytest.mark.parametrize('field', ['pp_train', 'pp_eval'])
 def test_preprocessing_of_another_size_than_the_model_is_named(field):
   c = _config()
-  c.model.image_size = 35  # fine-tuning at a new resolution, preprocessing left at 28
+  c.model.image_size = 35  # fine-tuning at a new resolution, one spec left at 28
+  other = 'pp_eval' if field == 'pp_train' else 'pp_train'
+  c.input[other] = c.input[other].replace('(28)', '(35)')
   with pytest.raises(defaults.ConfigError) as e:
     _validate(c)
   msg = str(e.value)
-  assert f'config.input.{field}=' in msg or field == 'pp_eval'
+  assert msg.startswith(f'config.input.{field}=')
   assert 'makes 28x28 images' in msg and 'config.model.image_size=35' in msg
   assert '--config.model.image_size=28' in msg
+
+
+@pytest.mark.parametrize('name', ['ResNet-50', 'BiT-R50x1'])
+def test_convolutional_models_take_other_sizes(name):
+  """They take any input size: evaluation at a higher resolution, rectangular crops."""
+  c = _config()
+  c.model = models.get_config(name)
+  c.model.num_classes = 10
+  c.model.image_size = 32
+  c.input.pp_train = 'decode|random_resized_crop((32, 48))|value_range(-1, 1)|onehot(10)'
+  c.input.pp_eval = 'decode|resize(40)|value_range(-1, 1)|onehot(10)'
+  _validate(c)
+  c.input.pp_eval = 'decode|resize(40)|value_range(-1, 1)|onehot(7)'
+  with pytest.raises(defaults.ConfigError, match='one-hot encodes 7 classes'):
+    _validate(c)
+
+
+def test_swin_input_size_is_checked():
+  c = _config()
+  c.model = models.get_config('Swin-T')
+  c.model.update(num_classes=10, image_size=224)
+  c.input.pp_train = 'decode|resize(224)|value_range(-1, 1)|onehot(10)'
+  c.input.pp_eval = 'decode|resize(192)|value_range(-1, 1)|onehot(10)'
+  with pytest.raises(defaults.ConfigError, match=r'pp_eval=.*makes 192x192 images'):
+    _validate(c)
 
 
 def test_a_rectangular_crop_is_named():

@@ -1,6 +1,7 @@
 """Schedules and optimizer construction against their formulas."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,16 @@ def test_freezing_single_blocks_works_on_stacked_blocks(freeze, trainable):
   trained = [n for n in want if np.any(want[n])]
   assert frozen and trained  # the regex split the blocks
   assert any('encoderblock_' in n for n in frozen) and any('encoderblock_' in n for n in trained)
+
+
+@pytest.mark.parametrize('freeze', [r'^Transformer/encoderblock/', r'encoderblock/.*/kernel$'])
+def test_a_regex_on_the_stacked_path_still_matches_every_layer(freeze):
+  stacked = _tiny_params(scan_layers=True, num_layers=3)
+  _, updates = _one_update(freeze=freeze, params=stacked)
+  changed = _changed(updates)
+  frozen = {n for n in _by_name(updates) if re.search(freeze, n)}
+  assert frozen and not frozen & changed
+  assert 'head/kernel' in changed
 
 
 def test_freeze_errors_name_the_field_and_show_paths():

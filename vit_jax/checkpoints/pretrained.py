@@ -153,8 +153,11 @@ def _recorded_config(path: str, meta: dict) -> ml_collections.ConfigDict | None:
     return None
   try:
     config = json.loads(text)
-    if not isinstance(config, dict) or not isinstance(config.get('num_heads'), int):
-      raise ValueError('not a JSON object with an integer num_heads')
+    if not isinstance(config, dict):
+      raise ValueError('not a JSON object')
+    if (registry.family_of(ml_collections.ConfigDict(config)) == 'vit'
+        and not isinstance(config.get('num_heads'), int)):
+      raise ValueError('a ViT config without an integer num_heads')
   except ValueError as e:
     raise ValueError(f'{path} records a damaged model config ({META_MODEL!r} in its '
                      f'safetensors metadata: {e}); pass model= (predict: --model=NAME) to '
@@ -200,6 +203,7 @@ def _check_recorded(path, recorded, config, sd) -> None:
   its image size where it gives the weights' token grid (e.g. 30 px of 16 px patches)."""
   def structure(c):
     out = {f: _plain(c.get(f)) for f in _VIT_STRUCTURE}
+    out['patch_size'] = registry.patch_size(c.get('patch_size'))  # (16,) is (16, 16)
     out['num_classes'] = out['num_classes'] or 0
     r = c.get('resnet')
     out['resnet'] = None if r is None else (_plain(r.get('num_layers')),

@@ -101,6 +101,18 @@ def read_metadata(path) -> dict[str, str]:
                      f'{_start(path)})') from e
 
 
+def _umask() -> int:
+  """The process's umask, read without setting it (os.umask sets it for every thread)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  return 0o022
+
+
 def write_state_dict(state_dict: Mapping, path, *, metadata: Mapping[str, str] | None = None
                      ) -> None:
   """Writes a state dict of tensors or arrays to `.safetensors` (else torch.save).
@@ -120,9 +132,7 @@ def write_state_dict(state_dict: Mapping, path, *, metadata: Mapping[str, str] |
                        'json.dumps the values')
     save_file({k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}, path,
               metadata=dict(metadata) if metadata else None)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file readable by its owner only
+    os.chmod(path, 0o666 & ~_umask())  # safetensors makes the file its owner's only
     return
   if metadata:
     raise ValueError(f'{path}: a torch file has no header for metadata '

@@ -23,7 +23,8 @@ from vit_jax.models.vit import VisionTransformer, attention_maps
 
 __all__ = [
     'VisionTransformer', 'abstract_params', 'abstract_variables', 'analytic_flops',
-    'as_variables', 'attention_maps', 'create', 'families', 'family_of', 'field_docs',
-    'forward_flops', 'get_config', 'init_params', 'init_variables', 'list_models',
-    'param_count', 'resample_posemb', 'stack_layers', 'unstack_layers',
+    'as_variables', 'attention_maps', 'create', 'differs_from_its_name', 'families',
+    'family_of', 'field_docs', 'forward_flops', 'get_config', 'init_params',
+    'init_variables', 'list_models', 'param_count', 'resample_posemb', 'stack_layers',
+    'unstack_layers',
 ]

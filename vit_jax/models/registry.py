@@ -205,7 +205,7 @@ def get_config(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_REGISTRY[name].to_dict())
 
 
-def _patch_size(value) -> tuple[int, int]:
+def patch_size(value) -> tuple[int, int]:
   """(rows, cols) from 16, (16,) (a one-value override: --config.model.patch_size=16) or
   (16, 16); ValueError for anything else."""
   patch = (value,) if isinstance(value, int) else tuple(value)
@@ -231,7 +231,7 @@ def _comparable(field, value):
     return {k: _comparable(k, v) for k, v in value.items()}
   if field == 'patch_size' and value is not None:
     try:
-      return _patch_size(value)
+      return patch_size(value)
     except ValueError:
       return value
   if isinstance(value, list | tuple):
@@ -286,7 +286,7 @@ def create(name_or_config, **overrides):
     if k == 'resnet' and isinstance(v, dict):
       v = ml_collections.ConfigDict(v)
     if k == 'patch_size':
-      v = _patch_size(v)
+      v = patch_size(v)
     if k in ('dtype', 'param_dtype') and not isinstance(v, str):
       v = jnp.dtype(v).name
     config[k] = v
@@ -298,7 +298,7 @@ def create(name_or_config, **overrides):
   get = lambda k: config.get(k, defaults[k])  # noqa: E731
   if get('classifier') not in vit.CLASSIFIERS:
     raise ValueError(f"classifier={get('classifier')!r} is not one of {vit.CLASSIFIERS}")
-  patch = _patch_size(get('patch_size'))
+  patch = patch_size(get('patch_size'))
   if get('attention_impl') not in attention.ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention_impl={get('attention_impl')!r} is not one of "
                      f'{attention.ATTENTION_IMPLEMENTATIONS}')

@@ -188,13 +188,16 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
 
 def _check_preprocessing(config) -> None:
   """config.input.pp_train and pp_eval: their ops exist and take their arguments, they
-  give the model's image size (where the spec fixes it) and, with an `onehot`, its number
-  of classes."""
+  give the model's image size (where the spec fixes it, for the families whose input size
+  is fixed: ViT, Swin) and, with an `onehot`, its number of classes."""
   try:
     from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
   except ImportError:  # no TensorFlow: the input pipeline cannot run, and says so itself
     return
   size, classes = config.model.image_size, config.model.get('num_classes')
+  # A ViT's position embedding and Swin's windows fix the input size; the convolutional
+  # families take any size (evaluation at another resolution, rectangular crops).
+  fixed_size = models.family_of(config.model) in ('vit', 'swin')
   for field in ('pp_train', 'pp_eval'):
     spec = config.input.get(field)
     if not spec:
@@ -203,7 +206,7 @@ def _check_preprocessing(config) -> None:
       (h, w), size_op, onehot_classes = _with_size(preprocess_ops.output_spec(spec))
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
-    if h is not None and (h, w) != (size, size):
+    if fixed_size and h is not None and (h, w) != (size, size):
       got = f'{h}x{w}' if h != w else f'{h}x{h}'
       raise ConfigError(
           f'config.input.{field}={spec!r} makes {got} images (its {size_op}), but '

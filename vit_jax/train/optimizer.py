@@ -7,10 +7,11 @@ config.trainable / config.freeze: regexes on parameter paths ('Transformer/encod
 MlpBlock_3/Dense_0/kernel'); only matching / all but matching parameters are trained (a
 linear probe is trainable='^head/'). Frozen parameters get no update, no weight decay, no
 optimizer state, and do not count in the clipped global norm. With the blocks stacked
-(scan_layers=True: 'Transformer/encoderblock/...' with a leading layer axis) the regexes
-still see each block's own name ('Transformer/encoderblock_3/...'), so
+(scan_layers=True: 'Transformer/encoderblock/...' with a leading layer axis) a regex sees
+the stacked path and each block's own name ('Transformer/encoderblock_3/...'), so
 freeze='^Transformer/encoderblock_[0-5]/' freezes the first six layers of each stacked
-parameter (their gradients and updates are zeroed; their optimizer moments stay zero).
+parameter (their gradients and updates are zeroed; their optimizer moments stay zero)
+and freeze='^Transformer/encoderblock/' all of them.
 config.schedule: base_lr, warmup_steps, decay ('linear', 'cosine', 'rsqrt' or
 'constant'), end_lr_fraction (linear/cosine end value as a fraction of base_lr).
 """
@@ -72,31 +73,38 @@ def _path_name(path) -> str:
 _STACKED_BLOCKS = 'encoderblock'  # the path segment of the blocks stacked by nn.scan
 
 
-def _layer_names(path, leaf) -> list[str]:
-  """The names the regexes see for a parameter: its path, or for a leaf of the stacked
-  blocks one name per layer, as the unstacked layout names it (encoderblock_{i})."""
-  parts = _path_name(path).split('/')
+def _layer_names(path, leaf) -> list[tuple[str, ...]]:
+  """The names the regexes see for a parameter, one tuple per layer: its path, and for a
+  leaf of the stacked blocks also the layer's name in the unstacked layout
+  (encoderblock_{i}); a regex matches a layer when it matches any of its names."""
+  name = _path_name(path)
+  parts = name.split('/')
   if _STACKED_BLOCKS not in parts[:-1]:
-    return ['/'.join(parts)]
+    return [(name,)]
   i = parts.index(_STACKED_BLOCKS)
-  return ['/'.join(parts[:i] + [f'{_STACKED_BLOCKS}_{layer}'] + parts[i + 1:])
+  return [(name, '/'.join(parts[:i] + [f'{_STACKED_BLOCKS}_{layer}'] + parts[i + 1:]))
           for layer in range(leaf.shape[0])]
 
 
-def _trained(name: str, trainable: str | None, freeze: str | None) -> bool:
-  return bool((not trainable or re.search(trainable, name)) and not (
-      freeze and re.search(freeze, name)))
+def _matches(pattern: str, names: tuple[str, ...]) -> bool:
+  return any(re.search(pattern, n) for n in names)
+
+
+def _trained(names: tuple[str, ...], trainable: str | None, freeze: str | None) -> bool:
+  return bool((not trainable or _matches(trainable, names)) and not (
+      freeze and _matches(freeze, names)))
 
 
 def trainable_labels(params, trainable: str | None = None, freeze: str | None = None):
   """'train' or 'frozen' per parameter, from the two regexes (re.search on the path;
   a stacked leaf trains when any of its layers does, see `freeze_stacked_layers`)."""
-  names = [n for p, leaf in jax.tree_util.tree_leaves_with_path(params)
-           for n in _layer_names(p, leaf)]
+  layers = [names for p, leaf in jax.tree_util.tree_leaves_with_path(params)
+            for names in _layer_names(p, leaf)]
   for field, pattern in (('trainable', trainable), ('freeze', freeze)):
-    if pattern and not any(re.search(pattern, n) for n in names):
+    if pattern and not any(_matches(pattern, names) for names in layers):
+      shown = [names[-1] for names in layers]
       raise FreezeError(f'config.{field}={pattern!r} matches no parameter; parameter paths '
-                        f'look like {names[:3]} ... {names[-2:]}')
+                        f'look like {shown[:3]} ... {shown[-2:]}')
 
   def label(path, leaf):
     train = any(_trained(n, trainable, freeze) for n in _layer_names(path, leaf))
