@@ -61,12 +61,17 @@ def test_empty_and_truncated_npz(tmp_path):
 
 
 @pytest.mark.parametrize('load', [state_dict_io.read_state_dict, pretrained.load])
-def test_random_bytes_named_pth(tmp_path, load):
-  path = _write(tmp_path / 'x.pth', np.random.RandomState(0).bytes(4096))
+@pytest.mark.parametrize('name, expected, cause', [
+    ('x.pth', 'is not a PyTorch checkpoint torch.load can read safely', None),
+    ('x.safetensors', 'is not a safetensors file', 'SafetensorError'),
+])
+def test_random_bytes_named_as_a_state_dict(tmp_path, load, name, expected, cause):
+  path = _write(tmp_path / name, np.random.RandomState(0).bytes(4096))
   with pytest.raises(ValueError) as info:
     load(path)
-  assert isinstance(info.value.__cause__, Exception)  # torch's error, chained
-  message = _refusal(load, path, 'is not a PyTorch checkpoint torch.load can read safely')
+  assert isinstance(info.value.__cause__, Exception)  # the library's error, chained
+  assert cause is None or type(info.value.__cause__).__name__ == cause
+  message = _refusal(load, path, expected)
   assert 'it starts with' in message
 
 
@@ -83,15 +88,6 @@ def test_torch_file_holding_one_tensor(tmp_path):
   path = str(tmp_path / 'tensor.pth')
   torch.save(torch.zeros(2), path)
   _refusal(state_dict_io.read_state_dict, path, 'holds a Tensor, not a state dict')
-
-
-@pytest.mark.parametrize('load', [state_dict_io.read_state_dict, pretrained.load])
-def test_random_bytes_named_safetensors(tmp_path, load):
-  path = _write(tmp_path / 'x.safetensors', np.random.RandomState(0).bytes(4096))
-  with pytest.raises(ValueError) as info:
-    load(path)
-  assert type(info.value.__cause__).__name__ == 'SafetensorError'
-  _refusal(load, path, 'is not a safetensors file')
 
 
 def test_good_files_still_load(tmp_path):

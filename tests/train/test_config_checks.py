@@ -173,3 +173,16 @@ def test_registered_configs_match_their_names():
   c = models.get_config('Swin-T')
   c.depths = (2, 2, 2, 2)
   assert [d[0] for d in models.differs_from_its_name(c)] == ['depths']
+
+
+def test_a_missing_init_from_says_what_it_takes_and_where_the_release_is():
+  c = _config()
+  c.init_from = '/nowhere/ViT-B_16.npz'
+  with pytest.raises(defaults.ConfigError) as e:
+    _validate(c)
+  assert "config.init_from='/nowhere/ViT-B_16.npz' does not exist" in str(e.value)
+  assert 'gs://vit_models/imagenet21k/ViT-B_16.npz' in str(e.value)
+  c.init_from = '/nowhere/workdir'
+  with pytest.raises(defaults.ConfigError, match='a vit_jax workdir') as e:
+    _validate(c)
+  assert 'vit_models' not in str(e.value)

@@ -4,6 +4,7 @@ Config files (configs/*.py) start from `default_config()` and set what their rec
 needs; `validate(config)` checks a config before anything is compiled.
 """
 
+import os
 import re
 
 from absl import logging
@@ -163,7 +164,13 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   if config.init_from:
     from etils import epath  # pylint: disable=g-import-not-at-top
     if not epath.Path(config.init_from).exists():
-      raise ConfigError(f'config.init_from={config.init_from!r} does not exist')
+      name = os.path.basename(config.init_from)
+      where = (f' The original release publishes {name} in gs://vit_models (e.g. gsutil cp '
+               f'gs://vit_models/imagenet21k/{name} .); timm and transformers weights are '
+               'on the Hugging Face Hub.' if name.endswith('.npz') else '')
+      raise ConfigError(f'config.init_from={config.init_from!r} does not exist: give a '
+                        'local or gs:// path to an .npz, a .safetensors/.pth/.bin state '
+                        'dict, a transformers directory or a vit_jax workdir.' + where)
   for field in ('trainable', 'freeze'):
     if config.get(field):
       try:
