@@ -111,3 +111,15 @@ print(len([l for l in lines if '[{"data", "fsdp"}, {}, {}]' in l]))
   # Token activations (batch, length, embed) are pinned to the batch axes: after the
   # embedding and after each of the 2 blocks, in the forward pass at least.
   assert int(proc.stdout.strip().splitlines()[-1]) >= 3
+
+
+def test_many_independent_sharded_eval_steps_on_cpu_do_not_hang():
+  """400 steps with an FSDP all-gather on 2 CPU devices, summed as the evaluation sums
+  them: run at once, XLA:CPU's collectives deadlock until the rendezvous times out (the
+  script sets 20 s) and the process aborts; one at a time, the sum is exact."""
+  env = subprocess_env.cpu_env()  # the script asks for its 2 devices itself
+  proc = subprocess.run([sys.executable, str(HERE / 'eval_collectives_run.py')], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  got, expected = (float(v) for v in proc.stdout.split()[1::2])
+  assert got == pytest.approx(expected, rel=1e-4)

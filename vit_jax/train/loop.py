@@ -49,14 +49,30 @@ def evaluate(eval_step, variables, eval_source, config, batch_sharding) -> dict:
   """
   from vit_jax.data import builder as data_builder  # pylint: disable=g-import-not-at-top
   from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  sums = None
   batches = data_builder.create_eval_batches(config.input, eval_source,
                                              global_batch_size=config.batch_size)
   with pipeline.prefetch_to_device(batches, batch_sharding) as placed:
-    for batch in placed:
-      out = eval_step(variables, batch)
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = sum_over_batches(eval_step, variables, placed, batch_sharding.device_set)
   return eval_metrics(jax.device_get(sums), config.model.get('num_classes') or 0)
+
+
+def sum_over_batches(step, variables, batches, devices):
+  """The sum of `step(variables, batch)` (a tree of arrays) over the batches.
+
+  On several CPU devices the steps run one at a time. They do not depend on each other,
+  so XLA:CPU would run several at once; their collectives (the FSDP all-gather) can then
+  hold every thread of its small pool while another device's part of an earlier step
+  waits for one, until the rendezvous times out and aborts the process (2 devices,
+  jax 0.10: hundreds of such steps in a row hang every time).
+  """
+  one_at_a_time = jax.default_backend() == 'cpu' and len(devices) > 1
+  sums = None
+  for batch in batches:
+    out = step(variables, batch)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if one_at_a_time:
+      jax.block_until_ready(sums)
+  return sums
 
 
 def eval_metrics(sums, num_classes: int) -> dict:
