@@ -210,13 +210,13 @@ def _check_preprocessing(config) -> None:
     if not spec:
       continue
     try:
-      (h, w), size_op, onehot_classes = _with_size(preprocess_ops.output_spec(spec))
+      made, size_op, onehot_classes = preprocess_ops.output_spec(spec)
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
-    if fixed_size and h is not None and (h, w) != (size, size):
-      got = f'{h}x{w}' if h != w else f'{h}x{h}'
+    if fixed_size and made is not None and made != (size, size):
+      h, w = made
       raise ConfigError(
-          f'config.input.{field}={spec!r} makes {got} images (its {size_op}), but '
+          f'config.input.{field}={spec!r} makes {h}x{w} images (its {size_op}), but '
           f'config.model.image_size={size}: change the size in {size_op}(...) to {size}, or '
           f'set --config.model.image_size={h}' + (' (a square image)' if h != w else '') +
           ' to train at that resolution (a pretrained position embedding is resampled).')
@@ -225,8 +225,3 @@ def _check_preprocessing(config) -> None:
           f'config.input.{field}={spec!r} one-hot encodes {onehot_classes} classes, but '
           f'config.model.num_classes={classes}: make them the same (onehot({classes}) or '
           f'--config.model.num_classes={onehot_classes}).')
-
-
-def _with_size(output):
-  size, size_op, classes = output
-  return (size if size is not None else (None, None)), size_op, classes
