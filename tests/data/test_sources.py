@@ -82,6 +82,49 @@ def test_messy_folder_skips_and_counts_bad_files(messy_folder, tmp_path):
   assert len(list((tmp_path / 'c').iterdir())) == 1
 
 
+def test_the_check_uses_trainings_decoders_and_notices_a_replaced_file(messy_folder,
+                                                                      tmp_path, caplog):
+  """Files PIL opens but TensorFlow's decoders refuse (a 1-bit BMP, TIFF bytes named .png)
+  are skipped, as training would fail on them; a file rewritten in place after the check
+  is checked again; files of other extensions and classes left empty are named."""
+  root, files = messy_folder
+  dog = root / 'train' / 'dog'
+  Image.new('1', (20, 20)).save(dog / 'mono.bmp')
+  buf = io.BytesIO()
+  Image.new('RGB', (8, 8)).save(buf, format='TIFF')
+  (dog / 'tiff_bytes.png').write_bytes(buf.getvalue())
+  for name in ('mono.bmp', 'tiff_bytes.png'):
+    with Image.open(dog / name) as im:
+      im.load()  # PIL reads both
+  (root / 'train' / 'zebra').mkdir()
+  (root / 'train' / 'zebra' / 'a.webp').write_bytes(b'RIFF')
+  cache = str(tmp_path / 'c')
+  with caplog.at_level('INFO'):
+    src = sources.ImageFolderSource(root=str(root), split='train', cache_dir=cache)
+  assert sorted(pathlib.Path(p).name for p in src.skipped) == [
+      'corrupt.jpg', 'mono.bmp', 'tiff_bytes.png', 'truncated.jpg']
+  assert src.class_names == ['cat', 'dog', 'zebra']
+  assert src.num_examples() == len(files)
+  assert 'Ignoring 2 file(s)' in caplog.text and '1 .txt, 1 .webp' in caplog.text
+  assert 'hold no usable image: zebra' in caplog.text
+  for ex in src.epoch_dataset(epoch=0, seed=0, shuffle=False):  # training's decode succeeds
+    assert _decode(ex).shape[-1] == 3
+
+  # Rewritten in place (same name): the cached check does not hide it.
+  good = root / 'train' / 'cat' / 'rgb_small.jpg'
+  good.write_bytes(good.read_bytes()[:200])
+  caplog.clear()
+  with caplog.at_level('INFO'):
+    again = sources.ImageFolderSource(root=str(root), split='train', cache_dir=cache)
+  assert 'rgb_small.jpg' in ' '.join(again.skipped)
+  assert again.num_examples() == len(files) - 1
+  assert len(list((tmp_path / 'c').iterdir())) == 2
+  # Unchanged files answer from the cache, which the log names.
+  with caplog.at_level('INFO'):
+    sources.ImageFolderSource(root=str(root), split='train', cache_dir=cache)
+  assert 'delete it to check again' in caplog.text
+
+
 def test_two_processes_each_decode_half_and_agree_on_the_bad_files(messy_folder, tmp_path):
   """jax.distributed with 2 processes (separate caches, as on two hosts): each decodes
   every other file, and both end with the same skipped files and the same file list."""

@@ -177,17 +177,38 @@ def mix_seed(*values) -> int:
 
 
 def _check_image(path: str) -> str | None:
-  """None if PIL decodes the file completely, else the error."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  """None if TensorFlow's decoders, the ones training uses, read the file, else the error.
+
+  A JPEG is decoded at 1/8 scale (all of its data is still read, so a truncated file
+  fails); other formats in full. PIL is not the judge: it opens files TensorFlow
+  refuses (a 1-bit BMP, a TIFF named .png), which would stop training mid-epoch.
+  """
   try:
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      with Image.open(f) as im:
-        if im.format == 'JPEG':
-          im.draft('RGB', (max(im.size[0] // 8, 1), max(im.size[1] // 8, 1)))
-        im.load()
+    data = tf.io.read_file(path)
+    if tf.io.is_jpeg(data):
+      tf.io.decode_jpeg(data, channels=3, ratio=8)
+    else:
+      tf.io.decode_image(data, channels=3, expand_animations=False)
     return None
-  except Exception as e:  # pylint: disable=broad-except
-    return f'{type(e).__name__}: {e}'
+  except (tf.errors.OpError, ValueError) as e:
+    message = getattr(e, 'message', None) or str(e)
+    return f'{type(e).__name__}: {message.splitlines()[0] if message else ""}'
+
+
+def _files_key(paths: list[str]) -> str:
+  """A key of the file list and, for local files, each file's size and modification time
+  (a file replaced in place is checked again; remote files are keyed by name only, as a
+  stat each would cost a round trip)."""
+  digest = hashlib.sha256()
+  for p in paths:
+    digest.update(p.encode() + b'\n')
+    if '://' not in p:
+      try:
+        st = os.stat(p)
+        digest.update(f'{st.st_size},{st.st_mtime_ns}\n'.encode())
+      except OSError:
+        digest.update(b'missing\n')
+  return digest.hexdigest()[:16]
 
 
 def _gather_indices(indices: list[int]) -> list[tuple[int, int]]:
@@ -205,11 +226,12 @@ def _gather_indices(indices: list[int]) -> list[tuple[int, int]]:
 class ImageFolderSource(Source):
   """Images under `<root>/<split>/<class>/<image>`; labels are the sorted class folders.
 
-  Every file is checked once (a full decode; JPEGs at 1/8 scale, which still reads all
-  the data): undecodable or truncated files are skipped, counted and named in the log,
-  so a bad file never stops training. With several processes each decodes its share and
-  they exchange what they found. The result is cached in `cache_dir` (default
-  ~/.cache/vit_jax), keyed by the file list; the image folder itself is never written.
+  Every file is checked once with the decoders training uses (JPEGs at 1/8 scale, which
+  still reads all the data): undecodable or truncated files are skipped, counted and
+  named in the log, so a bad file never stops training. With several processes each
+  decodes its share and they exchange what they found. The result is cached in
+  `cache_dir` (default ~/.cache/vit_jax), keyed by the file list and, for local files,
+  their sizes and modification times; the image folder itself is never written.
   """
   root: str
   split: str
@@ -237,7 +259,7 @@ class ImageFolderSource(Source):
                       f'{len(self.class_names)} training classes')
     if not self.class_names:
       raise DataError(f'{split_dir} has no class folders (<class>/<image> expected)')
-    paths, labels = [], []
+    paths, labels, ignored = [], [], {}
     for label, cls in enumerate(self.class_names):
       cls_dir = os.path.join(split_dir, cls)
       if not tf.io.gfile.isdir(cls_dir):
@@ -246,6 +268,13 @@ class ImageFolderSource(Source):
         if f.lower().endswith(IMAGE_EXTENSIONS):
           paths.append(os.path.join(cls_dir, f))
           labels.append(label)
+        elif not f.endswith('/'):  # gfile marks subfolders with a trailing slash
+          ext = os.path.splitext(f)[1].lower() or f
+          ignored[ext] = ignored.get(ext, 0) + 1
+    if ignored:
+      logging.warning('Ignoring %d file(s) under %s that are not %s images: %s',
+                      sum(ignored.values()), split_dir, '/'.join(IMAGE_EXTENSIONS),
+                      ', '.join(f'{n} {e}' for e, n in sorted(ignored.items())))
     if not paths:
       raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir}')
     self.skipped: dict[str, str] = {}
@@ -260,16 +289,24 @@ class ImageFolderSource(Source):
         labels = [labels[i] for i in keep]
     self.paths = np.array(paths)
     self.labels = np.array(labels, np.int64)
+    empty = [c for c, n in zip(self.class_names,
+                               np.bincount(self.labels, minlength=len(self.class_names)))
+             if n == 0]
+    if empty:
+      logging.warning('%d class folder(s) of %s hold no usable image: %s. They still count '
+                      'as classes (labels are the sorted folder names); remove them if '
+                      'they are not meant to be classes.', len(empty), split_dir,
+                      ', '.join(empty[:20]) + (' ...' if len(empty) > 20 else ''))
 
   def _bad_files(self, split_dir, paths) -> dict[str, str]:
-    """{path: error} of the files PIL cannot decode, from the cache or checked now.
+    """{path: error} of the files TensorFlow cannot decode, from the cache or checked now.
 
     With several processes (jax.process_count() > 1), process p decodes only every P-th
     file and the processes exchange the indices of the bad ones, so that each file is
     decoded once across hosts and every process ends with the same list.
     """
     import jax  # pylint: disable=g-import-not-at-top
-    key = hashlib.sha256('\n'.join(paths).encode()).hexdigest()[:16]
+    key = _files_key(paths)
     cache_dir = self.cache_dir or os.path.expanduser('~/.cache/vit_jax')
     cache = os.path.join(cache_dir, f'checked_images_{key}.json')
     cached = None
@@ -277,6 +314,9 @@ class ImageFolderSource(Source):
       with tf.io.gfile.GFile(cache) as f:
         cached = json.load(f)
     index, count = jax.process_index(), jax.process_count()
+    if cached is not None:
+      logging.info('Image check of %s read from %s (delete it to check again).', split_dir,
+                   cache)
     if cached is not None and count == 1:
       return cached
     mine = list(range(index, len(paths), count))
