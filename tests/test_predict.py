@@ -87,7 +87,8 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
-def test_cli_on_a_trained_workdir_prints_top5_with_its_class_names(trained_workdir, photos):
+def test_cli_on_a_trained_workdir_prints_top5_with_its_class_names(trained_workdir, photos,
+                                                                   tmp_path):
   proc = _predict_cli(f'--checkpoint={trained_workdir}', *photos)
   assert proc.returncode == 0, subprocess_env.failure(proc)
   blocks = proc.stdout.strip().split('\n')
@@ -108,6 +109,21 @@ def test_cli_on_a_trained_workdir_prints_top5_with_its_class_names(trained_workd
   assert [r['image'] for r in rows] == sorted(str(p) for p in photos)
   for r in rows:  # all six classes: probabilities sum to 1
     assert abs(sum(t['probability'] for t in r['top_k']) - 1) < 1e-4
+  # An unreadable file among readable ones is named and skipped; the rest are classified.
+  mixed = tmp_path / 'mixed'
+  mixed.mkdir()
+  (mixed / 'a_truncated.jpg').write_bytes(b'\xff\xd8\xff' + b'\0' * 40)
+  (mixed / 'b.png').write_bytes(photos[0].read_bytes())
+  proc = _predict_cli(f'--checkpoint={trained_workdir}', '--json', '--top_k=6', mixed)
+  assert proc.returncode == 1, subprocess_env.failure(proc)
+  assert f'skipping {mixed / "a_truncated.jpg"}: ' in proc.stderr
+  assert [json.loads(l)['image'] for l in proc.stdout.strip().split('\n')] == [
+      str(mixed / 'b.png')]
+  alone = json.loads(proc.stdout)['top_k']
+  assert rows[0]['image'] == str(photos[0])  # the same image, classified in the folder
+  assert [t['label'] for t in alone] == [t['label'] for t in rows[0]['top_k']]
+  np.testing.assert_allclose([t['probability'] for t in alone],
+                             [t['probability'] for t in rows[0]['top_k']], atol=1e-5)
 
 
 def test_cli_on_a_safetensors_export_of_the_workdir_prints_the_same(trained_workdir, photos,
@@ -155,6 +171,15 @@ def test_api_uses_the_runs_eval_preprocessing_and_batches(trained_workdir, photo
   np.testing.assert_allclose(clf.logits(pixels), direct, atol=1e-5)
   # A PIL image and its file give the same pixels.
   np.testing.assert_allclose(pixels[1], pixels[5], atol=1e-6)
+  # One image, in any form, is one image (a path string is not a list of characters, an
+  # HxWx3 array not a list of rows); an NxHxWx3 array is N images.
+  array = np.asarray(Image.open(photos[1]).convert('RGB'))
+  for single in (str(photos[1]), pathlib.Path(photos[1]), Image.open(photos[1]), array):
+    one = clf.preprocess(single)
+    assert one.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(one[0], pixels[1], atol=1e-6)
+  assert len(clf.predict(array)) == 1
+  assert clf.preprocess(np.stack([array, array])).shape == (2, 32, 32, 3)
 
 
 def _random_timm_model(num_classes):
@@ -242,8 +267,8 @@ def test_npz_checkpoint_infers_its_architecture_and_a_label_file(tmp_path, photo
   # Errors that name the problem.
   with pytest.raises(ValueError, match='5 class names for a head of 6 classes'):
     inference.ImageClassifier.from_pretrained(tmp_path / 'w.npz', labels=CLASSES[:5])
-  with pytest.raises(FileNotFoundError, match='no image file'):
-    clf.predict([tmp_path / 'missing.jpg'])
+  with pytest.raises(inference.UnreadableImageError, match='missing.jpg: .*no image file'):
+    clf.predict([photos[0], tmp_path / 'missing.jpg'])
 
 
 def test_cli_errors_are_one_line_messages(tmp_path, photos):

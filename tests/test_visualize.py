@@ -256,6 +256,13 @@ def test_cli_errors(photos, checkpoint, tmp_path):
   r = _cli(photos / 'astronaut.png', cwd=tmp_path)
   assert r.returncode == 2 and '--checkpoint is required' in r.stderr
   assert not (tmp_path / 'attention_maps').exists()
+  # An unreadable file among readable ones is named and skipped; the others are drawn.
+  (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff' + b'\0' * 40)
+  r = _cli(f'--checkpoint={checkpoint}', f'--out={tmp_path / "m"}', tmp_path / 'broken.jpg',
+           photos / 'astronaut.png', cwd=tmp_path)
+  assert r.returncode == 1 and f'skipping {tmp_path / "broken.jpg"}: ' in r.stderr, r.stderr
+  assert (tmp_path / 'm' / 'astronaut_rollout.png').exists()
+  assert not list((tmp_path / 'm').glob('broken*'))
 
 
 def test_cli_checkpoint_without_position_embedding(photos, tmp_path):

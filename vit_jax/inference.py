@@ -41,6 +41,20 @@ def default_pp(image_size: int) -> str:
   return f'decode|resize({image_size})|value_range(-1, 1)'
 
 
+class UnreadableImageError(ValueError):
+  """An image that cannot be read or decoded; the message names it."""
+
+
+def _as_image_list(images) -> list:
+  """One image (path, bytes, PIL image, HxW or HxWxC array) -> [it]; a sequence or an
+  NxHxWxC array -> its images."""
+  if isinstance(images, (str, os.PathLike, bytes)) or hasattr(images, 'convert'):
+    return [images]
+  if hasattr(images, 'ndim') and hasattr(images, 'shape'):
+    return [images] if images.ndim in (2, 3) else list(images)
+  return list(images)
+
+
 class ImageClassifier:
   """A model (of any family) and its preprocessing and labels; predictions are batched
   and jitted. model_state: the Flax collections besides params (BatchNorm statistics)."""
@@ -102,19 +116,41 @@ class ImageClassifier:
       return f'class {index}'
     return self.class_names[index]
 
-  def preprocess(self, images) -> np.ndarray:
-    """Images (paths, encoded bytes, PIL images or uint8 arrays) -> float32 NHWC."""
+  def read(self, images) -> tuple[np.ndarray, dict[int, str]]:
+    """(the preprocessed images that could be read, float32 NHWC; {index: error} of the
+    others: a missing file, bytes no decoder takes, an array of the wrong shape).
+
+    images: one image (a path, encoded bytes, a PIL image, an HxW or HxWxC uint8 array)
+    or a sequence of them (an NxHxWxC array is N images).
+    """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    out = []
-    for image in images:
-      data = image_files.read_image(image)
-      example = self._preprocess_one({'image': tf.constant(data)})
-      out.append(np.asarray(example['image'], np.float32))
+    out, errors = [], {}
+    for i, image in enumerate(_as_image_list(images)):
+      try:
+        data = image_files.read_image(image)
+        example = self._preprocess_one({'image': tf.constant(data)})
+        out.append(np.asarray(example['image'], np.float32))
+      except (OSError, ValueError, tf.errors.OpError) as e:
+        message = getattr(e, 'message', None) or str(e)
+        errors[i] = f'{type(e).__name__}: {message.strip().splitlines()[0] if message else ""}'
     shapes = {x.shape for x in out}
     if len(shapes) > 1:
       raise ValueError(f'preprocessing {self.pp!r} gives images of different shapes '
                        f'{sorted(shapes)}: end it with a resize or crop to a fixed size')
-    return np.stack(out) if out else np.zeros((0, 1, 1, 3), np.float32)
+    return (np.stack(out) if out else np.zeros((0, 1, 1, 3), np.float32)), errors
+
+  def preprocess(self, images) -> np.ndarray:
+    """Images (see `read`) -> float32 NHWC; UnreadableImageError names the first image
+    that cannot be read."""
+    pixels, errors = self.read(images)
+    if errors:
+      listed = _as_image_list(images)
+      i = min(errors)
+      what = (str(listed[i]) if isinstance(listed[i], (str, os.PathLike))
+              else f'image {i}')
+      more = f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''
+      raise UnreadableImageError(f'cannot read {what}: {errors[i]}{more}')
+    return pixels
 
   def logits(self, pixels: np.ndarray) -> np.ndarray:
     """Logits of preprocessed images, in batches of `batch_size` (one compilation)."""
@@ -137,7 +173,11 @@ class ImageClassifier:
 
   def predict(self, images, top_k: int = 5) -> list[list[Prediction]]:
     """The top_k classes of each image, most probable first."""
-    probs = self.predict_proba(images)
+    return self.top_k(self.logits(self.preprocess(images)), top_k)
+
+  def top_k(self, logits, top_k: int = 5) -> list[list[Prediction]]:
+    """The top_k classes of each row of logits, most probable first."""
+    probs = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
     top_k = min(top_k, probs.shape[-1])
     result = []
     for row in probs:

@@ -12,6 +12,8 @@ or save_pretrained writes it, works too). A `.safetensors` file written by
 records. A folder among the IMAGE arguments stands for the
 images in it. Images are preprocessed by the evaluation ops and classified in jitted
 batches; for each image the top-k labels are printed with their softmax probabilities.
+Images that cannot be read are named on stderr and skipped; the others are still
+classified, and the exit status is then 1.
 """
 
 import sys
@@ -51,7 +53,16 @@ def main(argv):
     print(f'vit_jax.predict: no class names for this {clf.num_classes}-class head; '
           'printing indices (pass --labels=FILE)', file=sys.stderr)
   try:
-    predictions = clf.predict([str(p) for p in paths], top_k=_TOP_K.value)
+    pixels, errors = clf.read([str(p) for p in paths])
+  except ValueError as e:
+    _fail(f'cannot preprocess the images: {e}')
+  for i, error in errors.items():
+    print(f'vit_jax.predict: skipping {paths[i]}: {error}', file=sys.stderr)
+  if not len(pixels):
+    _fail(f'none of the {len(paths)} images could be read')
+  paths = [p for i, p in enumerate(paths) if i not in errors]
+  try:
+    predictions = clf.top_k(clf.logits(pixels), _TOP_K.value)
   except Exception as e:  # pylint: disable=broad-except
     _fail(f'cannot classify the images: {type(e).__name__}: {e}')
   for path, preds in zip(paths, predictions):
@@ -63,6 +74,8 @@ def main(argv):
     print(path)
     for p in preds:
       print(f'  {p.probability:7.4f}  {p.label}  ({p.index})')
+  if errors:
+    sys.exit(1)  # the readable images are classified above; the others are named
 
 
 if __name__ == '__main__':

@@ -12,7 +12,8 @@ For each image (a folder stands for the images in it) the command writes into --
 
 and once `posemb_similarity.png`: the cosine similarity of every patch position's learned
 embedding with every other one (Dosovitskiy et al., 2021, Fig. 7 centre). It prints the
-written paths and the top-1 prediction of each image.
+written paths and the top-1 prediction of each image. Images that cannot be read are
+named on stderr and skipped (the exit status is then 1).
 
 The rollout PNGs have the model's input resolution: they show the image as the model
 sees it, i.e. the checkpoint's evaluation preprocessing (or --pp) with its pixel-value
@@ -40,6 +41,7 @@ mean-pooling head sees (a MAP head's own pooling attention is not included).
 
 import math
 import pathlib
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -527,7 +529,15 @@ def main(argv):
   prefix = num_prefix_tokens(module)
 
   try:
-    pixels = clf.preprocess([str(p) for p in paths])
+    pixels, errors = clf.read([str(p) for p in paths])
+  except ValueError as e:
+    _fail(f'cannot preprocess the images: {e}')
+  for i, error in errors.items():
+    print(f'vit_jax.visualize: skipping {paths[i]}: {error}', file=sys.stderr)
+  if not len(pixels):
+    _fail(f'none of the {len(paths)} images could be read')
+  paths = [p for i, p in enumerate(paths) if i not in errors]
+  try:
     views = model_view(clf, [str(p) for p in paths])
   except Exception as e:  # pylint: disable=broad-except
     _fail(f'cannot preprocess the images: {type(e).__name__}: {e}')
@@ -568,6 +578,8 @@ def main(argv):
         print(f'  {written}')
   sim = posemb_similarity(posemb, grid, prefix)
   print(save_posemb_grid(sim, out / 'posemb_similarity.png'))
+  if errors:
+    sys.exit(1)  # the readable images are drawn above; the others are named
 
 
 if __name__ == '__main__':
