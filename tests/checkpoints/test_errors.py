@@ -192,6 +192,47 @@ def test_from_timm_refuses_fc_norm():
     checkpoints.from_timm(model)
 
 
+@pytest.mark.parametrize('kwargs, named', [
+    (dict(global_pool='avg', fc_norm=False), "global_pool='avg' with a class token"),
+    (dict(global_pool='max', class_token=False, fc_norm=False), "global_pool='max'"),
+    (dict(global_pool='avgmax', class_token=False, fc_norm=False), "global_pool='avgmax'"),
+])
+def test_from_timm_refuses_a_pooling_vit_jax_does_not_have(kwargs, named):
+  """These timm models have the keys of a class-token or GAP ViT: read by the keys
+  alone they imported as one, with other logits (off by 2 to 4 here)."""
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=IMAGE_SIZE, **kwargs)
+  with pytest.raises(ValueError, match=named):
+    checkpoints.from_timm(model)
+
+
+def test_from_timm_reads_an_unregistered_vit_off_the_model_and_refuses_distillation(ck):
+  """DeiT: no registered config of its name, but the model shows heads and numerics; its
+  state dict alone says what to pass. The distilled DeiT has a second prefix token."""
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  torch = pytest.importorskip('torch')
+  torch.manual_seed(0)
+  model = timm.create_model('deit_tiny_patch16_224', pretrained=False, depth=2, num_classes=4,
+                            img_size=IMAGE_SIZE).eval()
+  assert ck.perturb_torch(model, seed=1) > 0
+  x = ck.random_images(IMAGE_SIZE, seed=2)
+  ck.set_torch_head(model, model.head, ck.to_nchw(x), seed=3)
+  config, params = checkpoints.from_timm(model)
+  assert config.name == 'deit_tiny_patch16_224' and config.num_heads == 3
+  assert config.classifier == 'token' and not config.gelu_approximate
+  out = models.create(config).apply({'params': params}, x, train=False)
+  assert ck.max_diff(np.asarray(out), ck.torch_logits(model, x), 'DeiT-Ti') < 1e-5
+  with pytest.raises(ValueError, match=r"unknown model name(.|\n)*pass the timm model itself"):
+    checkpoints.from_timm(model.state_dict(), 'deit_tiny_patch16_224')
+  distilled = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, depth=1,
+                                img_size=IMAGE_SIZE)
+  with pytest.raises(ValueError, match='2 prefix tokens'):
+    checkpoints.from_timm(distilled)
+
+
 def test_from_timm_refuses_layer_scale():
   pytest.importorskip('torch')
   timm = pytest.importorskip('timm')

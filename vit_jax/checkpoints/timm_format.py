@@ -66,7 +66,14 @@ def _config_for(name: str, base=None, keep_base=False) -> ml_collections.ConfigD
   registered = _registered_name(name)
   if base is not None and (registered is None or keep_base):
     return ml_collections.ConfigDict(base.to_dict())
-  return registry.get_config(registered or name.split('.')[0])
+  try:
+    return registry.get_config(registered or name.split('.')[0])
+  except ValueError as e:
+    raise ValueError(
+        f'{e}\nA state dict does not show the number of heads: pass the timm model itself '
+        '(from_timm(model) reads them), or a config to start from, e.g. base_config='
+        "vit_jax.models.get_config('vit_tiny_patch16_224') (with num_heads=... as an "
+        'override if it differs)') from None
 
 
 def _count(sd, pattern):
@@ -75,7 +82,15 @@ def _count(sd, pattern):
 
 
 def _infer_config(sd, name, model, overrides, base=None, keep_base=False):
-  c = _config_for(name, base, keep_base)
+  if model is not None and base is None and _registered_name(name) is None:
+    # An unregistered timm ViT (e.g. DeiT): the model itself shows what the state dict
+    # does not (heads, epsilons, GELU); start from any ViT config and name it as timm does.
+    base = registry.get_config('ViT-B/16')
+    base.name = name
+    c = _config_for(name, base)
+    c.gelu_approximate = False
+  else:
+    c = _config_for(name, base, keep_base)
   # timm's numerics, unless the numerics are the base config's (a custom model, e.g. one
   # of this project exported by vit_jax.convert, or a config the file records).
   own = base is not None and (keep_base or _registered_name(name) is None)
@@ -139,6 +154,17 @@ def _read_model_settings(c, model):
     unsupported.append('register tokens')
   if getattr(model, 'no_embed_class', False):
     unsupported.append('no_embed_class')
+  pooling = {'token': 'token', 'avg': 'gap', 'map': 'map'}
+  pool = getattr(model, 'global_pool', None)
+  if pool is not None and pooling.get(pool) != c.classifier:
+    has_cls = 'with' if c.classifier == 'token' else 'without'
+    unsupported.append(
+        f"global_pool={pool!r} {has_cls} a class token (vit_jax pools as timm's 'token' "
+        "with a class token, 'avg' without one, or 'map')")
+  prefix = getattr(model, 'num_prefix_tokens', None)
+  if prefix is not None and prefix != (1 if c.classifier == 'token' else 0):
+    unsupported.append(f'{prefix} prefix tokens (e.g. a distillation token; vit_jax has '
+                       'at most the class token)')
   if not isinstance(getattr(model, 'norm_pre', torch.nn.Identity()), torch.nn.Identity):
     unsupported.append('pre-norm (norm_pre)')
   block = model.blocks[0]
