@@ -8,6 +8,9 @@ resolved config into the workdir, then trains and evaluates; a run started again
 the same workdir resumes from its newest complete checkpoint. Multi-host: pass
 --coordinator_address, --num_processes and --process_id (or set them in the
 environment that `jax.distributed.initialize()` reads, as on Cloud TPU and SLURM).
+
+SIGTERM (a preemption notice, `kill`, the end of a SLURM time limit) saves a checkpoint
+after the current step and exits with status 143; a second SIGTERM stops at once.
 """
 
 import json
@@ -27,6 +30,8 @@ from ml_collections import config_flags
 from vit_jax import host_memory
 from vit_jax import models
 from vit_jax import tensorflow_startup
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process the signal stopped
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -118,8 +123,15 @@ def main(argv):
     print(format_summary(summary), flush=True)
   if _SUMMARY_ONLY.value:
     return
-  final = loop.train_and_evaluate(
-      config, workdir, forward_flops_per_image=summary['forward_gflops_per_image'] * 1e9)
+  from vit_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  try:
+    final = loop.train_and_evaluate(
+        config, workdir, forward_flops_per_image=summary['forward_gflops_per_image'] * 1e9)
+  except preemption.Preempted as e:
+    logging.warning('%s', e)
+    if is_main:
+      print(f'preempted: {e}', flush=True)
+    raise SystemExit(EXIT_PREEMPTED) from None
   if is_main:
     print('final: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                 for k, v in final.items()), flush=True)

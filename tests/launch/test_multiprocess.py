@@ -302,3 +302,40 @@ def test_workdir_check_leaves_other_processes_probe_files_alone(tmp_path):
   loop.check_workdir(epath.Path(tmp_path))
   assert other.exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ['.write_test']
+
+
+def test_sigterm_to_one_process_saves_one_agreed_step_in_both(runs, tmp_path):
+  """A preemption notice reaches one host only: JAX's preemption service tells the other,
+  both save the same step and exit with 143, and that checkpoint is complete."""
+  workdir = tmp_path / 'preempted'
+  port = _free_port()
+  flags = [*_main_flags(runs['data_dir'], workdir, runs['init']),
+           '--config.total_steps=500', '--config.checkpoint_every=1000']
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'vit_jax.main', *flags, f'--coordinator_address=localhost:{port}',
+       '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=_env(4),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+           for i in (0, 1)]
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    metrics = workdir / 'metrics.jsonl'
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not (
+        metrics.exists() and metrics.read_text().count('"loss"') >= 2):
+      time.sleep(0.05)
+    assert all(p.poll() is None for p in procs)
+    procs[1].send_signal(signal.SIGTERM)  # the process that does not write metrics
+    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  for p, out in zip(procs, outs):
+    assert p.returncode == 143, out[-3000:]
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert len(steps) == 1 and 2 <= steps[0] < 500
+  for out in outs:
+    assert f'stopped by SIGTERM at step {steps[0]} of 500' in out
+  state_dir = workdir / 'checkpoints' / str(steps[0]) / 'state'
+  assert (state_dir / 'ocdbt.process_0').is_dir() and (state_dir / 'ocdbt.process_1').is_dir()
+  _, meta = _restore_on_one_device(workdir)
+  assert meta['step'] == steps[0]

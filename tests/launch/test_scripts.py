@@ -278,6 +278,7 @@ def test_sbatch_script_runs_one_process_per_gpu_through_srun(stubs, tmp_path):
   text = (LAUNCH / 'slurm.sbatch').read_text()
   assert '#SBATCH --gpus-per-node=8' in text and '#SBATCH --ntasks-per-node=8' in text
   assert '#SBATCH --requeue' in text
+  assert '#SBATCH --signal=TERM@300' in text  # a checkpoint before the time limit
 
 
 def test_sbatch_script_one_process_per_node_sees_all_gpus(stubs, tmp_path):

@@ -162,6 +162,39 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(reference, data_dir,
   assert [r['step'] for r in got if 'eval_top1' in r] == [TOTAL_STEPS]
 
 
+def test_sigterm_saves_the_current_step_then_exits_and_the_resumed_run_is_bit_exact(
+    reference, data_dir, tmp_path):
+  """A preemption notice between scheduled checkpoints loses no step: the step it lands
+  after is saved, the process exits with 143, and the resumed run ends bit-exact."""
+  ref_dir, _ = reference
+  workdir = tmp_path / 'terminated'
+  # Checkpoints would come every 100 steps only: whatever is saved is SIGTERM's.
+  proc = subprocess.Popen(_cmd(workdir, data_dir, '--config.checkpoint_every=100',
+                               '--config.log_every=1'),
+                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and proc.poll() is None and not (
+      metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+    time.sleep(0.01)
+  assert proc.poll() is None, proc.communicate()[0][-3000:]
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 143, out[-3000:]
+  saved = _latest_checkpoint(workdir)
+  assert 3 <= saved < TOTAL_STEPS, out[-3000:]
+  assert f'stopped by SIGTERM at step {saved} of {TOTAL_STEPS}' in out
+  logged = [json.loads(l)['step'] for l in metrics.read_text().splitlines()]
+  assert logged[-1] == saved  # the saved step's metrics are written too
+  proc = _run(workdir, data_dir, '--config.checkpoint_every=100', '--config.log_every=1')
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  assert 'Restoring checkpoint' in proc.stdout + proc.stderr
+  ref, got = _final_params(ref_dir), _final_params(workdir)
+  for k in ref:
+    np.testing.assert_array_equal(ref[k], got[k], err_msg=k)  # bit-exact
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   proc = _run(tmp_path, data_dir, '--config.schedule.base_lr=1e30', '--config.total_steps=40',
               '--config.checkpoint_every=1', '--config.log_every=1')

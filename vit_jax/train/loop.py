@@ -19,6 +19,7 @@ from vit_jax.train import defaults
 from vit_jax.train import hardware
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import optimizer as optimizer_lib
+from vit_jax.train import preemption
 from vit_jax.train import step as step_lib
 
 
@@ -319,13 +320,16 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     start_of_pending = start_step
     step = start_step
     final = {}
+    stop_request = cleanup.enter_context(preemption.StopRequest())
     for step in range(start_step + 1, total_steps + 1):
       state, step_metrics = train_step(state, next(batches))
       pending.append(step_metrics)
       is_last = step == total_steps
-      do_log = step % config.log_every == 0 or is_last
+      stopping = not is_last and stop_request(step)
+      do_log = step % config.log_every == 0 or is_last or stopping
       do_eval = (config.eval_every and step % config.eval_every == 0) or is_last
-      do_ckpt = (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last
+      do_ckpt = ((config.checkpoint_every and step % config.checkpoint_every == 0) or is_last
+                 or stopping)
       if do_log or do_eval or do_ckpt:
         fetched, skipped = sync(step)
         start_of_pending = step
@@ -354,6 +358,11 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
         checkpointer.save(step, state, dict(meta, step=step),
                           metrics={k: float(v) for k, v in last_eval.items()} if do_eval
                           else None)
+      if stopping:
+        checkpointer.wait()
+        raise preemption.Preempted(
+            f'stopped by SIGTERM at step {step} of {total_steps}, after saving its '
+            f'checkpoint in {workdir / "checkpoints"}; the same command resumes there')
     if start_step >= total_steps and not last_eval:  # a finished run started again
       last_eval = _last_logged_eval(workdir / 'metrics.jsonl')
     final = dict(last_eval, step=step)
