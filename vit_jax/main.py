@@ -118,7 +118,8 @@ def main(argv):
   summary = model_summary(config.model)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    if _SUMMARY_ONLY.value:  # a training run writes it once its checkpoint check passed
+      (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
   if _SUMMARY_ONLY.value:

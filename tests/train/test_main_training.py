@@ -105,6 +105,28 @@ def test_a_finished_run_started_again_trains_nothing_and_reports_its_evaluation(
   assert (workdir / 'metrics.jsonl').read_text() == before  # nothing logged again
 
 
+def test_resuming_with_another_model_names_the_arrays_and_fields_and_changes_nothing(
+    reference, data_dir, tmp_path):
+  """A workdir's checkpoint restored with a config that makes other arrays: one message
+  (the arrays, the config fields changed, what to do), not Orbax's tracebacks."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  ref_dir, _ = reference
+  workdir = tmp_path / 'changed'
+  shutil.copytree(ref_dir, workdir)
+  before = (workdir / 'metrics.jsonl').read_text()
+  config_before = (workdir / 'config.json').read_text()
+  proc = _run(workdir, data_dir, '--config.model.mlp_dim=128')
+  assert proc.returncode != 0
+  assert f'holds a checkpoint (step {TOTAL_STEPS}) of another train state' in proc.stderr
+  assert ('params/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel: (32, 64) in the '
+          'checkpoint, (32, 128) in this config') in proc.stderr, proc.stderr[-3000:]
+  assert 'model.mlp_dim: 64 -> 128' in proc.stderr
+  assert f'--config.init_from={workdir}' in proc.stderr
+  assert 'Event loop is closed' not in proc.stderr
+  assert (workdir / 'metrics.jsonl').read_text() == before
+  assert (workdir / 'config.json').read_text() == config_before  # the run's own, kept
+
+
 def _latest_checkpoint(workdir):
   ckpt = workdir / 'checkpoints'
   return max((int(p.name) for p in ckpt.iterdir() if p.name.isdigit()), default=0) if (

@@ -14,6 +14,7 @@ are kept, plus the `keep_best` best by an evaluation metric.
 from typing import Any
 
 from absl import logging
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -63,6 +64,23 @@ class TrainCheckpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out['state'], out['meta']
 
+  def differences(self, abstract_state, step: int | None = None,
+                  limit: int = 6) -> list[str]:
+    """How the arrays of checkpoint `step` differ from `abstract_state` (paths missing on
+    either side, other shapes), read from the checkpoint's metadata; [] when they match."""
+    step = self.latest_step() if step is None else step
+    saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / 'state')
+    saved = _shapes(getattr(saved, 'item_metadata', saved))
+    wanted = _shapes(abstract_state)
+    order = lambda k: (not k.startswith('params/'), k)  # noqa: E731 (params first)
+    out = [f'{k}: {saved[k]} in the checkpoint, {wanted[k]} in this config'
+           for k in sorted(saved.keys() & wanted.keys(), key=order) if saved[k] != wanted[k]]
+    out += [f'{k}: in the checkpoint only'
+            for k in sorted(saved.keys() - wanted.keys(), key=order)]
+    out += [f'{k}: in this config only'
+            for k in sorted(wanted.keys() - saved.keys(), key=order)]
+    return out[:limit] + ([f'... {len(out) - limit} more'] if len(out) > limit else [])
+
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self._manager.restore(step, args=ocp.args.Composite(
@@ -75,3 +93,18 @@ class TrainCheckpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{'params/Transformer/...': shape} of a state tree, saved (dicts and lists) or
+  abstract (dataclasses and named tuples): the same path names either way."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))
+  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves if hasattr(leaf, 'shape')}

@@ -259,6 +259,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
             'steps_per_epoch': spe, 'class_names': train_source.class_names,
             'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
     if resuming:
+      _check_resumable(checkpointer, t.abstract_state(), meta['config'], workdir)
       state, saved_meta = checkpointer.restore(t.abstract_state())
       for key in ('seed', 'global_batch_size', 'steps_per_epoch'):
         if saved_meta.get(key) != meta[key]:
@@ -270,6 +271,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       if config.init_from:
         state = t.with_pretrained(state, config.init_from, pretrained_weights)
         del pretrained_weights
+    if is_main:  # the config this run trains with (not written when the resume check fails)
+      (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     start_step = int(jax.device_get(state.step))
     module, schedule, image_size = t.module, t.schedule, config.model.image_size
     train_step, eval_step = t.train_step, t.eval_step
@@ -367,6 +370,44 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       last_eval = _last_logged_eval(workdir / 'metrics.jsonl')
     final = dict(last_eval, step=step)
     return final
+
+
+class ResumeError(ValueError):
+  """The workdir's checkpoint cannot be resumed with this config; the message says why."""
+
+
+def _check_resumable(checkpointer, abstract_state, config: dict, workdir) -> None:
+  """Raises ResumeError when the newest checkpoint holds other arrays than this config's
+  train state (another model, image size or frozen set), naming the arrays and the
+  config fields that changed since the checkpoint was written."""
+  differences = checkpointer.differences(abstract_state)
+  if not differences:
+    return
+  step = checkpointer.latest_step()
+  saved = _flat_fields(checkpointer.restore_meta(step).get('config') or {})
+  now = _flat_fields(config)
+  changed = [f'{k}: {saved.get(k, "(absent)")!r} -> {now.get(k, "(absent)")!r}'
+             for k in sorted(saved.keys() | now.keys())
+             if saved.get(k) != now.get(k) and not k.startswith('init_from')]
+  raise ResumeError(
+      f'--workdir={workdir} holds a checkpoint (step {step}) of another train state than '
+      'this config makes:\n  ' + '\n  '.join(differences)
+      + ('\nConfig fields changed since that checkpoint was written:\n  '
+         + '\n  '.join(changed[:12]) + (f'\n  ... {len(changed) - 12} more'
+                                        if len(changed) > 12 else '') if changed else '')
+      + f'\nTo resume, run with the config of that run ({workdir / "config.json"}). To start '
+      'a new run '
+      f'from its weights, use another --workdir with --config.init_from={workdir}.')
+
+
+def _flat_fields(tree, prefix='') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat_fields(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
 
 
 def _last_logged_eval(path) -> dict:
