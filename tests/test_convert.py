@@ -11,6 +11,7 @@ command line (a subprocess); the rest call `convert.convert`.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -172,11 +173,31 @@ def test_timm_to_hf(timm_file, tmp_path):
   model, path = timm_file
   out = tmp_path / 'hf'
   assert convert.convert(path, out, to='hf') == 'hf'
-  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
+  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors',
+                                     'preprocessor_config.json']
   hf = transformers.ViTForImageClassification.from_pretrained(str(out)).eval()
   assert hf.config.num_labels == 5 and hf.config.hidden_act == 'gelu'
   x = _images(1)
   _close(_hf_logits(hf, x), _timm_logits(model, x), 'timm -> hf')
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out / 'model.safetensors').st_mode & 0o777 == 0o666 & ~umask
+  # transformers' pipeline() reads the directory as it is: its image processor
+  # preprocesses as vit_jax does ([-1, 1] at the model's size) and classifies alike.
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from vit_jax import inference  # pylint: disable=import-outside-toplevel
+  photo = Image.fromarray(np.random.RandomState(3).randint(0, 256, (48, 40, 3), np.uint8))
+  processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+  theirs = processor(photo, return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
+  clf = inference.ImageClassifier.from_pretrained(out)
+  ours = clf.preprocess(photo)[0]
+  assert theirs.shape == ours.shape == (SIZE, SIZE, 3)
+  assert np.abs(theirs - ours).mean() < 0.03  # PIL's and TensorFlow's bilinear resize
+  top = transformers.pipeline('image-classification', model=str(out), top_k=5)(photo)
+  want = clf.predict(photo)[0]
+  assert [hf.config.label2id[t['label']] for t in top] == [p.index for p in want]
+  np.testing.assert_allclose([t['score'] for t in top], [p.probability for p in want],
+                             atol=0.02)
 
 
 def test_hf_to_orbax_to_npz(hf_dir, tmp_path):
@@ -289,7 +310,10 @@ def test_registered_name_export_still_loads_in_timm(timm_file, tmp_path):
   model, path = timm_file
   out = tmp_path / 'tiny.safetensors'
   result = convert.run(path, out, model='vit_tiny_patch16_224')
-  assert any("timm.create_model('vit_tiny_patch16_224'" in n for n in result.notes)
+  note = next(n for n in result.notes if "timm.create_model('vit_tiny_patch16_224'" in n)
+  # The note's call, as written, builds the model the tensors load into.
+  call = re.search(r"timm\.create_model\('vit_tiny_patch16_224', ([^)]*)\)", note)
+  assert eval(f'dict({call.group(1)})') == TIMM_KW  # pylint: disable=eval-used
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   with safe_open(str(out), framework='pt') as f:
     recorded = json.loads(f.metadata()[pretrained.META_MODEL])
@@ -312,7 +336,8 @@ def test_cli_takes_the_output_as_an_argument(timm_file, tmp_path):
   out = tmp_path / 'hf_dir'
   proc = _cli(f'--input={path}', '--to=hf', str(out))
   assert proc.returncode == 0, proc.stderr
-  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
+  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors',
+                                     'preprocessor_config.json']
   proc = _cli(f'--input={path}', '--to=hf')
   assert proc.returncode == 1 and proc.stderr.startswith(
       'error: --output is required: where to write (e.g. python -m vit_jax.convert '), (

@@ -50,6 +50,7 @@ _STATE_DICT_EXTS = ('.safetensors', '.pth', '.bin', '.pt')
 _READ_EXTS = ('.npz',) + _STATE_DICT_EXTS
 HF_WEIGHTS = 'model.safetensors'
 HF_CONFIG = 'config.json'
+HF_PROCESSOR = 'preprocessor_config.json'  # for AutoImageProcessor and pipeline()
 ORBAX_STEP = 0
 
 _INPUT = flags.DEFINE_string('input', None, 'Weights to read: .npz, timm/transformers '
@@ -146,7 +147,7 @@ def _check_output(output: str, to: str, overwrite: bool) -> None:
     if os.path.exists(output) and not os.path.isdir(output):
       raise ConversionError(f'{output} exists and is not a directory; --to=hf writes a '
                             'directory')
-    existing = [os.path.join(output, f) for f in (HF_WEIGHTS, HF_CONFIG)
+    existing = [os.path.join(output, f) for f in (HF_WEIGHTS, HF_CONFIG, HF_PROCESSOR)
                 if os.path.exists(os.path.join(output, f))]
     if existing and not overwrite:
       raise ConversionError(f'{" and ".join(existing)} already exist(s); pass --overwrite '
@@ -302,7 +303,8 @@ def _write_timm(ckpt, output, notes):
     notes.append(f'timm reads no heads or activation from a state dict: build the model '
                  f'with vit_jax.checkpoints.create_timm_model(config) or timm.create_model('
                  f"'{name}', depth={ckpt.config.num_layers}, "
-                 f'num_classes={ckpt.config.num_classes}, ...)')
+                 f'num_classes={ckpt.config.num_classes}, '
+                 f'img_size={ckpt.config.image_size})')
   elif metadata is not None and _family(ckpt) == 'vit':
     notes.append(f'timm has no model of the architecture of {ckpt.config.get("name")!r}; '
                  'its config (heads, GELU, epsilons) is recorded in the file for vit_jax '
@@ -316,6 +318,7 @@ def _registered() -> list[str]:
 
 def _write_hf(ckpt, output, notes):
   from vit_jax.checkpoints import hf_format  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import state_dict_io  # pylint: disable=g-import-not-at-top
   if _family(ckpt) != 'vit':
     raise ConversionError(f'transformers export is for ViT models; this is a {_family(ckpt)} '
                           'model: use --to=timm or --to=orbax')
@@ -336,11 +339,15 @@ def _write_hf(ckpt, output, notes):
     notes.append(f'{len(names)} class names for {ckpt.config.num_classes} classes: not '
                  'written')
   hf_config.architectures = ['ViTForImageClassification']
-  safetensors_torch = torch_import.module('safetensors.torch')
+  processor, note = hf_format.image_processor_config(ckpt.pp_eval, ckpt.config.image_size)
+  if note:
+    notes.append(note)
   os.makedirs(output, exist_ok=True)
-  safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()},
-                              os.path.join(output, HF_WEIGHTS), metadata={'format': 'pt'})
+  state_dict_io.write_state_dict({k: v.contiguous() for k, v in sd.items()},
+                                 os.path.join(output, HF_WEIGHTS), metadata={'format': 'pt'})
   hf_config.to_json_file(os.path.join(output, HF_CONFIG))
+  with open(os.path.join(output, HF_PROCESSOR), 'w') as f:
+    json.dump(processor, f, indent=2)
 
 
 def _write_orbax(ckpt, output, input_path):

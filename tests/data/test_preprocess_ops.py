@@ -486,3 +486,33 @@ def test_parse_literals_and_arithmetic(photos):
 def test_parse_errors(spec, match):
   with pytest.raises(ValueError, match=match):
     pp.parse(spec)
+
+
+@pytest.mark.parametrize('spec, mean, std', [
+    ('decode|resize(8)|value_range(-1, 1)', (0.5,) * 3, (0.5,) * 3),
+    ('decode|value_range(0, 1)', (0.0,) * 3, (1.0,) * 3),
+    ('decode|normalize', pp.IMAGENET_MEAN, pp.IMAGENET_STD),
+])
+def test_pixel_mean_std_reproduces_the_value_op(spec, mean, std):
+  """(x / 255 - mean) / std, as transformers' and torchvision's processors compute it,
+  equals what the op gives."""
+  got_mean, got_std = pp.pixel_mean_std(spec)
+  np.testing.assert_allclose(got_mean, mean, atol=1e-7)
+  np.testing.assert_allclose(got_std, std, atol=1e-7)
+  x = np.arange(0, 256, 17, dtype=np.uint8).reshape(1, -1, 1).repeat(3, axis=-1)
+  out = pp.parse(pp.without_ops(spec, ('resize',)))(
+      {'image': tf.constant(x)})['image'].numpy()
+  np.testing.assert_allclose(out, (x / 255 - np.array(mean)) / np.array(std), atol=1e-5)
+  assert pp.pixel_mean_std('decode|resize(8)') is None
+
+
+def test_hf_image_processor_config_is_exact_for_a_resize_and_says_so_otherwise():
+  from vit_jax.checkpoints import hf_format  # pylint: disable=import-outside-toplevel
+  config, note = hf_format.image_processor_config(
+      'decode|resize(32)|value_range(-1, 1)|onehot(4)', 32)
+  assert note is None and config['size'] == {'height': 32, 'width': 32}
+  assert config['image_mean'] == config['image_std'] == [0.5] * 3
+  config, note = hf_format.image_processor_config(
+      'decode|resize_small(40)|central_crop(32)|normalize|onehot(4)', 32)
+  assert config['image_mean'] == list(pp.IMAGENET_MEAN)
+  assert 'resizes to 32x32' in note and 'central_crop(32)' in note

@@ -176,3 +176,37 @@ def to_hf_config(config):
       num_labels=config.num_classes or 2, hidden_dropout_prob=0.0,
       attention_probs_dropout_prob=0.0, qkv_bias=True)
 
+
+
+def image_processor_config(pp_eval: str | None, image_size: int) -> tuple[dict, str | None]:
+  """(the `preprocessor_config.json` of a transformers ViTImageProcessor, a note or None)
+  that preprocesses as `pp_eval` does: a resize to the model's size, then
+  (x / 255 - mean) / std. Exact for `decode|resize(S)|<value op>`; for other evaluation
+  ops (e.g. a resize then a central crop) the note says what the processor does instead.
+  Without pp_eval, the original release's [-1, 1] (mean = std = 0.5)."""
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  mean, std, note = (0.5,) * 3, (0.5,) * 3, None
+  if pp_eval:
+    spec = preprocess_ops.without_ops(pp_eval, ('onehot', 'keep', 'drop'))
+    scaling = preprocess_ops.pixel_mean_std(spec)
+    if scaling is not None:
+      mean, std = scaling
+    geometry = [n for n, _ in preprocess_ops.ops(spec)
+                if n not in ('decode', 'value_range', 'normalize')]
+    size_args = [a for n, a in preprocess_ops.ops(spec) if n == 'resize']
+    exact = (geometry == ['resize'] and size_args[0]['size'] in (
+        image_size, (image_size, image_size), [image_size, image_size]))
+    if not exact or scaling is None:
+      note = (f'preprocessor_config.json resizes to {image_size}x{image_size} and '
+              f'normalises with mean {_fmt(mean)}, std {_fmt(std)}; the evaluation '
+              f'preprocessing was {spec!r}')
+  return {
+      'image_processor_type': 'ViTImageProcessor', 'do_resize': True,
+      'size': {'height': image_size, 'width': image_size}, 'resample': 2,  # bilinear
+      'do_rescale': True, 'rescale_factor': 1 / 255, 'do_normalize': True,
+      'image_mean': [float(m) for m in mean], 'image_std': [float(x) for x in std],
+  }, note
+
+
+def _fmt(values) -> str:
+  return '(' + ', '.join(f'{v:.4g}' for v in values) + ')'

@@ -154,6 +154,32 @@ def output_spec(spec: str) -> tuple[tuple[int, int] | None, str | None, int | No
   return size, size_op, num_classes
 
 
+def ops(spec: str) -> list[tuple[str, dict]]:
+  """[(op name, its arguments with defaults)] of a spec, checked as `parse` checks it."""
+  out = []
+  for name, bound, _ in _build(spec):
+    bound.apply_defaults()
+    out.append((name, dict(bound.arguments)))
+  return out
+
+
+def pixel_mean_std(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """(mean, std) on the 0..1 scale such that the spec's value op gives (x / 255 - mean)
+  / std, as torchvision and transformers normalise; None without a value op."""
+  found = None
+  for name, args in ops(spec):
+    if name == 'value_range':
+      a = (args['vmax'] - args['vmin']) / (args['in_max'] - args['in_min'])
+      b = args['vmin'] - args['in_min'] * a
+      std = 1 / (255 * a)
+      found = ((-b * std,) * 3, (std,) * 3)
+    elif name == 'normalize':
+      mean = IMAGENET_MEAN if args['mean'] == 'imagenet' else tuple(args['mean'])
+      std = IMAGENET_STD if args['std'] == 'imagenet' else tuple(args['std'])
+      found = (tuple(float(m) for m in mean), tuple(float(x) for x in std))
+  return found
+
+
 def _build(spec: str) -> list:
   """[(op name, its bound arguments, the op)] for each op of the spec, checked."""
   ops = []
