@@ -186,3 +186,15 @@ def test_a_missing_init_from_says_what_it_takes_and_where_the_release_is():
   with pytest.raises(defaults.ConfigError, match='a vit_jax workdir') as e:
     _validate(c)
   assert 'vit_models' not in str(e.value)
+
+
+def test_a_folder_with_the_tfds_source_is_named():
+  """--config.input.folder alone used to train on the tfds dataset of config.input.name
+  (or fail on it, unprepared), never mentioning the folder."""
+  c = _config()
+  c.input.folder = '/data/pets'
+  with pytest.raises(defaults.ConfigError,
+                     match=r"folder='/data/pets' is set, but .*--config.input.source=folder"):
+    _validate(c)
+  c.input.source = 'folder'
+  _validate(c)

@@ -11,8 +11,10 @@ FIELD_DOCS = {
     'name': "tfds dataset name, e.g. 'imagenet2012', 'cifar10', 'bundled_mnist' (offline)",
     'data_dir': 'tfds data dir (local or gs://); None for ~/tensorflow_datasets',
     'folder': "root of an image folder dataset (source='folder')",
-    'train_split': "training split, tfds syntax allowed: 'train[:99%]'",
-    'eval_split': "evaluation split: 'validation', 'test', 'train[99%:]'",
+    'train_split': "training split; tfds slices allowed ('train[:99%]'); for a folder, "
+                   "the subfolder's name",
+    'eval_split': "evaluation split: 'validation', 'test', 'train[99%:]' (tfds); a "
+                  "subfolder's name (folder)",
     'pp_train': 'training preprocessing ops, "op(args)|op(args)|..." (preprocess_ops)',
     'pp_eval': 'evaluation preprocessing ops (deterministic)',
     'mixup_alpha': 'mixup Beta(alpha, alpha); 0 disables',

@@ -118,6 +118,12 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     module = models.create(config.model)
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from e
+  source = config.input.get('source', 'tfds')
+  if source == 'tfds' and config.input.get('folder'):
+    raise ConfigError(
+        f"config.input.folder={config.input.folder!r} is set, but config.input.source="
+        f"'tfds' reads the tfds dataset config.input.name={config.input.get('name')!r}: to "
+        "train on the folder, add --config.input.source=folder")
   size = config.model.image_size
   if not isinstance(size, int) or size <= 0:
     raise ConfigError(f'config.model.image_size={size!r} must be a positive int (pixels of '
