@@ -190,3 +190,35 @@ def test_npz_architecture_is_read_from_the_shapes(tmp_path):
     np.testing.assert_allclose(models.create(ckpt.config).apply({'params': ckpt.params}, x,
                                                                  train=False),
                                module.apply({'params': params}, x, train=False), atol=1e-5)
+
+
+def test_transformers_weights_into_another_head_count_or_numerics(tmp_path, caplog):
+  """transformers' config.json records heads, GELU and epsilon: another head count is one
+  message naming num_heads (was one shape error per parameter); other numerics load,
+  with a warning that says how to keep them."""
+  hf = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128,
+                                            image_size=32, patch_size=8, num_labels=3))
+  hf.save_pretrained(str(tmp_path / 'hf'))  # exact GELU, layer_norm_eps 1e-12
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'hf'))
+  config = models.get_config('ViT-Ti/16')
+  config.update(dict(SMALL, patch_size=(8, 8), num_heads=2), image_size=32, num_classes=5)
+  reference = {'params': models.init_params(models.create(config), 32)}
+  with pytest.raises(checkpoints.CheckpointMismatchError) as info:
+    pretrained.adapt_variables(ckpt, reference, config)
+  assert 'num_heads: checkpoint 4, model 2' in str(info.value)
+  assert str(info.value).count('\n') < 5
+  config.num_heads = 4
+  reference = {'params': models.init_params(models.create(config), 32)}
+  with caplog.at_level('WARNING'):
+    out = pretrained.adapt_variables(ckpt, reference, config)
+  assert out['params']['head']['kernel'].shape == (64, 5)
+  assert ("gelu_approximate=False, layernorm_eps=1e-12; this model uses "
+          "gelu_approximate=True, layernorm_eps=1e-06") in caplog.text
+  assert '--config.model.gelu_approximate=False --config.model.layernorm_eps=1e-12' in (
+      caplog.text)
+  caplog.clear()
+  config.update(gelu_approximate=False, layernorm_eps=1e-12)
+  with caplog.at_level('WARNING'):
+    pretrained.adapt_variables(ckpt, reference, config)
+  assert 'were made with' not in caplog.text

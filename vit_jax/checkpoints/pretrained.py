@@ -28,6 +28,7 @@ import math
 import os
 import re
 
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -558,8 +559,36 @@ def _config_differences(loaded, config) -> list[str]:
           for k in fields if _plain(loaded.get(k)) != _plain(config.get(k))]
 
 
+_VIT_SHAPE_FIELDS = ('hidden_size', 'num_heads', 'mlp_dim', 'num_layers', 'patch_size')
+_VIT_NUMERICS = ('gelu_approximate', 'layernorm_eps')
+
+
+def _check_vit_config(loaded, config, warn_numerics: bool = True) -> None:
+  """Raises CheckpointMismatchError naming the ViT shape fields that differ between the
+  weights' own config and the model's (not one error per parameter); logs the numerics
+  that differ (the weights still load, but compute other values than they were made for)."""
+  def get(c, k):
+    return _plain(c.get(k)) if k != 'patch_size' else registry.patch_size(c.get(k))
+  structure = [f'{k}: checkpoint {get(loaded, k)}, model {get(config, k)}'
+               for k in _VIT_SHAPE_FIELDS if get(loaded, k) != get(config, k)]
+  if structure:
+    raise tree.CheckpointMismatchError(
+        'the pretrained weights do not fit this model:\n  ' + '\n  '.join(structure)
+        + '\nSet config.model to the architecture of the checkpoint (only the head and the '
+        'resolution may change).')
+  numerics = [(k, loaded.get(k), config.get(k)) for k in _VIT_NUMERICS
+              if loaded.get(k) is not None and _plain(loaded.get(k)) != _plain(config.get(k))]
+  if numerics and warn_numerics:
+    logging.warning(
+        'The pretrained weights were made with %s; this model uses %s. They load, but '
+        'compute slightly other values than they were trained for: to keep them, set %s.',
+        ', '.join(f'{k}={a!r}' for k, a, _ in numerics),
+        ', '.join(f'{k}={b!r}' for k, _, b in numerics),
+        ' '.join(f'--config.model.{k}={a!r}' for k, a, _ in numerics))
+
+
 def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bilinear',
-                    keep_head: bool = False) -> dict:
+                    keep_head: bool = False, warn_numerics: bool = True) -> dict:
   """Fits pretrained weights to the model of `config` (any family).
 
   loaded: a `Checkpoint` (from `load_checkpoint`) or Flax variables {'params', ...}.
@@ -571,8 +600,13 @@ def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bi
   `config` at its image_size, and the checkpoint's model state (BatchNorm running
   statistics). Raises CheckpointMismatchError for weights of another family, another
   architecture (naming the fields or parameters that differ) or without the model state
-  the model needs.
+  the model needs. warn_numerics: log when a ViT's GELU or LayerNorm epsilon differs from
+  those the weights' own config (transformers', a workdir's) records.
   """
+  # A config the weights came with (transformers' config.json, a workdir's, a recorded
+  # one), not one guessed from a name: its heads and numerics are the weights' own.
+  known = isinstance(loaded, Checkpoint) and (loaded.config_recorded
+                                              or loaded.kind in ('hf', 'orbax'))
   if isinstance(loaded, Checkpoint):
     loaded_config, loaded = loaded.config, loaded.variables()
   else:
@@ -581,6 +615,8 @@ def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bi
   got_family = _params_family(loaded['params'])
   if got_family is not None:
     _refuse_family('the checkpoint', got_family, config)
+  if family == 'vit' and known and loaded_config is not None:
+    _check_vit_config(loaded_config, config, warn_numerics)
   if family == 'vit':
     return {'params': adapt(loaded['params'], reference['params'],
                             posemb_method=posemb_method, keep_head=keep_head),

@@ -202,6 +202,7 @@ class Trainer:
     loaded: the weights of `path` already read (`load_pretrained`), or None to read them.
     """
     from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+    checked = loaded is not None  # load_pretrained has checked and warned already
     if loaded is None:
       loaded = pretrained.load_checkpoint(path, model=self.config.model)
     # The initialised variables, whole, on every host: with FSDP over several processes no
@@ -209,7 +210,8 @@ class Trainer:
     initialised = multihost_utils.process_allgather(state.variables(), tiled=True)
     variables = pretrained.adapt_variables(loaded, initialised, self.config.model,
                                            posemb_method=self.config.posemb_resample,
-                                           keep_head=self.config.init_head == 'keep')
+                                           keep_head=self.config.init_head == 'keep',
+                                           warn_numerics=not checked)
     params = jax.device_put(variables.pop('params'), self.state_sharding.params)
     model_state = jax.device_put(variables, self.state_sharding.model_state)
     opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
