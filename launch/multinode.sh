@@ -16,8 +16,9 @@ One process (run this on every host, with its own --process_id):
 All processes from one machine, over ssh (process i on the i-th host, coordinator on
 the first):
   launch/multinode.sh --hosts=gpu1,gpu2 [--port=PORT] [--log_dir=DIR] --config=... --workdir=...
-  Every host needs the code at --remote_dir (default: this directory's path) and the
-  same Python environment. If one process fails, the others are stopped.
+  Every host needs the code at --remote_dir (default: the path of this script's
+  checkout) and the same Python environment. If one process fails, the others are
+  stopped.
 
 Options (each also read from the environment variable in capitals):
   --coordinator=HOST:PORT  address of process 0 (COORDINATOR)
@@ -27,9 +28,11 @@ Options (each also read from the environment variable in capitals):
                            all of the host's: one process per host)
   --hosts=H0,H1,...        start one process per host over ssh (HOSTS)
   --port=PORT              coordinator port with --hosts (PORT, default 62111)
-  --remote_dir=DIR         the code's directory on the hosts (REMOTE_DIR, default $PWD)
-  --log_dir=DIR            with --hosts: process i's output goes to DIR/process_i.log
-                           (LOG_DIR; default: this terminal)
+  --remote_dir=DIR         the code's directory on the hosts (REMOTE_DIR, default the
+                           path of this script's checkout)
+  --log_dir=DIR            with --hosts: process i's output is appended to
+                           DIR/process_i.log, after a line naming the start (LOG_DIR;
+                           default: this terminal)
   --python=PATH            Python with vit_jax installed (PYTHON, default python3)
   SSH                      ssh command (default: ssh -o BatchMode=yes)
   REMOTE_ENV               VAR=value pairs set for every process, e.g. 'NCCL_DEBUG=WARN'
@@ -44,7 +47,9 @@ NUM_PROCESSES=${NUM_PROCESSES:-}
 PROCESS_ID=${PROCESS_ID:-}
 HOSTS=${HOSTS:-}
 PORT=${PORT:-62111}
-REMOTE_DIR=${REMOTE_DIR:-$PWD}
+checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REMOTE_DIR=${REMOTE_DIR:-$checkout}
+LOCAL_DEVICES=${JAX_LOCAL_DEVICE_IDS:-}
 LOG_DIR=${LOG_DIR:-}
 PYTHON=${PYTHON:-python3}
 SSH=${SSH:-ssh -o BatchMode=yes}
@@ -55,7 +60,7 @@ while (($#)); do
     --coordinator=*) COORDINATOR=${1#*=} ;;
     --num_processes=*) NUM_PROCESSES=${1#*=} ;;
     --process_id=*) PROCESS_ID=${1#*=} ;;
-    --local_devices=*) export JAX_LOCAL_DEVICE_IDS=${1#*=} ;;
+    --local_devices=*) LOCAL_DEVICES=${1#*=} ;;
     --hosts=*) HOSTS=${1#*=} ;;
     --port=*) PORT=${1#*=} ;;
     --remote_dir=*) REMOTE_DIR=${1#*=} ;;
@@ -82,6 +87,7 @@ if [[ -z $HOSTS ]]; then
     read -r -a env_pairs <<<"$REMOTE_ENV"
     export "${env_pairs[@]}"
   fi
+  [[ -z $LOCAL_DEVICES ]] || export JAX_LOCAL_DEVICE_IDS=$LOCAL_DEVICES
   exec "$PYTHON" -m vit_jax.main --coordinator_address="$COORDINATOR" \
     --num_processes="$NUM_PROCESSES" --process_id="$PROCESS_ID" ${main_args[@]+"${main_args[@]}"}
 fi
@@ -98,10 +104,14 @@ for i in "${!hosts[@]}"; do
   remote=$(printf 'cd %q && PYTHON=%q REMOTE_ENV=%q exec launch/multinode.sh' \
     "$REMOTE_DIR" "$PYTHON" "$REMOTE_ENV")
   remote+=$(printf ' %q' --coordinator="$coordinator" --num_processes="$n" \
-    --process_id="$i" -- ${main_args[@]+"${main_args[@]}"})
+    --process_id="$i" ${LOCAL_DEVICES:+--local_devices="$LOCAL_DEVICES"} \
+    -- ${main_args[@]+"${main_args[@]}"})
   echo "launch/multinode.sh: process $i of $n on ${hosts[i]} (coordinator $coordinator)" >&2
   if [[ -n $LOG_DIR ]]; then
-    "${ssh_cmd[@]}" "${hosts[i]}" "$remote" >"$LOG_DIR/process_$i.log" 2>&1 </dev/null &
+    # Appended: a restarted run (until_done.sh) keeps the log of the attempt that failed.
+    echo "=== launch/multinode.sh: process $i of $n on ${hosts[i]}, started $(date -u +%FT%TZ) ===" \
+      >>"$LOG_DIR/process_$i.log"
+    "${ssh_cmd[@]}" "${hosts[i]}" "$remote" >>"$LOG_DIR/process_$i.log" 2>&1 </dev/null &
   else
     "${ssh_cmd[@]}" "${hosts[i]}" "$remote" </dev/null &
   fi

@@ -44,6 +44,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 (implies --distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'initialization_timeout', 300, 'Seconds a multi-process run waits for all its '
+    'processes to connect before it stops.')
 
 
 def model_summary(model_config) -> dict:
@@ -94,6 +97,41 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not noisy
 
 
+def _join_processes() -> None:
+  """jax.distributed.initialize, saying what it waits for: it blocks until every process
+  has connected, and after --initialization_timeout ends the process from C++."""
+  import threading  # pylint: disable=g-import-not-at-top
+  timeout = _INIT_TIMEOUT.value
+  where = _COORDINATOR.value or 'the coordinator the environment gives'
+  count = _NUM_PROCESSES.value or 'all'
+  logging.info('Joining %s processes at %s (as process %s); waiting up to %d s '
+               '(--initialization_timeout) for every one to connect.', count, where,
+               'from the environment' if _PROCESS_ID.value is None else _PROCESS_ID.value,
+               timeout)
+  joined = threading.Event()
+  every = max(min(30, timeout // 2), 1)
+
+  def remind(waited=0):
+    waited += every
+    if joined.wait(every):
+      return
+    logging.warning(
+        'Still waiting after %d s for %s processes to connect to %s (the run stops at %d '
+        's): is every process started, with the same --coordinator_address and '
+        '--num_processes, and is the port reachable from every host?', waited, count, where,
+        timeout)
+    remind(waited)
+
+  threading.Thread(target=remind, daemon=True).start()
+  try:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value,
+                               initialization_timeout=timeout)
+  finally:
+    joined.set()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -103,9 +141,7 @@ def main(argv):
   # Before anything starts jax's backend (see vit_jax/host_memory.py).
   host_memory.configure(config.get('keep_host_memory'))
   if _DISTRIBUTED.value or _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    _join_processes()
   workdir = epath.Path(_WORKDIR.value)
   is_main = jax.process_index() == 0
   if not _SUMMARY_ONLY.value:

@@ -339,3 +339,17 @@ def test_sigterm_to_one_process_saves_one_agreed_step_in_both(runs, tmp_path):
   assert (state_dir / 'ocdbt.process_0').is_dir() and (state_dir / 'ocdbt.process_1').is_dir()
   _, meta = _restore_on_one_device(workdir)
   assert meta['step'] == steps[0]
+
+
+def test_a_process_left_waiting_for_the_others_says_so_and_stops(tmp_path):
+  """One of two processes started: it says what it waits for, reminds while it waits,
+  and stops at --initialization_timeout (was 5 silent minutes, then a C++ abort)."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', '--config=configs/demo.py',
+       f'--workdir={tmp_path / "w"}', f'--coordinator_address=localhost:{_free_port()}',
+       '--num_processes=2', '--process_id=0', '--initialization_timeout=8'],
+      cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert 'Joining 2 processes at localhost:' in proc.stderr
+  assert '(--initialization_timeout)' in proc.stderr
+  assert 'Still waiting after 4 s for 2 processes' in proc.stderr, proc.stderr[-2000:]

@@ -117,6 +117,14 @@ def test_usage_text(script):
   assert proc.returncode == 0 and proc.stdout.startswith('usage: launch/'), proc.stderr
 
 
+def test_sbatch_script_usage_text():
+  env = {k: v for k, v in os.environ.items() if k not in ('CONFIG', 'WORKDIR')}
+  proc = _sh([LAUNCH / 'slurm.sbatch', '--help'], env)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith('SLURM batch script for GPU clusters')
+  assert 'CONFIG=configs/vit_b16.py WORKDIR=' in proc.stdout and '#SBATCH' not in proc.stdout
+
+
 # ---------------------------------------------------------------------------- Cloud TPU
 
 TPU = ['--project=my-proj', '--zone=europe-west4-a', '--type=v3-32', '--name=vit-pod',
@@ -395,6 +403,35 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
     assert '--num_processes=2' in c and f'cd {ROOT}' in c
   argvs = [json.loads(p.read_text()) for p in tmp_path.glob('argv_*')]
   assert sorted(a[4] for a in argvs) == ['--process_id=0', '--process_id=1']
+
+
+def test_multinode_over_an_ssh_that_forwards_no_environment(stubs, tmp_path):
+  """As real ssh does, the stub gives the remote command a bare environment: the device
+  list still reaches every process; started from another directory, the remote side
+  still runs this checkout; a second start appends to the logs instead of erasing the
+  first attempt's."""
+  env, _ = stubs
+  ssh = tmp_path / 'ssh'
+  ssh.write_text('#!/usr/bin/env bash\n'
+                 'exec env -i PATH="$PATH" HOME="$HOME" bash -c "$2"\n')
+  ssh.chmod(0o755)
+  fake = _recording_python(
+      tmp_path, 'open(f"{d}/devices_{sys.argv[5]}", "w").write('
+      'os.environ.get("JAX_LOCAL_DEVICE_IDS", "unset"))\n'
+      'print("attempt output", flush=True)\n')
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  args = [LAUNCH / 'multinode.sh', '--hosts=a,b', '--local_devices=0,1', f'--python={fake}',
+          f'--log_dir={tmp_path}/logs', '--config=c.py', '--workdir=/w']
+  for _ in range(2):
+    proc = subprocess.run(['bash', *map(str, args)], cwd=elsewhere, env=dict(env, SSH=str(ssh)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+  for i in (0, 1):
+    assert (tmp_path / f'devices_--process_id={i}').read_text() == '0,1'
+    log = (tmp_path / 'logs' / f'process_{i}.log').read_text()
+    assert log.count(f'=== launch/multinode.sh: process {i} of 2 on ') == 2, log
+    assert log.count('attempt output') == 2
 
 
 # ---------------------------------------------------------------------- until_done.sh
