@@ -103,6 +103,15 @@ def test_a_finished_run_started_again_trains_nothing_and_reports_its_evaluation(
   assert f"final: eval_top1 {final_eval['eval_top1']:.4f}" in proc.stdout, proc.stdout
   assert f'step {TOTAL_STEPS}' in proc.stdout
   assert (workdir / 'metrics.jsonl').read_text() == before  # nothing logged again
+  # A checkpoint of a run with another number of processes: its data order was another.
+  meta_file = workdir / 'checkpoints' / str(TOTAL_STEPS) / 'meta' / 'metadata'
+  meta = json.loads(meta_file.read_text())
+  assert meta['process_count'] == 1
+  meta_file.write_text(json.dumps(dict(meta, process_count=2)))
+  proc = _run(workdir, data_dir)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  assert ('Checkpoint was written with process_count=2, this run has 1: the data order'
+          in proc.stderr), proc.stderr[-3000:]
 
 
 def test_resuming_with_another_model_names_the_arrays_and_fields_and_changes_nothing(

@@ -258,14 +258,17 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     batch_sharding = t.batch_sharding
 
     meta = {'seed': config.seed, 'global_batch_size': config.batch_size,
-            'steps_per_epoch': spe, 'class_names': train_source.class_names,
+            'steps_per_epoch': spe, 'process_count': jax.process_count(),
+            'class_names': train_source.class_names,
             'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
     if resuming:
       _check_resumable(checkpointer, t.abstract_state(), meta['config'], workdir)
       state, saved_meta = checkpointer.restore(t.abstract_state())
-      for key in ('seed', 'global_batch_size', 'steps_per_epoch'):
-        if saved_meta.get(key) != meta[key]:
-          logging.warning('Checkpoint was written with %s=%s, the config gives %s: the data '
+      for key in ('seed', 'global_batch_size', 'steps_per_epoch', 'process_count'):
+        # (Checkpoints written before process_count was recorded do not have it.)
+        if saved_meta.get(key) != meta[key] and (key in saved_meta
+                                                 or key != 'process_count'):
+          logging.warning('Checkpoint was written with %s=%s, this run has %s: the data '
                           'order of the resumed run differs from the original run.', key,
                           saved_meta.get(key), meta[key])
     else:
