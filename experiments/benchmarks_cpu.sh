@@ -7,7 +7,8 @@
 set -euo pipefail
 out=${1:-/tmp/vit_jax_benchmarks}
 mkdir -p "$out"
-py=${PYTHON:-python}
+# shellcheck source=experiments/python.sh
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"  # sets py
 bench() { "$py" -m vit_jax.benchmark --model=ViT-B/16 --batch=8 --resolution=224 --steps=5 --warmup=1 "$@"; }
 
 # The defaults: the train step of the ViT recipes (blocks stacked, scan_layers=True;

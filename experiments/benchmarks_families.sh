@@ -5,7 +5,8 @@
 set -euo pipefail
 out=${1:-/tmp/vit_jax_benchmarks_families}
 mkdir -p "$out"
-py=${PYTHON:-python}
+# shellcheck source=experiments/python.sh
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"  # sets py
 for model in ViT-B/16 Swin-T ResNet-50 "ResNeXt-50 32x4d" "Res2Net-50 26w4s" BiT-R50x1; do
   tag=$(echo "$model" | tr -c 'A-Za-z0-9\n' '_')
   for mode in infer train; do

@@ -5,7 +5,8 @@
 set -euo pipefail
 work=${1:-/tmp/vit_jax_bf16}
 mkdir -p "$work"
-py=${PYTHON:-python}
+# shellcheck source=experiments/python.sh
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"  # sets py
 for dtype in float32 bfloat16; do
   rm -rf "${work:?}/$dtype"
   "$py" -m vit_jax.main --config=configs/demo.py --workdir="$work/$dtype" \

@@ -13,7 +13,7 @@
 #         the same name, or they are resumed instead of started)
 #   DATA  CIFAR-10 image folder (train/<class>/*.jpg, test/<class>/*.jpg);
 #         default: ../shared/data/cifar10 relative to the repository root
-# Environment: PYTHON (default: python), extra flags for every run in EXTRA_FLAGS.
+# Environment: PYTHON (default: the active virtualenv's, else .venv/bin/python), extra flags for every run in EXTRA_FLAGS.
 # On a machine without an accelerator set JAX_PLATFORMS=cpu.
 
 set -euo pipefail
@@ -30,7 +30,9 @@ if [[ $# -eq 2 ]]; then
 else
   data="$(realpath -m -- "${repo}/../shared/data/cifar10")"
 fi
-python="${PYTHON:-python}"
+# shellcheck source=experiments/python.sh
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"  # sets py
+python=$py
 read -r -a extra <<< "${EXTRA_FLAGS:-}"
 
 for split in train test; do

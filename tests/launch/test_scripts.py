@@ -670,3 +670,27 @@ mkdir -p {workdir}/checkpoints/4/meta && echo 'not json' > {workdir}/checkpoints
   assert 'not restarting after attempt 1 (status 0)' in proc.stderr
   assert _count(tmp_path) == 1 and not calls('sleep')
   assert 'restarting in' not in proc.stderr and 'before the final step' not in proc.stderr
+
+
+def test_experiment_scripts_find_the_readme_venv(tmp_path):
+  """experiments/*.sh run the checkout's .venv (the README's set-up) when no PYTHON or
+  virtualenv is given: `python` on PATH lacked vit_jax's dependencies."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'experiments').mkdir()
+  shutil.copy(ROOT / 'experiments' / 'python.sh', tmp_path / 'experiments')
+  venv_python = tmp_path / '.venv' / 'bin' / 'python'
+  venv_python.parent.mkdir(parents=True)
+  venv_python.write_text('#!/bin/sh\n')
+  venv_python.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHON', 'VIRTUAL_ENV')}
+
+  def found(**extra):
+    return subprocess.run(['bash', '-c', f'source {tmp_path}/experiments/python.sh; echo $py'],
+                          env=dict(env, **extra), capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+  assert found() == str(venv_python)
+  assert found(PYTHON='/opt/py') == '/opt/py'
+  for script in ('benchmarks_cpu.sh', 'benchmarks_families.sh', 'bf16_vs_fp32_mnist.sh',
+                 'cifar10_finetune.sh'):
+    assert 'experiments/python.sh' in (ROOT / 'experiments' / script).read_text(), script
