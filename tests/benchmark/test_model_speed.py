@@ -26,7 +26,7 @@ FIELDS = {
     'xla_step_flops_per_image', 'achieved_flops_per_sec', 'peak_flops_per_sec', 'peak_source',
     'mfu', 'peak_memory_bytes', 'device', 'device_count', 'backend', 'jax_version', 'baselines',
     'host_memory_kept', 'step_times_s', 'peak_flops_per_sec_per_step', 'mfu_of_best_peak',
-    'images_per_sec_per_peak_tflops', 'host_cpu', 'mesh', 'compiled_memory',
+    'images_per_sec_per_peak_tflops', 'host_cpu', 'mesh', 'compiled_memory', 'run',
 }
 
 
@@ -51,6 +51,13 @@ def test_train_benchmark_with_timm_baseline(tmp_path):
                      '--set=scan_layers=False', "--set=layer_loop='unroll'", '--profile')
   assert FIELDS <= set(r), FIELDS - set(r)
   assert r['mode'] == 'train' and r['accum_steps'] == 2 and r['step_time']['steps'] == 2
+  # What reproduces the record: the command, the code, the XLA flags, when.
+  run = r['run']
+  assert run['argv'][:3] == ['python', '-m', 'vit_jax.benchmark'] and '--accum_steps=2' in (
+      run['argv'])
+  assert run['warmup'] == 1 and run['time_utc'].endswith('+00:00')
+  assert run['git_commit'] is None or len(run['git_commit']) == 40
+  assert 'xla_flags' in run
   t = r['step_time']
   assert 0 < t['min_s'] <= t['median_s'] <= t['max_s']
   assert r['images_per_sec'] == pytest.approx(2 / t['median_s'])
@@ -230,7 +237,7 @@ def test_variant_is_timed_in_turn_and_compared_step_by_step(tmp_path):
   r, stdout = _bench(tmp_path, '--mode=infer', '--steps=3', '--variant=scan_layers=False',
                      "--variant=layer_loop='unroll'", "--variant=dtype='bfloat16'")
   [v] = r['variants']
-  assert FIELDS - {'baselines', 'host_memory_kept'} <= set(v)
+  assert FIELDS - {'baselines', 'host_memory_kept', 'run'} <= set(v)
   assert v['framework'] == 'vit_jax variant' and v['name'] == 'variant'
   assert r['baselines'] == []
   assert r['overrides'] == {'num_layers': 2}
@@ -576,3 +583,15 @@ def test_byte_sizes_are_given_in_mebibytes_below_a_gibibyte():
   assert model_speed.format_bytes(2**30 - 2**19) == '1023.5 MiB'
   assert model_speed.format_bytes(2**30) == '1.00 GiB'
   assert model_speed.format_bytes(int(2.5 * 2**30)) == '2.50 GiB'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--mode=input', '--profile'], '--profile breaks down a model step'),
+    (['--mode=infer', '--accum_steps=4'], '--accum_steps=4 accumulates gradients'),
+])
+def test_flags_of_another_mode_are_refused(args, message):
+  """They were ignored (--profile with the input pipeline) or refused as a bad --set."""
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', *args], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

@@ -229,8 +229,33 @@ def model_main():
   return r
 
 
+def run_info() -> dict:
+  """What reproduces a record: when, the command line, the code (git commit, and whether
+  the tree had uncommitted changes) and the XLA flags."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  here = os.path.dirname(os.path.abspath(__file__))
+
+  def git(*args):
+    try:
+      return subprocess.run(['git', *args], cwd=here, capture_output=True, text=True,
+                            timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+
+  commit = git('rev-parse', 'HEAD')
+  status = git('status', '--porcelain', '--untracked-files=no') if commit else None
+  return {'time_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec='seconds'),
+          'argv': ['python', '-m', 'vit_jax.benchmark', *sys.argv[1:]],
+          'git_commit': commit, 'git_uncommitted_changes': bool(status) if commit else None,
+          'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'warmup': _WARMUP.value}
+
+
 def main(argv):
-  del argv
   from vit_jax import host_memory  # pylint: disable=g-import-not-at-top
   from vit_jax import tensorflow_startup  # pylint: disable=g-import-not-at-top
   tensorflow_startup.leave_keras_out()
@@ -241,9 +266,15 @@ def main(argv):
   kept = host_memory.configure(setting)
   if _VARIANT.value and _MODE.value == 'input':
     raise app.UsageError('--variant changes the model or train step: use it with --mode=train/infer')
+  if _PROFILE.value and _MODE.value == 'input':
+    raise app.UsageError('--profile breaks down a model step: use it with --mode=train/infer')
+  if _ACCUM.value != 1 and _MODE.value != 'train':
+    raise app.UsageError(f'--accum_steps={_ACCUM.value} accumulates gradients: use it with '
+                         '--mode=train')
   if _MODE.value in ('train', 'infer'):
     record = model_main()
     record['host_memory_kept'] = kept
+    record['run'] = run_info()
     print(f'  host memory kept for reuse: {kept}', flush=True)
     if _JSON.value:
       with open(_JSON.value, 'w') as f:
@@ -253,6 +284,7 @@ def main(argv):
   record = input_speed.run(workers=_WORKERS.value, batch_size=_BATCH.value or 64,
                            steps=_STEPS.value or 20, num_files=_FILES.value,
                            compare=_COMPARE.value)
+  record['run'] = run_info()
   lines = [f"input pipeline ({record['pipeline']}), {record['workers']} worker(s), "
            f"{record['files']} JPEGs of {record['mean_file_kb']:.0f} KB on average:",
            f"  vit_jax:     {record['images_per_sec']:8.1f} images/s = "
