@@ -222,3 +222,19 @@ def test_transformers_weights_into_another_head_count_or_numerics(tmp_path, capl
   with caplog.at_level('WARNING'):
     pretrained.adapt_variables(ckpt, reference, config)
   assert 'were made with' not in caplog.text
+
+
+def test_the_one_call_load_of_the_readme(tmp_path):
+  """README's `load_checkpoint` + `adapt_variables` lines, on an .npz of a small ViT: a new
+  10-class head and a resampled position embedding, ready to apply."""
+  checkpoints.save_npz(tmp_path / 'w.npz', _params(num_classes=3))
+  ckpt = checkpoints.load_checkpoint(str(tmp_path / 'w.npz'))
+  config = ckpt.config.copy_and_resolve_references()
+  config.update(num_classes=10, image_size=48)
+  init = {'params': models.init_params(models.create(config), 48)}
+  variables = checkpoints.adapt_variables(ckpt, init, config)
+  flat = checkpoints.flatten(variables['params'])
+  assert flat[POS].shape == (1, 1 + 36, 64) and flat['head/kernel'].shape == (64, 10)
+  out = models.create(config).apply(variables, np.zeros((2, 48, 48, 3), np.float32),
+                                    train=False)
+  assert out.shape == (2, 10)
