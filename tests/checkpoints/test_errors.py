@@ -233,6 +233,17 @@ def test_from_timm_reads_an_unregistered_vit_off_the_model_and_refuses_distillat
     checkpoints.from_timm(distilled)
 
 
+def test_from_timm_refuses_attention_without_qkv_bias():
+  """Was a bare KeyError 'blocks.0.attn.qkv.bias'."""
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=IMAGE_SIZE, qkv_bias=False)
+  for source in (model, model.state_dict()):
+    with pytest.raises(ValueError, match=r"qkv_bias=False"):
+      checkpoints.from_timm(source, 'vit_tiny_patch16_224')
+
+
 def test_from_timm_refuses_layer_scale():
   pytest.importorskip('torch')
   timm = pytest.importorskip('timm')

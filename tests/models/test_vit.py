@@ -5,9 +5,12 @@ Numerical references are independent: numpy float64 re-implementations and
 flax.linen.MultiHeadDotProductAttention (the module the original checkpoints came from).
 """
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 import scipy.special
@@ -499,6 +502,14 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(token_model):
   scale = float(np.max(np.abs(np.asarray(ref))))
   assert scale > 0.1
   np.testing.assert_allclose(logits, ref, atol=5e-2 * scale, rtol=0)
+  # Every output form is float32: the tokens too (they came out in bfloat16).
+  for classifier in ('unpooled', 'token_unpooled'):
+    unpooled = small(dtype='bfloat16', classifier=classifier, num_classes=0)
+    assert run(unpooled, random_params(unpooled), images()).dtype == jnp.float32
+  # Every family's module takes train=False by default, as the ViT does.
+  for name in ('Swin-T', 'BiT-R50x1'):
+    module = models.create(name, num_classes=3)
+    assert inspect.signature(type(module).__call__).parameters['train'].default is False
 
 
 # ----------------------------------------------------------------------------- errors

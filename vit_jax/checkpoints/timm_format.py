@@ -50,6 +50,9 @@ VIT_KEYS = ('pos_embed', 'patch_embed.proj.weight', 'blocks.0.mlp.fc1.weight')
 
 def check_vit_keys(sd, what: str) -> None:
   """Raises ValueError naming `what` (a file) when `sd` is not a timm ViT state dict."""
+  if 'blocks.0.attn.qkv.weight' in sd and 'blocks.0.attn.qkv.bias' not in sd:
+    raise ValueError(f'{what} has attention without query/key/value biases (timm\'s '
+                     'qkv_bias=False); vit_jax\'s attention has them, as the original ViT')
   missing = [k for k in VIT_KEYS if k not in sd]
   if missing:
     raise ValueError(

@@ -233,7 +233,7 @@ class BiT(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, *, train: bool):
+  def __call__(self, images, *, train: bool = False):
     """Logits (batch, num_classes) in float32, or pooled features (batch, width)."""
     common.check_nhwc(images, self.in_channels)
     x = images.astype(self.dtype)

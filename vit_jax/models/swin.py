@@ -442,7 +442,7 @@ class SwinTransformer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool = False):
     common.check_nhwc(x, self.in_channels)
     plan = stage_plan(x.shape[1:3], self.patch_size, self.depths, self.window_size)
     kw = dict(layernorm_eps=self.layernorm_eps, dtype=self.dtype, param_dtype=self.param_dtype)

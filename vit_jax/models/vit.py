@@ -414,8 +414,8 @@ class VisionTransformer(nn.Module):
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                   layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
                   dtype=self.dtype, param_dtype=self.param_dtype, name='MAPHead_0')(x)
-    else:  # 'unpooled', 'token_unpooled': every token, no head.
-      return x
+    else:  # 'unpooled', 'token_unpooled': every token, no head; float32 as the logits.
+      return x.astype(jnp.float32)
 
     if self.representation_size:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
