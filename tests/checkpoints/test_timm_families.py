@@ -105,3 +105,17 @@ def test_model_object_name_is_read_from_the_model(name, size):
 def test_family_overrides_are_refused():
   with pytest.raises(ValueError, match='ViT models only'):
     checkpoints.from_timm({}, 'resnet50', num_heads=3)
+
+
+def test_swin_of_another_window_than_its_name_from_the_model_and_its_state_dict():
+  """The relative-position tables give the window: from_timm read it from the name and
+  refused the model; load_checkpoint already read it from the tables."""
+  torch.manual_seed(0)
+  model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, img_size=64,
+                            window_size=2, depths=(1, 1, 1, 1), num_classes=5)
+  x = _images(64)
+  _calibrate_head(_perturb(model), x)
+  for source in (model, model.state_dict()):
+    config, variables = checkpoints.from_timm(source, 'swin_tiny_patch4_window7_224')
+    assert config.window_size == 2 and config.image_size == 64
+    _check(config, variables, model, x, 'Swin window 2 (named window 7)')

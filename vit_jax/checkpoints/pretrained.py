@@ -322,47 +322,11 @@ def _timm_name_for(config, family: str) -> str:
     return _DEFAULT_TIMM_NAMES[family]
 
 
-def _swin_native_windows(c, sd) -> ml_collections.ConfigDict:
-  """`c` with windows (and a resolution giving them) that fit the state dict's bias tables.
-
-  config_from_timm takes the window and resolution from the name; weights trained at
-  another window (or a custom model) have tables of another size.
-  """
-  windows = []
-  for i in range(len(c.depths)):
-    rows = np.shape(sd[f'layers.{i}.blocks.0.attn.relative_position_bias_table'])[0]
-    side = math.isqrt(rows)
-    if side * side != rows or side % 2 == 0:
-      raise tree.CheckpointMismatchError(
-          f'layers.{i}.blocks.0.attn.relative_position_bias_table has {rows} rows: not the '
-          '(2 w - 1)^2 of a square window w')
-    windows.append((side + 1) // 2)
-
-  def fits(size, window):
-    try:
-      plan = swin.stage_plan(size, c.patch_size, c.depths, window)
-    except ValueError:
-      return False
-    return [p[1] for p in plan] == [(w, w) for w in windows]
-
-  if fits(c.image_size, c.window_size):
-    return c
-  step = c.patch_size * 2 ** (len(windows) - 1)
-  candidates = [windows[0]] if len(set(windows)) == 1 else []
-  for size in [c.image_size] + [step * k for k in range(1, 257)]:
-    for window in candidates + [tuple(windows)]:
-      if fits(size, window):
-        c.window_size, c.image_size = window, size
-        return c
-  raise tree.CheckpointMismatchError(f'no resolution gives the windows {windows} of the '
-                                     'Swin state dict')
-
-
 def _load_timm_family(sd, family: str, name: str):
   """(config, variables) of a timm state dict of a non-ViT family."""
   if family == 'swin':
     from vit_jax.checkpoints import timm_swin  # pylint: disable=g-import-not-at-top
-    config = _swin_native_windows(timm_swin.config_from_timm(sd, name), sd)
+    config = timm_swin.config_from_timm(sd, name)
     return config, timm_swin.variables_from_timm(sd, config)
   return timm_format.from_timm(sd, name)
 

@@ -21,6 +21,7 @@ original Microsoft release (patch merging at the end of a stage, `head.weight`) 
 through `timm.models.swin_transformer.checkpoint_filter_fn` first.
 """
 
+import math
 import re
 
 import jax
@@ -49,7 +50,8 @@ def config_from_timm(sd, name: str) -> ml_collections.ConfigDict:
   """The registered config of timm model `name`, with what the state dict shows.
 
   Read from the shapes: in_channels, patch_size, embed_dim, depths, num_heads, mlp_ratio
-  and num_classes (0 without a head). Window and resolution come from the name.
+  and num_classes (0 without a head). Window and resolution come from the name, unless
+  the relative-position tables show another window (`native_windows`).
   """
   if not re.match(NAMES, name):
     raise ValueError(f'{name!r} is not a timm Swin name this converter handles ({NAMES})')
@@ -66,7 +68,43 @@ def config_from_timm(sd, name: str) -> ml_collections.ConfigDict:
       for i in range(nstages))
   c.mlp_ratio = float(np.shape(sd['layers.0.blocks.0.mlp.fc1.weight'])[0] / c.embed_dim)
   c.num_classes = int(np.shape(sd['head.fc.weight'])[0]) if 'head.fc.weight' in sd else 0
-  return c
+  return native_windows(c, sd)
+
+
+def native_windows(c, sd) -> ml_collections.ConfigDict:
+  """`c` with windows (and a resolution giving them) that fit the state dict's bias tables.
+
+  The name gives a window and resolution; weights trained at another window (or a custom
+  model) have tables of another size.
+  """
+  windows = []
+  for i in range(len(c.depths)):
+    rows = np.shape(sd[f'layers.{i}.blocks.0.attn.relative_position_bias_table'])[0]
+    side = math.isqrt(rows)
+    if side * side != rows or side % 2 == 0:
+      raise tree.CheckpointMismatchError(
+          f'layers.{i}.blocks.0.attn.relative_position_bias_table has {rows} rows: not the '
+          '(2 w - 1)^2 of a square window w')
+    windows.append((side + 1) // 2)
+
+  def fits(size, window):
+    try:
+      plan = swin.stage_plan(size, c.patch_size, c.depths, window)
+    except ValueError:
+      return False
+    return [p[1] for p in plan] == [(w, w) for w in windows]
+
+  if fits(c.image_size, c.window_size):
+    return c
+  step = c.patch_size * 2 ** (len(windows) - 1)
+  candidates = [windows[0]] if len(set(windows)) == 1 else []
+  for size in [c.image_size] + [step * k for k in range(1, 257)]:
+    for window in candidates + [tuple(windows)]:
+      if fits(size, window):
+        c.window_size, c.image_size = window, size
+        return c
+  raise tree.CheckpointMismatchError(f'no resolution gives the windows {windows} of the '
+                                     'Swin state dict')
 
 
 def _flax_key(key: str, ndim: int) -> str:
