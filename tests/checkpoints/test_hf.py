@@ -175,6 +175,11 @@ def test_a_save_pretrained_directory_reads_as_its_weights(hf, ck, tmp_path):
   _assert_same_params(got.params, hf['params'])
   out = ck.jax_logits(models.create(got.config), got.params, hf['x'])
   assert ck.max_diff(out, hf['ref'], 'save_pretrained dir vs transformers') < TOL
+  # from_hf takes the directory, or its weights file, with the config.json there.
+  for source in (tmp_path / 'vit', str(tmp_path / 'vit' / 'model.safetensors')):
+    config, params = checkpoints.from_hf(source)
+    assert config.to_dict() == hf['config'].to_dict()
+    _assert_same_params(params, hf['params'])
   (tmp_path / 'vit' / 'model.safetensors').unlink()  # config.json alone: not a checkpoint
   with pytest.raises(FileNotFoundError, match='transformers directory holding '
                      'model.safetensors or pytorch_model.bin beside its config.json'):

@@ -14,7 +14,9 @@ are read too. transformers' ViT is a class-token model with no representation la
 its LayerNorm epsilon (1e-12 by default) and GELU flavour come from its config.
 """
 
+import json
 import math
+import os
 
 import numpy as np
 
@@ -59,9 +61,25 @@ def _hf_config_dict(hf_config):
 def from_hf(model_or_state_dict, hf_config=None):
   """transformers ViT (a model, a state dict or a file) -> (config, params).
 
+  model_or_state_dict: a model, a state dict, a weights file, or a `save_pretrained`
+    directory (its model.safetensors or pytorch_model.bin).
   hf_config: the model's `ViTConfig` (or its dict); taken from the model when a model
-    is passed. Needed for the number of heads, the LayerNorm epsilon and the GELU.
+    is passed, and from the config.json beside a file or in a directory. Needed for the
+    number of heads, the LayerNorm epsilon and the GELU.
   """
+  if isinstance(model_or_state_dict, (str, os.PathLike)):
+    path = os.fspath(model_or_state_dict)
+    if os.path.isdir(path):
+      found = [f for f in ('model.safetensors', 'pytorch_model.bin')
+               if os.path.exists(os.path.join(path, f))]
+      if not found:
+        raise FileNotFoundError(f'{path} holds no model.safetensors or pytorch_model.bin '
+                                '(a transformers save_pretrained directory has one)')
+      model_or_state_dict = os.path.join(path, found[0])
+    beside = os.path.join(os.path.dirname(os.fspath(model_or_state_dict)), 'config.json')
+    if hf_config is None and os.path.exists(beside):
+      with open(beside) as f:
+        hf_config = json.load(f)
   if hf_config is None and hasattr(model_or_state_dict, 'config'):
     hf_config = model_or_state_dict.config
   hc = _hf_config_dict(hf_config)
