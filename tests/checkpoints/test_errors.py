@@ -251,3 +251,18 @@ def test_from_timm_refuses_layer_scale():
                             img_size=IMAGE_SIZE, init_values=1e-5)
   with pytest.raises(ValueError, match='layer scale'):
     checkpoints.from_timm(model)
+
+
+def test_stacked_and_per_block_layouts_name_the_conversion():
+  """Per-block weights into a model with stacked blocks (and back): the error says which
+  function converts them, and the converted weights load."""
+  stacked_model = models.create('ViT-Ti/16', num_layers=2, num_classes=5, scan_layers=True)
+  per_block = models.init_params(models.create('ViT-Ti/16', num_layers=2, num_classes=5,
+                                               scan_layers=False), IMAGE_SIZE)
+  stacked = models.init_params(stacked_model, IMAGE_SIZE)
+  with pytest.raises(CheckpointMismatchError, match=r'models\.stack_layers\(params\)'):
+    checkpoints.merge_into(stacked, per_block)
+  checkpoints.merge_into(stacked, models.stack_layers(per_block))
+  with pytest.raises(CheckpointMismatchError, match=r'models\.unstack_layers\(params\)'):
+    checkpoints.merge_into(per_block, stacked)
+  checkpoints.merge_into(per_block, models.unstack_layers(stacked))

@@ -80,6 +80,17 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
     problems.append(f'missing from the {what} ({len(missing)}): {_short(missing)}')
   if strict and unexpected:
     problems.append(f'unexpected in the {what} ({len(unexpected)}): {_short(unexpected)}')
+  if problems and strict and missing and unexpected:
+    stacked = lambda keys: any('/encoderblock/' in k for k in keys)  # noqa: E731
+    per_block = lambda keys: any('/encoderblock_0/' in k for k in keys)  # noqa: E731
+    if stacked(missing) and per_block(unexpected):
+      problems.append('The model stacks its blocks (scan_layers=True) and the weights have '
+                      'one entry per block: pass vit_jax.models.stack_layers(params), or '
+                      'create the model with scan_layers=False.')
+    elif per_block(missing) and stacked(unexpected):
+      problems.append('The weights stack the blocks and the model has one entry per block: '
+                      'pass vit_jax.models.unstack_layers(params), or create the model '
+                      'with scan_layers=True.')
   if problems:
     raise CheckpointMismatchError(f'the model cannot take the {what}:\n' + '\n'.join(problems))
   merged = {}
