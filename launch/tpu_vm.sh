@@ -44,6 +44,8 @@ Options (or environment variables):
   EXTRA_ARGS         more vit_jax.main flags (as do the arguments after --)
   INSTALL_CMD        replaces the install command run on every worker
   GCLOUD             gcloud executable (default gcloud)
+  STOP_WAIT          seconds `stop` waits for the run to save its checkpoint and exit
+                     after SIGTERM, before SIGKILL (default 600)
   DRY_RUN=1          print the gcloud commands instead of running them
 EOF
 }
@@ -63,6 +65,7 @@ REPO_URL=${REPO_URL:-}
 REPO_REF=${REPO_REF:-main}
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-20}
 BACKOFF=${BACKOFF:-120}
+STOP_WAIT=${STOP_WAIT:-600}
 LOG_WORKER=${LOG_WORKER:-0}
 GCLOUD=${GCLOUD:-gcloud}
 DRY_RUN=${DRY_RUN:-}
@@ -184,7 +187,9 @@ do_run() {  # the pid file lets `stop` end a run whose ssh connection was lost
 }
 
 do_stop() {
-  on_workers all "if [ -f $R_PID ]; then p=\$(cat $R_PID); kill -- -\$p 2>/dev/null || kill \$p 2>/dev/null || true; rm -f $R_PID; fi"
+  # SIGTERM: vit_jax.main saves a checkpoint after its current step and exits; wait for
+  # that (a new run must not start beside it), then SIGKILL what is left.
+  on_workers all "if [ -f $R_PID ]; then p=\$(cat $R_PID); kill -- -\$p 2>/dev/null || kill \$p 2>/dev/null || true; i=0; while { kill -0 -- -\$p || kill -0 \$p; } 2>/dev/null && [ \$i -lt $STOP_WAIT ]; do sleep 1; i=\$((i + 1)); done; kill -9 -- -\$p 2>/dev/null || true; rm -f $R_PID; fi"
 }
 
 do_done() {
@@ -240,6 +245,12 @@ case $cmd in
     [[ -z $PROJECT ]] || opts+=(--project="$PROJECT")
     [[ -z $SPOT ]] || opts+=(--spot)
     [[ -z $REPO_URL ]] || opts+=(--repo="$REPO_URL" --ref="$REPO_REF")
+    if [[ -n $DRY_RUN ]]; then  # the done check would only be printed: show one attempt
+      log "dry run: until_done.sh would repeat the attempt below (at most $MAX_ATTEMPTS" \
+        "times) until \`tpu_vm.sh done\` reports the run done"
+      do_attempt
+      exit 0
+    fi
     EXTRA_ARGS='' exec "$here/until_done.sh" --max_attempts="$MAX_ATTEMPTS" \
       --backoff="$BACKOFF" --workdir="$WORKDIR" \
       --done_cmd="$(printf '%q ' "${self[@]}" 'done' "${opts[@]}")" \

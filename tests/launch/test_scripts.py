@@ -175,7 +175,13 @@ def test_tpu_train_command_runs_as_given_on_a_worker_and_stop_ends_it(stubs, tmp
   (home / 'vit_jax').mkdir(parents=True)
   (home / 'vit_env' / 'bin').mkdir(parents=True)
   fake = home / 'vit_env' / 'bin' / 'python'
-  fake.write_text(f'#!{sys.executable}\nimport json, sys, time\n'
+  # Like vit_jax.main, it takes SIGTERM as "save, then exit", which takes a moment.
+  fake.write_text(f'#!{sys.executable}\nimport json, signal, sys, time\n'
+                  'def save(*_):\n'
+                  '  time.sleep(1.5)\n'
+                  f'  open({str(home / "saved")!r}, "w").write("ok")\n'
+                  '  sys.exit(143)\n'
+                  'signal.signal(signal.SIGTERM, save)\n'
                   f'open({str(home / "argv.json")!r}, "w").write(json.dumps(sys.argv[1:]))\n'
                   'time.sleep(120)\n')
   fake.chmod(0o755)
@@ -196,6 +202,8 @@ def test_tpu_train_command_runs_as_given_on_a_worker_and_stop_ends_it(stubs, tmp
   stop = _sh([LAUNCH / 'tpu_vm.sh', 'stop', *TPU], env)
   assert stop.returncode == 0, stop.stderr
   assert _flag(calls('gcloud')[-1]['argv'], '--worker') == 'all'
+  # `stop` returned once the run had saved and exited, not before.
+  assert (home / 'saved').exists()
   deadline = time.monotonic() + 10
   while time.monotonic() < deadline:
     try:
