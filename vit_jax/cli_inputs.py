@@ -34,3 +34,18 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
   except (FileNotFoundError, ValueError, KeyError) as e:
     fail(program, f'cannot load {checkpoint}: {e}')
   return paths, classifier
+
+
+def readable_images(program: str, classifier, paths):
+  """(preprocessed pixels, their paths, whether any were skipped) of the images
+  `classifier` can read; each one it cannot is named on stderr, and none at all is a
+  one-line error (status 2)."""
+  try:
+    pixels, errors = classifier.read([str(p) for p in paths])
+  except ValueError as e:
+    fail(program, f'cannot preprocess the images: {e}')
+  for i, error in errors.items():
+    print(f'{program}: skipping {paths[i]}: {error}', file=sys.stderr)
+  if not len(pixels):
+    fail(program, f'none of the {len(paths)} images could be read')
+  return pixels, [p for i, p in enumerate(paths) if i not in errors], bool(errors)

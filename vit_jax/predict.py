@@ -52,15 +52,7 @@ def main(argv):
   if clf.class_names is None:
     print(f'vit_jax.predict: no class names for this {clf.num_classes}-class head; '
           'printing indices (pass --labels=FILE)', file=sys.stderr)
-  try:
-    pixels, errors = clf.read([str(p) for p in paths])
-  except ValueError as e:
-    _fail(f'cannot preprocess the images: {e}')
-  for i, error in errors.items():
-    print(f'vit_jax.predict: skipping {paths[i]}: {error}', file=sys.stderr)
-  if not len(pixels):
-    _fail(f'none of the {len(paths)} images could be read')
-  paths = [p for i, p in enumerate(paths) if i not in errors]
+  pixels, paths, skipped = cli_inputs.readable_images('vit_jax.predict', clf, paths)
   try:
     predictions = clf.top_k(clf.logits(pixels), _TOP_K.value)
   except Exception as e:  # pylint: disable=broad-except
@@ -74,7 +66,7 @@ def main(argv):
     print(path)
     for p in preds:
       print(f'  {p.probability:7.4f}  {p.label}  ({p.index})')
-  if errors:
+  if skipped:
     sys.exit(1)  # the readable images are classified above; the others are named
 
 

@@ -528,15 +528,7 @@ def main(argv):
     _fail(f'{f["checkpoint"]}: {e}')
   prefix = num_prefix_tokens(module)
 
-  try:
-    pixels, errors = clf.read([str(p) for p in paths])
-  except ValueError as e:
-    _fail(f'cannot preprocess the images: {e}')
-  for i, error in errors.items():
-    print(f'vit_jax.visualize: skipping {paths[i]}: {error}', file=sys.stderr)
-  if not len(pixels):
-    _fail(f'none of the {len(paths)} images could be read')
-  paths = [p for i, p in enumerate(paths) if i not in errors]
+  pixels, paths, skipped = cli_inputs.readable_images('vit_jax.visualize', clf, paths)
   try:
     views = model_view(clf, [str(p) for p in paths])
   except Exception as e:  # pylint: disable=broad-except
@@ -578,7 +570,7 @@ def main(argv):
         print(f'  {written}')
   sim = posemb_similarity(posemb, grid, prefix)
   print(save_posemb_grid(sim, out / 'posemb_similarity.png'))
-  if errors:
+  if skipped:
     sys.exit(1)  # the readable images are drawn above; the others are named
 
 
