@@ -180,6 +180,11 @@ def test_api_uses_the_runs_eval_preprocessing_and_batches(trained_workdir, photo
     np.testing.assert_allclose(one[0], pixels[1], atol=1e-6)
   assert len(clf.predict(array)) == 1
   assert clf.preprocess(np.stack([array, array])).shape == (2, 32, 32, 3)
+  gray = np.stack([array[..., 0]] * 5)  # N x H x W: five grayscale images
+  assert clf.preprocess(gray).shape == (5, 32, 32, 3)
+  # An iterator is read once: the unreadable image is still named.
+  with pytest.raises(inference.UnreadableImageError, match='no_such.png'):
+    clf.predict(p for p in [photos[0], photos[0].parent / 'no_such.png'])
 
 
 def _random_timm_model(num_classes):

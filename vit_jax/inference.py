@@ -46,12 +46,14 @@ class UnreadableImageError(ValueError):
 
 
 def _as_image_list(images) -> list:
-  """One image (path, bytes, PIL image, HxW or HxWxC array) -> [it]; a sequence or an
-  NxHxWxC array -> its images."""
+  """One image (path, bytes, PIL image, HxW or HxWxC array with C 1-4) -> [it]; a
+  sequence (or iterator) or an NxHxW / NxHxWxC array -> its images."""
   if isinstance(images, (str, os.PathLike, bytes)) or hasattr(images, 'convert'):
     return [images]
   if hasattr(images, 'ndim') and hasattr(images, 'shape'):
-    return [images] if images.ndim in (2, 3) else list(images)
+    if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 2, 3, 4)):
+      return [images]  # HxW, HxWxC
+    return list(images)  # NxHxW (grayscale), NxHxWxC
   return list(images)
 
 
@@ -120,8 +122,8 @@ class ImageClassifier:
     """(the preprocessed images that could be read, float32 NHWC; {index: error} of the
     others: a missing file, bytes no decoder takes, an array of the wrong shape).
 
-    images: one image (a path, encoded bytes, a PIL image, an HxW or HxWxC uint8 array)
-    or a sequence of them (an NxHxWxC array is N images).
+    images: one image (a path, encoded bytes, a PIL image, an HxW or HxWxC uint8 array,
+    C 1-4) or a sequence of them (an NxHxW or NxHxWxC array is N images).
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     out, errors = [], {}
@@ -142,9 +144,9 @@ class ImageClassifier:
   def preprocess(self, images) -> np.ndarray:
     """Images (see `read`) -> float32 NHWC; UnreadableImageError names the first image
     that cannot be read."""
-    pixels, errors = self.read(images)
+    listed = _as_image_list(images)  # once: an iterator can be read only once
+    pixels, errors = self.read(listed)
     if errors:
-      listed = _as_image_list(images)
       i = min(errors)
       what = (str(listed[i]) if isinstance(listed[i], (str, os.PathLike))
               else f'image {i}')

@@ -10,7 +10,8 @@ the same workdir resumes from its newest complete checkpoint. Multi-host: pass
 environment that `jax.distributed.initialize()` reads, as on Cloud TPU and SLURM).
 
 SIGTERM (a preemption notice, `kill`, the end of a SLURM time limit) saves a checkpoint
-after the current step and exits with status 143; a second SIGTERM stops at once.
+after the current step and exits with status 143; in a single-process run a second
+SIGTERM stops at once.
 """
 
 import json
@@ -111,16 +112,15 @@ def _join_processes() -> None:
   joined = threading.Event()
   every = max(min(30, timeout // 2), 1)
 
-  def remind(waited=0):
-    waited += every
-    if joined.wait(every):
-      return
-    logging.warning(
-        'Still waiting after %d s for %s processes to connect to %s (the run stops at %d '
-        's): is every process started, with the same --coordinator_address and '
-        '--num_processes, and is the port reachable from every host?', waited, count, where,
-        timeout)
-    remind(waited)
+  def remind():
+    waited = 0
+    while not joined.wait(every):
+      waited += every
+      logging.warning(
+          'Still waiting after %d s for %s processes to connect to %s (the run stops at %d '
+          's): is every process started, with the same --coordinator_address and '
+          '--num_processes, and is the port reachable from every host?', waited, count,
+          where, timeout)
 
   threading.Thread(target=remind, daemon=True).start()
   try:
@@ -154,21 +154,22 @@ def main(argv):
   summary = model_summary(config.model)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    if _SUMMARY_ONLY.value:  # a training run writes it once its checkpoint check passed
+    if _SUMMARY_ONLY.value:  # a training run writes them once its checkpoint check passed
       (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
+      (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
   if _SUMMARY_ONLY.value:
     return
   from vit_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:
     final = loop.train_and_evaluate(
-        config, workdir, forward_flops_per_image=summary['forward_gflops_per_image'] * 1e9)
+        config, workdir, forward_flops_per_image=summary['forward_gflops_per_image'] * 1e9,
+        summary=summary)
   except preemption.Preempted as e:
     logging.warning('%s', e)
     if is_main:
       print(f'preempted: {e}', flush=True)
-    raise SystemExit(EXIT_PREEMPTED) from None
+    return EXIT_PREEMPTED
   if is_main:
     print('final: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                 for k, v in final.items()), flush=True)
@@ -177,20 +178,21 @@ def main(argv):
 
 
 def _main_then_exit(argv):
-  """main(), then, after a run that finished, an immediate exit with status 0.
+  """main(), then, after a run that finished (status 0) or saved and stopped on SIGTERM
+  (143), an immediate exit with that status.
 
   By then every checkpoint, metric and event file is written and closed. Skipping the
   interpreter's teardown avoids a rare abort (SIGABRT) seen there when TensorFlow's and
   XLA's C++ threads are destroyed under load, which would report a finished run as
   failed. Errors still take absl's normal path (traceback, non-zero status).
   """
-  main(argv)
+  status = main(argv) or 0
   if jax.process_count() > 1:
     jax.distributed.shutdown()  # the processes leave together, as at a normal exit
   std_logging.shutdown()
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(0)  # pylint: disable=protected-access
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _parse_flags(argv):

@@ -208,6 +208,18 @@ def test_from_timm_refuses_a_pooling_vit_jax_does_not_have(kwargs, named):
     checkpoints.from_timm(model)
 
 
+def test_from_timm_takes_a_feature_extractor_without_pooling():
+  """global_pool='' with no head: the weights of a class-token or GAP ViT (loaded before
+  the pooling check; it must not refuse them)."""
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  for kwargs, classifier in ((dict(), 'token'), (dict(class_token=False, fc_norm=False), 'gap')):
+    model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=0,
+                              img_size=IMAGE_SIZE, global_pool='', **kwargs)
+    config, _ = checkpoints.from_timm(model)
+    assert config.classifier == classifier and config.num_classes == 0
+
+
 def test_from_timm_reads_an_unregistered_vit_off_the_model_and_refuses_distillation(ck):
   """DeiT: no registered config of its name, but the model shows heads and numerics; its
   state dict alone says what to pass. The distilled DeiT has a second prefix token."""

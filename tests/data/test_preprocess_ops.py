@@ -516,3 +516,5 @@ def test_hf_image_processor_config_is_exact_for_a_resize_and_says_so_otherwise()
       'decode|resize_small(40)|central_crop(32)|normalize|onehot(4)', 32)
   assert config['image_mean'] == list(pp.IMAGENET_MEAN)
   assert 'resizes to 32x32' in note and 'central_crop(32)' in note
+  config, note = hf_format.image_processor_config(None, 32)  # nothing recorded: said so
+  assert config['image_mean'] == [0.5] * 3 and 'image_mean and image_std edited' in note

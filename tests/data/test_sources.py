@@ -98,6 +98,7 @@ def test_the_check_uses_trainings_decoders_and_notices_a_replaced_file(messy_fol
       im.load()  # PIL reads both
   (root / 'train' / 'zebra').mkdir()
   (root / 'train' / 'zebra' / 'a.webp').write_bytes(b'RIFF')
+  (root / 'train' / 'cat' / 'nested').mkdir()  # a subfolder is not an ignored file
   cache = str(tmp_path / 'c')
   with caplog.at_level('INFO'):
     src = sources.ImageFolderSource(root=str(root), split='train', cache_dir=cache)
@@ -109,6 +110,14 @@ def test_the_check_uses_trainings_decoders_and_notices_a_replaced_file(messy_fol
   assert 'hold no usable image: zebra' in caplog.text
   for ex in src.epoch_dataset(epoch=0, seed=0, shuffle=False):  # training's decode succeeds
     assert _decode(ex).shape[-1] == 3
+  # An evaluation split without some training classes says so (its folders are not
+  # classes of their own).
+  (root / 'test' / 'cat').mkdir(parents=True)
+  Image.new('RGB', (4, 4)).save(root / 'test' / 'cat' / 'x.png')
+  caplog.clear()
+  sources.ImageFolderSource(root=str(root), split='test', class_names=src.class_names,
+                            cache_dir=str(tmp_path / 'c_test'))
+  assert 'has no usable image of 2 of the 3 training classes: dog, zebra' in caplog.text
 
   # Rewritten in place (same name): the cached check does not hide it.
   good = root / 'train' / 'cat' / 'rgb_small.jpg'

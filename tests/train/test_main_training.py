@@ -112,6 +112,7 @@ def test_a_finished_run_started_again_trains_nothing_and_reports_its_evaluation(
   assert proc.returncode == 0, subprocess_env.failure(proc)
   assert ('Checkpoint was written with process_count=2, this run has 1: the data order'
           in proc.stderr), proc.stderr[-3000:]
+  assert 'Metadata file does not exist' not in proc.stderr  # the resume check is quiet
 
 
 def test_resuming_with_another_model_names_the_arrays_and_fields_and_changes_nothing(
@@ -124,6 +125,7 @@ def test_resuming_with_another_model_names_the_arrays_and_fields_and_changes_not
   shutil.copytree(ref_dir, workdir)
   before = (workdir / 'metrics.jsonl').read_text()
   config_before = (workdir / 'config.json').read_text()
+  summary_before = (workdir / 'model_summary.json').read_text()
   proc = _run(workdir, data_dir, '--config.model.mlp_dim=128')
   assert proc.returncode != 0
   assert f'holds a checkpoint (step {TOTAL_STEPS}) of another train state' in proc.stderr
@@ -134,6 +136,7 @@ def test_resuming_with_another_model_names_the_arrays_and_fields_and_changes_not
   assert 'Event loop is closed' not in proc.stderr
   assert (workdir / 'metrics.jsonl').read_text() == before
   assert (workdir / 'config.json').read_text() == config_before  # the run's own, kept
+  assert (workdir / 'model_summary.json').read_text() == summary_before
 
 
 def _latest_checkpoint(workdir):

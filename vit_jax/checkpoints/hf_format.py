@@ -204,7 +204,12 @@ def image_processor_config(pp_eval: str | None, image_size: int) -> tuple[dict, 
   Without pp_eval, the original release's [-1, 1] (mean = std = 0.5)."""
   from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
   mean, std, note = (0.5,) * 3, (0.5,) * 3, None
-  if pp_eval:
+  if not pp_eval:
+    note = ('no evaluation preprocessing is recorded with these weights: '
+            'preprocessor_config.json normalises to [-1, 1] (mean = std = 0.5) as the '
+            'original release does; weights trained with other statistics (e.g. ImageNet '
+            "mean/std, as timm's DeiT) need its image_mean and image_std edited")
+  else:
     spec = preprocess_ops.without_ops(pp_eval, ('onehot', 'keep', 'drop'))
     scaling = preprocess_ops.pixel_mean_std(spec)
     if scaling is not None:

@@ -159,7 +159,9 @@ def _read_model_settings(c, model):
     unsupported.append('no_embed_class')
   pooling = {'token': 'token', 'avg': 'gap', 'map': 'map'}
   pool = getattr(model, 'global_pool', None)
-  if pool is not None and pooling.get(pool) != c.classifier:
+  if pool == '' and not c.num_classes:
+    pass  # a feature extractor (every token); the same weights serve a pooled model
+  elif pool is not None and pooling.get(pool) != c.classifier:
     has_cls = 'with' if c.classifier == 'token' else 'without'
     unsupported.append(
         f"global_pool={pool!r} {has_cls} a class token (vit_jax pools as timm's 'token' "

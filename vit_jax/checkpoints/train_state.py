@@ -69,7 +69,7 @@ class TrainCheckpointer:
     """How the arrays of checkpoint `step` differ from `abstract_state` (paths missing on
     either side, other shapes), read from the checkpoint's metadata; [] when they match."""
     step = self.latest_step() if step is None else step
-    saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / 'state')
+    saved = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / 'state')
     saved = _shapes(getattr(saved, 'item_metadata', saved))
     wanted = _shapes(abstract_state)
     order = lambda k: (not k.startswith('params/'), k)  # noqa: E731 (params first)

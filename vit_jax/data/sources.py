@@ -251,7 +251,8 @@ class ImageFolderSource(Source):
                       f'{available or "none (the root does not exist)"}')
     found = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
                    if tf.io.gfile.isdir(os.path.join(split_dir, d)))
-    if self.class_names is None:
+    defines_classes = self.class_names is None  # the training split names the classes
+    if defines_classes:
       self.class_names = found
     unknown = sorted(set(found) - set(self.class_names))
     if unknown:
@@ -268,7 +269,7 @@ class ImageFolderSource(Source):
         if f.lower().endswith(IMAGE_EXTENSIONS):
           paths.append(os.path.join(cls_dir, f))
           labels.append(label)
-        elif not f.endswith('/'):  # gfile marks subfolders with a trailing slash
+        elif not (f.endswith('/') or tf.io.gfile.isdir(os.path.join(cls_dir, f))):
           ext = os.path.splitext(f)[1].lower() or f
           ignored[ext] = ignored.get(ext, 0) + 1
     if ignored:
@@ -292,11 +293,14 @@ class ImageFolderSource(Source):
     empty = [c for c, n in zip(self.class_names,
                                np.bincount(self.labels, minlength=len(self.class_names)))
              if n == 0]
-    if empty:
+    listed = ', '.join(empty[:20]) + (' ...' if len(empty) > 20 else '')
+    if empty and defines_classes:
       logging.warning('%d class folder(s) of %s hold no usable image: %s. They still count '
                       'as classes (labels are the sorted folder names); remove them if '
-                      'they are not meant to be classes.', len(empty), split_dir,
-                      ', '.join(empty[:20]) + (' ...' if len(empty) > 20 else ''))
+                      'they are not meant to be classes.', len(empty), split_dir, listed)
+    elif empty:
+      logging.warning('%s has no usable image of %d of the %d training classes: %s.',
+                      split_dir, len(empty), len(self.class_names), listed)
 
   def _bad_files(self, split_dir, paths) -> dict[str, str]:
     """{path: error} of the files TensorFlow cannot decode, from the cache or checked now.

@@ -224,12 +224,15 @@ class Trainer:
                         self._abstract, self.state_sharding)
 
 
-def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = None) -> dict:
+def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = None,
+                       summary: dict | None = None) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) and returns final metrics.
 
   `forward_flops_per_image` (for the MFU) is counted from the model when not given;
   `vit_jax.main` passes the count of its model summary, so a run counts once (on GPU and
-  TPU the count compiles the forward pass).
+  TPU the count compiles the forward pass). `summary`, if given, is written to the
+  workdir's model_summary.json beside config.json, once the workdir's checkpoint is
+  known to fit this config.
   """
   # The input pipeline (TensorFlow) is imported here, not with the module: the Trainer
   # and the benchmark run where TensorFlow is not installed (e.g. a GPU image).
@@ -276,8 +279,10 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       if config.init_from:
         state = t.with_pretrained(state, config.init_from, pretrained_weights)
         del pretrained_weights
-    if is_main:  # the config this run trains with (not written when the resume check fails)
+    if is_main:  # what this run trains (not written when the resume check fails)
       (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+      if summary is not None:
+        (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
     start_step = int(jax.device_get(state.step))
     module, schedule, image_size = t.module, t.schedule, config.model.image_size
     train_step, eval_step = t.train_step, t.eval_step
@@ -400,9 +405,9 @@ def _check_resumable(checkpointer, abstract_state, config: dict, workdir) -> Non
       + ('\nConfig fields changed since that checkpoint was written:\n  '
          + '\n  '.join(changed[:12]) + (f'\n  ... {len(changed) - 12} more'
                                         if len(changed) > 12 else '') if changed else '')
-      + f'\nTo resume, run with the config of that run ({workdir / "config.json"}). To start '
-      'a new run '
-      f'from its weights, use another --workdir with --config.init_from={workdir}.')
+      + f'\nTo resume, run with the config of that run ({workdir / "config.json"}). To '
+      'fine-tune its weights (the same architecture; the head and the resolution may '
+      f'change), start a new run in another --workdir with --config.init_from={workdir}.')
 
 
 def _flat_fields(tree, prefix='') -> dict:

@@ -25,6 +25,8 @@ class StopRequest:
 
   Call it after every step, from step start+1 on, in every process (the service's
   protocol). Use as a context manager: the previous SIGTERM handler comes back on exit.
+  A second SIGTERM stops a single process at once; with several processes JAX's handler
+  takes every notice, and the processes stop at the agreed step.
   """
 
   def __init__(self):
@@ -33,14 +35,17 @@ class StopRequest:
     self._multiprocess = jax.process_count() > 1
 
   def __enter__(self):
+    self._installed = False
     if not self._multiprocess and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      self._installed = True
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    if self._installed:  # None: a handler not set from Python (e.g. JAX's); the default then
+      signal.signal(signal.SIGTERM, self._previous if self._previous is not None
+                    else signal.SIG_DFL)
+      self._installed = False
     return False
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
