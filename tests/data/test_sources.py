@@ -305,3 +305,19 @@ def test_a_onehot_narrower_than_the_folders_classes_is_named(tmp_path):
   assert train.class_names == ['cat', 'dog', 'fox']
   assert len(warnings) == 1 and 'one-hot encodes 5' in warnings[0]
   assert 'the other 2 outputs are never a label' in warnings[0]
+
+
+def test_a_large_folder_keys_its_check_by_names_only(tmp_path, monkeypatch):
+  """Above STAT_KEY_MAX_FILES the key takes no stat of each file (minutes on a network
+  file system): a rewritten file keeps the key; below it, it changes the key."""
+  files = [tmp_path / f'{i}.jpg' for i in range(3)]
+  for f in files:
+    f.write_bytes(b'a')
+  paths = [str(f) for f in files]
+  small = sources._files_key(paths)  # pylint: disable=protected-access
+  monkeypatch.setattr(sources, 'STAT_KEY_MAX_FILES', 2)
+  large = sources._files_key(paths)  # pylint: disable=protected-access
+  files[0].write_bytes(b'bb')
+  assert sources._files_key(paths) == large  # pylint: disable=protected-access
+  monkeypatch.setattr(sources, 'STAT_KEY_MAX_FILES', 100)
+  assert sources._files_key(paths) != small  # pylint: disable=protected-access

@@ -195,14 +195,20 @@ def _check_image(path: str) -> str | None:
     return f'{type(e).__name__}: {message.splitlines()[0] if message else ""}'
 
 
+# Above this many files the check cache is keyed by the names only: a stat of each file
+# at every start would cost minutes on a network file system (ImageNet has 1.3M files).
+STAT_KEY_MAX_FILES = 100_000
+
+
 def _files_key(paths: list[str]) -> str:
-  """A key of the file list and, for local files, each file's size and modification time
-  (a file replaced in place is checked again; remote files are keyed by name only, as a
-  stat each would cost a round trip)."""
+  """A key of the file list and, for up to STAT_KEY_MAX_FILES local files, each file's
+  size and modification time (a file replaced in place is checked again; remote files
+  are keyed by name only, as a stat each would cost a round trip)."""
   digest = hashlib.sha256()
+  stat = len(paths) <= STAT_KEY_MAX_FILES
   for p in paths:
     digest.update(p.encode() + b'\n')
-    if '://' not in p:
+    if stat and '://' not in p:
       try:
         st = os.stat(p)
         digest.update(f'{st.st_size},{st.st_mtime_ns}\n'.encode())
@@ -230,8 +236,9 @@ class ImageFolderSource(Source):
   still reads all the data): undecodable or truncated files are skipped, counted and
   named in the log, so a bad file never stops training. With several processes each
   decodes its share and they exchange what they found. The result is cached in
-  `cache_dir` (default ~/.cache/vit_jax), keyed by the file list and, for local files,
-  their sizes and modification times; the image folder itself is never written.
+  `cache_dir` (default ~/.cache/vit_jax), keyed by the file list and, for local folders
+  of up to STAT_KEY_MAX_FILES files, their sizes and modification times; the image
+  folder itself is never written.
   """
   root: str
   split: str
