@@ -206,7 +206,7 @@ def test_transformers_weights_into_another_head_count_or_numerics(tmp_path, capl
   reference = {'params': models.init_params(models.create(config), 32)}
   with pytest.raises(checkpoints.CheckpointMismatchError) as info:
     pretrained.adapt_variables(ckpt, reference, config)
-  assert 'num_heads: checkpoint 4, model 2' in str(info.value)
+  assert 'heads (num_heads): checkpoint 4, model 2' in str(info.value)
   assert str(info.value).count('\n') < 5
   config.num_heads = 4
   reference = {'params': models.init_params(models.create(config), 32)}

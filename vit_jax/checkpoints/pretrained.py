@@ -467,6 +467,13 @@ def _structure_errors(got, ref) -> list[str]:
     errors.append(f'width (hidden_size): checkpoint {wg}, model {wr}')
   if _depth(got) != _depth(ref):
     errors.append(f'depth (num_layers): checkpoint {_depth(got)}, model {_depth(ref)}')
+  block = 'Transformer/encoderblock_0/'
+  for key, axis, what in (('MultiHeadDotProductAttention_0/query/kernel', 1, 'heads (num_heads)'),
+                          ('MlpBlock_0/Dense_0/kernel', -1, 'MLP width (mlp_dim)')):
+    if wg == wr and block + key in got and block + key in ref:
+      g, r = np.shape(got[block + key])[axis], np.shape(ref[block + key])[axis]
+      if g != r:
+        errors.append(f'{what}: checkpoint {g}, model {r}')
   if ('conv_root/kernel' in got) != ('conv_root/kernel' in ref):
     errors.append('hybrid ResNet stem: present in only one of checkpoint and model')
   elif got['embedding/kernel'].shape[:3] != ref['embedding/kernel'].shape[:3]:
@@ -523,26 +530,16 @@ def _config_differences(loaded, config) -> list[str]:
           for k in fields if _plain(loaded.get(k)) != _plain(config.get(k))]
 
 
-_VIT_SHAPE_FIELDS = ('hidden_size', 'num_heads', 'mlp_dim', 'num_layers', 'patch_size')
 _VIT_NUMERICS = ('gelu_approximate', 'layernorm_eps')
 
 
-def _check_vit_config(loaded, config, warn_numerics: bool = True) -> None:
-  """Raises CheckpointMismatchError naming the ViT shape fields that differ between the
-  weights' own config and the model's (not one error per parameter); logs the numerics
-  that differ (the weights still load, but compute other values than they were made for)."""
-  def get(c, k):
-    return _plain(c.get(k)) if k != 'patch_size' else registry.patch_size(c.get(k))
-  structure = [f'{k}: checkpoint {get(loaded, k)}, model {get(config, k)}'
-               for k in _VIT_SHAPE_FIELDS if get(loaded, k) != get(config, k)]
-  if structure:
-    raise tree.CheckpointMismatchError(
-        'the pretrained weights do not fit this model:\n  ' + '\n  '.join(structure)
-        + '\nSet config.model to the architecture of the checkpoint (only the head and the '
-        'resolution may change).')
+def _warn_numerics(loaded, config) -> None:
+  """Logs the ViT numerics (GELU, LayerNorm epsilon) that differ between the weights' own
+  config and the model's: the weights load, but compute other values than they were
+  made for. (Shapes are checked from the weights themselves, in `adapt`.)"""
   numerics = [(k, loaded.get(k), config.get(k)) for k in _VIT_NUMERICS
               if loaded.get(k) is not None and _plain(loaded.get(k)) != _plain(config.get(k))]
-  if numerics and warn_numerics:
+  if numerics:
     logging.warning(
         'The pretrained weights were made with %s; this model uses %s. They load, but '
         'compute slightly other values than they were trained for: to keep them, set %s.',
@@ -579,8 +576,8 @@ def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bi
   got_family = _params_family(loaded['params'])
   if got_family is not None:
     _refuse_family('the checkpoint', got_family, config)
-  if family == 'vit' and known and loaded_config is not None:
-    _check_vit_config(loaded_config, config, warn_numerics)
+  if family == 'vit' and known and loaded_config is not None and warn_numerics:
+    _warn_numerics(loaded_config, config)
   if family == 'vit':
     return {'params': adapt(loaded['params'], reference['params'],
                             posemb_method=posemb_method, keep_head=keep_head),
