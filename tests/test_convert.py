@@ -477,3 +477,33 @@ def test_batch_norm_model_timm_to_orbax_to_timm_keeps_running_statistics(tmp_pat
   for to, output in (('npz', 'x.npz'), ('hf', 'hf_dir')):
     with pytest.raises(convert.ConversionError, match='--to=timm or --to=orbax'):
       convert.run(str(tmp_path / 'orbax'), str(tmp_path / output), to=to)
+
+
+def test_a_resnet_of_another_depth_goes_to_orbax_and_back_to_timm_by_the_cli(tmp_path):
+  """A ResNet with one block per stage (no registered name has that shape), read with no
+  --model: the CLI wrote the Orbax output then crashed on its ViT-only summary, and no
+  non-ViT config without a registered twin could go to timm (a workdir's paper-named
+  config failed too: its JSON lists never equalled the registry's tuples)."""
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('resnet50', pretrained=False, num_classes=3, layers=[1, 1, 1, 1])
+  src = tmp_path / 'r_small.safetensors'
+  checkpoints.write_state_dict({k: v.numpy() for k, v in model.state_dict().items()
+                                if not k.endswith('num_batches_tracked')}, src)
+  proc = _cli(f'--input={src}', f'--output={tmp_path / "orbax"}', '--to=orbax')
+  assert proc.returncode == 0, proc.stderr
+  assert 'resnet family' in proc.stdout + proc.stderr
+  proc = _cli(f'--input={tmp_path / "orbax"}', f'--output={tmp_path / "back.safetensors"}')
+  assert proc.returncode == 0, proc.stderr
+  back = checkpoints.read_state_dict(str(tmp_path / 'back.safetensors'))
+  fresh = timm.create_model('resnet50', pretrained=False, num_classes=3, layers=[1, 1, 1, 1])
+  fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in back.items()},
+                        strict=True)
+  for k, v in model.state_dict().items():
+    if not k.endswith('num_batches_tracked'):
+      np.testing.assert_array_equal(np.asarray(back[k]), v.numpy(), err_msg=k)
+  from vit_jax import models  # pylint: disable=import-outside-toplevel
+  from vit_jax.checkpoints import timm_format  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  as_in_a_workdir = ml_collections.ConfigDict(
+      json.loads(models.get_config('ResNet-50').to_json()))  # layers as a list
+  assert timm_format.timm_name(as_in_a_workdir) == 'resnet50'

@@ -84,9 +84,13 @@ class Result:
   def summary(self) -> str:
     c = self.config
     classes = f', {len(self.class_names)} class names' if self.class_names else ''
-    layers = f"{c.num_layers} layer{'' if c.num_layers == 1 else 's'}"
-    shape = (f'{layers} x {c.hidden_size} wide, {c.num_heads} heads, '
-             f'{c.image_size}px, {c.num_classes} classes{classes}')
+    if _family(self) == 'vit':
+      layers = f"{c.num_layers} layer{'' if c.num_layers == 1 else 's'}"
+      shape = (f'{layers} x {c.hidden_size} wide, {c.num_heads} heads, '
+               f'{c.image_size}px, {c.num_classes} classes{classes}')
+    else:
+      shape = (f'{_family(self)} family, {c.get("image_size")}px, '
+               f'{c.get("num_classes")} classes{classes}')
     line = (f'read {self.kind} {self.model_name} ({self.param_count:,} params; {shape}); '
             f'wrote {self.to} to {self.output} ({_human(self.written_bytes)})')
     return line + ''.join(f'\nnote: {n}' for n in self.notes)
@@ -383,7 +387,8 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
     _check_output(output_path, to, overwrite=False)
   ckpt = _read(input_path, model)
   notes = []
-  if ckpt.kind == 'timm' and model is None and not ckpt.config_recorded:
+  if (ckpt.kind == 'timm' and model is None and not ckpt.config_recorded
+      and _family(ckpt) == 'vit'):
     ckpt.config.name = _timm_input_name(ckpt.config)
   if model is not None and ckpt.kind in ('hf', 'orbax'):
     notes.append(f'--model is not used for {ckpt.kind} inputs (they record their model)')

@@ -2,6 +2,9 @@
 
 import types
 
+import jax
+import numpy as np
+
 from vit_jax import checkpoints
 from vit_jax import models
 from vit_jax.train import loop
@@ -34,3 +37,18 @@ def test_init_summary_names_kept_resampled_and_new_parameters():
   same = models.init_params(old, 32)
   line = loop.init_summary('/w/ViT.npz', loaded, same, {'init_head': 'keep'})
   assert f'{total} loaded as they are; head: keep' in line
+
+
+def test_init_summary_names_a_resnet_head_as_the_head():
+  """ResNet's classifier is `fc`: a new class count resets it, it is not 'resampled'."""
+  config = models.get_config('ResNet-50')
+  config.update(layers=(1, 1, 1, 1), num_classes=10)
+  params = models.init_params(models.create(config), 32)
+  old = jax.tree_util.tree_map_with_path(
+      lambda p, x: np.zeros((x.shape[0], 7) if 'fc' in jax.tree_util.keystr(p) and x.ndim == 2
+                            else (7,) if 'fc' in jax.tree_util.keystr(p) else x.shape,
+                            np.float32), params)
+  loaded = types.SimpleNamespace(kind='timm', params=old)
+  line = loop.init_summary('/w/r.safetensors', loaded, params,
+                           {'init_head': 'reset', 'model': config})
+  assert 'resampled' not in line and 'fc/kernel' in line and 'head: reset' in line

@@ -510,6 +510,13 @@ def adapt(loaded, reference, *, posemb_method: str = 'bilinear',
 # Where each family keeps its classifier (a new class count replaces it).
 _HEADS_BY_FAMILY = {'vit': ('head/',), 'swin': ('head/',), 'resnet': ('fc/',),
                     'res2net': ('fc/',), 'bit': ('head/',)}
+
+
+def head_prefixes(config) -> tuple[str, ...]:
+  """The parameter-path prefixes of the classifier head of `config`'s family."""
+  return _HEADS_BY_FAMILY[registry.family_of(config)]
+
+
 # Config fields that do not change the parameter shapes (or that adapting handles).
 _NOT_STRUCTURE = ('name', 'family', 'image_size', 'num_classes', 'dtype', 'param_dtype',
                   'window_size', 'drop_rate', 'proj_drop_rate', 'attn_drop_rate',

@@ -298,6 +298,22 @@ _FAMILY_CONVERTERS = ('vit_jax.checkpoints.timm_swin', 'vit_jax.checkpoints.timm
                       'vit_jax.checkpoints.timm_bit')
 
 
+_CONVERTER_OF_FAMILY = {'swin': 'vit_jax.checkpoints.timm_swin',
+                        'resnet': 'vit_jax.checkpoints.timm_resnet',
+                        'res2net': 'vit_jax.checkpoints.timm_resnet',
+                        'bit': 'vit_jax.checkpoints.timm_bit'}
+
+
+def _plain(value):
+  """Lists as tuples, recursively (a config read from JSON has lists where a registered
+  one has tuples)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
+
+
 def _family_converter(name: str):
   """The converter module for a non-ViT timm name, or None for ViTs."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -364,8 +380,10 @@ def to_timm(config, params) -> dict:
   `create_timm_model(config)` (or the equivalent timm arguments). For the other families
   pass the variables returned by `from_timm` (params and batch_stats).
   """
-  if registry.family_of(config) != 'vit':
-    lib = _family_converter(timm_name(config))
+  family = registry.family_of(config)
+  if family != 'vit':  # the family's converter: any size, a registered name or not
+    import importlib  # pylint: disable=g-import-not-at-top
+    lib = importlib.import_module(_CONVERTER_OF_FAMILY[family])
     return state_dict_io.as_torch(lib.to_timm(config, summary.as_variables(params)))
   if config.get('representation_size'):
     raise ValueError('timm VisionTransformer has no pre_logits (representation) layer; '
@@ -446,12 +464,12 @@ def _family_timm_name(config, family: str) -> str:
             'drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate', 'dropout_rate',
             'stdconv_eps', 'gn_eps', 'bn_eps', 'bn_momentum', 'layernorm_eps',
             'zero_init_last')
-  mine = {k: v for k, v in config.to_dict().items() if k not in ignore}
+  mine = {k: _plain(v) for k, v in config.to_dict().items() if k not in ignore}
   candidates = [n for n in registry.list_models(family) if n[:1].islower()]
   candidates.sort(key=lambda n: (registry.get_config(n).get('image_size') != config.get(
       'image_size'), n))
   for candidate in candidates:
-    other = {k: v for k, v in registry.get_config(candidate).to_dict().items()
+    other = {k: _plain(v) for k, v in registry.get_config(candidate).to_dict().items()
              if k not in ignore}
     if other == mine:
       return candidate

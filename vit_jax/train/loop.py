@@ -102,14 +102,17 @@ def init_summary(path, loaded, params, config) -> str:
         out[name] = tuple(x.shape)
     return out
 
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  # 'head/', or ResNet's 'fc/'
+  heads = pretrained.head_prefixes(config['model']) if 'model' in config else ('head/',)
   source, new = shapes(loaded.params), shapes(params)
   kept, resized, fresh = [], [], []
   head = config.get('init_head', 'reset')
   for name, shape in new.items():
-    if name not in source or (name.startswith('head/') and head != 'keep'):
+    if name not in source or (name.startswith(heads) and head != 'keep'):
       fresh.append(name)
     elif source[name] != shape:
-      (fresh if name.startswith('head/') else resized).append(
+      (fresh if name.startswith(heads) else resized).append(
           f'{name} {source[name]} -> {shape}')
     else:
       kept.append(name)
