@@ -306,3 +306,20 @@ def test_checkpoint_of_a_sharded_scanned_run_loads_on_one_device(tmp_path, photo
   probs = clf.predict_proba(photos)
   assert probs.shape == (len(photos), 10)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_timm_weights_of_a_convolutional_family_get_timms_evaluation_preprocessing(tmp_path):
+  """A timm ResNet file records no preprocessing: it is fed as timm evaluates it (resize,
+  central crop, ImageNet mean/std), not the ViT release's [-1, 1]."""
+  model = timm.create_model('resnet50', pretrained=False, num_classes=3, layers=[1, 1, 1, 1])
+  from vit_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  checkpoints.write_state_dict({k: v.numpy() for k, v in model.state_dict().items()
+                                if not k.endswith('num_batches_tracked')},
+                               tmp_path / 'r.safetensors')
+  clf = inference.ImageClassifier.from_pretrained(tmp_path / 'r.safetensors', model='resnet50')
+  assert clf.pp == 'decode|resize_small(256)|central_crop(224)|normalize'
+  assert inference.default_pp(224, 'bit') == inference.default_pp(224) == (
+      'decode|resize(224)|value_range(-1, 1)')
+  photo = np.random.RandomState(0).randint(0, 256, (300, 260, 3), np.uint8)
+  pixels = clf.preprocess(photo)
+  assert pixels.shape == (1, 224, 224, 3) and pixels.min() < -1.5  # ImageNet-normalised

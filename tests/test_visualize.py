@@ -276,3 +276,17 @@ def test_cli_checkpoint_without_position_embedding(photos, tmp_path):
   assert r.returncode == 2, r.stderr
   assert 'cannot load' in r.stderr and 'pos_embedding' in r.stderr
   assert 'Traceback' not in r.stderr
+
+
+def test_cli_refuses_a_convolutional_model_by_its_family(photos, tmp_path):
+  """A ResNet was refused for having "no learned position embedding"."""
+  torch = pytest.importorskip('torch')  # noqa: F841
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('resnet50', pretrained=False, num_classes=3, layers=[1, 1, 1, 1])
+  from vit_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  checkpoints.write_state_dict({k: v.numpy() for k, v in model.state_dict().items()
+                                if not k.endswith('num_batches_tracked')},
+                               tmp_path / 'r.safetensors')
+  r = _cli(f'--checkpoint={tmp_path / "r.safetensors"}', '--model=resnet50',
+           photos / 'astronaut.png', cwd=tmp_path)
+  assert r.returncode == 2 and 'is a resnet model: attention maps' in r.stderr, r.stderr

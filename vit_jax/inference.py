@@ -7,11 +7,12 @@
 
 Preprocessing is the evaluation preprocessing of the training run when the checkpoint
 records it (an Orbax workdir of this project), with the label ops removed, run by the
-same ops as evaluation (`vit_jax.data.preprocess_ops`); otherwise
-`decode|resize(S)|value_range(-1, 1)` at the model's resolution S, which is what the
-published ViT checkpoints expect (mean = std = 0.5). Label names come from the
-checkpoint (class names of the training run, a transformers `id2label`), a label file,
-or for 1,000-class heads the ImageNet-1k names.
+same ops as evaluation (`vit_jax.data.preprocess_ops`); otherwise `default_pp`:
+`decode|resize(S)|value_range(-1, 1)` at the model's resolution S for ViT and BiT, which
+is what the published checkpoints expect (mean = std = 0.5), and timm's evaluation
+(resize, central crop, ImageNet mean/std) for Swin, ResNet and Res2Net. Label names come
+from the checkpoint (class names of the training run, a transformers `id2label`), a label
+file, or for 1,000-class heads the ImageNet-1k names.
 """
 
 import dataclasses
@@ -26,6 +27,7 @@ from vit_jax import image_files
 from vit_jax import labels as labels_lib
 from vit_jax import models
 from vit_jax.checkpoints import pretrained
+from vit_jax.models import registry
 
 _LABEL_OPS = ('onehot', 'keep', 'drop')
 
@@ -37,7 +39,14 @@ class Prediction:
   probability: float
 
 
-def default_pp(image_size: int) -> str:
+def default_pp(image_size: int, family: str = 'vit') -> str:
+  """The evaluation preprocessing weights of `family` expect when they record none: the
+  original ViT and BiT releases (and timm's copies of them) take [-1, 1] at the model's
+  size; timm's Swin, ResNet, ResNeXt and Res2Net weights take ImageNet mean/std after a
+  resize to 8/7 of the size and a central crop (timm's crop_pct 0.875)."""
+  if family in ('swin', 'resnet', 'res2net'):
+    return (f'decode|resize_small({image_size * 8 // 7})|central_crop({image_size})|'
+            'normalize')
   return f'decode|resize({image_size})|value_range(-1, 1)'
 
 
@@ -104,7 +113,7 @@ class ImageClassifier:
     if pp is None:
       from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
       pp = (preprocess_ops.without_ops(ckpt.pp_eval, _LABEL_OPS) if ckpt.pp_eval
-            else default_pp(config.image_size))
+            else default_pp(config.image_size, registry.family_of(config)))
     params = jax.tree.map(jnp.asarray, ckpt.params)
     return cls(module, params, pp=pp, class_names=names, batch_size=batch_size,
                config=config, model_state=jax.tree.map(jnp.asarray, ckpt.model_state))

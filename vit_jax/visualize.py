@@ -521,6 +521,11 @@ def main(argv):
       pp=f['pp'])
 
   import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+  family = registry.family_of(clf.config) if clf.config is not None else 'vit'
+  if family != 'vit':
+    _fail(f'{f["checkpoint"]} is a {family} model: attention maps and position embeddings '
+          'are drawn for ViTs (and the hybrid R50+ViT) only')
   module = clf.module
   try:
     posemb = pos_embedding(clf.params)

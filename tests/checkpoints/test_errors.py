@@ -278,3 +278,11 @@ def test_stacked_and_per_block_layouts_name_the_conversion():
   with pytest.raises(CheckpointMismatchError, match=r'models\.unstack_layers\(params\)'):
     checkpoints.merge_into(per_block, stacked)
   checkpoints.merge_into(per_block, models.unstack_layers(stacked))
+
+
+def test_from_timm_names_a_timm_model_it_does_not_convert():
+  """resnet18 (basic blocks) was answered with "not a ViT state dict"."""
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  with pytest.raises(ValueError, match=r"'resnet18' is not a timm model vit_jax converts"):
+    checkpoints.from_timm(timm.create_model('resnet18', pretrained=False, num_classes=3))

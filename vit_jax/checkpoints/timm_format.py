@@ -363,6 +363,11 @@ def from_timm(model_or_state_dict, name: str | None = None, *, base_config=None,
       raise ValueError(f'from_timm overrides are for ViT models only; got {sorted(overrides)}')
     config = family.config_from_timm(sd, name)
     return config, family.variables_from_timm(sd, config)
+  if any(k not in sd for k in VIT_KEYS) and not name.startswith(('vit_', 'deit')):
+    raise ValueError(
+        f'{name!r} is not a timm model vit_jax converts: it reads timm ViTs and hybrids '
+        '(vit_*, deit_*), Swin (swin_*), ResNet and ResNeXt with bottleneck blocks '
+        '(resnet50/101/152, resnext*), Res2Net (res2net*) and BiT (resnetv2_*_bit)')
   check_vit_keys(sd, os.fspath(model_or_state_dict)
                  if isinstance(model_or_state_dict, (str, os.PathLike)) else 'the state dict')
   config = _infer_config(sd, name, model, overrides, base_config, keep_base)
