@@ -203,11 +203,11 @@ def _check_recorded(path, recorded, config, sd) -> None:
   """Refuses a recorded config whose structure differs from what the weights show; keeps
   its image size where it gives the weights' token grid (e.g. 30 px of 16 px patches)."""
   def structure(c):
-    out = {f: _plain(c.get(f)) for f in _VIT_STRUCTURE}
+    out = {f: tree.plain(c.get(f)) for f in _VIT_STRUCTURE}
     out['patch_size'] = registry.patch_size(c.get('patch_size'))  # (16,) is (16, 16)
     out['num_classes'] = out['num_classes'] or 0
     r = c.get('resnet')
-    out['resnet'] = None if r is None else (_plain(r.get('num_layers')),
+    out['resnet'] = None if r is None else (tree.plain(r.get('num_layers')),
                                             float(r.get('width_factor')))
     return out
   got, want = structure(config), structure(recorded)
@@ -524,17 +524,11 @@ _NOT_STRUCTURE = ('name', 'family', 'image_size', 'num_classes', 'dtype', 'param
                   'bn_eps', 'bn_momentum', 'zero_init_last')
 
 
-def _plain(value):
-  if isinstance(value, (list, tuple)):
-    return tuple(_plain(v) for v in value)
-  return value
-
-
 def _config_differences(loaded, config) -> list[str]:
   """Architecture fields (of a non-ViT family) that differ between two configs."""
   fields = sorted((set(loaded.keys()) | set(config.keys())) - set(_NOT_STRUCTURE))
-  return [f'{k}: checkpoint {_plain(loaded.get(k))}, model {_plain(config.get(k))}'
-          for k in fields if _plain(loaded.get(k)) != _plain(config.get(k))]
+  return [f'{k}: checkpoint {tree.plain(loaded.get(k))}, model {tree.plain(config.get(k))}'
+          for k in fields if tree.plain(loaded.get(k)) != tree.plain(config.get(k))]
 
 
 _VIT_NUMERICS = ('gelu_approximate', 'layernorm_eps')
@@ -545,7 +539,7 @@ def _warn_numerics(loaded, config) -> None:
   config and the model's: the weights load, but compute other values than they were
   made for. (Shapes are checked from the weights themselves, in `adapt`.)"""
   numerics = [(k, loaded.get(k), config.get(k)) for k in _VIT_NUMERICS
-              if loaded.get(k) is not None and _plain(loaded.get(k)) != _plain(config.get(k))]
+              if loaded.get(k) is not None and tree.plain(loaded.get(k)) != tree.plain(config.get(k))]
   if numerics:
     logging.warning(
         'The pretrained weights were made with %s; this model uses %s. They load, but '

@@ -304,16 +304,6 @@ _CONVERTER_OF_FAMILY = {'swin': 'vit_jax.checkpoints.timm_swin',
                         'bit': 'vit_jax.checkpoints.timm_bit'}
 
 
-def _plain(value):
-  """Lists as tuples, recursively (a config read from JSON has lists where a registered
-  one has tuples)."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_plain(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
-  return value
-
-
 def _family_converter(name: str):
   """The converter module for a non-ViT timm name, or None for ViTs."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -469,12 +459,12 @@ def _family_timm_name(config, family: str) -> str:
             'drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate', 'dropout_rate',
             'stdconv_eps', 'gn_eps', 'bn_eps', 'bn_momentum', 'layernorm_eps',
             'zero_init_last')
-  mine = {k: _plain(v) for k, v in config.to_dict().items() if k not in ignore}
+  mine = {k: tree.plain(v) for k, v in config.to_dict().items() if k not in ignore}
   candidates = [n for n in registry.list_models(family) if n[:1].islower()]
   candidates.sort(key=lambda n: (registry.get_config(n).get('image_size') != config.get(
       'image_size'), n))
   for candidate in candidates:
-    other = {k: _plain(v) for k, v in registry.get_config(candidate).to_dict().items()
+    other = {k: tree.plain(v) for k, v in registry.get_config(candidate).to_dict().items()
              if k not in ignore}
     if other == mine:
       return candidate

@@ -108,3 +108,13 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
 
 def _is_flat(tree) -> bool:
   return all(not isinstance(v, Mapping) for v in tree.values())
+
+
+def plain(value):
+  """Lists as tuples, recursively, also inside dicts: a config read from JSON has lists
+  where a registered one has tuples, and the two must compare equal."""
+  if isinstance(value, (list, tuple)):
+    return tuple(plain(v) for v in value)
+  if isinstance(value, dict):
+    return {k: plain(v) for k, v in value.items()}
+  return value
