@@ -65,6 +65,44 @@ def test_bad_override_fails_with_message(tmp_path):
   assert 'ViT-B/16' in proc.stderr  # closest names are suggested
 
 
+def test_a_bad_model_value_is_one_message_without_traceback(tmp_path):
+  proc = _run(['--config=configs/vit_b16.py', '--config.model.classifier=avg'], tmp_path)
+  assert proc.returncode == 1
+  assert "error (ConfigError): config.model: classifier='avg' is not one of" in proc.stderr
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_fields_of_more_than_one_type_take_every_type_on_the_command_line(tmp_path):
+  # ml_collections types an override by the field's value: an int field refused None, a
+  # None field refused everything (--config.model.attention_impl=xla was not accepted).
+  proc = _run(['--config=configs/vit_b16.py', '--config.model.num_layers=1',
+               '--config.model.representation_size=None', '--config.model.attention_impl=xla',
+               '--config.model.remat_policy=full'], tmp_path)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  config = json.loads((tmp_path / 'config.json').read_text())['model']
+  assert (config['representation_size'], config['attention_impl'],
+          config['remat_policy']) == (None, 'xla', 'full')
+  summary = json.loads((tmp_path / 'model_summary.json').read_text())
+  module = models.create('ViT-B/16', num_layers=1, num_classes=21843)  # no pre_logits
+  assert summary['parameters'] == models.param_count(models.abstract_params(module, 224))
+  # The other way: the fine-tuning recipe has none, the command line gives it one.
+  proc = _run(['--config=configs/finetune_cifar10.py', '--config.model.num_layers=1',
+               '--config.model.representation_size=768'], tmp_path)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['representation_size'] == 768
+  proc = _run(['--config=configs/vit_b16.py', '--config.model.representation_size=wide'],
+              tmp_path)
+  assert proc.returncode == 1
+  assert "representation_size='wide' must be a positive int" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_swin_takes_one_window_per_stage_on_the_command_line(tmp_path):
+  proc = _run(['--config=configs/swin_t.py:mnist', '--config.model.window_size=(4, 4, 2, 1)'],
+              tmp_path)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['window_size'] == [4, 4, 2, 1]
+
+
 def test_a_misspelled_override_is_one_line_naming_the_flag_and_the_field(tmp_path):
   proc = _run(['--config=configs/demo.py', '--config.batch_size=32',
                '--config.model.hiden_size=3'], tmp_path)

@@ -17,6 +17,7 @@ SIGTERM stops at once.
 import json
 import logging as std_logging
 import os
+import signal
 import sys
 import time
 
@@ -151,7 +152,11 @@ def main(argv):
     defaults.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count())
     loop.check_workdir(workdir)
-  summary = model_summary(config.model)
+  try:
+    summary = model_summary(config.model)
+  except ValueError as e:  # --summary_only skipped validate(), which names the same error
+    from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+    raise defaults.ConfigError(f'config.model: {e}') from e
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     if _SUMMARY_ONLY.value:  # a training run writes them once its checkpoint check passed
@@ -168,13 +173,27 @@ def main(argv):
   except preemption.Preempted as e:
     logging.warning('%s', e)
     if is_main:
-      print(f'preempted: {e}', flush=True)
-    return EXIT_PREEMPTED
+      print(f'{"interrupted" if e.signal_number == signal.SIGINT else "preempted"}: {e}',
+            flush=True)
+    return 128 + e.signal_number  # 143 after SIGTERM (EXIT_PREEMPTED), 130 after Ctrl-C
   if is_main:
     print('final: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                 for k, v in final.items()), flush=True)
     print(f'metrics: {workdir / "metrics.jsonl"}, TensorBoard: {workdir / "tensorboard"}, '
           f'checkpoints: {workdir / "checkpoints"}', flush=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """The exception types whose message is the whole story for the user."""
+  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding
+  from vit_jax.checkpoints import tree
+  from vit_jax.data import sources
+  from vit_jax.train import defaults
+  from vit_jax.train import loop
+  from vit_jax.train import optimizer
+  return (defaults.ConfigError, loop.ResumeError, loop.NonFiniteError, optimizer.FreezeError,
+          sources.DataError, tree.CheckpointMismatchError, sharding.MeshError)
 
 
 def _main_then_exit(argv):
@@ -184,9 +203,16 @@ def _main_then_exit(argv):
   By then every checkpoint, metric and event file is written and closed. Skipping the
   interpreter's teardown avoids a rare abort (SIGABRT) seen there when TensorFlow's and
   XLA's C++ threads are destroyed under load, which would report a finished run as
-  failed. Errors still take absl's normal path (traceback, non-zero status).
+  failed. A user error (`_user_errors`) prints its message and exits with status 1;
+  other errors take absl's normal path (traceback, non-zero status).
   """
-  status = main(argv) or 0
+  try:
+    status = main(argv) or 0
+  except _user_errors() as e:
+    # A config, dataset, checkpoint or workdir that cannot work: the message names the
+    # value and the fix, and a traceback through absl and the loop adds nothing to it.
+    sys.stderr.write(f'\nerror ({type(e).__name__}): {e}\n')
+    status = 1
   if jax.process_count() > 1:
     jax.distributed.shutdown()  # the processes leave together, as at a normal exit
   std_logging.shutdown()

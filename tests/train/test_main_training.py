@@ -196,10 +196,12 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(reference, data_dir,
   assert [r['step'] for r in got if 'eval_top1' in r] == [TOTAL_STEPS]
 
 
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_the_current_step_then_exits_and_the_resumed_run_is_bit_exact(
-    reference, data_dir, tmp_path):
-  """A preemption notice between scheduled checkpoints loses no step: the step it lands
-  after is saved, the process exits with 143, and the resumed run ends bit-exact."""
+    reference, data_dir, tmp_path, signal_number):
+  """A preemption notice (or Ctrl-C) between scheduled checkpoints loses no step: the step
+  it lands after is saved, the process exits with 143 (130), and the resumed run ends
+  bit-exact."""
   ref_dir, _ = reference
   workdir = tmp_path / 'terminated'
   # Checkpoints would come every 100 steps only: whatever is saved is SIGTERM's.
@@ -213,12 +215,14 @@ def test_sigterm_saves_the_current_step_then_exits_and_the_resumed_run_is_bit_ex
       metrics.exists() and metrics.read_text().count('"loss"') >= 3):
     time.sleep(0.01)
   assert proc.poll() is None, proc.communicate()[0][-3000:]
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signal_number)
   out = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 143, out[-3000:]
+  assert proc.returncode == 128 + signal_number, out[-3000:]
   saved = _latest_checkpoint(workdir)
   assert 3 <= saved < TOTAL_STEPS, out[-3000:]
-  assert f'stopped by SIGTERM at step {saved} of {TOTAL_STEPS}' in out
+  name = signal.Signals(signal_number).name
+  assert f'stopped by {name} at step {saved} of {TOTAL_STEPS}' in out
+  assert 'KeyboardInterrupt' not in out and 'Traceback' not in out, out[-3000:]
   logged = [json.loads(l)['step'] for l in metrics.read_text().splitlines()]
   assert logged[-1] == saved  # the saved step's metrics are written too
   proc = _run(workdir, data_dir, '--config.checkpoint_every=100', '--config.log_every=1')

@@ -55,6 +55,14 @@ _FIELD_DOCS = {
               'stdconv_eps_in_sqrt / gn_eps',
 }
 
+# Fields that take more than one type: an int or None, a name or None, one int or one
+# per stage. ml_collections types a command-line override by the field's current value,
+# so a plain None would refuse `--config.model.attention_impl=xla` and a plain int
+# `--config.model.representation_size=None`. get_config() holds them as object-typed
+# references, which take any Python literal there; create() checks the value.
+_ANY_LITERAL_FIELDS = frozenset(
+    {'representation_size', 'attention_impl', 'remat_policy', 'window_size'})
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 _SIZES = {  # hidden, mlp, heads, layers
@@ -202,7 +210,10 @@ def get_config(name: str) -> ml_collections.ConfigDict:
     hint = f' Closest: {", ".join(close)}.' if close else ''
     raise ValueError(f'unknown model name {name!r}.{hint} All names: '
                      'vit_jax.models.list_models().')
-  return ml_collections.ConfigDict(_REGISTRY[name].to_dict())
+  fields = _REGISTRY[name].to_dict()
+  for field in _ANY_LITERAL_FIELDS.intersection(fields):
+    fields[field] = ml_collections.FieldReference(fields[field], field_type=object)
+  return ml_collections.ConfigDict(fields)
 
 
 def patch_size(value) -> tuple[int, int]:
@@ -307,6 +318,12 @@ def create(name_or_config, **overrides):
   if get('remat_policy') not in vit.REMAT_POLICIES:
     raise ValueError(f"remat_policy={get('remat_policy')!r} is not one of "
                      f'{vit.REMAT_POLICIES}')
+  representation = get('representation_size')
+  if representation is not None and not (
+      isinstance(representation, int) and not isinstance(representation, bool)
+      and representation > 0):
+    raise ValueError(f'representation_size={representation!r} must be a positive int (the '
+                     'width of the pre_logits layer) or None (no such layer)')
   hidden, heads = get('hidden_size'), get('num_heads')
   if hidden % heads:
     raise ValueError(f'hidden_size={hidden} is not divisible by num_heads={heads}')

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+import signal
 import uuid
 
 from absl import logging
@@ -376,9 +377,11 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                           else None)
       if stopping:
         checkpointer.wait()
+        number = stop_request.signal_number or signal.SIGTERM  # None: another host's notice
         raise preemption.Preempted(
-            f'stopped by SIGTERM at step {step} of {total_steps}, after saving its '
-            f'checkpoint in {workdir / "checkpoints"}; the same command resumes there')
+            f'stopped by {signal.Signals(number).name} at step {step} of {total_steps}, '
+            f'after saving its checkpoint in {workdir / "checkpoints"}; the same command '
+            'resumes there', number)
     if start_step >= total_steps and not last_eval:  # a finished run started again
       last_eval = _last_logged_eval(workdir / 'metrics.jsonl')
     final = dict(last_eval, step=step)

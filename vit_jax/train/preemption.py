@@ -1,5 +1,6 @@
 """SIGTERM as a request to save and stop: the notice a preemptible VM, `kill`, SLURM's end
-of time limit or Kubernetes give before the process is killed.
+of time limit or Kubernetes give before the process is killed. In a single process,
+Ctrl-C (SIGINT) is taken the same way: the run saves after the current step and stops.
 
 In one process the signal sets a flag that the training loop reads after each step (a
 Python bool: no host synchronisation). With several processes (`jax.distributed`) a
@@ -17,44 +18,65 @@ from jax.experimental import multihost_utils
 
 
 class Preempted(Exception):  # pylint: disable=g-bad-exception-name
-  """Training stopped on SIGTERM after saving a checkpoint; the message says which."""
+  """Training stopped on a signal after saving a checkpoint; the message says which.
+
+  `signal_number`: the signal that asked for it (SIGTERM or SIGINT); a process reports it
+  as a shell does a process the signal stopped, exit status 128 + the number.
+  """
+
+  def __init__(self, message: str, signal_number: int = signal.SIGTERM):
+    super().__init__(message)
+    self.signal_number = int(signal_number)
 
 
 class StopRequest:
   """`stop_request(step)` is True once every process should save `step` and stop.
 
   Call it after every step, from step start+1 on, in every process (the service's
-  protocol). Use as a context manager: the previous SIGTERM handler comes back on exit.
-  A second SIGTERM stops a single process at once; with several processes JAX's handler
-  takes every notice, and the processes stop at the agreed step.
+  protocol). Use as a context manager: the previous SIGTERM and SIGINT handlers come back
+  on exit. In a single process a second SIGTERM stops at once, and a second Ctrl-C raises
+  KeyboardInterrupt at once; with several processes JAX's handler takes every SIGTERM,
+  the processes stop at the agreed step, and Ctrl-C keeps its usual meaning (one process
+  cannot tell the others).
   """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._requested = False
-    self._previous = None
+    self._previous = {}
     self._multiprocess = jax.process_count() > 1
+    self.signal_number = None  # the first signal that asked to stop
 
   def __enter__(self):
-    self._installed = False
     if not self._multiprocess and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-      self._installed = True
+      for number in self._SIGNALS:
+        self._previous[number] = signal.signal(number, self._on_signal)
     return self
 
   def __exit__(self, *exc):
-    if self._installed:  # None: a handler not set from Python (e.g. JAX's); the default then
-      signal.signal(signal.SIGTERM, self._previous if self._previous is not None
-                    else signal.SIG_DFL)
-      self._installed = False
+    for number, previous in self._previous.items():
+      # None: a handler not set from Python (e.g. JAX's); the default then.
+      signal.signal(number, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
     return False
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    name = signal.Signals(signum).name
     if self._requested:  # a second notice: stop now, as without this handler
-      signal.signal(signal.SIGTERM, signal.SIG_DFL)
-      signal.raise_signal(signal.SIGTERM)
+      if signum == signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+      signal.signal(signum, signal.SIG_DFL)
+      signal.raise_signal(signum)
     self._requested = True
-    logging.warning('SIGTERM: saving a checkpoint after this step, then stopping '
-                    '(a second SIGTERM stops at once).')
+    self.signal_number = signum
+    how = 'Ctrl-C' if signum == signal.SIGINT else name
+    logging.warning('%s: saving a checkpoint after this step, then stopping (a second %s '
+                    'stops at once).', name, how)
+    if signum == signal.SIGINT:
+      print(f'\n{name}: saving a checkpoint after this step, then stopping (press Ctrl-C '
+            'again to stop at once, without saving)', flush=True)
 
   def __call__(self, step: int) -> bool:
     if self._multiprocess:

@@ -1,0 +1,44 @@
+"""StopRequest in one process: the signals it takes, the second signal, the handlers it
+gives back."""
+
+import signal
+
+import pytest
+
+from vit_jax.train import preemption
+
+
+def _noop(signum, frame):  # pylint: disable=unused-argument
+  pass
+
+
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_asks_to_stop_and_the_previous_handlers_come_back(signal_number):
+  before = {n: signal.signal(n, _noop) for n in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    with preemption.StopRequest() as stop:
+      assert not stop(1) and stop.signal_number is None
+      signal.raise_signal(signal_number)
+      assert stop(2) and stop.signal_number == signal_number
+    assert signal.getsignal(signal.SIGTERM) is _noop
+    assert signal.getsignal(signal.SIGINT) is _noop
+  finally:
+    for n, handler in before.items():
+      signal.signal(n, handler)
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+  before = signal.getsignal(signal.SIGINT)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with preemption.StopRequest():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+  finally:
+    signal.signal(signal.SIGINT, before)
+
+
+def test_preempted_reports_its_signal():
+  assert preemption.Preempted('x').signal_number == signal.SIGTERM
+  assert preemption.Preempted('x', signal.SIGINT).signal_number == signal.SIGINT
