@@ -277,6 +277,23 @@ def test_drop_path_dropout_features_and_bfloat16():
   assert y.shape == (BATCH, 2048) and y.dtype == jnp.float32
 
 
+@pytest.mark.parametrize('family', ['resnet', 'res2net'])
+def test_frozen_batch_norm_trains_with_its_running_statistics_and_keeps_them(family):
+  x = jnp.asarray(_images()[:, :32, :32])
+  frozen = _tiny(family, bn_frozen=True)
+  variables = _random_variables(frozen, x)
+  out, state = frozen.apply(variables, x, train=True, mutable=['batch_stats'])
+  # As in eval mode (timm's FrozenBatchNorm2d), and the statistics stay as loaded.
+  np.testing.assert_allclose(out, frozen.apply(variables, x, train=False), atol=1e-5, rtol=0)
+  for key, value in tree.flatten(state['batch_stats']).items():
+    np.testing.assert_array_equal(value, tree.flatten(variables['batch_stats'])[key])
+  # Without it the same variables normalise with the batch and move the statistics.
+  out_bn, state_bn = _tiny(family).apply(variables, x, train=True, mutable=['batch_stats'])
+  assert not np.allclose(out_bn, out, atol=1e-3)
+  assert not np.allclose(tree.flatten(state_bn['batch_stats'])['bn1/mean'],
+                         tree.flatten(variables['batch_stats'])['bn1/mean'])
+
+
 # Errors -------------------------------------------------------------------------------------
 
 
@@ -290,6 +307,7 @@ def test_drop_path_dropout_features_and_bfloat16():
     ('res2net', 'scale', 0, 'scale=0.*positive int'),
     ('resnet', 'dtype', 'float64', "dtype='float64'.*bfloat16"),
     ('resnet', 'bn_momentum', 1.0, 'bn_momentum=1.0.*0, 1'),
+    ('resnet', 'bn_frozen', 'yes', "bn_frozen='yes'.*True or False"),
     ('resnet', 'family', 'swin', "family='swin'"),
     ('resnet', 'patch_size', 16, r"unknown resnet config field\(s\) \['patch_size'\]"),
 ])

@@ -163,6 +163,32 @@ def test_a_registered_name_on_another_architecture_is_warned_about(monkeypatch):
   assert 'num_classes' not in warnings[0] and 'image_size' not in warnings[0]
 
 
+def test_frozen_batch_norm_layers_that_still_update_are_warned_about(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  c = defaults.default_config()
+  c.model = models.get_config('ResNet-50')
+  c.model.update(name='probe', num_classes=10, image_size=32, layers=(1, 1, 1, 1))
+  c.input.pp_train = 'decode|resize(32)|value_range(-1, 1)|onehot(10)'
+  c.input.pp_eval = c.input.pp_train
+  c.batch_size, c.total_steps = 8, 10
+  c.trainable = '^fc/'  # a linear probe
+  _validate(c)
+  assert len(warnings) == 1 and 'all BatchNorm layers' in warnings[0], warnings
+  assert '--config.model.bn_frozen=True' in warnings[0]
+  warnings.clear()
+  c.trainable, c.freeze = '', '^layer1/'
+  _validate(c)
+  assert len(warnings) == 1 and '4 of the 17 BatchNorm layers' in warnings[0], warnings
+  warnings.clear()
+  c.model.bn_frozen = True
+  _validate(c)
+  assert not warnings
+  c.model.bn_frozen, c.freeze = False, ''  # nothing frozen: nothing to say
+  _validate(c)
+  assert not warnings
+
+
 def test_registered_configs_match_their_names():
   for name in models.list_models():
     assert models.differs_from_its_name(models.get_config(name)) == [], name

@@ -22,7 +22,8 @@ variance but updates the running variance with the unbiased one (n / (n - 1), n 
 height x width), running = momentum * running + (1 - momentum) * batch, so
 `bn_momentum=0.9` is torch's momentum 0.1. Statistics are taken over the whole (global)
 batch axis; under jax.jit with a sharded batch they are global without any axis_name.
-In eval mode (`train=False`) the running statistics in 'batch_stats' are used.
+In eval mode (`train=False`), and in training with `bn_frozen=True` (a linear probe), the
+running statistics in 'batch_stats' are used, and left as they are.
 
 Name mapping to timm (`vit_jax/checkpoints/timm_resnet.py` converts):
   timm                                    vit_jax
@@ -66,6 +67,9 @@ FIELD_DOCS = {
     'dropout_rate': 'dropout on the pooled features before fc (timm drop_rate)',
     'bn_momentum': 'BatchNorm running-average decay, flax convention (0.9 == torch 0.1)',
     'bn_eps': 'BatchNorm epsilon (1e-5 as torch)',
+    'bn_frozen': 'BatchNorm normalises with its running statistics in training too and never '
+                 "updates them (timm's FrozenBatchNorm2d): for a linear probe, or fine-tuning "
+                 'with small batches',
     'zero_init_last': 'initialise the scale of the last BN of each block to zero',
     'grouped_conv': "grouped 3x3 convs: 'split' (one conv per group), 'native' (XLA's "
                     "feature_group_count) or 'auto' (split on CPU, native on GPU/TPU)",
@@ -171,6 +175,7 @@ class Downsample(nn.Module):
   strides: int = 1
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
+  bn_frozen: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -178,9 +183,9 @@ class Downsample(nn.Module):
   def __call__(self, x, *, train: bool):
     x = conv(self.features, 1, self.strides, name='conv', dtype=self.dtype,
              param_dtype=self.param_dtype)(x)
-    return BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='bn')(x)
+    return BatchNorm(use_running_average=not train or self.bn_frozen,
+                     momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='bn')(x)
 
 
 class BlockBase(nn.Module):
@@ -193,6 +198,7 @@ class BlockBase(nn.Module):
   drop_path_rate: float = 0.0
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
+  bn_frozen: bool = False
   zero_init_last: bool = True
   grouped_conv: str = 'auto'
   dtype: Any = jnp.float32
@@ -209,8 +215,9 @@ class BlockBase(nn.Module):
 
   def bn(self, train, name, last=False):
     init = nn.initializers.zeros if last and self.zero_init_last else nn.initializers.ones
-    return BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_eps, scale_init=init, dtype=self.dtype,
+    return BatchNorm(use_running_average=not train or self.bn_frozen,
+                     momentum=self.bn_momentum, epsilon=self.bn_eps, scale_init=init,
+                     dtype=self.dtype,
                      param_dtype=self.param_dtype, name=name)
 
   def finish(self, x, y, train):
@@ -218,7 +225,7 @@ class BlockBase(nn.Module):
     y = drop_path(self, y, self.drop_path_rate, train)
     if self.downsample:
       x = Downsample(self.planes * EXPANSION, self.strides, bn_momentum=self.bn_momentum,
-                     bn_eps=self.bn_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                     bn_eps=self.bn_eps, bn_frozen=self.bn_frozen, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='downsample')(x, train=train)
     return nn.relu(y + x)
 
@@ -272,6 +279,7 @@ class ResNet(nn.Module):
   dropout_rate: float = 0.0
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
+  bn_frozen: bool = False
   zero_init_last: bool = True
   grouped_conv: str = 'auto'
   in_channels: int = 3
@@ -284,7 +292,7 @@ class ResNet(nn.Module):
 
   def block_settings(self) -> dict:
     return dict(cardinality=self.cardinality, base_width=self.base_width,
-                bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
+                bn_momentum=self.bn_momentum, bn_eps=self.bn_eps, bn_frozen=self.bn_frozen,
                 zero_init_last=self.zero_init_last, grouped_conv=self.grouped_conv,
                 dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -293,7 +301,7 @@ class ResNet(nn.Module):
     common.check_nhwc(x, self.in_channels)
     x = x.astype(self.dtype)
     x = conv(STEM_WIDTH, 7, 2, name='conv1', dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+    x = BatchNorm(use_running_average=not train or self.bn_frozen, momentum=self.bn_momentum,
                   epsilon=self.bn_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                   name='bn1')(x)
     x = nn.relu(x)
@@ -333,6 +341,7 @@ def base_config(name: str, layers, cardinality=1, base_width=64, *, family=FAMIL
   c.dropout_rate = 0.0
   c.bn_momentum = 0.9
   c.bn_eps = 1e-5
+  c.bn_frozen = False
   c.zero_init_last = True
   c.grouped_conv = 'auto'
   return c
@@ -403,6 +412,8 @@ def check_config(config, field_docs, family, blocks) -> dict:
     _fail('grouped_conv', c['grouped_conv'], f'one of {list(GROUPED_CONV)}')
   if not isinstance(c['bn_eps'], numbers.Real) or c['bn_eps'] <= 0:
     _fail('bn_eps', c['bn_eps'], 'a positive float')
+  if not isinstance(c['bn_frozen'], bool):
+    _fail('bn_frozen', c['bn_frozen'], 'True or False')
   for k in ('dtype', 'param_dtype'):
     if c[k] in DTYPES:
       c[k] = DTYPES[c[k]]
@@ -416,7 +427,7 @@ def module_kwargs(c: dict) -> dict:
   return dict(num_classes=c['num_classes'], layers=c['layers'], cardinality=c['cardinality'],
               base_width=c['base_width'], drop_path_rate=float(c['drop_path_rate']),
               dropout_rate=float(c['dropout_rate']), bn_momentum=float(c['bn_momentum']),
-              bn_eps=float(c['bn_eps']), zero_init_last=bool(c['zero_init_last']),
+              bn_eps=float(c['bn_eps']), bn_frozen=c['bn_frozen'], zero_init_last=bool(c['zero_init_last']),
               grouped_conv=c['grouped_conv'],
               in_channels=c['in_channels'], dtype=c['dtype'], param_dtype=c['param_dtype'])
 

@@ -185,11 +185,14 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
         raise ConfigError(f'config.{field}={config[field]!r} is not a valid regex: {e}') from e
   if config.get('trainable') or config.get('freeze'):
     from vit_jax.models import summary  # pylint: disable=g-import-not-at-top
+    variables = summary.abstract_variables(module, size)
     try:
-      optimizer_lib.trainable_labels(summary.abstract_params(module, size),
-                                     config.get('trainable'), config.get('freeze'))
+      labels = optimizer_lib.trainable_labels(variables['params'], config.get('trainable'),
+                                              config.get('freeze'))
     except optimizer_lib.FreezeError as e:
       raise ConfigError(str(e)) from e
+    if 'batch_stats' in variables and not config.model.get('bn_frozen', True):
+      _warn_batch_norm_not_frozen(variables['batch_stats'], labels)
   if check_input:
     _check_preprocessing(config)
   if config.init_head not in ('reset', 'keep'):
@@ -197,6 +200,38 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   if config.posemb_resample not in ('bilinear', 'bicubic'):
     raise ConfigError(f"config.posemb_resample={config.posemb_resample!r}: use 'bilinear' "
                       "or 'bicubic'")
+
+
+def _warn_batch_norm_not_frozen(batch_stats, labels) -> None:
+  """A warning where config.trainable / freeze freeze BatchNorm layers' scale and bias
+  while config.model.bn_frozen is False: those layers still normalise with each batch's
+  statistics in training and update their running statistics (the pretrained ones)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  layers = {path[:-1] for path in _paths(batch_stats)}  # a layer's stats: .../mean, .../var
+  frozen = []
+  for layer in sorted(layers):
+    node = labels
+    for key in layer:
+      node = node[key]
+    if all(label == 'frozen' for label in jax.tree.leaves(node)):
+      frozen.append('/'.join(layer))
+  if frozen:
+    every = len(frozen) == len(layers)
+    logging.warning(
+        'config.trainable / config.freeze freeze the scale and bias of %s BatchNorm layers '
+        '(%s), but config.model.bn_frozen=False: in training they still normalise with each '
+        "batch's statistics and update their running statistics. To keep them as loaded "
+        "(a linear probe, timm's FrozenBatchNorm2d), add --config.model.bn_frozen=True.",
+        'all' if every else f'{len(frozen)} of the {len(layers)}',
+        ', '.join(frozen[:3]) + (', ...' if len(frozen) > 3 else ''))
+
+
+def _paths(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _paths(value, prefix + (key,))
+    else:
+      yield prefix + (key,)
 
 
 def _check_preprocessing(config) -> None:
