@@ -18,7 +18,8 @@ the first):
   launch/multinode.sh --hosts=gpu1,gpu2 [--port=PORT] [--log_dir=DIR] --config=... --workdir=...
   Every host needs the code at --remote_dir (default: the path of this script's
   checkout) and the same Python environment. If one process fails, the others are
-  stopped.
+  stopped. SIGTERM or Ctrl-C to this script reaches every process (over ssh): each saves
+  a checkpoint after its current step and exits; a second signal stops them at once.
 
 Options (each also read from the environment variable in capitals):
   --coordinator=HOST:PORT  address of process 0 (COORDINATOR)
@@ -35,6 +36,7 @@ Options (each also read from the environment variable in capitals):
                            default: this terminal)
   --python=PATH            Python with vit_jax installed (PYTHON, default python3)
   SSH                      ssh command (default: ssh -o BatchMode=yes)
+  REMOTE_TMP               where each host keeps its process's PID file (default /tmp)
   REMOTE_ENV               VAR=value pairs set for every process, e.g. 'NCCL_DEBUG=WARN'
   -h, --help               this text
 Every other argument is passed to vit_jax.main. The workdir must be reachable by all
@@ -99,10 +101,14 @@ n=${#hosts[@]}
 coordinator=${COORDINATOR:-${hosts[0]}:$PORT}
 read -r -a ssh_cmd <<<"$SSH"
 [[ -z $LOG_DIR ]] || mkdir -p "$LOG_DIR"
+# Each remote process writes its PID here (on its own host), so that a signal to this
+# script can reach it: killing the local ssh client does not stop a remote command.
+pid_file_of() { printf '%s/vit_jax_multinode.%s.%s.pid' "${REMOTE_TMP:-/tmp}" "$run_id" "$1"; }
+run_id="$(date +%s).$$"
 pids=()
 for i in "${!hosts[@]}"; do
-  remote=$(printf 'cd %q && PYTHON=%q REMOTE_ENV=%q exec launch/multinode.sh' \
-    "$REMOTE_DIR" "$PYTHON" "$REMOTE_ENV")
+  remote=$(printf 'echo $$ > %q && cd %q && PYTHON=%q REMOTE_ENV=%q exec launch/multinode.sh' \
+    "$(pid_file_of "$i")" "$REMOTE_DIR" "$PYTHON" "$REMOTE_ENV")
   remote+=$(printf ' %q' --coordinator="$coordinator" --num_processes="$n" \
     --process_id="$i" ${LOCAL_DEVICES:+--local_devices="$LOCAL_DEVICES"} \
     -- ${main_args[@]+"${main_args[@]}"})
@@ -118,10 +124,36 @@ for i in "${!hosts[@]}"; do
   pids+=($!)
 done
 
-stop_all() {
+# signal_all SIG: send SIG to every remote process (over ssh, by its PID file).
+signal_all() {
+  local i file
+  for i in "${!hosts[@]}"; do
+    file=$(pid_file_of "$i")
+    # shellcheck disable=SC2016  # $(cat ...) expands on the remote host
+    "${ssh_cmd[@]}" "${hosts[i]}" "$(printf 'test -f %q && kill -%s "$(cat %q)"' \
+      "$file" "$1" "$file")" </dev/null >/dev/null 2>&1 || true
+  done
+}
+stop_all() {  # after a failure: the others cannot finish a collective without it
+  signal_all KILL
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 130' INT TERM
+# SIGTERM or Ctrl-C here (a scheduler's notice, until_done.sh, the user): every process
+# saves a checkpoint after its current step and exits (vit_jax.main, status 143); this
+# script waits for them. A second signal stops them at once.
+stopping=0
+# shellcheck disable=SC2317  # called by the trap
+on_signal() {
+  if ((stopping)); then
+    echo 'launch/multinode.sh: second signal: stopping every process now' >&2
+    stop_all
+    exit 130
+  fi
+  stopping=1
+  echo 'launch/multinode.sh: signal: every process saves a checkpoint and stops' >&2
+  signal_all TERM
+}
+trap on_signal INT TERM
 
 # Wait for all; the first failure stops the others. (Polling: bash 3.2 has no wait -n.)
 status=0
@@ -137,8 +169,10 @@ while ((${#running[@]})); do
     wait "$pid" || rc=$?
     if ((rc != 0 && status == 0)); then
       status=$rc
-      echo "launch/multinode.sh: a process exited with status $rc; stopping the others" >&2
-      stop_all
+      if ((!stopping)); then
+        echo "launch/multinode.sh: a process exited with status $rc; stopping the others" >&2
+        stop_all
+      fi
     fi
   done
   running=(${still[@]+"${still[@]}"})

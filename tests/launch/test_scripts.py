@@ -403,6 +403,10 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
   assert time.monotonic() - start < 30
   assert 'stopping the others' in proc.stderr
   calls = (tmp_path / 'ssh_calls').read_text().splitlines()
+  # The remote processes are killed by their PID files (a local kill of ssh reaches none).
+  kills = [c for c in calls if 'kill -KILL' in c]
+  assert sorted(c.split()[0] for c in kills) == ['gpu-a', 'gpu-b']
+  calls = [c for c in calls if c not in kills]
   # Both start in the background: their ssh calls may be logged in either order.
   assert sorted(c.split()[0] for c in calls) == ['gpu-a', 'gpu-b']
   for c in calls:
@@ -411,6 +415,48 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
     assert '--num_processes=2' in c and f'cd {ROOT}' in c
   argvs = [json.loads(p.read_text()) for p in tmp_path.glob('argv_*')]
   assert sorted(a[4] for a in argvs) == ['--process_id=0', '--process_id=1']
+
+
+def test_multinode_forwards_sigterm_to_the_remote_processes_and_waits_for_their_save(
+    stubs, tmp_path):
+  """Killing the local ssh clients does not stop remote commands (they would train on
+  beside the next attempt): the script signals each remote process by its PID file and
+  waits while they save. The stub ssh runs the command on a process of its own, in a
+  new session, so that only the forwarded signal can reach it."""
+  env, _ = stubs
+  ssh = tmp_path / 'ssh'
+  ssh.write_text('#!/usr/bin/env bash\n'
+                 f'echo "$@" >> {tmp_path}/ssh_calls\n'
+                 'setsid bash -c "$2" &\n'
+                 'wait $!\n')
+  ssh.chmod(0o755)
+  fake = _recording_python(
+      tmp_path, 'import signal\n'
+      'pid = sys.argv[5]\n'
+      'def on_term(*_):\n'
+      '  time.sleep(1)  # the checkpoint being written\n'
+      '  open(f"{d}/saved_{pid}", "w").write("")\n'
+      '  sys.exit(143)\n'
+      'signal.signal(signal.SIGTERM, on_term)\n'
+      'time.sleep(60)\n')
+  proc = subprocess.Popen(
+      ['bash', LAUNCH / 'multinode.sh', '--hosts=gpu-a,gpu-b', f'--python={fake}',
+       '--config=c.py', '--workdir=/w'], cwd=ROOT, env=dict(env, SSH=str(ssh)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 30
+  while len(list(tmp_path.glob('argv_*'))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.5)  # past the fakes' signal.signal
+  proc.terminate()
+  start = time.monotonic()
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 143, err
+  assert time.monotonic() - start >= 0.9  # it waited for the saves
+  assert sorted(p.name for p in tmp_path.glob('saved_*')) == [
+      'saved_--process_id=0', 'saved_--process_id=1'], err
+  assert 'every process saves a checkpoint and stops' in err
+  kills = [c for c in (tmp_path / 'ssh_calls').read_text().splitlines() if 'kill -TERM' in c]
+  assert sorted(c.split()[0] for c in kills) == ['gpu-a', 'gpu-b']
 
 
 def test_multinode_over_an_ssh_that_forwards_no_environment(stubs, tmp_path):
