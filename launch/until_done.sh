@@ -23,6 +23,10 @@ Options:
   --max_attempts=N     (MAX_ATTEMPTS, default 20)
   --backoff=SECONDS    wait before the first restart (BACKOFF, default 60)
   --max_backoff=SECS   longest wait (MAX_BACKOFF, default 1800)
+  --stop_on=STATUS     an exit status of COMMAND after which no attempt follows, and
+                       this script exits with it (STOP_ON; e.g. 143 inside a SLURM job:
+                       the run saved on the time limit's SIGTERM, and the allocation
+                       ends before another attempt could do anything)
   PYTHON               Python that runs launch/run_status.py (default: the active
                        virtualenv's python, else this checkout's .venv/bin/python,
                        else python3). Any Python 3.7+ reads a local workdir; a gs://
@@ -42,6 +46,7 @@ DONE_CMD=${DONE_CMD:-}
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-20}
 BACKOFF=${BACKOFF:-60}
 MAX_BACKOFF=${MAX_BACKOFF:-1800}
+STOP_ON=${STOP_ON:-}
 PYTHON=${PYTHON:-}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 if [[ -z $PYTHON ]]; then
@@ -62,6 +67,7 @@ while (($#)); do
     --max_attempts=*) MAX_ATTEMPTS=${1#*=} ;;
     --backoff=*) BACKOFF=${1#*=} ;;
     --max_backoff=*) MAX_BACKOFF=${1#*=} ;;
+    --stop_on=*) STOP_ON=${1#*=} ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
     *) break ;;
@@ -76,6 +82,7 @@ log() { echo "launch/until_done.sh [$(date '+%F %T')]: $*" >&2; }
 for v in MAX_ATTEMPTS BACKOFF MAX_BACKOFF; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v=${!v} is not a whole number"
 done
+[[ -z $STOP_ON || $STOP_ON =~ ^[0-9]+$ ]] || die "--stop_on=$STOP_ON is not an exit status"
 
 status_cmd=("$PYTHON" "$here/run_status.py" "$WORKDIR")
 [[ -z $TOTAL_STEPS ]] || status_cmd+=(--total_steps="$TOTAL_STEPS")
@@ -128,6 +135,10 @@ while :; do
     exit 0
   fi
   log "attempt $attempt ended with status $rc before the final step"
+  if [[ -n $STOP_ON && $rc == "$STOP_ON" ]]; then
+    log "not restarting: status $rc is --stop_on's (the job was told to stop)"
+    exit "$rc"
+  fi
   if ((attempt >= MAX_ATTEMPTS)); then
     log "giving up after $attempt attempts; start the same command again to continue"
     exit 1

@@ -321,6 +321,19 @@ def test_sbatch_script_restarts_inside_the_allocation(stubs, tmp_path):
   assert len(calls('srun')) == 2 and 'the run is done (attempt 2)' in proc.stderr
 
 
+def test_sbatch_script_does_not_restart_after_the_time_limit_save(stubs, tmp_path):
+  """Status 143: the tasks saved on --signal=TERM@300; the allocation is ending, so no
+  attempt follows (one would be killed by the limit a few minutes later)."""
+  env, calls = stubs
+  env = _slurm_env(env, tmp_path, SLURM_NTASKS_PER_NODE='8', RESTARTS='3', BACKOFF='0',
+                   DONE_CMD=f'test -f {tmp_path}/done',
+                   STUB_RULES=json.dumps([['vit_jax.main', [[143, '']]]]))
+  proc = _sh([LAUNCH / 'slurm.sbatch'], env)
+  assert proc.returncode == 143, proc.stderr
+  assert len(calls('srun')) == 1
+  assert "not restarting: status 143 is --stop_on's" in proc.stderr
+
+
 def test_sbatch_script_needs_config_and_workdir(stubs):
   env, calls = stubs
   proc = _sh([LAUNCH / 'slurm.sbatch'], env)
@@ -521,6 +534,18 @@ def test_until_done_restarts_a_preempted_job_until_it_finishes(stubs, tmp_path):
   assert proc.stderr.count('ended with status 143 before the final step') == 4
   # Exponential backoff, capped (`sleep` is a recording stub).
   assert [c['argv'] for c in calls('sleep')] == [['5'], ['10'], ['12'], ['12']]
+
+
+def test_until_done_stops_on_the_status_it_is_told(stubs, tmp_path):
+  env, _ = stubs
+  proc = _until_done(tmp_path, env, '--backoff=0', '--stop_on=143', '--',
+                     _job(tmp_path, fail_times=2))
+  assert proc.returncode == 143 and _count(tmp_path) == 1, proc.stderr
+  proc = _until_done(tmp_path, env, '--backoff=0', '--stop_on=143', '--',
+                     _job(tmp_path, fail_times=2, status=1))  # another status: restarted
+  assert proc.returncode == 0 and _count(tmp_path) == 3, proc.stderr
+  proc = _until_done(tmp_path, env, '--stop_on=TERM', '--', 'true')
+  assert proc.returncode == 2 and '--stop_on=TERM is not an exit status' in proc.stderr
 
 
 def test_until_done_gives_up_after_max_attempts(stubs, tmp_path):
