@@ -42,3 +42,26 @@ def test_a_second_ctrl_c_interrupts_at_once():
 def test_preempted_reports_its_signal():
   assert preemption.Preempted('x').signal_number == signal.SIGTERM
   assert preemption.Preempted('x', signal.SIGINT).signal_number == signal.SIGINT
+
+
+def test_checkpoint_saves_leave_the_preemption_service_to_the_loop(monkeypatch, tmp_path):
+  """Orbax's manager asks the preemption service in save() and, from its finalize
+  thread, with older steps; only the loop may (once per step, in order)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import train_state  # pylint: disable=g-import-not-at-top
+  asked = []
+  monkeypatch.setattr(multihost_utils, 'reached_preemption_sync_point',
+                      lambda step: asked.append(step) or False)
+  checkpointer = train_state.TrainCheckpointer(tmp_path / 'checkpoints')
+  state = {'w': jax.numpy.arange(4.0)}
+  for step in (1, 2):
+    checkpointer.save(step, state, {'step': step})
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [1, 2]
+  restored, meta = checkpointer.restore(jax.eval_shape(lambda: state))
+  np.testing.assert_array_equal(restored['w'], np.arange(4.0))
+  assert meta['step'] == 2
+  assert not asked
+  checkpointer.close()

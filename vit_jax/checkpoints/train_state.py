@@ -19,6 +19,21 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager without its own preemption queries.
+
+  The training loop asks JAX's preemption service once per step, in order
+  (vit_jax/train/preemption.py), and saves with force=True. Orbax would ask it again in
+  save() and, from its finalize thread, with the step it just finished: that moves the
+  service's step counter back to an older step, and a notice arriving then could agree on
+  a step the loop has already passed, so the run would not stop to save.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class TrainCheckpointer:
   """Saves and restores {'state': train state, 'meta': JSON} under `directory`."""
 
@@ -34,8 +49,7 @@ class TrainCheckpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-    self._manager = ocp.CheckpointManager(directory, options=options,
-                                          item_names=('state', 'meta'))
+    self._manager = _Manager(directory, options=options, item_names=('state', 'meta'))
 
   @property
   def directory(self):
