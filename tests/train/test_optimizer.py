@@ -44,6 +44,36 @@ def test_schedule_errors_name_the_field():
     _schedule('cosine', warmup=200)
 
 
+def test_base_lr_scales_with_the_batch_and_warmup_counts_in_epochs():
+  cfg = ml_collections.ConfigDict(dict(base_lr=0.1, base_lr_batch=256, warmup_steps=0,
+                                       warmup_epochs=2.0, decay='constant'))
+  s = optimizer_lib.learning_rate_schedule(cfg, 1000, batch_size=1024, steps_per_epoch=50)
+  assert float(s(100)) == pytest.approx(0.4)  # 0.1 x 1024 / 256, after 2 x 50 steps
+  assert float(s(50)) == pytest.approx(0.2)  # half way through the warmup
+  s = optimizer_lib.learning_rate_schedule(cfg, 1000, batch_size=128, steps_per_epoch=400)
+  assert float(s(800)) == pytest.approx(0.05) and float(s(400)) == pytest.approx(0.025)
+  with pytest.raises(ValueError, match=r'warmup_epochs=2.0 \(100 steps\) is not below the 90'):
+    optimizer_lib.learning_rate_schedule(cfg, 90, batch_size=1024, steps_per_epoch=50)
+  with pytest.raises(ValueError, match='warmup_epochs=2.0 and warmup_steps=5 are both set'):
+    optimizer_lib.check_schedule(dict(cfg, warmup_steps=5))
+  with pytest.raises(ValueError, match='base_lr_batch=-1 must be 0'):
+    optimizer_lib.check_schedule(dict(cfg, base_lr_batch=-1))
+
+
+def test_a_family_recipe_rescales_after_a_batch_override():
+  from vit_jax.train import recipes  # pylint: disable=g-import-not-at-top
+  c = recipes.imagenet1k_supervised('ResNet-50')
+  assert c.batch_size == 1024
+  c.batch_size = 256  # as --config.batch_size=256 does
+  r = optimizer_lib.resolved_schedule(c.schedule, batch_size=c.batch_size,
+                                      steps_per_epoch=1_268_093 / 256)
+  assert r['base_lr'] == pytest.approx(0.1)  # Goyal et al.: 0.1 x batch / 256
+  assert r['warmup_steps'] == round(5 * 1_268_093 / 256)  # still 5 epochs
+  with pytest.raises(defaults.ConfigError, match='warmup_epochs=5.0 and warmup_steps=9'):
+    c.schedule.warmup_steps = 9
+    defaults.validate(c, num_devices=1, process_count=1, check_input=False)
+
+
 def test_weight_decay_only_on_kernels_and_bf16_moments():
   module = models.create('ViT-Ti/16', image_size=16, patch_size=8, hidden_size=32,
                          num_layers=1, num_heads=2, mlp_dim=64, num_classes=3)

@@ -22,7 +22,10 @@ FIELD_DOCS = {
     'total_steps': 'training steps; None derives it from num_epochs',
     'num_epochs': 'epochs of the training split when total_steps is None',
     'optimizer': "name ('adam'|'sgd'), b1, b2, eps, momentum, weight_decay, grad_clip_norm, mu_dtype",
-    'schedule': "base_lr, warmup_steps, decay ('linear'|'cosine'|'rsqrt'|'constant'), end_lr_fraction",
+    'schedule': "base_lr, base_lr_batch (0, or the global batch base_lr is for: it then scales "
+                "linearly with batch_size), warmup_steps, warmup_epochs (instead of "
+                "warmup_steps when > 0), decay ('linear'|'cosine'|'rsqrt'|'constant'), "
+                'end_lr_fraction',
     'loss': "'softmax_xent' or 'sigmoid_xent' (multi-label, e.g. ImageNet-21k)",
     'mesh': 'device mesh sizes: data, fsdp, model (-1: the remaining devices)',
     'min_fsdp_size': 'parameters with fewer elements stay replicated on the fsdp axis',
@@ -59,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
       name='adam', b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, weight_decay=0.0,
       grad_clip_norm=1.0, mu_dtype='float32'))
   c.schedule = ml_collections.ConfigDict(dict(
-      base_lr=1e-3, warmup_steps=0, decay='cosine', end_lr_fraction=0.0))
+      base_lr=1e-3, base_lr_batch=0, warmup_steps=0, warmup_epochs=0.0, decay='cosine',
+      end_lr_fraction=0.0))
   c.loss = 'softmax_xent'
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.min_fsdp_size = 2**18
@@ -162,6 +166,10 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     raise ConfigError(f"config.nonfinite={config.nonfinite!r}: use 'stop' or 'skip'")
   if config.total_steps is None and not config.num_epochs:
     raise ConfigError('set config.total_steps or config.num_epochs')
+  try:
+    optimizer_lib.check_schedule(config.schedule)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   warmup = config.schedule.get('warmup_steps', 0)
   if config.total_steps is not None and warmup >= config.total_steps:
     raise ConfigError(f'config.schedule.warmup_steps={warmup} is not below '

@@ -143,14 +143,30 @@ def load_pretrained(config):
   return loaded
 
 
+def schedule_summary(config, total_steps: int, steps_per_epoch: float) -> str:
+  """The learning rate and warmup a run uses, and where they come from."""
+  s = config.schedule
+  r = optimizer_lib.resolved_schedule(s, batch_size=config.batch_size,
+                                      steps_per_epoch=steps_per_epoch)
+  lr = f"peak learning rate {r['base_lr']:.4g}"
+  if s.get('base_lr_batch'):
+    lr += f' (base_lr {s.base_lr:g} for a batch of {s.base_lr_batch}, at {config.batch_size})'
+  warmup = f"warmup {r['warmup_steps']} steps"
+  if s.get('warmup_epochs'):
+    warmup += f' ({s.warmup_epochs:g} epochs of {steps_per_epoch:.1f} steps)'
+  return (f'{lr}, {warmup}, then {s.decay} decay to step {total_steps} '
+          f'({total_steps / steps_per_epoch:.2f} epochs)')
+
+
 class Trainer:
   """Model, optimizer, shardings and the jitted steps of one config on one mesh."""
 
-  def __init__(self, config, mesh, total_steps: int):
+  def __init__(self, config, mesh, total_steps: int, steps_per_epoch: float | None = None):
     self.config = config
     self.mesh = mesh
     self.module = models.create(config.model)
-    self.optimizer, self.schedule = optimizer_lib.create_optimizer(config, total_steps)
+    self.optimizer, self.schedule = optimizer_lib.create_optimizer(config, total_steps,
+                                                                   steps_per_epoch)
     size = config.model.image_size
     module, optimizer = self.module, self.optimizer
 
@@ -261,8 +277,10 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     train_source, eval_source = data_builder.create_sources(config.input)
     spe = pipeline.steps_per_epoch(train_source, config.batch_size)
     total_steps = config.total_steps or max(int(math.ceil(config.num_epochs * spe)), 1)
-    t = Trainer(config, mesh, total_steps)
+    t = Trainer(config, mesh, total_steps, steps_per_epoch=spe)
     batch_sharding = t.batch_sharding
+    if is_main:
+      logging.info('Schedule: %s', schedule_summary(config, total_steps, spe))
 
     meta = {'seed': config.seed, 'global_batch_size': config.batch_size,
             'steps_per_epoch': spe, 'process_count': jax.process_count(),

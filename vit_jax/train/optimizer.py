@@ -14,6 +14,10 @@ parameter (their gradients and updates are zeroed; their optimizer moments stay 
 and freeze='^Transformer/encoderblock/' all of them.
 config.schedule: base_lr, warmup_steps, decay ('linear', 'cosine', 'rsqrt' or
 'constant'), end_lr_fraction (linear/cosine end value as a fraction of base_lr).
+base_lr_batch > 0 makes base_lr the rate of that global batch, scaled linearly to
+config.batch_size (a recipe's `--config.batch_size=256` then scales its rate too);
+warmup_epochs > 0 gives the warmup in epochs of the training split, instead of
+warmup_steps (it then stays the same share of training at any batch size).
 """
 
 import re
@@ -26,16 +30,61 @@ SCHEDULES = ('linear', 'cosine', 'rsqrt', 'constant')
 OPTIMIZERS = ('adam', 'sgd')
 
 
-def learning_rate_schedule(schedule_config, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to base_lr, then the configured decay until total_steps."""
-  base = float(schedule_config.base_lr)
-  warmup = int(schedule_config.get('warmup_steps', 0))
-  decay = schedule_config.get('decay', 'cosine')
-  end = base * float(schedule_config.get('end_lr_fraction', 0.0))
+def check_schedule(schedule_config) -> None:
+  """ValueError naming a schedule field that cannot work."""
+  s = schedule_config
+  batch, epochs = s.get('base_lr_batch', 0), s.get('warmup_epochs', 0.0)
+  if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+    raise ValueError(f'config.schedule.base_lr_batch={batch!r} must be 0 (base_lr is the '
+                     'rate) or the positive global batch size base_lr is for')
+  if not isinstance(epochs, (int, float)) or epochs < 0:
+    raise ValueError(f'config.schedule.warmup_epochs={epochs!r} must be 0 (warmup_steps '
+                     'counts) or a positive number of epochs')
+  if epochs and s.get('warmup_steps', 0):
+    raise ValueError(f"config.schedule.warmup_epochs={epochs} and warmup_steps="
+                     f"{s.get('warmup_steps')} are both set: give one, e.g. "
+                     '--config.schedule.warmup_steps=0')
+
+
+def resolved_schedule(schedule_config, *, batch_size: int | None = None,
+                      steps_per_epoch: float | None = None) -> dict:
+  """{'base_lr', 'warmup_steps', ...}: base_lr scaled to batch_size where base_lr_batch
+  is set, warmup_epochs turned into steps."""
+  check_schedule(schedule_config)
+  s = dict(schedule_config)
+  base, ref = float(s['base_lr']), s.get('base_lr_batch', 0)
+  if ref:
+    if batch_size is None:
+      raise ValueError('config.schedule.base_lr_batch is set: the batch size is needed')
+    s['base_lr'] = base * batch_size / ref
+  epochs = s.get('warmup_epochs', 0.0)
+  if epochs:
+    if steps_per_epoch is None:
+      raise ValueError('config.schedule.warmup_epochs is set: the steps per epoch are '
+                       'needed (use warmup_steps where there is no dataset)')
+    s['warmup_steps'] = int(round(epochs * steps_per_epoch))
+  return s
+
+
+def learning_rate_schedule(schedule_config, total_steps: int, *,
+                           batch_size: int | None = None,
+                           steps_per_epoch: float | None = None) -> optax.Schedule:
+  """Linear warmup from 0 to base_lr, then the configured decay until total_steps.
+
+  batch_size / steps_per_epoch: needed where base_lr_batch / warmup_epochs are set.
+  """
+  resolved = resolved_schedule(schedule_config, batch_size=batch_size,
+                               steps_per_epoch=steps_per_epoch)
+  base = float(resolved['base_lr'])
+  warmup = int(resolved.get('warmup_steps', 0))
+  decay = resolved.get('decay', 'cosine')
+  end = base * float(resolved.get('end_lr_fraction', 0.0))
   if decay not in SCHEDULES:
     raise ValueError(f'config.schedule.decay={decay!r} is not one of {SCHEDULES}')
   if warmup >= total_steps and total_steps > 0:
-    raise ValueError(f'config.schedule.warmup_steps={warmup} is not below the '
+    given = (f"warmup_epochs={resolved['warmup_epochs']} ({warmup} steps)"
+             if resolved.get('warmup_epochs') else f'warmup_steps={warmup}')
+    raise ValueError(f'config.schedule.{given} is not below the '
                      f'{total_steps} total steps of the run (config.total_steps, or '
                      'config.num_epochs times the steps per epoch): lower it, e.g. '
                      f'--config.schedule.warmup_steps={total_steps // 10}, or train longer')
@@ -151,11 +200,14 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def create_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                        optax.Schedule]:
-  """(optimizer, learning-rate schedule) for config.optimizer and config.schedule."""
+def create_optimizer(config, total_steps: int, steps_per_epoch: float | None = None
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, learning-rate schedule) for config.optimizer and config.schedule
+  (steps_per_epoch: for config.schedule.warmup_epochs)."""
   opt = config.optimizer
-  schedule = learning_rate_schedule(config.schedule, total_steps)
+  schedule = learning_rate_schedule(config.schedule, total_steps,
+                                    batch_size=config.batch_size,
+                                    steps_per_epoch=steps_per_epoch)
   mu_dtype = jnp.bfloat16 if opt.get('mu_dtype', 'float32') == 'bfloat16' else None
   wd = float(opt.get('weight_decay', 0.0))
   parts = []

@@ -118,7 +118,8 @@ def imagenet1k_supervised(model_name: str, *, batch_size: int = 1024):
   """ImageNet-1k from scratch at 224 px for the Swin, ResNet-family and BiT models.
 
   The optimizer follows the family (see the module docstring); the learning rate scales
-  linearly with `batch_size`. Inputs are normalised with the ImageNet mean and std, as
+  linearly with the batch size (`schedule.base_lr_batch`, also after
+  `--config.batch_size=N`), and the warmup is counted in epochs (`schedule.warmup_epochs`). Inputs are normalised with the ImageNet mean and std, as
   timm's weights of these models expect.
   """
   c = defaults.default_config()
@@ -138,8 +139,7 @@ def imagenet1k_supervised(model_name: str, *, batch_size: int = 1024):
     c.num_epochs = 300
     c.optimizer.update(name='adam', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
                        grad_clip_norm=5.0)
-    c.schedule.update(base_lr=1e-3 * batch_size / 1024,
-                      warmup_steps=int(20 * steps_per_epoch), decay='cosine')
+    c.schedule.update(base_lr=1e-3, base_lr_batch=1024, warmup_epochs=20.0, decay='cosine')
     c.input.pp_train = (f'decode|inception_crop({size})|flip_lr|randaugment(2, 9)|normalize|'
                         'onehot(1000, label_smoothing=0.1)')
     c.input.mixup_alpha = 0.8
@@ -147,13 +147,12 @@ def imagenet1k_supervised(model_name: str, *, batch_size: int = 1024):
   elif family == 'bit':
     c.num_epochs = 90
     c.optimizer.update(name='sgd', momentum=0.9, weight_decay=1e-4, grad_clip_norm=0.0)
-    c.schedule.update(base_lr=0.03 * batch_size / 256, warmup_steps=5000, decay='cosine')
+    c.schedule.update(base_lr=0.03, base_lr_batch=256, warmup_steps=5000, decay='cosine')
     c.input.pp_train = f'decode|inception_crop({size})|flip_lr|normalize|onehot(1000)'
   else:  # resnet, resnext, res2net
     c.num_epochs = 90
     c.optimizer.update(name='sgd', momentum=0.9, weight_decay=1e-4, grad_clip_norm=0.0)
-    c.schedule.update(base_lr=0.1 * batch_size / 256, warmup_steps=int(5 * steps_per_epoch),
-                      decay='cosine')
+    c.schedule.update(base_lr=0.1, base_lr_batch=256, warmup_epochs=5.0, decay='cosine')
   c.log_every = 100
   c.eval_every = int(steps_per_epoch) * 5
   c.checkpoint_every = 2_000
@@ -183,7 +182,8 @@ def bundled_mnist(c, *, image_size: int = 32, batch_size: int = 64, num_epochs: 
   c.num_epochs = num_epochs
   if base_lr is None:
     base_lr = 1e-3 if c.optimizer.name == 'adam' else 0.05
-  c.schedule.update(base_lr=base_lr, warmup_steps=20, decay='cosine')
+  c.schedule.update(base_lr=base_lr, base_lr_batch=0, warmup_steps=20, warmup_epochs=0.0,
+                    decay='cosine')
   c.log_every = 10
   c.eval_every = 0
   c.checkpoint_every = 25  # a run stopped part-way resumes (ResNet-50 takes minutes per 25)
