@@ -96,6 +96,14 @@ def test_fields_of_more_than_one_type_take_every_type_on_the_command_line(tmp_pa
   assert "representation_size='wide' must be a positive int" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_the_21k_recipe_representation_layer_follows_a_shrunk_width(tmp_path):
+  proc = _run(['--config=configs/vit_b16.py', '--config.model.num_layers=1',
+               '--config.model.hidden_size=64', '--config.model.num_heads=2'], tmp_path)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  config = json.loads((tmp_path / 'config.json').read_text())['model']
+  assert (config['hidden_size'], config['representation_size']) == (64, 64)
+
+
 def test_swin_takes_one_window_per_stage_on_the_command_line(tmp_path):
   proc = _run(['--config=configs/swin_t.py:mnist', '--config.model.window_size=(4, 4, 2, 1)'],
               tmp_path)

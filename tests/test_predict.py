@@ -10,6 +10,7 @@ directory), an `.npz`, and the workdir's model exported by `vit_jax.convert` to
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -185,6 +186,27 @@ def test_api_uses_the_runs_eval_preprocessing_and_batches(trained_workdir, photo
   # An iterator is read once: the unreadable image is still named.
   with pytest.raises(inference.UnreadableImageError, match='no_such.png'):
     clf.predict(p for p in [photos[0], photos[0].parent / 'no_such.png'])
+
+
+def test_a_sigmoid_trained_workdir_gives_sigmoid_probabilities(trained_workdir, photos,
+                                                               tmp_path):
+  softmax = inference.ImageClassifier.from_pretrained(trained_workdir)
+  assert softmax.probabilities == 'softmax'
+  logits = softmax.logits(softmax.preprocess(photos))
+  np.testing.assert_allclose(softmax.predict_proba(photos).sum(-1), 1.0, atol=1e-5)
+  # The same run, recorded as trained with the sigmoid loss (as the ImageNet-21k recipe).
+  copy = tmp_path / 'workdir'
+  shutil.copytree(trained_workdir, copy)
+  (meta_file,) = copy.glob('checkpoints/*/meta/metadata')
+  meta = json.loads(meta_file.read_text())
+  meta['config']['loss'] = 'sigmoid_xent'
+  meta_file.write_text(json.dumps(meta))
+  sigmoid = inference.ImageClassifier.from_pretrained(copy)
+  assert sigmoid.probabilities == 'sigmoid'
+  np.testing.assert_allclose(sigmoid.predict_proba(photos), 1 / (1 + np.exp(-logits)),
+                             rtol=1e-5)
+  top = sigmoid.predict(photos[0], top_k=1)[0][0]
+  assert top.probability == pytest.approx(1 / (1 + np.exp(-logits[0].max())), rel=1e-5)
 
 
 def _random_timm_model(num_classes):

@@ -66,13 +66,21 @@ def _as_image_list(images) -> list:
   return list(images)
 
 
+PROBABILITIES = ('softmax', 'sigmoid')
+
+
 class ImageClassifier:
   """A model (of any family) and its preprocessing and labels; predictions are batched
-  and jitted. model_state: the Flax collections besides params (BatchNorm statistics)."""
+  and jitted. model_state: the Flax collections besides params (BatchNorm statistics).
+  probabilities: 'softmax' (one class per image), or 'sigmoid' (independent classes: a
+  head trained with the sigmoid loss, e.g. ImageNet-21k pre-training)."""
 
   def __init__(self, module: models.VisionTransformer, params, *, pp: str,
                class_names: Sequence[str] | None = None, batch_size: int = 32,
-               config=None, model_state=None):
+               config=None, model_state=None, probabilities: str = 'softmax'):
+    if probabilities not in PROBABILITIES:
+      raise ValueError(f'probabilities={probabilities!r} is not one of {PROBABILITIES}')
+    self.probabilities = probabilities
     self.module = module
     self.params = params
     self.model_state = dict(model_state or {})
@@ -116,7 +124,8 @@ class ImageClassifier:
             else default_pp(config.image_size, registry.family_of(config)))
     params = jax.tree.map(jnp.asarray, ckpt.params)
     return cls(module, params, pp=pp, class_names=names, batch_size=batch_size,
-               config=config, model_state=jax.tree.map(jnp.asarray, ckpt.model_state))
+               config=config, model_state=jax.tree.map(jnp.asarray, ckpt.model_state),
+               probabilities='sigmoid' if ckpt.loss == 'sigmoid_xent' else 'softmax')
 
   @property
   def num_classes(self) -> int:
@@ -177,10 +186,16 @@ class ImageClassifier:
       chunks.append(out[:len(out) - pad])
     return np.concatenate(chunks) if chunks else np.zeros((0, self.num_classes), np.float32)
 
-  def predict_proba(self, images) -> np.ndarray:
-    """Softmax probabilities, (N, classes)."""
-    logits = self.logits(self.preprocess(images))
+  def probs(self, logits) -> np.ndarray:
+    """Probabilities of logits, (N, classes): softmax, or sigmoid (`probabilities`)."""
+    logits = np.asarray(logits, np.float32)
+    if self.probabilities == 'sigmoid':
+      return np.asarray(jax.nn.sigmoid(logits))
     return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+  def predict_proba(self, images) -> np.ndarray:
+    """Probabilities (`probs`), (N, classes)."""
+    return self.probs(self.logits(self.preprocess(images)))
 
   def predict(self, images, top_k: int = 5) -> list[list[Prediction]]:
     """The top_k classes of each image, most probable first."""
@@ -188,7 +203,7 @@ class ImageClassifier:
 
   def top_k(self, logits, top_k: int = 5) -> list[list[Prediction]]:
     """The top_k classes of each row of logits, most probable first."""
-    probs = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
+    probs = self.probs(logits)
     top_k = min(top_k, probs.shape[-1])
     result = []
     for row in probs:

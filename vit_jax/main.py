@@ -177,8 +177,11 @@ def main(argv):
             flush=True)
     return 128 + e.signal_number  # 143 after SIGTERM (EXIT_PREEMPTED), 130 after Ctrl-C
   if is_main:
-    print('final: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-                                for k, v in final.items()), flush=True)
+    # Counts stay counts (a finished run started again reads them back from JSON as floats).
+    print('final: ' + ', '.join(
+        f'{k} {int(v)}' if k in ('step', 'eval_examples') else
+        f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in final.items()),
+          flush=True)
     print(f'metrics: {workdir / "metrics.jsonl"}, TensorBoard: {workdir / "tensorboard"}, '
           f'checkpoints: {workdir / "checkpoints"}', flush=True)
 

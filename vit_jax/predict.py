@@ -11,7 +11,8 @@ or save_pretrained writes it, works too). A `.safetensors` file written by
 `vit_jax.convert` is read with the model config, class names and preprocessing it
 records. A folder among the IMAGE arguments stands for the
 images in it. Images are preprocessed by the evaluation ops and classified in jitted
-batches; for each image the top-k labels are printed with their softmax probabilities.
+batches; for each image the top-k labels are printed with their probabilities (softmax;
+sigmoid for a workdir trained with the sigmoid loss, e.g. ImageNet-21k pre-training).
 Images that cannot be read are named on stderr and skipped; the others are still
 classified, and the exit status is then 1.
 """

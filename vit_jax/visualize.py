@@ -557,7 +557,7 @@ def main(argv):
       logits, attn = fn(clf.params, chunk)
     except Exception as e:  # pylint: disable=broad-except
       _fail(f'cannot run the model: {type(e).__name__}: {e}')
-    probs = np.asarray(jax.nn.softmax(logits[:real], axis=-1))
+    probs = clf.probs(logits[:real])
     attn = np.asarray(attn[:, :real])
     masks = rollout_mask(attention_rollout(attn, residual=f['residual'],
                                            head_fusion=f['head_fusion']), grid)

@@ -37,6 +37,12 @@ def test_init_summary_names_kept_resampled_and_new_parameters():
   same = models.init_params(old, 32)
   line = loop.init_summary('/w/ViT.npz', loaded, same, {'init_head': 'keep'})
   assert f'{total} loaded as they are; head: keep' in line
+  # An ImageNet-21k checkpoint's pre_logits layer, dropped by a model without one.
+  with_pre_logits = models.create('ViT-Ti/16', **small, image_size=32, num_classes=10,
+                                  representation_size=32)
+  loaded = types.SimpleNamespace(kind='npz', params=models.init_params(with_pre_logits, 32))
+  line = loop.init_summary('/w/ViT.npz', loaded, same, {'init_head': 'reset'})
+  assert '2 not in the model, left out: pre_logits/bias, pre_logits/kernel' in line, line
 
 
 def test_init_summary_names_a_resnet_head_as_the_head():

@@ -87,3 +87,13 @@ def test_a_failed_rewrite_leaves_metrics_jsonl_as_it_was(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='simulated crash'):
     metrics.MetricsWriter(tmp_path, start_step=2)
   assert (tmp_path / 'metrics.jsonl').read_text() == before
+
+
+def test_the_eta_counts_the_evaluations_still_to_come():
+  import io  # pylint: disable=g-import-not-at-top
+  stream = io.StringIO()
+  progress = metrics.Progress(100, 8, 0, stream=stream)
+  progress.report(40, 80.0, 0.1, {'loss': 1.0})  # 60 steps x 0.1 s
+  progress.report(40, 80.0, 0.1, {'loss': 1.0}, other_s=3 * 40.0)  # and 3 evals of 40 s
+  first, second = stream.getvalue().splitlines()
+  assert first.endswith('ETA 0:00:06') and second.endswith('ETA 0:02:06'), (first, second)

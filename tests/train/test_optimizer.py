@@ -239,3 +239,45 @@ def test_nonfinite_gradients_stay_nonfinite_after_clipping():
   clip = optimizer_lib.clip_by_global_norm(1.0)
   got, _ = clip.update({'a': jnp.array([1.0, jnp.nan])}, clip.init(None))
   assert not np.isfinite(np.asarray(got['a'])).any()
+
+
+@pytest.mark.parametrize('trainable,freeze', [('^head/', None), (None, 'encoderblock_0/')])
+def test_the_logged_grad_norm_is_the_norm_of_the_trained_gradients(trainable, freeze):
+  """As the clipped norm: frozen parameters (and frozen layers of a stacked leaf) have no
+  share in it. Checked against jax.grad of the loss and a numpy norm over the trained
+  entries."""
+  from vit_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  module = models.create('ViT-Ti/16', image_size=16, patch_size=8, hidden_size=32,
+                         num_layers=2, num_heads=2, mlp_dim=64, num_classes=3,
+                         scan_layers=True)
+  params = models.init_params(module, 16)
+  params['head']['kernel'] = jax.random.normal(  # so that the body gets gradients too
+      jax.random.PRNGKey(2), params['head']['kernel'].shape)
+  config = defaults.default_config()
+  config.trainable, config.freeze = trainable, freeze
+  opt, _ = optimizer_lib.create_optimizer(config, 10)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=opt.init(params), rng=jax.random.PRNGKey(0))
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  labels = jax.nn.one_hot(jnp.arange(4) % 3, 3)
+  fn = step_lib.make_train_step(module, opt, loss='softmax_xent', trainable=trainable,
+                                freeze=freeze)
+  _, metrics = jax.jit(fn)(state, {'image': images, 'label': labels})
+
+  def loss(p):
+    logits = module.apply({'params': p}, images, train=True, rngs={'dropout': state.rng})
+    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+  grads = jax.grad(loss)(params)
+  squares = 0.0
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    g = np.asarray(g, np.float64)
+    if trainable:
+      squares += np.sum(g**2) if name.startswith('head/') else 0.0
+    elif name.startswith('Transformer/encoderblock/'):  # stacked: layer 0 frozen
+      squares += np.sum(g[1:]**2)
+    else:
+      squares += np.sum(g**2)
+  everything = np.sqrt(sum(np.sum(np.asarray(g, np.float64)**2) for g in jax.tree.leaves(grads)))
+  assert float(metrics['grad_norm']) == pytest.approx(np.sqrt(squares), rel=1e-4)
+  assert abs(float(metrics['grad_norm']) - everything) > 1e-3 * everything  # not all of them

@@ -247,6 +247,9 @@ class Checkpoint:
   # The config is the one the file records (a state dict vit_jax.convert wrote), not
   # guessed from the weights nor given by the caller.
   config_recorded: bool = False
+  # The training run's loss where known (a workdir): 'sigmoid_xent' heads (ImageNet-21k)
+  # give independent per-class probabilities, 'softmax_xent' ones a distribution.
+  loss: str | None = None
 
   def variables(self) -> dict:
     """The Flax variables {'params': ..., **model_state}."""
@@ -446,7 +449,8 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
                        'records no model config (meta["model"]) to build them with')
     pp_eval = ((meta.get('config') or {}).get('input') or {}).get('pp_eval')
     return Checkpoint(config, params, 'orbax', class_names=meta.get('class_names'),
-                      pp_eval=pp_eval, model_state=model_state)
+                      pp_eval=pp_eval, model_state=model_state,
+                      loss=(meta.get('config') or {}).get('loss'))
   raise ValueError(f'cannot tell what kind of checkpoint {path!r} is: expected .npz, '
                    '.safetensors/.bin/.pt/.pth, or an Orbax workdir / step directory')
 

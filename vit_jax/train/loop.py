@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import signal
+import time
 import uuid
 
 from absl import logging
@@ -123,6 +124,10 @@ def init_summary(path, loaded, params, config) -> str:
   if fresh:
     parts.append(f'{len(fresh)} not in the checkpoint or of another shape, initialised: '
                  + ', '.join(fresh[:6]) + (' ...' if len(fresh) > 6 else ''))
+  unused = [name for name in source if name not in new]  # e.g. a dropped pre_logits layer
+  if unused:
+    parts.append(f'{len(unused)} not in the model, left out: '
+                 + ', '.join(unused[:6]) + (' ...' if len(unused) > 6 else ''))
   parts.append(f'head: {head}')
   return f'{path} ({"; ".join(parts)})'
 
@@ -194,7 +199,9 @@ class Trainer:
     train_step = jax.jit(
         step_lib.make_train_step(module, optimizer, loss=config.loss,
                                  accum_steps=config.accum_steps,
-                                 skip_nonfinite=config.nonfinite == 'skip'),
+                                 skip_nonfinite=config.nonfinite == 'skip',
+                                 trainable=config.get('trainable'),
+                                 freeze=config.get('freeze')),
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     eval_step = jax.jit(step_lib.make_eval_step(module, loss=config.loss),
@@ -327,6 +334,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
         batch_sharding)
     cleanup.callback(batches.close)
     pending = []  # per-step device metrics since the last host sync
+    window = []  # per-step host metrics since the last log row (an eval or a save syncs too)
     last_eval = {}
 
     def sync(step_now):
@@ -341,9 +349,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
               'stopping. ' + (f'The last good checkpoint is step {last}. ' if last is not None
                               else 'No checkpoint was written before it. ') +
               "Lower config.schedule.base_lr, or set config.nonfinite='skip'.")
-      skipped = sum(1 - int(m['finite']) for m in fetched)
       pending.clear()
-      return fetched, skipped
+      return fetched
 
     if config.get('eval_at_start') and start_step == 0:
       last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
@@ -356,19 +363,29 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     step = start_step
     final = {}
     stop_request = cleanup.enter_context(preemption.StopRequest())
+    eval_s = 0.0  # the last evaluation's time, for the ETA of the ones to come
     for step in range(start_step + 1, total_steps + 1):
       state, step_metrics = train_step(state, next(batches))
       pending.append(step_metrics)
       is_last = step == total_steps
       stopping = not is_last and stop_request(step)
       do_log = step % config.log_every == 0 or is_last or stopping
+      if step == start_step + 1 and not do_log:
+        # The first step compiles: its time is left out of the first window's images/s,
+        # MFU and ETA (one host sync, once).
+        jax.block_until_ready(step_metrics)
+        first_s = progress.rate(step)[1]
+        if is_main:
+          logging.info('First step (compilation included) took %.1f s.', first_s)
       do_eval = (config.eval_every and step % config.eval_every == 0) or is_last
       do_ckpt = ((config.checkpoint_every and step % config.checkpoint_every == 0) or is_last
                  or stopping)
       if do_log or do_eval or do_ckpt:
-        fetched, skipped = sync(step)
+        window.extend(sync(step))
         start_of_pending = step
         if do_log:
+          fetched, window = window, []
+          skipped = sum(1 - int(m['finite']) for m in fetched)
           ips, sps = progress.rate(step)
           peak, probed = peak_meter.window(progress.last_window_s)
           if probed:
@@ -380,10 +397,17 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                      mfu=flops_per_step / sps / peak, peak_flops_per_sec=peak,
                      skipped_nonfinite=skipped or None)
           writer.write(step, row)
-          progress.report(step, ips, sps, {'loss': mean['loss'], 'lr': row['learning_rate']})
+          evals_left = ((total_steps // config.eval_every - (step - 1) // config.eval_every
+                         if config.eval_every else 0)
+                        + (not config.eval_every or total_steps % config.eval_every != 0))
+          progress.report(step, ips, sps, {'loss': mean['loss'], 'lr': row['learning_rate'],
+                                           **({'skipped': skipped} if skipped else {})},
+                          other_s=evals_left * eval_s)
       if do_eval:
+        eval_start = time.perf_counter()
         last_eval = evaluate(eval_step, state.variables(), eval_source, config,
                              batch_sharding)
+        eval_s = time.perf_counter() - eval_start
         writer.write(step, last_eval)
         if is_main:
           logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4g}'

@@ -149,10 +149,12 @@ class Progress:
     return steps * self.batch / dt, dt / steps
 
   def report(self, step: int, images_per_sec: float, sec_per_step: float,
-             metrics: dict) -> None:
+             metrics: dict, other_s: float = 0.0) -> None:
+    """other_s: seconds the rest of the run spends outside the train steps (the
+    evaluations still to come), added to the ETA."""
     if not self.enabled:
       return
-    eta = (self.total - step) * sec_per_step
+    eta = (self.total - step) * sec_per_step + other_s
     h, rem = divmod(int(eta), 3600)
     parts = [f'step {step}/{self.total}']
     parts += [f'{k} {float(v):.4g}' for k, v in metrics.items()]

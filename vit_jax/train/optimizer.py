@@ -185,6 +185,23 @@ def freeze_stacked_layers(tx: optax.GradientTransformation, trainable: str | Non
   return optax.GradientTransformation(tx.init, update)
 
 
+def trained_gradients(grads, trainable: str | None, freeze: str | None):
+  """The gradient entries that train, as the clipped norm sees them: the leaves of frozen
+  parameters left out, the frozen layers of a stacked leaf zeroed. Leaving frozen leaves
+  out (rather than multiplying them by zero) lets XLA drop their backward pass where
+  nothing else reads them: a linear probe computes no gradient of the frozen body."""
+  if not (trainable or freeze):
+    return grads
+  out = []
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    trained = [_trained(n, trainable, freeze) for n in _layer_names(path, g)]
+    if all(trained):
+      out.append(g)
+    elif any(trained):
+      out.append(g * jnp.asarray(trained, g.dtype).reshape((-1,) + (1,) * (g.ndim - 1)))
+  return out
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """optax.clip_by_global_norm as one multiply of each gradient by a scalar.
 

@@ -53,7 +53,8 @@ def imagenet21k_pretraining(model_name: str):
   c = defaults.default_config()
   c.model = models.get_config(model_name)
   c.model.num_classes = 21843
-  c.model.representation_size = c.model.hidden_size
+  # A reference: a shrunk model (--config.model.hidden_size=64) keeps the layer as wide.
+  c.model.representation_size = c.model.get_ref('hidden_size')
   c.model.dropout_rate = 0.1
   c.model.scan_layers = STACKED_BLOCKS
   c.input.source = 'folder'  # ImageNet-21k is not in tfds: see docs/data.md

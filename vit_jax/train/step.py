@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax import sharding as sharding_lib
+from vit_jax.train import optimizer as optimizer_lib
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 
@@ -66,8 +67,13 @@ def _constrain(x, spec):
 
 
 def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: str,
-                    accum_steps: int = 1, skip_nonfinite: bool = False):
-  """(state, batch) -> (new state, metrics); batch has 'image' and 'label' (soft)."""
+                    accum_steps: int = 1, skip_nonfinite: bool = False,
+                    trainable: str | None = None, freeze: str | None = None):
+  """(state, batch) -> (new state, metrics); batch has 'image' and 'label' (soft).
+
+  trainable / freeze: config's regexes; the logged grad_norm is then the norm of the
+  trained gradients only (the one that is clipped).
+  """
   loss_of = loss_fn_for(loss)
 
   def compute_loss(params, model_state, images, labels, rng):
@@ -108,7 +114,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: st
 
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(optimizer_lib.trained_gradients(grads, trainable, freeze))
     finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
       keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
