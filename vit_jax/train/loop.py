@@ -25,6 +25,9 @@ from vit_jax.train import preemption
 from vit_jax.train import step as step_lib
 
 
+RUN_AHEAD = 2  # train steps the host may dispatch before the device has run them
+
+
 class NonFiniteError(FloatingPointError):
   """The loss or the gradient became NaN/inf; the message names the step."""
 
@@ -367,6 +370,12 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     for step in range(start_step + 1, total_steps + 1):
       state, step_metrics = train_step(state, next(batches))
       pending.append(step_metrics)
+      if len(pending) > RUN_AHEAD:
+        # Dispatch runs at most RUN_AHEAD steps ahead of the device: waiting for an older
+        # step keeps the device busy, and a stop request (SIGTERM, which often allows
+        # only a few minutes) is saved after the steps already queued, not after up to
+        # log_every of them.
+        jax.block_until_ready(pending[-1 - RUN_AHEAD])
       is_last = step == total_steps
       stopping = not is_last and stop_request(step)
       do_log = step % config.log_every == 0 or is_last or stopping
