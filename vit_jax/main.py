@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 from absl import app
 from absl import flags
@@ -206,17 +207,28 @@ def _main_then_exit(argv):
   By then every checkpoint, metric and event file is written and closed. Skipping the
   interpreter's teardown avoids a rare abort (SIGABRT) seen there when TensorFlow's and
   XLA's C++ threads are destroyed under load, which would report a finished run as
-  failed. A user error (`_user_errors`) prints its message and exits with status 1;
-  other errors take absl's normal path (traceback, non-zero status).
+  failed. A user error (`_user_errors`) prints its message and exits with status 1; any
+  other error prints its traceback and exits with status 1 too, at once: the interpreter's
+  normal exit would wait for Orbax's worker threads, which can wait forever after a failed
+  save, and a restart loop (until_done.sh) would never see the run end.
   """
+  failed = True
   try:
     status = main(argv) or 0
+    failed = False
   except _user_errors() as e:
     # A config, dataset, checkpoint or workdir that cannot work: the message names the
     # value and the fix, and a traceback through absl and the loop adds nothing to it.
     sys.stderr.write(f'\nerror ({type(e).__name__}): {e}\n')
     status = 1
-  if jax.process_count() > 1:
+  except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+    sys.stderr.write('\ninterrupted: stopped without saving (the newest complete '
+                     'checkpoint is where the same command resumes)\n')
+    status = 130
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()
+    status = 1
+  if jax.process_count() > 1 and not failed:
     jax.distributed.shutdown()  # the processes leave together, as at a normal exit
   std_logging.shutdown()
   sys.stdout.flush()

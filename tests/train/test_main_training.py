@@ -5,6 +5,7 @@ import json
 import pathlib
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,6 +242,32 @@ def test_sigterm_saves_the_current_step_then_exits_and_the_resumed_run_is_bit_ex
       window = [per_step[s] for s in range(row['step'] - 3, row['step'] + 1)]
       for k in ('loss', 'grad_norm'):
         assert row[k] == pytest.approx(np.mean([w[k] for w in window]), rel=1e-5), (row, k)
+
+
+def test_a_failed_checkpoint_save_ends_the_process(data_dir, tmp_path):
+  """The checkpoint directory replaced by a file mid-run: the save fails, and the process
+  exits with its traceback (it used to hang at exit, waiting on Orbax's threads, so a
+  restart loop never saw it end)."""
+  workdir = tmp_path / 'w'
+  proc = subprocess.Popen(_cmd(workdir, data_dir, '--config.total_steps=400',
+                               '--config.log_every=1'),
+                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and proc.poll() is None and not (
+      workdir / 'checkpoints' / '3').exists():
+    time.sleep(0.05)
+  shutil.rmtree(workdir / 'checkpoints')
+  (workdir / 'checkpoints').write_text('not a directory')
+  start = time.monotonic()
+  try:
+    out = proc.communicate(timeout=240)[0]
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail('the process did not exit after its checkpoint save failed')
+  assert proc.returncode == 1, out[-3000:]
+  assert 'Traceback' in out and 'checkpoints' in out
+  assert time.monotonic() - start < 200
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
