@@ -170,7 +170,7 @@ def main(argv):
   try:
     final = loop.train_and_evaluate(
         config, workdir, forward_flops_per_image=summary['forward_gflops_per_image'] * 1e9,
-        summary=summary)
+        summary=summary, validate=False)  # validated above
   except preemption.Preempted as e:
     logging.warning('%s', e)
     if is_main:
@@ -196,8 +196,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from vit_jax.train import defaults
   from vit_jax.train import loop
   from vit_jax.train import optimizer
+  from vit_jax.train import workdir_lock
   return (defaults.ConfigError, loop.ResumeError, loop.NonFiniteError, optimizer.FreezeError,
-          sources.DataError, tree.CheckpointMismatchError, sharding.MeshError)
+          sources.DataError, tree.CheckpointMismatchError, sharding.MeshError,
+          workdir_lock.WorkdirBusyError)
 
 
 def _main_then_exit(argv):

@@ -23,6 +23,7 @@ from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import optimizer as optimizer_lib
 from vit_jax.train import preemption
 from vit_jax.train import step as step_lib
+from vit_jax.train import workdir_lock
 
 
 RUN_AHEAD = 2  # train steps the host may dispatch before the device has run them
@@ -255,14 +256,14 @@ class Trainer:
 
 
 def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = None,
-                       summary: dict | None = None) -> dict:
+                       summary: dict | None = None, validate: bool = True) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) and returns final metrics.
 
   `forward_flops_per_image` (for the MFU) is counted from the model when not given;
   `vit_jax.main` passes the count of its model summary, so a run counts once (on GPU and
   TPU the count compiles the forward pass). `summary`, if given, is written to the
   workdir's model_summary.json beside config.json, once the workdir's checkpoint is
-  known to fit this config.
+  known to fit this config. `validate=False` skips `defaults.validate` (the caller ran it).
   """
   # The input pipeline (TensorFlow) is imported here, not with the module: the Trainer
   # and the benchmark run where TensorFlow is not installed (e.g. a GPU image).
@@ -270,12 +271,16 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
   from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
-  defaults.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  if validate:
+    defaults.validate(config, num_devices=jax.device_count(),
+                      process_count=jax.process_count())
   check_workdir(workdir)
   if config.get('compilation_cache_dir'):
     jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
 
   with contextlib.ExitStack() as cleanup:  # closed in reverse order, on any exit
+    if is_main:  # before anything reads or cleans up the checkpoints of another run
+      cleanup.enter_context(workdir_lock.hold(workdir))
     checkpointer = ckpt_lib.TrainCheckpointer(
         workdir / 'checkpoints', keep_last=config.keep_checkpoints, keep_best=config.keep_best,
         async_save=config.async_checkpoint)
