@@ -244,6 +244,31 @@ def test_sigterm_saves_the_current_step_then_exits_and_the_resumed_run_is_bit_ex
         assert row[k] == pytest.approx(np.mean([w[k] for w in window]), rel=1e-5), (row, k)
 
 
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(
+    reference, data_dir, tmp_path):
+  """A truncated data file in the newest checkpoint, and an empty step directory newer
+  still (an interrupted copy): both are kept under other names, the run resumes from the
+  step before them and ends bit-exact. Each restart used to fail on them."""
+  ref_dir, _ = reference
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(ref_dir, workdir)
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  newest, before = steps[-1], steps[-2]
+  data = max((p for p in (workdir / 'checkpoints' / str(newest) / 'state').rglob('*')
+              if p.is_file()), key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:1000])
+  (workdir / 'checkpoints' / str(newest + 6)).mkdir()
+  proc = _run(workdir, data_dir)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  assert f'Resumed from step {before}' in proc.stderr, proc.stderr[-3000:]
+  for step in (newest, newest + 6):
+    assert f'Checkpoint step {step} in ' in proc.stderr
+    assert (workdir / 'checkpoints' / f'{step}.unreadable').is_dir()
+  ref, got = _final_params(ref_dir), _final_params(workdir)
+  for k in ref:
+    np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
+
+
 def test_a_failed_checkpoint_save_ends_the_process(data_dir, tmp_path):
   """The checkpoint directory replaced by a file mid-run: the save fails, and the process
   exits with its traceback (it used to hang at exit, waiting on Orbax's threads, so a

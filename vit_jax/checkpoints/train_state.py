@@ -95,6 +95,22 @@ class TrainCheckpointer:
             for k in sorted(wanted.keys() - saved.keys(), key=order)]
     return out[:limit] + ([f'... {len(out) - limit} more'] if len(out) > limit else [])
 
+  def set_aside(self, step: int) -> str:
+    """Renames checkpoint `step` to '<step>.unreadable[.N]' (kept for inspection; not a
+    step any more, so the next save of that step is possible). Returns the new name."""
+    source = self.directory / str(step)
+    name, n = f'{step}.unreadable', 1
+    while (self.directory / name).exists():
+      n += 1
+      name = f'{step}.unreadable.{n}'
+    source.rename(self.directory / name)
+    self._manager.reload()
+    return name
+
+  def reload(self) -> None:
+    """Reads the steps again (after another process changed the directory)."""
+    self._manager.reload()
+
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self._manager.restore(step, args=ocp.args.Composite(

@@ -302,8 +302,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
             'class_names': train_source.class_names,
             'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
     if resuming:
-      _check_resumable(checkpointer, t.abstract_state(), meta['config'], workdir)
-      state, saved_meta = checkpointer.restore(t.abstract_state())
+      state, saved_meta = _restore_newest_readable(checkpointer, t.abstract_state(),
+                                                   meta['config'], workdir, is_main)
       for key in ('seed', 'global_batch_size', 'steps_per_epoch', 'process_count'):
         # (Checkpoints written before process_count was recorded do not have it.)
         if saved_meta.get(key) != meta[key] and (key in saved_meta
@@ -448,14 +448,55 @@ class ResumeError(ValueError):
   """The workdir's checkpoint cannot be resumed with this config; the message says why."""
 
 
-def _check_resumable(checkpointer, abstract_state, config: dict, workdir) -> None:
-  """Raises ResumeError when the newest checkpoint holds other arrays than this config's
-  train state (another model, image size or frozen set), naming the arrays and the
-  config fields that changed since the checkpoint was written."""
-  differences = checkpointer.differences(abstract_state)
+def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir,
+                             is_main: bool):
+  """(state, meta) of the newest checkpoint that can be read. A damaged one (a truncated
+  file, missing metadata, an empty step directory) is set aside as '<step>.unreadable',
+  with a warning, and the one before it is tried: every restart would otherwise fail on
+  it. A checkpoint of another train state is a ResumeError, not damage."""
+  errors = []
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      _check_resumable(checkpointer, abstract_state, config, workdir, step)
+      restored = checkpointer.restore(abstract_state, step)
+    except ResumeError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax reports a damaged array file as a bare Exception; running out of memory is
+      # not damage, and propagates.
+      if isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e) or (
+          'out of memory' in str(e).lower()):
+        raise
+      message = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ""}'
+      errors.append(f'step {step}: {message[:300]}')
+      if jax.process_count() > 1:  # every process reads the same files
+        multihost_utils.sync_global_devices(f'vit_jax unreadable checkpoint {step}')
+      name = checkpointer.set_aside(step) if is_main else f'{step}.unreadable'
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'vit_jax set aside checkpoint {step}')
+        if not is_main:
+          checkpointer.reload()
+      logging.warning('Checkpoint step %d in %s cannot be read (%s); kept as %s, resuming '
+                      'from the checkpoint before it.', step, checkpointer.directory,
+                      message[:300], name)
+      continue
+    if errors:
+      logging.warning('Resumed from step %d: the newer checkpoint(s) could not be read.', step)
+    return restored
+  raise ResumeError(f'no checkpoint in {checkpointer.directory} can be read ('
+                    + '; '.join(errors) + '). Remove the checkpoints directory to start '
+                    'over, or fine-tune from other weights with --config.init_from.')
+
+
+def _check_resumable(checkpointer, abstract_state, config: dict, workdir,
+                     step: int | None = None) -> None:
+  """Raises ResumeError when checkpoint `step` (default: the newest) holds other arrays
+  than this config's train state (another model, image size or frozen set), naming the
+  arrays and the config fields that changed since the checkpoint was written."""
+  step = checkpointer.latest_step() if step is None else step
+  differences = checkpointer.differences(abstract_state, step)
   if not differences:
     return
-  step = checkpointer.latest_step()
   saved = _flat_fields(checkpointer.restore_meta(step).get('config') or {})
   now = _flat_fields(config)
   changed = [f'{k}: {saved.get(k, "(absent)")!r} -> {now.get(k, "(absent)")!r}'
