@@ -42,7 +42,11 @@ class MeshError(ValueError):
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, model) sizes; one of them may be -1 (the rest of the devices)."""
-  sizes = [int(mesh_config.get(a, 1)) for a in AXES]
+  sizes = [mesh_config.get(a, 1) for a in AXES]
+  if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and (s >= 1 or s == -1)
+             for s in sizes):
+    raise MeshError(f'config.mesh {dict(zip(AXES, sizes))}: each size must be a positive int '
+                    'or -1 (the remaining devices)')
   if sizes.count(-1) > 1:
     raise MeshError(f'config.mesh {dict(zip(AXES, sizes))}: at most one axis may be -1')
   known = int(np.prod([s for s in sizes if s != -1]))

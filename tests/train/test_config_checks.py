@@ -2,6 +2,7 @@
 fail later: preprocessing that does not give the model's input, a one-value patch size,
 a bad image size; and says when a registered model's name labels another architecture."""
 
+import re
 import time
 
 from absl import logging
@@ -223,4 +224,37 @@ def test_a_folder_with_the_tfds_source_is_named():
                      match=r"folder='/data/pets' is set, but .*--config.input.source=folder"):
     _validate(c)
   c.input.source = 'folder'
+  _validate(c)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('batch_size', 0, 'config.batch_size=0 must be a positive int'),
+    ('batch_size', -32, 'config.batch_size=-32 must be a positive int'),
+    ('log_every', 0, 'config.log_every=0 must be a positive int'),
+    ('eval_every', -10, 'config.eval_every=-10 must be an int >= 0'),
+    ('keep_checkpoints', 0, 'config.keep_checkpoints=0 must be a positive int'),
+    ('total_steps', -5, 'config.total_steps=-5 must be a positive int, or None'),
+    ('schedule.base_lr', -1.0, 'config.schedule.base_lr=-1.0 must be a number >= 0'),
+    ('schedule.warmup_steps', -10, 'config.schedule.warmup_steps=-10 must be an int >= 0'),
+    ('optimizer.grad_clip_norm', -1.0, 'config.optimizer.grad_clip_norm=-1.0 must be'),
+    ('optimizer.b1', 1.5, 'config.optimizer.b1=1.5 must be in [0, 1)'),
+    ('optimizer.mu_dtype', 'bf16', "config.optimizer.mu_dtype='bf16' must be 'float32' or"),
+    ('mesh.model', 0, "each size must be a positive int or -1"),
+])
+def test_values_that_would_train_wrongly_or_fail_late_are_named(field, value, message):
+  """Each of these used to run (a negative learning rate or clipping norm ascends the
+  loss; an unknown mu_dtype was float32) or fail after compiling (a division by zero)."""
+  c = _config()
+  node, *rest = field.split('.')
+  if rest:
+    c[node][rest[0]] = value
+  else:
+    c[node] = value
+  with pytest.raises(defaults.ConfigError, match=re.escape(message)):
+    _validate(c)
+
+
+def test_total_steps_none_switches_back_to_epochs():
+  c = _config()
+  c.total_steps, c.num_epochs = None, 2.0
   _validate(c)

@@ -56,7 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.input = input_config.default_input_config()
   c.batch_size = 512
   c.accum_steps = 1
-  c.total_steps = ml_collections.FieldReference(None, field_type=int)
+  # object: `--config.total_steps=None` switches a config that sets steps back to epochs.
+  c.total_steps = ml_collections.FieldReference(None, field_type=object)
   c.num_epochs = 10.0
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adam', b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, weight_decay=0.0,
@@ -105,6 +106,7 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     raise ConfigError(f'the config has no training fields {missing}: start it from '
                       'vit_jax.train.defaults.default_config(), or pass --summary_only to '
                       'print the model summary only')
+  _check_ranges(config)
   try:
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
   except sharding.MeshError as e:
@@ -208,6 +210,51 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   if config.posemb_resample not in ('bilinear', 'bicubic'):
     raise ConfigError(f"config.posemb_resample={config.posemb_resample!r}: use 'bilinear' "
                       "or 'bicubic'")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# (field, test, what it must be): values that run but train something else than meant
+# (a negative learning rate or clipping norm ascends the loss), or fail late.
+_RANGES = (
+    ('batch_size', lambda v: _is_int(v) and v >= 1, 'a positive int'),
+    ('accum_steps', lambda v: _is_int(v) and v >= 1, 'a positive int'),
+    ('total_steps', lambda v: v is None or (_is_int(v) and v >= 1),
+     'a positive int, or None (then num_epochs sets it)'),
+    ('num_epochs', lambda v: _is_number(v) and v >= 0, 'a non-negative number'),
+    ('log_every', lambda v: _is_int(v) and v >= 1, 'a positive int'),
+    ('eval_every', lambda v: _is_int(v) and v >= 0, 'an int >= 0 (0: only at the end)'),
+    ('checkpoint_every', lambda v: _is_int(v) and v >= 0, 'an int >= 0 (0: only at the end)'),
+    ('keep_checkpoints', lambda v: _is_int(v) and v >= 1, 'a positive int'),
+    ('keep_best', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
+    ('schedule.base_lr', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    ('schedule.warmup_steps', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
+    ('schedule.end_lr_fraction', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    ('optimizer.grad_clip_norm', lambda v: _is_number(v) and v >= 0,
+     'a number >= 0 (0: no clipping)'),
+    ('optimizer.weight_decay', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    ('optimizer.b1', lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.b2', lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.eps', lambda v: _is_number(v) and v > 0, 'a positive number'),
+    ('optimizer.momentum', lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.mu_dtype', lambda v: v in ('float32', 'bfloat16'), "'float32' or 'bfloat16'"),
+)
+
+
+def _check_ranges(config) -> None:
+  for field, ok, what in _RANGES:
+    node, *rest = field.split('.')
+    if node not in config or (rest and rest[0] not in config[node]):
+      continue  # an optional field a config leaves out
+    value = config[node][rest[0]] if rest else config[node]
+    if not ok(value):
+      raise ConfigError(f'config.{field}={value!r} must be {what}')
 
 
 def _warn_batch_norm_not_frozen(batch_stats, labels) -> None:
