@@ -198,6 +198,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from vit_jax.train import optimizer
   from vit_jax.train import workdir_lock
   return (defaults.ConfigError, loop.ResumeError, loop.NonFiniteError, optimizer.FreezeError,
+          optimizer.ScheduleError,
           sources.DataError, tree.CheckpointMismatchError, sharding.MeshError,
           workdir_lock.WorkdirBusyError)
 

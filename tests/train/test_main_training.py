@@ -269,6 +269,23 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(
     np.testing.assert_array_equal(ref[k], got[k], err_msg=k)
 
 
+def test_unreadable_weights_and_a_warmup_beyond_the_epochs_are_one_message(data_dir,
+                                                                           tmp_path):
+  garbage = tmp_path / 'garbage.npz'
+  garbage.write_bytes(b'garbage')
+  proc = _run(tmp_path / 'a', data_dir, f'--config.init_from={garbage}')
+  assert proc.returncode == 1
+  assert (f"error (ConfigError): config.init_from='{garbage}': {garbage} is not a NumPy .npz "
+          'archive') in proc.stderr, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr and 'cannot schedule new futures' not in proc.stderr
+  # num_epochs gives the steps only once the dataset is known: still one message.
+  proc = _run(tmp_path / 'b', data_dir, '--config.total_steps=None', '--config.num_epochs=1',
+              '--config.schedule.warmup_steps=1000')
+  assert proc.returncode == 1
+  assert 'error (ScheduleError): config.schedule.warmup_steps=1000 is not below' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
 def test_a_failed_checkpoint_save_ends_the_process(data_dir, tmp_path):
   """The checkpoint directory replaced by a file mid-run: the save fails, and the process
   exits with its traceback (it used to hang at exit, waiting on Orbax's threads, so a

@@ -142,7 +142,13 @@ def load_pretrained(config):
   another family) fail here, before the input pipeline and any compilation. Returns the
   weights read, for `Trainer.with_pretrained`."""
   from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
-  loaded = pretrained.load_checkpoint(config.init_from, model=config.model)
+  from vit_jax.checkpoints import tree  # pylint: disable=g-import-not-at-top
+  try:
+    loaded = pretrained.load_checkpoint(config.init_from, model=config.model)
+  except tree.CheckpointMismatchError:
+    raise
+  except (ValueError, OSError) as e:  # a damaged or foreign file: the message says which
+    raise defaults.ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
   shapes = models.abstract_variables(models.create(config.model), config.model.image_size)
   # Zeros stand in for the initialised values (pages never written cost no memory).
   reference = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)

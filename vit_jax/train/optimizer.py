@@ -30,18 +30,22 @@ SCHEDULES = ('linear', 'cosine', 'rsqrt', 'constant')
 OPTIMIZERS = ('adam', 'sgd')
 
 
+class ScheduleError(ValueError):
+  """A schedule that cannot work (e.g. a warmup longer than the run); names the field."""
+
+
 def check_schedule(schedule_config) -> None:
   """ValueError naming a schedule field that cannot work."""
   s = schedule_config
   batch, epochs = s.get('base_lr_batch', 0), s.get('warmup_epochs', 0.0)
   if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
-    raise ValueError(f'config.schedule.base_lr_batch={batch!r} must be 0 (base_lr is the '
+    raise ScheduleError(f'config.schedule.base_lr_batch={batch!r} must be 0 (base_lr is the '
                      'rate) or the positive global batch size base_lr is for')
   if not isinstance(epochs, (int, float)) or epochs < 0:
-    raise ValueError(f'config.schedule.warmup_epochs={epochs!r} must be 0 (warmup_steps '
+    raise ScheduleError(f'config.schedule.warmup_epochs={epochs!r} must be 0 (warmup_steps '
                      'counts) or a positive number of epochs')
   if epochs and s.get('warmup_steps', 0):
-    raise ValueError(f"config.schedule.warmup_epochs={epochs} and warmup_steps="
+    raise ScheduleError(f"config.schedule.warmup_epochs={epochs} and warmup_steps="
                      f"{s.get('warmup_steps')} are both set: give one, e.g. "
                      '--config.schedule.warmup_steps=0')
 
@@ -55,12 +59,12 @@ def resolved_schedule(schedule_config, *, batch_size: int | None = None,
   base, ref = float(s['base_lr']), s.get('base_lr_batch', 0)
   if ref:
     if batch_size is None:
-      raise ValueError('config.schedule.base_lr_batch is set: the batch size is needed')
+      raise ScheduleError('config.schedule.base_lr_batch is set: the batch size is needed')
     s['base_lr'] = base * batch_size / ref
   epochs = s.get('warmup_epochs', 0.0)
   if epochs:
     if steps_per_epoch is None:
-      raise ValueError('config.schedule.warmup_epochs is set: the steps per epoch are '
+      raise ScheduleError('config.schedule.warmup_epochs is set: the steps per epoch are '
                        'needed (use warmup_steps where there is no dataset)')
     s['warmup_steps'] = int(round(epochs * steps_per_epoch))
   return s
@@ -80,11 +84,11 @@ def learning_rate_schedule(schedule_config, total_steps: int, *,
   decay = resolved.get('decay', 'cosine')
   end = base * float(resolved.get('end_lr_fraction', 0.0))
   if decay not in SCHEDULES:
-    raise ValueError(f'config.schedule.decay={decay!r} is not one of {SCHEDULES}')
+    raise ScheduleError(f'config.schedule.decay={decay!r} is not one of {SCHEDULES}')
   if warmup >= total_steps and total_steps > 0:
     given = (f"warmup_epochs={resolved['warmup_epochs']} ({warmup} steps)"
              if resolved.get('warmup_epochs') else f'warmup_steps={warmup}')
-    raise ValueError(f'config.schedule.{given} is not below the '
+    raise ScheduleError(f'config.schedule.{given} is not below the '
                      f'{total_steps} total steps of the run (config.total_steps, or '
                      'config.num_epochs times the steps per epoch): lower it, e.g. '
                      f'--config.schedule.warmup_steps={total_steps // 10}, or train longer')
