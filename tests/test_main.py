@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import subprocess_env
 from vit_jax import models
 
@@ -118,6 +119,18 @@ def test_a_misspelled_override_is_one_line_naming_the_flag_and_the_field(tmp_pat
   assert ('FATAL Flags parsing error: --config.model.hiden_size names no config field: '
           "'hiden_size'\nDid you mean \"hidden_size\"") in proc.stderr, proc.stderr
   assert 'Traceback' not in proc.stderr and "\\'" not in proc.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/nope.py'], '--config=configs/nope.py: no such file'),
+    (['--config=configs/demo.py:bogus'], 'configs/demo.py takes no argument after ":"'),
+    (['--config=configs/demo.py', '--config.model=ViT-B/16'],
+     '--config=configs/model_summary.py:ViT-B/16'),
+])
+def test_config_file_mistakes_are_one_line(tmp_path, args, message):
+  proc = _run(args, tmp_path)
+  assert proc.returncode == 1
+  assert message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_an_error_inside_a_config_file_keeps_its_traceback(tmp_path):

@@ -14,6 +14,7 @@ after the current step and exits with status 143; in a single-process run a seco
 SIGTERM stops at once.
 """
 
+import ast
 import json
 import logging as std_logging
 import os
@@ -239,9 +240,44 @@ def _main_then_exit(argv):
   os._exit(status)  # pylint: disable=protected-access
 
 
+def _config_file_problem(argv) -> str | None:
+  """What is wrong with --config=FILE[:ARG] or --config.model=..., as one line, for the
+  mistakes whose ml_collections message is a long traceback or does not say what to do."""
+  for arg in argv[1:]:
+    if arg.startswith('--config.model='):
+      value = arg.split('=', 1)[1]
+      if not value.lstrip().startswith('{'):
+        return (f'{arg}: config.model is the model config, not a name. For a registered '
+                'model use a config file that takes it, e.g. '
+                f'--config=configs/model_summary.py:{value} or '
+                f'--config=configs/finetune_cifar10.py:{value} (names: '
+                'vit_jax.models.list_models()), or set its fields: --config.model.hidden_size=...')
+    if not arg.startswith('--config='):
+      continue
+    path, _, variant = arg.split('=', 1)[1].partition(':')
+    if not os.path.isfile(path):
+      return (f'--config={path}: no such file (the config files are configs/*.py, e.g. '
+              '--config=configs/demo.py)')
+    if variant:
+      try:
+        tree = ast.parse(open(path).read(), path)
+      except (OSError, SyntaxError):
+        return None  # ml_collections reports it, with the line
+      for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == 'get_config':
+          if not (node.args.args or node.args.vararg):
+            return (f'--config={path}:{variant}: {path} takes no argument after ":" (its '
+                    f'get_config() has no parameter); use --config={path}')
+  return None
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with a --config override that names no field reported as absl
   reports other bad flags (one line, the closest field), not as an escaped traceback."""
+  problem = _config_file_problem(argv)
+  if problem:
+    sys.stderr.write(f'FATAL Flags parsing error: {problem}\n')
+    sys.exit(1)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
