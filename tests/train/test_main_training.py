@@ -286,6 +286,18 @@ def test_unreadable_weights_and_a_warmup_beyond_the_epochs_are_one_message(data_
   assert 'Traceback' not in proc.stderr
 
 
+def test_raising_total_steps_on_resume_warns_that_the_schedule_changes(reference, data_dir,
+                                                                       tmp_path):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'longer'
+  shutil.copytree(ref_dir, workdir)
+  proc = _run(workdir, data_dir, f'--config.total_steps={TOTAL_STEPS + 4}')
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  assert (f"The checkpoint's run ended at step {TOTAL_STEPS}, this one at step "
+          f'{TOTAL_STEPS + 4}: the learning-rate schedule') in proc.stderr, proc.stderr[-3000:]
+  assert '(it was 0)' in proc.stderr  # the old cosine had decayed to 0 at its end
+
+
 def test_a_failed_checkpoint_save_ends_the_process(data_dir, tmp_path):
   """The checkpoint directory replaced by a file mid-run: the save fails, and the process
   exits with its traceback (it used to hang at exit, waiting on Orbax's threads, so a

@@ -12,6 +12,7 @@ from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from vit_jax import models
@@ -317,6 +318,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           logging.warning('Checkpoint was written with %s=%s, this run has %s: the data '
                           'order of the resumed run differs from the original run.', key,
                           saved_meta.get(key), meta[key])
+      _warn_schedule_change(saved_meta, config, total_steps, spe, t.schedule,
+                            int(jax.device_get(state.step)))
     else:
       state = t.init_state()
       if config.init_from:
@@ -452,6 +455,30 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
 
 class ResumeError(ValueError):
   """The workdir's checkpoint cannot be resumed with this config; the message says why."""
+
+
+def _warn_schedule_change(saved_meta, config, total_steps, spe, schedule, step) -> None:
+  """A warning where the resumed run ends at another step than the checkpoint's run (a
+  raised total_steps, another num_epochs): the schedule is recomputed over the new length,
+  so the learning rate jumps at the resumed step."""
+  saved = saved_meta.get('config') or {}
+  saved_spe = saved_meta.get('steps_per_epoch') or spe
+  saved_total = saved.get('total_steps') or (
+      max(int(math.ceil(saved['num_epochs'] * saved_spe)), 1) if saved.get('num_epochs')
+      else None)
+  if saved_total is None or saved_total == total_steps:
+    return
+  try:
+    before = float(optimizer_lib.learning_rate_schedule(
+        ml_collections.ConfigDict(saved['schedule']), saved_total,
+        batch_size=saved_meta.get('global_batch_size'), steps_per_epoch=saved_spe)(step))
+  except Exception:  # pylint: disable=broad-except  (a config written by an older version)
+    before = None
+  logging.warning(
+      'The checkpoint\'s run ended at step %d, this one at step %d: the learning-rate '
+      'schedule (warmup and decay) is recomputed over %d steps, so at step %d the rate is '
+      '%.4g%s.', saved_total, total_steps, total_steps, step, float(schedule(step)),
+      f' (it was {before:.4g})' if before is not None else '')
 
 
 def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir,
