@@ -154,10 +154,12 @@ def main(argv):
     defaults.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count())
     loop.check_workdir(workdir)
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  if _SUMMARY_ONLY.value:  # (validate() warns for a training run)
+    defaults.warn_if_name_differs(config.model)
   try:
     summary = model_summary(config.model)
   except ValueError as e:  # --summary_only skipped validate(), which names the same error
-    from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
     raise defaults.ConfigError(f'config.model: {e}') from e
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from absl import logging
 import ml_collections
 
 from vit_jax import models
+from vit_jax.models import registry
 from vit_jax.data import input_config
 
 FIELD_DOCS = {
@@ -134,20 +135,18 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   if not isinstance(size, int) or size <= 0:
     raise ConfigError(f'config.model.image_size={size!r} must be a positive int (pixels of '
                       'the square input), e.g. 224')
-  differences = models.differs_from_its_name(config.model)
-  if differences:  # a shrunk model for a test run is fine; a name taken as a selector is not
-    name = config.model.name
-    logging.warning(
-        'config.model.name=%r is a registered model, but config.model differs from it in '
-        '%s. The name only labels the run: the fields give the architecture. To train %s '
-        'itself, start from vit_jax.models.get_config(%r) (as the recipes in configs/ do).',
-        name, ', '.join(f'{f}={mine!r} ({name} has {theirs!r})'
-                        for f, mine, theirs in differences), name, name)
+  warn_if_name_differs(config.model)
   if isinstance(module, models.VisionTransformer):
     sh, sw = module.total_stride()
     if size % sh or size % sw:
-      raise ConfigError(f'config.model.image_size={size} is not divisible by the patch size '
-                        f'{tuple(config.model.patch_size)} (pixels per token: {(sh, sw)})')
+      if (sh, sw) == registry.patch_size(config.model.patch_size):
+        raise ConfigError(f'config.model.image_size={size} is not divisible by the patch '
+                          f'size {(sh, sw)}')
+      raise ConfigError(  # a hybrid: the ResNet stem's stride times the patch size
+          f'config.model.image_size={size} is not divisible by the pixels per token '
+          f'{(sh, sw)} (the ResNet stem\'s stride times patch_size '
+          f'{tuple(config.model.patch_size)}), e.g. --config.model.image_size='
+          f'{max(size // sh, 1) * sh}')
   else:  # other families check their input size while tracing (no compilation)
     from vit_jax.models import summary  # pylint: disable=g-import-not-at-top
     try:
@@ -210,6 +209,26 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   if config.posemb_resample not in ('bilinear', 'bicubic'):
     raise ConfigError(f"config.posemb_resample={config.posemb_resample!r}: use 'bilinear' "
                       "or 'bicubic'")
+
+
+def warn_if_name_differs(model_config) -> None:
+  """A warning where config.model.name is a registered model the fields do not make."""
+  differences = models.differs_from_its_name(model_config)
+  if differences:  # a shrunk model for a test run is fine; a name taken as a selector is not
+    name = model_config.name
+    logging.warning(
+        'config.model.name=%r is a registered model, but config.model differs from it in '
+        '%s. The name only labels the run: the fields give the architecture. To train %s '
+        'itself, start from vit_jax.models.get_config(%r) (as the recipes in configs/ do).',
+        name, ', '.join(f'{f}={_compact(mine)} ({name} has {_compact(theirs)})'
+                        for f, mine, theirs in differences), name, name)
+
+
+def _compact(value) -> str:
+  """A config value on one line (a sub-config as a dict, not YAML)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return repr(value)
 
 
 def _is_int(v) -> bool:
