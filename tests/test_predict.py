@@ -205,6 +205,8 @@ def test_a_sigmoid_trained_workdir_gives_sigmoid_probabilities(trained_workdir, 
   assert sigmoid.probabilities == 'sigmoid'
   np.testing.assert_allclose(sigmoid.predict_proba(photos), 1 / (1 + np.exp(-logits)),
                              rtol=1e-5)
+  with pytest.raises(ValueError, match='top_k=-3 must be at least 1'):
+    sigmoid.predict(photos[0], top_k=-3)  # it printed 7 labels
   top = sigmoid.predict(photos[0], top_k=1)[0][0]
   assert top.probability == pytest.approx(1 / (1 + np.exp(-logits[0].max())), rel=1e-5)
 

@@ -254,6 +254,10 @@ def _family(ckpt) -> str:
 def _write_npz(ckpt, output, notes):
   from vit_jax.checkpoints import npz  # pylint: disable=g-import-not-at-top
   family = _family(ckpt)
+  if ckpt.class_names:
+    notes.append(f'{len(ckpt.class_names)} class names: an .npz holds arrays only, so they '
+                 'are not in it; predict prints class indices unless given --labels=FILE '
+                 '(or convert to .safetensors or an Orbax directory, which keep them)')
   if family == 'bit':  # the BiT release's .npz layout
     from vit_jax.checkpoints import bit_npz  # pylint: disable=g-import-not-at-top
     bit_npz.save_bit_npz(ckpt.variables(), output)

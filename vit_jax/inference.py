@@ -203,6 +203,8 @@ class ImageClassifier:
 
   def top_k(self, logits, top_k: int = 5) -> list[list[Prediction]]:
     """The top_k classes of each row of logits, most probable first."""
+    if top_k < 1:
+      raise ValueError(f'top_k={top_k} must be at least 1')
     probs = self.probs(logits)
     top_k = min(top_k, probs.shape[-1])
     result = []

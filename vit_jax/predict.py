@@ -35,7 +35,7 @@ _LABELS = flags.DEFINE_string('labels', None, 'Text file of class names, one per
                               "(overrides the checkpoint's; needed for ImageNet-21k heads).")
 _PP = flags.DEFINE_string('pp', None, 'Preprocessing ops overriding the checkpoint\'s, e.g. '
                           '"decode|resize_small(256)|central_crop(224)|value_range(-1, 1)".')
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'Labels printed per image.')
+_TOP_K = flags.DEFINE_integer('top_k', 5, 'Labels printed per image.', lower_bound=1)
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per jitted batch.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per image instead.')
 
