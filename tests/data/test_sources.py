@@ -80,6 +80,11 @@ def test_messy_folder_skips_and_counts_bad_files(messy_folder, tmp_path):
   again = sources.ImageFolderSource(root=str(root), split='train', cache_dir=str(tmp_path / 'c'))
   assert again.skipped == src.skipped
   assert len(list((tmp_path / 'c').iterdir())) == 1
+  # A cache file cut short (a write interrupted) is ignored and the images checked again.
+  (cache_file,) = (tmp_path / 'c').iterdir()
+  cache_file.write_text(cache_file.read_text()[:10])
+  third = sources.ImageFolderSource(root=str(root), split='train', cache_dir=str(tmp_path / 'c'))
+  assert third.skipped == src.skipped
 
 
 def test_the_check_uses_trainings_decoders_and_notices_a_replaced_file(messy_folder,

@@ -253,9 +253,11 @@ class ImageFolderSource(Source):
       available = (sorted(d for d in tf.io.gfile.listdir(self.root)
                           if tf.io.gfile.isdir(os.path.join(self.root, d)))
                    if tf.io.gfile.isdir(self.root) else [])
+      none = ('none (it holds no folders)' if tf.io.gfile.isdir(self.root)
+              else 'none (the root does not exist)')
       raise DataError(f'image folder split {split_dir!r} does not exist; expected '
                       f'<root>/<split>/<class>/<image>. Splits under {self.root!r}: '
-                      f'{available or "none (the root does not exist)"}')
+                      f'{available or none}')
     found = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
                    if tf.io.gfile.isdir(os.path.join(split_dir, d)))
     defines_classes = self.class_names is None  # the training split names the classes
@@ -322,8 +324,13 @@ class ImageFolderSource(Source):
     cache = os.path.join(cache_dir, f'checked_images_{key}.json')
     cached = None
     if tf.io.gfile.exists(cache):
-      with tf.io.gfile.GFile(cache) as f:
-        cached = json.load(f)
+      try:
+        with tf.io.gfile.GFile(cache) as f:
+          cached = json.load(f)
+      except (ValueError, OSError, tf.errors.OpError) as e:  # e.g. a write cut short
+        logging.warning('Ignoring the unreadable image-check cache %s (%s); checking the '
+                        'images again.', cache, e)
+        cached = None
     index, count = jax.process_index(), jax.process_count()
     if cached is not None:
       logging.info('Image check of %s read from %s (delete it to check again).', split_dir,
