@@ -312,6 +312,22 @@ def test_a_onehot_narrower_than_the_folders_classes_is_named(tmp_path):
   assert 'the other 2 outputs are never a label' in warnings[0]
 
 
+def test_a_folder_of_one_class_is_refused(tmp_path):
+  """It trained to loss 0 and top-1 1.0 without a word."""
+  from vit_jax.data import builder  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import input_config  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'one'
+  for split in ('train', 'test'):
+    (root / split / 'cat').mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / 'cat' / 'a.png')
+  c = input_config.default_input_config()
+  c.source, c.folder = 'folder', str(root)
+  c.pp_train = 'decode|resize(8)'
+  with pytest.raises(sources.DataError, match="split 'train' has one class \\('cat'\\); a "
+                     'classifier needs at least two'):
+    builder.create_sources(c)
+
+
 def test_a_large_folder_keys_its_check_by_names_only(tmp_path, monkeypatch):
   """Above STAT_KEY_MAX_FILES the key takes no stat of each file (minutes on a network
   file system): a rewritten file keeps the key; below it, it changes the key."""

@@ -17,6 +17,11 @@ def create_sources(input_config) -> tuple[sources.Source, sources.Source]:
   if input_config.source == 'folder' and not input_config.get('folder'):
     raise sources.DataError("config.input.source='folder' needs config.input.folder")
   train = sources.create_source(input_config, input_config.train_split)
+  if input_config.source == 'folder' and len(train.class_names or ()) == 1:
+    raise sources.DataError(
+        f'config.input.folder={input_config.folder!r}: split {input_config.train_split!r} '
+        f'has one class ({train.class_names[0]!r}); a classifier needs at least two '
+        '(the layout is <split>/<class>/<image>, one folder per class)')
   if input_config.source == 'folder':
     evaluation = sources.ImageFolderSource(root=input_config.folder,
                                            split=input_config.eval_split,
