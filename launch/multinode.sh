@@ -129,9 +129,11 @@ signal_all() {
   local i file
   for i in "${!hosts[@]}"; do
     file=$(pid_file_of "$i")
-    # shellcheck disable=SC2016  # $(cat ...) expands on the remote host
-    "${ssh_cmd[@]}" "${hosts[i]}" "$(printf 'test -f %q && kill -%s "$(cat %q)"' \
-      "$file" "$1" "$file")" </dev/null >/dev/null 2>&1 || true
+    # Only a vit_jax.main process: the file outlives its process, and the PID may have
+    # been reused since.
+    # shellcheck disable=SC2016  # $pid expands on the remote host
+    "${ssh_cmd[@]}" "${hosts[i]}" "$(printf 'pid=$(cat %q 2>/dev/null) && ps -o args= -p "$pid" | grep -q vit_jax.main && kill -%s "$pid"' \
+      "$file" "$1")" </dev/null >/dev/null 2>&1 || true
   done
 }
 stop_all() {  # after a failure: the others cannot finish a collective without it

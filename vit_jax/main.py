@@ -190,20 +190,23 @@ def main(argv):
           f'checkpoints: {workdir / "checkpoints"}', flush=True)
 
 
+# The exception types whose message is the whole story for the user, by module: only the
+# modules already imported are looked at (an error raised there imported them), so that
+# naming them never imports anything (TensorFlow) while an exception is on its way out.
+_USER_ERRORS = {
+    'vit_jax.sharding': ('MeshError',),
+    'vit_jax.checkpoints.tree': ('CheckpointMismatchError',),
+    'vit_jax.data.sources': ('DataError',),
+    'vit_jax.train.defaults': ('ConfigError',),
+    'vit_jax.train.loop': ('ResumeError', 'NonFiniteError'),
+    'vit_jax.train.optimizer': ('FreezeError', 'ScheduleError'),
+    'vit_jax.train.workdir_lock': ('WorkdirBusyError',),
+}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-  """The exception types whose message is the whole story for the user."""
-  # pylint: disable=g-import-not-at-top
-  from vit_jax import sharding
-  from vit_jax.checkpoints import tree
-  from vit_jax.data import sources
-  from vit_jax.train import defaults
-  from vit_jax.train import loop
-  from vit_jax.train import optimizer
-  from vit_jax.train import workdir_lock
-  return (defaults.ConfigError, loop.ResumeError, loop.NonFiniteError, optimizer.FreezeError,
-          optimizer.ScheduleError,
-          sources.DataError, tree.CheckpointMismatchError, sharding.MeshError,
-          workdir_lock.WorkdirBusyError)
+  return tuple(getattr(sys.modules[module], name) for module, names in _USER_ERRORS.items()
+               if module in sys.modules for name in names) + (app.UsageError,)
 
 
 def _main_then_exit(argv):

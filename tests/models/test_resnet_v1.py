@@ -371,3 +371,24 @@ def test_split_grouped_conv_equals_native_forward_and_gradient():
   assert worst < 1e-4
   with pytest.raises(ValueError, match='grouped_conv'):
     models.create('ResNeXt-50 32x4d', grouped_conv='fast')
+
+
+def test_a_frozen_batch_norm_probe_loads_weights_of_the_same_resnet_and_names_its_timm_model():
+  """bn_frozen changes no parameter: weights recorded without it load into a probe with
+  it, and a probe workdir still exports to its timm model."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
+  c = models.get_config('ResNet-50')
+  c.update(layers=(1, 1, 1, 1), image_size=32, num_classes=10)
+  shapes = models.abstract_variables(models.create(c), 32)
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  ckpt = pretrained.Checkpoint(c, zeros['params'], 'orbax',
+                               model_state={'batch_stats': zeros['batch_stats']})
+  probe = models.get_config('ResNet-50')
+  probe.update(layers=(1, 1, 1, 1), image_size=32, num_classes=10, bn_frozen=True)
+  adapted = pretrained.adapt_variables(ckpt, zeros, probe)
+  assert set(adapted) == {'params', 'batch_stats'}
+  full = models.get_config('ResNet-50')
+  full.update(name='my-probe', bn_frozen=True)
+  assert timm_format.timm_name(full) == 'resnet50'

@@ -238,7 +238,7 @@ def test_a_folder_with_the_tfds_source_is_named():
     ('schedule.warmup_steps', -10, 'config.schedule.warmup_steps=-10 must be an int >= 0'),
     ('optimizer.grad_clip_norm', -1.0, 'config.optimizer.grad_clip_norm=-1.0 must be'),
     ('optimizer.b1', 1.5, 'config.optimizer.b1=1.5 must be in [0, 1)'),
-    ('optimizer.mu_dtype', 'bf16', "config.optimizer.mu_dtype='bf16' must be 'float32' or"),
+    ('optimizer.mu_dtype', 'bf16', "config.optimizer.mu_dtype='bf16' must be 'float32' (or"),
     ('mesh.model', 0, "each size must be a positive int or -1"),
 ])
 def test_values_that_would_train_wrongly_or_fail_late_are_named(field, value, message):

@@ -58,3 +58,12 @@ def test_a_run_in_a_busy_workdir_stops_before_touching_its_checkpoints(tmp_path)
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOSYS, 'Function not implemented')
+  monkeypatch.setattr(workdir_lock.fcntl, 'flock', no_locks)
+  with workdir_lock.hold(tmp_path):  # not "in use by another run"
+    pass

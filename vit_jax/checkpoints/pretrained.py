@@ -525,7 +525,7 @@ def head_prefixes(config) -> tuple[str, ...]:
 _NOT_STRUCTURE = ('name', 'family', 'image_size', 'num_classes', 'dtype', 'param_dtype',
                   'window_size', 'drop_rate', 'proj_drop_rate', 'attn_drop_rate',
                   'drop_path_rate', 'dropout_rate', 'layernorm_eps', 'stdconv_eps', 'gn_eps',
-                  'bn_eps', 'bn_momentum', 'zero_init_last')
+                  'bn_eps', 'bn_momentum', 'bn_frozen', 'zero_init_last')
 
 
 def _config_differences(loaded, config) -> list[str]:

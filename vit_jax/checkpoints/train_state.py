@@ -107,10 +107,6 @@ class TrainCheckpointer:
     self._manager.reload()
     return name
 
-  def reload(self) -> None:
-    """Reads the steps again (after another process changed the directory)."""
-    self._manager.reload()
-
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self._manager.restore(step, args=ocp.args.Composite(

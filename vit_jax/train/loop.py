@@ -170,7 +170,7 @@ def schedule_summary(config, total_steps: int, steps_per_epoch: float) -> str:
   warmup = f"warmup {r['warmup_steps']} steps"
   if s.get('warmup_epochs'):
     warmup += f' ({s.warmup_epochs:g} epochs of {steps_per_epoch:.1f} steps)'
-  return (f'{lr}, {warmup}, then {s.decay} decay to step {total_steps} '
+  return (f"{lr}, {warmup}, then {s.get('decay', 'cosine')} decay to step {total_steps} "
           f'({total_steps / steps_per_epoch:.2f} epochs)')
 
 
@@ -310,7 +310,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
             'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
     if resuming:
       state, saved_meta = _restore_newest_readable(checkpointer, t.abstract_state(),
-                                                   meta['config'], workdir, is_main)
+                                                   meta['config'], workdir)
       for key in ('seed', 'global_batch_size', 'steps_per_epoch', 'process_count'):
         # (Checkpoints written before process_count was recorded do not have it.)
         if saved_meta.get(key) != meta[key] and (key in saved_meta
@@ -458,36 +458,48 @@ class ResumeError(ValueError):
 
 
 def _warn_schedule_change(saved_meta, config, total_steps, spe, schedule, step) -> None:
-  """A warning where the resumed run ends at another step than the checkpoint's run (a
-  raised total_steps, another num_epochs): the schedule is recomputed over the new length,
-  so the learning rate jumps at the resumed step."""
+  """A warning where the resumed run's learning rate at the resumed step differs from the
+  checkpoint's run's: another final step (a raised total_steps, another num_epochs), or
+  another schedule (a changed field, another batch size with schedule.base_lr_batch)."""
+  del config
   saved = saved_meta.get('config') or {}
   saved_spe = saved_meta.get('steps_per_epoch') or spe
   saved_total = saved.get('total_steps') or (
       max(int(math.ceil(saved['num_epochs'] * saved_spe)), 1) if saved.get('num_epochs')
       else None)
-  if saved_total is None or saved_total == total_steps:
-    return
   try:
     before = float(optimizer_lib.learning_rate_schedule(
         ml_collections.ConfigDict(saved['schedule']), saved_total,
         batch_size=saved_meta.get('global_batch_size'), steps_per_epoch=saved_spe)(step))
   except Exception:  # pylint: disable=broad-except  (a config written by an older version)
     before = None
+  now = float(schedule(step))
+  if saved_total == total_steps and (before is None or math.isclose(before, now,
+                                                                    rel_tol=1e-6)):
+    return
+  ends = (f"The checkpoint's run ended at step {saved_total}, this one at step "
+          f'{total_steps}: ' if saved_total != total_steps else '')
   logging.warning(
-      'The checkpoint\'s run ended at step %d, this one at step %d: the learning-rate '
-      'schedule (warmup and decay) is recomputed over %d steps, so at step %d the rate is '
-      '%.4g%s.', saved_total, total_steps, total_steps, step, float(schedule(step)),
+      '%sthe learning-rate schedule (warmup and decay) is recomputed over %d steps, so at '
+      'step %d the rate is %.4g%s.', ends or "This run's schedule differs from the "
+      "checkpoint's run's: ", total_steps, step, now,
       f' (it was {before:.4g})' if before is not None else '')
 
 
-def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir,
-                             is_main: bool):
-  """(state, meta) of the newest checkpoint that can be read. A damaged one (a truncated
-  file, missing metadata, an empty step directory) is set aside as '<step>.unreadable',
-  with a warning, and the one before it is tried: every restart would otherwise fail on
-  it. A checkpoint of another train state is a ResumeError, not damage."""
-  errors = []
+def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir):
+  """(state, meta) of the newest checkpoint that can be read.
+
+  In a single process with a local workdir, a damaged newest checkpoint (a truncated file,
+  missing metadata, an empty step directory) is passed over for the one before it, and
+  only once that one has restored is it renamed '<step>.unreadable' (kept, with a
+  warning): a read error that hits every step (a file system that is down) renames
+  nothing, and the run fails as before. A checkpoint of another train state is a
+  ResumeError, not damage. With several processes, or on gs://, the first error stops
+  the run (the processes could not agree on which steps to pass over without more
+  coordination; a rename on GCS is a copy).
+  """
+  fallback = jax.process_count() == 1 and '://' not in str(checkpointer.directory)
+  failed = []
   for step in sorted(checkpointer.all_steps(), reverse=True):
     try:
       _check_resumable(checkpointer, abstract_state, config, workdir, step)
@@ -497,28 +509,23 @@ def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir
     except Exception as e:  # pylint: disable=broad-except
       # Orbax reports a damaged array file as a bare Exception; running out of memory is
       # not damage, and propagates.
-      if isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e) or (
-          'out of memory' in str(e).lower()):
+      if (not fallback or isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e)
+          or 'out of memory' in str(e).lower()):
         raise
       message = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ""}'
-      errors.append(f'step {step}: {message[:300]}')
-      if jax.process_count() > 1:  # every process reads the same files
-        multihost_utils.sync_global_devices(f'vit_jax unreadable checkpoint {step}')
-      name = checkpointer.set_aside(step) if is_main else f'{step}.unreadable'
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f'vit_jax set aside checkpoint {step}')
-        if not is_main:
-          checkpointer.reload()
-      logging.warning('Checkpoint step %d in %s cannot be read (%s); kept as %s, resuming '
-                      'from the checkpoint before it.', step, checkpointer.directory,
-                      message[:300], name)
+      failed.append((step, message[:300], e))
+      logging.warning('Checkpoint step %d in %s cannot be read (%s); trying the one '
+                      'before it.', step, checkpointer.directory, message[:300])
       continue
-    if errors:
+    for bad, message, _ in failed:
+      name = checkpointer.set_aside(bad)
+      logging.warning('Checkpoint step %d (%s) kept as %s.', bad, message, name)
+    if failed:
       logging.warning('Resumed from step %d: the newer checkpoint(s) could not be read.', step)
     return restored
-  raise ResumeError(f'no checkpoint in {checkpointer.directory} can be read ('
-                    + '; '.join(errors) + '). Remove the checkpoints directory to start '
-                    'over, or fine-tune from other weights with --config.init_from.')
+  if failed:
+    raise failed[0][2]  # no step reads: nothing renamed, the newest step's error
+  raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
 
 
 def _check_resumable(checkpointer, abstract_state, config: dict, workdir,

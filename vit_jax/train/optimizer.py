@@ -46,8 +46,9 @@ def check_schedule(schedule_config) -> None:
                      'counts) or a positive number of epochs')
   if epochs and s.get('warmup_steps', 0):
     raise ScheduleError(f"config.schedule.warmup_epochs={epochs} and warmup_steps="
-                     f"{s.get('warmup_steps')} are both set: give one, e.g. "
-                     '--config.schedule.warmup_steps=0')
+                     f"{s.get('warmup_steps')} are both set: give one "
+                     '(--config.schedule.warmup_epochs=0 to count warmup_steps, or '
+                     '--config.schedule.warmup_steps=0)')
 
 
 def resolved_schedule(schedule_config, *, batch_size: int | None = None,

@@ -9,7 +9,9 @@ service (on by default; it installs its own SIGTERM handler) spreads the notice 
 agrees on that step, which `multihost_utils.reached_preemption_sync_point` reports.
 """
 
+import os
 import signal
+import sys
 import threading
 
 from absl import logging
@@ -74,9 +76,12 @@ class StopRequest:
     how = 'Ctrl-C' if signum == signal.SIGINT else name
     logging.warning('%s: saving a checkpoint after this step, then stopping (a second %s '
                     'stops at once).', name, how)
-    if signum == signal.SIGINT:
-      print(f'\n{name}: saving a checkpoint after this step, then stopping (press Ctrl-C '
-            'again to stop at once, without saving)', flush=True)
+    if signum == signal.SIGINT:  # os.write: print() may be inside a write already
+      try:
+        os.write(sys.stdout.fileno(), f'\n{name}: saving a checkpoint after this step, then '
+                 'stopping (press Ctrl-C again to stop at once, without saving)\n'.encode())
+      except (OSError, ValueError):  # no file descriptor behind sys.stdout
+        pass
 
   def __call__(self, step: int) -> bool:
     if self._multiprocess:

@@ -36,13 +36,18 @@ def hold(workdir):
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held by another process
       holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'unknown'
       raise WorkdirBusyError(
           f'--workdir={workdir} is in use by another run ({holder}). Two runs in one '
           'workdir overwrite each other\'s checkpoints and metrics: wait for that run to '
           'end or stop it (it saves on SIGTERM), or give this one another --workdir.'
       ) from None
+    except OSError as e:  # no locks on this file system (Lustre without -o flock, ...)
+      logging.warning('%s cannot be locked (%s): it is not protected against a second run.',
+                      path, e)
+      yield
+      return
     now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
     os.ftruncate(fd, 0)
     os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}, since {now}\n'.encode(), 0)
