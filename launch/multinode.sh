@@ -132,7 +132,7 @@ signal_all() {
     # Only a vit_jax.main process: the file outlives its process, and the PID may have
     # been reused since.
     # shellcheck disable=SC2016  # $pid expands on the remote host
-    "${ssh_cmd[@]}" "${hosts[i]}" "$(printf 'pid=$(cat %q 2>/dev/null) && ps -o args= -p "$pid" | grep -q vit_jax.main && kill -%s "$pid"' \
+    "${ssh_cmd[@]}" "${hosts[i]}" "$(printf 'pid=$(cat %q 2>/dev/null) && ps -ww -o args= -p "$pid" | grep -q vit_jax.main && kill -%s "$pid"' \
       "$file" "$1")" </dev/null >/dev/null 2>&1 || true
   done
 }

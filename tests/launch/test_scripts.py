@@ -451,18 +451,20 @@ def test_multinode_forwards_sigterm_to_the_remote_processes_and_waits_for_their_
       '  open(f"{d}/saved_{pid}", "w").write("")\n'
       '  sys.exit(143)\n'
       'signal.signal(signal.SIGTERM, on_term)\n'
+      'open(f"{d}/ready_{pid}", "w").write("")\n'
       'time.sleep(60)\n')
+  # COLUMNS=80: the check that the PID is still a vit_jax.main process must read the
+  # whole command line (ps truncated it to the terminal width, and nothing was signalled).
   proc = subprocess.Popen(
       ['bash', LAUNCH / 'multinode.sh', '--hosts=gpu-a,gpu-b', f'--python={fake}',
-       '--config=c.py', '--workdir=/w'], cwd=ROOT, env=dict(env, SSH=str(ssh)),
+       '--config=c.py', '--workdir=/w'], cwd=ROOT, env=dict(env, SSH=str(ssh), COLUMNS='80'),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 30
-  while len(list(tmp_path.glob('argv_*'))) < 2 and time.monotonic() < deadline:
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.glob('ready_*'))) < 2 and time.monotonic() < deadline:
     time.sleep(0.05)
-  time.sleep(0.5)  # past the fakes' signal.signal
   proc.terminate()
   start = time.monotonic()
-  _, err = proc.communicate(timeout=30)
+  _, err = proc.communicate(timeout=60)
   assert proc.returncode == 143, err
   assert time.monotonic() - start >= 0.9  # it waited for the saves
   assert sorted(p.name for p in tmp_path.glob('saved_*')) == [
