@@ -87,10 +87,13 @@ def test_fields_of_more_than_one_type_take_every_type_on_the_command_line(tmp_pa
   module = models.create('ViT-B/16', num_layers=1, num_classes=21843)  # no pre_logits
   assert summary['parameters'] == models.param_count(models.abstract_params(module, 224))
   # The other way: the fine-tuning recipe has none, the command line gives it one.
+  # (and a config that sets steps goes back to epochs: total_steps was int-typed)
   proc = _run(['--config=configs/finetune_cifar10.py', '--config.model.num_layers=1',
-               '--config.model.representation_size=768'], tmp_path)
+               '--config.model.representation_size=768', '--config.total_steps=None'],
+              tmp_path)
   assert proc.returncode == 0, subprocess_env.failure(proc)
-  assert json.loads((tmp_path / 'config.json').read_text())['model']['representation_size'] == 768
+  written = json.loads((tmp_path / 'config.json').read_text())
+  assert written['model']['representation_size'] == 768 and written['total_steps'] is None
   proc = _run(['--config=configs/vit_b16.py', '--config.model.representation_size=wide'],
               tmp_path)
   assert proc.returncode == 1

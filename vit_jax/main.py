@@ -147,16 +147,15 @@ def main(argv):
     _join_processes()
   workdir = epath.Path(_WORKDIR.value)
   is_main = jax.process_index() == 0
-  if not _SUMMARY_ONLY.value:
-    from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  if _SUMMARY_ONLY.value:  # (validate() warns for a training run)
+    defaults.warn_if_name_differs(config.model)
+  else:
     from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
     # Everything that can be checked without data or compilation fails here, at once.
     defaults.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count())
     loop.check_workdir(workdir)
-  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
-  if _SUMMARY_ONLY.value:  # (validate() warns for a training run)
-    defaults.warn_if_name_differs(config.model)
   try:
     summary = model_summary(config.model)
   except ValueError as e:  # --summary_only skipped validate(), which names the same error

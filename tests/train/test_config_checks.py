@@ -252,9 +252,3 @@ def test_values_that_would_train_wrongly_or_fail_late_are_named(field, value, me
     c[node] = value
   with pytest.raises(defaults.ConfigError, match=re.escape(message)):
     _validate(c)
-
-
-def test_total_steps_none_switches_back_to_epochs():
-  c = _config()
-  c.total_steps, c.num_epochs = None, 2.0
-  _validate(c)

@@ -283,15 +283,12 @@ def _warn_batch_norm_not_frozen(batch_stats, labels) -> None:
   """A warning where config.trainable / freeze freeze BatchNorm layers' scale and bias
   while config.model.bn_frozen is False: those layers still normalise with each batch's
   statistics in training and update their running statistics (the pretrained ones)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  layers = {path[:-1] for path in _paths(batch_stats)}  # a layer's stats: .../mean, .../var
-  frozen = []
-  for layer in sorted(layers):
-    node = labels
-    for key in layer:
-      node = node[key]
-    if all(label == 'frozen' for label in jax.tree.leaves(node)):
-      frozen.append('/'.join(layer))
+  from vit_jax.checkpoints import tree  # pylint: disable=g-import-not-at-top
+  layers = {name.rsplit('/', 1)[0] for name in tree.flatten(batch_stats)}  # .../mean, .../var
+  labels = tree.flatten(labels)
+  frozen = [layer for layer in sorted(layers)
+            if all(label == 'frozen' for name, label in labels.items()
+                   if name.startswith(layer + '/'))]
   if frozen:
     every = len(frozen) == len(layers)
     logging.warning(
@@ -301,14 +298,6 @@ def _warn_batch_norm_not_frozen(batch_stats, labels) -> None:
         "(a linear probe, timm's FrozenBatchNorm2d), add --config.model.bn_frozen=True.",
         'all' if every else f'{len(frozen)} of the {len(layers)}',
         ', '.join(frozen[:3]) + (', ...' if len(frozen) > 3 else ''))
-
-
-def _paths(tree, prefix=()):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _paths(value, prefix + (key,))
-    else:
-      yield prefix + (key,)
 
 
 def _check_preprocessing(config) -> None:

@@ -298,7 +298,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     mesh = sharding_lib.create_mesh(config.mesh)
     train_source, eval_source = data_builder.create_sources(config.input)
     spe = pipeline.steps_per_epoch(train_source, config.batch_size)
-    total_steps = config.total_steps or max(int(math.ceil(config.num_epochs * spe)), 1)
+    total_steps = run_length(config.total_steps, config.num_epochs, spe)
     t = Trainer(config, mesh, total_steps, steps_per_epoch=spe)
     batch_sharding = t.batch_sharding
     if is_main:
@@ -318,8 +318,6 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           logging.warning('Checkpoint was written with %s=%s, this run has %s: the data '
                           'order of the resumed run differs from the original run.', key,
                           saved_meta.get(key), meta[key])
-      _warn_schedule_change(saved_meta, config, total_steps, spe, t.schedule,
-                            int(jax.device_get(state.step)))
     else:
       state = t.init_state()
       if config.init_from:
@@ -330,6 +328,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       if summary is not None:
         (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
     start_step = int(jax.device_get(state.step))
+    if resuming:
+      _warn_schedule_change(saved_meta, total_steps, spe, t.schedule, start_step)
     module, schedule, image_size = t.module, t.schedule, config.model.image_size
     train_step, eval_step = t.train_step, t.eval_step
 
@@ -457,16 +457,19 @@ class ResumeError(ValueError):
   """The workdir's checkpoint cannot be resumed with this config; the message says why."""
 
 
-def _warn_schedule_change(saved_meta, config, total_steps, spe, schedule, step) -> None:
+def run_length(total_steps: int | None, num_epochs: float, steps_per_epoch: float) -> int:
+  """The final step: config.total_steps, else num_epochs of the training split."""
+  return total_steps or max(int(math.ceil(num_epochs * steps_per_epoch)), 1)
+
+
+def _warn_schedule_change(saved_meta, total_steps, spe, schedule, step) -> None:
   """A warning where the resumed run's learning rate at the resumed step differs from the
   checkpoint's run's: another final step (a raised total_steps, another num_epochs), or
   another schedule (a changed field, another batch size with schedule.base_lr_batch)."""
-  del config
   saved = saved_meta.get('config') or {}
   saved_spe = saved_meta.get('steps_per_epoch') or spe
-  saved_total = saved.get('total_steps') or (
-      max(int(math.ceil(saved['num_epochs'] * saved_spe)), 1) if saved.get('num_epochs')
-      else None)
+  saved_total = (run_length(saved.get('total_steps'), saved.get('num_epochs', 0), saved_spe)
+                 if saved.get('total_steps') or saved.get('num_epochs') else None)
   try:
     before = float(optimizer_lib.learning_rate_schedule(
         ml_collections.ConfigDict(saved['schedule']), saved_total,

@@ -40,15 +40,15 @@ def check_schedule(schedule_config) -> None:
   batch, epochs = s.get('base_lr_batch', 0), s.get('warmup_epochs', 0.0)
   if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
     raise ScheduleError(f'config.schedule.base_lr_batch={batch!r} must be 0 (base_lr is the '
-                     'rate) or the positive global batch size base_lr is for')
+                        'rate) or the positive global batch size base_lr is for')
   if not isinstance(epochs, (int, float)) or epochs < 0:
     raise ScheduleError(f'config.schedule.warmup_epochs={epochs!r} must be 0 (warmup_steps '
-                     'counts) or a positive number of epochs')
+                        'counts) or a positive number of epochs')
   if epochs and s.get('warmup_steps', 0):
     raise ScheduleError(f"config.schedule.warmup_epochs={epochs} and warmup_steps="
-                     f"{s.get('warmup_steps')} are both set: give one "
-                     '(--config.schedule.warmup_epochs=0 to count warmup_steps, or '
-                     '--config.schedule.warmup_steps=0)')
+                        f"{s.get('warmup_steps')} are both set: give one "
+                        '(--config.schedule.warmup_epochs=0 to count warmup_steps, or '
+                        '--config.schedule.warmup_steps=0)')
 
 
 def resolved_schedule(schedule_config, *, batch_size: int | None = None,
@@ -66,7 +66,7 @@ def resolved_schedule(schedule_config, *, batch_size: int | None = None,
   if epochs:
     if steps_per_epoch is None:
       raise ScheduleError('config.schedule.warmup_epochs is set: the steps per epoch are '
-                       'needed (use warmup_steps where there is no dataset)')
+                          'needed (use warmup_steps where there is no dataset)')
     s['warmup_steps'] = int(round(epochs * steps_per_epoch))
   return s
 
@@ -90,9 +90,9 @@ def learning_rate_schedule(schedule_config, total_steps: int, *,
     given = (f"warmup_epochs={resolved['warmup_epochs']} ({warmup} steps)"
              if resolved.get('warmup_epochs') else f'warmup_steps={warmup}')
     raise ScheduleError(f'config.schedule.{given} is not below the '
-                     f'{total_steps} total steps of the run (config.total_steps, or '
-                     'config.num_epochs times the steps per epoch): lower it, e.g. '
-                     f'--config.schedule.warmup_steps={total_steps // 10}, or train longer')
+                        f'{total_steps} total steps of the run (config.total_steps, or '
+                        'config.num_epochs times the steps per epoch): lower it, e.g. '
+                        f'--config.schedule.warmup_steps={total_steps // 10}, or train longer')
   rest = max(total_steps - warmup, 1)
   if decay == 'linear':
     after = optax.linear_schedule(base, end, rest)

@@ -120,8 +120,9 @@ def imagenet1k_supervised(model_name: str, *, batch_size: int = 1024):
 
   The optimizer follows the family (see the module docstring); the learning rate scales
   linearly with the batch size (`schedule.base_lr_batch`, also after
-  `--config.batch_size=N`), and the warmup is counted in epochs (`schedule.warmup_epochs`). Inputs are normalised with the ImageNet mean and std, as
-  timm's weights of these models expect.
+  `--config.batch_size=N`), and the warmup is counted in epochs (`schedule.warmup_epochs`).
+  Inputs are normalised with the ImageNet mean and std, as timm's weights of these models
+  expect.
   """
   c = defaults.default_config()
   c.model = models.get_config(model_name)
