@@ -15,6 +15,7 @@ SIGTERM stops at once.
 """
 
 import ast
+import contextlib
 import json
 import logging as std_logging
 import os
@@ -156,6 +157,17 @@ def main(argv):
     defaults.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count())
     loop.check_workdir(workdir)
+  with contextlib.ExitStack() as lock:
+    if is_main and not _SUMMARY_ONLY.value:
+      # Before the model summary compiles anything: a second run in a busy workdir is
+      # refused at once, not after the FLOP count (seconds to minutes on a CPU).
+      from vit_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
+      lock.enter_context(workdir_lock.hold(workdir))
+    return _summarise_and_train(config, workdir, is_main, defaults)
+
+
+def _summarise_and_train(config, workdir, is_main, defaults):
+  """main() once the config and workdir are checked (and the workdir is locked)."""
   try:
     summary = model_summary(config.model)
   except ValueError as e:  # --summary_only skipped validate(), which names the same error
@@ -168,11 +180,12 @@ def main(argv):
     print(format_summary(summary), flush=True)
   if _SUMMARY_ONLY.value:
     return
+  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
   from vit_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:
     final = loop.train_and_evaluate(
         config, workdir, forward_flops_per_image=summary['forward_gflops_per_image'] * 1e9,
-        summary=summary, validate=False)  # validated above
+        summary=summary, validate=False, lock=False)  # validated and locked in main()
   except preemption.Preempted as e:
     logging.warning('%s', e)
     if is_main:

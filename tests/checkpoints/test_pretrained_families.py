@@ -279,3 +279,32 @@ def test_bit_release_npz_with_a_bit_model_config(tmp_path):
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match='width_factor: checkpoint 0.5, model 1.0'):
     pretrained.adapt_variables(ckpt, _zero_variables(target, 32), target)
+
+
+def test_bit_release_npz_without_a_model_is_recognised(tmp_path):
+  """A BiT `.npz` read with no model given (predict, convert and init_from without
+  --model): recognised by its 'resnet/root_block' names, structure from the file, the
+  same outputs as the model it was saved from. It used to fail as 'not a ViT tree'."""
+  source = models.get_config('BiT-R50x1')
+  source.update(num_layers=(1, 2, 1, 1), width_factor=0.5, num_classes=3)
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype),
+                        models.abstract_variables(models.create(source), 32)['params'])
+  bit_npz.save_bit_npz(params, tmp_path / 'BiT-M-tiny.npz')
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'BiT-M-tiny.npz'))
+  assert models.family_of(ckpt.config) == 'bit'
+  assert tuple(ckpt.config.num_layers) == (1, 2, 1, 1) and ckpt.config.num_classes == 3
+  assert ckpt.config.width_factor == 0.5 and ckpt.config.name == 'BiT (from .npz)'
+  images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  want = models.create(source).apply({'params': params}, images, train=False)
+  got = models.create(ckpt.config).apply({'params': ckpt.params}, images, train=False)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # A registered depth and width is named as such (shapes are all it reads).
+  r50 = models.get_config('BiT-R50x1')
+  shapes = models.abstract_variables(models.create(r50), 32)['params']
+  zeros = jax.tree.map(lambda a: np.zeros(a.shape, np.float16), shapes)
+  np.savez_compressed(tmp_path / 'r50x1.npz',
+                      **{f'resnet/{k}': v for k, v in _flat(zeros).items()})
+  assert pretrained.load_checkpoint(str(tmp_path / 'r50x1.npz')).config.name == 'BiT-R50x1'
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="family 'bit'"):
+    pretrained.load_checkpoint(str(tmp_path / 'BiT-M-tiny.npz'), model='ViT-B/16')

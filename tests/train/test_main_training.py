@@ -194,10 +194,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(reference, data_dir,
   # only average the steps since the checkpoint. The last row equals the reference's
   # where its whole window ran after the last resume.
   resumed_at = int(restores[-1].split('Restoring checkpoint ')[1].split()[0])
+  last_row = [r for r in got if 'loss' in r][-1]
   if resumed_at <= TOTAL_STEPS - 4:
     assert got_rows[TOTAL_STEPS] == ref_rows[TOTAL_STEPS]
-  else:
+    assert 'steps_averaged' not in last_row
+  else:  # the row says it averages fewer steps than log_every
     assert np.isfinite(got_rows[TOTAL_STEPS])
+    if resumed_at < TOTAL_STEPS:  # (not a kill after the final save)
+      assert last_row['steps_averaged'] == TOTAL_STEPS - resumed_at
   # Each step is logged once: a resumed run drops what the killed one logged after its
   # last checkpoint.
   assert [r['step'] for r in got if 'loss' in r] == list(range(4, TOTAL_STEPS + 1, 4))
@@ -246,6 +250,7 @@ def test_sigterm_saves_the_current_step_then_exits_and_the_resumed_run_is_bit_ex
   assert sorted(per_step) == list(range(1, TOTAL_STEPS + 1))
   for row in (json.loads(l) for l in (ref_dir / 'metrics.jsonl').read_text().splitlines()):
     if 'loss' in row:
+      assert 'steps_averaged' not in row  # every row averages log_every steps
       window = [per_step[s] for s in range(row['step'] - 3, row['step'] + 1)]
       for k in ('loss', 'grad_norm'):
         assert row[k] == pytest.approx(np.mean([w[k] for w in window]), rel=1e-5), (row, k)

@@ -54,6 +54,7 @@ def test_a_run_in_a_busy_workdir_stops_before_touching_its_checkpoints(tmp_path)
     assert 'error (WorkdirBusyError)' in run.stderr and f'pid {proc.pid}' in run.stderr
     assert (tmp_path / 'checkpoints' / '7.orbax-checkpoint-tmp').is_dir()  # left alone
     assert not (tmp_path / 'config.json').exists()
+    assert 'forward GFLOPs' not in run.stdout  # refused before the model summary compiled
     assert time.monotonic() - start < 200
   finally:
     proc.send_signal(signal.SIGKILL)

@@ -39,6 +39,11 @@ def load_bit_npz(path) -> dict:
     raise ValueError(f'{path} is not a BiT .npz checkpoint: it has no '
                      f'{PREFIX}root_block/standardized_conv2d/kernel (keys: '
                      f'{sorted(flat)[:5]} ...)')
+  return params_from_flat(flat)
+
+
+def params_from_flat(flat: dict) -> dict:
+  """The params tree of models.bit from the {'/'-joined name: array} of a release file."""
   out = {}
   for k, v in flat.items():
     if k.startswith(PREFIX):

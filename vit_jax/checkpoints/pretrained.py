@@ -373,6 +373,16 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
       params = bit_npz.load_bit_npz(path)
       return Checkpoint(_bit_npz_config(params, given), params, 'npz')
     params = npz.load_npz(path)
+    if bit_npz.PREFIX.rstrip('/') in params and 'root_block' in params['resnet']:
+      # A BiT release file (gs://bit_models/BiT-M-R50x1.npz, ...): its depth, width and
+      # classes are in the weights; a model of another family is refused.
+      if given is not None:
+        _refuse_family(path, 'bit', given)
+      params = bit_npz.params_from_flat(tree.flatten(params))
+      config = _bit_npz_config(params, registry.get_config('BiT-R50x1'))
+      name = f'BiT-R{3 * sum(config.num_layers) + 2}x{config.width_factor:g}'
+      config.name = name if name in registry.list_models() else 'BiT (from .npz)'
+      return Checkpoint(config, params, 'npz')
     config = architecture.infer_model_config(params)
     if given is not None:  # the given numerics, the file's structure
       for field in ('gelu_approximate', 'layernorm_eps', 'name', 'dtype', 'param_dtype',

@@ -263,14 +263,16 @@ class Trainer:
 
 
 def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = None,
-                       summary: dict | None = None, validate: bool = True) -> dict:
+                       summary: dict | None = None, validate: bool = True,
+                       lock: bool = True) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) and returns final metrics.
 
   `forward_flops_per_image` (for the MFU) is counted from the model when not given;
   `vit_jax.main` passes the count of its model summary, so a run counts once (on GPU and
   TPU the count compiles the forward pass). `summary`, if given, is written to the
   workdir's model_summary.json beside config.json, once the workdir's checkpoint is
-  known to fit this config. `validate=False` skips `defaults.validate` (the caller ran it).
+  known to fit this config. `validate=False` skips `defaults.validate` (the caller ran it);
+  `lock=False` leaves out the workdir lock (the caller holds it: `workdir_lock.hold`).
   """
   # The input pipeline (TensorFlow) is imported here, not with the module: the Trainer
   # and the benchmark run where TensorFlow is not installed (e.g. a GPU image).
@@ -286,7 +288,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
 
   with contextlib.ExitStack() as cleanup:  # closed in reverse order, on any exit
-    if is_main:  # before anything reads or cleans up the checkpoints of another run
+    if is_main and lock:  # before anything reads or cleans up another run's checkpoints
       cleanup.enter_context(workdir_lock.hold(workdir))
     checkpointer = ckpt_lib.TrainCheckpointer(
         workdir / 'checkpoints', keep_last=config.keep_checkpoints, keep_best=config.keep_best,
@@ -418,7 +420,11 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                      param_norm=float(fetched[-1]['param_norm']), images_per_sec=ips,
                      sec_per_step=sps, epoch=step / spe,
                      mfu=flops_per_step / sps / peak, peak_flops_per_sec=peak,
-                     skipped_nonfinite=skipped or None)
+                     skipped_nonfinite=skipped or None,
+                     # A row after a resume, before a stop or at the end can average
+                     # fewer than log_every steps; it then says how many.
+                     steps_averaged=(len(fetched) if len(fetched) != config.log_every
+                                     else None))
           writer.write(step, row)
           evals_left = ((total_steps // config.eval_every - (step - 1) // config.eval_every
                          if config.eval_every else 0)
