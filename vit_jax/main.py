@@ -208,6 +208,7 @@ def _summarise_and_train(config, workdir, is_main, defaults):
 _USER_ERRORS = {
     'vit_jax.sharding': ('MeshError',),
     'vit_jax.checkpoints.tree': ('CheckpointMismatchError',),
+    'vit_jax.checkpoints.train_state': ('CheckpointSaveError',),
     'vit_jax.data.sources': ('DataError',),
     'vit_jax.train.defaults': ('ConfigError',),
     'vit_jax.train.loop': ('ResumeError', 'NonFiniteError'),

@@ -5,6 +5,7 @@ import json
 import pathlib
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -341,8 +342,38 @@ def test_a_failed_checkpoint_save_ends_the_process(data_dir, tmp_path):
     proc.kill()
     pytest.fail('the process did not exit after its checkpoint save failed')
   assert proc.returncode == 1, out[-3000:]
-  assert 'Traceback' in out and 'checkpoints' in out
+  assert 'error (CheckpointSaveError): saving checkpoint step ' in out, out[-3000:]
   assert time.monotonic() - start < 200
+
+
+def _limit_file_size(limit):
+  def set_limit():  # writes beyond `limit` bytes fail with EFBIG, as on a full disk
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return set_limit
+
+
+def test_a_save_that_fails_in_the_background_stops_the_run_at_once(reference, data_dir,
+                                                                   tmp_path):
+  """An asynchronous save that fails (files cannot grow, as on a full disk) stops the run
+  at the next log row with one message naming the step and where the run resumes. The
+  failure used to surface only at the next save, checkpoint_every steps later, all of
+  them lost."""
+  del reference  # the dataset is prepared (its files are larger than the limit)
+  workdir = tmp_path / 'full'
+  proc = subprocess.run(
+      _cmd(workdir, data_dir, '--config.total_steps=400', '--config.checkpoint_every=20',
+           '--config.log_every=1', '--config.model.hidden_size=64',
+           '--config.model.mlp_dim=128'),
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+      preexec_fn=_limit_file_size(100_000))
+  assert proc.returncode == 1, subprocess_env.failure(proc)
+  assert ('error (CheckpointSaveError): saving checkpoint step 20 in '
+          f'{workdir / "checkpoints"} failed (') in proc.stderr, proc.stderr[-3000:]
+  assert 'File too large' in proc.stderr.split('error (CheckpointSaveError)')[1]
+  assert 'no checkpoint is complete yet' in proc.stderr
+  logged = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert 20 <= logged[-1] < 30, logged[-5:]  # not at the next save (step 40)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

@@ -11,12 +11,18 @@ the incomplete one is ignored (and cleaned up) on restart. `keep_last` newest ch
 are kept, plus the `keep_best` best by an evaluation metric.
 """
 
+import contextlib
 from typing import Any
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (a full disk, a lost bucket, permissions); the
+  message names the step, the cause and where the run resumes."""
 
 
 class _Manager(ocp.CheckpointManager):
@@ -50,6 +56,7 @@ class TrainCheckpointer:
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
     self._manager = _Manager(directory, options=options, item_names=('state', 'meta'))
+    self._saving = None  # the step of the newest save started, for its error message
 
   @property
   def directory(self):
@@ -62,10 +69,40 @@ class TrainCheckpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
-    """Starts an asynchronous save of `state` at `step` (returns before it completes)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    """Starts an asynchronous save of `state` at `step` (returns before it completes).
+
+    Raises CheckpointSaveError if the previous save failed, or this one cannot start.
+    """
+    self._wait_for_previous_save()
+    with self._failure_named(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          metrics=metrics, force=True)
+    self._saving = step
+
+  def _wait_for_previous_save(self) -> None:
+    with self._failure_named(self._saving):
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _failure_named(self, step):
+    """Turns an error of saving `step` into a CheckpointSaveError that says what to do."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if step is None:
+        raise
+      lines = str(e).strip().splitlines()
+      cause = f'{type(e).__name__}: {lines[0][:600] if lines else ""}'
+      newest = self._manager.latest_step()
+      raise CheckpointSaveError(
+          f'saving checkpoint step {step} in {self.directory} failed ({cause}). The run '
+          'stopped; ' + (f'the newest complete checkpoint is step {newest}, where the same '
+                         'command resumes' if newest is not None else
+                         'no checkpoint is complete yet, so the same command starts again '
+                         'from step 0') +
+          ' once the cause (a full disk, a missing directory, permissions) is fixed.'
+      ) from e
 
   def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
     """(state, meta) of `step` (default: the newest complete one), laid out like
@@ -112,13 +149,25 @@ class TrainCheckpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
 
+  def check_for_errors(self) -> None:
+    """Raises the error of an asynchronous save that failed since the last call (a full
+    disk, a lost bucket), so that the run stops then, not at the next save. Does not
+    wait for a save in progress."""
+    if not self._manager.is_saving_in_progress():
+      # Returns at once once the save's last thread has ended, raising its error (Orbax's
+      # own check_for_errors misses it: the manager's finalize thread took it).
+      self._wait_for_previous_save()
+
   def wait(self) -> None:
-    """Blocks until pending saves are complete."""
-    self._manager.wait_until_finished()
+    """Blocks until pending saves are complete (CheckpointSaveError if one failed)."""
+    self._wait_for_previous_save()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the pending save (CheckpointSaveError if it failed), then closes."""
+    try:
+      self._wait_for_previous_save()
+    finally:
+      self._manager.close()
 
 
 def _key_name(key) -> str:

@@ -408,6 +408,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       if do_log or do_eval or do_ckpt:
         window.extend(sync(step))
         start_of_pending = step
+        checkpointer.check_for_errors()  # a save that failed since: stop now, not later
         if do_log:
           fetched, window = window, []
           skipped = sum(1 - int(m['finite']) for m in fetched)
