@@ -255,15 +255,21 @@ def test_other_family_or_architecture_is_refused(resnet50_file, tmp_path):
   assert models.family_of(pretrained.load_checkpoint(str(path)).config) == 'resnet'
 
 
-def test_bit_release_npz_with_a_bit_model_config(tmp_path):
-  """A BiT `.npz` (the original release layout) read for a 'bit' config: depth, width and
-  classes from the file, a new zero head/conv2d (GroupNorm: no model state)."""
+def _tiny_bit_npz(path):
+  """(config, params, rng) of a small BiT model saved in the release layout at path."""
   source = models.get_config('BiT-R50x1')
   source.update(num_layers=(1, 2, 1, 1), width_factor=0.5, num_classes=3)
   rng = np.random.RandomState(0)
   params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype),
                         models.abstract_variables(models.create(source), 32)['params'])
-  bit_npz.save_bit_npz(params, tmp_path / 'BiT-M-tiny.npz')
+  bit_npz.save_bit_npz(params, path)
+  return source, params, rng
+
+
+def test_bit_release_npz_with_a_bit_model_config(tmp_path):
+  """A BiT `.npz` (the original release layout) read for a 'bit' config: depth, width and
+  classes from the file, a new zero head/conv2d (GroupNorm: no model state)."""
+  source, params, rng = _tiny_bit_npz(tmp_path / 'BiT-M-tiny.npz')
   target = models.get_config('BiT-R50x1')
   target.update(num_layers=(1, 2, 1, 1), width_factor=0.5, num_classes=10)
   ckpt = pretrained.load_checkpoint(str(tmp_path / 'BiT-M-tiny.npz'), model=target)
@@ -285,12 +291,7 @@ def test_bit_release_npz_without_a_model_is_recognised(tmp_path):
   """A BiT `.npz` read with no model given (predict, convert and init_from without
   --model): recognised by its 'resnet/root_block' names, structure from the file, the
   same outputs as the model it was saved from. It used to fail as 'not a ViT tree'."""
-  source = models.get_config('BiT-R50x1')
-  source.update(num_layers=(1, 2, 1, 1), width_factor=0.5, num_classes=3)
-  rng = np.random.RandomState(0)
-  params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(a.dtype),
-                        models.abstract_variables(models.create(source), 32)['params'])
-  bit_npz.save_bit_npz(params, tmp_path / 'BiT-M-tiny.npz')
+  source, params, rng = _tiny_bit_npz(tmp_path / 'BiT-M-tiny.npz')
   ckpt = pretrained.load_checkpoint(str(tmp_path / 'BiT-M-tiny.npz'))
   assert models.family_of(ckpt.config) == 'bit'
   assert tuple(ckpt.config.num_layers) == (1, 2, 1, 1) and ckpt.config.num_classes == 3
