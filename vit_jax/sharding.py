@@ -8,7 +8,9 @@ with parameters and optimizer state sharded, gathered per layer by XLA) and `mod
 Parameter rules: arrays smaller than `min_fsdp_size` elements are replicated; a larger
 array is sharded over `fsdp` along its largest dimension that the fsdp size divides
 (if none does, it stays replicated). With a model axis, MLP and attention kernels are
-also split Megatron-style along their hidden/head dimension.
+also split Megatron-style along their hidden/head dimension. Stacked blocks
+(scan_layers=True) follow the same rules one dimension further in; their layer axis is
+never split.
 """
 
 import re
@@ -34,6 +36,11 @@ _MODEL_RULES = (
     (r'MultiHeadDotProductAttention_0/(query|key|value)/bias$', 0),
     (r'MultiHeadDotProductAttention_0/out/kernel$', 0),
 )
+
+
+# Stacked encoder blocks (scan_layers=True): every array has a leading layer axis, which
+# shifts the dimensions above by one and is never sharded (the scan slices it per layer).
+_STACKED = re.compile(r'(^|/)encoderblock/')
 
 
 class MeshError(ValueError):
@@ -88,15 +95,17 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
                min_fsdp_size: int = 2**18) -> P:
   """PartitionSpec of one parameter (or optimizer-state array mirroring one)."""
   spec: list[Any] = [None] * len(shape)
+  layer_axis = 1 if _STACKED.search(path) and shape else 0
   model = mesh.shape['model']
   if model > 1:
     for pattern, dim in _MODEL_RULES:
+      dim += layer_axis
       if re.search(pattern, path) and dim < len(shape) and shape[dim] % model == 0:
         spec[dim] = 'model'
         break
   fsdp = mesh.shape['fsdp']
   if fsdp > 1 and int(np.prod(shape, dtype=np.int64)) >= min_fsdp_size:
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    for dim in sorted(range(layer_axis, len(shape)), key=lambda d: -shape[d]):
       if spec[dim] is None and shape[dim] % fsdp == 0:
         spec[dim] = 'fsdp'
         break

@@ -1,6 +1,6 @@
 """Helper script: a few train steps of a small ViT on synthetic data under a given mesh.
 
-Run as `python sharded_run.py DATA FSDP ACCUM OUT.npz` in a process started with
+Run as `python sharded_run.py DATA FSDP ACCUM OUT.npz [MODEL [SCAN]]` in a process started with
 XLA_FLAGS=--xla_force_host_platform_device_count=8; writes the losses, the final
 parameters and the parameter shardings.
 """
@@ -15,13 +15,13 @@ from vit_jax.train import defaults
 from vit_jax.train import loop
 
 
-def config_for(data: int, fsdp: int, accum: int):
+def config_for(data: int, fsdp: int, accum: int, model: int = 1, scan: bool = False):
   c = defaults.default_config()
   c.model.update(image_size=16, patch_size=(4, 4), hidden_size=32, num_layers=2,
-                 num_heads=2, mlp_dim=64, num_classes=5, dropout_rate=0.1)
+                 num_heads=2, mlp_dim=64, num_classes=5, dropout_rate=0.1, scan_layers=scan)
   c.batch_size = 16
   c.accum_steps = accum
-  c.mesh.update(data=data, fsdp=fsdp, model=1)
+  c.mesh.update(data=data, fsdp=fsdp, model=model)
   c.min_fsdp_size = 64  # shard every parameter matrix in this small model
   # SGD: Adam would turn the float noise in gradients that are exactly zero in theory
   # (the key bias: softmax ignores a shift shared by all keys) into full-size updates.
@@ -31,9 +31,9 @@ def config_for(data: int, fsdp: int, accum: int):
 
 
 def trainer_on_mesh(config):
-  """A Trainer on the first data x fsdp devices, as a (data, fsdp, 1) mesh."""
-  data, fsdp = config.mesh.data, config.mesh.fsdp
-  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp, 1)
+  """A Trainer on the first data x fsdp x model devices, as a (data, fsdp, model) mesh."""
+  data, fsdp, model = config.mesh.data, config.mesh.fsdp, config.mesh.model
+  devices = np.asarray(jax.devices()[:data * fsdp * model]).reshape(data, fsdp, model)
   return loop.Trainer(config, jax.sharding.Mesh(devices, ('data', 'fsdp', 'model')),
                       total_steps=6)
 
@@ -46,7 +46,9 @@ def flatten(tree):
 
 def main():
   data, fsdp, accum, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-  trainer = trainer_on_mesh(config_for(data, fsdp, accum))
+  model = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+  scan = len(sys.argv) > 6 and sys.argv[6] == 'scan'
+  trainer = trainer_on_mesh(config_for(data, fsdp, accum, model, scan))
   state = trainer.init_state()
   rng = np.random.default_rng(0)
   losses = []

@@ -13,12 +13,12 @@ HERE = pathlib.Path(__file__).resolve().parent
 TOL = 2e-5  # float32 reductions are ordered differently on different meshes
 
 
-def _run(tmp_path, data, fsdp, accum):
-  out = tmp_path / f'run_{data}_{fsdp}_{accum}.npz'
+def _run(tmp_path, data, fsdp, accum, model=1, layout='unrolled'):
+  out = tmp_path / f'run_{data}_{fsdp}_{accum}_{model}_{layout}.npz'
   env = subprocess_env.cpu_env(devices=8)
   proc = subprocess.run([sys.executable, str(HERE / 'sharded_run.py'), str(data), str(fsdp),
-                         str(accum), str(out)], env=env, capture_output=True, text=True,
-                        timeout=600)
+                         str(accum), str(out), str(model), layout], env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, subprocess_env.failure(proc)
   result = dict(np.load(out))
   meta = json.loads(pathlib.Path(str(out) + '.json').read_text())
@@ -28,7 +28,8 @@ def _run(tmp_path, data, fsdp, accum):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('sharded')
-  return {key: _run(tmp, *key) for key in [(1, 1, 1), (8, 1, 1), (2, 4, 1)]}
+  return {key: _run(tmp, *key) for key in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (4, 1, 1, 2),
+                                            (1, 1, 1, 1, 'scan'), (2, 2, 1, 2, 'scan')]}
 
 
 def _compare(a, b):
@@ -47,6 +48,35 @@ def test_sharded_training_equals_one_device(runs, mesh):
   assert meta['devices'] == mesh[0] * mesh[1]
   assert not np.allclose(single['losses'][0], single['losses'][-1])  # it does train
   _compare(single, sharded)
+
+
+@pytest.mark.parametrize('mesh, single', [((4, 1, 1, 2), (1, 1, 1)),
+                                          ((2, 2, 1, 2, 'scan'), (1, 1, 1, 1, 'scan'))],
+                         ids=['data4_model2', 'data2_fsdp2_model2_stacked'])
+def test_tensor_parallel_training_equals_one_device(runs, mesh, single):
+  """A model axis (Megatron-style heads and MLP split), in both block layouts."""
+  sharded, meta = runs[mesh]
+  assert meta['devices'] == 8
+  _compare(runs[single][0], sharded)
+
+
+def test_the_model_axis_splits_heads_and_mlp_units_in_both_layouts(runs):
+  """Stacked blocks (scan_layers=True) are split along the same dimensions as unrolled
+  ones, one further in; the layer axis is never split. Before, the rules' dimension
+  indices were applied unchanged, splitting the embedding and the layer axes instead."""
+  unrolled, stacked = runs[(4, 1, 1, 2)][1]['specs'], runs[(2, 2, 1, 2, 'scan')][1]['specs']
+  want = {'MlpBlock_0/Dense_0/kernel': "(None, 'model')",
+          'MlpBlock_0/Dense_0/bias': "('model'",
+          'MlpBlock_0/Dense_1/kernel': "('model',",
+          'MultiHeadDotProductAttention_0/query/kernel': "(None, 'model', None)",
+          'MultiHeadDotProductAttention_0/out/kernel': "('model',"}
+  for name, spec in want.items():
+    assert unrolled[f'Transformer/encoderblock_0/{name}'].startswith('P' + spec), (
+        name, unrolled[f'Transformer/encoderblock_0/{name}'])
+    got = stacked[f'Transformer/encoderblock/{name}'].replace("'fsdp'", 'None')  # fsdp=2
+    assert got.startswith('P(None, ' + spec[1:]), (name, got)
+  assert all(s.startswith('P(None') or s == 'P()'
+             for k, s in stacked.items() if '/encoderblock/' in k)
 
 
 def test_fsdp_really_shards_parameters(runs):
