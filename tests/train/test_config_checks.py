@@ -188,6 +188,15 @@ def test_frozen_batch_norm_layers_that_still_update_are_warned_about(monkeypatch
   c.model.bn_frozen, c.freeze = False, ''  # nothing frozen: nothing to say
   _validate(c)
   assert not warnings
+  # Accumulation normalises each micro-batch on its own: not the big batch's step.
+  c.accum_steps = 2
+  _validate(c)
+  assert len(warnings) == 1 and 'config.accum_steps=2 with BatchNorm' in warnings[0]
+  assert 'each micro-batch of 4 normalises' in warnings[0], warnings
+  warnings.clear()
+  c.model.bn_frozen = True  # running statistics only: the same as one batch
+  _validate(c)
+  assert not warnings
 
 
 def test_registered_configs_match_their_names():
@@ -252,3 +261,22 @@ def test_values_that_would_train_wrongly_or_fail_late_are_named(field, value, me
     c[node] = value
   with pytest.raises(defaults.ConfigError, match=re.escape(message)):
     _validate(c)
+
+
+def test_a_model_axis_spanning_processes_is_refused():
+  """2 processes x 4 devices with data=1, model=8: both processes would fill the one batch
+  shard, each with its own examples, and the run trained on half its batch without a
+  word (and evaluated half the split). Now a ConfigError that gives a mesh that works."""
+  c = _config()
+  c.mesh.update(data=1, fsdp=1, model=8)
+  with pytest.raises(defaults.ConfigError) as e:
+    defaults.validate(c, num_devices=8, process_count=2)
+  assert 'data=1 x fsdp=1 = 1 batch shard(s) cannot be split over the 2 processes' in str(
+      e.value)
+  assert '--config.mesh.data=2 --config.mesh.model=4' in str(e.value)
+  c.mesh.update(data=2, fsdp=1, model=4)
+  defaults.validate(c, num_devices=8, process_count=2)
+  c.mesh.update(data=1, fsdp=2, model=4)
+  defaults.validate(c, num_devices=8, process_count=2)
+  c.mesh.update(data=1, fsdp=1, model=8)
+  defaults.validate(c, num_devices=8, process_count=1)  # one process: fine

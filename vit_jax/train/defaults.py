@@ -4,6 +4,7 @@ Config files (configs/*.py) start from `default_config()` and set what their rec
 needs; `validate(config)` checks a config before anything is compiled.
 """
 
+import math
 import os
 import re
 
@@ -19,7 +20,8 @@ FIELD_DOCS = {
     'model': 'model config (vit_jax.models.get_config(name), fields overridable)',
     'input': 'data config (vit_jax/data/input_config.py)',
     'batch_size': 'global batch size (all processes and devices together)',
-    'accum_steps': 'gradient accumulation: micro-batches per step (same update as one big batch)',
+    'accum_steps': ('gradient accumulation: micro-batches per step (the same update as one big '
+                    'batch, except with BatchNorm, which normalises each micro-batch on its own)'),
     'total_steps': 'training steps; None derives it from num_epochs',
     'num_epochs': 'epochs of the training split when total_steps is None',
     'optimizer': "name ('adam'|'sgd'), b1, b2, eps, momentum, weight_decay, grad_clip_norm, mu_dtype",
@@ -113,6 +115,19 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   except sharding.MeshError as e:
     raise ConfigError(f'config.mesh: {e}') from e
   batch_devices = data * fsdp
+  if batch_devices % process_count:
+    # The batch is split over ('data', 'fsdp') only: a model axis spanning processes would
+    # give two processes one shard to fill, each with its own examples (silently a
+    # smaller batch whose "replicas" differ).
+    k = process_count // math.gcd(batch_devices, process_count)
+    model = num_devices // batch_devices
+    fix = (f'e.g. --config.mesh.data={data * k} --config.mesh.model={model // k}'
+           if model % k == 0 else 'make data x fsdp a multiple of the process count')
+    raise ConfigError(
+        f'config.mesh data={data} x fsdp={fsdp} = {batch_devices} batch shard(s) cannot be '
+        f'split over the {process_count} processes: every process reads its own examples, '
+        f'so data x fsdp must be a multiple of {process_count} (the model axis, {model}, '
+        f'must not span processes); {fix}')
   b, accum = config.batch_size, config.accum_steps
   if accum < 1:
     raise ConfigError(f'config.accum_steps={accum} must be at least 1')
@@ -202,6 +217,14 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
       raise ConfigError(str(e)) from e
     if 'batch_stats' in variables and not config.model.get('bn_frozen', True):
       _warn_batch_norm_not_frozen(variables['batch_stats'], labels)
+  if (accum > 1 and models.family_of(config.model) in ('resnet', 'res2net')
+      and not config.model.get('bn_frozen')):
+    logging.warning(
+        'config.accum_steps=%d with BatchNorm (%s): each micro-batch of %d normalises with '
+        'its own statistics and updates the running statistics once (%d updates a step), '
+        'so the step is not the same as one batch of %d; for that, use accum_steps=1 on '
+        'more devices, or --config.model.bn_frozen=True when fine-tuning.', accum,
+        config.model.get('name'), b // accum, accum, b)
   if check_input:
     _check_preprocessing(config)
   if config.init_head not in ('reset', 'keep'):
