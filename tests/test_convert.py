@@ -305,6 +305,10 @@ def test_unregistered_hybrid_to_safetensors_reads_back_as_itself(tmp_path):
   assert any(n.startswith('ft.pth is a torch file, which records no model config') and
              'num_heads 1 (not 3), GELU exact (not tanh)' in n and
              'Write .safetensors to record it' in n for n in notes), notes
+  pp = PP_EVAL.replace('|onehot(4)', '')
+  assert any(n.startswith(f'the evaluation preprocessing {pp!r} is not recorded in ft.pth: '
+                          "predict reads it back with 'decode|resize(32)|value_range(-1, 1)'")
+             and f"--pp='{pp}'" in n for n in notes), notes
   assert all('\n' not in n for n in notes)
 
 
@@ -317,7 +321,7 @@ def test_registered_name_export_still_loads_in_timm(timm_file, tmp_path):
   note = next(n for n in result.notes if "timm.create_model('vit_tiny_patch16_224'" in n)
   # The note's call, as written, builds the model the tensors load into.
   call = re.search(r"timm\.create_model\('vit_tiny_patch16_224', ([^)]*)\)", note)
-  assert eval(f'dict({call.group(1)})') == TIMM_KW  # pylint: disable=eval-used
+  assert eval(f'dict({call.group(1)})') == dict(TIMM_KW, num_heads=3)  # pylint: disable=eval-used
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   with safe_open(str(out), framework='pt') as f:
     recorded = json.loads(f.metadata()[pretrained.META_MODEL])
@@ -511,3 +515,41 @@ def test_a_resnet_of_another_depth_goes_to_orbax_and_back_to_timm_by_the_cli(tmp
   as_in_a_workdir = ml_collections.ConfigDict(
       json.loads(models.get_config('ResNet-50').to_json()))  # layers as a list
   assert timm_format.timm_name(as_in_a_workdir) == 'resnet50'
+
+
+@pytest.mark.parametrize('classifier', ['gap', 'map'])
+def test_the_timm_note_builds_pooled_and_custom_width_models(classifier, tmp_path):
+  """A GAP or MAP ViT of no registered shape (64 wide, 4 heads, patch 8) exported to a
+  torch file: the note's timm.create_model call, as written, builds the model the state
+  dict loads into strictly, and create_timm_model gives the same logits. The note used to
+  leave out the pooling (no class token: the load failed), and create_timm_model refused
+  any unregistered shape."""
+  config = models.get_config('ViT-Ti/16')
+  config.update(name='custom', classifier=classifier, hidden_size=64, num_heads=4, mlp_dim=128,
+                num_layers=2, patch_size=(8, 8), image_size=SIZE, num_classes=5,
+                gelu_approximate=False, layernorm_eps=1e-6)
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32),
+                        models.abstract_variables(models.create(config), SIZE)['params'])
+  source = tmp_path / 'custom.safetensors'
+  safetensors_torch.save_file(
+      {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+       checkpoints.to_timm(config, params).items()}, str(source),
+      metadata=pretrained.state_dict_metadata(config))
+  result = convert.run(str(source), str(tmp_path / 'custom.pth'))
+  note = next(n for n in result.notes if 'timm.create_model(' in n)
+  start = note.index('timm.create_model(') + len('timm.create_model(')
+  depth, end = 1, start
+  while depth:  # the call's closing parenthesis (its arguments hold tuples)
+    depth += {'(': 1, ')': -1}.get(note[end], 0)
+    end += 1
+  name, kwargs = eval(f'(lambda name, **kw: (name, kw))({note[start:end]}')  # pylint: disable=eval-used
+  assert 'global_pool' in kwargs and 'num_heads' in kwargs, kwargs
+  model = timm.create_model(name, pretrained=False, **kwargs).eval()
+  model.load_state_dict(torch.load(str(tmp_path / 'custom.pth')), strict=True)
+  x = _images(7)
+  want = _jax_logits(config, params, x)
+  built = checkpoints.create_timm_model(config, params)
+  diff = float(np.max(np.abs(_timm_logits(built, x) - want)))
+  assert diff < 1e-4, diff
+  np.testing.assert_allclose(_timm_logits(model, x), _timm_logits(built, x), atol=1e-4)

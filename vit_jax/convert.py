@@ -246,6 +246,22 @@ def _release_numerics_note(config, output):
           f'original release\'s (tanh GELU, eps 1e-6) unless given a model name{hint}')
 
 
+def _preprocessing_note(ckpt, output):
+  """A note when the weights' evaluation preprocessing is not recorded in `output` and
+  differs from what predict and init_from assume for a file that records none."""
+  if not ckpt.pp_eval:
+    return None
+  from vit_jax import inference  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  pp = preprocess_ops.without_ops(ckpt.pp_eval, ('onehot', 'keep', 'drop'))
+  default = inference.default_pp(ckpt.config.image_size, _family(ckpt))
+  if pp == default:
+    return None
+  return (f'the evaluation preprocessing {pp!r} is not recorded in '
+          f'{os.path.basename(str(output))}: predict reads it back with {default!r} unless '
+          f"given --pp='{pp}' (.safetensors and Orbax directories record it)")
+
+
 def _family(ckpt) -> str:
   from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
   return registry.family_of(ckpt.config)
@@ -258,6 +274,9 @@ def _write_npz(ckpt, output, notes):
     notes.append(f'{len(ckpt.class_names)} class names: an .npz holds arrays only, so they '
                  'are not in it; predict prints class indices unless given --labels=FILE '
                  '(or convert to .safetensors or an Orbax directory, which keep them)')
+  pp_note = _preprocessing_note(ckpt, output)
+  if pp_note:
+    notes.append(pp_note)
   if family == 'bit':  # the BiT release's .npz layout
     from vit_jax.checkpoints import bit_npz  # pylint: disable=g-import-not-at-top
     bit_npz.save_bit_npz(ckpt.variables(), output)
@@ -292,9 +311,12 @@ def _write_timm(ckpt, output, notes):
                    f'{e}); load it with load_checkpoint(path, model=config)')
   state_dict_io.write_state_dict(sd, output, metadata=metadata)
   try:
-    name = timm_format.timm_name(ckpt.config)
+    name, create_args = (timm_format.timm_create_args(ckpt.config) if _family(ckpt) == 'vit'
+                         else (timm_format.timm_name(ckpt.config), None))
   except ValueError:
     name = None
+  if metadata is None and _preprocessing_note(ckpt, output):
+    notes.append(_preprocessing_note(ckpt, output))
   lost = (pretrained.unrecorded_fields(ckpt.config, sd)
           if metadata is None and _family(ckpt) == 'vit' else [])
   if lost:
@@ -308,11 +330,11 @@ def _write_timm(ckpt, output, notes):
     notes.append(f"load it with timm.create_model('{name}', "
                  f'num_classes={ckpt.config.num_classes or 0}).load_state_dict(...)')
   elif name:
-    notes.append(f'timm reads no heads or activation from a state dict: build the model '
-                 f'with vit_jax.checkpoints.create_timm_model(config) or timm.create_model('
-                 f"'{name}', depth={ckpt.config.num_layers}, "
-                 f'num_classes={ckpt.config.num_classes}, '
-                 f'img_size={ckpt.config.image_size})')
+    args = ''.join(f', {k}={v!r}' for k, v in create_args.items())
+    notes.append(f'timm reads no architecture from a state dict: build the model with '
+                 f"vit_jax.checkpoints.create_timm_model(config) or timm.create_model('{name}'"
+                 f'{args}) (with GELU {"tanh" if ckpt.config.gelu_approximate else "exact"} '
+                 f'and LayerNorm eps {ckpt.config.layernorm_eps:g})')
   elif metadata is not None and _family(ckpt) == 'vit':
     notes.append(f'timm has no model of the architecture of {ckpt.config.get("name")!r}; '
                  'its config (heads, GELU, epsilons) is recorded in the file for vit_jax '

@@ -184,3 +184,55 @@ def test_a_save_pretrained_directory_reads_as_its_weights(hf, ck, tmp_path):
   with pytest.raises(FileNotFoundError, match='transformers directory holding '
                      'model.safetensors or pytorch_model.bin beside its config.json'):
     pretrained.load_checkpoint(str(tmp_path / 'vit'))
+
+
+def test_a_bare_vit_model_directory_reads_without_its_head(hf, ck, tmp_path):
+  """A transformers `ViTModel` (no classifier, as the in21k feature extractors on the Hub)
+  saved with save_pretrained: its names have no 'vit.' prefix and the v4 layout
+  ('encoder.layer.0.attention.attention.query'). It used to fail with a KeyError."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  hf['model'].vit.save_pretrained(str(tmp_path / 'bare'))
+  got = pretrained.load_checkpoint(str(tmp_path / 'bare'))
+  assert got.kind == 'hf' and got.config.num_classes == 0
+  want = {k: v for k, v in checkpoints.flatten(hf['params']).items()
+          if not k.startswith('head/')}
+  _assert_same_params(got.params, checkpoints.unflatten(want))
+  # The features (final LayerNorm of the class token) equal transformers'.
+  with torch.no_grad():
+    ref = hf['model'].vit(ck.to_nchw(hf['x'])).last_hidden_state[:, 0].numpy()
+  out = ck.jax_logits(models.create(got.config), got.params, hf['x'])
+  assert ck.max_diff(out, ref, 'bare ViTModel features vs transformers') < TOL
+
+
+def test_a_directory_s_image_processor_gives_the_preprocessing(hf, tmp_path):
+  """The preprocessor_config.json beside the weights (ImageNet mean/std here) is the
+  evaluation preprocessing: class probabilities equal transformers' own pipeline. It used
+  to be ignored for [-1, 1]."""
+  from vit_jax import inference  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  skimage_data = pytest.importorskip('skimage.data')
+  hf['model'].save_pretrained(str(tmp_path / 'vit'))
+  processor = transformers.ViTImageProcessor(
+      size={'height': IMAGE_SIZE, 'width': IMAGE_SIZE}, image_mean=[0.485, 0.456, 0.406],
+      image_std=[0.229, 0.224, 0.225])
+  processor.save_pretrained(str(tmp_path / 'vit'))
+  got = pretrained.load_checkpoint(str(tmp_path / 'vit'))
+  assert got.pp_eval == (f'decode|resize({IMAGE_SIZE})|normalize(mean=(0.485, 0.456, 0.406), '
+                         'std=(0.229, 0.224, 0.225))')
+  image = skimage_data.astronaut()
+  with torch.no_grad():
+    inputs = processor(images=image, return_tensors='pt')
+    want = torch.softmax(hf['model'](**inputs).logits, -1).numpy()[0]
+  probs = inference.ImageClassifier.from_pretrained(str(tmp_path / 'vit')).predict_proba(
+      [image])[0]
+  # Resizing a 512 px image to 64 px: TF's and PIL's antialiased bilinear differ slightly
+  # (7e-5 here); the [-1, 1] the file used to be read with is 0.02 off.
+  np.testing.assert_allclose(probs, want, atol=2e-3)
+  old = inference.ImageClassifier.from_pretrained(
+      str(tmp_path / 'vit'), pp=f'decode|resize({IMAGE_SIZE})|value_range(-1, 1)')
+  assert np.abs(old.predict_proba([image])[0] - want).max() > 1e-2
+  # [-1, 1] (mean = std = 0.5) reads as the release's value_range.
+  transformers.ViTImageProcessor(size={'height': 32, 'width': 48}).save_pretrained(
+      str(tmp_path / 'vit'))
+  assert pretrained.load_checkpoint(str(tmp_path / 'vit')).pp_eval == (
+      'decode|resize((32, 48))|value_range(-1, 1)')

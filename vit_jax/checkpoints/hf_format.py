@@ -42,10 +42,10 @@ _GELU = {'gelu': False, 'gelu_pytorch_tanh': True, 'gelu_new': True, 'gelu_fast'
 def _v5_names(sd):
   out = {}
   for k, v in sd.items():
+    if not k.startswith(('vit.', 'classifier.')):
+      k = 'vit.' + k  # a bare ViTModel state dict (before the renames, which expect 'vit.')
     for old, new in _V4_TO_V5:
       k = k.replace(old, new)
-    if not k.startswith(('vit.', 'classifier.')):
-      k = 'vit.' + k  # a bare ViTModel state dict
     out[k] = v
   return out
 
@@ -229,6 +229,41 @@ def image_processor_config(pp_eval: str | None, image_size: int) -> tuple[dict, 
       'do_rescale': True, 'rescale_factor': 1 / 255, 'do_normalize': True,
       'image_mean': [float(m) for m in mean], 'image_std': [float(x) for x in std],
   }, note
+
+
+def pp_eval_from_image_processor(processor: dict, image_size: int) -> str | None:
+  """The evaluation preprocessing (vit_jax ops) a transformers `preprocessor_config.json`
+  (ViTImageProcessor) does: a resize, then (x * rescale_factor - mean) / std. None for a
+  processor these ops cannot follow (another rescale factor)."""
+  ops = ['decode']
+  if processor.get('do_resize', True):
+    size = processor.get('size') or {}
+    if isinstance(size, dict) and 'height' in size and 'width' in size:
+      hw = (int(size['height']), int(size['width']))
+    elif isinstance(size, dict) and 'shortest_edge' in size:
+      return None  # an aspect-preserving resize and a crop: not a ViTImageProcessor
+    elif isinstance(size, int):
+      hw = (size, size)
+    else:
+      hw = (image_size, image_size)
+    ops.append(f'resize({hw[0]})' if hw[0] == hw[1] else f'resize({hw})')
+  rescale = processor.get('do_rescale', True)
+  if rescale and not math.isclose(float(processor.get('rescale_factor', 1 / 255)), 1 / 255):
+    return None
+  if processor.get('do_normalize', True):
+    mean = tuple(float(m) for m in processor.get('image_mean', (0.5,) * 3))
+    std = tuple(float(x) for x in processor.get('image_std', (0.5,) * 3))
+    if not rescale:
+      return None
+    if all(math.isclose(v, 0.5) for v in mean + std):
+      ops.append('value_range(-1, 1)')
+    else:
+      ops.append(f'normalize(mean={mean}, std={std})')
+  elif rescale:
+    ops.append('value_range(0, 1)')
+  else:
+    ops.append('value_range(0, 255)')
+  return '|'.join(ops)
 
 
 def _fmt(values) -> str:

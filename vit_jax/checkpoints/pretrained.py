@@ -264,6 +264,27 @@ def _model_config(model) -> ml_collections.ConfigDict | None:
   return ml_collections.ConfigDict(dict(model))
 
 
+def _hf_pp_eval(directory: str, image_size: int) -> str | None:
+  """The evaluation preprocessing of the preprocessor_config.json in a transformers
+  directory (its resize and normalisation), None without one; a processor the ops cannot
+  follow is warned about."""
+  path = os.path.join(directory, 'preprocessor_config.json')
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      processor = json.load(f)
+    pp = hf_format.pp_eval_from_image_processor(processor, image_size)
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    logging.warning('%s cannot be read (%s): the default preprocessing is used.', path, e)
+    return None
+  if pp is None:
+    logging.warning('%s describes preprocessing vit_jax cannot follow (%s): the default '
+                    'preprocessing is used; give --pp to match it.', path,
+                    processor.get('image_processor_type', 'unknown type'))
+  return pp
+
+
 def _hf_class_names(hf_config) -> list[str] | None:
   id2label = hf_config.get('id2label') or {}
   names = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
@@ -402,7 +423,8 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
       if given is not None:
         _refuse_family(path, 'vit', given)
       config, params = hf_format.from_hf(sd, hf_config=hf_config)
-      return Checkpoint(config, params, 'hf', class_names=_hf_class_names(hf_config))
+      return Checkpoint(config, params, 'hf', class_names=_hf_class_names(hf_config),
+                        pp_eval=_hf_pp_eval(os.path.dirname(path), config.image_size))
     shown = _timm_family(sd)
     meta = state_dict_io.read_metadata(path)
     # The config vit_jax.convert recorded (heads, numerics, name); a caller's wins.

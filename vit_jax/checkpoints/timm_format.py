@@ -481,26 +481,47 @@ def _same_architecture(a, b) -> bool:
   return ra is None or tuple(ra.num_layers) == tuple(rb.num_layers)
 
 
-def create_timm_model(config, params=None):
-  """A timm model with the architecture and numerics of `config`, loaded with `params`.
-
-  Plain ViTs match any config; hybrids match the stem numerics of timm configs (as
-  returned by `from_timm`), since timm builds its ResNet with fixed epsilons.
-  """
-  import functools  # pylint: disable=g-import-not-at-top
-  timm = torch_import.module('timm')
-  torch = torch_import.torch()
-  kwargs = dict(
-      pretrained=False, num_classes=config.num_classes or 0, img_size=config.image_size,
-      embed_dim=config.hidden_size, depth=config.num_layers, num_heads=config.num_heads,
-      mlp_ratio=config.mlp_dim / config.hidden_size,
-      norm_layer=functools.partial(torch.nn.LayerNorm, eps=config.layernorm_eps),
-      act_layer='gelu_tanh' if config.gelu_approximate else 'gelu')
+def timm_create_args(config) -> tuple[str, dict]:
+  """(timm model name, create_model keyword arguments) that build the architecture of a
+  ViT `config` (without its numerics: `create_timm_model` adds the LayerNorm epsilon and
+  the GELU). A plain ViT of no registered shape is built from vit_base_patch16_224 with
+  every structural argument given."""
+  try:
+    name = timm_name(config)
+    named = True
+  except ValueError:
+    if config.get('resnet'):
+      raise  # a hybrid's stem comes from the named timm model
+    name, named = 'vit_base_patch16_224', False
+  kwargs = dict(depth=config.num_layers, num_heads=config.num_heads,
+                num_classes=config.num_classes or 0, img_size=config.image_size)
+  if not named:
+    kwargs.update(embed_dim=config.hidden_size, mlp_ratio=config.mlp_dim / config.hidden_size,
+                  patch_size=tuple(config.patch_size),
+                  in_chans=config.get('in_channels', 3))
   if config.classifier == 'gap':
     kwargs.update(global_pool='avg', class_token=False, fc_norm=False)
   elif config.classifier == 'map':
     kwargs.update(global_pool='map', class_token=False)
-  model = timm.create_model(timm_name(config), **kwargs).eval()
+  return name, kwargs
+
+
+def create_timm_model(config, params=None):
+  """A timm model with the architecture and numerics of `config`, loaded with `params`.
+
+  Plain ViTs match any config; hybrids match the stem numerics of timm
+  configs (as returned by `from_timm`), since timm builds its ResNet with fixed epsilons.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  timm = torch_import.module('timm')
+  torch = torch_import.torch()
+  name, kwargs = timm_create_args(config)
+  kwargs.update(
+      pretrained=False, embed_dim=config.hidden_size,
+      mlp_ratio=config.mlp_dim / config.hidden_size,
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=config.layernorm_eps),
+      act_layer='gelu_tanh' if config.gelu_approximate else 'gelu')
+  model = timm.create_model(name, **kwargs).eval()
   if params is not None:
     model.load_state_dict(to_timm(config, params))
   return model
