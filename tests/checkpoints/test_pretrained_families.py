@@ -9,6 +9,7 @@ compared with timm's in fp32 eval mode within 1e-4.
 """
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -309,3 +310,37 @@ def test_bit_release_npz_without_a_model_is_recognised(tmp_path):
   assert pretrained.load_checkpoint(str(tmp_path / 'r50x1.npz')).config.name == 'BiT-R50x1'
   with pytest.raises(checkpoints.CheckpointMismatchError, match="family 'bit'"):
     pretrained.load_checkpoint(str(tmp_path / 'BiT-M-tiny.npz'), model='ViT-B/16')
+
+
+def test_a_swin_whose_last_stage_is_smaller_than_its_window(tmp_path):
+  """Swin at 32 px with patch 2 and window 4 over 4 stages: the last stage (2 x 2 tokens)
+  has windows of 2, so the tables show windows (4, 4, 4, 2). timm's state dict of it, and
+  vit_jax's own .safetensors export (which records 32 px and window 4), used to fail with
+  a TypeError (a tuple in an int field); the export now reads back as itself."""
+  torch.manual_seed(0)
+  kw = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), mlp_ratio=2.0)
+  model = _perturb(timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
+                                     patch_size=2, window_size=4, img_size=32, num_classes=3,
+                                     **kw))
+  torch.save(model.state_dict(), tmp_path / 'swin.pth')
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'swin.pth'))
+  # No config recorded: the windows come from the tables, at a resolution they fit.
+  assert ckpt.config.window_size == (4, 4, 4, 2), ckpt.config.window_size
+  x = _images(32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+
+  def logits(c, size=32):  # at 32 px, windows (4, 4, 4, 2) are window 4
+    config = ml_collections.ConfigDict(c.config.to_dict())
+    config.image_size = size
+    return np.asarray(models.create(config).apply(c.variables(), x, train=False))
+  np.testing.assert_allclose(logits(ckpt), want, atol=1e-4)
+  config = models.get_config('Swin-T')
+  config.update(patch_size=2, window_size=4, image_size=32, num_classes=3, **kw)
+  export = tmp_path / 'swin.safetensors'
+  checkpoints.write_state_dict(
+      timm_swin.to_timm(config, ckpt.variables()), str(export),
+      metadata=pretrained.state_dict_metadata(config))
+  back = pretrained.load_checkpoint(str(export))
+  assert back.config.image_size == 32 and back.config.window_size == 4
+  np.testing.assert_allclose(logits(back), want, atol=1e-4)

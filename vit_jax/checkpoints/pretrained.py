@@ -346,11 +346,12 @@ def _timm_name_for(config, family: str) -> str:
     return _DEFAULT_TIMM_NAMES[family]
 
 
-def _load_timm_family(sd, family: str, name: str):
-  """(config, variables) of a timm state dict of a non-ViT family."""
+def _load_timm_family(sd, family: str, name: str, prefer=None):
+  """(config, variables) of a timm state dict of a non-ViT family; prefer: a config
+  whose resolution and windows a Swin takes where they fit the weights."""
   if family == 'swin':
     from vit_jax.checkpoints import timm_swin  # pylint: disable=g-import-not-at-top
-    config = timm_swin.config_from_timm(sd, name)
+    config = timm_swin.config_from_timm(sd, name, prefer=prefer)
     return config, timm_swin.variables_from_timm(sd, config)
   return timm_format.from_timm(sd, name)
 
@@ -442,7 +443,7 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     if family != 'vit':
       by = given if given is not None else recorded
       name = _timm_name_for(by, family) if by is not None else _DEFAULT_TIMM_NAMES[family]
-      config, variables = _load_timm_family(sd, family, name)
+      config, variables = _load_timm_family(sd, family, name, prefer=by)
       variables = dict(variables)
       params = variables.pop('params')
       return Checkpoint(config, params, 'timm', model_state=variables,

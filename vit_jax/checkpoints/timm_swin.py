@@ -31,6 +31,7 @@ import numpy as np
 
 from vit_jax.checkpoints import layout
 from vit_jax.checkpoints import tree
+from vit_jax.models import registry
 from vit_jax.models import swin
 
 # The six timm names (swin_tiny_patch4_window7_224, ..., swin_large_patch4_window12_384),
@@ -46,16 +47,19 @@ def _count(sd, pattern):
   return max(idx) + 1 if idx else 0
 
 
-def config_from_timm(sd, name: str) -> ml_collections.ConfigDict:
+def config_from_timm(sd, name: str, prefer=None) -> ml_collections.ConfigDict:
   """The registered config of timm model `name`, with what the state dict shows.
 
   Read from the shapes: in_channels, patch_size, embed_dim, depths, num_heads, mlp_ratio
   and num_classes (0 without a head). Window and resolution come from the name, unless
-  the relative-position tables show another window (`native_windows`).
+  the relative-position tables show another window (`native_windows`). prefer: a config
+  whose image_size and window_size are taken where they fit the tables (the config
+  vit_jax.convert recorded, or the caller's).
   """
   if not re.match(NAMES, name):
     raise ValueError(f'{name!r} is not a timm Swin name this converter handles ({NAMES})')
-  c = swin.named_configs()[name.split('.')[0]]
+  # The registry's config: its window_size takes one window or one per stage.
+  c = registry.get_config(name.split('.')[0])
   if 'patch_embed.proj.weight' not in sd:
     raise tree.CheckpointMismatchError(
         'not a timm Swin state dict: it lacks patch_embed.proj.weight')
@@ -68,6 +72,8 @@ def config_from_timm(sd, name: str) -> ml_collections.ConfigDict:
       for i in range(nstages))
   c.mlp_ratio = float(np.shape(sd['layers.0.blocks.0.mlp.fc1.weight'])[0] / c.embed_dim)
   c.num_classes = int(np.shape(sd['head.fc.weight'])[0]) if 'head.fc.weight' in sd else 0
+  if prefer is not None and prefer.get('image_size') and prefer.get('window_size'):
+    c.image_size, c.window_size = prefer.image_size, prefer.window_size
   return native_windows(c, sd)
 
 
