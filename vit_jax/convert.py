@@ -60,7 +60,8 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Where to write: a file (npz, timm
 _TO = flags.DEFINE_enum('to', None, FORMATS, 'Output format; default from the output name '
                         '(.npz -> npz, .safetensors/.pth/.bin/.pt -> timm).')
 _MODEL = flags.DEFINE_string('model', None, 'Registered model name for what the input does '
-                             'not record (npz numerics, timm heads).')
+                             'not record (npz numerics, timm heads), optionally with fields '
+                             "changed: 'NAME,num_heads=8', or 'num_heads=8' alone.")
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing output.')
 
 

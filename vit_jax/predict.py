@@ -30,7 +30,8 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint file, workdir 
                                   'transformers directory (config.json + model.safetensors).')
 _MODEL = flags.DEFINE_string(
     'model', None, 'Registered model name, for what the file does not record (the '
-    'numerics of an .npz, the heads of a timm state dict). Default: read from the weights.')
+    'numerics of an .npz, the heads of a timm state dict), optionally with fields changed: '
+    "'NAME,num_heads=8', or 'num_heads=8' alone. Default: read from the weights.")
 _LABELS = flags.DEFINE_string('labels', None, 'Text file of class names, one per line '
                               "(overrides the checkpoint's; needed for ImageNet-21k heads).")
 _PP = flags.DEFINE_string('pp', None, 'Preprocessing ops overriding the checkpoint\'s, e.g. '

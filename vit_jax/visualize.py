@@ -481,7 +481,8 @@ def _define_flags():
       checkpoint=flags.DEFINE_string('checkpoint', None, 'Checkpoint file or workdir.'),
       model=flags.DEFINE_string(
           'model', None, 'Registered model name, for what the file does not record (the '
-          'numerics of an .npz, the heads of a timm state dict).'),
+          "numerics of an .npz, the heads of a timm state dict); 'NAME,num_heads=8' or "
+          "'num_heads=8' changes fields."),
       labels=flags.DEFINE_string('labels', None, 'Text file of class names, one per line.'),
       pp=flags.DEFINE_string('pp', None, "Preprocessing ops overriding the checkpoint's."),
       out=flags.DEFINE_string('out', 'attention_maps', 'Folder for the PNGs (created).'),

@@ -238,3 +238,41 @@ def test_the_one_call_load_of_the_readme(tmp_path):
   out = models.create(config).apply(variables, np.zeros((2, 48, 48, 3), np.float32),
                                     train=False)
   assert out.shape == (2, 10)
+
+
+def test_a_timm_vit_of_no_registered_width_warns_and_takes_its_heads(tmp_path, monkeypatch):
+  """A timm ViT 256 wide with 8 heads (heads of 32): the state dict does not record the
+  heads, and 256 is no registered width. It used to be read with 4 heads without a word
+  (logits 1.2 off timm's, and predict printed them); now a warning says how to give the
+  number, `model='num_heads=8'` (--model=num_heads=8) reads it as timm computes it, and a
+  number that does not divide the width says so."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = timm.create_model('vit_base_patch16_224', pretrained=False, embed_dim=256,
+                            num_heads=8, depth=2, img_size=32, patch_size=8,
+                            num_classes=3).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  torch.save(model.state_dict(), tmp_path / 'w.pth')
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *a: warnings.append(msg % a))
+  guessed = checkpoints.load_checkpoint(str(tmp_path / 'w.pth'))
+  assert guessed.config.num_heads == 4
+  assert len(warnings) == 1 and 'read with num_heads=4' in warnings[0], warnings
+  assert '--model=num_heads=N' in warnings[0]
+  warnings.clear()
+  ckpt = checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model='num_heads=8')
+  assert ckpt.config.num_heads == 8 and not warnings
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  got = np.asarray(models.create(ckpt.config).apply({'params': ckpt.params}, x, train=False))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  wrong = np.asarray(models.create(guessed.config).apply({'params': guessed.params}, x,
+                                                         train=False))
+  assert np.abs(wrong - want).max() > 1e-2  # the guess was wrong, as the warning allows
+  with pytest.raises(ValueError, match='256 does not split into num_heads=6 heads'):
+    checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model='vit_base_patch16_224,num_heads=6')
+  with pytest.raises(ValueError, match="'heads' is not a field"):
+    checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model='heads=8')

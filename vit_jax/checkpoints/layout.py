@@ -31,6 +31,10 @@ def dense_to_linear(flat: dict, prefix: str) -> tuple[np.ndarray, np.ndarray]:
 def linear_to_heads(w: np.ndarray, b: np.ndarray, num_heads: int) -> tuple:
   """One of q/k/v as a Linear (D_out, D_in) -> Flax (D_in, H, Dh) kernel, (H, Dh) bias."""
   d_out, d_in = w.shape
+  if num_heads < 1 or d_out % num_heads:
+    raise ValueError(f'an attention width of {d_out} does not split into num_heads={num_heads} '
+                     'heads: give the number of heads the model was trained with (its width '
+                     'divided by the head size, often 64)')
   return w.T.reshape(d_in, num_heads, d_out // num_heads), b.reshape(num_heads, -1)
 
 

@@ -257,11 +257,39 @@ class Checkpoint:
 
 
 def _model_config(model) -> ml_collections.ConfigDict | None:
+  """The config `model` names: a registered name, 'NAME,field=value,...' (a registered
+  model with fields changed), 'field=value,...' (vit_base_patch16_224's numerics with
+  fields changed, for a ViT state dict of no registered shape: 'num_heads=8') or a
+  config."""
   if model is None:
     return None
   if isinstance(model, str):
-    return registry.get_config(model)
+    return parse_model_spec(model)
   return ml_collections.ConfigDict(dict(model))
+
+
+def parse_model_spec(spec: str) -> ml_collections.ConfigDict:
+  """The config of a --model value: NAME, NAME,field=value,... or field=value,..."""
+  import ast  # pylint: disable=g-import-not-at-top
+  parts = [p.strip() for p in re.split(r',(?![^()]*\))', spec) if p.strip()]
+  names = [p for p in parts if '=' not in p]
+  if len(names) > 1:
+    raise ValueError(f'--model={spec!r}: one model name at most, then field=value pairs '
+                     "(e.g. 'vit_base_patch16_224,num_heads=8' or 'num_heads=8')")
+  config = registry.get_config(names[0] if names else 'vit_base_patch16_224')
+  for part in parts:
+    if '=' not in part:
+      continue
+    field, value = (x.strip() for x in part.split('=', 1))
+    if field not in config:
+      raise ValueError(f'--model={spec!r}: {field!r} is not a field of the model config '
+                       f'(fields: vit_jax.models.field_docs())')
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a string, e.g. classifier=gap
+    config[field] = value
+  return config
 
 
 def _hf_pp_eval(directory: str, image_size: int) -> str | None:
@@ -461,6 +489,14 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
                         class_names=_recorded_names(meta, config.num_classes), **extras)
     name = (given.get('name') if given is not None else None) or 'vit_base_patch16_224'
     heads = given.num_heads if given is not None else _timm_heads(sd)
+    width = int(sd['pos_embed'].shape[-1])
+    if given is None and width not in _HEADS:
+      logging.warning(
+          '%s: a timm state dict does not record its number of heads, and its width %d is '
+          'not a registered model\'s: read with num_heads=%d (heads of 64). If the model '
+          'has another number, give it: --model=num_heads=N (predict, visualize, convert), '
+          "load_checkpoint(path, model='num_heads=N'), or config.model.num_heads.",
+          path, width, heads)
     # A name that is not registered (a custom model, e.g. exported by vit_jax.convert)
     # is read with the given config: its heads and numerics, the file's structure.
     config, params = timm_format.from_timm(sd, name, base_config=given, num_heads=heads)
