@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import manual_axes
 from vit_jax.models import dense_matmul
 
 ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'heads_major')
@@ -59,7 +60,9 @@ def heads_major_attention(query, key, value, bias=None):
                            or bias.shape[1:] != (q_len, key.shape[1])):
     raise ValueError(f'bias shape {bias.shape} is not (groups, {q_len}, {key.shape[1]}) '
                      f'with groups dividing batch x heads = {b * heads}')
-  out = _attention_core(*(_heads_first(t) for t in (query, key, value)), bias, heads)
+  q, k, v, bias = manual_axes.same_varying(  # inside shard_map: see manual_axes.py
+      *(_heads_first(t) for t in (query, key, value)), bias)
+  out = _attention_core(q, k, v, bias, heads)
   return jnp.swapaxes(out.reshape(b, heads, q_len, depth), 1, 2)
 
 

@@ -34,6 +34,8 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import manual_axes
+
 WEIGHT_MATMUL = 'weight_matmul'  # checkpoint_name of the Dense matmuls (for remat policies)
 
 
@@ -65,6 +67,7 @@ def _dense_dot_general(x, w, dimension_numbers, precision=None, preferred_elemen
       x, w, dimension_numbers):
     # Named, so that remat policies keep it like a weight matmul (a dot inside a custom
     # VJP is not a dot_general to jax.checkpoint's policies).
+    x, w = manual_axes.same_varying(x, w)  # inside shard_map: see manual_axes.py
     return checkpoint_name(_tensordot(x, w, dimension_numbers, transpose_tokens),
                            WEIGHT_MATMUL)
   return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
