@@ -18,6 +18,7 @@ import json
 import math
 import os
 
+from absl import logging
 import numpy as np
 
 from vit_jax import torch_import
@@ -92,6 +93,10 @@ def from_hf(model_or_state_dict, hf_config=None):
   if not hc.get('qkv_bias', True):
     raise ValueError('qkv_bias=False is not supported: vit_jax attention has biases')
   sd = _v5_names(state_dict_io.read_state_dict(model_or_state_dict))
+  if any(k.startswith('vit.pooler.') for k in sd):
+    logging.warning('the transformers pooler (a Dense + tanh on the class token, which '
+                    'ViTModel adds and ViTForImageClassification does not) is left out: '
+                    'the features are the final LayerNorm of the class token')
   sd = {k: v for k, v in sd.items() if not k.startswith('vit.pooler.')}
 
   c = registry.get_config('ViT-B/16')
@@ -156,7 +161,7 @@ def to_hf(config, params) -> dict:
                      f'model has representation_size={config.representation_size}')
   if config.get('resnet') is not None:
     raise ValueError('transformers ViT has no hybrid (ResNet stem) variant; export to timm')
-  flat = {k: np.asarray(v) for k, v in tree.flatten(params).items()}
+  flat = tree.flatten_for_export(params)  # blocks unrolled, bfloat16 as float32
   e = 'vit.embeddings.'
   sd = {
       e + 'cls_token': flat['cls'],

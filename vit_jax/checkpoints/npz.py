@@ -89,10 +89,8 @@ def load_npz(path) -> dict:
 def save_npz(path, params) -> None:
   """Writes params in the original release's `.npz` layout (local or gs:// path)."""
   out = {}
-  for k, v in tree.flatten(params).items():
-    v = np.asarray(v)
-    if v.dtype not in (np.float32, np.float64, np.float16):
-      v = v.astype(np.float32)  # bfloat16 is not a numpy type other readers know
+  # Blocks unrolled (the release's layout), bfloat16 as float32 (which other readers know).
+  for k, v in tree.flatten_for_export(params).items():
     if _GN.search(k) and v.ndim == 1:
       v = v.reshape(1, 1, 1, -1)
     out[_rename_block_child(k, _TO_NPZ)] = v

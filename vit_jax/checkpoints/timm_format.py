@@ -386,7 +386,7 @@ def to_timm(config, params) -> dict:
                      f'{config.representation_size}. Drop it or export to .npz instead.')
   if config.classifier not in ('token', 'gap', 'map'):
     raise ValueError(f'classifier {config.classifier!r} has no timm equivalent')
-  flat = {k: np.asarray(v) for k, v in tree.flatten(params).items()}
+  flat = tree.flatten_for_export(params)  # blocks unrolled, bfloat16 as float32
   sd = {}
   sd['patch_embed.proj.weight'] = layout.conv_from_flax(flat['embedding/kernel'])
   sd['patch_embed.proj.bias'] = flat['embedding/bias']

@@ -24,6 +24,20 @@ def flatten(tree, prefix: str = '') -> dict[str, np.ndarray]:
   return out
 
 
+def flatten_for_export(params) -> dict[str, np.ndarray]:
+  """flatten() of a ViT's params as other frameworks' files hold them: the encoder blocks
+  unrolled (scan_layers=True stacks them), floats numpy lacks (bfloat16) as float32."""
+  from vit_jax.models import scan_layout  # pylint: disable=g-import-not-at-top
+  out = {}
+  for k, v in flatten(scan_layout.unstack_layers(params)).items():
+    v = np.asarray(v)
+    if v.dtype.kind == 'V' or (v.dtype.kind == 'f' and v.dtype not in (
+        np.float16, np.float32, np.float64)):
+      v = v.astype(np.float32)
+    out[k] = v
+  return out
+
+
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
   """{'a/b/c': array} -> nested dict."""
   tree: dict = {}

@@ -324,6 +324,11 @@ def create(name_or_config, **overrides):
       and representation > 0):
     raise ValueError(f'representation_size={representation!r} must be a positive int (the '
                      'width of the pre_logits layer) or None (no such layer)')
+  for rate in ('dropout_rate', 'attention_dropout_rate', 'drop_path_rate'):
+    value = get(rate)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      raise ValueError(f'{rate}={value!r} must be a number in [0, 1) (a probability of '
+                       'dropping; 1 would drop everything)')
   hidden, heads = get('hidden_size'), get('num_heads')
   if hidden % heads:
     raise ValueError(f'hidden_size={hidden} is not divisible by num_heads={heads}')

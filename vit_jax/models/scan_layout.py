@@ -5,7 +5,8 @@
                                        num_layers axis)
 
 Checkpoint readers and converters work on the unrolled layout; `stack_layers` and
-`unstack_layers` move between the two (numpy or jax arrays; other subtrees unchanged).
+`unstack_layers` move between the two (numpy or jax arrays; other subtrees, and trees
+without an encoder, unchanged).
 """
 
 import re
@@ -37,8 +38,28 @@ def _jnp():
   return jnp
 
 
+def _on_params(fn, tree):
+  """fn on a ViT params tree, or on the 'params' of a variables dict ({'params': ...})."""
+  if 'Transformer' not in tree and isinstance(tree.get('params'), dict):
+    return dict(tree, params=_on_params(fn, tree['params']))
+  if 'Transformer' not in tree:  # no encoder (another family): nothing to convert
+    return tree
+  return fn(tree)
+
+
 def stack_layers(params) -> dict:
-  """Unrolled -> scanned layout (a no-op on scanned params)."""
+  """Unrolled -> scanned layout (a no-op on scanned params). Takes the params tree or
+  the variables ({'params': ...})."""
+  return _on_params(_stack_layers, params)
+
+
+def unstack_layers(params) -> dict:
+  """Scanned -> unrolled layout (a no-op on unrolled params). Takes the params tree or
+  the variables ({'params': ...})."""
+  return _on_params(_unstack_layers, params)
+
+
+def _stack_layers(params) -> dict:
   if is_stacked(params):
     return params
   enc = dict(params['Transformer'])
@@ -50,8 +71,7 @@ def stack_layers(params) -> dict:
   return dict(params, Transformer=enc)
 
 
-def unstack_layers(params) -> dict:
-  """Scanned -> unrolled layout (a no-op on unrolled params)."""
+def _unstack_layers(params) -> dict:
   if not is_stacked(params):
     return params
   enc = dict(params['Transformer'])

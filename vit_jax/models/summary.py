@@ -86,7 +86,7 @@ def analytic_flops(module: vit.VisionTransformer, image_size: int) -> float:
     width = int(64 * module.resnet_width_factor)
     layers = tuple(module.resnet_layers)
     in_ch = width * 4 * 2 ** (len(layers) - 1) if layers else width
-  flops = 2.0 * tokens * module.patch_size[0] * module.patch_size[1] * in_ch * d
+  flops = 2.0 * tokens * module.patch()[0] * module.patch()[1] * in_ch * d
   if module.classifier in ('token', 'token_unpooled'):
     tokens += 1
   per_block = 2 * tokens * (4 * d * d + 2 * d * m) + 2 * 2 * tokens * tokens * d

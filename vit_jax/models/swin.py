@@ -459,8 +459,10 @@ class SwinTransformer(nn.Module):
     if not self.num_classes:
       return x
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=nn.initializers.zeros, name='head')(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=nn.initializers.zeros,
+                      dot_general=dense_matmul.dot_general_fn(self.dtype), name='head')(x)
+    return logits.astype(jnp.float32)  # float32 logits in mixed precision, as the ViT's
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax.models import attention as attention_lib
 from vit_jax.models import common
@@ -325,7 +326,7 @@ class VisionTransformer(nn.Module):
   config (see `vit_jax/models/registry.py` for what each one means).
   """
   num_classes: int | None
-  patch_size: tuple[int, int]
+  patch_size: tuple[int, int] | int  # an int is a square patch
   hidden_size: int
   num_layers: int
   num_heads: int
@@ -352,23 +353,55 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def patch(self) -> tuple[int, int]:
+    """The patch size as (height, width)."""
+    p = self.patch_size
+    return (int(p), int(p)) if isinstance(p, (int, np.integer)) else tuple(p)
+
   def total_stride(self) -> tuple[int, int]:
     """Input pixels per token along (height, width)."""
     stem = 1 if self.resnet_layers is None else resnet.stem_stride(self.resnet_layers)
-    return (stem * self.patch_size[0], stem * self.patch_size[1])
+    return (stem * self.patch()[0], stem * self.patch()[1])
 
   def _check_input(self, images):
     common.check_nhwc(images, self.in_channels)
     _, h, w, _ = images.shape
     sh, sw = self.total_stride()
     if h % sh or w % sw:
-      what = (f'patch size {tuple(self.patch_size)}' if self.resnet_layers is None else
+      what = (f'patch size {self.patch()}' if self.resnet_layers is None else
               f'ResNet stem stride x patch size = {(sh, sw)}')
       raise ValueError(
           f'image size {(h, w)} is not divisible by the {what}; resize or crop to a multiple '
           f'(e.g. {(max(h // sh, 1) * sh, max(w // sw, 1) * sw)}).')
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'classifier {self.classifier!r} is not one of {CLASSIFIERS}')
+
+  def _check_layout(self):
+    """A ValueError naming the fix when the params do not fit the module's layout: the
+    block layout (stacked blocks for scan_layers=False or the reverse, which flax reports
+    as a missing 'encoderblock_0' or an empty collection), or a class token the
+    classifier does not use (reported as a position embedding of another size)."""
+    if self.is_initializing():
+      return
+    params = self.variables.get('params', {})
+    uses_cls = self.classifier in ('token', 'token_unpooled')
+    if 'cls' in params and not uses_cls:
+      hint = (" (for every token of a class-token model, use classifier='token_unpooled')"
+              if self.classifier == 'unpooled' else '')
+      raise ValueError(f"the params have a class token ('cls') but classifier="
+                       f"{self.classifier!r} uses none{hint}")
+    encoder = params.get('Transformer', {})
+    if not encoder:
+      return
+    stacked = 'encoderblock' in encoder
+    if stacked != bool(self.scan_layers):
+      have, want = (('stacked', 'unrolled') if stacked else ('unrolled', 'stacked'))
+      fix = 'vit_jax.models.unstack_layers' if stacked else 'vit_jax.models.stack_layers'
+      raise ValueError(
+          f'the params hold the encoder blocks {have} (Transformer/encoderblock'
+          f'{"" if stacked else "_N"}) but this model (scan_layers={self.scan_layers}) '
+          f'expects them {want}: convert them with {fix}(variables), or create the model '
+          f'with scan_layers={stacked}')
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, capture_attention: bool = False):
@@ -379,14 +412,15 @@ class VisionTransformer(nn.Module):
     `vit_jax.models.attention_maps`.
     """
     self._check_input(images)
+    self._check_layout()
     x = images.astype(self.dtype)
     if self.resnet_layers is not None:
       x = resnet.bit_stem(
           x, num_layers=tuple(self.resnet_layers), width_factor=self.resnet_width_factor,
           stdconv_eps=self.stdconv_eps, stdconv_eps_in_sqrt=self.stdconv_eps_in_sqrt,
           gn_eps=self.gn_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Conv(self.hidden_size, kernel_size=tuple(self.patch_size),
-                strides=tuple(self.patch_size), padding='VALID', dtype=self.dtype,
+    x = nn.Conv(self.hidden_size, kernel_size=self.patch(),
+                strides=self.patch(), padding='VALID', dtype=self.dtype,
                 param_dtype=self.param_dtype, name='embedding')(x)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))

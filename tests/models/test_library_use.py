@@ -1,0 +1,83 @@
+"""The models as a researcher uses them from their own code: clear errors for params of
+another layout, rates outside [0, 1), the direct module constructor, float32 logits in
+mixed precision for every family, and exports of stacked or bfloat16 params."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import checkpoints
+from vit_jax import models
+from vit_jax.models import vit
+
+TINY = dict(patch_size=(8, 8), hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2,
+            num_classes=3)
+X = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+
+
+def test_params_of_the_other_block_layout_are_refused_with_the_converter():
+  unrolled = models.create('ViT-Ti/16', **TINY)
+  stacked = models.create('ViT-Ti/16', **TINY, scan_layers=True)
+  variables = models.init_variables(unrolled, 16)
+  converted = models.stack_layers(variables)  # takes the variables, not only params
+  np.testing.assert_array_equal(stacked.apply(converted, X), unrolled.apply(variables, X))
+  back = models.unstack_layers(converted)
+  assert jax.tree.structure(back) == jax.tree.structure(variables)
+  with pytest.raises(ValueError, match=r'blocks stacked .*unstack_layers'):
+    unrolled.apply(converted, X)  # a KeyError 'encoderblock_0' before
+  with pytest.raises(ValueError, match=r'blocks unrolled .*stack_layers'):
+    stacked.apply(variables, X)  # flax's "collection is empty" before
+  resnet = models.init_variables(models.create('ResNet-50', layers=(1, 1, 1, 1)), 16)
+  assert models.stack_layers(resnet)['params'] is resnet['params']  # no encoder: unchanged
+
+
+def test_unpooled_on_class_token_params_names_token_unpooled():
+  variables = models.init_variables(models.create('ViT-Ti/16', **TINY), 16)
+  unpooled = models.create('ViT-Ti/16', **dict(TINY, num_classes=0), classifier='unpooled')
+  with pytest.raises(ValueError, match="use classifier='token_unpooled'"):
+    unpooled.apply(variables, X)
+  tokens = models.create('ViT-Ti/16', **dict(TINY, num_classes=0), classifier='token_unpooled')
+  assert tokens.apply(variables, X).shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize('field, value', [('drop_path_rate', 1.0), ('drop_path_rate', -0.5),
+                                          ('dropout_rate', 1.5),
+                                          ('attention_dropout_rate', 1.0)])
+def test_rates_outside_0_1_are_refused(field, value):
+  # drop_path_rate=1 gave NaN gradients with the blocks scanned; -0.5 was ignored there
+  # and rescaled by 1/1.5 unrolled.
+  with pytest.raises(ValueError, match=f'{field}=.* must be a number in \\[0, 1\\)'):
+    models.create('ViT-Ti/16', **TINY, **{field: value})
+
+
+def test_the_module_takes_an_int_patch_size():
+  kw = dict(TINY, patch_size=8)
+  direct = vit.VisionTransformer(**kw)  # a TypeError in total_stride before
+  variables = direct.init(jax.random.PRNGKey(0), X)
+  made = models.create('ViT-Ti/16', **TINY)
+  np.testing.assert_array_equal(direct.apply(variables, X), made.apply(variables, X))
+
+
+def test_swin_logits_are_float32_in_mixed_precision():
+  swin = models.create('Swin-T', image_size=16, patch_size=2, embed_dim=16, depths=(1, 1),
+                       num_heads=(1, 2), window_size=4, num_classes=10, dtype='bfloat16')
+  out = swin.apply(models.init_variables(swin, 16), X, train=False)
+  assert out.dtype == jnp.float32  # bfloat16 before; ViT, ResNet and BiT give float32
+
+
+def test_exports_unroll_stacked_blocks_and_widen_bfloat16(tmp_path):
+  config = models.get_config('ViT-Ti/16')
+  config.update(image_size=16, scan_layers=True, param_dtype='bfloat16', **TINY)
+  module = models.create(config)
+  params = models.init_variables(module, 16)['params']
+  checkpoints.save_npz(tmp_path / 'w.npz', params)  # wrote a layout it then refused
+  loaded = checkpoints.load_checkpoint(str(tmp_path / 'w.npz'))
+  assert loaded.config.num_layers == 2
+  unrolled = checkpoints.flatten(models.unstack_layers(params))
+  for k, v in checkpoints.flatten(loaded.params).items():
+    np.testing.assert_array_equal(v, np.asarray(unrolled[k], np.float32), err_msg=k)
+  torch = pytest.importorskip('torch')
+  sd = checkpoints.to_timm(config, params)  # a KeyError (stacked), a TypeError (bfloat16)
+  assert sd['blocks.1.mlp.fc1.weight'].dtype == torch.float32
+  assert len(checkpoints.to_hf(config, params)) > 0
