@@ -553,3 +553,28 @@ def test_the_timm_note_builds_pooled_and_custom_width_models(classifier, tmp_pat
   diff = float(np.max(np.abs(_timm_logits(built, x) - want)))
   assert diff < 1e-4, diff
   np.testing.assert_allclose(_timm_logits(model, x), _timm_logits(built, x), atol=1e-4)
+
+
+def test_a_timm_hybrid_through_npz_reads_back_with_timm_s_stem(tmp_path):
+  """A timm R26+S/32 (weight standardisation eps 1e-8 inside the square root, GroupNorm
+  eps 1e-5) converted to .npz: the note names the stem's numerics, and reading the file
+  with the model name it suggests gives timm's logits. The stem used to stay at the
+  release's numerics (4.6e-4 off timm) and no note mentioned it."""
+  torch.manual_seed(0)
+  model = timm.create_model('vit_small_r26_s32_224', pretrained=False, num_classes=5,
+                            img_size=64, depth=2).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.02)
+  source = tmp_path / 'r26.safetensors'
+  safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                              str(source))
+  notes = convert.run(str(source), str(tmp_path / 'r26.npz'),
+                      model='vit_small_r26_s32_224').notes
+  assert any('a ResNet stem with stdconv_eps 1e-08 (inside the square root) and GroupNorm '
+             'eps 1e-05' in n and '--model=vit_small_r26_s32_224' in n for n in notes), notes
+  ck = pretrained.load_checkpoint(str(tmp_path / 'r26.npz'), model='vit_small_r26_s32_224')
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  _close(_jax_logits(ck.config, ck.params, x), want, 'timm R26+S/32 -> npz -> vit_jax')

@@ -235,16 +235,28 @@ def _float32_tree(params):
   return jax.tree.map(cast, params)
 
 
+# The original release's hybrid stem: w / (std + 1e-5), GroupNorm eps 1e-6.
+_RELEASE_STEM = {'stdconv_eps': 1e-5, 'stdconv_eps_in_sqrt': False, 'gn_eps': 1e-6}
+
+
 def _release_numerics_note(config, output):
   """A note when an .npz will not read back with the numerics the params were made for."""
-  if config.get('gelu_approximate', True) and config.get('layernorm_eps', 1e-6) == 1e-6:
+  stem = config.get('resnet')
+  stem_differs = stem is not None and any(
+      stem.get(k, v) != v for k, v in _RELEASE_STEM.items())
+  if (config.get('gelu_approximate', True) and config.get('layernorm_eps', 1e-6) == 1e-6
+      and not stem_differs):
     return None
   gelu = 'tanh' if config.get('gelu_approximate', True) else 'exact'
   hint = (f' (e.g. --model={config.name} / config.model)'
           if str(config.get('name', '')).startswith('vit_') else '')
+  stem_words = (f', and a ResNet stem with stdconv_eps {stem.stdconv_eps:g} '
+                f'({"inside" if stem.get("stdconv_eps_in_sqrt") else "outside"} the square '
+                f'root) and GroupNorm eps {stem.gn_eps:g}' if stem_differs else '')
   return (f'.npz files do not record numerics; these weights use {gelu} GELU and '
-          f'LayerNorm eps {config.layernorm_eps:g}, while {output} reads back with the '
-          f'original release\'s (tanh GELU, eps 1e-6) unless given a model name{hint}')
+          f'LayerNorm eps {config.layernorm_eps:g}{stem_words}, while {output} reads back '
+          "with the original release's (tanh GELU, eps 1e-6"
+          f'{", its stem" if stem_differs else ""}) unless given a model name{hint}')
 
 
 def _preprocessing_note(ckpt, output):

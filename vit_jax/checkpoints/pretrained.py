@@ -439,6 +439,10 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
                     'attention_impl'):
         if field in given:
           config[field] = given[field]
+      if config.get('resnet') is not None and given.get('resnet') is not None:
+        for field in ('stdconv_eps', 'stdconv_eps_in_sqrt', 'gn_eps'):  # the stem's
+          if field in given.resnet:
+            config.resnet[field] = given.resnet[field]
     return Checkpoint(config, params, 'npz')
   if path.endswith(('.safetensors', '.bin', '.pt', '.pth')):
     sd = state_dict_io.read_state_dict(path)
