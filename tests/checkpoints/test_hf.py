@@ -232,7 +232,31 @@ def test_a_directory_s_image_processor_gives_the_preprocessing(hf, tmp_path):
       str(tmp_path / 'vit'), pp=f'decode|resize({IMAGE_SIZE})|value_range(-1, 1)')
   assert np.abs(old.predict_proba([image])[0] - want).max() > 1e-2
   # [-1, 1] (mean = std = 0.5) reads as the release's value_range.
+  transformers.ViTImageProcessor(size={'height': IMAGE_SIZE, 'width': IMAGE_SIZE}
+                                 ).save_pretrained(str(tmp_path / 'vit'))
+  assert pretrained.load_checkpoint(str(tmp_path / 'vit')).pp_eval == (
+      f'decode|resize({IMAGE_SIZE})|value_range(-1, 1)')
+  # A processor giving another size than the model's: the default (a warning says so).
   transformers.ViTImageProcessor(size={'height': 32, 'width': 48}).save_pretrained(
       str(tmp_path / 'vit'))
-  assert pretrained.load_checkpoint(str(tmp_path / 'vit')).pp_eval == (
-      'decode|resize((32, 48))|value_range(-1, 1)')
+  assert pretrained.load_checkpoint(str(tmp_path / 'vit')).pp_eval is None
+
+
+def test_processors_with_a_crop_or_without_a_fixed_size():
+  """DeiT's processors resize to 256 (bicubic) and crop 224: read as such (a resize to
+  256 alone made predict fail on the token count); processors with no fixed size fall
+  back to the default preprocessing (None)."""
+  from vit_jax.checkpoints import hf_format  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  deit = {'do_resize': True, 'size': {'height': 256, 'width': 256}, 'resample': 3,
+          'do_center_crop': True, 'crop_size': {'height': 224, 'width': 224},
+          'image_mean': [0.485, 0.456, 0.406], 'image_std': [0.229, 0.224, 0.225]}
+  pp = hf_format.pp_eval_from_image_processor(deit, 224)
+  assert pp.startswith("decode|resize(256, method='bicubic')|central_crop(224)|normalize(")
+  assert preprocess_ops.output_spec(pp)[0] == (224, 224)
+  short = {'size': {'shortest_edge': 256}, 'do_center_crop': True,
+           'crop_size': {'height': 224, 'width': 224}}
+  assert hf_format.pp_eval_from_image_processor(short, 224) == (
+      'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)')
+  assert hf_format.pp_eval_from_image_processor({'do_resize': False}, 224) is None
+  assert hf_format.pp_eval_from_image_processor({'size': {'shortest_edge': 256}}, 224) is None

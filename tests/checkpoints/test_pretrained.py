@@ -276,3 +276,17 @@ def test_a_timm_vit_of_no_registered_width_warns_and_takes_its_heads(tmp_path, m
     checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model='vit_base_patch16_224,num_heads=6')
   with pytest.raises(ValueError, match="'heads' is not a field"):
     checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model='heads=8')
+
+
+def test_model_specs_take_tuples_lists_and_name_bad_values():
+  parse = pretrained.parse_model_spec
+  assert parse('num_heads=8').num_heads == 8
+  assert parse('ViT-B/16,gelu_approximate=false').gelu_approximate is False
+  swin = parse('swin_tiny_patch4_window7_224,window_size=[4, 4, 4, 2]')
+  assert tuple(swin.window_size) == (4, 4, 4, 2)
+  assert tuple(parse('ViT-B/16,patch_size=(8, 8)').patch_size) == (8, 8)
+  with pytest.raises(ValueError, match=r"--model='ViT-B/16,patch_size=16': patch_size=16 "
+                                       'does not fit the field'):
+    parse('ViT-B/16,patch_size=16')
+  with pytest.raises(ValueError, match='one model name at most'):
+    parse('ViT-B/16,ViT-S/16')

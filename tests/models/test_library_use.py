@@ -24,6 +24,9 @@ def test_params_of_the_other_block_layout_are_refused_with_the_converter():
   np.testing.assert_array_equal(stacked.apply(converted, X), unrolled.apply(variables, X))
   back = models.unstack_layers(converted)
   assert jax.tree.structure(back) == jax.tree.structure(variables)
+  import flax  # pylint: disable=g-import-not-at-top
+  frozen = models.stack_layers(flax.core.freeze(variables))  # a FrozenDict too
+  np.testing.assert_array_equal(stacked.apply(frozen, X), unrolled.apply(variables, X))
   with pytest.raises(ValueError, match=r'blocks stacked .*unstack_layers'):
     unrolled.apply(converted, X)  # a KeyError 'encoderblock_0' before
   with pytest.raises(ValueError, match=r'blocks unrolled .*stack_layers'):
@@ -81,3 +84,31 @@ def test_exports_unroll_stacked_blocks_and_widen_bfloat16(tmp_path):
   sd = checkpoints.to_timm(config, params)  # a KeyError (stacked), a TypeError (bfloat16)
   assert sd['blocks.1.mlp.fc1.weight'].dtype == torch.float32
   assert len(checkpoints.to_hf(config, params)) > 0
+
+
+@pytest.mark.parametrize('dtype, tol', [('float32', 1e-6), ('bfloat16', 3e-2)])
+@pytest.mark.parametrize('classifier', ['token', 'map'])
+def test_custom_vjp_false_allows_forward_mode_with_the_same_gradients(dtype, tol, classifier):
+  """custom_vjp=False: plain autodiff, so jax.jvp works (it raised "can't apply
+  forward-mode autodiff (jvp) to a custom_vjp function" on CPU whatever the settings);
+  its reverse-mode gradients equal the fast path's, and its JVP equals grad . tangent."""
+  fast = models.create('ViT-Ti/16', **TINY, dtype=dtype, classifier=classifier)
+  plain = models.create('ViT-Ti/16', **TINY, dtype=dtype, classifier=classifier,
+                        custom_vjp=False)
+  params = models.init_variables(fast, 16)['params']
+  params = jax.tree.map(
+      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape, a.dtype), params)
+
+  def loss(module):
+    return lambda p: (module.apply({'params': p}, X) ** 2).mean()
+  want, got = jax.grad(loss(fast))(params), jax.grad(loss(plain))(params)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert float(jnp.abs(a - b).max()) <= tol * scale
+  tangent = jax.tree.map(lambda a: jnp.full_like(a, 0.01), params)
+  _, jvp = jax.jvp(loss(plain), (params,), (tangent,))
+  projected = sum(float(jnp.vdot(g, t)) for g, t in zip(jax.tree.leaves(got),
+                                                          jax.tree.leaves(tangent)))
+  assert float(jvp) == pytest.approx(projected, rel=tol, abs=1e-7)
+  with pytest.raises(TypeError, match='forward-mode'):
+    jax.jvp(loss(fast), (params,), (tangent,))  # the default keeps the fast backward pass

@@ -146,7 +146,7 @@ def apply(config, overrides: dict | None) -> None:
 
 # Model fields that change how vit_jax computes, not what: a timm comparison may set them.
 _HOW = ('remat_policy', 'scan_layers', 'layer_loop', 'attention_impl', 'gelu_approximate',
-        'layernorm_eps')
+        'layernorm_eps', 'custom_vjp')
 # ViT fields that timm's VisionTransformer takes as keyword arguments (and mlp_dim, as
 # mlp_ratio); training config groups that leave the model and optimizer as timm runs them.
 _TIMM_VIT = {'num_layers': 'depth', 'hidden_size': 'embed_dim', 'num_heads': 'num_heads',

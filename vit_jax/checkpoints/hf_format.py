@@ -236,22 +236,41 @@ def image_processor_config(pp_eval: str | None, image_size: int) -> tuple[dict, 
   }, note
 
 
+def _hw_of(size) -> tuple[int, int] | int | None:
+  """(h, w) of a processor's {'height', 'width'} or int size; the int of a
+  {'shortest_edge'} size (an aspect-preserving resize); None if neither."""
+  if isinstance(size, int):
+    return (size, size)
+  if isinstance(size, dict) and 'height' in size and 'width' in size:
+    return (int(size['height']), int(size['width']))
+  if isinstance(size, dict) and 'shortest_edge' in size:
+    return int(size['shortest_edge'])
+  return None
+
+
 def pp_eval_from_image_processor(processor: dict, image_size: int) -> str | None:
   """The evaluation preprocessing (vit_jax ops) a transformers `preprocessor_config.json`
-  (ViTImageProcessor) does: a resize, then (x * rescale_factor - mean) / std. None for a
-  processor these ops cannot follow (another rescale factor)."""
-  ops = ['decode']
-  if processor.get('do_resize', True):
-    size = processor.get('size') or {}
-    if isinstance(size, dict) and 'height' in size and 'width' in size:
-      hw = (int(size['height']), int(size['width']))
-    elif isinstance(size, dict) and 'shortest_edge' in size:
-      return None  # an aspect-preserving resize and a crop: not a ViTImageProcessor
-    elif isinstance(size, int):
-      hw = (size, size)
-    else:
-      hw = (image_size, image_size)
-    ops.append(f'resize({hw[0]})' if hw[0] == hw[1] else f'resize({hw})')
+  describes: a resize (PIL's bilinear or bicubic), a central crop if it has one (DeiT's
+  processors: 256 then 224), then (x * rescale_factor - mean) / std. None for one these
+  ops cannot follow (no resize, another rescale factor, an unknown size)."""
+  if not processor.get('do_resize', True):
+    return None  # images of any size: the model needs its own
+  method = {2: 'bilinear', 3: 'bicubic'}.get(processor.get('resample', 2))
+  size = _hw_of(processor.get('size'))
+  if method is None or size is None:
+    return None
+  how = '' if method == 'bilinear' else f", method='{method}'"
+  if isinstance(size, int):
+    ops = ['decode', f'resize_small({size}{how})']
+  else:
+    ops = ['decode', f'resize({size[0] if size[0] == size[1] else size}{how})']
+  if processor.get('do_center_crop'):
+    crop = _hw_of(processor.get('crop_size'))
+    if not isinstance(crop, tuple):
+      return None
+    ops.append(f'central_crop({crop[0] if crop[0] == crop[1] else crop})')
+  elif isinstance(size, int):
+    return None  # an aspect-preserving resize with no crop: not a fixed size
   rescale = processor.get('do_rescale', True)
   if rescale and not math.isclose(float(processor.get('rescale_factor', 1 / 255)), 1 / 255):
     return None

@@ -271,7 +271,7 @@ def _model_config(model) -> ml_collections.ConfigDict | None:
 def parse_model_spec(spec: str) -> ml_collections.ConfigDict:
   """The config of a --model value: NAME, NAME,field=value,... or field=value,..."""
   import ast  # pylint: disable=g-import-not-at-top
-  parts = [p.strip() for p in re.split(r',(?![^()]*\))', spec) if p.strip()]
+  parts = [p.strip() for p in re.split(r',(?![^()\[\]]*[)\]])', spec) if p.strip()]
   names = [p for p in parts if '=' not in p]
   if len(names) > 1:
     raise ValueError(f'--model={spec!r}: one model name at most, then field=value pairs '
@@ -287,8 +287,14 @@ def parse_model_spec(spec: str) -> ml_collections.ConfigDict:
     try:
       value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      pass  # a string, e.g. classifier=gap
-    config[field] = value
+      value = {'true': True, 'false': False, 'none': None}.get(value.lower(), value)
+    if isinstance(value, list):
+      value = tuple(value)
+    try:
+      config[field] = value
+    except TypeError as e:
+      raise ValueError(f'--model={spec!r}: {field}={value!r} does not fit the field '
+                       f'({config[field]!r} there): {e}') from None
   return config
 
 
@@ -310,6 +316,17 @@ def _hf_pp_eval(directory: str, image_size: int) -> str | None:
     logging.warning('%s describes preprocessing vit_jax cannot follow (%s): the default '
                     'preprocessing is used; give --pp to match it.', path,
                     processor.get('image_processor_type', 'unknown type'))
+    return None
+  try:
+    from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  except ImportError:  # no TensorFlow: the size is not checked here
+    return pp
+  size = preprocess_ops.output_spec(pp)[0]
+  if size is not None and tuple(size) != (image_size, image_size):
+    logging.warning('%s gives %s images (%s) but the model takes %dx%d: the default '
+                    'preprocessing is used; give --pp to match the processor.', path,
+                    'x'.join(map(str, size)), pp, image_size, image_size)
+    return None
   return pp
 
 

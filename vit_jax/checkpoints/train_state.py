@@ -94,7 +94,13 @@ class TrainCheckpointer:
         raise
       lines = str(e).strip().splitlines()
       cause = f'{type(e).__name__}: {lines[0][:600] if lines else ""}'
-      newest = self._manager.latest_step()
+      try:
+        # From disk: Orbax's own list already dropped the steps the failed save was to
+        # prune, which are still there (keep_checkpoints=1 would read "none").
+        self._manager.reload()
+        newest = self._manager.latest_step()
+      except Exception:  # pylint: disable=broad-except
+        newest = None
       raise CheckpointSaveError(
           f'saving checkpoint step {step} in {self.directory} failed ({cause}). The run '
           'stopped; ' + (f'the newest complete checkpoint is step {newest}, where the same '

@@ -150,6 +150,7 @@ class MultiHeadDotProductAttention(nn.Module):
   implementation: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True  # False: plain autodiff (no heads_major, no custom Dense rule)
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, deterministic: bool = True,
@@ -166,8 +167,10 @@ class MultiHeadDotProductAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads={self.num_heads}')
     implementation = resolve_implementation(self.implementation)
+    if implementation == 'heads_major' and not self.custom_vjp:
+      implementation = 'xla'  # heads_major's backward pass is a custom_vjp
     head_dim = width // self.num_heads
-    dot_general = dense_matmul.dot_general_fn(self.dtype)
+    dot_general = dense_matmul.dot_general_fn(self.dtype, custom_vjp=self.custom_vjp)
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
         features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),

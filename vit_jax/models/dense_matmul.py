@@ -39,16 +39,27 @@ from vit_jax.models import manual_axes
 WEIGHT_MATMUL = 'weight_matmul'  # checkpoint_name of the Dense matmuls (for remat policies)
 
 
-def dot_general_fn(dtype, backend: str | None = None):
+def dot_general_fn(dtype, backend: str | None = None, custom_vjp: bool = True):
   """The dot_general for Dense layers computing in `dtype` on `backend` (default: jax's).
 
-  None (flax's plain `lax.dot_general`) for float32 off CPU.
+  None (flax's plain `lax.dot_general`) for float32 off CPU. custom_vjp=False: no custom
+  backward pass (plain autodiff, forward mode possible), float32 accumulation kept.
   """
   backend = backend or jax.default_backend()
   low_precision = jnp.dtype(dtype) != jnp.float32
+  if not custom_vjp:
+    return _float32_products if low_precision else None
   if not low_precision and backend != 'cpu':
     return None
   return functools.partial(_dense_dot_general, transpose_tokens=backend == 'cpu')
+
+
+def _float32_products(x, w, dimension_numbers, precision=None, preferred_element_type=None,
+                      **kwargs):
+  """lax.dot_general accumulating in float32, left to autodiff."""
+  del preferred_element_type
+  return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
+                             preferred_element_type=jnp.float32, **kwargs)
 
 
 def _is_tensordot(x, w, dimension_numbers) -> bool:

@@ -14,6 +14,7 @@ fields in `FIELD_DOCS` and builds its module with `from_config(config)`. A confi
 
 import difflib
 import importlib
+import numbers
 
 import jax.numpy as jnp
 import ml_collections
@@ -48,6 +49,9 @@ _FIELD_DOCS = {
     'layer_loop': "with scan_layers=False: 'scan' runs the blocks as one lax.scan over their "
                   "parameters stacked per call (compiles once, faster on CPU) or 'unroll' "
                   '(each block compiled on its own); parameter names are the same either way',
+    'custom_vjp': 'True: the Dense matmuls and the CPU attention use hand-written backward '
+                  'passes (fast on CPU, low-precision gradient matmuls in bf16); False: plain '
+                  'autodiff everywhere, which forward mode (jax.jvp, jacfwd, hessian) needs',
     'in_channels': 'input channels',
     'dtype': "compute dtype: 'float32' or 'bfloat16'",
     'param_dtype': "parameter dtype: 'float32' (recommended) or 'bfloat16'",
@@ -105,6 +109,7 @@ def _base(name, size, patch, resnet=None, image_size=224):
   c.remat_policy = ml_collections.FieldReference('auto', field_type=str)
   c.scan_layers = False
   c.layer_loop = 'scan'
+  c.custom_vjp = True
   c.in_channels = 3
   c.dtype = 'float32'
   c.param_dtype = 'float32'
@@ -326,7 +331,7 @@ def create(name_or_config, **overrides):
                      'width of the pre_logits layer) or None (no such layer)')
   for rate in ('dropout_rate', 'attention_dropout_rate', 'drop_path_rate'):
     value = get(rate)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
       raise ValueError(f'{rate}={value!r} must be a number in [0, 1) (a probability of '
                        'dropping; 1 would drop everything)')
   hidden, heads = get('hidden_size'), get('num_heads')
@@ -342,6 +347,7 @@ def create(name_or_config, **overrides):
       gelu_approximate=get('gelu_approximate'), attention_impl=get('attention_impl'),
       remat_policy=get('remat_policy'), scan_layers=get('scan_layers'),
       layer_loop=get('layer_loop'), in_channels=get('in_channels'),
+      custom_vjp=bool(get('custom_vjp')),
       dtype=_dtype(get('dtype'), 'dtype'),
       param_dtype=_dtype(get('param_dtype'), 'param_dtype'))
   resnet = config.get('resnet')

@@ -9,6 +9,7 @@ Checkpoint readers and converters work on the unrolled layout; `stack_layers` an
 without an encoder, unchanged).
 """
 
+from collections.abc import Mapping
 import re
 
 import numpy as np
@@ -21,14 +22,14 @@ def is_stacked(params) -> bool:
 
 
 def _stack(trees):
-  if isinstance(trees[0], dict):
+  if isinstance(trees[0], Mapping):
     return {k: _stack([t[k] for t in trees]) for k in trees[0]}
   xp = np if isinstance(trees[0], np.ndarray) else _jnp()
   return xp.stack(trees)
 
 
 def _unstack(tree, i):
-  if isinstance(tree, dict):
+  if isinstance(tree, Mapping):
     return {k: _unstack(v, i) for k, v in tree.items()}
   return tree[i]
 
@@ -40,7 +41,7 @@ def _jnp():
 
 def _on_params(fn, tree):
   """fn on a ViT params tree, or on the 'params' of a variables dict ({'params': ...})."""
-  if 'Transformer' not in tree and isinstance(tree.get('params'), dict):
+  if 'Transformer' not in tree and isinstance(tree.get('params'), Mapping):  # FrozenDict too
     return dict(tree, params=_on_params(fn, tree['params']))
   if 'Transformer' not in tree:  # no encoder (another family): nothing to convert
     return tree
@@ -77,7 +78,7 @@ def _unstack_layers(params) -> dict:
   enc = dict(params['Transformer'])
   stacked = enc.pop('encoderblock')
   first = stacked
-  while isinstance(first, dict):
+  while isinstance(first, Mapping):
     first = next(iter(first.values()))
   for i in range(first.shape[0]):
     enc[f'encoderblock_{i}'] = _unstack(stacked, i)

@@ -84,6 +84,7 @@ class MlpBlock(nn.Module):
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool, rng=None):
@@ -92,7 +93,7 @@ class MlpBlock(nn.Module):
     rngs = (None, None) if rng is None or deterministic else tuple(jax.random.split(rng))
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=self.dtype, param_dtype=self.param_dtype,
-        dot_general=dense_matmul.dot_general_fn(self.dtype),
+        dot_general=dense_matmul.dot_general_fn(self.dtype, custom_vjp=self.custom_vjp),
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     out_dim = x.shape[-1]
@@ -116,6 +117,7 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic: bool, capture_attention: bool = False, rng=None):
@@ -139,7 +141,7 @@ class Encoder1DBlock(nn.Module):
     y = attention_lib.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
         implementation=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='MultiHeadDotProductAttention_0')(
+        custom_vjp=self.custom_vjp, name='MultiHeadDotProductAttention_0')(
             y, deterministic=deterministic, return_weights=capture_attention,
             dropout_rng=keys[0])
     if capture_attention:
@@ -150,7 +152,7 @@ class Encoder1DBlock(nn.Module):
     y = ln('LayerNorm_1')(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                  gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name='MlpBlock_0')(
+                 param_dtype=self.param_dtype, custom_vjp=self.custom_vjp, name='MlpBlock_0')(
                      y, deterministic=deterministic, rng=keys[3])
     return nn.with_logical_constraint(x + DropPath(drop_path_rate)(y, deterministic, keys[4]),
                                       TOKENS_AXES)
@@ -185,13 +187,15 @@ class Encoder(nn.Module):
   layer_loop: str = 'scan'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   def _block_kwargs(self):
     return dict(
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
-        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        custom_vjp=self.custom_vjp)
 
   def _drop_path_rates(self):
     """Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last).
@@ -302,6 +306,7 @@ class MAPHead(nn.Module):
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -310,12 +315,12 @@ class MAPHead(nn.Module):
     probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = attention_lib.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='MultiHeadDotProductAttention_0')(probe, x)
+        custom_vjp=self.custom_vjp, name='MultiHeadDotProductAttention_0')(probe, x)
     y = nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='LayerNorm_0')(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu_approximate=self.gelu_approximate,
                      dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='MlpBlock_0')(y, deterministic=True)
+                     custom_vjp=self.custom_vjp, name='MlpBlock_0')(y, deterministic=True)
     return x[:, 0]
 
 
@@ -352,6 +357,9 @@ class VisionTransformer(nn.Module):
   gn_eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # The Dense matmuls' and CPU attention's hand-written backward passes (fast on CPU,
+  # low-precision gradient matmuls); False: plain autodiff, which forward mode needs.
+  custom_vjp: bool = True
 
   def patch(self) -> tuple[int, int]:
     """The patch size as (height, width)."""
@@ -437,7 +445,7 @@ class VisionTransformer(nn.Module):
         gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl,
         remat_policy=self.remat_policy, scan_layers=self.scan_layers,
         layer_loop=self.layer_loop, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='Transformer')(
+        custom_vjp=self.custom_vjp, name='Transformer')(
             x, train=train, capture_attention=capture_attention)
 
     if self.classifier == 'token':
@@ -447,17 +455,19 @@ class VisionTransformer(nn.Module):
     elif self.classifier == 'map':
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                   layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name='MAPHead_0')(x)
+                  dtype=self.dtype, param_dtype=self.param_dtype, custom_vjp=self.custom_vjp,
+                  name='MAPHead_0')(x)
     else:  # 'unpooled', 'token_unpooled': every token, no head; float32 as the logits.
       return x.astype(jnp.float32)
 
     if self.representation_size:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                   dot_general=dense_matmul.dot_general_fn(self.dtype), name='pre_logits')(x)
+                   dot_general=dense_matmul.dot_general_fn(self.dtype, custom_vjp=self.custom_vjp),
+                   name='pre_logits')(x)
       x = jnp.tanh(x)
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                   dot_general=dense_matmul.dot_general_fn(self.dtype),
+                   dot_general=dense_matmul.dot_general_fn(self.dtype, custom_vjp=self.custom_vjp),
                    kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
     return x.astype(jnp.float32)
