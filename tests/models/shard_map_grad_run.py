@@ -1,4 +1,4 @@
-"""Helper script: gradients of ViT (float32 and bf16), Swin and ResNet inside
+"""Helper script: gradients of ViT (float32 and bf16) and Swin inside
 `jax.shard_map` (check_vma on, its default) over 8 CPU devices, against jax.grad on one
 device (times 8: jax sums a replicated parameter's gradient over the devices). Run in a process started with XLA_FLAGS=--xla_force_host_platform_device_count=8;
 prints one JSON line {name: max |difference| relative to the largest gradient}.
@@ -20,7 +20,6 @@ CASES = {
                                    dtype='bfloat16')),
     'swin': ('Swin-T', dict(image_size=16, patch_size=2, embed_dim=16, depths=(2, 2),
                             num_heads=(1, 2), window_size=4, num_classes=10)),
-    'resnet': ('ResNet-50', dict(layers=(1, 1, 1, 1), num_classes=10, image_size=16)),
 }
 
 

@@ -86,8 +86,8 @@ def test_exports_unroll_stacked_blocks_and_widen_bfloat16(tmp_path):
   assert len(checkpoints.to_hf(config, params)) > 0
 
 
-@pytest.mark.parametrize('dtype, tol', [('float32', 1e-6), ('bfloat16', 3e-2)])
-@pytest.mark.parametrize('classifier', ['token', 'map'])
+@pytest.mark.parametrize('dtype, tol, classifier', [('float32', 1e-6, 'token'),
+                                                     ('bfloat16', 3e-2, 'map')])
 def test_custom_vjp_false_allows_forward_mode_with_the_same_gradients(dtype, tol, classifier):
   """custom_vjp=False: plain autodiff, so jax.jvp works (it raised "can't apply
   forward-mode autodiff (jvp) to a custom_vjp function" on CPU whatever the settings);

@@ -19,7 +19,7 @@ def test_gradients_inside_shard_map_equal_one_device():
                         text=True, timeout=600)
   assert proc.returncode == 0, subprocess_env.failure(proc)
   errors = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert set(errors) == {'vit', 'vit_bf16', 'swin', 'resnet'}
+  assert set(errors) == {'vit', 'vit_bf16', 'swin'}
   # Relative to the largest gradient: float32 summation order; bf16 operands.
-  for name, tol in (('vit', 1e-5), ('swin', 1e-5), ('resnet', 1e-5), ('vit_bf16', 3e-2)):
+  for name, tol in (('vit', 1e-5), ('swin', 1e-5), ('vit_bf16', 3e-2)):
     assert errors[name] < tol, (name, errors[name])
