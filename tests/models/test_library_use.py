@@ -112,3 +112,34 @@ def test_custom_vjp_false_allows_forward_mode_with_the_same_gradients(dtype, tol
   assert float(jvp) == pytest.approx(projected, rel=tol, abs=1e-7)
   with pytest.raises(TypeError, match='forward-mode'):
     jax.jvp(loss(fast), (params,), (tangent,))  # the default keeps the fast backward pass
+
+
+def test_swin_custom_vjp_false_allows_forward_mode():
+  """Swin's window attention and Dense layers leave the backward pass to autodiff with
+  custom_vjp=False: jax.jvp works and the gradients equal the fast path's. A Swin config
+  written before the field existed still builds (custom_vjp=True)."""
+  kw = dict(image_size=16, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+            window_size=4, num_classes=10, drop_path_rate=0.0)
+  fast, plain = models.create('Swin-T', **kw), models.create('Swin-T', **kw, custom_vjp=False)
+  variables = models.init_variables(fast, 16)
+  params = jax.tree.map(
+      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape, a.dtype),
+      variables['params'])
+
+  def loss(module):  # train=True: the CPU path with the custom backward pass
+    return lambda p: (module.apply({'params': p}, X, train=True) ** 2).mean()
+  want, got = jax.grad(loss(fast))(params), jax.grad(loss(plain))(params)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert float(jnp.abs(a - b).max()) <= 1e-5 * scale
+  tangent = jax.tree.map(lambda a: jnp.full_like(a, 0.01), params)
+  _, jvp = jax.jvp(loss(plain), (params,), (tangent,))
+  projected = sum(float(jnp.vdot(g, t)) for g, t in zip(jax.tree.leaves(got),
+                                                          jax.tree.leaves(tangent)))
+  assert float(jvp) == pytest.approx(projected, rel=1e-4, abs=1e-7)
+  with pytest.raises(TypeError, match='forward-mode'):
+    jax.jvp(loss(fast), (params,), (tangent,))  # the default: the custom backward passes
+  old = models.get_config('Swin-T')
+  old.update(kw)
+  del old['custom_vjp']  # a config of an earlier version
+  assert models.create(old).custom_vjp

@@ -458,7 +458,7 @@ def _family_timm_name(config, family: str) -> str:
   ignore = ('name', 'image_size', 'num_classes', 'dtype', 'param_dtype', 'in_channels',
             'drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate', 'dropout_rate',
             'stdconv_eps', 'gn_eps', 'bn_eps', 'bn_momentum', 'bn_frozen', 'layernorm_eps',
-            'zero_init_last')
+            'zero_init_last', 'custom_vjp')
   mine = {k: tree.plain(v) for k, v in config.to_dict().items() if k not in ignore}
   candidates = [n for n in registry.list_models(family) if n[:1].islower()]
   candidates.sort(key=lambda n: (registry.get_config(n).get('image_size') != config.get(

@@ -73,7 +73,11 @@ FIELD_DOCS = {
     'remat_policy': "what each block keeps for the backward pass: None (everything, the "
                     "default), 'full', 'dots', 'dots_no_batch', 'auto' ('dots_no_batch' on "
                     'CPU; vit_jax/models/remat.py)',
+    'custom_vjp': 'True: the Dense matmuls and the CPU window attention use hand-written '
+                  'backward passes; False: plain autodiff, which forward mode (jax.jvp) needs',
 }
+# Fields that configs written by earlier versions lack, with the value they meant.
+_OPTIONAL_FIELDS = {'custom_vjp': True}
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _MASK_VALUE = -100.0  # added to the logits of token pairs from different shifted regions
@@ -251,6 +255,7 @@ class WindowAttention(nn.Module):
   proj_drop_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool):
@@ -261,13 +266,15 @@ class WindowAttention(nn.Module):
                        ((2 * wh - 1) * (2 * ww - 1), self.num_heads), self.param_dtype)
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
-        dot_general=dense_matmul.dot_general_fn(self.dtype), name=name)
+        dot_general=dense_matmul.dot_general_fn(self.dtype, custom_vjp=self.custom_vjp),
+        name=name)
     qkv = dense(3 * c, 'qkv')(x).reshape(b, nw, n, 3, self.num_heads, head_dim)
     q, k, v = (qkv[:, :, :, i] for i in range(3))  # (B, nW, N, heads, head_dim)
     index = relative_position_index(self.window).reshape(-1)
     bias = jnp.asarray(table, jnp.float32)[index].reshape(n, n, self.num_heads)
     bias = bias.transpose(2, 0, 1)  # (heads, N, N)
-    heads_major = attention_lib.resolve_implementation(None) == 'heads_major'
+    heads_major = (attention_lib.resolve_implementation(None) == 'heads_major'
+                   and self.custom_vjp)
     if heads_major and train and not self.attn_drop_rate:
       # CPU training: the windows folded into the batch, the bias per (window, head); the
       # backward matmuls in row-major layouts (vit_jax/models/attention.py). Swin-T's
@@ -296,11 +303,12 @@ class Mlp(nn.Module):
   drop_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
-              dot_general=dense_matmul.dot_general_fn(self.dtype))
+              dot_general=dense_matmul.dot_general_fn(self.dtype, custom_vjp=self.custom_vjp))
     y = nn.gelu(nn.Dense(self.hidden, name='fc1', **kw)(x), approximate=False)
     y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
     y = nn.Dense(x.shape[-1], name='fc2', **kw)(y)
@@ -319,6 +327,7 @@ class SwinBlock(nn.Module):
   layernorm_eps: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   def _norm(self, name):
     return nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
@@ -334,14 +343,15 @@ class SwinBlock(nn.Module):
       y = jnp.roll(y, (-sh, -sw), axis=(1, 2))
     mask = shift_mask((h, w), self.window, self.shift)
     y = WindowAttention(self.num_heads, self.window, self.attn_drop_rate, self.proj_drop_rate,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
+                        dtype=self.dtype, param_dtype=self.param_dtype,
+                        custom_vjp=self.custom_vjp, name='attn')(
                             _partition(y, wh, ww), mask, train=train)
     y = _unpartition(y, wh, ww, h, w)
     if sh or sw:
       y = jnp.roll(y, (sh, sw), axis=(1, 2))
     x = x + drop_path(y, train=train)
     y = Mlp(int(c * self.mlp_ratio), self.proj_drop_rate, dtype=self.dtype,
-            param_dtype=self.param_dtype, name='mlp')(self._norm('norm2')(x), train=train)
+            param_dtype=self.param_dtype, custom_vjp=self.custom_vjp, name='mlp')(self._norm('norm2')(x), train=train)
     return x + drop_path(y, train=train)
 
 
@@ -400,6 +410,7 @@ class SwinStage(nn.Module):
   remat_policy: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -414,7 +425,7 @@ class SwinStage(nn.Module):
       x = block_cls(self.num_heads, self.window, self.shift if j % 2 else (0, 0),
                     mlp_ratio=self.mlp_ratio, proj_drop_rate=self.proj_drop_rate,
                     attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate,
-                    name=f'blocks_{j}', **kw)(x, train)
+                    custom_vjp=self.custom_vjp, name=f'blocks_{j}', **kw)(x, train)
     return x
 
 
@@ -440,6 +451,7 @@ class SwinTransformer(nn.Module):
   in_channels: int = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  custom_vjp: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -452,7 +464,8 @@ class SwinTransformer(nn.Module):
       x = SwinStage(self.embed_dim * 2 ** i, heads, window, shift, tuple(rates[i]),
                     downsample=i > 0, mlp_ratio=self.mlp_ratio,
                     proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
-                    remat_policy=self.remat_policy, name=f'layers_{i}', **kw)(x, train=train)
+                    remat_policy=self.remat_policy, custom_vjp=self.custom_vjp,
+                    name=f'layers_{i}', **kw)(x, train=train)
     x = nn.LayerNorm(epsilon=self.layernorm_eps, use_fast_variance=False, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='norm')(x)
     x = jnp.mean(x, axis=(1, 2))
@@ -461,7 +474,9 @@ class SwinTransformer(nn.Module):
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=nn.initializers.zeros,
-                      dot_general=dense_matmul.dot_general_fn(self.dtype), name='head')(x)
+                      dot_general=dense_matmul.dot_general_fn(self.dtype,
+                                                              custom_vjp=self.custom_vjp),
+                      name='head')(x)
     return logits.astype(jnp.float32)  # float32 logits in mixed precision, as the ViT's
 
 
@@ -610,6 +625,7 @@ def _config(name, size, window, image_size, drop_path_rate):
   c.drop_path_rate = drop_path_rate
   c.layernorm_eps = 1e-5
   c.remat_policy = None  # measured: Swin-T trains 7% faster on CPU without remat
+  c.custom_vjp = True
   assert set(c.keys()) == set(FIELD_DOCS)
   return c
 
@@ -654,10 +670,10 @@ def from_config(config) -> SwinTransformer:
   work (including an `image_size` that does not fit the windows).
   """
   keys = set(config.keys())
-  if keys != set(FIELD_DOCS):
+  if keys - set(FIELD_DOCS) or set(FIELD_DOCS) - set(_OPTIONAL_FIELDS) - keys:
     raise ValueError(f'swin config fields: unknown {sorted(keys - set(FIELD_DOCS))}, '
-                     f'missing {sorted(set(FIELD_DOCS) - keys)}; valid fields: '
-                     f'{sorted(FIELD_DOCS)}')
+                     f'missing {sorted(set(FIELD_DOCS) - set(_OPTIONAL_FIELDS) - keys)}; '
+                     f'valid fields: {sorted(FIELD_DOCS)}')
   if config.family != FAMILY:
     raise ValueError(f'family={config.family!r}: this builder takes {FAMILY!r}')
   for field in ('patch_size', 'embed_dim', 'in_channels'):
@@ -712,4 +728,5 @@ def from_config(config) -> SwinTransformer:
       attn_drop_rate=float(config.attn_drop_rate),
       drop_path_rate=float(config.drop_path_rate),
       layernorm_eps=float(config.layernorm_eps), remat_policy=config.remat_policy,
-      in_channels=config.in_channels, **dtypes)
+      in_channels=config.in_channels,
+      custom_vjp=bool(config.get('custom_vjp', _OPTIONAL_FIELDS['custom_vjp'])), **dtypes)
