@@ -226,13 +226,8 @@ def _timm_input_name(config) -> str:
 def _float32_tree(params):
   """Leaves as numpy; non-numpy floats (bfloat16) as float32, which torch can hold."""
   import jax  # pylint: disable=g-import-not-at-top
-  def cast(x):
-    x = np.asarray(x)
-    if x.dtype.kind == 'V' or (x.dtype.kind == 'f' and x.dtype not in (
-        np.float16, np.float32, np.float64)):
-      return x.astype(np.float32)
-    return x
-  return jax.tree.map(cast, params)
+  from vit_jax.checkpoints import tree  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(tree.widened, params)
 
 
 # The original release's hybrid stem: w / (std + 1e-5), GroupNorm eps 1e-6.
@@ -328,8 +323,9 @@ def _write_timm(ckpt, output, notes):
                          else (timm_format.timm_name(ckpt.config), None))
   except ValueError:
     name = None
-  if metadata is None and _preprocessing_note(ckpt, output):
-    notes.append(_preprocessing_note(ckpt, output))
+  pp_note = _preprocessing_note(ckpt, output) if metadata is None else None
+  if pp_note:
+    notes.append(pp_note)
   lost = (pretrained.unrecorded_fields(ckpt.config, sd)
           if metadata is None and _family(ckpt) == 'vit' else [])
   if lost:

@@ -28,14 +28,16 @@ def flatten_for_export(params) -> dict[str, np.ndarray]:
   """flatten() of a ViT's params as other frameworks' files hold them: the encoder blocks
   unrolled (scan_layers=True stacks them), floats numpy lacks (bfloat16) as float32."""
   from vit_jax.models import scan_layout  # pylint: disable=g-import-not-at-top
-  out = {}
-  for k, v in flatten(scan_layout.unstack_layers(params)).items():
-    v = np.asarray(v)
-    if v.dtype.kind == 'V' or (v.dtype.kind == 'f' and v.dtype not in (
-        np.float16, np.float32, np.float64)):
-      v = v.astype(np.float32)
-    out[k] = v
-  return out
+  return {k: widened(v) for k, v in flatten(scan_layout.unstack_layers(params)).items()}
+
+
+def widened(x) -> np.ndarray:
+  """x as numpy; floats numpy and torch lack (bfloat16) as float32."""
+  x = np.asarray(x)
+  if x.dtype.kind == 'V' or (x.dtype.kind == 'f' and x.dtype not in (
+      np.float16, np.float32, np.float64)):
+    return x.astype(np.float32)
+  return x
 
 
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
