@@ -11,8 +11,13 @@ array is sharded over `fsdp` along its largest dimension that the fsdp size divi
 also split Megatron-style along their hidden/head dimension. Stacked blocks
 (scan_layers=True) follow the same rules one dimension further in; their layer axis is
 never split.
+
+Device placement (`device_grid`): topology-aware where jax knows the interconnect (TPU
+torus, multi-slice TPU with the data axis over slices, GPU numbering); the model axis
+always inside one process, since each process feeds its own examples.
 """
 
+import collections
 import re
 from typing import Any
 
@@ -69,10 +74,77 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def _batch_shards_within_processes(grid: np.ndarray) -> bool:
+  """Whether every batch shard's devices (one row of the model axis) are one process's.
+
+  Each process feeds its own examples to the batch shards of its devices
+  (`jax.make_array_from_process_local_data`), so a shard whose model-axis replicas lived
+  on two processes would get different examples in its "replicas".
+  """
+  rows = grid.reshape(-1, grid.shape[-1])
+  return all(len({d.process_index for d in row}) == 1 for row in rows)
+
+
+def _by_process(devices, shape) -> np.ndarray:
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  return np.asarray(ordered, dtype=object).reshape(shape)
+
+
+def device_grid(shape: tuple[int, int, int], devices) -> np.ndarray:
+  """The devices as a (data, fsdp, model) array, laid out for the interconnect.
+
+  Where jax knows the topology (TPU slices: a torus; GPUs: XLA's global numbering), the
+  grid comes from `jax.experimental.mesh_utils`, which puts the innermost axes (model,
+  then fsdp) on physical neighbours; elsewhere (CPU) it is the devices' order. Several
+  TPU slices (multi-slice, joined by the data-center network) split the data axis over
+  the slices, so that only the data-parallel all-reduce crosses the slow network.
+
+  With several processes, the model axis must stay inside one process (each process
+  reads its own examples); a topology-aware grid that would spread a batch shard over
+  two hosts is replaced by the devices in process order.
+  """
+  from jax.experimental import mesh_utils
+  devices = list(devices)
+  slices = sorted({getattr(d, 'slice_index', 0) or 0 for d in devices})
+  grid = None
+  if len(slices) > 1:
+    n = len(slices)
+    if shape[0] % n:
+      raise MeshError(
+          f'config.mesh data={shape[0]} (fsdp={shape[1]}, model={shape[2]}) on {n} TPU '
+          f'slices: the data axis is split over the slices (only the data-parallel '
+          f'all-reduce crosses the network between them), so data must be a multiple of '
+          f'{n}; e.g. --config.mesh.data={n * max(1, shape[0] // n)} with fsdp x model = '
+          f'{len(devices) // (n * max(1, shape[0] // n))}')
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // n, shape[1], shape[2]), (n, 1, 1), devices,
+        allow_split_physical_axes=True)
+  else:
+    for split in (False, True):
+      try:
+        grid = mesh_utils.create_device_mesh(shape, devices,
+                                             allow_split_physical_axes=split)
+        break
+      except (ValueError, NotImplementedError, AssertionError):
+        continue
+    if grid is None:  # a topology jax cannot map this shape onto: the devices' order
+      grid = np.asarray(devices, dtype=object).reshape(shape)
+  if len({d.process_index for d in devices}) > 1 and not _batch_shards_within_processes(grid):
+    grid = _by_process(devices, shape)
+    if not _batch_shards_within_processes(grid):
+      local = collections.Counter(d.process_index for d in devices)
+      raise MeshError(
+          f'config.mesh model={shape[2]} does not fit inside one process (devices per '
+          f'process: {sorted(set(local.values()))}): every process reads its own examples, '
+          f'so the model axis must divide each process\'s device count')
+  return grid
+
+
 def create_mesh(mesh_config, devices=None) -> Mesh:
+  """The (data, fsdp, model) mesh of `config.mesh` over `devices` (default: all)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  return Mesh(device_grid(shape, devices), AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
