@@ -342,3 +342,34 @@ def test_a_large_folder_keys_its_check_by_names_only(tmp_path, monkeypatch):
   assert sources._files_key(paths) == large  # pylint: disable=protected-access
   monkeypatch.setattr(sources, 'STAT_KEY_MAX_FILES', 100)
   assert sources._files_key(paths) != small  # pylint: disable=protected-access
+
+
+def test_hidden_folders_are_not_classes_and_sub_folders_are_read(tmp_path):
+  """`.ipynb_checkpoints` (Jupyter) used to be class 0, shifting every label by one, and
+  images in a class's sub-folders were dropped without a word (torchvision reads them)."""
+  split = tmp_path / 'data' / 'train'
+  def image(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+  image(split / 'cat' / 'a.png', 10)
+  image(split / 'cat' / 'indoor' / 'b.png', 11)
+  image(split / 'cat' / 'indoor' / 'deep' / 'c.png', 12)
+  image(split / 'cat' / '.thumbnails' / 'x.png', 99)  # hidden: not read
+  image(split / 'dog' / 'a.png', 20)
+  image(split / '.ipynb_checkpoints' / 'z.png', 98)
+  image(split / '__MACOSX' / 'cat' / 'y.png', 97)
+  (split / '.cache').mkdir()
+  src = sources.ImageFolderSource(str(tmp_path / 'data'), 'train', cache_dir=str(tmp_path))
+  assert src.class_names == ['cat', 'dog']
+  rel = [str(pathlib.Path(p).relative_to(split)) for p in src.paths]
+  assert rel == ['cat/a.png', 'cat/indoor/b.png', 'cat/indoor/deep/c.png', 'dog/a.png']
+  assert src.labels.tolist() == [0, 0, 0, 1]
+  ds = src.epoch_dataset(epoch=0, seed=0, shuffle=False)
+  values = sorted((int(_decode(ex)[0, 0, 0]), int(ex['label'])) for ex in ds)
+  assert values == [(10, 0), (11, 0), (12, 0), (20, 1)]
+  # The evaluation split ignores the same folders instead of calling them unknown classes.
+  image(tmp_path / 'data' / 'test' / 'dog' / 'a.png', 30)
+  image(tmp_path / 'data' / 'test' / '.ipynb_checkpoints' / 'a.png', 31)
+  test = sources.ImageFolderSource(str(tmp_path / 'data'), 'test', class_names=src.class_names,
+                                   cache_dir=str(tmp_path))
+  assert test.labels.tolist() == [1]

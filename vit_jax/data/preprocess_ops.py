@@ -389,9 +389,19 @@ def _crop(image: tf.Tensor, window_fn) -> tf.Tensor:
 
 
 def _resize(image: tf.Tensor, hw, method: str, antialias: bool) -> tf.Tensor:
-  """Resizes to hw = (h, w) (ints or int32 tensors); float32 out, no clipping."""
-  out = tf.image.resize(image, hw, method=method, antialias=antialias)
-  return tf.cast(out, tf.float32)
+  """Resizes to hw = (h, w) (ints or int32 tensors); float32 out, no clipping.
+
+  A bilinear enlargement takes the plain kernel even with `antialias`: the antialiased
+  one gives the same pixels (to 3e-5 on 0..255) at 2.5x the cost (CIFAR's 32 px to 224:
+  3.0 ms against 1.2 ms an image). Other methods are resized as asked.
+  """
+  def resized(aa):
+    return tf.cast(tf.image.resize(image, hw, method=method, antialias=aa), tf.float32)
+  if not (antialias and method == 'bilinear'):
+    return resized(antialias)
+  target = tf.cast(tf.stack(hw) if isinstance(hw, (tuple, list)) else hw, tf.int32)
+  shrinks = tf.reduce_any(target < tf.shape(image)[:2])
+  return tf.cond(shrinks, lambda: resized(True), lambda: resized(False))
 
 
 # ----------------------------------------------------------------------------------------

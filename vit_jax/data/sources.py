@@ -228,9 +228,39 @@ def _gather_indices(indices: list[int]) -> list[tuple[int, int]]:
   return [(int(i), who) for who, row in enumerate(every) for i in row if i >= 0]
 
 
+# Folders that file managers, notebooks and archive tools create: never classes, never read.
+_SYSTEM_FOLDERS = ('__MACOSX', '@eaDir', 'lost+found')
+
+
+def _is_system_folder(name: str) -> bool:
+  return name.startswith('.') or name in _SYSTEM_FOLDERS
+
+
+def _class_files(cls_dir: str, ignored: dict[str, int]) -> list[str]:
+  """The image files under one class folder, its sub-folders included, in sorted order.
+
+  Files of other extensions are counted in `ignored` by extension. Only entries without
+  an image extension are asked whether they are folders (one stat each on GCS)."""
+  found = []
+  for f in sorted(tf.io.gfile.listdir(cls_dir)):
+    path = os.path.join(cls_dir, f.rstrip('/'))
+    if f.lower().endswith(IMAGE_EXTENSIONS):
+      found.append(path)
+    elif f.endswith('/') or tf.io.gfile.isdir(path):
+      if not _is_system_folder(f.rstrip('/')):
+        found.extend(_class_files(path, ignored))
+    else:
+      ext = os.path.splitext(f)[1].lower() or f
+      ignored[ext] = ignored.get(ext, 0) + 1
+  return found
+
+
 @dataclasses.dataclass
 class ImageFolderSource(Source):
   """Images under `<root>/<split>/<class>/<image>`; labels are the sorted class folders.
+
+  Images in sub-folders of a class folder belong to that class. Hidden folders (`.name`)
+  and system ones (`__MACOSX`, `@eaDir`, `lost+found`) are neither classes nor read.
 
   Every file is checked once with the decoders training uses (JPEGs at 1/8 scale, which
   still reads all the data): undecodable or truncated files are skipped, counted and
@@ -258,8 +288,12 @@ class ImageFolderSource(Source):
       raise DataError(f'image folder split {split_dir!r} does not exist; expected '
                       f'<root>/<split>/<class>/<image>. Splits under {self.root!r}: '
                       f'{available or none}')
-    found = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
-                   if tf.io.gfile.isdir(os.path.join(split_dir, d)))
+    folders = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
+                     if tf.io.gfile.isdir(os.path.join(split_dir, d)))
+    found = [d for d in folders if not _is_system_folder(d)]
+    if len(found) < len(folders):
+      logging.info('Not classes: the hidden or system folder(s) %s of %s.',
+                   ', '.join(sorted(set(folders) - set(found))), split_dir)
     defines_classes = self.class_names is None  # the training split names the classes
     if defines_classes:
       self.class_names = found
@@ -274,13 +308,9 @@ class ImageFolderSource(Source):
       cls_dir = os.path.join(split_dir, cls)
       if not tf.io.gfile.isdir(cls_dir):
         continue
-      for f in sorted(tf.io.gfile.listdir(cls_dir)):
-        if f.lower().endswith(IMAGE_EXTENSIONS):
-          paths.append(os.path.join(cls_dir, f))
-          labels.append(label)
-        elif not (f.endswith('/') or tf.io.gfile.isdir(os.path.join(cls_dir, f))):
-          ext = os.path.splitext(f)[1].lower() or f
-          ignored[ext] = ignored.get(ext, 0) + 1
+      for path in _class_files(cls_dir, ignored):
+        paths.append(path)
+        labels.append(label)
     if ignored:
       logging.warning('Ignoring %d file(s) under %s that are not %s images: %s',
                       sum(ignored.values()), split_dir, '/'.join(IMAGE_EXTENSIONS),
