@@ -18,8 +18,10 @@ the first):
   launch/multinode.sh --hosts=gpu1,gpu2 [--port=PORT] [--log_dir=DIR] --config=... --workdir=...
   Every host needs the code at --remote_dir (default: the path of this script's
   checkout) and the same Python environment. If one process fails, the others are
-  stopped. SIGTERM or Ctrl-C to this script reaches every process (over ssh): each saves
-  a checkpoint after its current step and exits; a second signal stops them at once.
+  stopped (a process preempted on its host, status 143, makes the others save and stop).
+  SIGTERM or Ctrl-C to this script reaches every process (over ssh): each saves a
+  checkpoint after its current step and exits, and the script waits until none runs;
+  a second signal stops them at once.
 
 Options (each also read from the environment variable in capitals):
   --coordinator=HOST:PORT  address of process 0 (COORDINATOR)
@@ -37,7 +39,10 @@ Options (each also read from the environment variable in capitals):
   --python=PATH            Python with vit_jax installed (PYTHON, default python3)
   SSH                      ssh command (default: ssh -o BatchMode=yes)
   REMOTE_TMP               where each host keeps its process's PID file (default /tmp)
-  REMOTE_ENV               VAR=value pairs set for every process, e.g. 'NCCL_DEBUG=WARN'
+  REMOTE_ENV               VAR=value pairs set for every process, quoted as in a shell:
+                           'NCCL_DEBUG=WARN XLA_FLAGS="--xla_a=1 --xla_b=2"'
+  STOP_TIMEOUT             after a stop signal, how long to wait for the processes to
+                           save before killing them (seconds, default 900)
   -h, --help               this text
 Every other argument is passed to vit_jax.main. The workdir must be reachable by all
 processes with the same path (shared file system or gs://).
@@ -56,6 +61,7 @@ LOG_DIR=${LOG_DIR:-}
 PYTHON=${PYTHON:-python3}
 SSH=${SSH:-ssh -o BatchMode=yes}
 REMOTE_ENV=${REMOTE_ENV:-}
+STOP_TIMEOUT=${STOP_TIMEOUT:-900}
 main_args=()
 while (($#)); do
   case $1 in
@@ -86,8 +92,16 @@ if [[ -z $HOSTS ]]; then
     die "--process_id=$PROCESS_ID must be in 0..$((NUM_PROCESSES - 1))"
   fi
   if [[ -n $REMOTE_ENV ]]; then
-    read -r -a env_pairs <<<"$REMOTE_ENV"
-    export "${env_pairs[@]}"
+    # Split as a shell would (quotes kept together: XLA_FLAGS="--a=1 --b=2"), by xargs:
+    # nothing in the string is run.
+    env_pairs=()
+    while IFS= read -r pair; do env_pairs+=("$pair"); done \
+      < <(printf '%s' "$REMOTE_ENV" | xargs -n1 printf '%s\n')
+    for pair in ${env_pairs[@]+"${env_pairs[@]}"}; do
+      [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+        die "REMOTE_ENV: '$pair' is not NAME=value (quote values with spaces: XLA_FLAGS=\"--a=1 --b=2\")"
+      export "${pair?}"
+    done
   fi
   [[ -z $LOCAL_DEVICES ]] || export JAX_LOCAL_DEVICE_IDS=$LOCAL_DEVICES
   exec "$PYTHON" -m vit_jax.main --coordinator_address="$COORDINATOR" \
@@ -107,11 +121,15 @@ pid_file_of() { printf '%s/vit_jax_multinode.%s.%s.pid' "${REMOTE_TMP:-/tmp}" "$
 run_id="$(date +%s).$$"
 pids=()
 for i in "${!hosts[@]}"; do
-  remote=$(printf 'echo $$ > %q && cd %q && PYTHON=%q REMOTE_ENV=%q exec launch/multinode.sh' \
+  # The inner shell writes its PID (which exec makes vit_jax.main's) and the outer one
+  # removes the file when the process ends.
+  inner=$(printf 'echo $$ > %q && cd %q && PYTHON=%q REMOTE_ENV=%q exec launch/multinode.sh' \
     "$(pid_file_of "$i")" "$REMOTE_DIR" "$PYTHON" "$REMOTE_ENV")
-  remote+=$(printf ' %q' --coordinator="$coordinator" --num_processes="$n" \
+  inner+=$(printf ' %q' --coordinator="$coordinator" --num_processes="$n" \
     --process_id="$i" ${LOCAL_DEVICES:+--local_devices="$LOCAL_DEVICES"} \
     -- ${main_args[@]+"${main_args[@]}"})
+  # shellcheck disable=SC2016  # $? and $rc expand on the remote host
+  remote=$(printf 'bash -c %q; rc=$?; rm -f %q; exit $rc' "$inner" "$(pid_file_of "$i")")
   echo "launch/multinode.sh: process $i of $n on ${hosts[i]} (coordinator $coordinator)" >&2
   if [[ -n $LOG_DIR ]]; then
     # Appended: a restarted run (until_done.sh) keeps the log of the attempt that failed.
@@ -134,6 +152,18 @@ signal_all() {
     # shellcheck disable=SC2016  # $pid expands on the remote host
     "${ssh_cmd[@]}" "${hosts[i]}" "$(printf 'pid=$(cat %q 2>/dev/null) && ps -ww -o args= -p "$pid" | grep -q vit_jax.main && kill -%s "$pid"' \
       "$file" "$1")" </dev/null >/dev/null 2>&1 || true
+  done
+}
+# The hosts whose process is still running (by PID file, as signal_all).
+remote_running() {
+  local i file
+  for i in "${!hosts[@]}"; do
+    file=$(pid_file_of "$i")
+    # shellcheck disable=SC2016  # $pid expands on the remote host
+    if "${ssh_cmd[@]}" "${hosts[i]}" "$(printf 'pid=$(cat %q 2>/dev/null) && ps -ww -o args= -p "$pid" | grep -q vit_jax.main' \
+      "$file")" </dev/null >/dev/null 2>&1; then
+      echo "${hosts[i]}"
+    fi
   done
 }
 stop_all() {  # after a failure: the others cannot finish a collective without it
@@ -171,13 +201,44 @@ while ((${#running[@]})); do
     wait "$pid" || rc=$?
     if ((rc != 0 && status == 0)); then
       status=$rc
-      if ((!stopping)); then
+      if ((stopping)); then
+        :
+      elif ((rc == 143 || rc == 130)); then
+        # Preempted or interrupted on its host: it saved; the others save the same step
+        # and stop (vit_jax.main agrees on the step), so they are told, not killed.
+        echo "launch/multinode.sh: a process stopped with status $rc (it saved a" \
+          'checkpoint); the others save and stop too' >&2
+        stopping=1
+        signal_all TERM
+      else
         echo "launch/multinode.sh: a process exited with status $rc; stopping the others" >&2
         stop_all
       fi
     fi
   done
   running=(${still[@]+"${still[@]}"})
-  if ((${#running[@]})); then sleep 1; fi
+  # A signal to the whole process group (Ctrl-C) ends this sleep too: not an error here.
+  if ((${#running[@]})); then sleep 1 || true; fi
 done
+# The ssh clients may have ended before the remote processes did (a signal to the whole
+# process group reaches them too, and ending a client does not end its remote command):
+# after a stop, wait until no remote process runs, so that the checkpoint is complete
+# and a next attempt (until_done.sh) does not meet the old processes.
+if ((stopping)); then
+  since=$SECONDS
+  told=-30
+  while left=$(remote_running | tr '\n' ' ') && [[ -n $left ]]; do
+    if ((SECONDS - since >= STOP_TIMEOUT)); then
+      echo "launch/multinode.sh: still running after ${STOP_TIMEOUT} s on: $left" \
+        '- stopping them now' >&2
+      signal_all KILL
+      break
+    fi
+    if ((SECONDS - told >= 30)); then
+      echo "launch/multinode.sh: waiting for the processes on $left to finish saving" >&2
+      told=$SECONDS
+    fi
+    sleep 1 || true
+  done
+fi
 exit "$status"

@@ -36,7 +36,11 @@ if not, or if the status check fails later (exit status other than 0 done, 1 not
 done), it stops at once instead of starting the job again. With --done_cmd, any exit
 status other than 0 means "not done".
 Exit status: 0 when the run is done, 1 when it is not after --max_attempts attempts,
-2 on errors (bad options, a status check that cannot run or cannot read the workdir).
+2 on errors (bad options, a status check that cannot run or cannot read the workdir),
+3 when COMMAND exits with status 3 (vit_jax.main's status for an error that a restart
+would meet again: a config, data, mesh or checkpoint error; no attempt follows), 130 or
+143 after Ctrl-C or SIGTERM to this script (passed on to COMMAND as SIGTERM: it saves
+and stops, and no attempt follows).
 EOF
 }
 
@@ -118,6 +122,39 @@ is_done() {
   esac
 }
 
+# SIGTERM or Ctrl-C here: the job is told (SIGTERM: vit_jax saves and stops), this script
+# waits for it and starts no further attempt. (The job runs in the background so that
+# the signal reaches this script at once; a second one is passed on as well.)
+stop_signal=''
+child=''
+on_stop() {
+  stop_signal=$1
+  log "signal $1: no further attempt; the job saves and stops"
+  [[ -z $child ]] || kill -TERM "$child" 2>/dev/null || true
+}
+trap 'on_stop INT' INT
+trap 'on_stop TERM' TERM
+stopped() {
+  [[ -n $stop_signal ]] || return 0
+  log "stopped by $stop_signal after attempt $attempt; start the same command again to continue"
+  [[ $stop_signal == INT ]] && exit 130
+  exit 143
+}
+run_job() {
+  "$@" &
+  child=$!
+  local rc
+  while :; do
+    rc=0
+    wait "$child" || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # else a signal ended the wait, not the job
+  done
+  rc=0
+  wait "$child" || rc=$?  # the job's own status (bash keeps it)
+  child=''
+  return "$rc"
+}
+
 [[ -n $DONE_CMD ]] || check_status_python
 if is_done 'nothing started'; then
   log 'the run is already done; nothing to start'
@@ -129,12 +166,18 @@ while :; do
   attempt=$((attempt + 1))
   log "attempt $attempt of $MAX_ATTEMPTS: $*"
   rc=0
-  "$@" || rc=$?
+  run_job "$@" || rc=$?
   if is_done "not restarting after attempt $attempt (status $rc)"; then
     log "the run is done (attempt $attempt)"
     exit 0
   fi
   log "attempt $attempt ended with status $rc before the final step"
+  stopped
+  if [[ $rc == 3 ]]; then
+    log 'not restarting: status 3 is vit_jax.main'"'"'s for an error that a restart would' \
+      'meet again (a config, data, mesh or checkpoint error; its message is above)'
+    exit 3
+  fi
   if [[ -n $STOP_ON && $rc == "$STOP_ON" ]]; then
     log "not restarting: status $rc is --stop_on's (the job was told to stop)"
     exit "$rc"
@@ -144,6 +187,7 @@ while :; do
     exit 1
   fi
   log "restarting in $delay s"
-  sleep "$delay"
+  sleep "$delay" || true
+  stopped
   delay=$((delay * 2 > MAX_BACKOFF ? MAX_BACKOFF : delay * 2))
 done

@@ -68,7 +68,7 @@ def test_bad_override_fails_with_message(tmp_path):
 
 def test_a_bad_model_value_is_one_message_without_traceback(tmp_path):
   proc = _run(['--config=configs/vit_b16.py', '--config.model.classifier=avg'], tmp_path)
-  assert proc.returncode == 1
+  assert proc.returncode == 3  # main.EXIT_USER_ERROR: a restart would fail again
   assert "error (ConfigError): config.model: classifier='avg' is not one of" in proc.stderr
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
 
@@ -96,7 +96,7 @@ def test_fields_of_more_than_one_type_take_every_type_on_the_command_line(tmp_pa
   assert written['model']['representation_size'] == 768 and written['total_steps'] is None
   proc = _run(['--config=configs/vit_b16.py', '--config.model.representation_size=wide'],
               tmp_path)
-  assert proc.returncode == 1
+  assert proc.returncode == 3  # main.EXIT_USER_ERROR: a restart would fail again
   assert "representation_size='wide' must be a positive int" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -118,7 +118,7 @@ def test_swin_takes_one_window_per_stage_on_the_command_line(tmp_path):
 def test_a_misspelled_override_is_one_line_naming_the_flag_and_the_field(tmp_path):
   proc = _run(['--config=configs/demo.py', '--config.batch_size=32',
                '--config.model.hiden_size=3'], tmp_path)
-  assert proc.returncode == 1
+  assert proc.returncode == 3  # main.EXIT_USER_ERROR: a restart would fail again
   assert ('FATAL Flags parsing error: --config.model.hiden_size names no config field: '
           "'hiden_size'\nDid you mean \"hidden_size\"") in proc.stderr, proc.stderr
   assert 'Traceback' not in proc.stderr and "\\'" not in proc.stderr
@@ -132,7 +132,7 @@ def test_a_misspelled_override_is_one_line_naming_the_flag_and_the_field(tmp_pat
 ])
 def test_config_file_mistakes_are_one_line(tmp_path, args, message):
   proc = _run(args, tmp_path)
-  assert proc.returncode == 1
+  assert proc.returncode == 3  # main.EXIT_USER_ERROR: a restart would fail again
   assert message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
 
 

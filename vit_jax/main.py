@@ -37,6 +37,12 @@ from vit_jax import models
 from vit_jax import tensorflow_startup
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process the signal stopped
+# A bad flag, config, dataset, mesh or checkpoint: an error that a restart would meet
+# again, so launch/until_done.sh does not restart the job (status 1, a crash, it does).
+EXIT_USER_ERROR = 3
+# The user errors that a later attempt may not meet: another run holding the workdir
+# (an attempt still saving), a save that failed (a full disk, a network file system).
+_TRANSIENT_USER_ERRORS = ('WorkdirBusyError', 'CheckpointSaveError')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -229,8 +235,9 @@ def _main_then_exit(argv):
   By then every checkpoint, metric and event file is written and closed. Skipping the
   interpreter's teardown avoids a rare abort (SIGABRT) seen there when TensorFlow's and
   XLA's C++ threads are destroyed under load, which would report a finished run as
-  failed. A user error (`_user_errors`) prints its message and exits with status 1; any
-  other error prints its traceback and exits with status 1 too, at once: the interpreter's
+  failed. A user error (`_user_errors`) prints its message and exits with status 3
+  (EXIT_USER_ERROR; 1 for the transient ones: a busy workdir, a failed save); any
+  other error prints its traceback and exits with status 1, at once: the interpreter's
   normal exit would wait for Orbax's worker threads, which can wait forever after a failed
   save, and a restart loop (until_done.sh) would never see the run end.
   """
@@ -242,7 +249,7 @@ def _main_then_exit(argv):
     # A config, dataset, checkpoint or workdir that cannot work: the message names the
     # value and the fix, and a traceback through absl and the loop adds nothing to it.
     sys.stderr.write(f'\nerror ({type(e).__name__}): {e}\n')
-    status = 1
+    status = 1 if type(e).__name__ in _TRANSIENT_USER_ERRORS else EXIT_USER_ERROR
   except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
     sys.stderr.write('\ninterrupted: stopped without saving (the newest complete '
                      'checkpoint is where the same command resumes)\n')
@@ -295,9 +302,13 @@ def _parse_flags(argv):
   problem = _config_file_problem(argv)
   if problem:
     sys.stderr.write(f'FATAL Flags parsing error: {problem}\n')
-    sys.exit(1)
+    sys.exit(EXIT_USER_ERROR)
   try:
     return app.parse_flags_with_usage(argv)
+  except SystemExit as e:  # absl printed the bad flag and exits 1
+    if e.code == 1:
+      sys.exit(EXIT_USER_ERROR)
+    raise
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
@@ -310,7 +321,7 @@ def _parse_flags(argv):
     sys.stderr.write(f'FATAL Flags parsing error: {named[0]} names no config field: '
                      f'{text}\nThe fields of a training config and their meaning: '
                      'vit_jax/train/defaults.py (config.model: vit_jax.models.field_docs()).\n')
-    sys.exit(1)
+    sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == '__main__':

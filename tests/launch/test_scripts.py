@@ -424,8 +424,13 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
   assert sorted(c.split()[0] for c in calls) == ['gpu-a', 'gpu-b']
   for c in calls:
     i = ['gpu-a', 'gpu-b'].index(c.split()[0])
-    assert '--coordinator=gpu-a:7777' in c and f'--process_id={i}' in c
-    assert '--num_processes=2' in c and f'cd {ROOT}' in c
+    # `bash -c INNER; rc=$?; rm -f PID_FILE; exit $rc`: the PID file goes with the process
+    host, remote = c.split(' ', 1)
+    words = shlex.split(remote.split('; rc=$?; rm -f ')[0])
+    assert words[:2] == ['bash', '-c'] and remote.endswith('; exit $rc'), remote
+    inner = words[2]
+    assert '--coordinator=gpu-a:7777' in inner and f'--process_id={i}' in inner
+    assert '--num_processes=2' in inner and f'cd {ROOT}' in inner
   argvs = [json.loads(p.read_text()) for p in tmp_path.glob('argv_*')]
   assert sorted(a[4] for a in argvs) == ['--process_id=0', '--process_id=1']
 
@@ -775,3 +780,88 @@ def test_experiment_scripts_find_the_readme_venv(tmp_path):
   for script in ('benchmarks_cpu.sh', 'benchmarks_families.sh', 'bf16_vs_fp32_mnist.sh',
                  'cifar10_finetune.sh'):
     assert 'experiments/python.sh' in (ROOT / 'experiments' / script).read_text(), script
+
+
+def test_multinode_waits_for_the_remote_saves_when_the_whole_group_is_signalled(
+    stubs, tmp_path):
+  """SIGTERM to the launcher's whole process group (a scheduler, a terminal's Ctrl-C on a
+  shell that forwards it) also ended the sleep of its polling loop and the ssh clients:
+  the script exited at once while the remote processes were still saving, and the next
+  attempt of until_done.sh met them. It now waits until no remote process runs. The
+  stub ssh runs the command in a session of its own, as a remote host would."""
+  env, _ = stubs
+  ssh = tmp_path / 'ssh'
+  ssh.write_text('#!/usr/bin/env bash\n'
+                 'setsid bash -c "$2" &\n'
+                 'wait $!\n')
+  ssh.chmod(0o755)
+  fake = _recording_python(
+      tmp_path, 'import signal\n'
+      'pid = sys.argv[5]\n'
+      'def on_term(*_):\n'
+      '  time.sleep(3)  # the checkpoint being written\n'
+      '  open(f"{d}/saved_{pid}", "w").write("")\n'
+      '  sys.exit(143)\n'
+      'signal.signal(signal.SIGTERM, on_term)\n'
+      'open(f"{d}/ready_{pid}", "w").write("")\n'
+      'time.sleep(60)\n')
+  proc = subprocess.Popen(
+      ['bash', LAUNCH / 'multinode.sh', '--hosts=gpu-a,gpu-b', f'--python={fake}',
+       '--config=c.py', '--workdir=/w'], cwd=ROOT, env=dict(env, SSH=str(ssh)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.glob('ready_*'))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  os.killpg(proc.pid, 15)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143, err
+  # When the launcher returns, both saves are complete and no PID file is left behind.
+  assert sorted(p.name for p in tmp_path.glob('saved_*')) == [
+      'saved_--process_id=0', 'saved_--process_id=1'], err
+  assert not list(pathlib.Path('/tmp').glob(f'vit_jax_multinode.*.{proc.pid}.*.pid'))
+
+
+def test_multinode_remote_env_keeps_quoted_values_together(stubs, tmp_path):
+  env, _ = stubs
+  fake = _recording_python(
+      tmp_path, 'open(f"{d}/env", "w").write(json.dumps('
+      '[os.environ.get("XLA_FLAGS"), os.environ.get("NCCL_DEBUG")]))\n')
+  args = [LAUNCH / 'multinode.sh', '--coordinator=n0:1', '--num_processes=1',
+          '--process_id=0', f'--python={fake}', '--config=c.py', '--workdir=/w']
+  proc = _sh(args, dict(env, REMOTE_ENV='NCCL_DEBUG=WARN XLA_FLAGS="--xla_a=1 --xla_b=\'x y\'"'))
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads((tmp_path / 'env').read_text()) == ["--xla_a=1 --xla_b='x y'", 'WARN']
+  proc = _sh(args, dict(env, REMOTE_ENV='NCCL_DEBUG=WARN --oops'))
+  assert proc.returncode == 2 and "REMOTE_ENV: '--oops' is not NAME=value" in proc.stderr
+
+
+def test_until_done_does_not_restart_an_error_a_restart_would_meet_again(stubs, tmp_path):
+  """vit_jax.main exits 3 for a bad config, dataset, mesh or checkpoint: it used to be
+  restarted --max_attempts times (hours of backoff on a billed TPU)."""
+  env, _ = stubs
+  proc = _until_done(tmp_path, env, '--backoff=0', '--', _job(tmp_path, 5, status=3))
+  assert proc.returncode == 3 and _count(tmp_path) == 1, proc.stderr
+  assert 'not restarting: status 3' in proc.stderr
+
+
+def test_until_done_passes_a_stop_signal_on_and_starts_no_further_attempt(stubs, tmp_path):
+  env, _ = stubs
+  job = tmp_path / 'job.sh'
+  job.write_text(f'''#!/usr/bin/env bash
+echo started >> {tmp_path}/starts
+trap 'sleep 1; echo saved >> {tmp_path}/saved; exit 143' TERM
+while :; do /bin/sleep 0.1; done
+''')
+  job.chmod(0o755)
+  proc = subprocess.Popen(['bash', LAUNCH / 'until_done.sh', f'--done_cmd=false',
+                           '--backoff=0', '--', job], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 30
+  while not (tmp_path / 'starts').exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(2)  # Ctrl-C to until_done.sh alone
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err
+  assert (tmp_path / 'saved').read_text() == 'saved\n'  # the job was told and waited for
+  assert (tmp_path / 'starts').read_text() == 'started\n'  # and not started again
+  assert 'signal INT: no further attempt' in err

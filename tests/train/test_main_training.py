@@ -287,14 +287,14 @@ def test_unreadable_weights_and_a_warmup_beyond_the_epochs_are_one_message(data_
   garbage = tmp_path / 'garbage.npz'
   garbage.write_bytes(b'garbage')
   proc = _run(tmp_path / 'a', data_dir, f'--config.init_from={garbage}')
-  assert proc.returncode == 1
+  assert proc.returncode == 3  # main.EXIT_USER_ERROR: a restart would fail again
   assert (f"error (ConfigError): config.init_from='{garbage}': {garbage} is not a NumPy .npz "
           'archive') in proc.stderr, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr and 'cannot schedule new futures' not in proc.stderr
   # num_epochs gives the steps only once the dataset is known: still one message.
   proc = _run(tmp_path / 'b', data_dir, '--config.total_steps=None', '--config.num_epochs=1',
               '--config.schedule.warmup_steps=1000')
-  assert proc.returncode == 1
+  assert proc.returncode == 3  # main.EXIT_USER_ERROR: a restart would fail again
   assert 'error (ScheduleError): config.schedule.warmup_steps=1000 is not below' in proc.stderr
   assert 'Traceback' not in proc.stderr
 
@@ -451,7 +451,7 @@ def test_init_from_a_trained_workdir_starts_from_its_weights(reference, data_dir
   # manager is closed on the way out (no errors from its threads after the message).
   proc = _run(tmp_path / 'wider', data_dir, f'--config.init_from={ref_dir}',
               '--config.model.hidden_size=48')
-  assert proc.returncode == 1
+  assert proc.returncode == 3  # main.EXIT_USER_ERROR: a restart would fail again
   assert 'error (CheckpointMismatchError)' in proc.stderr and 'Traceback' not in proc.stderr
   assert 'Schedule:' not in proc.stderr  # logged once the Trainer exists: it failed before
   assert 'width (hidden_size): checkpoint 32, model 48' in proc.stderr, proc.stderr[-3000:]
