@@ -3,8 +3,10 @@
 
 Prints e.g. `step 3000 of 10000 (newest complete checkpoint)` and exits 0 when the
 newest complete checkpoint is the final step, 1 when it is not (or there is none yet),
-2 on errors (the workdir cannot be read, a checkpoint's meta is missing or unreadable,
-bad arguments). The final step is the one the training loop computes:
+2 on errors (the workdir cannot be read, no checkpoint's meta can be read, bad
+arguments). A step whose meta is missing or unreadable is damaged: the training loop
+resumes from the step before it, which is then the one reported (the damaged steps are
+named on stderr). The final step is the one the training loop computes:
 config.total_steps, else ceil(num_epochs * steps_per_epoch), both from the newest
 checkpoint's `meta` (pass --total_steps when a restart raises config.total_steps). The
 training loop always saves a checkpoint at the final step, so a finished run always
@@ -74,22 +76,41 @@ def final_step(meta: dict) -> int:
   return max(int(math.ceil(config['num_epochs'] * meta['steps_per_epoch'])), 1)
 
 
+def _read_meta(meta_file, needs_final_step: bool) -> dict:
+  meta = json.loads(meta_file.read_text())
+  if needs_final_step:
+    final_step(meta)  # raises if it does not say
+  return meta
+
+
 def status(workdir: str, total_steps: int | None = None) -> dict:
-  """{'step': newest complete checkpoint step or None, 'total_steps', 'done'}."""
-  steps = complete_steps(_path(workdir) / 'checkpoints')
+  """{'step': newest complete checkpoint step or None, 'total_steps', 'done', and
+  'damaged': {step: why} for newer steps whose meta cannot be read}.
+
+  A step whose meta is missing or unreadable is damaged: the training loop resumes from
+  the newest step before it (which is then the one reported), so a damaged final step
+  reads as not done rather than as an error.
+  """
+  root = _path(workdir)
+  steps = complete_steps(root / 'checkpoints')
+  out = {'step': None, 'total_steps': total_steps, 'done': False, 'damaged': {},
+         'workdir_exists': root.exists()}
   if not steps:
-    return {'step': None, 'total_steps': total_steps, 'done': False}
-  step = steps[-1]
-  if total_steps is None:
-    meta_file = _path(workdir) / 'checkpoints' / str(step) / 'meta' / 'metadata'
+    return out
+  for step in reversed(steps):
+    meta_file = root / 'checkpoints' / str(step) / 'meta' / 'metadata'
     try:
-      meta = json.loads(meta_file.read_text())
-      total_steps = final_step(meta)
+      meta = _read_meta(meta_file, total_steps is None)
     except (OSError, ValueError, KeyError, TypeError) as e:
-      raise RuntimeError(
-          f'cannot find the final step in {meta_file} ({type(e).__name__}: {e}); pass '
-          '--total_steps=N') from e
-  return {'step': step, 'total_steps': total_steps, 'done': step >= total_steps}
+      out['damaged'][step] = f'{meta_file}: {type(e).__name__}: {e}'
+      continue
+    if total_steps is None:
+      total_steps = final_step(meta)
+    out.update(step=step, total_steps=total_steps, done=step >= total_steps)
+    return out
+  raise RuntimeError(
+      'no checkpoint has a readable meta (' + '; '.join(out['damaged'].values()) +
+      '); pass --total_steps=N if the step folders are otherwise complete')
 
 
 def check(workdir: str) -> str:
@@ -120,10 +141,14 @@ def main(argv=None) -> int:
   if args.json:
     print(json.dumps(s))
   elif s['step'] is None:
-    print(f'{args.workdir}: no complete checkpoint yet')
+    where = '' if s['workdir_exists'] else ' (the workdir does not exist)'
+    print(f'{args.workdir}: no complete checkpoint yet{where}')
   else:
     print(f'{args.workdir}: step {s["step"]} of {s["total_steps"]} (newest complete '
           f'checkpoint){": done" if s["done"] else ""}')
+  for step, why in sorted(s['damaged'].items()):
+    print(f'{PROG}: step {step} is damaged, the run resumes before it ({why})',
+          file=sys.stderr)
   return 0 if s['done'] else 1
 
 

@@ -173,6 +173,11 @@ while :; do
   fi
   log "attempt $attempt ended with status $rc before the final step"
   stopped
+  if [[ -z $DONE_CMD && $WORKDIR != *://* && ! -e $WORKDIR ]]; then
+    die "attempt $attempt ended (status $rc) and --workdir=$WORKDIR does not exist: the" \
+      "job writes elsewhere (its --workdir must be this one) or failed before it" \
+      'started (its output is above); not restarting'
+  fi
   if [[ $rc == 3 ]]; then
     log 'not restarting: status 3 is vit_jax.main'"'"'s for an error that a restart would' \
       'meet again (a config, data, mesh or checkpoint error; its message is above)'

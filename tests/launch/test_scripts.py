@@ -578,9 +578,17 @@ def test_until_done_reads_a_fresh_workdir_as_not_done(stubs, tmp_path):
   env, _ = stubs
   env = dict(env, PYTHON=sys.executable)
   proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={tmp_path}/w', '--backoff=0',
-              '--max_attempts=1', '--', 'true'], env)
+              '--max_attempts=1', '--', 'mkdir', f'{tmp_path}/w'], env)
   assert proc.returncode == 1, proc.stderr
   assert 'no complete checkpoint yet' in proc.stdout
+  # A job that never creates the workdir (another --workdir, a typo): not restarted for
+  # hours as "not done".
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={tmp_path}/typo', '--backoff=0',
+              '--max_attempts=5', '--', 'true'], env)
+  assert proc.returncode == 2, proc.stderr
+  assert (f'attempt 1 ended (status 0) and --workdir={tmp_path}/typo does not exist'
+          in proc.stderr)
+  assert '(the workdir does not exist)' in proc.stdout
 
 
 # ------------------------------------------------- run_status.py, and until_done.sh's Python
@@ -638,7 +646,8 @@ def test_run_status_reads_orbax_checkpoints_with_the_standard_library_only(
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout == f'{finished_workdir}: step 6 of 6 (newest complete checkpoint): done\n'
   proc = _status(python, finished_workdir, '--json')
-  assert json.loads(proc.stdout) == {'step': 6, 'total_steps': 6, 'done': True}
+  assert json.loads(proc.stdout) == {'step': 6, 'total_steps': 6, 'done': True,
+                                     'damaged': {}, 'workdir_exists': True}
   proc = _status(python, finished_workdir, '--total_steps=10')  # a raised total_steps
   assert proc.returncode == 1 and 'step 6 of 10 (newest complete checkpoint)\n' in proc.stdout
   # Step 6 still being written (Orbax's temporary name), next to things that are no
@@ -652,14 +661,25 @@ def test_run_status_reads_orbax_checkpoints_with_the_standard_library_only(
   assert proc.returncode == 1 and proc.stdout == f'{workdir}: step 3 of 6 (newest complete checkpoint)\n'
 
 
-def test_run_status_fails_with_status_2_on_an_unreadable_meta(finished_workdir, tmp_path):
+def test_run_status_reads_past_a_damaged_step_and_fails_when_none_is_readable(
+    finished_workdir, tmp_path):
+  """A damaged newest step (its meta unreadable) used to stop until_done.sh with status 2,
+  though the training loop resumes from the step before it: it now reads as that step."""
   workdir = _copy(finished_workdir, tmp_path)
   meta = workdir / 'checkpoints' / '6' / 'meta' / 'metadata'
   meta.write_text('{"config": {}}')  # no total_steps, no num_epochs
   proc = _status(sys.executable, workdir)
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stdout == f'{workdir}: step 3 of 6 (newest complete checkpoint)\n'
+  assert f'step 6 is damaged, the run resumes before it ({meta}: KeyError' in proc.stderr
+  meta.write_text('{"trunc')
+  assert _status(sys.executable, workdir).returncode == 1
+  old_meta = workdir / 'checkpoints' / '3' / 'meta' / 'metadata'
+  old_meta.unlink()
+  proc = _status(sys.executable, workdir)
   assert proc.returncode == 2 and not proc.stdout
-  assert f'cannot find the final step in {meta}' in proc.stderr
-  assert "KeyError: 'num_epochs'" in proc.stderr and '--total_steps=N' in proc.stderr
+  assert 'no checkpoint has a readable meta' in proc.stderr and '--total_steps=N' in proc.stderr
+  meta.write_text('{"config": {}}')
   proc = _status(sys.executable, workdir, '--total_steps=6')  # the fix it names
   assert proc.returncode == 0, proc.stderr
 
@@ -750,7 +770,7 @@ mkdir -p {workdir}/checkpoints/4/meta && echo 'not json' > {workdir}/checkpoints
               '--max_attempts=20', '--', job], dict(env, PYTHON=sys.executable))
   assert proc.returncode == 2, proc.stderr
   assert 'no complete checkpoint yet' in proc.stdout  # before the attempt: not done
-  assert f'cannot find the final step in {workdir}/checkpoints/4/meta/metadata' in proc.stderr
+  assert f'no checkpoint has a readable meta ({workdir}/checkpoints/4/meta/metadata' in proc.stderr
   assert 'cannot tell whether the run is done' in proc.stderr
   assert 'exited with status 2' in proc.stderr
   assert 'not restarting after attempt 1 (status 0)' in proc.stderr
