@@ -282,14 +282,18 @@ def _slurm_env(env, tmp_path, **extra):
 def test_sbatch_script_runs_one_process_per_gpu_through_srun(stubs, tmp_path):
   env, calls = stubs
   env = _slurm_env(env, tmp_path, SLURM_NTASKS_PER_NODE='8', PYTHON='python',
-                   EXTRA_ARGS='--config.total_steps=10 --config.log_every=5')
+                   SLURM_CPUS_PER_TASK='12',
+                   EXTRA_ARGS='--config.total_steps=10 --config.log_every=5 '
+                              '"--config.input.pp_eval=resize(224)|value_range(-1, 1)"')
   proc = _sh([LAUNCH / 'slurm.sbatch', '--config.batch_size=512'], env)
   assert proc.returncode == 0, proc.stderr
   (srun,) = calls('srun')
   assert srun['argv'] == [
-      '--kill-on-bad-exit=1', '--cpu-bind=none', 'python', '-u', '-m', 'vit_jax.main',
+      '--kill-on-bad-exit=1', '--cpu-bind=none', '--label', '--cpus-per-task=12', 'python',
+      '-u', '-m', 'vit_jax.main',
       '--distributed', '--config=configs/vit_b16.py', f'--workdir={tmp_path / "run"}',
-      '--config.total_steps=10', '--config.log_every=5', '--config.batch_size=512']
+      '--config.total_steps=10', '--config.log_every=5',
+      '--config.input.pp_eval=resize(224)|value_range(-1, 1)', '--config.batch_size=512']
   assert srun['env']['JAX_LOCAL_DEVICE_IDS'] is None  # jax gives task i GPU i itself
   text = (LAUNCH / 'slurm.sbatch').read_text()
   assert '#SBATCH --gpus-per-node=8' in text and '#SBATCH --ntasks-per-node=8' in text
