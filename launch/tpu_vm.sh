@@ -12,7 +12,8 @@ Commands:
   setup       copy this checkout (or clone --repo) to every worker and install it with
               its [tpu] extra into ~/vit_env (Python 3.11, through uv)
   train       start `python -m vit_jax.main --distributed` on every worker, detached
-              (log ~/vit_jax.log, pid ~/vit_jax.pid); refuses if a run is going
+              (pid ~/vit_jax.pid); refuses if a run is going. Every start (train, run,
+              attempt, resilient) appends the worker's output to ~/vit_jax.log there
   logs        stream the log of worker LOG_WORKER (default 0: process 0 prints progress)
   status      the TPU's state, and the run's newest checkpoint (run_status.py on worker 0)
   done        exit status 0 when the run in the workdir reached its final step
@@ -41,7 +42,10 @@ Options (or environment variables):
   --ref=REF          REPO_REF           instead of copying this checkout (default main)
   --max_attempts=N   MAX_ATTEMPTS       for resilient (default 20)
   --backoff=S        BACKOFF            for resilient (default 120 s, doubling)
-  EXTRA_ARGS         more vit_jax.main flags (as do the arguments after --)
+  EXTRA_ARGS         more vit_jax.main flags (as do the arguments after --), quoted as in
+                     a shell: EXTRA_ARGS="--config.input.pp_eval='resize(224)|...'"
+  WORKER_ENV         NAME=value pairs set for vit_jax.main on every worker, quoted as in
+                     a shell: WORKER_ENV='LIBTPU_INIT_ARGS="--xla_a=1 --xla_b=2"'
   INSTALL_CMD        replaces the install command run on every worker
   GCLOUD             gcloud executable (default gcloud)
   STOP_WAIT          seconds `stop` waits for the run to save its checkpoint and exit
@@ -69,7 +73,17 @@ STOP_WAIT=${STOP_WAIT:-600}
 LOG_WORKER=${LOG_WORKER:-0}
 GCLOUD=${GCLOUD:-gcloud}
 DRY_RUN=${DRY_RUN:-}
-read -r -a main_args <<<"${EXTRA_ARGS:-}"
+# split_words STRING: its words as a shell would split them (quoted values kept whole),
+# one per line, by xargs: nothing in STRING is run.
+split_words() { [[ -z $1 ]] || printf '%s' "$1" | xargs -n1 printf '%s\n'; }
+main_args=()
+while IFS= read -r arg; do main_args+=("$arg"); done < <(split_words "${EXTRA_ARGS:-}")
+worker_env=()
+while IFS= read -r pair; do
+  [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+    { echo "launch/tpu_vm.sh: WORKER_ENV: '$pair' is not NAME=value" >&2; exit 2; }
+  worker_env+=("$pair")
+done < <(split_words "${WORKER_ENV:-}")
 while (($#)); do
   case $1 in
     --project=*) PROJECT=${1#*=} ;;
@@ -138,6 +152,11 @@ need_run_flags() {
 }
 
 main_command() {  # the vit_jax.main command line, for the remote shell
+  if ((${#worker_env[@]})); then
+    printf 'env'
+    printf ' %q' "${worker_env[@]}"
+    printf ' '
+  fi
   printf '%s -u -m vit_jax.main --distributed' "$R_PYTHON"
   printf ' %q' --config="$CONFIG" --workdir="$WORKDIR" ${main_args[@]+"${main_args[@]}"}
 }
@@ -178,18 +197,23 @@ do_setup() {
 do_train() {
   need_run_flags
   log "starting on every worker: $(main_command)"
-  on_workers all "if [ -f $R_PID ] && kill -0 \$(cat $R_PID) 2>/dev/null; then echo 'a run is going (launch/tpu_vm.sh stop first)' >&2; exit 1; fi; cd $R_CODE && (setsid nohup $(main_command) >$R_LOG 2>&1 </dev/null & echo \$! >$R_PID)"
+  on_workers all "if [ -f $R_PID ] && kill -0 \$(cat $R_PID) 2>/dev/null; then echo 'a run is going (launch/tpu_vm.sh stop first)' >&2; exit 1; fi; cd $R_CODE && echo \"=== launch/tpu_vm.sh train: \$(date -u +%FT%TZ) ===\" >>$R_LOG && (setsid nohup $(main_command) >>$R_LOG 2>&1 </dev/null & echo \$! >$R_PID)"
 }
 
 do_run() {  # the pid file lets `stop` end a run whose ssh connection was lost
   need_run_flags
-  on_workers all "cd $R_CODE && echo \$\$ >$R_PID && exec $(main_command)"
+  # The output goes to this terminal and is appended to the worker's log (bash: the
+  # process substitution), and exec keeps the PID of the shell that wrote the pid file.
+  local inner
+  inner="cd $R_CODE && echo \"=== launch/tpu_vm.sh run: \$(date -u +%FT%TZ) ===\" >>$R_LOG && exec > >(tee -a $R_LOG) 2>&1 && echo \$\$ >$R_PID && exec $(main_command)"
+  on_workers all "bash -c $(printf '%q' "$inner")"
 }
 
 do_stop() {
   # SIGTERM: vit_jax.main saves a checkpoint after its current step and exits; wait for
   # that (a new run must not start beside it), then SIGKILL what is left.
-  on_workers all "if [ -f $R_PID ]; then p=\$(cat $R_PID); kill -- -\$p 2>/dev/null || kill \$p 2>/dev/null || true; i=0; while { kill -0 -- -\$p || kill -0 \$p; } 2>/dev/null && [ \$i -lt $STOP_WAIT ]; do sleep 1; i=\$((i + 1)); done; kill -9 -- -\$p 2>/dev/null || true; rm -f $R_PID; fi"
+  # Only a vit_jax.main process: after a restart of the VM the PID may be another's.
+  on_workers all "if [ -f $R_PID ] && ! ps -ww -o args= -p \$(cat $R_PID) 2>/dev/null | grep -q "vit_jax[.]main"; then rm -f $R_PID; fi; if [ -f $R_PID ]; then p=\$(cat $R_PID); kill -- -\$p 2>/dev/null || kill \$p 2>/dev/null || true; i=0; while { kill -0 -- -\$p || kill -0 \$p; } 2>/dev/null && [ \$i -lt $STOP_WAIT ]; do sleep 1; i=\$((i + 1)); done; kill -9 -- -\$p 2>/dev/null || true; rm -f $R_PID; fi"
 }
 
 do_done() {

@@ -217,6 +217,45 @@ def test_tpu_train_command_runs_as_given_on_a_worker_and_stop_ends_it(stubs, tmp
   assert not (home / 'vit_jax.pid').exists()
 
 
+def test_tpu_run_logs_on_the_worker_passes_worker_env_and_stop_spares_other_pids(
+    stubs, tmp_path):
+  """`run` (what `attempt` and `resilient` start) used to write no log on the workers;
+  WORKER_ENV reaches vit_jax.main with its quoted value whole; `stop` signals the PID file's
+  process only if it is vit_jax.main (after a VM restart the PID may be another's)."""
+  env, _ = stubs
+  home = tmp_path / 'worker_home'
+  (home / 'vit_jax').mkdir(parents=True)
+  (home / 'vit_env' / 'bin').mkdir(parents=True)
+  fake = home / 'vit_env' / 'bin' / 'python'
+  fake.write_text(f'#!{sys.executable}\nimport json, os, sys\n'
+                  'print("training output", flush=True)\n'
+                  f'open({str(home / "seen.json")!r}, "w").write(json.dumps('
+                  '[sys.argv[1:], os.environ.get("LIBTPU_INIT_ARGS")]))\n')
+  fake.chmod(0o755)
+  env = dict(env, HOME=str(home), STUB_EXEC='vit_jax',
+             WORKER_ENV='LIBTPU_INIT_ARGS="--xla_a=1 --xla_b=2"',
+             EXTRA_ARGS="--config.seed=3 '--config.input.pp_eval=resize(224)|value_range(-1, 1)'")
+  for _ in range(2):
+    proc = _sh([LAUNCH / 'tpu_vm.sh', 'run', *TPU], env)
+    assert proc.returncode == 0, proc.stderr
+  argv, libtpu = json.loads((home / 'seen.json').read_text())
+  assert libtpu == '--xla_a=1 --xla_b=2'
+  assert argv[-2:] == ['--config.seed=3', '--config.input.pp_eval=resize(224)|value_range(-1, 1)']
+  log = (home / 'vit_jax.log').read_text()
+  assert log.count('=== launch/tpu_vm.sh run: ') == 2 and log.count('training output') == 2
+  other = subprocess.Popen(['sleep', '30'])  # not vit_jax.main
+  try:
+    (home / 'vit_jax.pid').write_text(str(other.pid))
+    stop = _sh([LAUNCH / 'tpu_vm.sh', 'stop', *TPU], env)
+    assert stop.returncode == 0, stop.stderr
+    assert other.poll() is None  # spared
+    assert not (home / 'vit_jax.pid').exists()
+  finally:
+    other.kill()
+  bad = _sh([LAUNCH / 'tpu_vm.sh', 'run', *TPU], dict(env, WORKER_ENV='--oops'))
+  assert bad.returncode == 2 and "WORKER_ENV: '--oops' is not NAME=value" in bad.stderr
+
+
 def test_tpu_spot_and_runtime_version_from_type(stubs):
   env, calls = stubs
   proc = _sh([LAUNCH / 'tpu_vm.sh', 'create', '--zone=us-central1-a', '--type=v5litepod-16',
@@ -242,8 +281,10 @@ def test_tpu_attempt_recreates_a_preempted_tpu(stubs):
   stop, run = gcloud[-2:]
   assert 'kill' in _flag(stop, '--command')
   assert _flag(run, '--worker') == 'all'
+  bash, dash_c, inner = shlex.split(_flag(run, '--command'))
+  assert (bash, dash_c) == ('bash', '-c')
   assert ('-m vit_jax.main --distributed --config=configs/vit_b16.py '
-          '--workdir=gs://my-bucket/b16') in _flag(run, '--command')
+          '--workdir=gs://my-bucket/b16') in inner
   # A READY TPU that is set up: no create, no copy; straight to the run.
   log = pathlib.Path(env['STUB_LOG'])
   log.unlink()
