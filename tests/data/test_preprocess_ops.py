@@ -537,3 +537,13 @@ def test_hf_image_processor_config_is_exact_for_a_resize_and_says_so_otherwise()
   assert 'resizes to 32x32' in note and 'central_crop(32)' in note
   config, note = hf_format.image_processor_config(None, 32)  # nothing recorded: said so
   assert config['image_mean'] == [0.5] * 3 and 'image_mean and image_std edited' in note
+
+
+def test_randaugment_after_the_rescaling_is_refused_by_name():
+  """It clipped the [-1, 1] image to [0, 255]: two values, no error."""
+  with pytest.raises(ValueError, match=r"randaugment in .* comes after value_range: it works "
+                     r'on pixels in 0..255.*put it before value_range'):
+    pp.parse('decode|resize(64)|value_range(-1, 1)|randaugment(2, 10)')
+  with pytest.raises(ValueError, match='comes after normalize'):
+    pp.output_spec('decode|resize(64)|normalize|randaugment')
+  pp.parse('decode|resize(64)|randaugment(2, 10)|value_range(-1, 1)')  # the right order

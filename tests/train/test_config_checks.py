@@ -222,6 +222,9 @@ def test_a_missing_init_from_says_what_it_takes_and_where_the_release_is():
   with pytest.raises(defaults.ConfigError, match='a vit_jax workdir') as e:
     _validate(c)
   assert 'vit_models' not in str(e.value)
+  c.init_from = 'None'  # what --config.init_from=None gives (the field is a string)
+  with pytest.raises(defaults.ConfigError, match="random initialisation: --config.init_from=''"):
+    _validate(c)
 
 
 def test_a_folder_with_the_tfds_source_is_named():
@@ -280,3 +283,42 @@ def test_a_model_axis_spanning_processes_is_refused():
   defaults.validate(c, num_devices=8, process_count=2)
   c.mesh.update(data=1, fsdp=1, model=8)
   defaults.validate(c, num_devices=8, process_count=1)  # one process: fine
+
+
+def test_preprocessing_that_leaves_the_size_to_the_image_fails_before_training():
+  """A pp_eval of resize_small(...) alone passed validation, trained, and stopped the run
+  at its first evaluation (losing the interval since the last checkpoint); a pp_train
+  without a resize crashed on the first odd-sized image with a TensorFlow traceback."""
+  c = _config()
+  c.input.pp_eval = 'decode|resize_small(36)|value_range(-1, 1)|onehot(10)'
+  with pytest.raises(defaults.ConfigError, match=re.escape(
+      "config.input.pp_eval='decode|resize_small(36)|value_range(-1, 1)|onehot(10)' does not "
+      'give images of one size (its last size op, resize_small, keeps the aspect ratio): ')
+                     + '.*at its first evaluation; add resize\\(28\\) or central_crop\\(28\\)'):
+    _validate(c)
+  c = _config()
+  c.input.pp_train = 'decode|flip_lr|value_range(-1, 1)|onehot(10)'
+  with pytest.raises(defaults.ConfigError, match='pp_train=.* does not give images of one '
+                     'size: .*stop the run at that step'):
+    _validate(c)
+  c.model = models.get_config('ResNet-50')  # the CNNs take any size, but batches need one
+  c.model.update(num_classes=10, image_size=28)
+  with pytest.raises(defaults.ConfigError, match='does not give images of one size'):
+    _validate(c)
+
+
+def test_a_pixel_scale_that_differs_between_training_and_evaluation_is_named(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  _validate(_config())
+  assert not warnings
+  c = _config()
+  c.input.pp_eval = 'decode|resize(28)|value_range(0, 1)|onehot(10)'
+  _validate(c)
+  assert len(warnings) == 1 and 'pp_train scales pixels with value_range(' in warnings[0]
+  assert 'vmax=1, vmin=-1' in warnings[0] and 'vmax=1, vmin=0' in warnings[0]
+  warnings.clear()
+  c.input.pp_train = 'decode|random_resized_crop(28)|onehot(10)'
+  c.input.pp_eval = 'decode|resize(28)|onehot(10)'
+  _validate(c)
+  assert len(warnings) == 1 and 'pixels reach the model as 0..255' in warnings[0]

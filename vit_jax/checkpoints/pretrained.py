@@ -514,10 +514,10 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     if given is None and width not in _HEADS:
       logging.warning(
           '%s: a timm state dict does not record its number of heads, and its width %d is '
-          'not a registered model\'s: read with num_heads=%d (heads of 64). If the model '
+          'not a registered model\'s: read with num_heads=%d (heads of %d). If the model '
           'has another number, give it: --model=num_heads=N (predict, visualize, convert), '
           "load_checkpoint(path, model='num_heads=N'), or config.model.num_heads.",
-          path, width, heads)
+          path, width, heads, width // heads)
     # A name that is not registered (a custom model, e.g. exported by vit_jax.convert)
     # is read with the given config: its heads and numerics, the file's structure.
     config, params = timm_format.from_timm(sd, name, base_config=given, num_heads=heads)

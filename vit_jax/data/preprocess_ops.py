@@ -199,7 +199,23 @@ def _build(spec: str) -> list:
       raise ValueError(f'Bad arguments for preprocessing op {name!r} in {piece!r}: {e}. '
                        f'It takes {name}{_plain(signature)}.') from e
     ops.append((name, bound, op))
+  _check_order(spec, [name for name, _, _ in ops])
   return ops
+
+
+# Ops that take pixels in 0..255 (they clip there), and the ops that leave that range.
+_NEEDS_PIXELS = ('randaugment',)
+_RESCALES = ('value_range', 'normalize')
+
+
+def _check_order(spec: str, names: list[str]) -> None:
+  for i, name in enumerate(names):
+    before = [n for n in names[:i] if n in _RESCALES]
+    if name in _NEEDS_PIXELS and before:
+      raise ValueError(
+          f'{name} in {spec!r} comes after {before[0]}: it works on pixels in 0..255 (and '
+          f'clips to them, which turned the rescaled image into two values); put it before '
+          f'{before[0]}.')
 
 
 def without_ops(spec: str, names) -> str:

@@ -198,6 +198,8 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
       where = (f' The original release publishes {name} in gs://vit_models (e.g. gsutil cp '
                f'gs://vit_models/imagenet21k/{name} .); timm and transformers weights are '
                'on the Hugging Face Hub.' if name.endswith('.npz') else '')
+      if config.init_from.lower() in ('none', 'null', 'false'):
+        where = " To start from a random initialisation: --config.init_from=''."
       raise ConfigError(f'config.init_from={config.init_from!r} does not exist: give a '
                         'local or gs:// path to an .npz, a .safetensors/.pth/.bin state '
                         'dict, a transformers directory or a vit_jax workdir.' + where)
@@ -343,7 +345,15 @@ def _check_preprocessing(config) -> None:
       made, size_op, onehot_classes = preprocess_ops.output_spec(spec)
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
-    if fixed_size and made is not None and made != (size, size):
+    if made is None:
+      after = f' (its last size op, {size_op}, keeps the aspect ratio)' if size_op else ''
+      raise ConfigError(
+          f'config.input.{field}={spec!r} does not give images of one size{after}: batches '
+          'need one, and the first image of another size would stop the run '
+          f'{"at that step" if field == "pp_train" else "at its first evaluation"}; add '
+          f'resize({size}) or central_crop({size}) after the other size ops '
+          '(random_resized_crop / inception_crop also fix it).')
+    if fixed_size and made != (size, size):
       h, w = made
       raise ConfigError(
           f'config.input.{field}={spec!r} makes {h}x{w} images (its {size_op}), but '
@@ -355,3 +365,31 @@ def _check_preprocessing(config) -> None:
           f'config.input.{field}={spec!r} one-hot encodes {onehot_classes} classes, but '
           f'config.model.num_classes={classes}: make them the same (onehot({classes}) or '
           f'--config.model.num_classes={onehot_classes}).')
+  _warn_if_pixel_scales_differ(config, preprocess_ops)
+
+
+def _pixel_scale(spec: str, preprocess_ops) -> list:
+  """The value ops of a spec, with their arguments (defaults filled in)."""
+  return [(name, tuple(sorted((k, str(v)) for k, v in args.items())))
+          for name, args in preprocess_ops.ops(spec) if name in ('value_range', 'normalize')]
+
+
+def _warn_if_pixel_scales_differ(config, preprocess_ops) -> None:
+  """A model trained on one pixel scale and evaluated on another (or trained on raw 0..255
+  pixels) loses accuracy without any error: warn."""
+  train, evaluation = config.input.get('pp_train'), config.input.get('pp_eval')
+  if not train or not evaluation:
+    return
+  scales = {f: _pixel_scale(config.input[f], preprocess_ops) for f in ('pp_train', 'pp_eval')}
+  def said(ops):
+    return ' then '.join(f'{n}({", ".join(f"{k}={v}" for k, v in a)})' for n, a in ops) or 'none'
+  if scales['pp_train'] != scales['pp_eval']:
+    logging.warning(
+        'config.input.pp_train scales pixels with %s but pp_eval with %s: the model is '
+        'evaluated on values it was not trained on. Use the same value_range/normalize in '
+        'both.', said(scales['pp_train']), said(scales['pp_eval']))
+  elif not scales['pp_train']:
+    logging.warning(
+        'config.input.pp_train and pp_eval have no value_range(...) or normalize(...): '
+        'pixels reach the model as 0..255, which trains poorly (the recipes use '
+        "value_range(-1, 1)).")

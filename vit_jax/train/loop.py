@@ -320,16 +320,30 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           logging.warning('Checkpoint was written with %s=%s, this run has %s: the data '
                           'order of the resumed run differs from the original run.', key,
                           saved_meta.get(key), meta[key])
+      _check_same_classes(saved_meta.get('class_names'), meta['class_names'], workdir)
+      saved_init = (saved_meta.get('config') or {}).get('init_from') or ''
+      if config.init_from and config.init_from != saved_init:
+        logging.warning(
+            'config.init_from=%r is not used: the run resumes from its own checkpoint in '
+            '%s (it started from %s). To fine-tune from those weights, give another '
+            '--workdir.', config.init_from, workdir / 'checkpoints',
+            repr(saved_init) if saved_init else 'a random initialisation')
     else:
       state = t.init_state()
       if config.init_from:
+        if config.init_head == 'keep':
+          _warn_if_head_classes_differ(pretrained_weights, meta['class_names'], config)
         state = t.with_pretrained(state, config.init_from, pretrained_weights)
         del pretrained_weights
-    if is_main:  # what this run trains (not written when the resume check fails)
+    start_step = int(jax.device_get(state.step))
+    finished = resuming and start_step >= total_steps
+    if finished:  # nothing to train or evaluate: the record stays the run's own
+      _warn_finished(workdir, start_step, total_steps, saved_meta.get('config') or {},
+                     meta['config'])
+    elif is_main:  # what this run trains (not written when the resume check fails)
       (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
       if summary is not None:
         (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
-    start_step = int(jax.device_get(state.step))
     if resuming:
       _warn_schedule_change(saved_meta, total_steps, spe, t.schedule, start_step)
     module, schedule, image_size = t.module, t.schedule, config.model.image_size
@@ -571,6 +585,50 @@ def _flat_fields(tree, prefix='') -> dict:
     else:
       out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
   return out
+
+
+def _check_same_classes(saved, now, workdir) -> None:
+  """Raises ResumeError when the checkpoint's run was trained on other classes than this
+  run's data has: resuming would give the head's outputs other labels, without an error."""
+  if not saved or not now or list(saved) == list(now):
+    return
+  def shown(names):
+    names = list(names)
+    return ', '.join(map(str, names[:8])) + (f', ... ({len(names)} in all)'
+                                              if len(names) > 8 else '')
+  raise ResumeError(
+      f'the checkpoint in {workdir / "checkpoints"} was trained on the classes [{shown(saved)}]'
+      f', but this run\'s training data has [{shown(now)}]: resuming would give the head\'s '
+      'outputs other labels. Check config.input (the folder or dataset); to train these '
+      f'weights on this data, use another --workdir with --config.init_from={workdir} (a new '
+      'head).')
+
+
+def _warn_if_head_classes_differ(loaded, class_names, config) -> None:
+  """init_head='keep' on weights whose recorded classes are not this run's data's."""
+  saved = getattr(loaded, 'class_names', None)
+  if saved and class_names and list(saved) != list(class_names):
+    logging.warning(
+        "config.init_head='keep' keeps the head of %s, trained on the classes %s, but this "
+        "run's training data has %s: output i keeps its meaning only if class i is the "
+        "same. For other classes, leave init_head unset (a new head).", config.init_from,
+        list(saved)[:8], list(class_names)[:8])
+
+
+def _warn_finished(workdir, step, total_steps, saved_config: dict, config: dict) -> None:
+  """A run started again in the workdir of a finished one: say that nothing runs, and name
+  the fields of this config that the finished run did not have."""
+  saved, now = _flat_fields(saved_config), _flat_fields(config)
+  changed = [f'{k}: {saved.get(k, "(absent)")!r} -> {now.get(k, "(absent)")!r}'
+             for k in sorted(saved.keys() | now.keys())
+             if saved.get(k) != now.get(k) and k not in ('total_steps', 'num_epochs')]
+  logging.warning(
+      'The run in %s already finished at step %d of %d: nothing is trained or evaluated, '
+      'and its last evaluation (metrics.jsonl) is reported%s. To run with another config, '
+      'give another --workdir (or raise config.total_steps to train on).', workdir, step,
+      total_steps, (', although this config differs from the run\'s (' +
+                    '; '.join(changed[:10]) + (' ...' if len(changed) > 10 else '') +
+                    '), which config.json keeps') if changed else '')
 
 
 def _last_logged_eval(path) -> dict:

@@ -1,0 +1,89 @@
+"""What a run started again in a workdir says about the config it was given: other
+classes stop it, an ignored init_from is named, and a finished run reports its old result
+as old without rewriting its config.json (a small in-process run on an image folder)."""
+
+import json
+
+from absl import logging
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_jax import models
+from vit_jax.train import defaults
+from vit_jax.train import loop
+
+
+def _folder(root, classes):
+  for split in ('train', 'test'):
+    for i, cls in enumerate(classes):
+      (root / split / cls).mkdir(parents=True)
+      for j in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i + j, np.uint8)).save(
+            root / split / cls / f'{j}.png')
+  return root
+
+
+def _config(folder, **overrides):
+  c = defaults.default_config()
+  c.model = models.get_config('ViT-Ti/16')
+  c.model.update(name='tiny', image_size=16, num_classes=3, patch_size=(8, 8), hidden_size=16,
+                 num_layers=1, num_heads=2, mlp_dim=32)
+  c.input.source, c.input.folder = 'folder', str(folder)
+  c.input.pp_train = 'decode|resize(16)|value_range(-1, 1)|onehot(3)'
+  c.input.pp_eval = 'decode|resize(16)|value_range(-1, 1)|onehot(3)'
+  c.batch_size, c.total_steps = 4, 2
+  c.schedule.warmup_steps = 1
+  c.log_every = c.eval_every = c.checkpoint_every = 2
+  c.async_checkpoint = False
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.fixture
+def warnings(monkeypatch):
+  got = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: got.append(msg % args))
+  return got
+
+
+def test_a_run_started_again_names_what_it_does_not_use(tmp_path, warnings, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))  # the image check's cache
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  first = loop.train_and_evaluate(_config(data), workdir)
+  recorded = (workdir / 'config.json').read_text()
+  # Finished, started again with another evaluation preprocessing: it used to print the
+  # old result as this config's and write this config into config.json.
+  warnings.clear()
+  again = loop.train_and_evaluate(
+      _config(data, **{'input.pp_eval': 'decode|resize(16)|value_range(0, 1)|onehot(3)'}),
+      workdir)
+  assert again == first
+  (finished,) = [w for w in warnings if 'already finished at step 2 of 2' in w]
+  assert 'nothing is trained or evaluated' in finished
+  assert ("input.pp_eval: 'decode|resize(16)|value_range(-1, 1)|onehot(3)' -> "
+          "'decode|resize(16)|value_range(0, 1)|onehot(3)'") in finished
+  assert (workdir / 'config.json').read_text() == recorded
+  # Resumed (a raised total_steps) with an init_from: it is not used, and says so.
+  warnings.clear()
+  loop.train_and_evaluate(_config(data, total_steps=4, init_from=str(workdir)), workdir)
+  assert any(f"config.init_from='{workdir}' is not used: the run resumes from its "
+             'own checkpoint' in w and 'a random initialisation' in w for w in warnings), warnings
+  assert json.loads((workdir / 'config.json').read_text())['total_steps'] == 4
+  # Other data with as many classes: the head's outputs would change meaning silently.
+  other = _folder(tmp_path / 'other_data', ['ant', 'bee', 'cow'])
+  with pytest.raises(loop.ResumeError, match=r'trained on the classes \[cat, dog, fox\], but '
+                     r"this run's training data has \[ant, bee, cow\].*--config.init_from="):
+    loop.train_and_evaluate(_config(other, total_steps=6), workdir)
+  # init_head='keep' on weights of other classes: a warning.
+  warnings.clear()
+  loop.train_and_evaluate(_config(other, init_from=str(workdir), init_head='keep'),
+                          tmp_path / 'keep')
+  assert any("init_head='keep' keeps the head of" in w and "['cat', 'dog', 'fox']" in w
+             and "['ant', 'bee', 'cow']" in w for w in warnings), warnings
