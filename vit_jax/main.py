@@ -58,6 +58,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).'
 _INIT_TIMEOUT = flags.DEFINE_integer(
     'initialization_timeout', 300, 'Seconds a multi-process run waits for all its '
     'processes to connect before it stops.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 100, 'Seconds after which a multi-process run stops when one of '
+    'its processes stops answering (killed, its host lost); the others wait in their '
+    'collectives until then.')
 
 
 def model_summary(model_config) -> dict:
@@ -137,7 +141,8 @@ def _join_processes() -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value,
-                               initialization_timeout=timeout)
+                               initialization_timeout=timeout,
+                               heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   finally:
     joined.set()
 

@@ -353,3 +353,35 @@ def test_a_process_left_waiting_for_the_others_says_so_and_stops(tmp_path):
   assert 'Joining 2 processes at localhost:' in proc.stderr
   assert '(--initialization_timeout)' in proc.stderr
   assert 'Still waiting after 4 s for 2 processes' in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_lost_process_stops_the_others_after_the_heartbeat_timeout(runs, tmp_path):
+  """kill -9 of one process (a lost host): the other waits in its collectives until JAX's
+  heartbeat timeout, 100 s by default; --heartbeat_timeout shortens it."""
+  workdir = tmp_path / 'lost'
+  port = _free_port()
+  flags = [*_main_flags(runs['data_dir'], workdir, runs['init']),
+           '--config.total_steps=5000', '--config.checkpoint_every=10000',
+           '--heartbeat_timeout=10']
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'vit_jax.main', *flags, f'--coordinator_address=localhost:{port}',
+       '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=_env(4),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+           for i in (0, 1)]
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    metrics = workdir / 'metrics.jsonl'
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not (
+        metrics.exists() and metrics.read_text().count('"loss"') >= 1):
+      time.sleep(0.05)
+    assert all(p.poll() is None for p in procs)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    start = time.monotonic()
+    out = procs[0].communicate(timeout=90)[0]
+    waited = time.monotonic() - start
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  assert procs[0].returncode != 0, out[-3000:]
+  assert waited < 45, (waited, out[-3000:])  # 86 s with the default, measured
