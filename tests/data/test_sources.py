@@ -183,6 +183,11 @@ def test_folder_errors_name_the_problem(messy_folder, tmp_path):
   root, _ = messy_folder
   with pytest.raises(sources.DataError, match=r"Splits under .*\['train'\]"):
     sources.ImageFolderSource(root=str(root), split='validation')
+  # The split folder given as the root: its parent is named.
+  with pytest.raises(sources.DataError, match=(
+      rf"'{root / 'train'}' looks like a split itself: give its parent, "
+      rf'--config.input.folder={root}$')):
+    sources.ImageFolderSource(root=str(root / 'train'), split='train')
   (root / 'test' / 'bird').mkdir(parents=True)
   Image.new('RGB', (4, 4)).save(root / 'test' / 'bird' / 'x.png')
   with pytest.raises(sources.DataError, match=r"\['bird'\].*2 training classes"):

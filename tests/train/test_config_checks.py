@@ -322,3 +322,13 @@ def test_a_pixel_scale_that_differs_between_training_and_evaluation_is_named(mon
   c.input.pp_eval = 'decode|resize(28)|onehot(10)'
   _validate(c)
   assert len(warnings) == 1 and 'pixels reach the model as 0..255' in warnings[0]
+
+
+def test_an_image_size_the_patch_does_not_divide_names_sizes_that_fit():
+  c = _config(image_size=30)  # patch (7, 7)
+  c.input.pp_train = 'decode|resize(30)|value_range(-1, 1)|onehot(10)'
+  c.input.pp_eval = c.input.pp_train
+  with pytest.raises(defaults.ConfigError, match=re.escape(
+      'config.model.image_size=30 is not divisible by the patch size (7, 7): e.g. '
+      '--config.model.image_size=28 or 35')):
+    _validate(c)

@@ -285,9 +285,14 @@ class ImageFolderSource(Source):
                    if tf.io.gfile.isdir(self.root) else [])
       none = ('none (it holds no folders)' if tf.io.gfile.isdir(self.root)
               else 'none (the root does not exist)')
+      parent = os.path.dirname(self.root.rstrip('/'))
+      hint = (f' {self.root!r} looks like a split itself: give its parent, '
+              f'--config.input.folder={parent}' if available and parent and
+              os.path.basename(self.root.rstrip('/')) in ('train', 'test', 'val', 'validation',
+                                                          self.split) else '')
       raise DataError(f'image folder split {split_dir!r} does not exist; expected '
                       f'<root>/<split>/<class>/<image>. Splits under {self.root!r}: '
-                      f'{available or none}')
+                      f'{available or none}.{hint}')
     folders = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
                      if tf.io.gfile.isdir(os.path.join(split_dir, d)))
     found = [d for d in folders if not _is_system_folder(d)]

@@ -155,8 +155,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     sh, sw = module.total_stride()
     if size % sh or size % sw:
       if (sh, sw) == registry.patch_size(config.model.patch_size):
+        step = sh * sw // math.gcd(sh, sw)
+        below, above = max(size // step, 1) * step, (size // step + 1) * step
         raise ConfigError(f'config.model.image_size={size} is not divisible by the patch '
-                          f'size {(sh, sw)}')
+                          f'size {(sh, sw)}: e.g. --config.model.image_size={below} or '
+                          f'{above} (or another patch_size)')
       raise ConfigError(  # a hybrid: the ResNet stem's stride times the patch size
           f'config.model.image_size={size} is not divisible by the pixels per token '
           f'{(sh, sw)} (the ResNet stem\'s stride times patch_size '
