@@ -82,6 +82,13 @@ while (($#)); do
 done
 
 die() { echo "launch/multinode.sh: $*" >&2; exit 2; }
+# words STRING: its words as a shell would split them (quoted values kept whole), one
+# per line, by xargs (nothing in STRING is run); nothing for a blank STRING; status 1 on
+# an unmatched quote.
+words() {
+  [[ -n ${1//[[:space:]]/} ]] || return 0
+  printf '%s' "$1" | xargs -n1 printf '%s\n'
+}
 
 if [[ -z $HOSTS ]]; then
   # One process of the run.
@@ -91,18 +98,14 @@ if [[ -z $HOSTS ]]; then
   if ! [[ $PROCESS_ID =~ ^[0-9]+$ ]] || ((PROCESS_ID >= NUM_PROCESSES)); then
     die "--process_id=$PROCESS_ID must be in 0..$((NUM_PROCESSES - 1))"
   fi
-  if [[ -n $REMOTE_ENV ]]; then
-    # Split as a shell would (quotes kept together: XLA_FLAGS="--a=1 --b=2"), by xargs:
-    # nothing in the string is run.
-    env_pairs=()
-    while IFS= read -r pair; do env_pairs+=("$pair"); done \
-      < <(printf '%s' "$REMOTE_ENV" | xargs -n1 printf '%s\n')
-    for pair in ${env_pairs[@]+"${env_pairs[@]}"}; do
-      [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
-        die "REMOTE_ENV: '$pair' is not NAME=value (quote values with spaces: XLA_FLAGS=\"--a=1 --b=2\")"
-      export "${pair?}"
-    done
-  fi
+  list=$(words "$REMOTE_ENV") || die "REMOTE_ENV: an unmatched quote in: $REMOTE_ENV"
+  env_pairs=()
+  [[ -z $list ]] || while IFS= read -r pair; do env_pairs+=("$pair"); done <<<"$list"
+  for pair in ${env_pairs[@]+"${env_pairs[@]}"}; do
+    [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+      die "REMOTE_ENV: '$pair' is not NAME=value (quote values with spaces: XLA_FLAGS=\"--a=1 --b=2\")"
+    export "${pair?}"
+  done
   [[ -z $LOCAL_DEVICES ]] || export JAX_LOCAL_DEVICE_IDS=$LOCAL_DEVICES
   exec "$PYTHON" -m vit_jax.main --coordinator_address="$COORDINATOR" \
     --num_processes="$NUM_PROCESSES" --process_id="$PROCESS_ID" ${main_args[@]+"${main_args[@]}"}
@@ -206,8 +209,8 @@ while ((${#running[@]})); do
       elif ((rc == 143 || rc == 130)); then
         # Preempted or interrupted on its host: it saved; the others save the same step
         # and stop (vit_jax.main agrees on the step), so they are told, not killed.
-        echo "launch/multinode.sh: a process stopped with status $rc (it saved a" \
-          'checkpoint); the others save and stop too' >&2
+        echo "launch/multinode.sh: a process stopped with status $rc (a stop signal on its" \
+          'host); the others are told to save and stop too' >&2
         stopping=1
         signal_all TERM
       else

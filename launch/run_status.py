@@ -3,8 +3,9 @@
 
 Prints e.g. `step 3000 of 10000 (newest complete checkpoint)` and exits 0 when the
 newest complete checkpoint is the final step, 1 when it is not (or there is none yet),
-2 on errors (the workdir cannot be read, no checkpoint's meta can be read, bad
-arguments). A step whose meta is missing or unreadable is damaged: the training loop
+2 on errors (the workdir cannot be read, a checkpoint's meta cannot be read where the
+training loop would stop too, bad arguments). In a single-process run with a local
+workdir a step whose meta is missing or unreadable is damaged: the training loop
 resumes from the step before it, which is then the one reported (the damaged steps are
 named on stderr). The final step is the one the training loop computes:
 config.total_steps, else ceil(num_epochs * steps_per_epoch), both from the newest
@@ -76,20 +77,15 @@ def final_step(meta: dict) -> int:
   return max(int(math.ceil(config['num_epochs'] * meta['steps_per_epoch'])), 1)
 
 
-def _read_meta(meta_file, needs_final_step: bool) -> dict:
-  meta = json.loads(meta_file.read_text())
-  if needs_final_step:
-    final_step(meta)  # raises if it does not say
-  return meta
-
-
 def status(workdir: str, total_steps: int | None = None) -> dict:
   """{'step': newest complete checkpoint step or None, 'total_steps', 'done', and
   'damaged': {step: why} for newer steps whose meta cannot be read}.
 
-  A step whose meta is missing or unreadable is damaged: the training loop resumes from
-  the newest step before it (which is then the one reported), so a damaged final step
-  reads as not done rather than as an error.
+  As the training loop resumes: in a single-process run with a local workdir it passes
+  over a damaged newest step (a meta that is missing or not JSON) for the one before it,
+  which is then the step reported, so a damaged final step reads as not done. On gs://
+  or after a multi-process run the loop stops at the damaged step, and so does this
+  (an error). With --total_steps no meta is read.
   """
   root = _path(workdir)
   steps = complete_steps(root / 'checkpoints')
@@ -97,20 +93,32 @@ def status(workdir: str, total_steps: int | None = None) -> dict:
          'workdir_exists': root.exists()}
   if not steps:
     return out
+  if total_steps is not None:
+    out.update(step=steps[-1], done=steps[-1] >= total_steps)
+    return out
   for step in reversed(steps):
     meta_file = root / 'checkpoints' / str(step) / 'meta' / 'metadata'
     try:
-      meta = _read_meta(meta_file, total_steps is None)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+      meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
       out['damaged'][step] = f'{meta_file}: {type(e).__name__}: {e}'
+      if '://' in workdir:
+        break  # the loop passes over damaged steps in local workdirs only
       continue
-    if total_steps is None:
+    if out['damaged'] and (meta.get('process_count') or 1) > 1:
+      break  # a multi-process run stops at the damaged step too
+    try:
       total_steps = final_step(meta)
+    except (KeyError, TypeError, ValueError) as e:
+      raise RuntimeError(
+          f'cannot find the final step in {meta_file} ({type(e).__name__}: {e}); pass '
+          '--total_steps=N') from e
     out.update(step=step, total_steps=total_steps, done=step >= total_steps)
     return out
   raise RuntimeError(
-      'no checkpoint has a readable meta (' + '; '.join(out['damaged'].values()) +
-      '); pass --total_steps=N if the step folders are otherwise complete')
+      'the newest checkpoint cannot be resumed (' + '; '.join(out['damaged'].values()) +
+      '): the training loop would stop there too. Remove or repair it, or pass '
+      '--total_steps=N to read the steps only')
 
 
 def check(workdir: str) -> str:

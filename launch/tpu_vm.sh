@@ -73,17 +73,24 @@ STOP_WAIT=${STOP_WAIT:-600}
 LOG_WORKER=${LOG_WORKER:-0}
 GCLOUD=${GCLOUD:-gcloud}
 DRY_RUN=${DRY_RUN:-}
-# split_words STRING: its words as a shell would split them (quoted values kept whole),
-# one per line, by xargs: nothing in STRING is run.
-split_words() { [[ -z $1 ]] || printf '%s' "$1" | xargs -n1 printf '%s\n'; }
+# words STRING: its words as a shell would split them (quoted values kept whole), one
+# per line, by xargs (nothing in STRING is run); nothing for a blank STRING; status 1 on
+# an unmatched quote.
+words() {
+  [[ -n ${1//[[:space:]]/} ]] || return 0
+  printf '%s' "$1" | xargs -n1 printf '%s\n'
+}
+bad_quote() { echo "launch/tpu_vm.sh: $1: an unmatched quote in: $2" >&2; exit 2; }
+list=$(words "${EXTRA_ARGS:-}") || bad_quote EXTRA_ARGS "$EXTRA_ARGS"
 main_args=()
-while IFS= read -r arg; do main_args+=("$arg"); done < <(split_words "${EXTRA_ARGS:-}")
+[[ -z $list ]] || while IFS= read -r arg; do main_args+=("$arg"); done <<<"$list"
+list=$(words "${WORKER_ENV:-}") || bad_quote WORKER_ENV "$WORKER_ENV"
 worker_env=()
-while IFS= read -r pair; do
+[[ -z $list ]] || while IFS= read -r pair; do
   [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
     { echo "launch/tpu_vm.sh: WORKER_ENV: '$pair' is not NAME=value" >&2; exit 2; }
   worker_env+=("$pair")
-done < <(split_words "${WORKER_ENV:-}")
+done <<<"$list"
 while (($#)); do
   case $1 in
     --project=*) PROJECT=${1#*=} ;;
@@ -204,16 +211,37 @@ do_run() {  # the pid file lets `stop` end a run whose ssh connection was lost
   need_run_flags
   # The output goes to this terminal and is appended to the worker's log (bash: the
   # process substitution), and exec keeps the PID of the shell that wrote the pid file.
-  local inner
+  local inner pid rc stop=''
   inner="cd $R_CODE && echo \"=== launch/tpu_vm.sh run: \$(date -u +%FT%TZ) ===\" >>$R_LOG && exec > >(tee -a $R_LOG) 2>&1 && echo \$\$ >$R_PID && exec $(main_command)"
-  on_workers all "bash -c $(printf '%q' "$inner")"
+  # SIGTERM or Ctrl-C here (until_done.sh, the user): ending the local gcloud ssh would
+  # leave the workers training, so every worker is told to save and stop (`stop`), and
+  # this returns once they have (status 143).
+  on_workers all "bash -c $(printf '%q' "$inner")" </dev/null &
+  pid=$!
+  trap 'stop=1' INT TERM
+  while :; do
+    rc=0
+    wait "$pid" || rc=$?
+    [[ -z $stop ]] || break
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  trap - INT TERM
+  if [[ -n $stop ]]; then
+    log 'signal: every worker saves a checkpoint and stops'
+    do_stop
+    kill "$pid" 2>/dev/null || true
+    exit 143
+  fi
+  rc=0
+  wait "$pid" || rc=$?
+  return "$rc"
 }
 
 do_stop() {
   # SIGTERM: vit_jax.main saves a checkpoint after its current step and exits; wait for
   # that (a new run must not start beside it), then SIGKILL what is left.
   # Only a vit_jax.main process: after a restart of the VM the PID may be another's.
-  on_workers all "if [ -f $R_PID ] && ! ps -ww -o args= -p \$(cat $R_PID) 2>/dev/null | grep -q "vit_jax[.]main"; then rm -f $R_PID; fi; if [ -f $R_PID ]; then p=\$(cat $R_PID); kill -- -\$p 2>/dev/null || kill \$p 2>/dev/null || true; i=0; while { kill -0 -- -\$p || kill -0 \$p; } 2>/dev/null && [ \$i -lt $STOP_WAIT ]; do sleep 1; i=\$((i + 1)); done; kill -9 -- -\$p 2>/dev/null || true; rm -f $R_PID; fi"
+  on_workers all "if [ -f $R_PID ] && ! ps -ww -o args= -p \$(cat $R_PID) 2>/dev/null | grep -q 'vit_jax[.]main'; then rm -f $R_PID; fi; if [ -f $R_PID ]; then p=\$(cat $R_PID); kill -- -\$p 2>/dev/null || kill \$p 2>/dev/null || true; i=0; while { kill -0 -- -\$p || kill -0 \$p; } 2>/dev/null && [ \$i -lt $STOP_WAIT ]; do sleep 1; i=\$((i + 1)); done; kill -9 -- -\$p 2>/dev/null || true; rm -f $R_PID; fi"
 }
 
 do_done() {

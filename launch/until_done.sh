@@ -123,14 +123,18 @@ is_done() {
 }
 
 # SIGTERM or Ctrl-C here: the job is told (SIGTERM: vit_jax saves and stops), this script
-# waits for it and starts no further attempt. (The job runs in the background so that
-# the signal reaches this script at once; a second one is passed on as well.)
+# waits for it and starts no further attempt. The job runs in a process group of its own
+# (set -m), so that a terminal's Ctrl-C reaches this script only and the job gets one
+# SIGTERM (a second signal would stop vit_jax.main without saving), and in the
+# background, so that the signal is handled at once (a wait is interrupted by it; a
+# foreground command would first have to end). The backoff's sleep runs the same way.
 stop_signal=''
 child=''
 on_stop() {
   stop_signal=$1
   log "signal $1: no further attempt; the job saves and stops"
-  [[ -z $child ]] || kill -TERM "$child" 2>/dev/null || true
+  [[ -z $child ]] || kill -TERM -- "-$child" 2>/dev/null || kill -TERM "$child" 2>/dev/null ||
+    true
 }
 trap 'on_stop INT' INT
 trap 'on_stop TERM' TERM
@@ -140,9 +144,13 @@ stopped() {
   [[ $stop_signal == INT ]] && exit 130
   exit 143
 }
-run_job() {
-  "$@" &
+# run_in_group COMMAND...: runs it in a process group of its own (stdin /dev/null) and
+# returns its exit status, whatever signals arrive meanwhile.
+run_in_group() {
+  set -m
+  "$@" </dev/null &
   child=$!
+  set +m
   local rc
   while :; do
     rc=0
@@ -166,22 +174,21 @@ while :; do
   attempt=$((attempt + 1))
   log "attempt $attempt of $MAX_ATTEMPTS: $*"
   rc=0
-  run_job "$@" || rc=$?
+  run_in_group "$@" || rc=$?
   if is_done "not restarting after attempt $attempt (status $rc)"; then
     log "the run is done (attempt $attempt)"
     exit 0
   fi
   log "attempt $attempt ended with status $rc before the final step"
   stopped
-  if [[ -z $DONE_CMD && $WORKDIR != *://* && ! -e $WORKDIR ]]; then
-    die "attempt $attempt ended (status $rc) and --workdir=$WORKDIR does not exist: the" \
-      "job writes elsewhere (its --workdir must be this one) or failed before it" \
-      'started (its output is above); not restarting'
-  fi
   if [[ $rc == 3 ]]; then
     log 'not restarting: status 3 is vit_jax.main'"'"'s for an error that a restart would' \
       'meet again (a config, data, mesh or checkpoint error; its message is above)'
     exit 3
+  fi
+  if [[ $rc == 0 && -z $DONE_CMD && $WORKDIR != *://* && ! -e $WORKDIR ]]; then
+    die "attempt $attempt ended with status 0 and --workdir=$WORKDIR does not exist: the" \
+      "job writes elsewhere (its --workdir must be this one); not restarting"
   fi
   if [[ -n $STOP_ON && $rc == "$STOP_ON" ]]; then
     log "not restarting: status $rc is --stop_on's (the job was told to stop)"
@@ -192,7 +199,7 @@ while :; do
     exit 1
   fi
   log "restarting in $delay s"
-  sleep "$delay" || true
+  run_in_group sleep "$delay" || true
   stopped
   delay=$((delay * 2 > MAX_BACKOFF ? MAX_BACKOFF : delay * 2))
 done

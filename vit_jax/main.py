@@ -310,8 +310,10 @@ def _parse_flags(argv):
     sys.exit(EXIT_USER_ERROR)
   try:
     return app.parse_flags_with_usage(argv)
-  except SystemExit as e:  # absl printed the bad flag and exits 1
-    if e.code == 1:
+  except SystemExit as e:  # absl printed the bad flag and exits 1 (as after --help)
+    asked_for_help = any(a.split('=')[0] in ('--help', '-h', '-?', '--helpfull',
+                                             '--helpshort', '--helpxml') for a in argv[1:])
+    if e.code == 1 and not asked_for_help:
       sys.exit(EXIT_USER_ERROR)
     raise
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown field

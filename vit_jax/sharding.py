@@ -21,6 +21,7 @@ import collections
 import re
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -97,7 +98,8 @@ def device_grid(shape: tuple[int, int, int], devices) -> np.ndarray:
   grid comes from `jax.experimental.mesh_utils`, which puts the innermost axes (model,
   then fsdp) on physical neighbours; elsewhere (CPU) it is the devices' order. Several
   TPU slices (multi-slice, joined by the data-center network) split the data axis over
-  the slices, so that only the data-parallel all-reduce crosses the slow network.
+  the slices, so that only the data-parallel all-reduce crosses the slow network (a data
+  axis that is not a multiple of the slice count gets a warning and one flat layout).
 
   With several processes, the model axis must stay inside one process (each process
   reads its own examples); a topology-aware grid that would spread a batch shard over
@@ -105,21 +107,22 @@ def device_grid(shape: tuple[int, int, int], devices) -> np.ndarray:
   """
   from jax.experimental import mesh_utils
   devices = list(devices)
-  slices = sorted({getattr(d, 'slice_index', 0) or 0 for d in devices})
+  # TPU slices only: XLA's GPU client gives each host's devices a slice_index of its own.
+  slices = sorted({getattr(d, 'slice_index', 0) or 0 for d in devices}
+                  if devices[0].platform == 'tpu' else {0})
   grid = None
-  if len(slices) > 1:
+  if len(slices) > 1 and shape[0] % len(slices) == 0:
     n = len(slices)
-    if shape[0] % n:
-      raise MeshError(
-          f'config.mesh data={shape[0]} (fsdp={shape[1]}, model={shape[2]}) on {n} TPU '
-          f'slices: the data axis is split over the slices (only the data-parallel '
-          f'all-reduce crosses the network between them), so data must be a multiple of '
-          f'{n}; e.g. --config.mesh.data={n * max(1, shape[0] // n)} with fsdp x model = '
-          f'{len(devices) // (n * max(1, shape[0] // n))}')
     grid = mesh_utils.create_hybrid_device_mesh(
         (shape[0] // n, shape[1], shape[2]), (n, 1, 1), devices,
         allow_split_physical_axes=True)
   else:
+    if len(slices) > 1:
+      logging.warning(
+          'config.mesh data=%d is not a multiple of the %d TPU slices: the fsdp or model '
+          'axis spans the slower network between slices. Make data a multiple of %d to '
+          'keep only the data-parallel all-reduce on it.', shape[0], len(slices),
+          len(slices))
     for split in (False, True):
       try:
         grid = mesh_utils.create_device_mesh(shape, devices,

@@ -256,6 +256,37 @@ def test_tpu_run_logs_on_the_worker_passes_worker_env_and_stop_spares_other_pids
   assert bad.returncode == 2 and "WORKER_ENV: '--oops' is not NAME=value" in bad.stderr
 
 
+def test_tpu_run_stops_the_workers_on_a_signal_and_waits_for_their_save(stubs, tmp_path):
+  """SIGTERM to `tpu_vm.sh run` (until_done.sh's, in `resilient`) used to end the local
+  script only: gcloud ssh does not stop a remote command, the workers trained on."""
+  env, _ = stubs
+  home = tmp_path / 'worker_home'
+  (home / 'vit_jax').mkdir(parents=True)
+  (home / 'vit_env' / 'bin').mkdir(parents=True)
+  fake = home / 'vit_env' / 'bin' / 'python'
+  fake.write_text(f'#!{sys.executable}\nimport signal, sys, time\n'
+                  'def save(*_):\n'
+                  '  time.sleep(1)\n'
+                  f'  open({str(home / "saved")!r}, "w").write("ok")\n'
+                  '  sys.exit(143)\n'
+                  'signal.signal(signal.SIGTERM, save)\n'
+                  f'open({str(home / "ready")!r}, "w").write("")\n'
+                  'time.sleep(120)\n')
+  fake.chmod(0o755)
+  proc = subprocess.Popen(['bash', LAUNCH / 'tpu_vm.sh', 'run', *TPU], cwd=ROOT,
+                          env=dict(env, HOME=str(home), STUB_EXEC='vit_jax'),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 30
+  while not (home / 'ready').exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.terminate()
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143, err
+  assert (home / 'saved').read_text() == 'ok'  # the worker saved before the script ended
+  assert 'every worker saves a checkpoint and stops' in err
+  assert not (home / 'vit_jax.pid').exists()
+
+
 def test_tpu_spot_and_runtime_version_from_type(stubs):
   env, calls = stubs
   proc = _sh([LAUNCH / 'tpu_vm.sh', 'create', '--zone=us-central1-a', '--type=v5litepod-16',
@@ -631,7 +662,7 @@ def test_until_done_reads_a_fresh_workdir_as_not_done(stubs, tmp_path):
   proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={tmp_path}/typo', '--backoff=0',
               '--max_attempts=5', '--', 'true'], env)
   assert proc.returncode == 2, proc.stderr
-  assert (f'attempt 1 ended (status 0) and --workdir={tmp_path}/typo does not exist'
+  assert (f'attempt 1 ended with status 0 and --workdir={tmp_path}/typo does not exist'
           in proc.stderr)
   assert '(the workdir does not exist)' in proc.stdout
 
@@ -706,25 +737,29 @@ def test_run_status_reads_orbax_checkpoints_with_the_standard_library_only(
   assert proc.returncode == 1 and proc.stdout == f'{workdir}: step 3 of 6 (newest complete checkpoint)\n'
 
 
-def test_run_status_reads_past_a_damaged_step_and_fails_when_none_is_readable(
-    finished_workdir, tmp_path):
-  """A damaged newest step (its meta unreadable) used to stop until_done.sh with status 2,
-  though the training loop resumes from the step before it: it now reads as that step."""
+def test_run_status_reads_past_a_damaged_step_as_the_loop_resumes(finished_workdir, tmp_path):
+  """A damaged newest step (its meta not JSON) used to stop until_done.sh with status 2,
+  though the training loop of a single process with a local workdir resumes from the
+  step before it: it now reads as that step. After a multi-process run, or a meta that
+  reads but does not give the final step, it is an error as before."""
   workdir = _copy(finished_workdir, tmp_path)
   meta = workdir / 'checkpoints' / '6' / 'meta' / 'metadata'
-  meta.write_text('{"config": {}}')  # no total_steps, no num_epochs
+  meta.write_text('{"trunc')
   proc = _status(sys.executable, workdir)
   assert proc.returncode == 1, proc.stderr
   assert proc.stdout == f'{workdir}: step 3 of 6 (newest complete checkpoint)\n'
-  assert f'step 6 is damaged, the run resumes before it ({meta}: KeyError' in proc.stderr
-  meta.write_text('{"trunc')
-  assert _status(sys.executable, workdir).returncode == 1
+  assert f'step 6 is damaged, the run resumes before it ({meta}: JSONDecodeError' in proc.stderr
+  proc = _status(sys.executable, workdir, '--total_steps=6')  # no meta read
+  assert proc.returncode == 0 and 'step 6 of 6' in proc.stdout, proc.stderr
   old_meta = workdir / 'checkpoints' / '3' / 'meta' / 'metadata'
-  old_meta.unlink()
+  old_meta.write_text(json.dumps(dict(META, process_count=2)))
+  proc = _status(sys.executable, workdir)
+  assert proc.returncode == 2 and 'the newest checkpoint cannot be resumed' in proc.stderr
+  meta.write_text('{"config": {}}')  # reads, but no total_steps, no num_epochs
   proc = _status(sys.executable, workdir)
   assert proc.returncode == 2 and not proc.stdout
-  assert 'no checkpoint has a readable meta' in proc.stderr and '--total_steps=N' in proc.stderr
-  meta.write_text('{"config": {}}')
+  assert f'cannot find the final step in {meta}' in proc.stderr
+  assert "KeyError: 'num_epochs'" in proc.stderr and '--total_steps=N' in proc.stderr
   proc = _status(sys.executable, workdir, '--total_steps=6')  # the fix it names
   assert proc.returncode == 0, proc.stderr
 
@@ -815,7 +850,7 @@ mkdir -p {workdir}/checkpoints/4/meta && echo 'not json' > {workdir}/checkpoints
               '--max_attempts=20', '--', job], dict(env, PYTHON=sys.executable))
   assert proc.returncode == 2, proc.stderr
   assert 'no complete checkpoint yet' in proc.stdout  # before the attempt: not done
-  assert f'no checkpoint has a readable meta ({workdir}/checkpoints/4/meta/metadata' in proc.stderr
+  assert f'the newest checkpoint cannot be resumed ({workdir}/checkpoints/4/meta/metadata' in proc.stderr
   assert 'cannot tell whether the run is done' in proc.stderr
   assert 'exited with status 2' in proc.stderr
   assert 'not restarting after attempt 1 (status 0)' in proc.stderr
@@ -898,6 +933,15 @@ def test_multinode_remote_env_keeps_quoted_values_together(stubs, tmp_path):
   assert json.loads((tmp_path / 'env').read_text()) == ["--xla_a=1 --xla_b='x y'", 'WARN']
   proc = _sh(args, dict(env, REMOTE_ENV='NCCL_DEBUG=WARN --oops'))
   assert proc.returncode == 2 and "REMOTE_ENV: '--oops' is not NAME=value" in proc.stderr
+  proc = _sh(args, dict(env, REMOTE_ENV='  '))  # blank: nothing set
+  assert proc.returncode == 0, proc.stderr
+  # An unmatched quote stopped xargs, and the words after it were dropped without a word.
+  proc = _sh(args, dict(env, REMOTE_ENV="NOTE=don't A=1"))
+  assert proc.returncode == 2 and 'REMOTE_ENV: an unmatched quote in: NOTE=don' in proc.stderr
+  sbatch = _sh([LAUNCH / 'slurm.sbatch'], _slurm_env(env, tmp_path, EXTRA_ARGS="--config.a=don't"))
+  assert sbatch.returncode == 2 and 'EXTRA_ARGS: an unmatched quote' in sbatch.stderr
+  tpu = _sh([LAUNCH / 'tpu_vm.sh', 'run', *TPU], dict(env, EXTRA_ARGS='  ', DRY_RUN='1'))
+  assert tpu.returncode == 0 and "''" not in tpu.stdout, tpu.stdout  # no empty argument
 
 
 def test_until_done_does_not_restart_an_error_a_restart_would_meet_again(stubs, tmp_path):
@@ -910,23 +954,54 @@ def test_until_done_does_not_restart_an_error_a_restart_would_meet_again(stubs, 
 
 
 def test_until_done_passes_a_stop_signal_on_and_starts_no_further_attempt(stubs, tmp_path):
+  """Ctrl-C in a terminal signals the whole foreground process group. The job, like
+  vit_jax.main, saves on its first signal and stops at once on a second one: it must get
+  one (until_done.sh's SIGTERM), not the terminal's SIGINT as well."""
   env, _ = stubs
   job = tmp_path / 'job.sh'
   job.write_text(f'''#!/usr/bin/env bash
 echo started >> {tmp_path}/starts
-trap 'sleep 1; echo saved >> {tmp_path}/saved; exit 143' TERM
-while :; do /bin/sleep 0.1; done
+stopping=0
+on_signal() {{
+  if ((stopping)); then echo 'second signal: not saved' >> {tmp_path}/saved; exit 1; fi
+  stopping=1
+}}
+trap on_signal INT TERM
+while ((!stopping)); do /bin/sleep 0.1; done
+/bin/sleep 1
+((stopping == 1)) && echo saved >> {tmp_path}/saved
+exit 143
 ''')
   job.chmod(0o755)
-  proc = subprocess.Popen(['bash', LAUNCH / 'until_done.sh', f'--done_cmd=false',
-                           '--backoff=0', '--', job], cwd=ROOT, env=env,
+  for signal_number, status in ((2, 130), (15, 143)):
+    for f in ('starts', 'saved'):
+      (tmp_path / f).unlink(missing_ok=True)
+    proc = subprocess.Popen(['bash', LAUNCH / 'until_done.sh', '--done_cmd=false',
+                             '--backoff=0', '--', job], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / 'starts').exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal_number)  # as a terminal does: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status, err
+    assert (tmp_path / 'saved').read_text() == 'saved\n', err  # told once, waited for
+    assert (tmp_path / 'starts').read_text() == 'started\n'  # and not started again
+    assert 'no further attempt' in err
+
+
+def test_until_done_stops_during_the_backoff_at_once(stubs, tmp_path):
+  env, _ = stubs
+  env = dict(env, PATH=env['PATH'].split(':', 1)[1])  # the real sleep
+  proc = subprocess.Popen(['bash', LAUNCH / 'until_done.sh', '--done_cmd=false',
+                           '--backoff=600', '--', 'false'], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 30
-  while not (tmp_path / 'starts').exists() and time.monotonic() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(2)  # Ctrl-C to until_done.sh alone
+  time.sleep(3)  # the attempt (`false`) is over at once; the 600 s backoff has begun
+  start = time.monotonic()
+  proc.terminate()
   _, err = proc.communicate(timeout=60)
-  assert proc.returncode == 130, err
-  assert (tmp_path / 'saved').read_text() == 'saved\n'  # the job was told and waited for
-  assert (tmp_path / 'starts').read_text() == 'started\n'  # and not started again
-  assert 'signal INT: no further attempt' in err
+  assert proc.returncode == 143, err
+  assert 'restarting in 600 s' in err and 'stopped by TERM after attempt 1' in err
+  assert time.monotonic() - start < 10  # not the rest of the backoff

@@ -33,8 +33,11 @@ def test_the_preprocessing_spec_gives_its_size_and_classes():
       (32, 32), 'resize', 7)
   assert preprocess_ops.output_spec('decode|inception_crop((24, 32))') == (
       (24, 32), 'inception_crop', None)
-  # resize_small after the last fixed size leaves the size to the image.
-  assert preprocess_ops.output_spec('decode|resize(64)|resize_small(40)')[0] is None
+  # resize_small leaves the size to the image, unless the image is known to be square.
+  assert preprocess_ops.output_spec('decode|resize_small(40)')[0] is None
+  assert preprocess_ops.output_spec('decode|inception_crop((24, 32))|resize_small(40)')[0] is None
+  assert preprocess_ops.output_spec('decode|resize(64)|resize_small(40)')[:2] == (
+      (40, 40), 'resize_small')
   assert preprocess_ops.output_spec(
       'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)')[:2] == (
           (224, 224), 'central_crop')
@@ -285,26 +288,32 @@ def test_a_model_axis_spanning_processes_is_refused():
   defaults.validate(c, num_devices=8, process_count=1)  # one process: fine
 
 
-def test_preprocessing_that_leaves_the_size_to_the_image_fails_before_training():
+def test_preprocessing_that_leaves_the_size_to_the_image_fails_before_training(monkeypatch):
   """A pp_eval of resize_small(...) alone passed validation, trained, and stopped the run
-  at its first evaluation (losing the interval since the last checkpoint); a pp_train
-  without a resize crashed on the first odd-sized image with a TensorFlow traceback."""
+  at its first evaluation (losing the interval since the last checkpoint). A spec that
+  resizes nothing works on a dataset of one size (MNIST), so it only warns."""
   c = _config()
   c.input.pp_eval = 'decode|resize_small(36)|value_range(-1, 1)|onehot(10)'
   with pytest.raises(defaults.ConfigError, match=re.escape(
       "config.input.pp_eval='decode|resize_small(36)|value_range(-1, 1)|onehot(10)' does not "
       'give images of one size (its last size op, resize_small, keeps the aspect ratio): ')
-                     + '.*at its first evaluation; add resize\\(28\\) or central_crop\\(28\\)'):
-    _validate(c)
-  c = _config()
-  c.input.pp_train = 'decode|flip_lr|value_range(-1, 1)|onehot(10)'
-  with pytest.raises(defaults.ConfigError, match='pp_train=.* does not give images of one '
-                     'size: .*stop the run at that step'):
+                     + '.*at its first evaluation; add central_crop\\(28\\) or resize\\(28\\)'):
     _validate(c)
   c.model = models.get_config('ResNet-50')  # the CNNs take any size, but batches need one
   c.model.update(num_classes=10, image_size=28)
   with pytest.raises(defaults.ConfigError, match='does not give images of one size'):
     _validate(c)
+  c = _config()
+  c.input.pp_eval = 'decode|resize(28)|resize_small(28)|value_range(-1, 1)|onehot(10)'
+  _validate(c)  # square, then resize_small: one size
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  c.input.pp_train = 'decode|flip_lr|value_range(-1, 1)|onehot(10)'
+  _validate(c)
+  assert len(warnings) == 1, warnings
+  assert ("config.input.pp_train='decode|flip_lr|value_range(-1, 1)|onehot(10)' resizes "
+          'nothing: every image must already be 28x28') in warnings[0]
+  assert 'stops the run at that step' in warnings[0]
 
 
 def test_a_pixel_scale_that_differs_between_training_and_evaluation_is_named(monkeypatch):
@@ -316,8 +325,14 @@ def test_a_pixel_scale_that_differs_between_training_and_evaluation_is_named(mon
   c.input.pp_eval = 'decode|resize(28)|value_range(0, 1)|onehot(10)'
   _validate(c)
   assert len(warnings) == 1 and 'pp_train scales pixels with value_range(' in warnings[0]
-  assert 'vmax=1, vmin=-1' in warnings[0] and 'vmax=1, vmin=0' in warnings[0]
+  assert 'vmin=-1, vmax=1' in warnings[0] and 'vmin=0, vmax=1' in warnings[0]
   warnings.clear()
+  # The same scale written otherwise: no warning.
+  c.input.pp_eval = 'decode|resize(28)|normalize(mean=(.5, .5, .5), std=(.5, .5, .5))|onehot(10)'
+  _validate(c)
+  c.input.pp_eval = 'decode|resize(28)|value_range(-1.0, 1.0)|onehot(10)'
+  _validate(c)
+  assert not warnings, warnings
   c.input.pp_train = 'decode|random_resized_crop(28)|onehot(10)'
   c.input.pp_eval = 'decode|resize(28)|onehot(10)'
   _validate(c)

@@ -8,6 +8,7 @@ would (hosts of 2x2x1 chips, `jax.devices()` in process order).
 import dataclasses
 import itertools
 
+from absl import logging
 import jax
 import numpy as np
 import pytest
@@ -96,15 +97,33 @@ def test_model_axis_larger_than_a_process_is_refused_by_name():
     sharding.device_grid((8, 1, 8), v4_pod())
 
 
-def test_multi_slice_splits_the_data_axis_over_slices():
+def test_multi_slice_splits_the_data_axis_over_slices(monkeypatch):
   devices = v4_pod((2, 2, 2), slices=2)  # 2 slices x 8 chips
   grid = sharding.device_grid((2, 4, 2), devices)
   assert {d.slice_index for d in grid[0].flat} == {0}
   assert {d.slice_index for d in grid[1].flat} == {1}
   grid = sharding.device_grid((4, 2, 2), devices)
   assert {d.slice_index for d in grid[:2].flat} == {0}
-  with pytest.raises(sharding.MeshError, match=r'data=1 .* 2 TPU slices.*multiple of 2'):
-    sharding.device_grid((1, 16, 1), devices)
+  # data=1 (pure FSDP over both slices): one flat layout, with a warning.
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  grid = sharding.device_grid((1, 16, 1), devices)
+  assert sorted(d.id for d in grid.flat) == list(range(16))
+  assert len(warnings) == 1 and 'data=1 is not a multiple of the 2 TPU slices' in warnings[0]
+
+
+def test_gpu_hosts_are_not_taken_for_tpu_slices(monkeypatch):
+  """XLA's GPU client gives each host's devices a slice_index of its own: 2 nodes x 8
+  GPUs with data=1, fsdp=16 were refused as a 2-slice TPU mesh."""
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  gpus = [MockTpu(id=i, process_index=i // 8, coords=(0, 0, 0), slice_index=i // 8,
+                  platform='gpu', device_kind='NVIDIA H100 80GB HBM3') for i in range(16)]
+  grid = sharding.device_grid((1, 16, 1), gpus)
+  assert [d.id for d in grid.flat] == list(range(16)) and not warnings
+  grid = sharding.device_grid((2, 4, 2), gpus)
+  for row in grid.reshape(-1, 2):
+    assert len({d.process_index for d in row}) == 1
 
 
 def test_cpu_devices_keep_their_order():

@@ -138,7 +138,8 @@ def output_spec(spec: str) -> tuple[tuple[int, int] | None, str | None, int | No
   ((height, width), the op that sets them, the onehot op's num_classes).
 
   The size is None where the spec does not fix it (no resize or crop, or a
-  `resize_small` after the last one); num_classes is None without an `onehot`.
+  `resize_small` of an image that is not known to be square); num_classes is None
+  without an `onehot`.
   Raises ValueError as `parse` does.
   """
   size, size_op, num_classes = None, None, None
@@ -147,8 +148,10 @@ def output_spec(spec: str) -> tuple[tuple[int, int] | None, str | None, int | No
     if name in _SIZE_OPS:
       s = bound.arguments['size']
       size, size_op = ((s, s) if isinstance(s, int) else tuple(s)), name
-    elif name == 'resize_small':
-      size, size_op = None, name
+    elif name == 'resize_small':  # a square image stays square; another keeps its ratio
+      s = bound.arguments['size']
+      size = (s, s) if size is not None and size[0] == size[1] else None
+      size_op = name
     elif name == 'onehot':
       num_classes = bound.arguments['num_classes']
   return size, size_op, num_classes

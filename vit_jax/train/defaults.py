@@ -10,6 +10,7 @@ import re
 
 from absl import logging
 import ml_collections
+import numpy as np
 
 from vit_jax import models
 from vit_jax.models import registry
@@ -349,14 +350,18 @@ def _check_preprocessing(config) -> None:
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
     if made is None:
-      after = f' (its last size op, {size_op}, keeps the aspect ratio)' if size_op else ''
-      raise ConfigError(
-          f'config.input.{field}={spec!r} does not give images of one size{after}: batches '
-          'need one, and the first image of another size would stop the run '
-          f'{"at that step" if field == "pp_train" else "at its first evaluation"}; add '
-          f'resize({size}) or central_crop({size}) after the other size ops '
-          '(random_resized_crop / inception_crop also fix it).')
-    if fixed_size and made != (size, size):
+      stops = ('the first image of another size stops the run '
+               f'{"at that step" if field == "pp_train" else "at its first evaluation"}')
+      if size_op:  # resize_small last: images of other aspect ratios get other sizes
+        raise ConfigError(
+            f'config.input.{field}={spec!r} does not give images of one size (its last '
+            f'size op, {size_op}, keeps the aspect ratio): batches need one, and {stops}; '
+            f'add central_crop({size}) or resize({size}) after it.')
+      logging.warning(
+          'config.input.%s=%r resizes nothing: every image must already be %dx%d (batches '
+          'need one size; %s). Add resize(%d) unless the dataset is of one size.', field,
+          spec, size, size, stops, size)
+    elif fixed_size and made != (size, size):
       h, w = made
       raise ConfigError(
           f'config.input.{field}={spec!r} makes {h}x{w} images (its {size_op}), but '
@@ -371,27 +376,27 @@ def _check_preprocessing(config) -> None:
   _warn_if_pixel_scales_differ(config, preprocess_ops)
 
 
-def _pixel_scale(spec: str, preprocess_ops) -> list:
-  """The value ops of a spec, with their arguments (defaults filled in)."""
-  return [(name, tuple(sorted((k, str(v)) for k, v in args.items())))
-          for name, args in preprocess_ops.ops(spec) if name in ('value_range', 'normalize')]
-
-
 def _warn_if_pixel_scales_differ(config, preprocess_ops) -> None:
   """A model trained on one pixel scale and evaluated on another (or trained on raw 0..255
-  pixels) loses accuracy without any error: warn."""
+  pixels) loses accuracy without any error: warn. Scales are compared as the (mean, std)
+  they amount to, so value_range(-1, 1) and normalize(0.5, 0.5) are the same."""
   train, evaluation = config.input.get('pp_train'), config.input.get('pp_eval')
   if not train or not evaluation:
     return
-  scales = {f: _pixel_scale(config.input[f], preprocess_ops) for f in ('pp_train', 'pp_eval')}
-  def said(ops):
-    return ' then '.join(f'{n}({", ".join(f"{k}={v}" for k, v in a)})' for n, a in ops) or 'none'
-  if scales['pp_train'] != scales['pp_eval']:
+  scales = [preprocess_ops.pixel_mean_std(spec) for spec in (train, evaluation)]
+  def said(spec):
+    ops = [f'{n}({", ".join(f"{k}={v!r}" for k, v in a.items())})'
+           for n, a in preprocess_ops.ops(spec) if n in ('value_range', 'normalize')]
+    return ' then '.join(ops) or 'none (0..255)'
+  same = (scales[0] is None and scales[1] is None) or (
+      None not in scales and all(np.allclose(a, b, rtol=1e-4, atol=1e-6)
+                                 for a, b in zip(scales[0], scales[1])))
+  if not same:
     logging.warning(
         'config.input.pp_train scales pixels with %s but pp_eval with %s: the model is '
         'evaluated on values it was not trained on. Use the same value_range/normalize in '
-        'both.', said(scales['pp_train']), said(scales['pp_eval']))
-  elif not scales['pp_train']:
+        'both.', said(train), said(evaluation))
+  elif scales[0] is None:
     logging.warning(
         'config.input.pp_train and pp_eval have no value_range(...) or normalize(...): '
         'pixels reach the model as 0..255, which trains poorly (the recipes use '
