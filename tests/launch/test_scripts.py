@@ -951,6 +951,12 @@ def test_until_done_does_not_restart_an_error_a_restart_would_meet_again(stubs, 
   proc = _until_done(tmp_path, env, '--backoff=0', '--', _job(tmp_path, 5, status=3))
   assert proc.returncode == 3 and _count(tmp_path) == 1, proc.stderr
   assert 'not restarting: status 3' in proc.stderr
+  # With --workdir: vit_jax.main refuses a config before it creates the workdir.
+  (tmp_path / 'count').unlink()
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={tmp_path}/fresh', '--backoff=0', '--',
+              _job(tmp_path, 5, status=3)], dict(env, PYTHON=sys.executable))
+  assert proc.returncode == 3 and _count(tmp_path) == 1, proc.stderr
+  assert 'not restarting: status 3' in proc.stderr
 
 
 def test_until_done_passes_a_stop_signal_on_and_starts_no_further_attempt(stubs, tmp_path):
