@@ -167,14 +167,20 @@ def test_tpu_up_creates_copies_installs_and_starts_on_every_worker(stubs):
   assert _flag(logs, '--worker') == '0' and 'tail' in _flag(logs, '--command')
 
 
+def _worker_home(tmp_path):
+  """A fake TPU worker's home: the code's directory and the path of its venv's python
+  (for the test to write); the remote commands run locally with HOME set to it."""
+  home = tmp_path / 'worker_home'
+  (home / 'vit_jax').mkdir(parents=True)
+  (home / 'vit_env' / 'bin').mkdir(parents=True)
+  return home, home / 'vit_env' / 'bin' / 'python'
+
+
 def test_tpu_train_command_runs_as_given_on_a_worker_and_stop_ends_it(stubs, tmp_path):
   """The remote commands of `train` and `stop` run for real by bash, in a fake worker
   home whose vit_env Python records its arguments and waits."""
   env, calls = stubs
-  home = tmp_path / 'worker_home'
-  (home / 'vit_jax').mkdir(parents=True)
-  (home / 'vit_env' / 'bin').mkdir(parents=True)
-  fake = home / 'vit_env' / 'bin' / 'python'
+  home, fake = _worker_home(tmp_path)
   # Like vit_jax.main, it takes SIGTERM as "save, then exit", which takes a moment.
   fake.write_text(f'#!{sys.executable}\nimport json, signal, sys, time\n'
                   'def save(*_):\n'
@@ -223,10 +229,7 @@ def test_tpu_run_logs_on_the_worker_passes_worker_env_and_stop_spares_other_pids
   WORKER_ENV reaches vit_jax.main with its quoted value whole; `stop` signals the PID file's
   process only if it is vit_jax.main (after a VM restart the PID may be another's)."""
   env, _ = stubs
-  home = tmp_path / 'worker_home'
-  (home / 'vit_jax').mkdir(parents=True)
-  (home / 'vit_env' / 'bin').mkdir(parents=True)
-  fake = home / 'vit_env' / 'bin' / 'python'
+  home, fake = _worker_home(tmp_path)
   fake.write_text(f'#!{sys.executable}\nimport json, os, sys\n'
                   'print("training output", flush=True)\n'
                   f'open({str(home / "seen.json")!r}, "w").write(json.dumps('
@@ -260,10 +263,7 @@ def test_tpu_run_stops_the_workers_on_a_signal_and_waits_for_their_save(stubs, t
   """SIGTERM to `tpu_vm.sh run` (until_done.sh's, in `resilient`) used to end the local
   script only: gcloud ssh does not stop a remote command, the workers trained on."""
   env, _ = stubs
-  home = tmp_path / 'worker_home'
-  (home / 'vit_jax').mkdir(parents=True)
-  (home / 'vit_env' / 'bin').mkdir(parents=True)
-  fake = home / 'vit_env' / 'bin' / 'python'
+  home, fake = _worker_home(tmp_path)
   fake.write_text(f'#!{sys.executable}\nimport signal, sys, time\n'
                   'def save(*_):\n'
                   '  time.sleep(1)\n'
