@@ -151,6 +151,8 @@ run_in_group() {
   "$@" </dev/null &
   child=$!
   set +m
+  # A signal between the start and the line above found no child to pass it on to.
+  [[ -z $stop_signal ]] || kill -TERM -- "-$child" 2>/dev/null || true
   local rc
   while :; do
     rc=0
@@ -171,6 +173,7 @@ fi
 delay=$BACKOFF
 attempt=0
 while :; do
+  stopped  # a signal before this attempt: none starts
   attempt=$((attempt + 1))
   log "attempt $attempt of $MAX_ATTEMPTS: $*"
   rc=0

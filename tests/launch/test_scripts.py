@@ -959,6 +959,11 @@ def test_until_done_does_not_restart_an_error_a_restart_would_meet_again(stubs, 
   assert 'not restarting: status 3' in proc.stderr
 
 
+# Runs argv[1:] with SIGINT at its default disposition (exec keeps it).
+_WITH_SIGINT = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+                'os.execvp(sys.argv[1], sys.argv[1:])')
+
+
 def test_until_done_passes_a_stop_signal_on_and_starts_no_further_attempt(stubs, tmp_path):
   """Ctrl-C in a terminal signals the whole foreground process group. The job, like
   vit_jax.main, saves on its first signal and stops at once on a second one: it must get
@@ -966,13 +971,13 @@ def test_until_done_passes_a_stop_signal_on_and_starts_no_further_attempt(stubs,
   env, _ = stubs
   job = tmp_path / 'job.sh'
   job.write_text(f'''#!/usr/bin/env bash
-echo started >> {tmp_path}/starts
 stopping=0
 on_signal() {{
   if ((stopping)); then echo 'second signal: not saved' >> {tmp_path}/saved; exit 1; fi
   stopping=1
 }}
 trap on_signal INT TERM
+echo started >> {tmp_path}/starts
 while ((!stopping)); do /bin/sleep 0.1; done
 /bin/sleep 1
 ((stopping == 1)) && echo saved >> {tmp_path}/saved
@@ -982,16 +987,22 @@ exit 143
   for signal_number, status in ((2, 130), (15, 143)):
     for f in ('starts', 'saved'):
       (tmp_path / f).unlink(missing_ok=True)
-    proc = subprocess.Popen(['bash', LAUNCH / 'until_done.sh', '--done_cmd=false',
-                             '--backoff=0', '--', job], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 30
+    # Started with SIGINT at its default: a shell cannot trap a signal that was ignored
+    # when it started, as it is under `nohup ... &` (how a CI may run this suite).
+    proc = subprocess.Popen([sys.executable, '-c', _WITH_SIGINT, 'bash',
+                             LAUNCH / 'until_done.sh', '--done_cmd=false', '--backoff=0', '--',
+                             job], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
     while not (tmp_path / 'starts').exists() and time.monotonic() < deadline:
       time.sleep(0.05)
     time.sleep(0.2)
     os.killpg(proc.pid, signal_number)  # as a terminal does: the whole foreground group
-    _, err = proc.communicate(timeout=60)
+    try:
+      _, err = proc.communicate(timeout=120)
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, 9)
     assert proc.returncode == status, err
     assert (tmp_path / 'saved').read_text() == 'saved\n', err  # told once, waited for
     assert (tmp_path / 'starts').read_text() == 'started\n'  # and not started again
