@@ -304,6 +304,25 @@ def test_workdir_check_leaves_other_processes_probe_files_alone(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['.write_test']
 
 
+def _start_pair(flags, port):
+  """Processes 0 and 1 of a 2-process vit_jax.main run, each in a session of its own."""
+  return [subprocess.Popen(
+      [sys.executable, '-m', 'vit_jax.main', *flags, f'--coordinator_address=localhost:{port}',
+       '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=_env(4),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+          for i in (0, 1)]
+
+
+def _wait_for_log_rows(procs, workdir, rows):
+  """Until metrics.jsonl has `rows` training rows; both processes must still run."""
+  deadline = time.monotonic() + TIMEOUT
+  metrics = workdir / 'metrics.jsonl'
+  while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not (
+      metrics.exists() and metrics.read_text().count('"loss"') >= rows):
+    time.sleep(0.05)
+  assert all(p.poll() is None for p in procs)
+
+
 def test_sigterm_to_one_process_saves_one_agreed_step_in_both(runs, tmp_path):
   """A preemption notice reaches one host only: JAX's preemption service tells the other,
   both save the same step and exit with 143, and that checkpoint is complete."""
@@ -311,18 +330,9 @@ def test_sigterm_to_one_process_saves_one_agreed_step_in_both(runs, tmp_path):
   port = _free_port()
   flags = [*_main_flags(runs['data_dir'], workdir, runs['init']),
            '--config.total_steps=500', '--config.checkpoint_every=1000']
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'vit_jax.main', *flags, f'--coordinator_address=localhost:{port}',
-       '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=_env(4),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-           for i in (0, 1)]
+  procs = _start_pair(flags, port)
   try:
-    deadline = time.monotonic() + TIMEOUT
-    metrics = workdir / 'metrics.jsonl'
-    while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not (
-        metrics.exists() and metrics.read_text().count('"loss"') >= 2):
-      time.sleep(0.05)
-    assert all(p.poll() is None for p in procs)
+    _wait_for_log_rows(procs, workdir, 2)
     procs[1].send_signal(signal.SIGTERM)  # the process that does not write metrics
     outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
   finally:
@@ -363,18 +373,9 @@ def test_a_lost_process_stops_the_others_after_the_heartbeat_timeout(runs, tmp_p
   flags = [*_main_flags(runs['data_dir'], workdir, runs['init']),
            '--config.total_steps=5000', '--config.checkpoint_every=10000',
            '--heartbeat_timeout=10']
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'vit_jax.main', *flags, f'--coordinator_address=localhost:{port}',
-       '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=_env(4),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-           for i in (0, 1)]
+  procs = _start_pair(flags, port)
   try:
-    deadline = time.monotonic() + TIMEOUT
-    metrics = workdir / 'metrics.jsonl'
-    while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not (
-        metrics.exists() and metrics.read_text().count('"loss"') >= 1):
-      time.sleep(0.05)
-    assert all(p.poll() is None for p in procs)
+    _wait_for_log_rows(procs, workdir, 1)
     os.killpg(procs[1].pid, signal.SIGKILL)
     start = time.monotonic()
     out = procs[0].communicate(timeout=90)[0]

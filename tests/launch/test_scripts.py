@@ -511,13 +511,11 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
   assert sorted(a[4] for a in argvs) == ['--process_id=0', '--process_id=1']
 
 
-def test_multinode_forwards_sigterm_to_the_remote_processes_and_waits_for_their_save(
-    stubs, tmp_path):
-  """Killing the local ssh clients does not stop remote commands (they would train on
-  beside the next attempt): the script signals each remote process by its PID file and
-  waits while they save. The stub ssh runs the command on a process of its own, in a
-  new session, so that only the forwarded signal can reach it."""
-  env, _ = stubs
+def _hosts_that_save(tmp_path, save_seconds):
+  """(ssh, python) stubs: the ssh logs its arguments to ssh_calls and runs the command in
+  a session of its own (as a remote host would: only a forwarded signal reaches it); the
+  python writes ready_<process id>, and on SIGTERM takes save_seconds to write
+  saved_<process id> (the checkpoint), then exits 143."""
   ssh = tmp_path / 'ssh'
   ssh.write_text('#!/usr/bin/env bash\n'
                  f'echo "$@" >> {tmp_path}/ssh_calls\n'
@@ -528,12 +526,23 @@ def test_multinode_forwards_sigterm_to_the_remote_processes_and_waits_for_their_
       tmp_path, 'import signal\n'
       'pid = sys.argv[5]\n'
       'def on_term(*_):\n'
-      '  time.sleep(1)  # the checkpoint being written\n'
+      f'  time.sleep({save_seconds})  # the checkpoint being written\n'
       '  open(f"{d}/saved_{pid}", "w").write("")\n'
       '  sys.exit(143)\n'
       'signal.signal(signal.SIGTERM, on_term)\n'
       'open(f"{d}/ready_{pid}", "w").write("")\n'
       'time.sleep(60)\n')
+  return ssh, fake
+
+
+def test_multinode_forwards_sigterm_to_the_remote_processes_and_waits_for_their_save(
+    stubs, tmp_path):
+  """Killing the local ssh clients does not stop remote commands (they would train on
+  beside the next attempt): the script signals each remote process by its PID file and
+  waits while they save. The stub ssh runs the command on a process of its own, in a
+  new session, so that only the forwarded signal can reach it."""
+  env, _ = stubs
+  ssh, fake = _hosts_that_save(tmp_path, save_seconds=1)
   # COLUMNS=80: the check that the PID is still a vit_jax.main process must read the
   # whole command line (ps truncated it to the terminal width, and nothing was signalled).
   proc = subprocess.Popen(
@@ -890,21 +899,7 @@ def test_multinode_waits_for_the_remote_saves_when_the_whole_group_is_signalled(
   attempt of until_done.sh met them. It now waits until no remote process runs. The
   stub ssh runs the command in a session of its own, as a remote host would."""
   env, _ = stubs
-  ssh = tmp_path / 'ssh'
-  ssh.write_text('#!/usr/bin/env bash\n'
-                 'setsid bash -c "$2" &\n'
-                 'wait $!\n')
-  ssh.chmod(0o755)
-  fake = _recording_python(
-      tmp_path, 'import signal\n'
-      'pid = sys.argv[5]\n'
-      'def on_term(*_):\n'
-      '  time.sleep(3)  # the checkpoint being written\n'
-      '  open(f"{d}/saved_{pid}", "w").write("")\n'
-      '  sys.exit(143)\n'
-      'signal.signal(signal.SIGTERM, on_term)\n'
-      'open(f"{d}/ready_{pid}", "w").write("")\n'
-      'time.sleep(60)\n')
+  ssh, fake = _hosts_that_save(tmp_path, save_seconds=3)
   proc = subprocess.Popen(
       ['bash', LAUNCH / 'multinode.sh', '--hosts=gpu-a,gpu-b', f'--python={fake}',
        '--config=c.py', '--workdir=/w'], cwd=ROOT, env=dict(env, SSH=str(ssh)),
