@@ -255,6 +255,8 @@ def test_a_folder_with_the_tfds_source_is_named():
     ('optimizer.b1', 1.5, 'config.optimizer.b1=1.5 must be in [0, 1)'),
     ('optimizer.mu_dtype', 'bf16', "config.optimizer.mu_dtype='bf16' must be 'float32' (or"),
     ('mesh.model', 0, "each size must be a positive int or -1"),
+    ('input.mixup_alpha', -0.2, 'config.input.mixup_alpha=-0.2 must be a number >= 0'),
+    ('input.mix_switch_prob', 2.0, 'config.input.mix_switch_prob=2.0 must be in [0, 1]'),
 ])
 def test_values_that_would_train_wrongly_or_fail_late_are_named(field, value, message):
   """Each of these used to run (a negative learning rate or clipping norm ascends the
@@ -347,3 +349,14 @@ def test_an_image_size_the_patch_does_not_divide_names_sizes_that_fit():
       'config.model.image_size=30 is not divisible by the patch size (7, 7): e.g. '
       '--config.model.image_size=28 or 35')):
     _validate(c)
+
+
+def test_mixing_labels_without_onehot_is_refused():
+  c = _config()
+  c.input.pp_train = 'decode|random_resized_crop(28)|value_range(-1, 1)'
+  c.input.cutmix_alpha = 1.0
+  with pytest.raises(defaults.ConfigError,
+                     match=re.escape("has no onehot: add '|onehot(10)' to it")):
+    _validate(c)
+  c.input.cutmix_alpha = 0.0
+  _validate(c)

@@ -87,3 +87,28 @@ def test_a_run_started_again_names_what_it_does_not_use(tmp_path, warnings, monk
                           tmp_path / 'keep')
   assert any("init_head='keep' keeps the head of" in w and "['cat', 'dog', 'fox']" in w
              and "['ant', 'bee', 'cow']" in w for w in warnings), warnings
+
+
+def test_an_evaluation_that_fails_saves_its_step_first(tmp_path, monkeypatch):
+  """A crash in evaluation used to lose the steps since the last checkpoint. The run
+  trains with mixup and cutmix (in the train step) on the way."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=4, checkpoint_every=0, **{
+      'input.mixup_alpha': 0.8, 'input.cutmix_alpha': 1.0})
+  real_evaluate = loop.evaluate
+
+  def broken(*args, **kwargs):
+    raise OSError('an unreadable evaluation image')
+
+  monkeypatch.setattr(loop, 'evaluate', broken)
+  with pytest.raises(OSError, match='unreadable'):
+    loop.train_and_evaluate(config, workdir)
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()
+                if p.name.isdigit()) == ['2']
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert np.isfinite([r['loss'] for r in rows if 'loss' in r]).all()
+  monkeypatch.setattr(loop, 'evaluate', real_evaluate)
+  final = loop.train_and_evaluate(config, workdir)
+  assert final['step'] == 4 and 'eval_top1' in final

@@ -89,13 +89,18 @@ def test_fsdp_really_shards_parameters(runs):
   assert all('fsdp' not in s for s in data_only['specs'].values())
 
 
-def test_gradient_accumulation_equals_the_big_batch():
-  """accum_steps=4 at batch 16 gives the update of one step at batch 16 (no dropout)."""
+@pytest.mark.parametrize('mix', [None, (0.8, 1.0)], ids=['plain', 'mixup_cutmix'])
+def test_gradient_accumulation_equals_the_big_batch(mix):
+  """accum_steps=4 at batch 16 gives the update of one step at batch 16 (no dropout);
+  with mixup/cutmix too, since the whole batch is mixed before it is split."""
   import jax
   import jax.numpy as jnp
   from vit_jax import models
+  from vit_jax.train import batch_mix
   from vit_jax.train import step as step_lib
   import optax
+
+  mix = mix and batch_mix.MixConfig(mixup_alpha=mix[0], cutmix_alpha=mix[1])
 
   module = models.create('ViT-Ti/16', image_size=16, patch_size=4, hidden_size=32,
                          num_layers=2, num_heads=2, mlp_dim=64, num_classes=5)
@@ -110,7 +115,8 @@ def test_gradient_accumulation_equals_the_big_batch():
   for accum in (1, 4):
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=opt.init(params), rng=jax.random.PRNGKey(0))
-    fn = jax.jit(step_lib.make_train_step(module, opt, loss='softmax_xent', accum_steps=accum))
+    fn = jax.jit(step_lib.make_train_step(module, opt, loss='softmax_xent', accum_steps=accum,
+                                          mix=mix))
     for _ in range(3):
       state, metrics = fn(state, batch)
     results[accum] = (float(metrics['loss']), float(metrics['grad_norm']), state.params)

@@ -49,22 +49,12 @@ def _check_label_count(input_config, train) -> None:
   logging.warning('%s; the other %d outputs are never a label.', message, width - classes)
 
 
-def batch_preprocess_fn(input_config):
-  """Mixup / cutmix on batches, or None."""
-  mixup, cutmix = input_config.mixup_alpha, input_config.cutmix_alpha
-  if not mixup and not cutmix:
-    return None
-  from vit_jax.data import mix as mix_lib  # pylint: disable=g-import-not-at-top
-  return lambda batch: mix_lib.mix(batch, mixup_alpha=mixup, cutmix_alpha=cutmix,
-                                   switch_prob=input_config.mix_switch_prob)
-
-
 def create_train_batches(input_config, source, *, global_batch_size, seed, start_step=0,
                          process_index=None, process_count=None):
   return pipeline.train_batches(
       source, global_batch_size=global_batch_size,
       preprocess=preprocess_ops.parse(input_config.pp_train),
-      batch_preprocess=batch_preprocess_fn(input_config), seed=seed, start_step=start_step,
+      seed=seed, start_step=start_step,
       process_index=process_index, process_count=process_count,
       threads=input_config.get('threads'))
 

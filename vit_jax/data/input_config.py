@@ -17,8 +17,9 @@ FIELD_DOCS = {
                   "subfolder's name (folder)",
     'pp_train': 'training preprocessing ops, "op(args)|op(args)|..." (preprocess_ops)',
     'pp_eval': 'evaluation preprocessing ops (deterministic)',
-    'mixup_alpha': 'mixup Beta(alpha, alpha); 0 disables',
-    'cutmix_alpha': 'cutmix Beta(alpha, alpha); 0 disables',
+    'mixup_alpha': 'mixup Beta(alpha, alpha), in the train step (train/batch_mix.py); 0 '
+                   'disables; needs onehot in pp_train',
+    'cutmix_alpha': 'cutmix Beta(alpha, alpha), in the train step; 0 disables',
     'mix_switch_prob': 'with both enabled: probability of cutmix instead of mixup per batch',
     'shuffle_buffer': 'tfds shuffle buffer (examples); image folders shuffle exactly',
     'threads': 'tf.data threads per process; None lets tf.data decide',

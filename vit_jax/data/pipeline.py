@@ -10,7 +10,7 @@ starts that epoch's order at example (k % steps_per_epoch) * local_batch and yie
 exactly the batches an uninterrupted pipeline yields from step k.
 
 Randomness. Every random op is stateless and seeded by the example's own seed,
-fold_in(hash(seed, epoch, process), position in the epoch), and batch ops (mixup) by
+fold_in(hash(seed, epoch, process), position in the epoch), and a batch_preprocess by
 fold_in(hash(seed), global step): augmentations do not depend on threading, prefetching
 or on where the pipeline was started.
 

@@ -7,8 +7,7 @@ tensors with explicit `tf.cond` and on Python values (dtypes, static shapes, op
 arguments) with plain `if`. The rewrite still cost about 1.5 s when a run built its
 training pipeline and 0.2 s more for each evaluation's, on a 2-core host (first batch of
 the demo's training pipeline 2.5 -> 0.94 s). Tests check that the registered ops
-(`tests/data/test_preprocess_ops.py`) and the batch mixing (`tests/data/test_mix.py`)
-give their eager results when traced this way.
+(`tests/data/test_preprocess_ops.py`) give their eager results when traced this way.
 
 Functions of one's own passed to the pipelines (`preprocess`, `batch_preprocess`, an op
 added with `preprocess_ops.register`) are traced the same way: a branch on a tensor's

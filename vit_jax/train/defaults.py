@@ -295,6 +295,10 @@ _RANGES = (
     ('optimizer.momentum', lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'),
     ('optimizer.mu_dtype', lambda v: v in (None, 'float32', 'bfloat16'),
      "'float32' (or None) or 'bfloat16'"),
+    ('input.mixup_alpha', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (0 disables it)'),
+    ('input.cutmix_alpha', lambda v: _is_number(v) and v >= 0,
+     'a number >= 0 (0 disables it)'),
+    ('input.mix_switch_prob', lambda v: _is_number(v) and 0 <= v <= 1, 'in [0, 1]'),
 )
 
 
@@ -368,6 +372,12 @@ def _check_preprocessing(config) -> None:
           f'config.model.image_size={size}: change the size in {size_op}(...) to {size}, or '
           f'set --config.model.image_size={h}' + (' (a square image)' if h != w else '') +
           ' to train at that resolution (a pretrained position embedding is resampled).')
+    if (field == 'pp_train' and onehot_classes is None
+        and (config.input.get('mixup_alpha') or config.input.get('cutmix_alpha'))):
+      raise ConfigError(
+          f'config.input.mixup_alpha / cutmix_alpha mix labels, which needs one-hot labels, '
+          f'but config.input.pp_train={spec!r} has no onehot: add '
+          f"'|onehot({classes or 'NUM_CLASSES'})' to it, or set the alphas to 0.")
     if onehot_classes is not None and classes and onehot_classes != classes:
       raise ConfigError(
           f'config.input.{field}={spec!r} one-hot encodes {onehot_classes} classes, but '

@@ -18,6 +18,7 @@ import numpy as np
 from vit_jax import models
 from vit_jax import sharding as sharding_lib
 from vit_jax.checkpoints import train_state as ckpt_lib
+from vit_jax.train import batch_mix
 from vit_jax.train import defaults
 from vit_jax.train import hardware
 from vit_jax.train import metrics as metrics_lib
@@ -212,7 +213,8 @@ class Trainer:
                                  accum_steps=config.accum_steps,
                                  skip_nonfinite=config.nonfinite == 'skip',
                                  trainable=config.get('trainable'),
-                                 freeze=config.get('freeze')),
+                                 freeze=config.get('freeze'),
+                                 mix=batch_mix.MixConfig.from_input_config(config.get('input', {}))),
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     eval_step = jax.jit(step_lib.make_eval_step(module, loss=config.loss),
@@ -449,8 +451,12 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                           other_s=evals_left * eval_s)
       if do_eval:
         eval_start = time.perf_counter()
-        last_eval = evaluate(eval_step, state.variables(), eval_source, config,
-                             batch_sharding)
+        try:
+          last_eval = evaluate(eval_step, state.variables(), eval_source, config,
+                               batch_sharding)
+        except Exception:
+          _save_before_failing(checkpointer, step, state, dict(meta, step=step))
+          raise
         eval_s = time.perf_counter() - eval_start
         writer.write(step, last_eval)
         if is_main:
@@ -472,6 +478,22 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       last_eval = _last_logged_eval(workdir / 'metrics.jsonl')
     final = dict(last_eval, step=step)
     return final
+
+
+def _save_before_failing(checkpointer, step, state, meta) -> None:
+  """An evaluation that raises (an unreadable eval image, say) would lose the steps
+  trained since the last checkpoint: save this step first, in a single-process run (with
+  several processes, the others are still evaluating and would not join the save)."""
+  if jax.process_count() > 1 or checkpointer.latest_step() == step:
+    return
+  logging.error('The evaluation at step %d failed (the error follows). Saving step %d first, '
+                'so that no training is lost; a resumed run goes on from it and does not '
+                'repeat this evaluation.', step, step)
+  try:
+    checkpointer.save(step, state, meta)
+    checkpointer.wait()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error('Saving step %d failed too: %s', step, e)
 
 
 class ResumeError(ValueError):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax import sharding as sharding_lib
+from vit_jax.train import batch_mix
 from vit_jax.train import optimizer as optimizer_lib
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
@@ -68,11 +69,13 @@ def _constrain(x, spec):
 
 def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: str,
                     accum_steps: int = 1, skip_nonfinite: bool = False,
-                    trainable: str | None = None, freeze: str | None = None):
+                    trainable: str | None = None, freeze: str | None = None,
+                    mix: batch_mix.MixConfig | None = None):
   """(state, batch) -> (new state, metrics); batch has 'image' and 'label' (soft).
 
   trainable / freeze: config's regexes; the logged grad_norm is then the norm of the
   trained gradients only (the one that is clipped).
+  mix: mixup / cutmix of the whole batch before the forward pass (`batch_mix.py`).
   """
   loss_of = loss_fn_for(loss)
 
@@ -92,6 +95,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: st
 
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
+    if mix is not None and mix.enabled:
+      batch = batch_mix.mix(batch, batch_mix.step_rng(step_rng), mix)
     images, labels = batch['image'], batch['label']
     if accum_steps == 1:
       (loss_value, model_state), grads = grad_fn(state.params, state.model_state, images,
