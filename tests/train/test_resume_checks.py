@@ -112,3 +112,12 @@ def test_an_evaluation_that_fails_saves_its_step_first(tmp_path, monkeypatch):
   monkeypatch.setattr(loop, 'evaluate', real_evaluate)
   final = loop.train_and_evaluate(config, workdir)
   assert final['step'] == 4 and 'eval_top1' in final
+
+
+def test_a_checkpoint_that_took_a_hidden_folder_for_a_class_is_explained(tmp_path):
+  with pytest.raises(loop.ResumeError, match=r"include '\.ipynb_checkpoints': a hidden or "
+                     'system folder'):
+    loop._check_same_classes(['.ipynb_checkpoints', 'cat', 'dog'], ['cat', 'dog'], tmp_path)
+  with pytest.raises(loop.ResumeError) as other:   # other data as well: no such note
+    loop._check_same_classes(['.ipynb_checkpoints', 'cat', 'dog'], ['ant', 'bee'], tmp_path)
+  assert 'hidden' not in str(other.value)

@@ -232,7 +232,8 @@ def _gather_indices(indices: list[int]) -> list[tuple[int, int]]:
 _SYSTEM_FOLDERS = ('__MACOSX', '@eaDir', 'lost+found')
 
 
-def _is_system_folder(name: str) -> bool:
+def is_system_folder(name: str) -> bool:
+  """A hidden folder (`.name`) or one a tool makes (`__MACOSX`, ...): not a class."""
   return name.startswith('.') or name in _SYSTEM_FOLDERS
 
 
@@ -247,7 +248,7 @@ def _class_files(cls_dir: str, ignored: dict[str, int]) -> list[str]:
     if f.lower().endswith(IMAGE_EXTENSIONS):
       found.append(path)
     elif f.endswith('/') or tf.io.gfile.isdir(path):
-      if not _is_system_folder(f.rstrip('/')):
+      if not is_system_folder(f.rstrip('/')):
         found.extend(_class_files(path, ignored))
     else:
       ext = os.path.splitext(f)[1].lower() or f
@@ -295,7 +296,7 @@ class ImageFolderSource(Source):
                       f'{available or none}.{hint}')
     folders = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
                      if tf.io.gfile.isdir(os.path.join(split_dir, d)))
-    found = [d for d in folders if not _is_system_folder(d)]
+    found = [d for d in folders if not is_system_folder(d)]
     if len(found) < len(folders):
       logging.info('Not classes: the hidden or system folder(s) %s of %s.',
                    ', '.join(sorted(set(folders) - set(found))), split_dir)

@@ -623,7 +623,20 @@ def _check_same_classes(saved, now, workdir) -> None:
       f', but this run\'s training data has [{shown(now)}]: resuming would give the head\'s '
       'outputs other labels. Check config.input (the folder or dataset); to train these '
       f'weights on this data, use another --workdir with --config.init_from={workdir} (a new '
-      'head).')
+      'head).' + _hidden_classes_note(saved, now))
+
+
+def _hidden_classes_note(saved, now) -> str:
+  """Why classes differ when the checkpoint's run took hidden or system folders (which
+  are no longer read) as classes."""
+  from vit_jax.data import sources  # pylint: disable=g-import-not-at-top
+  hidden = [str(n) for n in saved if sources.is_system_folder(str(n))]
+  if not hidden or [n for n in saved if str(n) not in hidden] != list(now):
+    return ''
+  return (f" The checkpoint's classes include {', '.join(map(repr, hidden))}: a hidden or "
+          'system folder, which vit_jax read as a class until 2026-12-07 and now skips, so '
+          'the classes after it have other indices now. The checkpoint is fine: continue '
+          'from it with the --config.init_from above.')
 
 
 def _warn_if_head_classes_differ(loaded, class_names, config) -> None:
