@@ -183,6 +183,42 @@ def test_overlay_is_aligned_and_sized(tmp_path):
   assert o[0, 0, 0] > o[0, 0, 2] and o[-1, -1, 2] > o[-1, -1, 0]
 
 
+@pytest.mark.parametrize('pp, hw, want', [
+    ('decode|resize(64)|value_range(-1, 1)', (300, 200), (0, 0, 300, 200)),
+    # The shorter side to 64 (300x200 -> 96x64), then the central 64 rows of 96: 16..80.
+    ('decode|resize_small(64)|central_crop(64)|value_range(-1, 1)', (300, 200),
+     (50, 0, 250, 200)),
+    ('decode|resize_small(64)|central_crop(64)', (200, 300), (0, 50, 200, 250)),
+    ('decode|resize(256)|central_crop(224)|normalize', (512, 512), (32, 32, 480, 480)),
+    ('decode|central_crop(100)|resize(32)', (300, 200), (100, 50, 200, 150)),
+    ('decode', (30, 20), (0, 0, 30, 20)),
+])
+def test_source_window_of_the_geometric_ops(pp, hw, want):
+  np.testing.assert_allclose(visualize.source_window(pp, hw), want, atol=0.01)
+
+
+def test_no_source_window_for_random_or_unknown_geometry():
+  assert visualize.source_window('decode|inception_crop(64)', (300, 200)) is None
+  assert visualize.source_window('decode|random_resized_crop(64)|flip_lr', (300, 200)) is None
+
+
+def test_rollout_on_the_original_dims_what_the_model_did_not_see(tmp_path):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+  mask = rng.uniform(size=(4, 4))
+  path = visualize.save_rollout_on_original(image, mask, (50, 0, 250, 200),
+                                            tmp_path / 'o.png', alpha=0.5, outside=0.25)
+  out = np.asarray(Image.open(path), np.float64)
+  assert out.shape == image.shape
+  for part in (np.s_[:50], np.s_[250:]):   # cut off by the crop: dimmed, no heat
+    np.testing.assert_allclose(out[part], np.round(image[part] * 0.25), atol=0.51)
+  # Inside: half the image, half the heat map of the mask stretched over the window.
+  heat = visualize._colormap('jet')(visualize._normalize(
+      visualize._upsample(mask, (200, 200))))[..., :3] * 255
+  np.testing.assert_allclose(out[50:250], np.round(0.5 * image[50:250] + 0.5 * heat),
+                             atol=0.51)
+
+
 def test_figures(tmp_path):
   maps = visualize.cls_attention_maps(model_attention('token'), GRID)[:, 0]
   p = visualize.save_layer_maps(maps, tmp_path / 'layers.png', title='t')
@@ -233,10 +269,15 @@ def test_cli_writes_the_pngs(photos, checkpoint, tmp_path):
     assert (Image.open(out / f'{stem}_attention_layers.png').size
             == visualize.layer_maps_size(LAYERS, HEADS, GRID))
     assert f'{out / stem}_rollout.png' in r.stdout
+    assert f'{out / stem}_rollout_original.png' in r.stdout
+  for stem, photo in (('astronaut', 'astronaut.png'), ('chelsea', 'more/chelsea.jpg')):
+    assert (Image.open(out / f'{stem}_rollout_original.png').size
+            == Image.open(photos / photo).size)   # the original's own size
   assert (Image.open(out / 'posemb_similarity.png').size
           == visualize.posemb_grid_size(GRID))
   assert sorted(p.name for p in out.iterdir()) == sorted(
-      [f'{s}_{k}.png' for s in stems for k in ('rollout', 'rollout_mask', 'attention_layers')]
+      [f'{s}_{k}.png' for s in stems
+       for k in ('rollout', 'rollout_mask', 'rollout_original', 'attention_layers')]
       + ['posemb_similarity.png'])
   tops = [line for line in r.stdout.splitlines() if ': top-1 ' in line]
   assert len(tops) == 3 and tops[0].startswith(str(photos / 'astronaut.png'))

@@ -7,6 +7,10 @@ For each image (a folder stands for the images in it) the command writes into --
   <stem>_rollout.png           attention rollout (Abnar & Zuidema, 2020) of the output
                                token over the patches, as a heat map blended over the image
   <stem>_rollout_mask.png      the same rollout alone, 8-bit grey (white = most attended)
+  <stem>_rollout_original.png  the rollout over the original image, at its own size, on
+                               the part the model saw; the part a centre crop cut off is
+                               dimmed (written where the preprocessing is decode, resize,
+                               resize_small and central_crop, as evaluation's usually is)
   <stem>_attention_layers.png  class-token attention to the patches: one row per block,
                                one column per head and a last column with the head mean
 
@@ -15,8 +19,8 @@ embedding with every other one (Dosovitskiy et al., 2021, Fig. 7 centre). It pri
 written paths and the top-1 prediction of each image. Images that cannot be read are
 named on stderr and skipped (the exit status is then 1).
 
-The rollout PNGs have the model's input resolution: they show the image as the model
-sees it, i.e. the checkpoint's evaluation preprocessing (or --pp) with its pixel-value
+The `_rollout` and `_rollout_mask` PNGs have the model's input resolution (the
+`_rollout_original` one the original's): they show the image as the model sees it, i.e. the checkpoint's evaluation preprocessing (or --pp) with its pixel-value
 ops (`value_range`, `normalize`) left out, so crops and resizes line up exactly with
 the token grid (each token is `module.total_stride()` pixels). Images whose stems repeat
 get `-2`, `-3`, ... appended. The checkpoint is anything `vit_jax.predict` takes (a
@@ -439,6 +443,79 @@ def model_view(clf, images) -> np.ndarray:
   return np.stack(out)
 
 
+# Ops whose output pixel at (i, j) comes from an original position that is linear in
+# (i, j): a crop of a resize. Only these let the maps be drawn on the original image.
+_GEOMETRIC_OPS = ('decode', 'resize', 'resize_small', 'central_crop')
+
+
+def traces_back(pp: str) -> bool:
+  """Whether `source_window` can trace `pp`'s geometry back to the original image."""
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  names = [name for name, _ in preprocess_ops.ops(preprocess_ops.without_ops(pp, _VALUE_OPS))]
+  return bool(names) and all(n in _GEOMETRIC_OPS for n in names)
+
+
+def source_window(pp: str, image_hw) -> tuple[float, float, float, float] | None:
+  """(top, left, bottom, right): the part of an original image of image_hw = (H, W)
+  pixels that the preprocessing `pp` (its pixel-value ops left out) turns into the model's
+  input, in the original's pixel coordinates (edges, not centres). None where `pp` has
+  other ops than decode, resize, resize_small and central_crop (a random crop, say).
+
+  Found by preprocessing an image whose pixels are their own coordinates: a resize
+  interpolates them, a crop keeps some, so each output pixel holds where it came from.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  if not traces_back(pp):
+    return None
+  spec = preprocess_ops.without_ops(pp, _VALUE_OPS)
+  h, w = image_hw
+  rows, cols = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5,
+                           np.arange(w, dtype=np.float32) + 0.5, indexing='ij')
+  coords = np.stack([rows, cols, np.zeros_like(rows)], axis=-1)
+  spec = preprocess_ops.without_ops(spec, ('decode',))
+  out = (np.asarray(preprocess_ops.parse(spec)({'image': tf.constant(coords)})['image'],
+                    np.float64) if spec else coords.astype(np.float64))
+
+  def edges(values, n):
+    # Output centres i + 0.5 -> original positions, fitted away from the borders (where
+    # an antialiased shrink clamps); the window's edges are the fit at 0 and n.
+    i = np.arange(n) + 0.5
+    inner = slice(1, n - 1) if n > 4 else slice(None)
+    slope, offset = np.polyfit(i[inner], values[inner], 1)
+    return offset, slope * n + offset
+
+  top, bottom = edges(out[:, out.shape[1] // 2, 0], out.shape[0])
+  left, right = edges(out[out.shape[0] // 2, :, 1], out.shape[1])
+  return float(top), float(left), float(bottom), float(right)
+
+
+def save_rollout_on_original(original_uint8, mask_grid, window, path, *,
+                             alpha: float = 0.5, cmap: str = 'jet',
+                             outside: float = 0.35) -> str:
+  """Writes the mask as a heat map over the part of the original image the model saw
+  (`window`, from `source_window`); the rest of the image, which the model did not see
+  (cut off by a centre crop), is dimmed to `outside` of its brightness. Returns path."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = _check_image(original_uint8).astype(np.float64)
+  h, w = image.shape[:2]
+  top, left, bottom, right = window
+  t, l = max(int(round(top)), 0), max(int(round(left)), 0)
+  b, r = min(int(round(bottom)), h), min(int(round(right)), w)
+  if b <= t or r <= l:
+    raise ValueError(f'window {window} lies outside the {h}x{w} image')
+  # The mask covers the whole window; only its part inside the image is drawn.
+  full_h, full_w = max(int(round(bottom - top)), 1), max(int(round(right - left)), 1)
+  mask = _normalize(_upsample(np.asarray(mask_grid), (full_h, full_w)))
+  oy, ox = t - int(round(top)), l - int(round(left))
+  mask = mask[oy:oy + b - t, ox:ox + r - l]
+  heat = _colormap(cmap)(mask)[..., :3] * 255.0
+  out = image * outside
+  out[t:b, l:r] = (1 - alpha) * image[t:b, l:r] + alpha * heat
+  Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8)).save(path)
+  return str(path)
+
+
 def attention_fn(module):
   """jitted fn(params, pixels) -> (logits (N, classes), attention weights
   (layers, N, heads, T, T)) of preprocessed images, in one forward pass."""
@@ -508,6 +585,17 @@ def unique_stems(paths: Sequence[pathlib.Path]) -> list[str]:
   return out
 
 
+def _rollout_on_original(pp, path, mask, out_path, alpha) -> str:
+  """The rollout drawn on the original image (decoded as the 'decode' op does)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  original = preprocess_ops.parse('decode')({'image': tf.constant(
+      image_files.read_image(str(path)))})['image'].numpy()
+  return save_rollout_on_original(original, mask, source_window(pp, original.shape[:2]),
+                                  out_path, alpha=alpha)
+
+
+
 def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
   tensorflow_startup.leave_keras_out()
@@ -552,6 +640,11 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   fn = attention_fn(module)
   stems = unique_stems(paths)
+  on_original_ok = traces_back(clf.pp)
+  if not on_original_ok:
+    print(f'(no *_rollout_original.png: the preprocessing {clf.pp!r} has ops besides '
+          'decode, resize, resize_small and central_crop, whose geometry is not traced '
+          'back to the original image)', file=sys.stderr)
   what = 'class-token attention' if prefix else 'mean attention over query tokens'
   for start, chunk, real in batches(pixels, f['batch_size']):
     try:
@@ -567,13 +660,16 @@ def main(argv):
       path, stem, top = paths[start + j], stems[start + j], int(np.argmax(probs[j]))
       overlay, mask = save_rollout_overlay(views[start + j], masks[j],
                                            out / f'{stem}_rollout.png', alpha=f['alpha'])
+      on_original = on_original_ok and _rollout_on_original(
+          clf.pp, path, masks[j], out / f'{stem}_rollout_original.png', f['alpha'])
       layers = save_layer_maps(
           maps[:, j], out / f'{stem}_attention_layers.png',
           title=f'{path.name}, top-1: {clf.label(top)} ({probs[j, top]:.3f})\n'
               f'{what} to the {grid[0]}x{grid[1]} patches')
       print(f'{path}: top-1 {clf.label(top)} ({top}) p={probs[j, top]:.4f}')
-      for written in (overlay, mask, layers):
-        print(f'  {written}')
+      for written in (overlay, mask, on_original, layers):
+        if written:
+          print(f'  {written}')
   sim = posemb_similarity(posemb, grid, prefix)
   print(save_posemb_grid(sim, out / 'posemb_similarity.png'))
   if skipped:
