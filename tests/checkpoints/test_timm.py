@@ -259,3 +259,17 @@ def test_to_timm_returns_copies():
   sd = checkpoints.to_timm(config, params)
   sd['norm.weight'].zero_()
   np.testing.assert_array_equal(params['Transformer']['encoder_norm']['scale'], before)
+
+
+def test_numerics_a_model_spec_sets_are_used_for_a_state_dict(original, ck, tmp_path):
+  """A .pth records no numerics: read as a registered model it gets timm's (exact GELU),
+  except the fields the --model spec sets. They used to be dropped without a word."""
+  path = tmp_path / 'tanh.pth'
+  torch.save(checkpoints.to_timm(original['config'], original['params']), path)
+  for spec, gelu in (('ViT-Ti/16', False), ('ViT-Ti/16,gelu_approximate=True', True),
+                     ('gelu_approximate=True,num_heads=3', True)):
+    loaded = checkpoints.load_checkpoint(path, model=spec)
+    assert loaded.config.gelu_approximate is gelu, spec
+    out = ck.jax_logits(models.create(loaded.config), loaded.params, original['x'])
+    d = ck.max_diff(original['out'], out, f'tanh-GELU .pth read with --model={spec!r}')
+    assert (d < TOL_PLAIN) is gelu, (spec, d)

@@ -268,19 +268,45 @@ def _model_config(model) -> ml_collections.ConfigDict | None:
   return ml_collections.ConfigDict(dict(model))
 
 
-def parse_model_spec(spec: str) -> ml_collections.ConfigDict:
-  """The config of a --model value: NAME, NAME,field=value,... or field=value,..."""
-  import ast  # pylint: disable=g-import-not-at-top
+# The fields of how a model computes that a state dict does not record.
+_NUMERICS = ('gelu_approximate', 'layernorm_eps', 'dtype', 'param_dtype', 'attention_impl')
+
+
+def _asked_numerics(model, given) -> dict:
+  """The numerics a caller asked for: a timm state dict read as a registered model takes
+  timm's numerics, except these. Of a --model spec, the fields it sets
+  ('ViT-Ti/16,layernorm_eps=0.01'); of a config, those it sets to other values than the
+  registered config of its name."""
+  if given is None:
+    return {}
+  if isinstance(model, str):
+    typed = {field for field, _ in _spec_parts(model)[1]}
+    return {f: given[f] for f in _NUMERICS if f in typed}
+  try:
+    registered = registry.get_config(given.get('name') or '')
+  except ValueError:  # not registered: from_timm keeps all of the given config's numerics
+    return {}
+  return {f: given[f] for f in _NUMERICS
+          if f in given and f in registered and given[f] != registered[f]}
+
+
+def _spec_parts(spec: str) -> tuple[str | None, list[tuple[str, str]]]:
+  """A --model value's name (or None) and its (field, value text) pairs."""
   parts = [p.strip() for p in re.split(r',(?![^()\[\]]*[)\]])', spec) if p.strip()]
   names = [p for p in parts if '=' not in p]
   if len(names) > 1:
     raise ValueError(f'--model={spec!r}: one model name at most, then field=value pairs '
                      "(e.g. 'vit_base_patch16_224,num_heads=8' or 'num_heads=8')")
-  config = registry.get_config(names[0] if names else 'vit_base_patch16_224')
-  for part in parts:
-    if '=' not in part:
-      continue
-    field, value = (x.strip() for x in part.split('=', 1))
+  pairs = [tuple(x.strip() for x in p.split('=', 1)) for p in parts if '=' in p]
+  return (names[0] if names else None), pairs
+
+
+def parse_model_spec(spec: str) -> ml_collections.ConfigDict:
+  """The config of a --model value: NAME, NAME,field=value,... or field=value,..."""
+  import ast  # pylint: disable=g-import-not-at-top
+  name, pairs = _spec_parts(spec)
+  config = registry.get_config(name or 'vit_base_patch16_224')
+  for field, value in pairs:
     if field not in config:
       raise ValueError(f'--model={spec!r}: {field!r} is not a field of the model config '
                        f'(fields: vit_jax.models.field_docs())')
@@ -420,8 +446,12 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
 
   model: a registered name or a model config, for what a file does not record: the
     numerics of an `.npz` (default: the original release's), the number of heads of a
-    timm ViT state dict (default: the registered model of that width; a model whose name
-    is not registered, e.g. exported by vit_jax.convert, also gives its numerics; a
+    timm ViT state dict (default: the registered model of that width; read as a
+    registered model, it gets timm's numerics except the GELU, epsilon and dtype fields
+    a spec sets ('ViT-Ti/16,layernorm_eps=0.01') or a config sets to other values than
+    its registered name's;
+    a model whose name is not registered, e.g. exported by vit_jax.convert, gives all
+    its numerics; a
     `.safetensors` file vit_jax.convert wrote records its config, class names and
     evaluation preprocessing (META_MODEL, ...), used when `model` is None), and
     for the other families the timm model a state dict is read as
@@ -521,6 +551,8 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     # A name that is not registered (a custom model, e.g. exported by vit_jax.convert)
     # is read with the given config: its heads and numerics, the file's structure.
     config, params = timm_format.from_timm(sd, name, base_config=given, num_heads=heads)
+    for field, value in _asked_numerics(model, given).items():
+      config[field] = value
     return Checkpoint(config, params, 'timm')
   if ('://' in path and not path.endswith(('.npz', '.safetensors', '.bin', '.pt', '.pth'))
       or os.path.isdir(path)):  # an Orbax directory, local or gs://
