@@ -273,3 +273,28 @@ def test_numerics_a_model_spec_sets_are_used_for_a_state_dict(original, ck, tmp_
     out = ck.jax_logits(models.create(loaded.config), loaded.params, original['x'])
     d = ck.max_diff(original['out'], out, f'tanh-GELU .pth read with --model={spec!r}')
     assert (d < TOL_PLAIN) is gelu, (spec, d)
+
+
+def test_create_timm_model_follows_the_fields_not_the_name(ck, tmp_path):
+  """A config keeps a timm name that its fields no longer match (another patch and width;
+  a hybrid read from a bare state dict is named vit_base_patch16_224): timm's model used
+  to be built from the name, and loading the weights failed."""
+  torch.manual_seed(0)
+  small = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32,
+                            patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=5).eval()
+  config, params = checkpoints.from_timm(small)
+  assert config.name == 'vit_tiny_patch16_224' and tuple(config.patch_size) == (8, 8)
+  x = ck.random_images(32, seed=1)
+  rebuilt = checkpoints.create_timm_model(config, params)
+  assert ck.max_diff(ck.torch_logits(rebuilt, x), ck.torch_logits(small, x),
+                     'create_timm_model(vit_tiny name, patch 8, width 32)') < TOL_PLAIN
+  hybrid = timm.create_model('vit_small_r26_s32_224', pretrained=False, depth=1).eval()
+  path = tmp_path / 'hybrid.safetensors'
+  safetensors_torch.save_file(hybrid.state_dict(), str(path))
+  loaded = checkpoints.load_checkpoint(path)
+  assert loaded.config.resnet is not None
+  rebuilt = checkpoints.create_timm_model(loaded.config, loaded.params)
+  x = ck.random_images(224, seed=2)
+  assert ck.max_diff(ck.torch_logits(rebuilt, x), ck.torch_logits(hybrid, x),
+                     'create_timm_model(hybrid read from a state dict)') < TOL_HYBRID

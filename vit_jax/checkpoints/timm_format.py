@@ -438,7 +438,13 @@ def timm_name(config) -> str:
   if family != 'vit':
     return _family_timm_name(config, family)
   if name.startswith('vit_'):
-    return name.split('.')[0]
+    base = name.split('.')[0]
+    registered = _registered_name(base)
+    # A name labels a config; the fields decide (a config read from a state dict keeps
+    # the default name, vit_base_patch16_224, whatever its shape). A timm name that is
+    # not registered here is timm's to build, with the structure passed explicitly.
+    if registered is None or _same_architecture(registry.get_config(registered), config):
+      return base
   candidates = [n for n in registry.list_models() if n.startswith('vit_')]
   # Prefer the variant at the config's resolution, then 224 (timm resizes via img_size).
   candidates.sort(key=lambda n: (not n.endswith(f'_{config.image_size}'),
@@ -495,7 +501,7 @@ def timm_create_args(config) -> tuple[str, dict]:
     name, named = 'vit_base_patch16_224', False
   kwargs = dict(depth=config.num_layers, num_heads=config.num_heads,
                 num_classes=config.num_classes or 0, img_size=config.image_size)
-  if not named:
+  if not named or not config.get('resnet'):  # a plain ViT: every structural argument
     kwargs.update(embed_dim=config.hidden_size, mlp_ratio=config.mlp_dim / config.hidden_size,
                   patch_size=tuple(config.patch_size),
                   in_chans=config.get('in_channels', 3))
