@@ -4,6 +4,7 @@ sees each step once, with the resumed run's values."""
 
 import json
 import logging
+import time
 
 from etils import epath
 import pytest
@@ -52,7 +53,11 @@ def test_resume_drops_what_the_interrupted_run_logged_after_its_checkpoint(tmp_p
   (event_file,) = (tmp_path / 'tensorboard').iterdir()
   with event_file.open('ab') as f:
     f.write(record.read_bytes()[:-3])
-  # Its last checkpoint was step 6: the resumed run logs 7..12 with other values.
+  # Its last checkpoint was step 6: the resumed run logs 7..12 with other values. (A
+  # second later, as a resumed process is: TensorBoard reads event files in name order,
+  # events.out.tfevents.<second>.<host>.<pid>.<writer count>, and within one second and
+  # process the 10th writer's name sorts before the 9th's, a flaky failure in a long run.)
+  time.sleep(1.05)
   with caplog.at_level(logging.INFO):
     _log(tmp_path, 6, range(7, 13), offset=100)
   expected = [(s, float(s)) for s in range(1, 7)] + [(s, 100.0 + s) for s in range(7, 13)]

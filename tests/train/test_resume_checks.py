@@ -1,6 +1,7 @@
 """What a run started again in a workdir says about the config it was given: other
-classes stop it, an ignored init_from is named, and a finished run reports its old result
-as old without rewriting its config.json (a small in-process run on an image folder)."""
+classes or another batch size stop it, an ignored init_from is named, and a finished run
+reports its old result as old without rewriting its config.json; what a stop or a failed
+evaluation leaves for it (a small in-process run on an image folder)."""
 
 import json
 
@@ -12,6 +13,7 @@ from PIL import Image
 from vit_jax import models
 from vit_jax.train import defaults
 from vit_jax.train import loop
+from vit_jax.train import preemption
 
 
 def _folder(root, classes):
@@ -121,3 +123,50 @@ def test_a_checkpoint_that_took_a_hidden_folder_for_a_class_is_explained(tmp_pat
   with pytest.raises(loop.ResumeError) as other:   # other data as well: no such note
     loop._check_same_classes(['.ipynb_checkpoints', 'cat', 'dog'], ['ant', 'bee'], tmp_path)
   assert 'hidden' not in str(other.value)
+
+
+def test_another_batch_size_is_refused_on_resume(tmp_path, monkeypatch):
+  """Its steps count batches of the old size: an epoch-based run with a 4x batch was
+  declared finished at once, a larger batch skipped examples."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  loop.train_and_evaluate(_config(data), workdir)
+  with pytest.raises(loop.ResumeError, match=r'trained with config.batch_size=4, this run has '
+                     r'8: .* keep --config.batch_size=4 and fit it to the devices with '
+                     r'--config.accum_steps'):
+    loop.train_and_evaluate(_config(data, batch_size=8, total_steps=4), workdir)
+
+
+def test_a_stop_at_an_evaluation_step_saves_first_and_the_resumed_run_evaluates(
+    tmp_path, monkeypatch):
+  """A preemption grants seconds: the step's evaluation used to run before the save."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=4, checkpoint_every=0, log_every=1)
+  evaluated = []
+  real_evaluate = loop.evaluate
+
+  def counting(*args, **kwargs):
+    evaluated.append(True)
+    return real_evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(loop, 'evaluate', counting)
+  monkeypatch.setattr(preemption.StopRequest, '__call__', lambda self, step: step == 2)
+  with pytest.raises(preemption.Preempted, match='at step 2 of 4'):
+    loop.train_and_evaluate(config, workdir)
+  assert not evaluated
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['2']
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert not [r for r in rows if 'eval_top1' in r]
+  # The first row's window is the first step alone, compilation included: no images/s,
+  # MFU or ETA from it (they read 12 img/s against 350 in a resumed run's first row).
+  assert [r['step'] for r in rows] == [1, 2]
+  assert 'images_per_sec' not in rows[0] and 'mfu' not in rows[0]
+  assert rows[1]['images_per_sec'] > 0 and rows[1]['mfu'] > 0
+  monkeypatch.setattr(preemption.StopRequest, '__call__', lambda self, step: False)
+  final = loop.train_and_evaluate(config, workdir)
+  assert final['step'] == 4 and len(evaluated) == 2   # the put-off one at 2, then 4
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'eval_top1' in r] == [2, 4]

@@ -315,7 +315,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     if resuming:
       state, saved_meta = _restore_newest_readable(checkpointer, t.abstract_state(),
                                                    meta['config'], workdir)
-      for key in ('seed', 'global_batch_size', 'steps_per_epoch', 'process_count'):
+      _check_same_batch(saved_meta.get('global_batch_size'), config, workdir)
+      for key in ('seed', 'steps_per_epoch', 'process_count'):
         # (Checkpoints written before process_count was recorded do not have it.)
         if saved_meta.get(key) != meta[key] and (key in saved_meta
                                                  or key != 'process_count'):
@@ -387,13 +388,16 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       pending.clear()
       return fetched
 
-    if config.get('eval_at_start') and start_step == 0:
+    # The evaluation a stop request put off (see eval_pending below), made up for now.
+    put_off = resuming and not finished and saved_meta.get('eval_pending')
+    if (config.get('eval_at_start') and start_step == 0) or put_off:
       last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
-      writer.write(0, last_eval)
+      writer.write(start_step, last_eval)
       if is_main:
-        logging.info('step 0 (before training): %s',
+        logging.info('step %d (%s): %s', start_step,
+                     'its evaluation, put off by the stop' if put_off else 'before training',
                      ', '.join(f'{k} {v:.4g}' for k, v in last_eval.items()))
-      progress.rate(0)
+      progress.rate(start_step)
     start_of_pending = start_step
     step = start_step
     final = {}
@@ -411,7 +415,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       is_last = step == total_steps
       stopping = not is_last and stop_request(step)
       do_log = step % config.log_every == 0 or is_last or stopping
-      if step == start_step + 1 and not do_log:
+      compiling = step == start_step + 1
+      if compiling and not do_log:
         # The first step compiles: its time is left out of the first window's images/s,
         # MFU and ETA (one host sync, once).
         jax.block_until_ready(step_metrics)
@@ -421,6 +426,14 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       do_eval = (config.eval_every and step % config.eval_every == 0) or is_last
       do_ckpt = ((config.checkpoint_every and step % config.checkpoint_every == 0) or is_last
                  or stopping)
+      # A stop request saves at once (a preemption grants seconds to minutes) and leaves
+      # this step's evaluation to the resumed run ('eval_pending' in the checkpoint).
+      eval_pending = bool(do_eval and stopping)
+      do_eval = do_eval and not stopping
+      step_meta = dict(meta, step=step, **({'eval_pending': True} if eval_pending else {}))
+      # Saved before the evaluation, the checkpoint is written while it runs, and a crash
+      # or stop during it loses nothing; keep_best needs its metrics, so saves after it.
+      save_first = do_ckpt and not (do_eval and config.keep_best)
       if do_log or do_eval or do_ckpt:
         window.extend(sync(step))
         start_of_pending = step
@@ -429,6 +442,11 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           fetched, window = window, []
           skipped = sum(1 - int(m['finite']) for m in fetched)
           ips, sps = progress.rate(step)
+          if compiling:  # a window of the first step alone: its time is compilation's
+            if is_main:
+              logging.info('First step (compilation included) took %.1f s; images/s, MFU '
+                           'and ETA start at the next row.', sps)
+            ips = sps = None
           peak, probed = peak_meter.window(progress.last_window_s)
           if probed:
             progress.rate(step)  # the probe's time is not training time
@@ -436,7 +454,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           row = dict(mean, learning_rate=float(schedule(step - 1)),
                      param_norm=float(fetched[-1]['param_norm']), images_per_sec=ips,
                      sec_per_step=sps, epoch=step / spe,
-                     mfu=flops_per_step / sps / peak, peak_flops_per_sec=peak,
+                     mfu=flops_per_step / sps / peak if sps else None,
+                     peak_flops_per_sec=peak,
                      skipped_nonfinite=skipped or None,
                      # A row after a resume, before a stop or at the end can average
                      # fewer than log_every steps; it then says how many.
@@ -449,6 +468,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           progress.report(step, ips, sps, {'loss': mean['loss'], 'lr': row['learning_rate'],
                                            **({'skipped': skipped} if skipped else {})},
                           other_s=evals_left * eval_s)
+      if save_first:
+        checkpointer.save(step, state, step_meta)
       if do_eval:
         eval_start = time.perf_counter()
         try:
@@ -463,10 +484,11 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4g}'
                                                       for k, v in last_eval.items()))
         progress.rate(step)  # do not count evaluation time as training time
+      if do_ckpt and not save_first:
+        checkpointer.save(step, state, step_meta,
+                          metrics={k: float(v) for k, v in last_eval.items()})
       if do_ckpt:
-        checkpointer.save(step, state, dict(meta, step=step),
-                          metrics={k: float(v) for k, v in last_eval.items()} if do_eval
-                          else None)
+        progress.rate(step)  # nor the save's time (its copy to the host)
       if stopping:
         checkpointer.wait()
         number = stop_request.signal_number or signal.SIGTERM  # None: another host's notice
@@ -624,6 +646,24 @@ def _check_same_classes(saved, now, workdir) -> None:
       'outputs other labels. Check config.input (the folder or dataset); to train these '
       f'weights on this data, use another --workdir with --config.init_from={workdir} (a new '
       'head).' + _hidden_classes_note(saved, now))
+
+
+def _check_same_batch(saved: int | None, config, workdir) -> None:
+  """Raises ResumeError for a resume with another global batch size: the checkpoint's
+  step counts batches of the old size, so the data position, an epoch-based run's length
+  and the schedule would all be read in the wrong unit (examples skipped or repeated, a
+  run declared finished early)."""
+  if saved is None or saved == config.batch_size:
+    return
+  raise ResumeError(
+      f'the checkpoint in {workdir / "checkpoints"} was trained with config.batch_size='
+      f'{saved}, this run has {config.batch_size}: its step counts batches of {saved}, so '
+      f'resuming with batches of {config.batch_size} would skip or repeat examples and '
+      'misread the run length and schedule. To resume, keep '
+      f'--config.batch_size={saved} and fit it to the devices with --config.accum_steps '
+      '(batch_size must be divisible by accum_steps x batch devices). To go on with '
+      f'another batch size, start a new run in another --workdir with --config.init_from='
+      f'{workdir} and a schedule for it.')
 
 
 def _hidden_classes_note(saved, now) -> str:

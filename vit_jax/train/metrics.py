@@ -148,15 +148,18 @@ class Progress:
     self.last_window_s = dt
     return steps * self.batch / dt, dt / steps
 
-  def report(self, step: int, images_per_sec: float, sec_per_step: float,
+  def report(self, step: int, images_per_sec: float | None, sec_per_step: float | None,
              metrics: dict, other_s: float = 0.0) -> None:
     """other_s: seconds the rest of the run spends outside the train steps (the
     evaluations still to come), added to the ETA."""
     if not self.enabled:
       return
-    eta = (self.total - step) * sec_per_step + other_s
-    h, rem = divmod(int(eta), 3600)
     parts = [f'step {step}/{self.total}']
     parts += [f'{k} {float(v):.4g}' for k, v in metrics.items()]
-    parts += [f'{images_per_sec:,.1f} img/s', f'ETA {h}:{rem // 60:02d}:{rem % 60:02d}']
+    if images_per_sec is None:  # the first step, its time compilation's
+      parts.append('compiled; img/s and ETA from the next row')
+    else:
+      eta = (self.total - step) * sec_per_step + other_s
+      h, rem = divmod(int(eta), 3600)
+      parts += [f'{images_per_sec:,.1f} img/s', f'ETA {h}:{rem // 60:02d}:{rem % 60:02d}']
     print(' | '.join(parts), file=self.stream, flush=True)
