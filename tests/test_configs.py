@@ -18,10 +18,18 @@ def _load(path):
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_loads_and_validates(path):
+def test_config_loads_and_validates(path, tmp_path):
   module = _load(path)
   assert 'Source' in module.__doc__, 'each config names its source in its docstring'
-  config = module.get_config()
+  if path.stem == 'from_workdir':  # --config=configs/from_workdir.py:WORKDIR
+    with pytest.raises(ValueError, match='name the workdir after a colon'):
+      module.get_config()
+    recorded = _load(path.with_name('demo.py')).get_config()
+    (tmp_path / 'config.json').write_text(recorded.to_json_best_effort(indent=2))
+    config = module.get_config(str(tmp_path))
+    assert config.to_json_best_effort() == recorded.to_json_best_effort()
+  else:
+    config = module.get_config()
   if path.stem == 'model_summary':
     assert 'batch_size' not in config  # summary only
     return

@@ -4,6 +4,7 @@ reports its old result as old without rewriting its config.json; what a stop or 
 evaluation leaves for it (a small in-process run on an image folder)."""
 
 import json
+import re
 
 from absl import logging
 import numpy as np
@@ -170,3 +171,25 @@ def test_a_stop_at_an_evaluation_step_saves_first_and_the_resumed_run_evaluates(
   assert final['step'] == 4 and len(evaluated) == 2   # the put-off one at 2, then 4
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if 'eval_top1' in r] == [2, 4]
+
+
+def test_the_config_a_workdir_recorded_resumes_it(tmp_path, monkeypatch):
+  """The ResumeError for another model names configs/from_workdir.py, which reads the
+  run's config.json (no --config could read it before)."""
+  import importlib.util
+  import pathlib
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  loop.train_and_evaluate(_config(data), workdir)
+  with pytest.raises(loop.ResumeError, match=re.escape(
+      f'--config=configs/from_workdir.py:{workdir} (it reads')):
+    loop.train_and_evaluate(_config(data, **{'model.hidden_size': 32}), workdir)
+  path = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'from_workdir.py'
+  spec = importlib.util.spec_from_file_location('from_workdir', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(str(workdir))
+  config.total_steps = 4   # as --config.total_steps=4 on top of it
+  defaults.validate(config, num_devices=1, process_count=1)
+  assert loop.train_and_evaluate(config, workdir)['step'] == 4

@@ -616,7 +616,8 @@ def _check_resumable(checkpointer, abstract_state, config: dict, workdir,
       + ('\nConfig fields changed since that checkpoint was written:\n  '
          + '\n  '.join(changed[:12]) + (f'\n  ... {len(changed) - 12} more'
                                         if len(changed) > 12 else '') if changed else '')
-      + f'\nTo resume, run with the config of that run ({workdir / "config.json"}). To '
+      + '\nTo resume, run with the config of that run: --config=configs/from_workdir.py:'
+      f'{workdir} (it reads {workdir / "config.json"}). To '
       'fine-tune its weights (the same architecture; the head and the resolution may '
       f'change), start a new run in another --workdir with --config.init_from={workdir}.')
 
