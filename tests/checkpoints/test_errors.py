@@ -99,6 +99,20 @@ def test_pos_embedding_mismatch_hints_resample_posemb(reference, loaded):
   assert 'drop_head' not in msg
 
 
+def test_another_width_is_named_as_another_architecture_not_a_resolution(reference):
+  """A checkpoint of width 64 used to get the resolution and class-count hints, and a
+  list of every parameter (hundreds of lines at B/16)."""
+  module = models.create('ViT-Ti/16', num_layers=1, num_classes=NUM_CLASSES, hidden_size=64,
+                         num_heads=2, mlp_dim=128)
+  wider = checkpoints.flatten(models.init_params(module, IMAGE_SIZE))
+  with pytest.raises(CheckpointMismatchError) as info:
+    checkpoints.merge_into(reference, wider)
+  msg = str(info.value)
+  assert 'another architecture' in msg and 'infer_model_config' in msg
+  assert 'resample_posemb' not in msg and 'drop_head' not in msg
+  assert '... and ' in msg and len(msg.splitlines()) < 20
+
+
 def test_drop_head_keeps_the_reference_head(reference, loaded):
   other = dict(loaded)
   other['head/kernel'] = np.ones((192, 10), np.float32)

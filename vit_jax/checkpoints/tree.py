@@ -58,6 +58,29 @@ def _short(keys, limit=20):
   return ', '.join(keys[:limit]) + more
 
 
+def _mismatch_hint(differ, got, ref) -> str:
+  """Why shapes differ, where the keys tell: only the position embedding's token count
+  (another resolution), only the head's outputs (another class count), else another
+  architecture (width, MLP width, patch size, ...)."""
+  def only_axis(k, axis):
+    a, b = tuple(got[k].shape), tuple(ref[k].shape)
+    return len(a) == len(b) and all(x == y for i, (x, y) in enumerate(zip(a, b))
+                                    if i != axis % len(a))
+  resolution = [k for k in differ if k.endswith('pos_embedding') and only_axis(k, 1)]
+  classes = [k for k in differ if k.startswith(HEAD_KEYS) and only_axis(k, -1)]
+  if set(differ) - set(resolution) - set(classes):
+    return (' (another architecture: width, MLP width, heads or patch size differ; '
+            'vit_jax.checkpoints.architecture.infer_model_config(params) reads the '
+            "weights' own)")
+  hint = ''
+  if resolution:
+    hint = ' (a different resolution: resample with vit_jax.models.resample_posemb)'
+  if classes:
+    hint += (" (a different class count: a new head, i.e. config.init_head='reset' when "
+             'fine-tuning, or merge_into(..., drop_head=True))')
+  return hint
+
+
 def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = True,
                what: str = 'checkpoint'):
   """Returns `loaded` arranged as the `reference` tree, after checking it fits.
@@ -80,18 +103,15 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
   taken_from_ref = {k for k in ref if drop_head and k.startswith(HEAD_KEYS)}
   missing = set(ref) - set(got) - taken_from_ref
   unexpected = set(got) - set(ref)
+  differ = [k for k in sorted(set(ref) & set(got))
+            if tuple(got[k].shape) != tuple(ref[k].shape)]
   wrong = [f'{k}: {what} has {tuple(got[k].shape)}, model expects {tuple(ref[k].shape)}'
-           for k in sorted(set(ref) & set(got)) if tuple(got[k].shape) != tuple(ref[k].shape)]
+           for k in differ]
   problems = []
   if wrong:
-    hint = ''
-    if any('pos_embedding' in w for w in wrong):
-      hint = (' (a different resolution: resample with '
-              'vit_jax.models.resample_posemb)')
-    if any(w.startswith('head/') for w in wrong):
-      hint += (' (a different class count: a new head, i.e. config.init_head=\'reset\' '
-               'when fine-tuning, or merge_into(..., drop_head=True))')
-    problems.append(f'shape mismatch{hint}:\n  ' + '\n  '.join(wrong))
+    problems.append(f'shape mismatch{_mismatch_hint(differ, got, ref)}:\n  '
+                    + '\n  '.join(wrong[:12])
+                    + (f'\n  ... and {len(wrong) - 12} more' if len(wrong) > 12 else ''))
   if strict and missing:
     problems.append(f'missing from the {what} ({len(missing)}): {_short(missing)}')
   if strict and unexpected:
