@@ -270,6 +270,30 @@ def test_from_timm_refuses_attention_without_qkv_bias():
       checkpoints.from_timm(source, 'vit_tiny_patch16_224')
 
 
+def test_from_timm_refuses_a_projection_without_bias():
+  """Was a bare KeyError 'blocks.0.attn.proj.bias'."""
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=IMAGE_SIZE, proj_bias=False)
+  for source in (model, model.state_dict()):
+    with pytest.raises(ValueError, match=r"no blocks.0.attn.proj.bias \(timm's proj_bias"):
+      checkpoints.from_timm(source, 'vit_tiny_patch16_224')
+
+
+def test_from_hf_refuses_a_state_dict_of_another_kind():
+  """Was a bare KeyError 'vit.embeddings.position_embeddings'."""
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=IMAGE_SIZE)
+  hf_config = {'hidden_size': 192, 'num_attention_heads': 3, 'intermediate_size': 768,
+               'patch_size': 16}
+  with pytest.raises(ValueError, match='not a transformers ViT state dict: it lacks '
+                     'vit.embeddings.position_embeddings'):
+    checkpoints.from_hf(model.state_dict(), hf_config=hf_config)
+
+
 def test_from_timm_refuses_layer_scale():
   pytest.importorskip('torch')
   timm = pytest.importorskip('timm')

@@ -573,3 +573,12 @@ def test_error_unknown_classifier():
                                      classifier='fancy')
   with pytest.raises(ValueError, match='fancy'):
     models.abstract_params(module, IMG)
+
+
+def test_parameters_of_fewer_blocks_than_the_model_are_named():
+  """It used to be a bare KeyError: 'encoderblock_2'."""
+  params = models.init_params(models.create('ViT-Ti/16', num_layers=2, num_classes=3), 32)
+  deeper = models.create('ViT-Ti/16', num_layers=3, num_classes=3)
+  with pytest.raises(ValueError, match=r'hold 2 encoder blocks .* num_layers=3: create the '
+                     r'model with num_layers=2'):
+    deeper.apply({'params': params}, np.zeros((1, 32, 32, 3), np.float32))

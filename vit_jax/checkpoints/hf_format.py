@@ -98,7 +98,14 @@ def from_hf(model_or_state_dict, hf_config=None):
                     'ViTModel adds and ViTForImageClassification does not) is left out: '
                     'the features are the final LayerNorm of the class token')
   sd = {k: v for k, v in sd.items() if not k.startswith('vit.pooler.')}
-
+  needed = ('vit.embeddings.position_embeddings', 'vit.embeddings.cls_token',
+            'vit.embeddings.patch_embeddings.projection.weight')
+  if any(k not in sd for k in needed):
+    raise ValueError(
+        'not a transformers ViT state dict: it lacks '
+        f'{", ".join(k for k in needed if k not in sd)} (ViTModel / '
+        f'ViTForImageClassification have them); its keys start {sorted(sd)[:4]}. For a timm '
+        'state dict use from_timm, or load_checkpoint for any kind')
   c = registry.get_config('ViT-B/16')
   c.name = hc.get('_name_or_path') or 'hf_vit'
   c.hidden_size = int(hc['hidden_size'])

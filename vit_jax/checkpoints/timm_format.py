@@ -53,6 +53,11 @@ def check_vit_keys(sd, what: str) -> None:
   if 'blocks.0.attn.qkv.weight' in sd and 'blocks.0.attn.qkv.bias' not in sd:
     raise ValueError(f'{what} has attention without query/key/value biases (timm\'s '
                      'qkv_bias=False); vit_jax\'s attention has them, as the original ViT')
+  for key, flag in (('blocks.0.attn.proj', 'proj_bias'), ('blocks.0.mlp.fc1', 'mlp bias'),
+                    ('blocks.0.mlp.fc2', 'mlp bias')):
+    if f'{key}.weight' in sd and f'{key}.bias' not in sd:
+      raise ValueError(f'{what} has no {key}.bias (timm\'s {flag}=False); vit_jax\'s '
+                       'blocks have every bias, as the original ViT')
   missing = [k for k in VIT_KEYS if k not in sd]
   if missing:
     raise ValueError(

@@ -253,6 +253,13 @@ class Encoder(nn.Module):
     block to its slice. Gradients flow back through the stacking to each block.
     """
     params = self.variables['params']
+    have = sorted(int(k.rsplit('_', 1)[1]) for k in params if k.startswith('encoderblock_'))
+    if have != list(range(self.num_layers)):
+      raise ValueError(
+          f'the parameters hold {len(have)} encoder blocks (encoderblock_0 .. '
+          f'encoderblock_{max(have, default=-1)}), but the model has num_layers='
+          f'{self.num_layers}: create the model with num_layers={len(have)}, or read the '
+          "weights' own config (vit_jax.checkpoints.architecture.infer_model_config)")
     stacked = scan_layout.stack_layers({'Transformer': {
         f'encoderblock_{i}': params[f'encoderblock_{i}'] for i in range(self.num_layers)}})
     stacked = stacked['Transformer']['encoderblock']
