@@ -367,7 +367,6 @@ def _write_hf(ckpt, output, notes):
     raise ConversionError(f'cannot convert to transformers: {e}') from None
   hf_config = hf_format.to_hf_config(ckpt.config)
   if not ckpt.config.num_classes:
-    hf_config.num_labels = 0  # no classifier (to_hf_config says 2: a random head)
     notes.append('no classification head: the transformers model has an identity '
                  'classifier (use ViTModel for features)')
   names = ckpt.class_names

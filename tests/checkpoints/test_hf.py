@@ -260,3 +260,15 @@ def test_processors_with_a_crop_or_without_a_fixed_size():
       'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)')
   assert hf_format.pp_eval_from_image_processor({'do_resize': False}, 224) is None
   assert hf_format.pp_eval_from_image_processor({'size': {'shortest_edge': 256}}, 224) is None
+
+
+def test_a_features_model_exports_a_config_without_a_classifier(hf):
+  """num_classes=0: to_hf writes no classifier, and to_hf_config said num_labels=2, so a
+  strict load into ViTForImageClassification failed on the missing classifier."""
+  config = hf['config'].copy_and_resolve_references()
+  config.num_classes = 0
+  params = {k: v for k, v in hf['params'].items() if k != 'head'}
+  hf_config = checkpoints.to_hf_config(config)
+  assert hf_config.num_labels == 0
+  model = transformers.ViTForImageClassification(hf_config).eval()
+  model.load_state_dict(checkpoints.to_hf(config, params), strict=True)

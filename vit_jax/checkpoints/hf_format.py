@@ -203,7 +203,9 @@ def to_hf_config(config):
       hidden_act='gelu_pytorch_tanh' if config.gelu_approximate else 'gelu',
       layer_norm_eps=config.layernorm_eps, image_size=config.image_size,
       patch_size=config.patch_size[0], num_channels=config.in_channels,
-      num_labels=config.num_classes or 2, hidden_dropout_prob=0.0,
+      # 0 for a features model: ViTForImageClassification's classifier is then Identity,
+      # as to_hf writes none.
+      num_labels=config.num_classes or 0, hidden_dropout_prob=0.0,
       attention_probs_dropout_prob=0.0, qkv_bias=True)
 
 
