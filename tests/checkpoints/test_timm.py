@@ -298,3 +298,20 @@ def test_create_timm_model_follows_the_fields_not_the_name(ck, tmp_path):
   x = ck.random_images(224, seed=2)
   assert ck.max_diff(ck.torch_logits(rebuilt, x), ck.torch_logits(hybrid, x),
                      'create_timm_model(hybrid read from a state dict)') < TOL_HYBRID
+
+
+def test_training_checkpoint_files_and_wrapper_prefixes_are_read(tmp_path):
+  """DeiT's and many training scripts' {'model': weights, 'optimizer': ..., 'epoch': ...},
+  and DistributedDataParallel's 'module.' key prefix: the error used to list the keys."""
+  torch.manual_seed(0)
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32,
+                            depth=1, num_classes=3).eval()
+  _, want = checkpoints.from_timm(model)
+  sd = model.state_dict()
+  files = {'deit.pth': {'model': sd, 'epoch': 3, 'optimizer': {'state': {}}},
+           'ddp.pth': {f'module.{k}': v for k, v in sd.items()},
+           'ddp_in_model.pth': {'model': {f'module.{k}': v for k, v in sd.items()}}}
+  for name, content in files.items():
+    torch.save(content, tmp_path / name)
+    loaded = checkpoints.load_checkpoint(tmp_path / name, model='vit_tiny_patch16_224')
+    _assert_same_params(loaded.params, want)

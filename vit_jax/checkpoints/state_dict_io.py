@@ -28,13 +28,36 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
     if path.endswith('.safetensors'):
       return _load_safetensors(path)
     source = _load_torch(path)
-    if 'state_dict' in source and isinstance(source['state_dict'], Mapping):
-      source = source['state_dict']
+    source = _unwrapped(source)
   elif hasattr(source, 'state_dict') and callable(source.state_dict):
     source = source.state_dict()
   if not isinstance(source, Mapping):
     raise TypeError(f'expected a torch module, a state dict or a path, got {type(source)}')
-  return {k: to_numpy(v) for k, v in source.items()}
+  return _without_wrapper_prefix({k: to_numpy(v) for k, v in source.items()})
+
+
+# Where training scripts keep the weights in a checkpoint file: timm's train.py
+# ('state_dict'), DeiT's and many others' ('model'), DDP-era scripts ('module').
+_WEIGHT_KEYS = ('state_dict', 'model', 'module')
+
+
+def _unwrapped(source):
+  """The weights of a training checkpoint file ({'model': weights, 'optimizer': ...,
+  'epoch': ...}); a plain state dict as it is."""
+  if isinstance(source, Mapping) and not any(hasattr(v, 'shape') for v in source.values()):
+    for key in _WEIGHT_KEYS:
+      if isinstance(source.get(key), Mapping):
+        return source[key]
+  return source
+
+
+def _without_wrapper_prefix(sd: dict) -> dict:
+  """Keys without the prefix a wrapper adds to every one: DistributedDataParallel's
+  'module.', torch.compile's '_orig_mod.'."""
+  for prefix in ('module.', '_orig_mod.'):
+    if sd and all(k.startswith(prefix) for k in sd):
+      sd = {k[len(prefix):]: v for k, v in sd.items()}
+  return sd
 
 
 def _start(path: str) -> str:
