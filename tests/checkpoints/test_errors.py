@@ -324,3 +324,23 @@ def test_from_timm_names_a_timm_model_it_does_not_convert():
   timm = pytest.importorskip('timm')
   with pytest.raises(ValueError, match=r"'resnet18' is not a timm model vit_jax converts"):
     checkpoints.from_timm(timm.create_model('resnet18', pretrained=False, num_classes=3))
+
+
+def test_from_timm_names_a_non_square_grid_and_reads_non_square_patches():
+  """A non-square timm ViT used to fail on a position embedding of another resolution; a
+  square image of 4x8 patches on an image size the patch does not divide (it read 20 px)."""
+  torch = pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=(32, 64))
+  with pytest.raises(ValueError, match='no square image makes'):
+    checkpoints.from_timm(model)
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=IMAGE_SIZE, patch_size=(4, 8)).eval()
+  config, params = checkpoints.from_timm(model)
+  assert config.image_size == IMAGE_SIZE and tuple(config.patch_size) == (4, 8)
+  x = np.random.RandomState(0).uniform(-1, 1, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  out = np.asarray(models.create(config).apply({'params': params}, x))
+  np.testing.assert_allclose(out, ref, atol=1e-5)

@@ -145,9 +145,18 @@ def _infer_config(sd, name, model, overrides, base=None, keep_base=False):
   for k, v in overrides.items():
     c[k] = v
   prefix = 1 if c.classifier == 'token' else 0
-  grid = math.isqrt(sd['pos_embed'].shape[1] - prefix)
+  tokens = int(sd['pos_embed'].shape[1]) - prefix
   stride = 1 if c.resnet is None else resnet_lib.stem_stride(c.resnet.num_layers)
-  c.image_size = grid * stride * c.patch_size[0]
+  ph, pw = (int(p) * stride for p in c.patch_size)  # pixels per token
+  side = math.isqrt(tokens * ph * pw)
+  if side * side != tokens * ph * pw or side % ph or side % pw:
+    raise ValueError(
+        f'the position embedding holds {tokens} patch tokens, which no square image makes '
+        f'with {ph}x{pw}-pixel tokens (patch {tuple(c.patch_size)}'
+        + (f', stem stride {stride}' if stride > 1 else '') + '): vit_jax reads square '
+        "images (config.image_size is one int); timm ViTs of a non-square img_size are not "
+        'read')
+  c.image_size = side
   return c
 
 
