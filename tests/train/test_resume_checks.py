@@ -193,3 +193,29 @@ def test_the_config_a_workdir_recorded_resumes_it(tmp_path, monkeypatch):
   config.total_steps = 4   # as --config.total_steps=4 on top of it
   defaults.validate(config, num_devices=1, process_count=1)
   assert loop.train_and_evaluate(config, workdir)['step'] == 4
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path, monkeypatch):
+  """The evaluation used to run to its end (minutes on a large split) before the save,
+  past a preemption's grace period."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=4, checkpoint_every=0, **{'input.eval_split': 'train'})
+  config.batch_size = 2   # 6 evaluation batches of 2: stopped after the first
+  config.log_every = 1
+  polled = []
+
+  def requested(self):
+    polled.append(True)
+    return True
+
+  monkeypatch.setattr(preemption.StopRequest, 'requested_here', property(requested))
+  with pytest.raises(preemption.Preempted, match='during the evaluation at step 2 of 4'):
+    loop.train_and_evaluate(config, workdir)
+  assert len(polled) == 1
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['2']
+  monkeypatch.setattr(preemption.StopRequest, 'requested_here', property(lambda self: False))
+  final = loop.train_and_evaluate(config, workdir)
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert final['step'] == 4 and [r['step'] for r in rows if 'eval_top1' in r] == [2, 4]

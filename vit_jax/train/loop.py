@@ -51,21 +51,28 @@ def check_workdir(workdir: epath.Path) -> None:
     raise defaults.ConfigError(f'--workdir={workdir} is not writable: {e}') from e
 
 
-def evaluate(eval_step, variables, eval_source, config, batch_sharding) -> dict:
+class EvaluationStopped(Exception):
+  """A stop request arrived during an evaluation (`should_stop`)."""
+
+
+def evaluate(eval_step, variables, eval_source, config, batch_sharding,
+             should_stop=None) -> dict:
   """Top-1, top-5 and loss over the whole eval split, every example counted once.
 
   Top-5 is left out for 5 classes or fewer, where every example would be a hit.
+  should_stop: polled after each batch; True raises EvaluationStopped.
   """
   from vit_jax.data import builder as data_builder  # pylint: disable=g-import-not-at-top
   from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batches = data_builder.create_eval_batches(config.input, eval_source,
                                              global_batch_size=config.batch_size)
   with pipeline.prefetch_to_device(batches, batch_sharding) as placed:
-    sums = sum_over_batches(eval_step, variables, placed, batch_sharding.device_set)
+    sums = sum_over_batches(eval_step, variables, placed, batch_sharding.device_set,
+                            should_stop)
   return eval_metrics(jax.device_get(sums), config.model.get('num_classes') or 0)
 
 
-def sum_over_batches(step, variables, batches, devices):
+def sum_over_batches(step, variables, batches, devices, should_stop=None):
   """The sum of `step(variables, batch)` (a tree of arrays) over the batches.
 
   On several CPU devices the steps run one at a time. They do not depend on each other,
@@ -81,6 +88,8 @@ def sum_over_batches(step, variables, batches, devices):
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if one_at_a_time:
       jax.block_until_ready(sums)
+    if should_stop is not None and should_stop():
+      raise EvaluationStopped()
   return sums
 
 
@@ -431,9 +440,6 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       eval_pending = bool(do_eval and stopping)
       do_eval = do_eval and not stopping
       step_meta = dict(meta, step=step, **({'eval_pending': True} if eval_pending else {}))
-      # Saved before the evaluation, the checkpoint is written while it runs, and a crash
-      # or stop during it loses nothing; keep_best needs its metrics, so saves after it.
-      save_first = do_ckpt and not (do_eval and config.keep_best)
       if do_log or do_eval or do_ckpt:
         window.extend(sync(step))
         start_of_pending = step
@@ -468,13 +474,24 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           progress.report(step, ips, sps, {'loss': mean['loss'], 'lr': row['learning_rate'],
                                            **({'skipped': skipped} if skipped else {})},
                           other_s=evals_left * eval_s)
-      if save_first:
-        checkpointer.save(step, state, step_meta)
       if do_eval:
         eval_start = time.perf_counter()
         try:
           last_eval = evaluate(eval_step, state.variables(), eval_source, config,
-                               batch_sharding)
+                               batch_sharding,
+                               should_stop=lambda: stop_request.requested_here)
+        except EvaluationStopped:
+          # A signal during the evaluation: save now and leave the evaluation to the
+          # resumed run, rather than evaluate to the end of a grace period.
+          if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, dict(meta, step=step, eval_pending=True))
+          checkpointer.wait()
+          number = stop_request.signal_number or signal.SIGTERM
+          raise preemption.Preempted(
+              f'stopped by {signal.Signals(number).name} during the evaluation at step '
+              f'{step} of {total_steps}, after saving its checkpoint in '
+              f'{workdir / "checkpoints"}; the same command resumes there and evaluates '
+              'it first', number) from None
         except Exception:
           _save_before_failing(checkpointer, step, state, dict(meta, step=step))
           raise
@@ -484,10 +501,10 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           logging.info('step %d: %s', step, ', '.join(f'{k} {v:.4g}'
                                                       for k, v in last_eval.items()))
         progress.rate(step)  # do not count evaluation time as training time
-      if do_ckpt and not save_first:
-        checkpointer.save(step, state, step_meta,
-                          metrics={k: float(v) for k, v in last_eval.items()})
       if do_ckpt:
+        checkpointer.save(step, state, step_meta,
+                          metrics={k: float(v) for k, v in last_eval.items()} if do_eval
+                          else None)
         progress.rate(step)  # nor the save's time (its copy to the host)
       if stopping:
         checkpointer.wait()

@@ -83,6 +83,12 @@ class StopRequest:
       except (OSError, ValueError):  # no file descriptor behind sys.stdout
         pass
 
+  @property
+  def requested_here(self) -> bool:
+    """A signal reached this single-process run (read without any collective, so it can
+    be polled between evaluation batches); always False with several processes."""
+    return not self._multiprocess and self._requested
+
   def __call__(self, step: int) -> bool:
     if self._multiprocess:
       try:
