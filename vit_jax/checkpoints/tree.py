@@ -77,7 +77,8 @@ def _mismatch_hint(differ, got, ref) -> str:
     hint = ' (a different resolution: resample with vit_jax.models.resample_posemb)'
   if classes:
     hint += (" (a different class count: a new head, i.e. config.init_head='reset' when "
-             'fine-tuning, or merge_into(..., drop_head=True))')
+             'fine-tuning, adapt_variables(..., keep_head=False), or merge_into(..., '
+             'drop_head=True))')
   return hint
 
 
