@@ -335,6 +335,11 @@ def test_from_timm_names_a_non_square_grid_and_reads_non_square_patches():
                             img_size=(32, 64))
   with pytest.raises(ValueError, match='no square image makes'):
     checkpoints.from_timm(model)
+  # 2x8 tokens, as many as a 64 px square's 4x4: the module tells (a state dict cannot).
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                            img_size=(32, 128))
+  with pytest.raises(ValueError, match='takes 32x128 images'):
+    checkpoints.from_timm(model)
   model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
                             img_size=IMAGE_SIZE, patch_size=(4, 8)).eval()
   config, params = checkpoints.from_timm(model)

@@ -219,3 +219,25 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path, monkeypatch)
   final = loop.train_and_evaluate(config, workdir)
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert final['step'] == 4 and [r['step'] for r in rows if 'eval_top1' in r] == [2, 4]
+
+
+def test_a_stop_during_the_final_evaluation_is_made_up_once(tmp_path, monkeypatch):
+  """The final step's put-off evaluation used to be skipped (the run counted as finished)
+  and the previous evaluation reported as the final one."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=2, eval_every=0)   # evaluated at the end only
+  monkeypatch.setattr(preemption.StopRequest, 'requested_here', property(lambda self: True))
+  with pytest.raises(preemption.Preempted, match='during the evaluation at step 2 of 2'):
+    loop.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(preemption.StopRequest, 'requested_here', property(lambda self: False))
+  final = loop.train_and_evaluate(config, workdir)
+  assert final['step'] == 2 and 'eval_top1' in final
+  evals = lambda: [json.loads(l)['step'] for l in  # noqa: E731
+                   (workdir / 'metrics.jsonl').read_text().splitlines() if 'eval_' in l]
+  assert evals() == [2]
+  # Started again: the checkpoint still says its evaluation was put off, but it is in
+  # metrics.jsonl now, so it is not made up twice.
+  again = loop.train_and_evaluate(config, workdir)
+  assert again == final and evals() == [2]

@@ -92,7 +92,8 @@ def from_hf(model_or_state_dict, hf_config=None):
                      f'vit_jax supports {sorted(_GELU)}')
   if not hc.get('qkv_bias', True):
     raise ValueError('qkv_bias=False is not supported: vit_jax attention has biases')
-  sd = _v5_names(state_dict_io.read_state_dict(model_or_state_dict))
+  given = state_dict_io.read_state_dict(model_or_state_dict)
+  sd = _v5_names(given)
   if any(k.startswith('vit.pooler.') for k in sd):
     logging.warning('the transformers pooler (a Dense + tanh on the class token, which '
                     'ViTModel adds and ViTForImageClassification does not) is left out: '
@@ -104,7 +105,7 @@ def from_hf(model_or_state_dict, hf_config=None):
     raise ValueError(
         'not a transformers ViT state dict: it lacks '
         f'{", ".join(k for k in needed if k not in sd)} (ViTModel / '
-        f'ViTForImageClassification have them); its keys start {sorted(sd)[:4]}. For a timm '
+        f'ViTForImageClassification have them); its keys start {sorted(given)[:4]}. For a timm '
         'state dict use from_timm, or load_checkpoint for any kind')
   c = registry.get_config('ViT-B/16')
   c.name = hc.get('_name_or_path') or 'hf_vit'

@@ -156,6 +156,11 @@ def _infer_config(sd, name, model, overrides, base=None, keep_base=False):
         + (f', stem stride {stride}' if stride > 1 else '') + '): vit_jax reads square '
         "images (config.image_size is one int); timm ViTs of a non-square img_size are not "
         'read')
+  size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+  if size is not None and int(size[0]) != int(size[1]):
+    raise ValueError(f'the timm model takes {size[0]}x{size[1]} images: vit_jax reads '
+                     'square images (config.image_size is one int); timm ViTs of a '
+                     'non-square img_size are not read')
   c.image_size = side
   return c
 

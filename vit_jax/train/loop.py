@@ -348,7 +348,12 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
         state = t.with_pretrained(state, config.init_from, pretrained_weights)
         del pretrained_weights
     start_step = int(jax.device_get(state.step))
-    finished = resuming and start_step >= total_steps
+    # A checkpoint saved before its evaluation ran (a stop, or a failure, during it) is
+    # evaluated first, the final step's too: such a run has not finished.
+    # (Unless a resumed run made it up already, and stopped before its next checkpoint.)
+    put_off = (resuming and bool(saved_meta.get('eval_pending'))
+               and not _evaluated_already(workdir / 'metrics.jsonl', start_step, is_main))
+    finished = resuming and start_step >= total_steps and not put_off
     if finished:  # nothing to train or evaluate: the record stays the run's own
       _warn_finished(workdir, start_step, total_steps, saved_meta.get('config') or {},
                      meta['config'])
@@ -397,8 +402,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       pending.clear()
       return fetched
 
-    # The evaluation a stop request put off (see eval_pending below), made up for now.
-    put_off = resuming and not finished and saved_meta.get('eval_pending')
+    # The evaluation a stop request put off (see eval_pending below), made up now.
     if (config.get('eval_at_start') and start_step == 0) or put_off:
       last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
       writer.write(start_step, last_eval)
@@ -437,8 +441,9 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                  or stopping)
       # A stop request saves at once (a preemption grants seconds to minutes) and leaves
       # this step's evaluation to the resumed run ('eval_pending' in the checkpoint).
-      eval_pending = bool(do_eval and stopping)
-      do_eval = do_eval and not stopping
+      # (With keep_best the ranking needs the step's metrics: it evaluates, then saves.)
+      eval_pending = bool(do_eval and stopping and not config.keep_best)
+      do_eval = do_eval and not eval_pending
       step_meta = dict(meta, step=step, **({'eval_pending': True} if eval_pending else {}))
       if do_log or do_eval or do_ckpt:
         window.extend(sync(step))
@@ -519,6 +524,22 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     return final
 
 
+def _evaluated_already(path, step: int, is_main: bool) -> bool:
+  """Whether metrics.jsonl has an evaluation row at `step`; process 0 reads it and tells
+  the others (the evaluation is collective: all processes must agree)."""
+  found = False
+  if is_main and path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      found = found or (row.get('step') == step and 'eval_loss' in row)
+  if jax.process_count() > 1:
+    found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+  return found
+
+
 def _save_before_failing(checkpointer, step, state, meta) -> None:
   """An evaluation that raises (an unreadable eval image, say) would lose the steps
   trained since the last checkpoint: save this step first, in a single-process run (with
@@ -529,7 +550,7 @@ def _save_before_failing(checkpointer, step, state, meta) -> None:
                 'so that no training is lost; a resumed run goes on from it and does not '
                 'repeat this evaluation.', step, step)
   try:
-    checkpointer.save(step, state, meta)
+    checkpointer.save(step, state, dict(meta, eval_pending=True))
     checkpointer.wait()
   except Exception as e:  # pylint: disable=broad-except
     logging.error('Saving step %d failed too: %s', step, e)
