@@ -520,7 +520,9 @@ def timm_create_args(config) -> tuple[str, dict]:
     name, named = 'vit_base_patch16_224', False
   kwargs = dict(depth=config.num_layers, num_heads=config.num_heads,
                 num_classes=config.num_classes or 0, img_size=config.image_size)
-  if not named or not config.get('resnet'):  # a plain ViT: every structural argument
+  # A registered name has been checked against the fields (timm_name); a plain ViT of a
+  # timm name not registered here gets every structural argument.
+  if not named or (not config.get('resnet') and _registered_name(name) is None):
     kwargs.update(embed_dim=config.hidden_size, mlp_ratio=config.mlp_dim / config.hidden_size,
                   patch_size=tuple(config.patch_size),
                   in_chans=config.get('in_channels', 3))
