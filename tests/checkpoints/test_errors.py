@@ -259,25 +259,18 @@ def test_from_timm_reads_an_unregistered_vit_off_the_model_and_refuses_distillat
     checkpoints.from_timm(distilled)
 
 
-def test_from_timm_refuses_attention_without_qkv_bias():
-  """Was a bare KeyError 'blocks.0.attn.qkv.bias'."""
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(qkv_bias=False), r'qkv_bias=False'),
+    (dict(proj_bias=False), r"no blocks.0.attn.proj.bias \(timm's proj_bias"),
+], ids=['qkv_bias', 'proj_bias'])
+def test_from_timm_refuses_attention_without_biases(kwargs, message):
+  """Were bare KeyErrors: 'blocks.0.attn.qkv.bias', 'blocks.0.attn.proj.bias'."""
   pytest.importorskip('torch')
   timm = pytest.importorskip('timm')
   model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
-                            img_size=IMAGE_SIZE, qkv_bias=False)
+                            img_size=IMAGE_SIZE, **kwargs)
   for source in (model, model.state_dict()):
-    with pytest.raises(ValueError, match=r"qkv_bias=False"):
-      checkpoints.from_timm(source, 'vit_tiny_patch16_224')
-
-
-def test_from_timm_refuses_a_projection_without_bias():
-  """Was a bare KeyError 'blocks.0.attn.proj.bias'."""
-  pytest.importorskip('torch')
-  timm = pytest.importorskip('timm')
-  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
-                            img_size=IMAGE_SIZE, proj_bias=False)
-  for source in (model, model.state_dict()):
-    with pytest.raises(ValueError, match=r"no blocks.0.attn.proj.bias \(timm's proj_bias"):
+    with pytest.raises(ValueError, match=message):
       checkpoints.from_timm(source, 'vit_tiny_patch16_224')
 
 
