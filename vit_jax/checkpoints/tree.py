@@ -104,15 +104,17 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
   taken_from_ref = {k for k in ref if drop_head and k.startswith(HEAD_KEYS)}
   missing = set(ref) - set(got) - taken_from_ref
   unexpected = set(got) - set(ref)
-  differ = [k for k in sorted(set(ref) & set(got))
-            if tuple(got[k].shape) != tuple(ref[k].shape)]
+  # Parameters first (BatchNorm statistics follow theirs), at most 50 listed.
+  differ = sorted((k for k in set(ref) & set(got)
+                   if tuple(got[k].shape) != tuple(ref[k].shape)),
+                  key=lambda k: (k.startswith('batch_stats/'), k))
   wrong = [f'{k}: {what} has {tuple(got[k].shape)}, model expects {tuple(ref[k].shape)}'
            for k in differ]
   problems = []
   if wrong:
     problems.append(f'shape mismatch{_mismatch_hint(differ, got, ref)}:\n  '
-                    + '\n  '.join(wrong[:12])
-                    + (f'\n  ... and {len(wrong) - 12} more' if len(wrong) > 12 else ''))
+                    + '\n  '.join(wrong[:50])
+                    + (f'\n  ... and {len(wrong) - 50} more' if len(wrong) > 50 else ''))
   if strict and missing:
     problems.append(f'missing from the {what} ({len(missing)}): {_short(missing)}')
   if strict and unexpected:
