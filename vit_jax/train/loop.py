@@ -223,7 +223,8 @@ class Trainer:
                                  skip_nonfinite=config.nonfinite == 'skip',
                                  trainable=config.get('trainable'),
                                  freeze=config.get('freeze'),
-                                 mix=batch_mix.MixConfig.from_input_config(config.get('input', {}))),
+                                 mix=batch_mix.MixConfig.from_input_config(
+                                     config.get('input', {}))),
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     eval_step = jax.jit(step_lib.make_eval_step(module, loss=config.loss),
@@ -491,12 +492,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           if checkpointer.latest_step() != step:
             checkpointer.save(step, state, dict(meta, step=step, eval_pending=True))
           checkpointer.wait()
-          number = stop_request.signal_number or signal.SIGTERM
-          raise preemption.Preempted(
-              f'stopped by {signal.Signals(number).name} during the evaluation at step '
-              f'{step} of {total_steps}, after saving its checkpoint in '
-              f'{workdir / "checkpoints"}; the same command resumes there and evaluates '
-              'it first', number) from None
+          raise _preempted(stop_request, f'during the evaluation at step {step}',
+                           total_steps, workdir, ' and evaluates it first') from None
         except Exception:
           _save_before_failing(checkpointer, step, state, dict(meta, step=step))
           raise
@@ -513,15 +510,22 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
         progress.rate(step)  # nor the save's time (its copy to the host)
       if stopping:
         checkpointer.wait()
-        number = stop_request.signal_number or signal.SIGTERM  # None: another host's notice
-        raise preemption.Preempted(
-            f'stopped by {signal.Signals(number).name} at step {step} of {total_steps}, '
-            f'after saving its checkpoint in {workdir / "checkpoints"}; the same command '
-            'resumes there', number)
+        raise _preempted(stop_request, f'at step {step}', total_steps, workdir,
+                         ' and evaluates it first' if eval_pending else '')
     if start_step >= total_steps and not last_eval:  # a finished run started again
       last_eval = _last_logged_eval(workdir / 'metrics.jsonl')
     final = dict(last_eval, step=step)
     return final
+
+
+def _preempted(stop_request, when: str, total_steps: int, workdir,
+               resumed: str) -> preemption.Preempted:
+  """The exception of a run stopped by a signal after saving its checkpoint."""
+  number = stop_request.signal_number or signal.SIGTERM  # None: another host's notice
+  return preemption.Preempted(
+      f'stopped by {signal.Signals(number).name} {when} of {total_steps}, after saving '
+      f'its checkpoint in {workdir / "checkpoints"}; the same command resumes there'
+      + resumed, number)
 
 
 def _evaluated_already(path, step: int, is_main: bool) -> bool:
@@ -547,8 +551,8 @@ def _save_before_failing(checkpointer, step, state, meta) -> None:
   if jax.process_count() > 1 or checkpointer.latest_step() == step:
     return
   logging.error('The evaluation at step %d failed (the error follows). Saving step %d first, '
-                'so that no training is lost; a resumed run goes on from it and does not '
-                'repeat this evaluation.', step, step)
+                'so that no training is lost; a resumed run goes on from it and evaluates '
+                'it first.', step, step)
   try:
     checkpointer.save(step, state, dict(meta, eval_pending=True))
     checkpointer.wait()
