@@ -42,6 +42,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from vit_jax import cli_flags
 from vit_jax import tensorflow_startup
 from vit_jax import torch_import
 
@@ -498,4 +499,4 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.parse_flags)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from vit_jax import cli_flags
 from vit_jax import host_memory
 from vit_jax import models
 from vit_jax import tensorflow_startup
@@ -309,13 +310,7 @@ def _parse_flags(argv):
     sys.stderr.write(f'FATAL Flags parsing error: {problem}\n')
     sys.exit(EXIT_USER_ERROR)
   try:
-    return app.parse_flags_with_usage(argv)
-  except SystemExit as e:  # absl printed the bad flag and exits 1 (as after --help)
-    asked_for_help = any(a.split('=')[0] in ('--help', '-h', '-?', '--helpfull',
-                                             '--helpshort', '--helpxml') for a in argv[1:])
-    if e.code == 1 and not asked_for_help:
-      sys.exit(EXIT_USER_ERROR)
-    raise
+    return cli_flags.parse_flags(argv, bad_flag_status=EXIT_USER_ERROR)
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]

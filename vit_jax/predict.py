@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vit_jax import cli_flags
 from vit_jax import cli_inputs
 from vit_jax import tensorflow_startup
 
@@ -73,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: cli_flags.parse_flags(argv, bad_flag_status=2))

@@ -50,6 +50,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vit_jax import cli_flags
 from vit_jax import cli_inputs
 from vit_jax import image_files
 from vit_jax import tensorflow_startup
@@ -679,4 +680,4 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: cli_flags.parse_flags(argv, bad_flag_status=2))

@@ -36,6 +36,8 @@ import json
 from absl import app
 from absl import flags
 
+from vit_jax import cli_flags
+
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'input'], 'What to measure.')
 _COMPARE = flags.DEFINE_string(
     'compare', None, "Baseline run in the same process: 'timm' (train/infer; eager and "
@@ -300,4 +302,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.parse_flags)
