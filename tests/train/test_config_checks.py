@@ -360,3 +360,35 @@ def test_mixing_labels_without_onehot_is_refused():
     _validate(c)
   c.input.cutmix_alpha = 0.0
   _validate(c)
+
+
+@pytest.mark.parametrize('batch,accum,devices,processes', [
+    (32, 1, 3, 1),  # a run of batch 32 resumed on 3 devices
+    (30, 1, 8, 1),
+    (64, 3, 8, 1),
+    (6, 1, 4, 2),
+    (7, 1, 2, 1),
+])
+def test_every_fix_the_batch_error_suggests_validates(batch, accum, devices, processes):
+  """The batch-size error used to suggest only another batch size, which a resumed run
+  cannot take (its checkpoint counts steps of the old batch). Each suggested command-line
+  change, applied alone, must pass; and some suggestion keeps the batch size."""
+  c = _config()
+  c.batch_size, c.accum_steps = batch, accum
+  with pytest.raises(defaults.ConfigError) as e:
+    defaults.validate(c, num_devices=devices, process_count=processes)
+  message = str(e.value)
+  assert f'config.batch_size={batch} must be divisible' in message
+  suggestions = re.split(r' or |; to keep batch_size=\d+ \(as a resumed run must\): ',
+                         message.split('e.g. ', 1)[1])
+  assert any('--config.' in s and 'batch_size' not in s for s in suggestions), message
+  for suggestion in suggestions:
+    fixed = _config()
+    fixed.batch_size, fixed.accum_steps = batch, accum
+    for field, value in re.findall(r'--config\.([\w.]+)=(\d+)', suggestion):
+      node = fixed
+      *parents, leaf = field.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = int(value)
+    defaults.validate(fixed, num_devices=devices, process_count=processes)

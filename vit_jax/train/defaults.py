@@ -94,6 +94,31 @@ class ConfigError(ValueError):
   """A config that cannot work; the message names the field."""
 
 
+def _batch_fixes(b, accum, data, fsdp, num_devices, process_count) -> str:
+  """The ways to make batch size b fit: another batch size, or (to keep b, as a resumed
+  run must) other accum_steps, or a mesh with fewer batch shards (the others on the model
+  axis)."""
+  unit = accum * data * fsdp  # a multiple of process_count (checked before)
+  lower, upper = b // unit * unit, (b // unit + 1) * unit
+  fixes = [f'--config.batch_size={n}' for n in (lower, upper) if n > 0]
+  keep = []
+  per_shard = b // (data * fsdp) if b % (data * fsdp) == 0 else 0
+  accums = [a for a in range(1, per_shard + 1) if per_shard % a == 0]
+  if accums:
+    a = min(accums, key=lambda a: (abs(a - accum), a))
+    keep.append(f'--config.accum_steps={a}')
+  shards = [d for d in range(data * fsdp - 1, 0, -1)
+            if num_devices % d == 0 and d % process_count == 0 and b % (accum * d) == 0]
+  if shards and fsdp == 1:
+    d = shards[0]
+    keep.append(f'--config.mesh.data={d} --config.mesh.model={num_devices // d} (fewer '
+                'batch shards; the model axis takes the other devices)')
+  text = 'e.g. ' + ' or '.join(fixes)
+  if keep:
+    text += f'; to keep batch_size={b} (as a resumed run must): ' + ' or '.join(keep)
+  return text
+
+
 def validate(config, *, num_devices: int, process_count: int, check_input: bool = True) -> None:
   """Checks what can be checked without data or compilation; raises ConfigError.
 
@@ -136,7 +161,7 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     raise ConfigError(
         f'config.batch_size={b} must be divisible by the {process_count} process(es) and by '
         f'accum_steps x batch devices = {accum} x {batch_devices} (mesh data={data}, '
-        f'fsdp={fsdp}); e.g. use {max(b // (accum * batch_devices), 1) * accum * batch_devices}')
+        f'fsdp={fsdp}); ' + _batch_fixes(b, accum, data, fsdp, num_devices, process_count))
   try:
     module = models.create(config.model)
   except ValueError as e:
