@@ -241,3 +241,32 @@ def test_a_stop_during_the_final_evaluation_is_made_up_once(tmp_path, monkeypatc
   # metrics.jsonl now, so it is not made up twice.
   again = loop.train_and_evaluate(config, workdir)
   assert again == final and evals() == [2]
+
+
+def test_with_keep_best_a_checkpoint_whose_evaluation_was_stopped_is_ranked_on_resume(
+    tmp_path, monkeypatch):
+  """A stop during an evaluation saves the checkpoint without metrics. With keep_best it
+  used to stay unranked after the resumed run made the evaluation up, so the best
+  checkpoint could be deleted as soon as it was no longer among the newest."""
+  from vit_jax.checkpoints import train_state  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=4, keep_best=1, **{'input.eval_split': 'train'})
+  config.batch_size = 2   # 6 evaluation batches: the stop ends the evaluation of step 2
+  monkeypatch.setattr(preemption.StopRequest, 'requested_here', property(lambda self: True))
+  with pytest.raises(preemption.Preempted, match='during the evaluation at step 2 of 4'):
+    loop.train_and_evaluate(config, workdir)
+  ckpt = train_state.TrainCheckpointer(workdir / 'checkpoints', keep_best=1, async_save=False)
+  assert ckpt.all_steps() == [2] and ckpt.metrics(2) is None
+  ckpt.close()
+  monkeypatch.setattr(preemption.StopRequest, 'requested_here', property(lambda self: False))
+  assert loop.train_and_evaluate(config, workdir)['step'] == 4
+  rows = {r['step']: r for r in map(json.loads,
+                                     (workdir / 'metrics.jsonl').read_text().splitlines())
+          if 'eval_top1' in r}
+  ckpt = train_state.TrainCheckpointer(workdir / 'checkpoints', keep_best=1, async_save=False)
+  for step in (2, 4):
+    assert ckpt.metrics(step) == pytest.approx(
+        {k: v for k, v in rows[step].items() if k.startswith('eval_')}), step
+  ckpt.close()

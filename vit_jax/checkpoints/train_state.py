@@ -12,12 +12,18 @@ are kept, plus the `keep_best` best by an evaluation metric.
 """
 
 import contextlib
+import json
 from typing import Any
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_manager
 from orbax.checkpoint import checkpoint_managers
+
+
+# Where Orbax's CheckpointManager.save keeps a step's metrics: <step>/metrics/metrics.
+METRICS_ITEM = checkpoint_manager.METRIC_ITEM_NAME
 
 
 class CheckpointSaveError(OSError):
@@ -47,14 +53,18 @@ class TrainCheckpointer:
                best_metric: str = 'eval_top1', best_mode: str = 'max',
                async_save: bool = True):
     policies = [checkpoint_managers.LatestN(n=max(keep_last, 1))]
+    sign = 1.0 if best_mode == 'max' else -1.0
+    metric = lambda m: sign * float(m[best_metric])  # noqa: E731
     if keep_best:
-      sign = 1.0 if best_mode == 'max' else -1.0
       policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda m: sign * float(m[best_metric]), n=keep_best,
-          keep_checkpoints_without_metrics=False))
+          get_metric_fn=metric, n=keep_best, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        # Orbax writes a save's metrics only when best_fn is set (the BestN policy alone
+        # ranked nothing: every checkpoint was unranked and the best ones were deleted).
+        best_fn=metric if keep_best else None,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+    self._keep_best = keep_best
     self._manager = _Manager(directory, options=options, item_names=('state', 'meta'))
     self._saving = None  # the step of the newest save started, for its error message
 
@@ -74,11 +84,39 @@ class TrainCheckpointer:
     Raises CheckpointSaveError if the previous save failed, or this one cannot start.
     """
     self._wait_for_previous_save()
-    with self._failure_named(step):
+    quiet = _without_orbax_warning('did not provide metrics') if (
+        self._keep_best and metrics is None) else contextlib.nullcontext()
+    with self._failure_named(step), quiet:  # a save between evaluations has no metrics
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
           metrics=metrics, force=True)
     self._saving = step
+
+  def add_metrics(self, step: int, metrics: dict) -> None:
+    """Ranks checkpoint `step`, saved before its evaluation ran (a stop put it off), by
+    the `metrics` evaluated since, as if they had been given to `save`.
+
+    Orbax offers no call for this, so the metrics go where its `save` puts them (the
+    JSON file `<step>/metrics/metrics`, written to a temporary name and renamed), on
+    process 0 only; every process then re-reads the checkpoints' metrics. Without it a
+    checkpoint saved with no metrics is never among the `keep_best` best and is deleted
+    once it is older than the `keep_last` newest.
+    """
+    self._wait_for_previous_save()
+    if jax.process_index() == 0:
+      folder = self.directory / str(step) / METRICS_ITEM
+      folder.mkdir(parents=True, exist_ok=True)
+      tmp = folder / f'.{METRICS_ITEM}.tmp'
+      tmp.write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
+      tmp.rename(folder / METRICS_ITEM)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'vit_jax_add_metrics_{step}')
+    self._manager.reload()
+
+  def metrics(self, step: int) -> dict | None:
+    """The metrics checkpoint `step` is ranked by (None: saved without)."""
+    return self._manager.metrics(step)
 
   def _wait_for_previous_save(self) -> None:
     with self._failure_named(self._saving):
@@ -189,3 +227,16 @@ def _shapes(tree) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))
   return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape)
           for path, leaf in leaves if hasattr(leaf, 'shape')}
+
+
+@contextlib.contextmanager
+def _without_orbax_warning(text: str):
+  """Drops the absl log records containing `text` while the block runs."""
+  def keep(record) -> bool:
+    return text not in record.getMessage()
+  logger = logging.get_absl_logger()
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)

@@ -411,6 +411,10 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
         logging.info('step %d (%s): %s', start_step,
                      'its evaluation, put off by the stop' if put_off else 'before training',
                      ', '.join(f'{k} {v:.4g}' for k, v in last_eval.items()))
+      if put_off and config.keep_best and checkpointer.metrics(start_step) is None:
+        # Its checkpoint was saved unranked (a stop during the evaluation): rank it now,
+        # or keep_best would never keep it.
+        checkpointer.add_metrics(start_step, last_eval)
       progress.rate(start_step)
     start_of_pending = start_step
     step = start_step
