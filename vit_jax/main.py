@@ -27,7 +27,6 @@ import traceback
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -158,13 +157,13 @@ def main(argv):
   host_memory.configure(config.get('keep_host_memory'))
   if _DISTRIBUTED.value or _COORDINATOR.value:
     _join_processes()
-  workdir = epath.Path(_WORKDIR.value)
   is_main = jax.process_index() == 0
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = loop.workdir_path(_WORKDIR.value)
   if _SUMMARY_ONLY.value:  # (validate() warns for a training run)
     defaults.warn_if_name_differs(config.model)
   else:
-    from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
     # Everything that can be checked without data or compilation fails here, at once.
     defaults.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count())

@@ -270,3 +270,32 @@ def test_with_keep_best_a_checkpoint_whose_evaluation_was_stopped_is_ranked_on_r
     assert ckpt.metrics(step) == pytest.approx(
         {k: v for k, v in rows[step].items() if k.startswith('eval_')}), step
   ckpt.close()
+
+
+def test_a_relative_workdir_saves_and_resumes(tmp_path, monkeypatch):
+  """Orbax saves only to absolute paths: `--workdir=run` used to train up to its first
+  checkpoint, then fail there (again after every restart)."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  monkeypatch.chdir(tmp_path)
+  config = _config(data)
+  assert loop.train_and_evaluate(config, 'run')['step'] == 2
+  assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()
+                if p.name.isdigit()) == ['2']
+  config.total_steps = 4
+  assert loop.train_and_evaluate(config, 'run')['step'] == 4   # resumed from step 2
+
+
+@pytest.mark.parametrize('given,expected', [
+    ('run', '{cwd}/run'), ('./a/../run', '{cwd}/run'), ('/abs/run', '/abs/run'),
+    ('gs://bucket/run', 'gs://bucket/run'), ('~/run', '{home}/run')])
+def test_the_workdir_path_is_absolute(tmp_path, monkeypatch, given, expected):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('HOME', '/home/someone')
+  assert str(loop.workdir_path(given)) == expected.format(cwd=tmp_path, home='/home/someone')
+
+
+@pytest.mark.parametrize('given', ['', '  '])
+def test_an_empty_workdir_is_refused(given):
+  with pytest.raises(defaults.ConfigError, match='--workdir is empty'):
+    loop.workdir_path(given)

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 import uuid
@@ -33,6 +34,22 @@ RUN_AHEAD = 2  # train steps the host may dispatch before the device has run the
 
 class NonFiniteError(FloatingPointError):
   """The loss or the gradient became NaN/inf; the message names the step."""
+
+
+def workdir_path(workdir) -> epath.Path:
+  """`workdir` as an absolute path (a local one relative to the current directory; a
+  gs:// or other remote one as given); ConfigError for an empty one.
+
+  Orbax saves only to absolute paths: a relative workdir used to train up to its first
+  checkpoint and then fail there, again after every restart.
+  """
+  text = os.fspath(workdir)
+  if not text.strip():
+    raise defaults.ConfigError('--workdir is empty: give the folder for checkpoints and '
+                               'metrics, e.g. --workdir=/tmp/my_run (or a gs:// path)')
+  if '://' in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def check_workdir(workdir: epath.Path) -> None:
@@ -290,7 +307,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
   # and the benchmark run where TensorFlow is not installed (e.g. a GPU image).
   from vit_jax.data import builder as data_builder  # pylint: disable=g-import-not-at-top
   from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  workdir = epath.Path(workdir)
+  workdir = workdir_path(workdir)
   is_main = jax.process_index() == 0
   if validate:
     defaults.validate(config, num_devices=jax.device_count(),
