@@ -39,9 +39,9 @@ def get_config(workdir: str = ''):
                      '--config=configs/from_workdir.py:/path/to/workdir')
   from etils import epath  # pylint: disable=g-import-not-at-top  (gs:// paths too)
   path = epath.Path(os.path.join(workdir, 'config.json'))
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist: --config=configs/from_workdir.py:DIR '
-                            'takes the --workdir of a run of vit_jax.main')
+  if not path.exists():  # a ValueError: absl reports it as one line, as a bad flag
+    raise ValueError(f'{path} does not exist: --config=configs/from_workdir.py:DIR takes '
+                     'the --workdir of a run of vit_jax.main')
   recorded = json.loads(path.read_text())
   config = defaults.default_config()
   model = recorded.get('model') or {}

@@ -124,9 +124,20 @@ def test_a_misspelled_override_is_one_line_naming_the_flag_and_the_field(tmp_pat
   assert 'Traceback' not in proc.stderr and "\\'" not in proc.stderr
 
 
+def test_a_misspelled_group_in_an_override_is_one_line_too(tmp_path):
+  """A typo before the last dot used to escape as a KeyError traceback (exit 1)."""
+  proc = _run(['--config=configs/demo.py', '--config.modle.image_size=28'], tmp_path)
+  assert proc.returncode == 3, subprocess_env.failure(proc)
+  assert ('FATAL Flags parsing error: --config.modle.image_size names no config field: '
+          "'modle'\nDid you mean \"model\"") in proc.stderr, proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
 @pytest.mark.parametrize('args,message', [
     (['--config=configs/nope.py'], '--config=configs/nope.py: no such file'),
     (['--config=configs/demo.py:bogus'], 'configs/demo.py takes no argument after ":"'),
+    (['--config=configs/from_workdir.py:/no/such/run'],  # was a traceback, exit 1
+     '/no/such/run holds no config.json (it takes the --workdir of a run of vit_jax.main)'),
     (['--config=configs/demo.py', '--config.model=ViT-B/16'],
      '--config=configs/model_summary.py:ViT-B/16'),
 ])

@@ -288,6 +288,10 @@ def _config_file_problem(argv) -> str | None:
     if not os.path.isfile(path):
       return (f'--config={path}: no such file (the config files are configs/*.py, e.g. '
               '--config=configs/demo.py)')
+    if os.path.basename(path) == 'from_workdir.py' and variant and '://' not in variant:
+      if not os.path.isfile(os.path.join(variant, 'config.json')):
+        return (f'--config={path}:{variant}: {variant} holds no config.json (it takes the '
+                '--workdir of a run of vit_jax.main)')
     if variant:
       try:
         tree = ast.parse(open(path).read(), path)
@@ -316,7 +320,7 @@ def _parse_flags(argv):
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     field = text.split("'")[1] if text.count("'") >= 2 else None
     names = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    named = [n for n in names if field and n.split('.')[-1] == field]
+    named = [n for n in names if field and field in n.split('.')[1:]]  # any segment
     if not named:  # raised inside the config file itself: its own traceback tells more
       raise
     sys.stderr.write(f'FATAL Flags parsing error: {named[0]} names no config field: '

@@ -214,3 +214,32 @@ def test_forward_flops_vit_ti16():
   with torch.device('meta'), FlopCounterMode(display=False) as counter:
     m(torch.empty(1, 3, 224, 224))
   assert xla == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+@pytest.mark.parametrize('name,overrides,message', [
+    # These used to fail later with a ZeroDivisionError or TypeError traceback, or (no
+    # blocks, a negative epsilon) train a wrong model without a word.
+    ('ViT-Ti/16', dict(num_heads=0), 'num_heads=0 must be a positive int'),
+    ('ViT-Ti/16', dict(hidden_size=0), 'hidden_size=0 must be a positive int'),
+    ('ViT-Ti/16', dict(mlp_dim=-5), 'mlp_dim=-5 must be a positive int'),
+    ('ViT-Ti/16', dict(num_layers=0), 'num_layers=0 must be a positive int'),
+    ('ViT-Ti/16', dict(in_channels=0), 'in_channels=0 must be a positive int'),
+    ('ViT-Ti/16', dict(layernorm_eps=-1.0), 'layernorm_eps=-1.0 must be a positive number'),
+    ('ViT-Ti/16', dict(num_classes=-1), 'num_classes=-1 must be a non-negative int'),
+    ('R50+ViT-B/16', dict(resnet=dict(num_layers=(3, 4, 9), width_factor=0)),
+     'resnet.width_factor=0 must be a positive number'),
+    ('R50+ViT-B/16', dict(resnet=dict(num_layers=(3, 0, 9))),
+     r'resnet.num_layers=\(3, 0, 9\) must be a tuple of positive ints'),
+    ('R50+ViT-B/16', dict(resnet=dict(num_layers=(3, 4, 9), gn_eps=0.0)),
+     'resnet.gn_eps=0.0 must be a positive number'),
+])
+def test_a_vit_field_that_cannot_build_a_model_is_named(name, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    models.create(name, **overrides)
+
+
+def test_every_registered_model_passes_the_field_checks():
+  for name in models.list_models():
+    models.create(name)
+  # The root-only stem of a hybrid (no ResNet stages) is a valid ResNet stem.
+  models.create('R50+ViT-B/16', resnet=dict(num_layers=()))

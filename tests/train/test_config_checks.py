@@ -101,8 +101,29 @@ def test_onehot_classes_other_than_the_model_are_named():
                      match=r"config.input.pp_train=.* one-hot encodes 10 classes, but "
                            r"config.model.num_classes=5"):
     _validate(c)
-  c.model.num_classes = 0  # pooled features, no head: nothing to compare
-  _validate(c)
+  c.model.num_classes = 0  # pooled features, no head: it used to fail at the first step
+  with pytest.raises(defaults.ConfigError,
+                     match='num_classes=0 builds a model without a classification head'):
+    _validate(c)
+
+
+@pytest.mark.parametrize('field,spec,message', [
+    # Each used to pass, then fail at the first step or evaluation with a traceback.
+    ('pp_train', 'resize(28)|value_range(-1, 1)|onehot(10)', 'has no decode'),
+    ('pp_eval', 'resize(28)|decode|value_range(-1, 1)|onehot(10)',
+     'applies resize before decode'),
+    ('pp_train', 'decode|resize(28)|value_range(-1, 1)', 'has no onehot'),
+    ('pp_eval', 'decode|resize(28)|value_range(-1, 1)', 'has no onehot'),
+    ('pp_train', '', 'is empty'),
+    ('pp_eval', '  ', 'is empty'),
+])
+def test_preprocessing_without_decode_or_onehot_is_named(field, spec, message):
+  c = _config()
+  c.input[field] = spec
+  with pytest.raises(defaults.ConfigError, match=f'config.input.{field}=.*{message}'):
+    _validate(c)
+  c.input[field] = 'keep("image", "label")|decode|resize(28)|value_range(-1, 1)|onehot(10)'
+  _validate(c)  # ops that do not read pixels may come before decode
 
 
 def test_a_misspelled_op_fails_at_once():
@@ -257,6 +278,12 @@ def test_a_folder_with_the_tfds_source_is_named():
     ('mesh.model', 0, "each size must be a positive int or -1"),
     ('input.mixup_alpha', -0.2, 'config.input.mixup_alpha=-0.2 must be a number >= 0'),
     ('input.mix_switch_prob', 2.0, 'config.input.mix_switch_prob=2.0 must be in [0, 1]'),
+    # These four used to pass, then fail in TensorFlow (a traceback) or run wrongly.
+    ('input.shuffle_buffer', 0, 'config.input.shuffle_buffer=0 must be a positive int'),
+    ('input.threads', -4, 'config.input.threads=-4 must be a positive int, or None'),
+    ('input.source', 'folders', "config.input.source='folders' must be 'tfds' or 'folder'"),
+    ('schedule.end_lr_fraction', 5.0, 'config.schedule.end_lr_fraction=5.0 must be in'),
+    ('min_fsdp_size', -1, 'config.min_fsdp_size=-1 must be an int >= 0'),
 ])
 def test_values_that_would_train_wrongly_or_fail_late_are_named(field, value, message):
   """Each of these used to run (a negative learning rate or clipping norm ascends the
@@ -355,11 +382,10 @@ def test_mixing_labels_without_onehot_is_refused():
   c = _config()
   c.input.pp_train = 'decode|random_resized_crop(28)|value_range(-1, 1)'
   c.input.cutmix_alpha = 1.0
-  with pytest.raises(defaults.ConfigError,
-                     match=re.escape("has no onehot: add '|onehot(10)' to it")):
+  with pytest.raises(defaults.ConfigError, match=re.escape(
+      "has no onehot: the training and evaluation steps take one-hot labels, so end it "
+      "with '|onehot(10)'")):
     _validate(c)
-  c.input.cutmix_alpha = 0.0
-  _validate(c)
 
 
 @pytest.mark.parametrize('batch,accum,devices,processes', [

@@ -18,6 +18,7 @@ import numbers
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vit_jax.models import attention
 from vit_jax.models import vit
@@ -86,6 +87,11 @@ _FAMILY_MODULES = ('vit_jax.models.swin', 'vit_jax.models.resnet_v1',
 _FAMILIES: dict[str, object] = {}  # family name -> its module
 
 
+# The hybrid ViT's ResNet stem fields that a config may leave out.
+_RESNET_STEM_DEFAULTS = {'width_factor': 1.0, 'stdconv_eps': 1e-5,
+                         'stdconv_eps_in_sqrt': False, 'gn_eps': 1e-6}
+
+
 def _base(name, size, patch, resnet=None, image_size=224):
   hidden, mlp, heads, layers = _SIZES[size]
   c = ml_collections.ConfigDict()
@@ -116,9 +122,8 @@ def _base(name, size, patch, resnet=None, image_size=224):
   if resnet is None:
     c.resnet = ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict)
   else:
-    c.resnet = ml_collections.ConfigDict(dict(
-        num_layers=tuple(resnet), width_factor=1.0, stdconv_eps=1e-5,
-        stdconv_eps_in_sqrt=False, gn_eps=1e-6))
+    c.resnet = ml_collections.ConfigDict(dict(num_layers=tuple(resnet),
+                                              **_RESNET_STEM_DEFAULTS))
   return c
 
 
@@ -281,6 +286,23 @@ def _dtype(value, field):
   raise ValueError(f'{field}={value!r} is not one of {sorted(_DTYPES)}')
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _field(config, dotted: str, defaults):
+  """A ViT config field by its dotted name ('resnet.gn_eps'), with the defaults of
+  `create` (the registry's base config, and the ResNet stem's own)."""
+  if dotted.startswith('resnet.'):
+    name = dotted.split('.', 1)[1]
+    return config.resnet.get(name, _RESNET_STEM_DEFAULTS[name])
+  return config.get(dotted, defaults[dotted])
+
+
 def create(name_or_config, **overrides):
   """Builds the Flax module for a registered name or a config, with field overrides.
 
@@ -334,6 +356,26 @@ def create(name_or_config, **overrides):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
       raise ValueError(f'{rate}={value!r} must be a number in [0, 1) (a probability of '
                        'dropping; 1 would drop everything)')
+  for field in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'in_channels'):
+    if not _is_int(get(field)) or get(field) < 1:
+      raise ValueError(f'{field}={get(field)!r} must be a positive int')
+  classes = get('num_classes')
+  if classes is not None and (not _is_int(classes) or classes < 0):
+    raise ValueError(f'num_classes={classes!r} must be a non-negative int (0 or None: no '
+                     'head, the model gives features)')
+  for field in ('layernorm_eps', *(('resnet.width_factor', 'resnet.stdconv_eps',
+                                    'resnet.gn_eps') if config.get('resnet') else ())):
+    value = _field(config, field, defaults)
+    if not _is_number(value) or value <= 0:
+      raise ValueError(f'{field}={value!r} must be a positive number')
+  if config.get('resnet') is not None:
+    layers = config.resnet.get('num_layers')
+    if (not isinstance(layers, (tuple, list))
+        or not all(_is_int(n) and n >= 1 for n in layers)):
+      raise ValueError(f'resnet.num_layers={layers!r} must be a tuple of positive ints (the '
+                       'blocks of each ResNet stage, e.g. (3, 4, 9); () for the root alone)')
+  if not _is_number(get('head_bias_init')):
+    raise ValueError(f"head_bias_init={get('head_bias_init')!r} must be a number")
   hidden, heads = get('hidden_size'), get('num_heads')
   if hidden % heads:
     raise ValueError(f'hidden_size={hidden} is not divisible by num_heads={heads}')
@@ -354,10 +396,10 @@ def create(name_or_config, **overrides):
   if resnet is not None:
     kwargs.update(
         resnet_layers=tuple(resnet.num_layers),
-        resnet_width_factor=resnet.get('width_factor', 1.0),
-        stdconv_eps=resnet.get('stdconv_eps', 1e-5),
-        stdconv_eps_in_sqrt=resnet.get('stdconv_eps_in_sqrt', False),
-        gn_eps=resnet.get('gn_eps', 1e-6))
+        resnet_width_factor=_field(config, 'resnet.width_factor', defaults),
+        stdconv_eps=_field(config, 'resnet.stdconv_eps', defaults),
+        stdconv_eps_in_sqrt=_field(config, 'resnet.stdconv_eps_in_sqrt', defaults),
+        gn_eps=_field(config, 'resnet.gn_eps', defaults))
   return vit.VisionTransformer(**kwargs)
 
 

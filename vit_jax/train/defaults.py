@@ -310,7 +310,9 @@ _RANGES = (
     ('keep_best', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
     ('schedule.base_lr', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
     ('schedule.warmup_steps', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
-    ('schedule.end_lr_fraction', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    ('schedule.end_lr_fraction', lambda v: _is_number(v) and 0 <= v <= 1,
+     'in [0, 1] (the final learning rate as a fraction of the peak)'),
+    ('min_fsdp_size', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
     ('optimizer.grad_clip_norm', lambda v: v is None or (_is_number(v) and v >= 0),
      'a number >= 0 (0 or None: no clipping)'),
     ('optimizer.weight_decay', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
@@ -324,6 +326,11 @@ _RANGES = (
     ('input.cutmix_alpha', lambda v: _is_number(v) and v >= 0,
      'a number >= 0 (0 disables it)'),
     ('input.mix_switch_prob', lambda v: _is_number(v) and 0 <= v <= 1, 'in [0, 1]'),
+    ('input.source', lambda v: v in ('tfds', 'folder'), "'tfds' or 'folder'"),
+    ('input.shuffle_buffer', lambda v: _is_int(v) and v >= 1,
+     'a positive int (examples; only the tfds source uses it)'),
+    ('input.threads', lambda v: v is None or (_is_int(v) and v >= 1),
+     'a positive int, or None (tf.data decides)'),
 )
 
 
@@ -370,14 +377,24 @@ def _check_preprocessing(config) -> None:
   # A ViT's position embedding and Swin's windows fix the input size; the convolutional
   # families take any size (evaluation at another resolution, rectangular crops).
   fixed_size = models.family_of(config.model) in ('vit', 'swin')
+  if not classes:  # 0 or None: a features model, no logits
+    raise ConfigError(
+        f'config.model.num_classes={classes} builds a model without a classification head '
+        '(it gives features), which cannot be trained on labels: set it to the number of '
+        'classes, as in the onehot(...) of config.input.pp_train.')
   for field in ('pp_train', 'pp_eval'):
     spec = config.input.get(field)
-    if not spec:
-      continue
+    if not spec or not spec.strip():
+      raise ConfigError(
+          f'config.input.{field}={spec!r} is empty: give the preprocessing, e.g. '
+          f"'decode|resize({size})|value_range(-1, 1)|onehot({classes or 'NUM_CLASSES'})' "
+          '(docs/data.md lists the ops)')
     try:
       made, size_op, onehot_classes = preprocess_ops.output_spec(spec)
+      names = [name for name, _ in preprocess_ops.ops(spec)]
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
+    _check_decode_and_onehot(field, spec, names, onehot_classes, classes)
     if made is None:
       stops = ('the first image of another size stops the run '
                f'{"at that step" if field == "pp_train" else "at its first evaluation"}')
@@ -397,18 +414,34 @@ def _check_preprocessing(config) -> None:
           f'config.model.image_size={size}: change the size in {size_op}(...) to {size}, or '
           f'set --config.model.image_size={h}' + (' (a square image)' if h != w else '') +
           ' to train at that resolution (a pretrained position embedding is resampled).')
-    if (field == 'pp_train' and onehot_classes is None
-        and (config.input.get('mixup_alpha') or config.input.get('cutmix_alpha'))):
-      raise ConfigError(
-          f'config.input.mixup_alpha / cutmix_alpha mix labels, which needs one-hot labels, '
-          f'but config.input.pp_train={spec!r} has no onehot: add '
-          f"'|onehot({classes or 'NUM_CLASSES'})' to it, or set the alphas to 0.")
     if onehot_classes is not None and classes and onehot_classes != classes:
       raise ConfigError(
           f'config.input.{field}={spec!r} one-hot encodes {onehot_classes} classes, but '
           f'config.model.num_classes={classes}: make them the same (onehot({classes}) or '
           f'--config.model.num_classes={onehot_classes}).')
   _warn_if_pixel_scales_differ(config, preprocess_ops)
+
+
+# The preprocessing ops that do not read the image's pixels.
+_OPS_WITHOUT_PIXELS = ('decode', 'onehot', 'keep', 'drop')
+
+
+def _check_decode_and_onehot(field, spec, names, onehot_classes, classes) -> None:
+  """A spec must decode the (encoded) images before its other image ops, and give one-hot
+  labels: the train and evaluation steps take (soft) label vectors, not class ids."""
+  first_image_op = next((n for n in names if n not in _OPS_WITHOUT_PIXELS), None)
+  decode_at = names.index('decode') if 'decode' in names else None
+  if decode_at is None or (first_image_op is not None
+                           and names.index(first_image_op) < decode_at):
+    where = ('has no decode' if decode_at is None
+             else f'applies {first_image_op} before decode')
+    raise ConfigError(
+        f'config.input.{field}={spec!r} {where}: the sources give encoded images (JPEG, '
+        f"PNG bytes), so start it with 'decode|'.")
+  if onehot_classes is None:
+    raise ConfigError(
+        f'config.input.{field}={spec!r} has no onehot: the training and evaluation steps '
+        f"take one-hot labels, so end it with '|onehot({classes or 'NUM_CLASSES'})'.")
 
 
 def _warn_if_pixel_scales_differ(config, preprocess_ops) -> None:
