@@ -378,3 +378,50 @@ def test_hidden_folders_are_not_classes_and_sub_folders_are_read(tmp_path):
   test = sources.ImageFolderSource(str(tmp_path / 'data'), 'test', class_names=src.class_names,
                                    cache_dir=str(tmp_path))
   assert test.labels.tolist() == [1]
+
+
+def test_symlink_loops_album_folders_and_hidden_files(tmp_path):
+  """A symlink back up the tree (`cat/loop -> ..`) used to be followed until the path was
+  too long: 82 paths for 2 images, the other class's images labelled as this one. A folder
+  named like an image (`album.jpg/`) was taken for a broken file and its images dropped;
+  hidden files (macOS's `._x.jpg`) were read as images."""
+  split = tmp_path / 'data' / 'train'
+  def image(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path, format='PNG')
+  image(split / 'cat' / 'a.png', 10)
+  image(split / 'cat' / 'album.jpg' / 'b.png', 11)
+  image(split / 'cat' / '.hidden.png', 98)
+  (split / 'cat' / '._a.jpg').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+  image(split / 'dog' / 'a.png', 20)
+  (split / 'cat' / 'loop').symlink_to('..')
+  (split / 'dog' / 'self').symlink_to('.')
+  (split / 'dog' / 'cats').symlink_to('../cat')  # another class: not under this label
+  (tmp_path / 'more').mkdir()
+  image(tmp_path / 'more' / 'c.png', 21)
+  (split / 'dog' / 'more').symlink_to(tmp_path / 'more')  # a folder outside: read
+  src = sources.ImageFolderSource(str(tmp_path / 'data'), 'train', cache_dir=str(tmp_path))
+  rel = [str(pathlib.Path(p).relative_to(split)) for p in src.paths]
+  assert rel == ['cat/a.png', 'cat/album.jpg/b.png', 'dog/a.png', 'dog/more/c.png'], rel
+  assert src.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_split_of_only_undecodable_files_is_a_data_error(tmp_path):
+  """It used to pass with 0 examples (a warning) and end the run at its first evaluation
+  with a TypeError from TensorFlow (exit 1, restarted by until_done.sh)."""
+  for split in ('train', 'test'):
+    for cls in ('a', 'b'):
+      (tmp_path / 'data' / split / cls).mkdir(parents=True)
+      (tmp_path / 'data' / split / cls / 'x.jpg').write_bytes(
+          b'not a jpeg' if split == 'test' else _png_bytes())
+  sources.ImageFolderSource(str(tmp_path / 'data'), 'train', cache_dir=str(tmp_path))
+  with pytest.raises(sources.DataError, match='none of the 2 image files under .*test can be '
+                     'decoded'):
+    sources.ImageFolderSource(str(tmp_path / 'data'), 'test', cache_dir=str(tmp_path))
+
+
+def _png_bytes():
+  import io  # pylint: disable=g-import-not-at-top
+  out = io.BytesIO()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out, format='PNG')
+  return out.getvalue()

@@ -237,21 +237,42 @@ def is_system_folder(name: str) -> bool:
   return name.startswith('.') or name in _SYSTEM_FOLDERS
 
 
-def _class_files(cls_dir: str, ignored: dict[str, int]) -> list[str]:
+def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = None
+                 ) -> list[str]:
   """The image files under one class folder, its sub-folders included, in sorted order.
 
-  Files of other extensions are counted in `ignored` by extension. Only entries without
-  an image extension are asked whether they are folders (one stat each on GCS)."""
+  Hidden files (`.name`, e.g. macOS's `._x.jpg`) and files of other extensions are counted
+  in `ignored` by kind. A local folder is listed with its entries' types (a folder named
+  `album.jpg` is a folder), and each real folder is read once (a symlink back up the tree
+  is not followed, nor one to the split or a class folder: `seen` holds their real
+  paths, and each folder read is added). On remote storage (gs://) only
+  entries without an image extension are asked whether they are folders (one stat each).
+  """
+  seen = set() if seen is None else seen
+  local = '://' not in cls_dir
+  if local:
+    seen.add(os.path.realpath(cls_dir))
+    entries = sorted((e.name, e.is_dir()) for e in os.scandir(cls_dir))
+  else:
+    entries = [(f.rstrip('/'), True if f.endswith('/') else None)
+               for f in sorted(tf.io.gfile.listdir(cls_dir))]
   found = []
-  for f in sorted(tf.io.gfile.listdir(cls_dir)):
-    path = os.path.join(cls_dir, f.rstrip('/'))
-    if f.lower().endswith(IMAGE_EXTENSIONS):
+  for name, is_dir in entries:
+    path = os.path.join(cls_dir, name)
+    if is_dir is None and not name.lower().endswith(IMAGE_EXTENSIONS):
+      is_dir = tf.io.gfile.isdir(path)
+    if is_dir:
+      if local and os.path.realpath(path) in seen:  # the split, a class, an ancestor
+        ignored['link to a folder read elsewhere'] = (
+            ignored.get('link to a folder read elsewhere', 0) + 1)
+      elif not is_system_folder(name):
+        found.extend(_class_files(path, ignored, seen))
+    elif name.startswith('.'):
+      ignored['hidden'] = ignored.get('hidden', 0) + 1
+    elif name.lower().endswith(IMAGE_EXTENSIONS):
       found.append(path)
-    elif f.endswith('/') or tf.io.gfile.isdir(path):
-      if not is_system_folder(f.rstrip('/')):
-        found.extend(_class_files(path, ignored))
     else:
-      ext = os.path.splitext(f)[1].lower() or f
+      ext = os.path.splitext(name)[1].lower() or name
       ignored[ext] = ignored.get(ext, 0) + 1
   return found
 
@@ -310,15 +331,20 @@ class ImageFolderSource(Source):
     if not self.class_names:
       raise DataError(f'{split_dir} has no class folders (<class>/<image> expected)')
     paths, labels, ignored = [], [], {}
+    # Folders a symlink inside a class must not lead back to (its images would be read
+    # twice, or under another class's label).
+    seen = ({os.path.realpath(split_dir)} | {os.path.realpath(os.path.join(split_dir, c))
+                                              for c in found}
+            if '://' not in split_dir else set())
     for label, cls in enumerate(self.class_names):
       cls_dir = os.path.join(split_dir, cls)
       if not tf.io.gfile.isdir(cls_dir):
         continue
-      for path in _class_files(cls_dir, ignored):
+      for path in _class_files(cls_dir, ignored, seen):
         paths.append(path)
         labels.append(label)
     if ignored:
-      logging.warning('Ignoring %d file(s) under %s that are not %s images: %s',
+      logging.warning('Ignoring %d file(s) under %s that are not %s images, or hidden: %s',
                       sum(ignored.values()), split_dir, '/'.join(IMAGE_EXTENSIONS),
                       ', '.join(f'{n} {e}' for e, n in sorted(ignored.items())))
     if not paths:
@@ -333,6 +359,9 @@ class ImageFolderSource(Source):
         keep = [i for i, p in enumerate(paths) if p not in bad]
         paths = [paths[i] for i in keep]
         labels = [labels[i] for i in keep]
+        if not paths:
+          raise DataError(f'none of the {len(bad)} image files under {split_dir} can be '
+                          f'decoded (e.g. {next(iter(bad))}: {next(iter(bad.values()))})')
     self.paths = np.array(paths)
     self.labels = np.array(labels, np.int64)
     empty = [c for c, n in zip(self.class_names,
