@@ -418,3 +418,14 @@ def test_every_fix_the_batch_error_suggests_validates(batch, accum, devices, pro
         node = node[p]
       node[leaf] = int(value)
     defaults.validate(fixed, num_devices=devices, process_count=processes)
+
+
+def test_an_evaluation_spec_that_resizes_nothing_is_refused():
+  """It used to only warn (fine on a dataset of one size), then end the run at its first
+  evaluation: the padding of a last, partial batch needs the size before any image."""
+  c = _config()
+  c.input.pp_eval = 'decode|value_range(-1, 1)|onehot(10)'
+  with pytest.raises(defaults.ConfigError, match=re.escape(
+      "config.input.pp_eval='decode|value_range(-1, 1)|onehot(10)' resizes nothing: "
+      'evaluation pads its last batch')):
+    _validate(c)

@@ -403,6 +403,11 @@ def _check_preprocessing(config) -> None:
             f'config.input.{field}={spec!r} does not give images of one size (its last '
             f'size op, {size_op}, keeps the aspect ratio): batches need one, and {stops}; '
             f'add central_crop({size}) or resize({size}) after it.')
+      if field == 'pp_eval':  # the last batch's padding needs the size before any image
+        raise ConfigError(
+            f'config.input.pp_eval={spec!r} resizes nothing: evaluation pads its last batch '
+            'with blank examples, whose size the spec must fix before any image is read. '
+            f'Add resize({size}) (or central_crop({size})) after decode.')
       logging.warning(
           'config.input.%s=%r resizes nothing: every image must already be %dx%d (batches '
           'need one size; %s). Add resize(%d) unless the dataset is of one size.', field,
