@@ -547,3 +547,12 @@ def test_randaugment_after_the_rescaling_is_refused_by_name():
   with pytest.raises(ValueError, match='comes after normalize'):
     pp.output_spec('decode|resize(64)|normalize|randaugment')
   pp.parse('decode|resize(64)|randaugment(2, 10)|value_range(-1, 1)')  # the right order
+
+
+@pytest.mark.parametrize('spec', ['decode|resize(-28)', 'decode|central_crop(0)',
+                                  'decode|inception_crop((32, 0))',
+                                  'decode|random_resized_crop(2.5)', 'decode|resize((1, 2, 3))'])
+def test_a_size_that_is_not_positive_is_a_bad_argument(spec):
+  """resize(-28) used to pass (and the config check suggested image_size=-28)."""
+  with pytest.raises(ValueError, match='size must be a positive int or \\(height, width\\)'):
+    pp.parse(spec)

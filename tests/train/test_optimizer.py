@@ -52,8 +52,13 @@ def test_base_lr_scales_with_the_batch_and_warmup_counts_in_epochs():
   assert float(s(50)) == pytest.approx(0.2)  # half way through the warmup
   s = optimizer_lib.learning_rate_schedule(cfg, 1000, batch_size=128, steps_per_epoch=400)
   assert float(s(800)) == pytest.approx(0.05) and float(s(400)) == pytest.approx(0.025)
-  with pytest.raises(ValueError, match=r'warmup_epochs=2.0 \(100 steps\) is not below the 90'):
+  with pytest.raises(ValueError, match=r'warmup_epochs=2.0 \(100 steps\) is not below the 90'
+                     r'.*e.g. --config.schedule.warmup_epochs=0.18,'):
     optimizer_lib.learning_rate_schedule(cfg, 90, batch_size=1024, steps_per_epoch=50)
+  # The fix names warmup_epochs (it used to suggest warmup_steps, which warmup_epochs
+  # overrides), and it works.
+  optimizer_lib.learning_rate_schedule(dict(cfg, warmup_epochs=0.18), 90, batch_size=1024,
+                                       steps_per_epoch=50)
   with pytest.raises(ValueError, match='warmup_epochs=2.0 and warmup_steps=5 are both set'):
     optimizer_lib.check_schedule(dict(cfg, warmup_steps=5))
   with pytest.raises(ValueError, match='base_lr_batch=-1 must be 0'):

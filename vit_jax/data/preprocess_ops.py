@@ -348,11 +348,13 @@ def _check_method(method: str) -> str:
 
 
 def _hw(size) -> tuple[int, int]:
-  """int -> (size, size); (h, w) -> (h, w)."""
-  if isinstance(size, int):
-    return size, size
-  h, w = size
-  return int(h), int(w)
+  """int -> (size, size); (h, w) -> (h, w); ValueError unless positive ints."""
+  hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(
+      size, (tuple, list)) else ()
+  if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                             for v in hw):
+    raise ValueError(f'size must be a positive int or (height, width), got {size!r}')
+  return hw
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:

@@ -87,12 +87,16 @@ def learning_rate_schedule(schedule_config, total_steps: int, *,
   if decay not in SCHEDULES:
     raise ScheduleError(f'config.schedule.decay={decay!r} is not one of {SCHEDULES}')
   if warmup >= total_steps and total_steps > 0:
-    given = (f"warmup_epochs={resolved['warmup_epochs']} ({warmup} steps)"
-             if resolved.get('warmup_epochs') else f'warmup_steps={warmup}')
+    epochs = resolved.get('warmup_epochs')
+    given = (f'warmup_epochs={epochs} ({warmup} steps)' if epochs
+             else f'warmup_steps={warmup}')
+    # warmup_epochs, where set, overrides warmup_steps: the fix must name the field in use.
+    fix = (f'--config.schedule.warmup_epochs={epochs * total_steps / 10 / warmup:.3g}'
+           if epochs else f'--config.schedule.warmup_steps={total_steps // 10}')
     raise ScheduleError(f'config.schedule.{given} is not below the '
                         f'{total_steps} total steps of the run (config.total_steps, or '
                         'config.num_epochs times the steps per epoch): lower it, e.g. '
-                        f'--config.schedule.warmup_steps={total_steps // 10}, or train longer')
+                        f'{fix}, or train longer')
   rest = max(total_steps - warmup, 1)
   if decay == 'linear':
     after = optax.linear_schedule(base, end, rest)
