@@ -192,6 +192,10 @@ def test_overlay_is_aligned_and_sized(tmp_path):
     ('decode|resize(256)|central_crop(224)|normalize', (512, 512), (32, 32, 480, 480)),
     ('decode|central_crop(100)|resize(32)', (300, 200), (100, 50, 200, 150)),
     ('decode', (30, 20), (0, 0, 30, 20)),
+    # A side of one pixel (it used to give an empty window, and a ValueError that ended
+    # the command line's run for every image).
+    ('decode|resize(64)', (1, 1), (0, 0, 1, 1)),
+    ('decode|resize(64)', (1, 300), (0, 0, 1, 300)),
 ])
 def test_source_window_of_the_geometric_ops(pp, hw, want):
   np.testing.assert_allclose(visualize.source_window(pp, hw), want, atol=0.01)
@@ -304,6 +308,19 @@ def test_cli_errors(photos, checkpoint, tmp_path):
   assert r.returncode == 1 and f'skipping {tmp_path / "broken.jpg"}: ' in r.stderr, r.stderr
   assert (tmp_path / 'm' / 'astronaut_rollout.png').exists()
   assert not list((tmp_path / 'm').glob('broken*'))
+  # --out naming a file: one line, not a FileExistsError traceback.
+  (tmp_path / 'afile').write_text('x')
+  r = _cli(f'--checkpoint={checkpoint}', f'--out={tmp_path / "afile"}',
+           photos / 'astronaut.png', cwd=tmp_path)
+  assert r.returncode == 2 and 'afile is a file: give a folder' in r.stderr, r.stderr
+  assert 'Traceback' not in r.stderr
+  # A 1x1 image is drawn with the others.
+  Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(tmp_path / 'dot.png')
+  r = _cli(f'--checkpoint={checkpoint}', f'--out={tmp_path / "d"}', tmp_path / 'dot.png',
+           photos / 'astronaut.png', cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert (Image.open(tmp_path / 'd' / 'dot_rollout_original.png').size == (1, 1))
+  assert (tmp_path / 'd' / 'astronaut_rollout_original.png').exists()
 
 
 def test_cli_checkpoint_without_position_embedding(photos, tmp_path):

@@ -486,8 +486,9 @@ def source_window(pp: str, image_hw) -> tuple[float, float, float, float] | None
     slope, offset = np.polyfit(i[inner], values[inner], 1)
     return offset, slope * n + offset
 
-  top, bottom = edges(out[:, out.shape[1] // 2, 0], out.shape[0])
-  left, right = edges(out[out.shape[0] // 2, :, 1], out.shape[1])
+  # A side of one pixel gives one coordinate everywhere (no slope to fit): all of it.
+  top, bottom = (0.0, 1.0) if h == 1 else edges(out[:, out.shape[1] // 2, 0], out.shape[0])
+  left, right = (0.0, 1.0) if w == 1 else edges(out[out.shape[0] // 2, :, 1], out.shape[1])
   return float(top), float(left), float(bottom), float(right)
 
 
@@ -638,7 +639,12 @@ def main(argv):
     _fail(f'cannot show the images as the model sees them: {clf.pp!r} without its value '
           f'ops gives {views.shape[1:3]} pixels, not {pixels.shape[1:3]}')
   out = pathlib.Path(f['out'])
-  out.mkdir(parents=True, exist_ok=True)
+  if out.exists() and not out.is_dir():
+    _fail(f'--out={out} is a file: give a folder for the PNGs (it is created)')
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    _fail(f'--out={out}: cannot create the folder ({e})')
   fn = attention_fn(module)
   stems = unique_stems(paths)
   on_original_ok = traces_back(clf.pp)
@@ -661,8 +667,12 @@ def main(argv):
       path, stem, top = paths[start + j], stems[start + j], int(np.argmax(probs[j]))
       overlay, mask = save_rollout_overlay(views[start + j], masks[j],
                                            out / f'{stem}_rollout.png', alpha=f['alpha'])
-      on_original = on_original_ok and _rollout_on_original(
-          clf.pp, path, masks[j], out / f'{stem}_rollout_original.png', f['alpha'])
+      try:
+        on_original = on_original_ok and _rollout_on_original(
+            clf.pp, path, masks[j], out / f'{stem}_rollout_original.png', f['alpha'])
+      except ValueError as e:  # this drawing only: the image's other maps are written
+        print(f'{path}: no rollout on the original image ({e})', file=sys.stderr)
+        on_original = None
       layers = save_layer_maps(
           maps[:, j], out / f'{stem}_attention_layers.png',
           title=f'{path.name}, top-1: {clf.label(top)} ({probs[j, top]:.3f})\n'
