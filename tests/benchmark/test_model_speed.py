@@ -456,6 +456,13 @@ def test_variant_names_group_their_overrides():
     (["--set=classifier='gap'", '--compare=timm_eager'],
      "--set with --compare=timm_eager: config.model.classifier='gap': the timm model compared "
      'cannot follow it'),
+    # These were tracebacks, a message naming a config field the benchmark has no flag
+    # for, or (0) silently the defaults.
+    (['--model=ViT-Q/16'], "--model=ViT-Q/16: unknown model name 'ViT-Q/16'"),
+    (['--set=num_heads=0'], '--set: config.model: num_heads=0 must be a positive int'),
+    (['--resolution=30'], 'not divisible by the patch size (16, 16): e.g. --resolution=16 or'),
+    (['--batch=0'], '--batch=0 must be a positive int'),
+    (['--steps=0'], '--steps=0 must be a positive int'),
 ])
 def test_a_bad_override_stops_before_anything_compiles(flags, message):
   """A --set or --variant that the config rejects, or a variant that changes nothing, is

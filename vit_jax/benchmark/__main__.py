@@ -114,9 +114,15 @@ def model_main():
     jax.config.update('jax_compilation_cache_dir', _CACHE.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  kwargs = dict(model=_MODEL.value, mode=_MODE.value, batch=_BATCH.value or 8,
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  try:
+    models.get_config(_MODEL.value)
+  except ValueError as e:
+    raise app.UsageError(f'--model={_MODEL.value}: {e}') from None
+  kwargs = dict(model=_MODEL.value, mode=_MODE.value,
+                batch=8 if _BATCH.value is None else _BATCH.value,
                 resolution=_RESOLUTION.value, dtype=_DTYPE.value)
-  steps = _STEPS.value or 10
+  steps = 10 if _STEPS.value is None else _STEPS.value
   compare = _COMPARE.value
   if compare and not compare.startswith('timm'):
     raise app.UsageError(f"--compare={compare!r}: use 'timm', 'timm_eager' or 'timm_compile' "
@@ -134,8 +140,10 @@ def model_main():
     try:
       checked.append(model_speed.check_config(**kwargs, accum_steps=_ACCUM.value,
                                               overrides=o))
-    except defaults.ConfigError as e:
-      raise app.UsageError(f'{flag}: {e}') from e
+    except (defaults.ConfigError, ValueError) as e:
+      # The image size is --resolution here, not a config field.
+      text = str(e).replace('--config.model.image_size=', '--resolution=')
+      raise app.UsageError(f'{flag}: {text}') from None
   if compare:  # timm runs the same model: --set may only change what timm can follow
     try:
       overrides_lib.timm_kwargs(_MODEL.value, overrides)
@@ -270,6 +278,11 @@ def main(argv):
     raise app.UsageError('--variant changes the model or train step: use it with --mode=train/infer')
   if _PROFILE.value and _MODE.value == 'input':
     raise app.UsageError('--profile breaks down a model step: use it with --mode=train/infer')
+  for flag in (_BATCH, _STEPS, _WARMUP, _ACCUM, _RESOLUTION):
+    if flag.value is not None and flag.value < (0 if flag is _WARMUP else 1):
+      # (--batch=0 and --steps=0 used to mean the defaults, without a word)
+      raise app.UsageError(f'--{flag.name}={flag.value} must be '
+                           f'{"an int >= 0" if flag is _WARMUP else "a positive int"}')
   if _ACCUM.value != 1 and _MODE.value != 'train':
     raise app.UsageError(f'--accum_steps={_ACCUM.value} accumulates gradients: use it with '
                          '--mode=train')
@@ -283,8 +296,10 @@ def main(argv):
         json.dump(record, f, indent=2)
     return
   from vit_jax.benchmark import input_speed  # pylint: disable=g-import-not-at-top
-  record = input_speed.run(workers=_WORKERS.value, batch_size=_BATCH.value or 64,
-                           steps=_STEPS.value or 20, num_files=_FILES.value,
+  record = input_speed.run(workers=_WORKERS.value,
+                           batch_size=64 if _BATCH.value is None else _BATCH.value,
+                           steps=20 if _STEPS.value is None else _STEPS.value,
+                           num_files=_FILES.value,
                            compare=_COMPARE.value)
   record['run'] = run_info()
   lines = [f"input pipeline ({record['pipeline']}), {record['workers']} worker(s), "
