@@ -298,6 +298,27 @@ def test_npz_checkpoint_infers_its_architecture_and_a_label_file(tmp_path, photo
     inference.ImageClassifier.from_pretrained(tmp_path / 'w.npz', labels=CLASSES[:5])
   with pytest.raises(inference.UnreadableImageError, match='missing.jpg: .*no image file'):
     clf.predict([photos[0], tmp_path / 'missing.jpg'])
+  # A preprocessing or batch size that cannot work, named before any image is read (a pp
+  # without decode used to be reported as every image being unreadable).
+  for pp, message in [('resize(48)|value_range(-1, 1)', "has no decode: images are read as "
+                       "encoded files, so start it with 'decode|'"),
+                      ('decode|resize(32)', r'makes 32x32 images, but the model takes 48x48'),
+                      ('decode|value_range(-1, 1)', 'does not fix the image size')]:
+    with pytest.raises(ValueError, match=f'^pp=.*{message}'):
+      inference.ImageClassifier.from_pretrained(tmp_path / 'w.npz', pp=pp)
+  with pytest.raises(ValueError, match='^batch_size=0 must be a positive int'):
+    inference.ImageClassifier.from_pretrained(tmp_path / 'w.npz', batch_size=0)
+  proc = _predict_cli(f'--checkpoint={tmp_path / "w.npz"}', '--pp=decode|resize(32)',
+                      photos[0], timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "vit_jax.predict: --pp='decode|resize(32)' makes 32x32 images" in proc.stderr
+  proc = _predict_cli(f'--checkpoint={tmp_path / "w.npz"}', '--batch_size=0', photos[0],
+                      timeout=120)
+  assert proc.returncode == 2 and '--batch_size=0 must be a positive int' in proc.stderr
+  proc = _predict_cli(f'--checkpoint={tmp_path / "w.npz"}', f'--labels={tmp_path / "no.txt"}',
+                      photos[0], timeout=120)
+  assert proc.returncode == 2 and f'--labels={tmp_path / "no.txt"}: no such file' in (
+      proc.stderr)
 
 
 def test_cli_errors_are_one_line_messages(tmp_path, photos):

@@ -28,11 +28,18 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
     fail(program, str(e))
   if '://' not in checkpoint and not os.path.exists(checkpoint):
     fail(program, f'cannot load {checkpoint}: no such checkpoint file or folder')
+  labels = from_pretrained.get('labels')
+  if labels and '://' not in labels and not os.path.isfile(labels):
+    fail(program, f'--labels={labels}: no such file (a text file of class names, one per '
+                  'line)')
   from vit_jax import inference  # pylint: disable=g-import-not-at-top
   try:
     classifier = inference.ImageClassifier.from_pretrained(checkpoint, **from_pretrained)
   except (FileNotFoundError, ValueError, KeyError) as e:
-    fail(program, f'cannot load {checkpoint}: {e}')
+    text = str(e)
+    if text.startswith(('pp=', 'batch_size=')):  # the flag's fault, not the checkpoint's
+      fail(program, f'--{text}')
+    fail(program, f'cannot load {checkpoint}: {text}')
   return paths, classifier
 
 

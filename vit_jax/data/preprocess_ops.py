@@ -157,6 +157,23 @@ def output_spec(spec: str) -> tuple[tuple[int, int] | None, str | None, int | No
   return size, size_op, num_classes
 
 
+# The ops that do not read the image's pixels (they may come before `decode`).
+OPS_WITHOUT_PIXELS = ('decode', 'onehot', 'keep', 'drop')
+
+
+def decode_problem(spec: str) -> str | None:
+  """What keeps `spec` from taking encoded images (the sources' JPEG/PNG bytes): 'has
+  no decode' or 'applies OP before decode'; None if it decodes first. Raises ValueError
+  as `parse` does."""
+  names = [name for name, _, _ in _build(spec)]
+  if 'decode' not in names:
+    return 'has no decode'
+  first = next((n for n in names if n not in OPS_WITHOUT_PIXELS), None)
+  if first is not None and names.index(first) < names.index('decode'):
+    return f'applies {first} before decode'
+  return None
+
+
 def ops(spec: str) -> list[tuple[str, dict]]:
   """[(op name, its arguments with defaults)] of a spec, checked as `parse` checks it."""
   out = []

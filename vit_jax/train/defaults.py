@@ -391,10 +391,9 @@ def _check_preprocessing(config) -> None:
           '(docs/data.md lists the ops)')
     try:
       made, size_op, onehot_classes = preprocess_ops.output_spec(spec)
-      names = [name for name, _ in preprocess_ops.ops(spec)]
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
-    _check_decode_and_onehot(field, spec, names, onehot_classes, classes)
+    _check_decode_and_onehot(field, spec, onehot_classes, classes, preprocess_ops)
     if made is None:
       stops = ('the first image of another size stops the run '
                f'{"at that step" if field == "pp_train" else "at its first evaluation"}')
@@ -427,21 +426,13 @@ def _check_preprocessing(config) -> None:
   _warn_if_pixel_scales_differ(config, preprocess_ops)
 
 
-# The preprocessing ops that do not read the image's pixels.
-_OPS_WITHOUT_PIXELS = ('decode', 'onehot', 'keep', 'drop')
-
-
-def _check_decode_and_onehot(field, spec, names, onehot_classes, classes) -> None:
+def _check_decode_and_onehot(field, spec, onehot_classes, classes, preprocess_ops) -> None:
   """A spec must decode the (encoded) images before its other image ops, and give one-hot
   labels: the train and evaluation steps take (soft) label vectors, not class ids."""
-  first_image_op = next((n for n in names if n not in _OPS_WITHOUT_PIXELS), None)
-  decode_at = names.index('decode') if 'decode' in names else None
-  if decode_at is None or (first_image_op is not None
-                           and names.index(first_image_op) < decode_at):
-    where = ('has no decode' if decode_at is None
-             else f'applies {first_image_op} before decode')
+  problem = preprocess_ops.decode_problem(spec)
+  if problem:
     raise ConfigError(
-        f'config.input.{field}={spec!r} {where}: the sources give encoded images (JPEG, '
+        f'config.input.{field}={spec!r} {problem}: the sources give encoded images (JPEG, '
         f"PNG bytes), so start it with 'decode|'.")
   if onehot_classes is None:
     raise ConfigError(
