@@ -63,6 +63,23 @@ def test_finetuning_configs_take_another_architecture():
   defaults.validate(config, num_devices=1, process_count=1)
 
 
+@pytest.mark.parametrize('name,scaling', [
+    ('ResNet-50', 'normalize'), ('resnet50', 'normalize'), ('Swin-T/384', 'normalize'),
+    ('ResNeXt-50 32x4d', 'normalize'), ('Res2Net-50 26w4s', 'normalize'),
+    ('BiT-R50x1', 'value_range(-1, 1)'), ('R50+ViT-B/16', 'value_range(-1, 1)')])
+def test_finetuning_configs_take_every_family(name, scaling):
+  """Every family but ViT used to fail (the recipe set ViT-only fields: 'unknown resnet
+  model config field(s) [scan_layers]'), and the pixels were scaled to [-1, 1] for timm
+  weights that expect the ImageNet mean and std."""
+  path = CONFIGS[[p.stem for p in CONFIGS].index('finetune_cifar10')]
+  config = _load(path).get_config(name)
+  assert f'|{scaling}|onehot(10)' in config.input.pp_train
+  assert f'|{scaling}|onehot(10)' in config.input.pp_eval
+  assert config.model.num_classes == 10 and config.model.image_size == 384
+  config.init_from = None
+  defaults.validate(config, num_devices=1, process_count=1)
+
+
 def test_a_recorded_config_takes_command_line_overrides(tmp_path):
   """Fields recorded as None (total_steps of an epoch-based run, representation_size)
   could not be overridden: ml_collections refuses a None field that is not typed."""

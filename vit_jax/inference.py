@@ -61,10 +61,11 @@ def default_pp(image_size: int, family: str = 'vit') -> str:
   original ViT and BiT releases (and timm's copies of them) take [-1, 1] at the model's
   size; timm's Swin, ResNet, ResNeXt and Res2Net weights take ImageNet mean/std after a
   resize to 8/7 of the size and a central crop (timm's crop_pct 0.875)."""
-  if family in ('swin', 'resnet', 'res2net'):
+  scaling = registry.pixel_scaling(family)
+  if scaling == 'normalize':
     return (f'decode|resize_small({image_size * 8 // 7})|central_crop({image_size})|'
-            'normalize')
-  return f'decode|resize({image_size})|value_range(-1, 1)'
+            f'{scaling}')
+  return f'decode|resize({image_size})|{scaling}'
 
 
 class UnreadableImageError(ValueError):

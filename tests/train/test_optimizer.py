@@ -209,6 +209,13 @@ def test_freeze_errors_name_the_field_and_show_paths():
     _one_update(trainable='^heads/')
   with pytest.raises(optimizer_lib.FreezeError, match='leave no parameter'):
     _one_update(freeze='.')
+  # A ResNet's head is fc: the message lists the top-level modules, where it shows (the
+  # sample of paths used to show only the first and last, bn1/... and layer4/...).
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  resnet = models.abstract_params(models.create('ResNet-50', num_classes=10), 32)
+  with pytest.raises(optimizer_lib.FreezeError,
+                     match=r"'\^head/' matches no parameter.*top-level modules .*, fc, "):
+    optimizer_lib.trainable_labels(resnet, trainable='^head/')
   config = defaults.default_config()
   config.freeze = '(unclosed'
   with pytest.raises(defaults.ConfigError, match=r"config.freeze='\(unclosed' is not a valid"):

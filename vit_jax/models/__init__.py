@@ -14,7 +14,7 @@ Families: ViT (and hybrids), Swin ('Swin-T', ...), ResNet/ResNeXt ('ResNet-50',
 
 from vit_jax.models.posemb import resample_posemb
 from vit_jax.models.registry import (create, differs_from_its_name, families, family_of,
-                                     field_docs, get_config, list_models)
+                                     field_docs, get_config, list_models, pixel_scaling)
 from vit_jax.models.scan_layout import stack_layers, unstack_layers
 from vit_jax.models.summary import (abstract_params, abstract_variables, analytic_flops,
                                     as_variables, forward_flops, init_params,
@@ -25,6 +25,6 @@ __all__ = [
     'VisionTransformer', 'abstract_params', 'abstract_variables', 'analytic_flops',
     'as_variables', 'attention_maps', 'create', 'differs_from_its_name', 'families',
     'family_of', 'field_docs', 'forward_flops', 'get_config', 'init_params',
-    'init_variables', 'list_models', 'param_count', 'resample_posemb', 'stack_layers',
-    'unstack_layers',
+    'init_variables', 'list_models', 'param_count', 'pixel_scaling', 'resample_posemb',
+    'stack_layers', 'unstack_layers',
 ]

@@ -187,6 +187,13 @@ def family_of(name_or_config) -> str:
   return name_or_config.get('family', 'vit') or 'vit'
 
 
+def pixel_scaling(family: str) -> str:
+  """The preprocessing op that scales pixels as the published weights of `family` expect:
+  the original ViT and BiT releases (and timm's copies of them) take [-1, 1]; timm's Swin,
+  ResNet, ResNeXt and Res2Net weights take the ImageNet mean and std."""
+  return 'normalize' if family in ('swin', 'resnet', 'res2net') else 'value_range(-1, 1)'
+
+
 def families() -> list[str]:
   return ['vit'] + sorted(_FAMILIES)
 

@@ -161,8 +161,10 @@ def trainable_labels(params, trainable: str | None = None, freeze: str | None = 
   for field, pattern in (('trainable', trainable), ('freeze', freeze)):
     if pattern and not any(_matches(pattern, names) for names in layers):
       shown = [names[-1] for names in layers]
+      tops = sorted({name.split('/')[0] for name in shown})  # e.g. a ResNet's head is fc
       raise FreezeError(f'config.{field}={pattern!r} matches no parameter; parameter paths '
-                        f'look like {shown[:3]} ... {shown[-2:]}')
+                        f'look like {shown[:3]} ... {shown[-2:]}, under the top-level '
+                        f"modules {', '.join(tops[:30])}" + (' ...' if len(tops) > 30 else ''))
 
   def label(path, leaf):
     train = any(_trained(n, trainable, freeze) for n in _layer_names(path, leaf))

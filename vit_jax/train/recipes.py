@@ -80,29 +80,38 @@ def finetuning(model_name: str, *, dataset: str, num_classes: int, steps: int,
   """SGD momentum 0.9, batch 512, no weight decay, clipping 1, cosine decay, new
   zero-initialised head, position embedding resampled to `resolution`. Warmup: 500
   steps, or a tenth of a run shorter than 5,000 steps (500 would be all of a 500-step
-  run, leaving no decay)."""
+  run, leaving no decay).
+
+  Any registered model: a ViT trains without dropout and with its blocks stacked; the
+  pixels are scaled as the published weights of the model's family expect (ImageNet mean
+  and std for timm's Swin, ResNet, ResNeXt and Res2Net; [-1, 1] for ViT and BiT).
+  """
   if warmup_steps is None:
     warmup_steps = min(500, steps // 10)
   c = defaults.default_config()
   c.model = models.get_config(model_name)
+  family = models.family_of(c.model)
   c.model.num_classes = num_classes
   c.model.image_size = resolution
-  c.model.dropout_rate = 0.0
-  c.model.scan_layers = STACKED_BLOCKS
+  if family == 'vit':  # (the other families have no such fields)
+    c.model.dropout_rate = 0.0
+    c.model.scan_layers = STACKED_BLOCKS
+  scaling = models.pixel_scaling(family)
   c.input.source = 'tfds'
   c.input.name = dataset
   c.input.train_split = train_split
   c.input.eval_split = eval_split
-  c.input.pp_train = (f'decode|inception_crop({resolution})|flip_lr|value_range(-1, 1)|'
+  c.input.pp_train = (f'decode|inception_crop({resolution})|flip_lr|{scaling}|'
                       f'onehot({num_classes})')
-  c.input.pp_eval = f'decode|resize({resolution})|value_range(-1, 1)|onehot({num_classes})'
+  c.input.pp_eval = f'decode|resize({resolution})|{scaling}|onehot({num_classes})'
   c.batch_size = 512
   c.total_steps = steps
   c.optimizer.update(name='sgd', momentum=0.9, weight_decay=0.0, grad_clip_norm=1.0)
   c.schedule.update(base_lr=base_lr, warmup_steps=warmup_steps, decay='cosine')
   # The original release's file name: a run fails at once, naming this field, until it is
   # pointed at real weights (--config.init_from=PATH).
-  c.init_from = f"{model_name.replace('/', '_').replace('ViT-', 'ViT-')}.npz"
+  c.init_from = (f"{model_name.replace('/', '_')}.npz" if family == 'vit'
+                 else f"{model_name.replace('/', '_')}.safetensors")  # timm's weights
   c.init_head = 'reset'
   c.posemb_resample = 'bilinear'
   c.eval_at_start = True  # the accuracy the pretrained weights start from
