@@ -256,14 +256,23 @@ def _release_numerics_note(config, output):
 
 
 def _preprocessing_note(ckpt, output):
-  """A note when the weights' evaluation preprocessing is not recorded in `output` and
-  differs from what predict and init_from assume for a file that records none."""
+  """A note when predict and init_from, reading the written `output` back, would take
+  another evaluation preprocessing than the weights' (`output` records none, and what
+  they assume differs: for a convolutional model, whose weights do not fix the image
+  size, the size of the timm model it is read as)."""
   if not ckpt.pp_eval:
     return None
   from vit_jax import inference  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
-  pp = preprocess_ops.without_ops(ckpt.pp_eval, ('onehot', 'keep', 'drop'))
-  default = inference.default_pp(ckpt.config.image_size, _family(ckpt))
+  label_ops = ('onehot', 'keep', 'drop')
+  pp = preprocess_ops.without_ops(ckpt.pp_eval, label_ops)
+  try:
+    back = pretrained.load_checkpoint(str(output))
+  except Exception:  # pylint: disable=broad-except  (its reader names any problem itself)
+    return None
+  default = (preprocess_ops.without_ops(back.pp_eval, label_ops) if back.pp_eval
+             else inference.default_pp(back.config.image_size, _family(back)))
   if pp == default:
     return None
   return (f'the evaluation preprocessing {pp!r} is not recorded in '
@@ -283,17 +292,20 @@ def _write_npz(ckpt, output, notes):
     notes.append(f'{len(ckpt.class_names)} class names: an .npz holds arrays only, so they '
                  'are not in it; predict prints class indices unless given --labels=FILE '
                  '(or convert to .safetensors or an Orbax directory, which keep them)')
-  pp_note = _preprocessing_note(ckpt, output)
-  if pp_note:
-    notes.append(pp_note)
   if family == 'bit':  # the BiT release's .npz layout
     from vit_jax.checkpoints import bit_npz  # pylint: disable=g-import-not-at-top
     bit_npz.save_bit_npz(ckpt.variables(), output)
+    pp_note = _preprocessing_note(ckpt, output)
+    if pp_note:
+      notes.append(pp_note)
     return
   if family != 'vit':
     raise ConversionError(f'.npz export is for ViT and BiT models; this is a {family} '
                           'model: use --to=timm or --to=orbax')
   npz.save_npz(output, ckpt.params)
+  pp_note = _preprocessing_note(ckpt, output)
+  if pp_note:
+    notes.append(pp_note)
   note = _release_numerics_note(ckpt.config, output)
   if note:
     notes.append(note)

@@ -344,3 +344,37 @@ def test_a_swin_whose_last_stage_is_smaller_than_its_window(tmp_path):
   back = pretrained.load_checkpoint(str(export))
   assert back.config.image_size == 32 and back.config.window_size == 4
   np.testing.assert_allclose(logits(back), want, atol=1e-4)
+
+
+def test_a_bare_resnext_state_dict_is_named_by_its_structure(tmp_path):
+  """It was read correctly but named 'resnet50' (its family's default timm name), which
+  convert printed as the timm model to load it into (a size mismatch in timm)."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  model = timm.create_model('resnext50_32x4d', pretrained=False, num_classes=7)
+  save_file(model.state_dict(), str(tmp_path / 'rx.safetensors'))
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'rx.safetensors'))
+  assert ckpt.config.name == 'resnext50_32x4d' and ckpt.config.num_classes == 7
+
+
+def test_a_recorded_convolutional_config_keeps_its_size_and_numerics(tmp_path):
+  """A vit_jax export of a BiT run at 64 px records its config; it used to come back at
+  the registered timm model's 448 px, with timm's StdConv epsilon instead of the run's."""
+  from vit_jax import convert  # pylint: disable=g-import-not-at-top
+  config = models.get_config('BiT-R50x1')
+  config.update(image_size=64, num_classes=5, stdconv_eps=1e-10)
+  variables = models.init_variables(models.create(config), 64)
+  ckpt = pretrained.Checkpoint(config, variables['params'], 'orbax',
+                               model_state={k: v for k, v in variables.items()
+                                            if k != 'params'},
+                               pp_eval='decode|resize(64)|value_range(-1, 1)|onehot(5)')
+  for name in ('bit.safetensors', 'bit.pth'):
+    notes = []
+    convert._write_timm(ckpt, str(tmp_path / name), notes)  # pylint: disable=protected-access
+    back = pretrained.load_checkpoint(str(tmp_path / name))
+    if name.endswith('.safetensors'):  # recorded: size and epsilon kept, no note
+      assert back.config.image_size == 64 and back.config.stdconv_eps == 1e-10
+      assert not [n for n in notes if 'preprocessing' in n]
+    else:  # a torch file records nothing: the note says what predict will use instead
+      assert back.config.image_size == 448
+      assert any("predict reads it back with 'decode|resize(448)|value_range(-1, 1)'" in n
+                 for n in notes), notes

@@ -32,6 +32,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from vit_jax import models
 from vit_jax.checkpoints import architecture
 from vit_jax.checkpoints import bit_npz
 from vit_jax.checkpoints import hf_format
@@ -417,6 +418,35 @@ def _timm_name_for(config, family: str) -> str:
     return _DEFAULT_TIMM_NAMES[family]
 
 
+def _fitting_config(by, read, variables) -> ml_collections.ConfigDict:
+  """`by` (a recorded or given config of a convolutional family) where it builds exactly
+  the arrays of `variables`, else `read` (the config of the timm name the weights were
+  read as). A convolutional model's weights do not fix its image size or numerics
+  (epsilons, dtypes): read as the registered timm name, an export of a run at 64 px came
+  back at 224 (448 for BiT) and lost its recorded StdConv epsilon."""
+  by = ml_collections.ConfigDict(by.to_dict())
+  by.num_classes = read.get('num_classes')  # the head is read from the weights
+  try:
+    shapes = models.abstract_variables(models.create(by), int(by.get('image_size') or 224))
+  except (ValueError, TypeError):
+    return read
+  def shape_of(variables_):
+    return {k: tuple(np.shape(v)) for k, v in tree.flatten(dict(variables_)).items()}
+  return by if shape_of(shapes) == shape_of(variables) else read
+
+
+def _structure_name(config) -> str:
+  """The registered timm name of the architecture `config` describes (its own name where
+  none fits): a bare state dict is read as its family's default timm name, whose
+  structure the weights may not have (ResNeXt-50 read as 'resnet50')."""
+  unnamed = ml_collections.ConfigDict(config.to_dict())
+  unnamed.name = ''
+  try:
+    return timm_format.timm_name(unnamed)
+  except ValueError:
+    return config.get('name')
+
+
 def _load_timm_family(sd, family: str, name: str, prefer=None):
   """(config, variables) of a timm state dict of a non-ViT family; prefer: a config
   whose resolution and windows a Swin takes where they fit the weights."""
@@ -523,6 +553,10 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
       by = given if given is not None else recorded
       name = _timm_name_for(by, family) if by is not None else _DEFAULT_TIMM_NAMES[family]
       config, variables = _load_timm_family(sd, family, name, prefer=by)
+      if by is not None and family != 'swin':  # (a Swin takes `by`'s size and windows)
+        config = _fitting_config(by, config, variables)
+      elif by is None:  # named by the structure read (a ResNeXt is not 'resnet50')
+        config.name = _structure_name(config)
       variables = dict(variables)
       params = variables.pop('params')
       return Checkpoint(config, params, 'timm', model_state=variables,
