@@ -224,6 +224,30 @@ def test_transformers_weights_into_another_head_count_or_numerics(tmp_path, capl
   assert 'were made with' not in caplog.text
 
 
+def test_timm_weights_into_a_paper_name_config_warn_of_the_gelu(tmp_path, caplog):
+  """timm's ViTs use exact GELU and the paper-name configs tanh: init_from of a timm file
+  into configs/finetune_*.py used to change the GELU without a word."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  tm = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=5,
+                         img_size=32)
+  save_file(tm.state_dict(), str(tmp_path / 'timm.safetensors'))
+  config = models.get_config('ViT-Ti/16')
+  config.update(num_layers=1, num_classes=5, image_size=32)
+  reference = {'params': models.init_params(models.create(config), 32)}
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'timm.safetensors'), model=config)
+  with caplog.at_level('WARNING'):
+    pretrained.adapt_variables(ckpt, reference, config)
+  assert ('made with gelu_approximate=False; this model uses gelu_approximate=True'
+          in caplog.text)
+  caplog.clear()
+  config.gelu_approximate = False  # as the warning says: no warning then
+  with caplog.at_level('WARNING'):
+    pretrained.adapt_variables(
+        pretrained.load_checkpoint(str(tmp_path / 'timm.safetensors'), model=config),
+        {'params': models.init_params(models.create(config), 32)}, config)
+  assert 'were made with' not in caplog.text
+
+
 def test_the_one_call_load_of_the_readme(tmp_path):
   """README's `load_checkpoint` + `adapt_variables` lines, on an .npz of a small ViT: a new
   10-class head and a resampled position embedding, ready to apply."""

@@ -726,9 +726,11 @@ def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bi
   those the weights' own config (transformers', a workdir's) records.
   """
   # A config the weights came with (transformers' config.json, a workdir's, a recorded
-  # one), not one guessed from a name: its heads and numerics are the weights' own.
+  # one), not one guessed from a name: its heads and numerics are the weights' own. A
+  # timm state dict's numerics are timm's (exact GELU), unless the caller asked for
+  # others: a paper-name config (tanh GELU) used to change its GELU without a word.
   known = isinstance(loaded, Checkpoint) and (loaded.config_recorded
-                                              or loaded.kind in ('hf', 'orbax'))
+                                              or loaded.kind in ('hf', 'orbax', 'timm'))
   if isinstance(loaded, Checkpoint):
     loaded_config, loaded = loaded.config, loaded.variables()
   else:
