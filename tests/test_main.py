@@ -136,6 +136,9 @@ def test_a_misspelled_group_in_an_override_is_one_line_too(tmp_path):
 @pytest.mark.parametrize('args,message', [
     (['--config=configs/nope.py'], '--config=configs/nope.py: no such file'),
     (['--config=configs/demo.py:bogus'], 'configs/demo.py takes no argument after ":"'),
+    (['--config=configs/finetune_cifar10.py:vit_tiny_patch16'],  # was a traceback too
+     "--config=configs/finetune_cifar10.py:vit_tiny_patch16: unknown model name "
+     "'vit_tiny_patch16'. Closest: vit_tiny_patch16_"),
     (['--config=configs/from_workdir.py:/no/such/run'],  # was a traceback, exit 1
      '/no/such/run holds no config.json (it takes the --workdir of a run of vit_jax.main)'),
     (['--config=configs/demo.py', '--config.model=ViT-B/16'],
