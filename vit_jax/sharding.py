@@ -187,6 +187,41 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
   return P(*spec)
 
 
+def model_axis_problem(tree, mesh: Mesh) -> str | None:
+  """What the mesh's model axis fails to split among the params `tree` (arrays or shape
+  structs), as a warning; None where it splits all it can, or has one device.
+
+  A parameter whose model dimension the axis does not divide stays whole on every device
+  of that axis (`param_spec`), and only a ViT's attention and MLP kernels are split at
+  all: a model axis of 8 over a 3-head model, or over a ResNet, ran as 8 replicas of the
+  same computation without a word.
+  """
+  model = mesh.shape['model']
+  if model == 1:
+    return None
+  matched, whole = 0, []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name, shape = _path_str(path), tuple(getattr(leaf, 'shape', ()))
+    layer_axis = 1 if _STACKED.search(name) and shape else 0
+    for pattern, dim in _MODEL_RULES:
+      if re.search(pattern, name) and dim + layer_axis < len(shape):
+        matched += 1
+        if shape[dim + layer_axis] % model:
+          whole.append(f'{name} {shape}')
+        break
+  if not matched:
+    return (f'config.mesh.model={model}: no parameter of this model is split on the model '
+            'axis (only a ViT\'s attention and MLP kernels are), so each group of '
+            f'{model} devices computes the same thing; give the devices to '
+            '--config.mesh.data or --config.mesh.fsdp instead')
+  if whole:
+    return (f'config.mesh.model={model} does not divide the split dimension of {len(whole)} '
+            f'of the {matched} parameters it would split, which stay whole on each device '
+            f'of the axis (e.g. {", ".join(whole[:2])}); use a model axis that divides the '
+            'attention width (num_heads x head size) and mlp_dim')
+  return None
+
+
 def tree_shardings(tree, mesh: Mesh, min_fsdp_size: int = 2**18):
   """NamedShardings for every array of a tree (params, or an optimizer state)."""
   def one(path, leaf):
