@@ -430,3 +430,21 @@ def test_an_evaluation_spec_that_resizes_nothing_is_refused():
       "config.input.pp_eval='decode|value_range(-1, 1)|onehot(10)' resizes nothing: "
       'evaluation pads its last batch')):
     _validate(c)
+
+
+def test_a_compilation_cache_that_is_a_file_is_refused(tmp_path):
+  c = _config()
+  (tmp_path / 'cache').write_text('x')
+  c.compilation_cache_dir = str(tmp_path / 'cache')
+  with pytest.raises(defaults.ConfigError, match='compilation_cache_dir=.* is a file'):
+    _validate(c)
+  c.compilation_cache_dir = str(tmp_path / 'new_folder')
+  _validate(c)
+
+
+def test_a_mesh_error_names_the_mesh_once():
+  c = _config()
+  c.mesh.model = 0
+  with pytest.raises(defaults.ConfigError) as e:
+    _validate(c)
+  assert str(e.value).startswith('config.mesh {') and str(e.value).count('config.mesh') == 1

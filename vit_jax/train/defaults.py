@@ -139,7 +139,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   try:
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
   except sharding.MeshError as e:
-    raise ConfigError(f'config.mesh: {e}') from e
+    raise ConfigError(str(e)) from e  # (it starts with 'config.mesh')
+  cache = config.get('compilation_cache_dir')
+  if cache and '://' not in cache and os.path.exists(cache) and not os.path.isdir(cache):
+    raise ConfigError(f'config.compilation_cache_dir={cache!r} is a file: give a folder '
+                      '(created if missing), or None for no persistent cache')
   batch_devices = data * fsdp
   if batch_devices % process_count:
     # The batch is split over ('data', 'fsdp') only: a model axis spanning processes would
