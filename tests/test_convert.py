@@ -347,7 +347,7 @@ def test_cli_takes_the_output_as_an_argument(timm_file, tmp_path):
   assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors',
                                      'preprocessor_config.json']
   proc = _cli(f'--input={path}', '--to=hf')
-  assert proc.returncode == 1 and proc.stderr.startswith(
+  assert proc.returncode == 2 and proc.stderr.startswith(
       'error: --output is required: where to write (e.g. python -m vit_jax.convert '), (
           proc.stderr)
   assert 'Traceback' not in proc.stderr and 'FATAL' not in proc.stderr
@@ -441,7 +441,7 @@ def test_cli_errors_are_one_message_without_traceback(tmp_path):
   _, params = _vit_jax_params(seed=5, representation_size=32)
   checkpoints.save_npz(tmp_path / 'r.npz', params)
   proc = _cli(f'--input={tmp_path / "r.npz"}', f'--output={tmp_path / "r.safetensors"}')
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert proc.stderr.startswith('error: cannot convert to timm: timm VisionTransformer has '
                                 'no pre_logits'), proc.stderr
   assert 'Traceback' not in proc.stderr and not proc.stdout

@@ -503,12 +503,12 @@ def main(argv) -> int:
     input_path, output_path = _paths(argv[1:])
     result = run(input_path, output_path, to=_TO.value, model=_MODEL.value,
                  overwrite=_OVERWRITE.value)
-  except ConversionError as e:
+  except ConversionError as e:  # status 2, as predict's and visualize's usage errors
     print(f'error: {e}', file=sys.stderr, flush=True)
-    return 1
+    return 2
   print(result.summary(), flush=True)
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli_flags.parse_flags)
+  app.run(main, flags_parser=lambda argv: cli_flags.parse_flags(argv, bad_flag_status=2))
