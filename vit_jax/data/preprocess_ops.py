@@ -450,10 +450,14 @@ def decode(channels: int = 3) -> Op:
   """Encoded image -> uint8 HxWxchannels (channels 3: RGB, or 1: grayscale).
 
   JPEG, PNG, GIF (first frame) and BMP. Grayscale is repeated to RGB, alpha is dropped
-  (not composited), palettes are expanded, 16-bit PNGs are scaled to 8 bits (x / 257;
-  PIL's convert('RGB') clips them instead). JPEGs use libjpeg's accurate integer IDCT
-  and give the same pixels as PIL, CMYK JPEGs included (e.g. the 22 in ImageNet, or PIL's
-  Adobe-inverted CMYK): TF's libjpeg path converts them to RGB itself (tested).
+  (not composited), palettes are expanded, 16-bit PNGs are scaled to 8 bits (their high
+  byte, x >> 8, within 1 of x / 257; PIL's convert('RGB') clips them instead). JPEGs use
+  libjpeg's accurate integer IDCT and give the same pixels as PIL, CMYK JPEGs included
+  (e.g. the 22 in ImageNet, or PIL's Adobe-inverted CMYK): TF's libjpeg path converts
+  them to RGB itself (tested). Followed by inception_crop or random_resized_crop, a JPEG
+  decodes only the crop window (much faster); with 4:2:0 chroma subsampling its last
+  column can then differ from a whole decode by up to about 30/255 (where the window's
+  edge falls on an even column), a negligible difference for training augmentation.
   An already decoded image only gets its channels fixed (1/2 -> 3 repeated, 4 -> 3).
   """
   if channels not in (1, 3):
