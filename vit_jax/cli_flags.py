@@ -10,7 +10,7 @@ import sys
 
 from absl import app
 
-HELP_FLAGS = ('--help', '-h', '-?', '--helpfull', '--helpshort', '--helpxml')
+HELP_FLAGS = ('--help', '-?', '--helpfull', '--helpshort', '--helpxml')  # absl has no -h
 
 
 def asked_for_help(argv) -> bool:

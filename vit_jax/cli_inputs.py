@@ -32,15 +32,49 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
   if labels and '://' not in labels and not os.path.isfile(labels):
     fail(program, f'--labels={labels}: no such file (a text file of class names, one per '
                   'line)')
+  batch_size = from_pretrained.get('batch_size')
+  if batch_size is not None and batch_size < 1:
+    fail(program, f'--batch_size={batch_size} must be a positive int')
+  pp = from_pretrained.get('pp')
+  if pp:  # its syntax and ops, before the (slow) load
+    from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+    try:
+      preprocess_ops.ops(pp)
+    except ValueError as e:
+      fail(program, f'--pp={pp!r}: {e}')
   from vit_jax import inference  # pylint: disable=g-import-not-at-top
   try:
     classifier = inference.ImageClassifier.from_pretrained(checkpoint, **from_pretrained)
   except (FileNotFoundError, ValueError, KeyError) as e:
-    text = str(e)
-    if text.startswith(('pp=', 'batch_size=')):  # the flag's fault, not the checkpoint's
-      fail(program, f'--{text}')
-    fail(program, f'cannot load {checkpoint}: {text}')
+    fail(program, f'cannot load {checkpoint}: {e}')
+  if pp:
+    problem = pp_problem(pp, classifier.config)
+    if problem:
+      fail(program, f'--pp={pp!r}: {problem}')
   return paths, classifier
+
+
+def pp_problem(pp: str, config) -> str | None:
+  """Why `pp` cannot feed the model of `config` image files, or None: an op it does not
+  know or arguments it does not take, no decode first (files are encoded), or for a
+  model of a fixed input size (ViT, Swin) another size than the model's. (The library
+  takes arrays too, already decoded and sized: there these are not errors.)"""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  try:
+    problem = preprocess_ops.decode_problem(pp)
+    made = preprocess_ops.output_spec(pp)[0]
+  except ValueError as e:
+    return str(e)
+  if problem:
+    return f"{problem}: image files are encoded, so start it with 'decode|'"
+  size = config.get('image_size') if config is not None else None
+  if config is not None and models.fixed_input_size(models.family_of(config)) and size and (
+      made != (size, size)):
+    what = f'makes {made[0]}x{made[1]} images' if made else 'does not fix the image size'
+    return (f'{what}, but the model takes {size}x{size} (the size its weights were made '
+            f'for): end it with resize({size}) or central_crop({size})')
+  return None
 
 
 def readable_images(program: str, classifier, paths):

@@ -39,23 +39,6 @@ class Prediction:
   probability: float
 
 
-def _check_pp(pp: str, config, preprocess_ops) -> None:
-  """ValueError (starting 'pp=') for a preprocessing that cannot feed the model: no
-  decode first (images are read as encoded files), or for a ViT or Swin (whose position
-  embedding or windows fix the input) another size than the model's."""
-  problem = preprocess_ops.decode_problem(pp)  # ValueError for an unknown op, too
-  if problem:
-    raise ValueError(f"pp={pp!r} {problem}: images are read as encoded files, so start it "
-                     "with 'decode|'")
-  made = preprocess_ops.output_spec(pp)[0]
-  size = config.get('image_size')
-  if registry.family_of(config) in ('vit', 'swin') and size and made != (size, size):
-    what = f'makes {made[0]}x{made[1]} images' if made else 'does not fix the image size'
-    raise ValueError(f'pp={pp!r} {what}, but the model takes {size}x{size} (the size its '
-                     f'weights were made for): end it with resize({size}) or '
-                     f'central_crop({size})')
-
-
 def default_pp(image_size: int, family: str = 'vit') -> str:
   """The evaluation preprocessing weights of `family` expect when they record none: the
   original ViT and BiT releases (and timm's copies of them) take [-1, 1] at the model's
@@ -138,12 +121,10 @@ class ImageClassifier:
     if names is not None and len(names) != num_classes:
       raise ValueError(f'{len(names)} class names for a head of {num_classes} classes '
                        f'({path})')
-    from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
     if pp is None:
+      from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
       pp = (preprocess_ops.without_ops(ckpt.pp_eval, _LABEL_OPS) if ckpt.pp_eval
             else default_pp(config.image_size, registry.family_of(config)))
-    else:
-      _check_pp(pp, config, preprocess_ops)
     params = jax.tree.map(jnp.asarray, ckpt.params)
     return cls(module, params, pp=pp, class_names=names, batch_size=batch_size,
                config=config, model_state=jax.tree.map(jnp.asarray, ckpt.model_state),

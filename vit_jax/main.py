@@ -302,7 +302,7 @@ def _config_file_problem(argv) -> str | None:
           if not (node.args.args or node.args.vararg):
             return (f'--config={path}:{variant}: {path} takes no argument after ":" (its '
                     f'get_config() has no parameter); use --config={path}')
-          if node.args.args[0].arg in ('model', 'name'):  # a registered model's name
+          if node.args.args and node.args.args[0].arg in ('model', 'name'):  # a model name
             try:
               models.get_config(variant)
             except ValueError as e:

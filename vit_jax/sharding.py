@@ -217,8 +217,8 @@ def model_axis_problem(tree, mesh: Mesh) -> str | None:
   if whole:
     return (f'config.mesh.model={model} does not divide the split dimension of {len(whole)} '
             f'of the {matched} parameters it would split, which stay whole on each device '
-            f'of the axis (e.g. {", ".join(whole[:2])}); use a model axis that divides the '
-            'attention width (num_heads x head size) and mlp_dim')
+            f'of the axis (e.g. {", ".join(whole[:2])}); use a model axis that divides '
+            'num_heads (the attention is split by heads) and mlp_dim')
   return None
 
 

@@ -672,7 +672,7 @@ def main(argv):
             clf.pp, path, masks[j], out / f'{stem}_rollout_original.png', f['alpha'])
       except ValueError as e:  # this drawing only: the image's other maps are written
         print(f'{path}: no rollout on the original image ({e})', file=sys.stderr)
-        on_original = None
+        on_original, skipped = None, True  # exit status 1 at the end, as for a skip
       layers = save_layer_maps(
           maps[:, j], out / f'{stem}_attention_layers.png',
           title=f'{path.name}, top-1: {clf.label(top)} ({probs[j, top]:.3f})\n'

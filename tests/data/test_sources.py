@@ -397,13 +397,19 @@ def test_symlink_loops_album_folders_and_hidden_files(tmp_path):
   (split / 'cat' / 'loop').symlink_to('..')
   (split / 'dog' / 'self').symlink_to('.')
   (split / 'dog' / 'cats').symlink_to('../cat')  # another class: not under this label
+  (split / 'bird' / 'sub').mkdir(parents=True)
+  image(split / 'bird' / 'sub' / 'e.png', 30)
+  (split / 'ant').mkdir()
+  (split / 'ant' / 'birds').symlink_to('../bird/sub')  # into another class, read first
   (tmp_path / 'more').mkdir()
   image(tmp_path / 'more' / 'c.png', 21)
   (split / 'dog' / 'more').symlink_to(tmp_path / 'more')  # a folder outside: read
   src = sources.ImageFolderSource(str(tmp_path / 'data'), 'train', cache_dir=str(tmp_path))
   rel = [str(pathlib.Path(p).relative_to(split)) for p in src.paths]
-  assert rel == ['cat/a.png', 'cat/album.jpg/b.png', 'dog/a.png', 'dog/more/c.png'], rel
-  assert src.labels.tolist() == [0, 0, 1, 1]
+  assert rel == ['bird/sub/e.png', 'cat/a.png', 'cat/album.jpg/b.png', 'dog/a.png',
+                 'dog/more/c.png'], rel
+  assert src.class_names == ['ant', 'bird', 'cat', 'dog']
+  assert src.labels.tolist() == [1, 2, 2, 3, 3]
 
 
 def test_a_split_of_only_undecodable_files_is_a_data_error(tmp_path):

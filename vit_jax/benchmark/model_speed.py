@@ -330,7 +330,8 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   config.image_size = resolution
   name = timm_format.timm_name(config)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  size_kwargs = {'img_size': resolution} if models.family_of(config) in ('vit', 'swin') else {}
+  size_kwargs = ({'img_size': resolution} if models.fixed_input_size(models.family_of(config))
+                 else {})
   net = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES,
                           **size_kwargs, **model_kwargs).to(device)
   bf16 = dtype == 'bfloat16'

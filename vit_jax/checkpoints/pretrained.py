@@ -694,19 +694,30 @@ def _config_differences(loaded, config) -> list[str]:
 _VIT_NUMERICS = ('gelu_approximate', 'layernorm_eps')
 
 
-def _warn_numerics(loaded, config) -> None:
+def _warn_numerics(loaded, config, timm: bool = False) -> None:
   """Logs the ViT numerics (GELU, LayerNorm epsilon) that differ between the weights' own
   config and the model's: the weights load, but compute other values than they were
-  made for. (Shapes are checked from the weights themselves, in `adapt`.)"""
+  made for. (Shapes are checked from the weights themselves, in `adapt`.) timm: the
+  weights are a timm state dict, whose numerics are those timm computes them with (not
+  always those they were trained with: timm runs Google's tanh-GELU releases exactly)."""
   numerics = [(k, loaded.get(k), config.get(k)) for k in _VIT_NUMERICS
               if loaded.get(k) is not None and tree.plain(loaded.get(k)) != tree.plain(config.get(k))]
-  if numerics:
+  if not numerics:
+    return
+  given = ', '.join(f'{k}={a!r}' for k, a, _ in numerics)
+  flags = ' '.join(f'--config.model.{k}={a!r}' for k, a, _ in numerics)
+  mine = ', '.join(f'{k}={b!r}' for k, _, b in numerics)
+  if timm:
+    logging.warning(
+        'timm computes these pretrained weights with %s; this model uses %s. They load, '
+        'but compute slightly other values than in timm: to match timm, set %s (keep '
+        "this model's if the weights were trained with it, as Google's releases were).",
+        given, mine, flags)
+  else:
     logging.warning(
         'The pretrained weights were made with %s; this model uses %s. They load, but '
         'compute slightly other values than they were trained for: to keep them, set %s.',
-        ', '.join(f'{k}={a!r}' for k, a, _ in numerics),
-        ', '.join(f'{k}={b!r}' for k, _, b in numerics),
-        ' '.join(f'--config.model.{k}={a!r}' for k, a, _ in numerics))
+        given, mine, flags)
 
 
 def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bilinear',
@@ -731,6 +742,7 @@ def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bi
   # others: a paper-name config (tanh GELU) used to change its GELU without a word.
   known = isinstance(loaded, Checkpoint) and (loaded.config_recorded
                                               or loaded.kind in ('hf', 'orbax', 'timm'))
+  timm = known and loaded.kind == 'timm' and not loaded.config_recorded
   if isinstance(loaded, Checkpoint):
     loaded_config, loaded = loaded.config, loaded.variables()
   else:
@@ -740,7 +752,7 @@ def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bi
   if got_family is not None:
     _refuse_family('the checkpoint', got_family, config)
   if family == 'vit' and known and loaded_config is not None and warn_numerics:
-    _warn_numerics(loaded_config, config)
+    _warn_numerics(loaded_config, config, timm=timm)
   if family == 'vit':
     return {'params': adapt(loaded['params'], reference['params'],
                             posemb_method=posemb_method, keep_head=keep_head),

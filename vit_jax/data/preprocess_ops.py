@@ -47,6 +47,7 @@ import difflib
 import functools
 import inspect
 import math
+import numbers
 import operator
 from typing import Callable
 
@@ -366,12 +367,12 @@ def _check_method(method: str) -> str:
 
 def _hw(size) -> tuple[int, int]:
   """int -> (size, size); (h, w) -> (h, w); ValueError unless positive ints."""
-  hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(
+  hw = (size, size) if isinstance(size, numbers.Integral) else tuple(size) if isinstance(
       size, (tuple, list)) else ()
-  if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                             for v in hw):
+  if len(hw) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                             and v > 0 for v in hw):
     raise ValueError(f'size must be a positive int or (height, width), got {size!r}')
-  return hw
+  return int(hw[0]), int(hw[1])
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:

@@ -237,20 +237,31 @@ def is_system_folder(name: str) -> bool:
   return name.startswith('.') or name in _SYSTEM_FOLDERS
 
 
-def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = None
-                 ) -> list[str]:
+def _count(ignored: dict[str, int], kind: str) -> None:
+  ignored[kind] = ignored.get(kind, 0) + 1
+
+
+def _inside(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = None,
+                 split_real: str | None = None, class_real: str | None = None) -> list[str]:
   """The image files under one class folder, its sub-folders included, in sorted order.
 
   Hidden files (`.name`, e.g. macOS's `._x.jpg`) and files of other extensions are counted
   in `ignored` by kind. A local folder is listed with its entries' types (a folder named
-  `album.jpg` is a folder), and each real folder is read once (a symlink back up the tree
-  is not followed, nor one to the split or a class folder: `seen` holds their real
-  paths, and each folder read is added). On remote storage (gs://) only
-  entries without an image extension are asked whether they are folders (one stat each).
+  `album.jpg` is a folder). Symbolic links to folders are followed, except to a folder
+  read already or to be read as a class (`seen`: the split, the class folders, each folder
+  read; a link back up the tree is one) and into another class's folder (`split_real`,
+  the split's real path: its images would get this class's label). On remote storage
+  (gs://), which has no links, only entries without an image extension are asked whether
+  they are folders (one stat each).
   """
   seen = set() if seen is None else seen
   local = '://' not in cls_dir
   if local:
+    class_real = class_real or os.path.realpath(cls_dir)
     seen.add(os.path.realpath(cls_dir))
     entries = sorted((e.name, e.is_dir()) for e in os.scandir(cls_dir))
   else:
@@ -262,18 +273,20 @@ def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = 
     if is_dir is None and not name.lower().endswith(IMAGE_EXTENSIONS):
       is_dir = tf.io.gfile.isdir(path)
     if is_dir:
-      if local and os.path.realpath(path) in seen:  # the split, a class, an ancestor
-        ignored['link to a folder read elsewhere'] = (
-            ignored.get('link to a folder read elsewhere', 0) + 1)
+      real = os.path.realpath(path) if local else None
+      if local and real in seen:  # the split, a class, an ancestor, read already
+        _count(ignored, 'link to a folder read elsewhere')
+      elif (local and split_real and os.path.islink(path) and _inside(real, split_real)
+            and not _inside(real, class_real)):
+        _count(ignored, "link into another class's folder")
       elif not is_system_folder(name):
-        found.extend(_class_files(path, ignored, seen))
+        found.extend(_class_files(path, ignored, seen, split_real, class_real))
     elif name.startswith('.'):
-      ignored['hidden'] = ignored.get('hidden', 0) + 1
+      _count(ignored, 'hidden')
     elif name.lower().endswith(IMAGE_EXTENSIONS):
       found.append(path)
     else:
-      ext = os.path.splitext(name)[1].lower() or name
-      ignored[ext] = ignored.get(ext, 0) + 1
+      _count(ignored, os.path.splitext(name)[1].lower() or name)
   return found
 
 
@@ -336,11 +349,12 @@ class ImageFolderSource(Source):
     seen = ({os.path.realpath(split_dir)} | {os.path.realpath(os.path.join(split_dir, c))
                                               for c in found}
             if '://' not in split_dir else set())
+    split_real = os.path.realpath(split_dir) if '://' not in split_dir else None
     for label, cls in enumerate(self.class_names):
       cls_dir = os.path.join(split_dir, cls)
       if not tf.io.gfile.isdir(cls_dir):
         continue
-      for path in _class_files(cls_dir, ignored, seen):
+      for path in _class_files(cls_dir, ignored, seen, split_real):
         paths.append(path)
         labels.append(label)
     if ignored:

@@ -14,7 +14,8 @@ Families: ViT (and hybrids), Swin ('Swin-T', ...), ResNet/ResNeXt ('ResNet-50',
 
 from vit_jax.models.posemb import resample_posemb
 from vit_jax.models.registry import (create, differs_from_its_name, families, family_of,
-                                     field_docs, get_config, list_models, pixel_scaling)
+                                     field_docs, fixed_input_size, get_config,
+                                     list_models, pixel_scaling)
 from vit_jax.models.scan_layout import stack_layers, unstack_layers
 from vit_jax.models.summary import (abstract_params, abstract_variables, analytic_flops,
                                     as_variables, forward_flops, init_params,
@@ -24,7 +25,7 @@ from vit_jax.models.vit import VisionTransformer, attention_maps
 __all__ = [
     'VisionTransformer', 'abstract_params', 'abstract_variables', 'analytic_flops',
     'as_variables', 'attention_maps', 'create', 'differs_from_its_name', 'families',
-    'family_of', 'field_docs', 'forward_flops', 'get_config', 'init_params',
-    'init_variables', 'list_models', 'param_count', 'pixel_scaling', 'resample_posemb',
-    'stack_layers', 'unstack_layers',
+    'family_of', 'field_docs', 'fixed_input_size', 'forward_flops', 'get_config',
+    'init_params', 'init_variables', 'list_models', 'param_count', 'pixel_scaling',
+    'resample_posemb', 'stack_layers', 'unstack_layers',
 ]

@@ -194,6 +194,12 @@ def pixel_scaling(family: str) -> str:
   return 'normalize' if family in ('swin', 'resnet', 'res2net') else 'value_range(-1, 1)'
 
 
+def fixed_input_size(family: str) -> bool:
+  """Whether a model of `family` takes only its config's image size: a ViT's position
+  embedding and Swin's windows fix it; the convolutional families take any size."""
+  return family in ('vit', 'swin')
+
+
 def families() -> list[str]:
   return ['vit'] + sorted(_FAMILIES)
 

@@ -378,9 +378,9 @@ def _check_preprocessing(config) -> None:
   except ImportError:  # no TensorFlow: the input pipeline cannot run, and says so itself
     return
   size, classes = config.model.image_size, config.model.get('num_classes')
-  # A ViT's position embedding and Swin's windows fix the input size; the convolutional
-  # families take any size (evaluation at another resolution, rectangular crops).
-  fixed_size = models.family_of(config.model) in ('vit', 'swin')
+  # (The convolutional families take any size: evaluation at another resolution,
+  # rectangular crops.)
+  fixed_size = models.fixed_input_size(models.family_of(config.model))
   if not classes:  # 0 or None: a features model, no logits
     raise ConfigError(
         f'config.model.num_classes={classes} builds a model without a classification head '
@@ -391,7 +391,8 @@ def _check_preprocessing(config) -> None:
     if not spec or not spec.strip():
       raise ConfigError(
           f'config.input.{field}={spec!r} is empty: give the preprocessing, e.g. '
-          f"'decode|resize({size})|value_range(-1, 1)|onehot({classes or 'NUM_CLASSES'})' "
+          f"'decode|resize({size})|{models.pixel_scaling(models.family_of(config.model))}|"
+          f"onehot({classes})' "
           '(docs/data.md lists the ops)')
     try:
       made, size_op, onehot_classes = preprocess_ops.output_spec(spec)
@@ -441,7 +442,7 @@ def _check_decode_and_onehot(field, spec, onehot_classes, classes, preprocess_op
   if onehot_classes is None:
     raise ConfigError(
         f'config.input.{field}={spec!r} has no onehot: the training and evaluation steps '
-        f"take one-hot labels, so end it with '|onehot({classes or 'NUM_CLASSES'})'.")
+        f"take one-hot labels, so end it with '|onehot({classes})'.")
 
 
 def _warn_if_pixel_scales_differ(config, preprocess_ops) -> None:

@@ -425,15 +425,19 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
 
     # The evaluation a stop request put off (see eval_pending below), made up now.
     if (config.get('eval_at_start') and start_step == 0) or put_off:
+      # Its checkpoint was saved unranked (a stop during the evaluation): ranked below, or
+      # keep_best would never keep it. Read by every process before the evaluation, whose
+      # collectives keep process 0 from writing the metrics before all have read: each
+      # then takes add_metrics' barrier, or none does.
+      unranked = (put_off and config.keep_best
+                  and checkpointer.metrics(start_step) is None)
       last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
       writer.write(start_step, last_eval)
       if is_main:
         logging.info('step %d (%s): %s', start_step,
                      'its evaluation, put off by the stop' if put_off else 'before training',
                      ', '.join(f'{k} {v:.4g}' for k, v in last_eval.items()))
-      if put_off and config.keep_best and checkpointer.metrics(start_step) is None:
-        # Its checkpoint was saved unranked (a stop during the evaluation): rank it now,
-        # or keep_best would never keep it.
+      if unranked:
         checkpointer.add_metrics(start_step, last_eval)
       progress.rate(start_step)
     start_of_pending = start_step

@@ -17,6 +17,8 @@ repeated augmentation of the paper are not implemented).
 MNIST digits (the `:mnist` argument of the config files).
 """
 
+import re
+
 import ml_collections
 
 from vit_jax import models
@@ -108,10 +110,12 @@ def finetuning(model_name: str, *, dataset: str, num_classes: int, steps: int,
   c.total_steps = steps
   c.optimizer.update(name='sgd', momentum=0.9, weight_decay=0.0, grad_clip_norm=1.0)
   c.schedule.update(base_lr=base_lr, warmup_steps=warmup_steps, decay='cosine')
-  # The original release's file name: a run fails at once, naming this field, until it is
-  # pointed at real weights (--config.init_from=PATH).
-  c.init_from = (f"{model_name.replace('/', '_')}.npz" if family == 'vit'
-                 else f"{model_name.replace('/', '_')}.safetensors")  # timm's weights
+  # A placeholder file name (the original release's for ViT and BiT, a timm state dict's
+  # otherwise): a run fails at once, naming this field, until it is pointed at real
+  # weights (--config.init_from=PATH).
+  stem = re.sub(r'[/ ]', '_', model_name)
+  c.init_from = {'vit': f'{stem}.npz', 'bit': f"{stem.replace('BiT-', 'BiT-M-')}.npz"}.get(
+      family, f'{stem}.safetensors')
   c.init_head = 'reset'
   c.posemb_resample = 'bilinear'
   c.eval_at_start = True  # the accuracy the pretrained weights start from
