@@ -221,6 +221,10 @@ def test_unknown_tfds_name_is_short_and_suggests_the_closest(tmp_path):
   assert info.value.__cause__ is None and info.value.__suppress_context__
   with pytest.raises(sources.DataError, match="Closest names: bundled_mnist[,.]"):
     sources.TfdsSource(name='bundled_mnits', split='train', data_dir=str(tmp_path))
+  # A dataset prepared in data_dir from a builder of one's own is suggested too.
+  (tmp_path / 'my_flowerz').mkdir()
+  with pytest.raises(sources.DataError, match="Closest names: my_flowerz[,.]"):
+    sources.TfdsSource(name='my_flowers', split='train', data_dir=str(tmp_path))
 
 
 @pytest.fixture(scope='module')

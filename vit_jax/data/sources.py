@@ -68,8 +68,14 @@ def _tfds_builder(name: str, data_dir: str | None):
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     # tfds's own message lists its whole catalogue (twice); it is not chained.
+    # The datasets prepared in data_dir count too (a dataset built from a local builder
+    # is not in tfds's catalogue).
+    root = os.path.expanduser(data_dir or '~/tensorflow_datasets')
+    prepared = ([d for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(
+        os.path.join(root, d))] if tf.io.gfile.isdir(root) else [])
     close = difflib.get_close_matches(
-        name, tfds.list_builders(with_community_datasets=False) + list(BUNDLED), n=5)
+        name, tfds.list_builders(with_community_datasets=False) + list(BUNDLED)
+        + [d.rstrip('/') for d in prepared], n=5)
     raise DataError(
         f'config.input.name={name!r} is not a tfds dataset (nor prepared in '
         f'{data_dir or "~/tensorflow_datasets"}). Closest names: '
