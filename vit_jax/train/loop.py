@@ -432,13 +432,13 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       unranked = (put_off and config.keep_best
                   and checkpointer.metrics(start_step) is None)
       last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
+      if unranked:  # before metrics.jsonl, which tells a later resume it was evaluated
+        checkpointer.add_metrics(start_step, last_eval)
       writer.write(start_step, last_eval)
       if is_main:
         logging.info('step %d (%s): %s', start_step,
                      'its evaluation, put off by the stop' if put_off else 'before training',
                      ', '.join(f'{k} {v:.4g}' for k, v in last_eval.items()))
-      if unranked:
-        checkpointer.add_metrics(start_step, last_eval)
       progress.rate(start_step)
     start_of_pending = start_step
     step = start_step
