@@ -299,3 +299,19 @@ def test_the_workdir_path_is_absolute(tmp_path, monkeypatch, given, expected):
 def test_an_empty_workdir_is_refused(given):
   with pytest.raises(defaults.ConfigError, match='--workdir is empty'):
     loop.workdir_path(given)
+
+
+@pytest.mark.parametrize('decay,warned', [('constant', False), ('cosine', True)])
+def test_a_longer_run_warns_of_its_schedule_unless_the_rate_is_constant(warnings, decay,
+                                                                         warned):
+  """A constant rate is the same whatever the run's length: the warning used to say 'at
+  step 5 the rate is 0.1 (it was 0.1)'."""
+  from vit_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  schedule = dict(base_lr=0.1, warmup_steps=0, decay=decay, end_lr_fraction=0.0)
+  saved_meta = {'config': {'total_steps': 60, 'schedule': schedule},
+                'steps_per_epoch': 10, 'global_batch_size': 32}
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  now = optimizer_lib.learning_rate_schedule(ml_collections.ConfigDict(schedule), 90,
+                                             batch_size=32, steps_per_epoch=10)
+  loop._warn_schedule_change(saved_meta, 90, 10, now, 5)  # pylint: disable=protected-access
+  assert bool(warnings) == warned, warnings

@@ -612,9 +612,10 @@ def _warn_schedule_change(saved_meta, total_steps, spe, schedule, step) -> None:
   except Exception:  # pylint: disable=broad-except  (a config written by an older version)
     before = None
   now = float(schedule(step))
-  if saved_total == total_steps and (before is None or math.isclose(before, now,
-                                                                    rel_tol=1e-6)):
-    return
+  same_now = before is None or math.isclose(before, now, rel_tol=1e-6)
+  if same_now and (saved_total == total_steps
+                   or (saved.get('schedule') or {}).get('decay') == 'constant'):
+    return  # (a constant rate is the same whatever the run's length)
   ends = (f"The checkpoint's run ended at step {saved_total}, this one at step "
           f'{total_steps}: ' if saved_total != total_steps else '')
   logging.warning(
