@@ -115,8 +115,12 @@ def test_cli_on_a_trained_workdir_prints_top5_with_its_class_names(trained_workd
   mixed.mkdir()
   (mixed / 'a_truncated.jpg').write_bytes(b'\xff\xd8\xff' + b'\0' * 40)
   (mixed / 'b.png').write_bytes(photos[0].read_bytes())
-  proc = _predict_cli(f'--checkpoint={trained_workdir}', '--json', '--top_k=6', mixed)
+  # (--model, which only files that record no config take, is said to be unused here.)
+  proc = _predict_cli(f'--checkpoint={trained_workdir}', '--json', '--top_k=6',
+                      '--model=num_heads=1', mixed)
   assert proc.returncode == 1, subprocess_env.failure(proc)
+  assert f'--model=num_heads=1 is not used: {trained_workdir} records the model' in (
+      proc.stderr)
   assert f'skipping {mixed / "a_truncated.jpg"}: ' in proc.stderr
   assert [json.loads(l)['image'] for l in proc.stdout.strip().split('\n')] == [
       str(mixed / 'b.png')]

@@ -51,7 +51,16 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
     problem = pp_problem(pp, classifier.config)
     if problem:
       fail(program, f'--pp={pp!r}: {problem}')
+  if from_pretrained.get('model') and (os.path.isdir(checkpoint) or (
+      '://' in checkpoint and not checkpoint.endswith(_WEIGHT_FILES))):
+    print(f"{program}: --model={from_pretrained['model']} is not used: {checkpoint} records "
+          'the model config it was saved with (a workdir, or a transformers config.json)',
+          file=sys.stderr)
   return paths, classifier
+
+
+# The weight files whose model config --model may give (a directory records its own).
+_WEIGHT_FILES = ('.npz', '.safetensors', '.bin', '.pt', '.pth')
 
 
 def pp_problem(pp: str, config) -> str | None:
