@@ -405,6 +405,7 @@ def test_symlink_loops_album_folders_and_hidden_files(tmp_path):
   image(split / 'bird' / 'sub' / 'e.png', 30)
   (split / 'ant').mkdir()
   (split / 'ant' / 'birds').symlink_to('../bird/sub')  # into another class, read first
+  (split / 'ant' / 'e.png').symlink_to('../bird/sub/e.png')  # a file of another class
   (tmp_path / 'more').mkdir()
   image(tmp_path / 'more' / 'c.png', 21)
   (split / 'dog' / 'more').symlink_to(tmp_path / 'more')  # a folder outside: read

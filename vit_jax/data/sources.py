@@ -259,8 +259,9 @@ def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = 
   in `ignored` by kind. A local folder is listed with its entries' types (a folder named
   `album.jpg` is a folder). Symbolic links to folders are followed, except to a folder
   read already or to be read as a class (`seen`: the split, the class folders, each folder
-  read; a link back up the tree is one) and into another class's folder (`split_real`,
-  the split's real path: its images would get this class's label). On remote storage
+  read; a link back up the tree is one). Links to folders or files inside another class's
+  folder are not read (`split_real`, the split's real path): they would give that class's
+  images this class's label. On remote storage
   (gs://), which has no links, only entries without an image extension are asked whether
   they are folders (one stat each).
   """
@@ -289,6 +290,10 @@ def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = 
         found.extend(_class_files(path, ignored, seen, split_real, class_real))
     elif name.startswith('.'):
       _count(ignored, 'hidden')
+    elif (local and split_real and os.path.islink(path)
+          and _inside(os.path.realpath(path), split_real)
+          and not _inside(os.path.realpath(path), class_real)):
+      _count(ignored, "link into another class's folder")  # read there, under its label
     elif name.lower().endswith(IMAGE_EXTENSIONS):
       found.append(path)
     else:
