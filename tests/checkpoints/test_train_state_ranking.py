@@ -1,6 +1,6 @@
 """`TrainCheckpointer`'s `keep_best`: checkpoints are kept by their evaluation metric, and a
-checkpoint saved before its evaluation (a stop put it off) is ranked once the metrics are
-added, instead of being deleted as unranked."""
+checkpoint saved without metrics (a stop put its evaluation off, or the run had keep_best=0)
+is ranked once the metrics are added, instead of being deleted as unranked."""
 
 import jax.numpy as jnp
 import pytest
@@ -16,7 +16,7 @@ def _steps_kept(tmp_path, add_metrics: bool, async_save: bool):
   ckpt.save(20, state, {'step': 20, 'eval_pending': True})  # stopped during its evaluation
   assert ckpt.metrics(20) is None
   if add_metrics:  # the resumed run's made-up evaluation
-    ckpt.add_metrics(20, {'eval_top1': 0.9, 'eval_loss': 0.3})
+    assert ckpt.rank({20: {'eval_top1': 0.9, 'eval_loss': 0.3}}) == [20]
     assert ckpt.metrics(20) == {'eval_top1': 0.9, 'eval_loss': 0.3}
   ckpt.save(30, state, {'step': 30}, metrics={'eval_top1': 0.1})
   ckpt.save(40, state, {'step': 40}, metrics={'eval_top1': 0.2})
@@ -35,14 +35,14 @@ def test_a_checkpoint_ranked_after_its_save_is_kept_as_the_best(tmp_path, async_
 
 
 def test_without_metrics_the_best_checkpoint_would_be_lost(tmp_path):
-  # What add_metrics repairs: the unranked step 20 (the best) is deleted, 10 kept instead.
+  # What rank repairs: the unranked step 20 (the best) is deleted, 10 kept instead.
   assert _steps_kept(tmp_path, add_metrics=False, async_save=False) == [10, 40]
 
 
 def test_the_metrics_survive_a_new_checkpointer(tmp_path):
   ckpt = train_state.TrainCheckpointer(tmp_path, keep_last=2, keep_best=1, async_save=False)
   ckpt.save(5, {'w': jnp.zeros(2)}, {'step': 5})
-  ckpt.add_metrics(5, {'eval_top1': 0.7})
+  ckpt.rank({5: {'eval_top1': 0.7}})
   ckpt.close()
   again = train_state.TrainCheckpointer(tmp_path, keep_last=2, keep_best=1, async_save=False)
   assert again.metrics(5) == {'eval_top1': 0.7}
@@ -73,3 +73,15 @@ def test_a_save_without_metrics_does_not_log_orbax_s_warning(tmp_path, caplog):
     ckpt.save(1, {'w': jnp.ones(2)}, {'step': 1})
   ckpt.close()
   assert not [r for r in caplog.records if 'metrics' in r.getMessage()]
+
+
+def test_rank_leaves_ranked_and_missing_checkpoints_alone(tmp_path):
+  ckpt = train_state.TrainCheckpointer(tmp_path, keep_last=3, keep_best=1, async_save=False)
+  ckpt.save(1, {'w': jnp.zeros(2)}, {'step': 1}, metrics={'eval_top1': 0.4})
+  ckpt.save(2, {'w': jnp.zeros(2)}, {'step': 2})
+  # Step 1 keeps the metrics it was saved with; step 3 has no checkpoint (not created).
+  assert ckpt.rank({1: {'eval_top1': 0.9}, 2: {'eval_top1': 0.6},
+                    3: {'eval_top1': 0.8}}) == [2]
+  assert ckpt.metrics(1) == {'eval_top1': 0.4} and ckpt.metrics(2) == {'eval_top1': 0.6}
+  assert not (tmp_path / '3').exists() and sorted(ckpt.all_steps()) == [1, 2]
+  ckpt.close()

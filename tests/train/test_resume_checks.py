@@ -272,6 +272,35 @@ def test_with_keep_best_a_checkpoint_whose_evaluation_was_stopped_is_ranked_on_r
   ckpt.close()
 
 
+def test_a_run_resumed_with_keep_best_ranks_the_checkpoints_saved_without(tmp_path,
+                                                                         monkeypatch):
+  """A run saved with keep_best=0 writes no metrics. Resumed with keep_best=1, its
+  checkpoints used to stay unranked for good, so the best of them was deleted once it was
+  no longer among the newest. They are ranked by metrics.jsonl's evaluations now."""
+  from vit_jax.checkpoints import train_state  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=2, keep_checkpoints=3, **{'input.eval_split': 'train'})
+  config.eval_every = config.checkpoint_every = 1
+  loop.train_and_evaluate(config, workdir)
+  ckpt = train_state.TrainCheckpointer(workdir / 'checkpoints', keep_last=3, keep_best=1,
+                                       async_save=False)
+  assert ckpt.all_steps() == [1, 2] and ckpt.metrics(1) is None
+  ckpt.close()
+  config.keep_best, config.total_steps = 1, 3
+  assert loop.train_and_evaluate(config, workdir)['step'] == 3
+  rows = {r['step']: r for r in map(json.loads,
+                                     (workdir / 'metrics.jsonl').read_text().splitlines())
+          if 'eval_top1' in r}
+  ckpt = train_state.TrainCheckpointer(workdir / 'checkpoints', keep_last=3, keep_best=1,
+                                       async_save=False)
+  for step in (1, 2, 3):
+    assert ckpt.metrics(step) == pytest.approx(
+        {k: v for k, v in rows[step].items() if k.startswith('eval_')}), step
+  ckpt.close()
+
+
 def test_a_relative_workdir_saves_and_resumes(tmp_path, monkeypatch):
   """Orbax saves only to absolute paths: `--workdir=run` used to train up to its first
   checkpoint, then fail there (again after every restart)."""

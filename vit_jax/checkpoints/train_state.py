@@ -92,27 +92,36 @@ class TrainCheckpointer:
           metrics=metrics, force=True)
     self._saving = step
 
-  def add_metrics(self, step: int, metrics: dict) -> None:
-    """Ranks checkpoint `step`, saved before its evaluation ran (a stop put it off), by
-    the `metrics` evaluated since, as if they had been given to `save`.
+  def rank(self, metrics_by_step: dict[int, dict]) -> list[int]:
+    """Ranks the checkpoints saved without metrics by the `metrics_by_step` evaluated
+    since, as if they had been given to `save`. Returns the steps it ranked.
 
-    Orbax offers no call for this, so the metrics go where its `save` puts them (the
-    JSON file `<step>/metrics/metrics`, written to a temporary name and renamed), on
-    process 0 only; every process then re-reads the checkpoints' metrics. Without it a
-    checkpoint saved with no metrics is never among the `keep_best` best and is deleted
-    once it is older than the `keep_last` newest.
+    A checkpoint is saved without metrics when a stop put its evaluation off, or when
+    the run that saved it had `keep_best=0`; without this, `keep_best` never keeps it
+    and it is deleted once it is older than the `keep_last` newest. Orbax offers no call
+    for it, so the metrics go where its `save` puts them (the JSON file
+    `<step>/metrics/metrics`, written to a temporary name and renamed). Every process
+    calls it (a barrier follows); process 0 alone decides and writes, from its own
+    argument (the others may pass {}), and every process then re-reads the metrics.
     """
     self._wait_for_previous_save()
+    ranked = []
     if jax.process_index() == 0:
-      folder = self.directory / str(step) / METRICS_ITEM
-      folder.mkdir(parents=True, exist_ok=True)
-      tmp = folder / f'.{METRICS_ITEM}.tmp'
-      tmp.write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
-      tmp.rename(folder / METRICS_ITEM)
+      on_disk = set(self.all_steps())
+      for step, metrics in sorted(metrics_by_step.items()):
+        if step not in on_disk or self._manager.metrics(step) is not None:
+          continue
+        folder = self.directory / str(step) / METRICS_ITEM
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f'.{METRICS_ITEM}.tmp'
+        tmp.write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
+        tmp.rename(folder / METRICS_ITEM)
+        ranked.append(step)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f'vit_jax_add_metrics_{step}')
+      multihost_utils.sync_global_devices('vit_jax_rank_checkpoints')
     self._manager.reload()
+    return ranked
 
   def metrics(self, step: int) -> dict | None:
     """The metrics checkpoint `step` is ranked by (None: saved without)."""

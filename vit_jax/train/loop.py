@@ -372,8 +372,17 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     # A checkpoint saved before its evaluation ran (a stop, or a failure, during it) is
     # evaluated first, the final step's too: such a run has not finished.
     # (Unless a resumed run made it up already, and stopped before its next checkpoint.)
+    evaluations = _evaluations(workdir / 'metrics.jsonl') if resuming and is_main else {}
     put_off = (resuming and bool(saved_meta.get('eval_pending'))
-               and not _evaluated_already(workdir / 'metrics.jsonl', start_step, is_main))
+               and not _agreed(start_step in evaluations))
+    if resuming and config.keep_best:
+      # Checkpoints saved without metrics (by a run with keep_best=0, or before an
+      # evaluation a later run made up) are ranked by their evaluations in metrics.jsonl:
+      # keep_best would delete them, the best of them too. Every process takes its barrier.
+      ranked = checkpointer.rank(evaluations)
+      if ranked:
+        logging.info('keep_best: ranked checkpoint(s) %s, saved without metrics, by their '
+                     'evaluations in metrics.jsonl.', ranked)
     finished = resuming and start_step >= total_steps and not put_off
     if finished:  # nothing to train or evaluate: the record stays the run's own
       _warn_finished(workdir, start_step, total_steps, saved_meta.get('config') or {},
@@ -425,15 +434,13 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
 
     # The evaluation a stop request put off (see eval_pending below), made up now.
     if (config.get('eval_at_start') and start_step == 0) or put_off:
-      # Its checkpoint was saved unranked (a stop during the evaluation): ranked below, or
-      # keep_best would never keep it. Read by every process before the evaluation, whose
-      # collectives keep process 0 from writing the metrics before all have read: each
-      # then takes add_metrics' barrier, or none does.
-      unranked = (put_off and config.keep_best
-                  and checkpointer.metrics(start_step) is None)
       last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
-      if unranked:  # before metrics.jsonl, which tells a later resume it was evaluated
-        checkpointer.add_metrics(start_step, last_eval)
+      if put_off and config.keep_best:
+        # Its checkpoint was saved unranked (a stop during the evaluation), or keep_best
+        # would never keep it. Ranked before metrics.jsonl, which tells a later resume it
+        # was evaluated. Every process takes rank's barrier; the evaluation's collectives
+        # keep process 0 from writing before all have restored.
+        checkpointer.rank({start_step: last_eval})
       writer.write(start_step, last_eval)
       if is_main:
         logging.info('step %d (%s): %s', start_step,
@@ -556,20 +563,26 @@ def _preempted(stop_request, when: str, total_steps: int, workdir,
       + resumed, number)
 
 
-def _evaluated_already(path, step: int, is_main: bool) -> bool:
-  """Whether metrics.jsonl has an evaluation row at `step`; process 0 reads it and tells
-  the others (the evaluation is collective: all processes must agree)."""
-  found = False
-  if is_main and path.exists():
+def _evaluations(path) -> dict[int, dict]:
+  """metrics.jsonl's evaluations: {step: its eval_* metrics}, the last row of a step."""
+  found = {}
+  if path.exists():
     for line in path.read_text().splitlines():
       try:
         row = json.loads(line)
       except ValueError:
         continue
-      found = found or (row.get('step') == step and 'eval_loss' in row)
-  if jax.process_count() > 1:
-    found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+      if isinstance(row, dict) and 'eval_loss' in row and isinstance(row.get('step'), int):
+        found[row['step']] = {k: v for k, v in row.items()
+                              if k.startswith('eval_') and v is not None}
   return found
+
+
+def _agreed(value: bool) -> bool:
+  """Process 0's `value` on every process (for a decision that must be collective)."""
+  if jax.process_count() > 1:
+    value = bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  return value
 
 
 def _save_before_failing(checkpointer, step, state, meta) -> None:
