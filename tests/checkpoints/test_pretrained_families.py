@@ -61,6 +61,11 @@ def _pooled(config, variables, x):
   return np.asarray(jax.jit(lambda v, y: module.apply(v, y, train=False))(variables, x))
 
 
+def _logits(module, variables, x):
+  """Eval-mode logits, compiled (op by op, these models took several times longer)."""
+  return np.asarray(jax.jit(lambda v, y: module.apply(v, y, train=False))(variables, x))
+
+
 def _config(model, **fields):
   c = recipes.bundled_mnist(recipes.imagenet1k_supervised(model))
   c.model.update(fields)
@@ -187,7 +192,7 @@ def test_orbax_workdir_of_a_batchnorm_run(tmp_path):
   clf = inference.ImageClassifier.from_pretrained(str(tmp_path))
   module = models.create(config.model)
   x = _images(32, seed=1)
-  np.testing.assert_allclose(clf.logits(x), module.apply(state.variables(), x, train=False),
+  np.testing.assert_allclose(clf.logits(x), _logits(module, state.variables(), x),
                              atol=1e-5)
 
 
@@ -298,8 +303,8 @@ def test_bit_release_npz_without_a_model_is_recognised(tmp_path):
   assert tuple(ckpt.config.num_layers) == (1, 2, 1, 1) and ckpt.config.num_classes == 3
   assert ckpt.config.width_factor == 0.5 and ckpt.config.name == 'BiT (from .npz)'
   images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  want = models.create(source).apply({'params': params}, images, train=False)
-  got = models.create(ckpt.config).apply({'params': ckpt.params}, images, train=False)
+  want = _logits(models.create(source), {'params': params}, images)
+  got = _logits(models.create(ckpt.config), {'params': ckpt.params}, images)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # A registered depth and width is named as such (shapes are all it reads).
   r50 = models.get_config('BiT-R50x1')
@@ -333,7 +338,7 @@ def test_a_swin_whose_last_stage_is_smaller_than_its_window(tmp_path):
   def logits(c, size=32):  # at 32 px, windows (4, 4, 4, 2) are window 4
     config = ml_collections.ConfigDict(c.config.to_dict())
     config.image_size = size
-    return np.asarray(models.create(config).apply(c.variables(), x, train=False))
+    return _logits(models.create(config), c.variables(), x)
   np.testing.assert_allclose(logits(ckpt), want, atol=1e-4)
   config = models.get_config('Swin-T')
   config.update(patch_size=2, window_size=4, image_size=32, num_classes=3, **kw)

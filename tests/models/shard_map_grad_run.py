@@ -38,7 +38,7 @@ def main():
     def loss(p, images, module=module, variables=variables):
       logits = module.apply(dict(variables, params=p), images, train=False)
       return (logits.astype(jnp.float32) ** 2).mean()
-    want = jax.grad(loss)(params, x)
+    want = jax.jit(jax.grad(loss))(params, x)  # op by op, it took most of a minute
     sharded = jax.jit(jax.shard_map(
         lambda p, images, loss=loss: jax.lax.pmean(jax.grad(loss)(p, images), 'b'),
         mesh=mesh, in_specs=(P(), P('b')), out_specs=P()))

@@ -238,6 +238,8 @@ def test_sigterm_saves_the_current_step_then_exits_and_the_resumed_run_is_bit_ex
   assert 'KeyboardInterrupt' not in out and 'Traceback' not in out, out[-3000:]
   logged = [json.loads(l)['step'] for l in metrics.read_text().splitlines()]
   assert logged[-1] == saved  # the saved step's metrics are written too
+  if signal_number != signal.SIGTERM:
+    return  # the same save as SIGTERM's (checked above); its resume is SIGTERM's below
   proc = _run(workdir, data_dir, '--config.checkpoint_every=100', '--config.log_every=1')
   assert proc.returncode == 0, subprocess_env.failure(proc)
   assert 'Restoring checkpoint' in proc.stdout + proc.stderr
@@ -309,15 +311,7 @@ def test_raising_total_steps_on_resume_warns_that_the_schedule_changes(reference
   assert (f"The checkpoint's run ended at step {TOTAL_STEPS}, this one at step "
           f'{TOTAL_STEPS + 4}: the learning-rate schedule') in proc.stderr, proc.stderr[-3000:]
   assert '(it was 0)' in proc.stderr  # the old cosine had decayed to 0 at its end
-  # Same length, another schedule (e.g. a batch override rescaling base_lr_batch's rate).
-  workdir = tmp_path / 'other_lr'
-  shutil.copytree(ref_dir, workdir)
-  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  shutil.rmtree(workdir / 'checkpoints' / str(steps[-1]))  # resume mid-run, from steps[-2]
-  proc = _run(workdir, data_dir, '--config.schedule.base_lr=0.5')
-  assert proc.returncode == 0, subprocess_env.failure(proc)
-  assert ("This run's schedule differs from the checkpoint's run's: the learning-rate "
-          'schedule') in proc.stderr, proc.stderr[-3000:]
+  # (Same length, another schedule: tests/train/test_resume_checks.py, in process.)
 
 
 def test_a_failed_checkpoint_save_ends_the_process(data_dir, tmp_path):

@@ -344,3 +344,24 @@ def test_a_longer_run_warns_of_its_schedule_unless_the_rate_is_constant(warnings
                                              batch_size=32, steps_per_epoch=10)
   loop._warn_schedule_change(saved_meta, 90, 10, now, 5)  # pylint: disable=protected-access
   assert bool(warnings) == warned, warnings
+
+
+def test_the_same_length_with_another_schedule_warns(warnings):
+  """E.g. a batch override that rescales base_lr_batch's rate, or a changed base_lr."""
+  from vit_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  schedule = dict(base_lr=0.1, warmup_steps=2, decay='cosine', end_lr_fraction=0.0)
+  saved_meta = {'config': {'total_steps': 60, 'schedule': schedule},
+                'steps_per_epoch': 10, 'global_batch_size': 32}
+  now = optimizer_lib.learning_rate_schedule(
+      ml_collections.ConfigDict(dict(schedule, base_lr=0.5)), 60, batch_size=32,
+      steps_per_epoch=10)
+  loop._warn_schedule_change(saved_meta, 60, 10, now, 30)  # pylint: disable=protected-access
+  assert len(warnings) == 1 and warnings[0].startswith(
+      "This run's schedule differs from the checkpoint's run's: the learning-rate "
+      'schedule'), warnings
+  warnings.clear()
+  same = optimizer_lib.learning_rate_schedule(ml_collections.ConfigDict(schedule), 60,
+                                              batch_size=32, steps_per_epoch=10)
+  loop._warn_schedule_change(saved_meta, 60, 10, same, 30)  # pylint: disable=protected-access
+  assert not warnings
