@@ -211,8 +211,11 @@ do_run() {  # the pid file lets `stop` end a run whose ssh connection was lost
   need_run_flags
   # The output goes to this terminal and is appended to the worker's log (bash: the
   # process substitution), and exec keeps the PID of the shell that wrote the pid file.
+  # tee ignores the stop signals and a lost connection (-p): `stop` signals the run's
+  # process group, which tee is in (sshd makes the shell a group leader), and vit_jax
+  # would die of a broken pipe at its next line of output, before it had saved.
   local inner pid rc stop=''
-  inner="cd $R_CODE && echo \"=== launch/tpu_vm.sh run: \$(date -u +%FT%TZ) ===\" >>$R_LOG && exec > >(tee -a $R_LOG) 2>&1 && echo \$\$ >$R_PID && exec $(main_command)"
+  inner="cd $R_CODE && echo \"=== launch/tpu_vm.sh run: \$(date -u +%FT%TZ) ===\" >>$R_LOG && exec > >(trap '' INT TERM HUP; exec tee -p -a $R_LOG) 2>&1 && echo \$\$ >$R_PID && exec $(main_command)"
   # SIGTERM or Ctrl-C here (until_done.sh, the user): ending the local gcloud ssh would
   # leave the workers training, so every worker is told to save and stop (`stop`), and
   # this returns once they have (status 143).

@@ -45,6 +45,7 @@ if out:
   print(out)
 command = [a for a in argv if a.startswith('--command=')]
 if command and os.environ.get('STUB_EXEC') and os.environ['STUB_EXEC'] in command[0]:
+  os.setsid()  # as sshd runs a command: in a session (and process group) of its own
   os.execvp('bash', ['bash', '-c', command[0][len('--command='):]])
 sys.exit(status)
 '''
@@ -267,6 +268,9 @@ def test_tpu_run_stops_the_workers_on_a_signal_and_waits_for_their_save(stubs, t
   fake.write_text(f'#!{sys.executable}\nimport signal, sys, time\n'
                   'def save(*_):\n'
                   '  time.sleep(1)\n'
+                  # Output after the signal: `stop` used to kill the run's tee with it
+                  # (one process group), and this line then ended the run (broken pipe).
+                  '  print("saved step 5", flush=True)\n'
                   f'  open({str(home / "saved")!r}, "w").write("ok")\n'
                   '  sys.exit(143)\n'
                   'signal.signal(signal.SIGTERM, save)\n'

@@ -1,6 +1,7 @@
 """StopRequest in one process: the signals it takes, the second signal, the handlers it
 gives back."""
 
+import os
 import signal
 
 import pytest
@@ -37,6 +38,25 @@ def test_a_second_ctrl_c_interrupts_at_once():
     assert signal.getsignal(signal.SIGINT) is before
   finally:
     signal.signal(signal.SIGINT, before)
+
+
+def test_a_sigterm_soon_after_the_first_is_the_same_notice(monkeypatch):
+  """A shutdown signals every process at once and launch/until_done.sh passes its own
+  SIGTERM on: the second one used to stop the run at once, before it had saved."""
+  raised = []
+  before = signal.getsignal(signal.SIGTERM)
+  try:
+    with preemption.StopRequest() as stop:
+      monkeypatch.setattr(signal, 'raise_signal', raised.append)  # instead of dying
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGTERM)   # within SAME_NOTICE_S: ignored
+      assert stop(1) and raised == []
+      monkeypatch.setattr(preemption.StopRequest, 'SAME_NOTICE_S', 0.0)
+      os.kill(os.getpid(), signal.SIGTERM)   # later: stops at once, as without a handler
+      assert raised == [signal.SIGTERM]
+      assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+  finally:
+    signal.signal(signal.SIGTERM, before)
 
 
 def test_preempted_reports_its_signal():

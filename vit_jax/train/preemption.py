@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from absl import logging
 import jax
@@ -36,16 +37,22 @@ class StopRequest:
 
   Call it after every step, from step start+1 on, in every process (the service's
   protocol). Use as a context manager: the previous SIGTERM and SIGINT handlers come back
-  on exit. In a single process a second SIGTERM stops at once, and a second Ctrl-C raises
+  on exit. In a single process a second SIGTERM stops at once (unless it comes within
+  SAME_NOTICE_S seconds of the first signal: the same notice), and a second Ctrl-C raises
   KeyboardInterrupt at once; with several processes JAX's handler takes every SIGTERM,
   the processes stop at the agreed step, and Ctrl-C keeps its usual meaning (one process
   cannot tell the others).
   """
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  # A SIGTERM this soon after the first signal is the same notice, not a second one: a
+  # shutdown (a VM's, `systemctl stop`, a scheduler's) signals every process at once,
+  # and a wrapper (launch/until_done.sh) passes the one it got on as well.
+  SAME_NOTICE_S = 10.0
 
   def __init__(self):
     self._requested = False
+    self._first_at = None
     self._previous = {}
     self._multiprocess = jax.process_count() > 1
     self.signal_number = None  # the first signal that asked to stop
@@ -65,6 +72,12 @@ class StopRequest:
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
     name = signal.Signals(signum).name
+    if (self._requested and signum == signal.SIGTERM
+        and time.monotonic() - self._first_at < self.SAME_NOTICE_S):
+      logging.warning('%s again %.1f s after the first signal: taken as the same notice '
+                      '(still saving; another one after %g s stops at once).', name,
+                      time.monotonic() - self._first_at, self.SAME_NOTICE_S)
+      return
     if self._requested:  # a second notice: stop now, as without this handler
       if signum == signal.SIGINT:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -72,10 +85,12 @@ class StopRequest:
       signal.signal(signum, signal.SIG_DFL)
       signal.raise_signal(signum)
     self._requested = True
+    self._first_at = time.monotonic()
     self.signal_number = signum
-    how = 'Ctrl-C' if signum == signal.SIGINT else name
-    logging.warning('%s: saving a checkpoint after this step, then stopping (a second %s '
-                    'stops at once).', name, how)
+    how = name
+    logging.warning('%s: saving a checkpoint after this step, then stopping (%s stops at '
+                    'once).', name, 'Ctrl-C again' if signum == signal.SIGINT else
+                    f'another {how} after {self.SAME_NOTICE_S:g} s')
     if signum == signal.SIGINT:  # os.write: print() may be inside a write already
       try:
         os.write(sys.stdout.fileno(), f'\n{name}: saving a checkpoint after this step, then '
