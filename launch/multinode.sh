@@ -115,7 +115,8 @@ fi
 IFS=, read -r -a hosts <<<"$HOSTS"
 n=${#hosts[@]}
 ((n > 0)) || die '--hosts is empty'
-coordinator=${COORDINATOR:-${hosts[0]}:$PORT}
+# (A user@ prefix is ssh's, not the coordinator's address.)
+coordinator=${COORDINATOR:-${hosts[0]##*@}:$PORT}
 read -r -a ssh_cmd <<<"$SSH"
 [[ -z $LOG_DIR ]] || mkdir -p "$LOG_DIR"
 # Each remote process writes its PID here (on its own host), so that a signal to this
@@ -125,8 +126,11 @@ run_id="$(date +%s).$$"
 pids=()
 for i in "${!hosts[@]}"; do
   # The inner shell writes its PID (which exec makes vit_jax.main's) and the outer one
-  # removes the file when the process ends.
-  inner=$(printf 'echo $$ > %q && cd %q && PYTHON=%q REMOTE_ENV=%q exec launch/multinode.sh' \
+  # removes the file when the process ends. The output reaches ssh through a relay that
+  # outlives a lost connection (or a killed ssh client): without it vit_jax.main would
+  # die of a broken pipe at its next line of output, before it had saved.
+  # shellcheck disable=SC2016  # $$ expands on the remote host
+  inner=$(printf 'echo $$ > %q && cd %q && exec > >(trap "" INT TERM HUP PIPE; cat || cat >/dev/null) 2>&1 && PYTHON=%q REMOTE_ENV=%q exec launch/multinode.sh' \
     "$(pid_file_of "$i")" "$REMOTE_DIR" "$PYTHON" "$REMOTE_ENV")
   inner+=$(printf ' %q' --coordinator="$coordinator" --num_processes="$n" \
     --process_id="$i" ${LOCAL_DEVICES:+--local_devices="$LOCAL_DEVICES"} \
@@ -134,6 +138,10 @@ for i in "${!hosts[@]}"; do
   # shellcheck disable=SC2016  # $? and $rc expand on the remote host
   remote=$(printf 'bash -c %q; rc=$?; rm -f %q; exit $rc' "$inner" "$(pid_file_of "$i")")
   echo "launch/multinode.sh: process $i of $n on ${hosts[i]} (coordinator $coordinator)" >&2
+  # Each ssh client in a process group of its own (set -m): a signal to this script's
+  # group (Ctrl-C, until_done.sh's SIGTERM) must not end them. This script passes the
+  # stop on to every process over ssh and waits for the clients to end with them.
+  set -m
   if [[ -n $LOG_DIR ]]; then
     # Appended: a restarted run (until_done.sh) keeps the log of the attempt that failed.
     echo "=== launch/multinode.sh: process $i of $n on ${hosts[i]}, started $(date -u +%FT%TZ) ===" \
@@ -143,6 +151,7 @@ for i in "${!hosts[@]}"; do
     "${ssh_cmd[@]}" "${hosts[i]}" "$remote" </dev/null &
   fi
   pids+=($!)
+  set +m
 done
 
 # signal_all SIG: send SIG to every remote process (over ssh, by its PID file).
@@ -177,7 +186,7 @@ stop_all() {  # after a failure: the others cannot finish a collective without i
 # saves a checkpoint after its current step and exits (vit_jax.main, status 143); this
 # script waits for them. A second signal stops them at once.
 stopping=0
-# shellcheck disable=SC2317  # called by the trap
+# shellcheck disable=SC2317,SC2329  # called by the trap
 on_signal() {
   if ((stopping)); then
     echo 'launch/multinode.sh: second signal: stopping every process now' >&2
@@ -223,8 +232,8 @@ while ((${#running[@]})); do
   # A signal to the whole process group (Ctrl-C) ends this sleep too: not an error here.
   if ((${#running[@]})); then sleep 1 || true; fi
 done
-# The ssh clients may have ended before the remote processes did (a signal to the whole
-# process group reaches them too, and ending a client does not end its remote command):
+# The ssh clients may have ended before the remote processes did (a lost connection, a
+# client killed on its own; ending a client does not end its remote command):
 # after a stop, wait until no remote process runs, so that the checkpoint is complete
 # and a next attempt (until_done.sh) does not meet the old processes.
 if ((stopping)); then

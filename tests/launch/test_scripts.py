@@ -489,7 +489,8 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
       '  sys.exit(3)\n'
       'time.sleep(120)\n')
   start = time.monotonic()
-  proc = _sh([LAUNCH / 'multinode.sh', '--hosts=gpu-a,gpu-b', '--port=7777',
+  # (alice@: ssh's user, not part of the coordinator's address.)
+  proc = _sh([LAUNCH / 'multinode.sh', '--hosts=alice@gpu-a,gpu-b', '--port=7777',
               f'--python={fake}', f'--log_dir={tmp_path}/logs', '--config=c.py',
               '--workdir=/w'], dict(env, SSH=str(ssh)), timeout=60)
   assert proc.returncode == 3, proc.stderr
@@ -498,12 +499,12 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
   calls = (tmp_path / 'ssh_calls').read_text().splitlines()
   # The remote processes are killed by their PID files (a local kill of ssh reaches none).
   kills = [c for c in calls if 'kill -KILL' in c]
-  assert sorted(c.split()[0] for c in kills) == ['gpu-a', 'gpu-b']
+  assert sorted(c.split()[0] for c in kills) == ['alice@gpu-a', 'gpu-b']
   calls = [c for c in calls if c not in kills]
   # Both start in the background: their ssh calls may be logged in either order.
-  assert sorted(c.split()[0] for c in calls) == ['gpu-a', 'gpu-b']
+  assert sorted(c.split()[0] for c in calls) == ['alice@gpu-a', 'gpu-b']
   for c in calls:
-    i = ['gpu-a', 'gpu-b'].index(c.split()[0])
+    i = ['alice@gpu-a', 'gpu-b'].index(c.split()[0])
     # `bash -c INNER; rc=$?; rm -f PID_FILE; exit $rc`: the PID file goes with the process
     host, remote = c.split(' ', 1)
     words = shlex.split(remote.split('; rc=$?; rm -f ')[0])
@@ -517,20 +518,22 @@ def test_multinode_over_ssh_stops_the_others_when_one_fails(stubs, tmp_path):
 
 def _hosts_that_save(tmp_path, save_seconds):
   """(ssh, python) stubs: the ssh logs its arguments to ssh_calls and runs the command in
-  a session of its own (as a remote host would: only a forwarded signal reaches it); the
-  python writes ready_<process id>, and on SIGTERM takes save_seconds to write
-  saved_<process id> (the checkpoint), then exits 143."""
+  a session of its own (as a remote host would: only a forwarded signal reaches it),
+  relaying its output through a pipe that closes when the client ends (as sshd closes
+  the channel); the python writes ready_<process id>, and on SIGTERM takes save_seconds
+  to write saved_<process id> (the checkpoint), after a line of output, then exits 143."""
   ssh = tmp_path / 'ssh'
   ssh.write_text('#!/usr/bin/env bash\n'
                  f'echo "$@" >> {tmp_path}/ssh_calls\n'
-                 'setsid bash -c "$2" &\n'
-                 'wait $!\n')
+                 'setsid bash -c "$2" 2>&1 | cat\n'
+                 'exit "${PIPESTATUS[0]}"\n')
   ssh.chmod(0o755)
   fake = _recording_python(
       tmp_path, 'import signal\n'
       'pid = sys.argv[5]\n'
       'def on_term(*_):\n'
       f'  time.sleep({save_seconds})  # the checkpoint being written\n'
+      '  print("saved", flush=True)  # a broken pipe (a killed ssh client) ends it here\n'
       '  open(f"{d}/saved_{pid}", "w").write("")\n'
       '  sys.exit(143)\n'
       'signal.signal(signal.SIGTERM, on_term)\n'
@@ -901,7 +904,9 @@ def test_multinode_waits_for_the_remote_saves_when_the_whole_group_is_signalled(
   shell that forwards it) also ended the sleep of its polling loop and the ssh clients:
   the script exited at once while the remote processes were still saving, and the next
   attempt of until_done.sh met them. It now waits until no remote process runs. The
-  stub ssh runs the command in a session of its own, as a remote host would."""
+  stub ssh runs the command in a session of its own, as a remote host would. The ssh
+  clients used to be in the launcher's group: the signal ended them, and the remote
+  processes died of a broken pipe at their next line of output, before saving."""
   env, _ = stubs
   ssh, fake = _hosts_that_save(tmp_path, save_seconds=3)
   proc = subprocess.Popen(
