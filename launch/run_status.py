@@ -95,6 +95,13 @@ def status(workdir: str, total_steps: int | None = None) -> dict:
     return out
   if total_steps is not None:
     out.update(step=steps[-1], done=steps[-1] >= total_steps)
+    if out['done']:
+      try:
+        meta = json.loads((root / 'checkpoints' / str(steps[-1]) / 'meta' / 'metadata')
+                          .read_text())
+      except (OSError, ValueError):
+        meta = {}
+      _unless_evaluation_pending(out, root, meta)
     return out
   for step in reversed(steps):
     meta_file = root / 'checkpoints' / str(step) / 'meta' / 'metadata'
@@ -114,11 +121,32 @@ def status(workdir: str, total_steps: int | None = None) -> dict:
           f'cannot find the final step in {meta_file} ({type(e).__name__}: {e}); pass '
           '--total_steps=N') from e
     out.update(step=step, total_steps=total_steps, done=step >= total_steps)
+    _unless_evaluation_pending(out, root, meta)
     return out
   raise RuntimeError(
       'the newest checkpoint cannot be resumed (' + '; '.join(out['damaged'].values()) +
       '): the training loop would stop there too. Remove or repair it, or pass '
       '--total_steps=N to read the steps only')
+
+
+def _unless_evaluation_pending(out: dict, root, meta: dict) -> None:
+  """A final checkpoint saved before its evaluation ran (a stop during it) is not done:
+  the resumed run evaluates it first, unless metrics.jsonl has that evaluation already
+  (as the training loop decides)."""
+  if not out['done'] or not meta.get('eval_pending'):
+    return
+  try:
+    rows = (root / 'metrics.jsonl').read_text().splitlines()
+  except OSError:
+    rows = []
+  for line in rows:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and row.get('step') == out['step'] and 'eval_loss' in row:
+      return
+  out.update(done=False, eval_pending=True)
 
 
 def check(workdir: str) -> str:
@@ -152,8 +180,10 @@ def main(argv=None) -> int:
     where = '' if s['workdir_exists'] else ' (the workdir does not exist)'
     print(f'{args.workdir}: no complete checkpoint yet{where}')
   else:
+    pending = (': its evaluation was put off by a stop, and the resumed run makes it up'
+               if s.get('eval_pending') else '')
     print(f'{args.workdir}: step {s["step"]} of {s["total_steps"]} (newest complete '
-          f'checkpoint){": done" if s["done"] else ""}')
+          f'checkpoint){": done" if s["done"] else pending}')
   for step, why in sorted(s['damaged'].items()):
     print(f'{PROG}: step {step} is damaged, the run resumes before it ({why})',
           file=sys.stderr)

@@ -753,6 +753,28 @@ def test_run_status_reads_orbax_checkpoints_with_the_standard_library_only(
   assert proc.returncode == 1 and proc.stdout == f'{workdir}: step 3 of 6 (newest complete checkpoint)\n'
 
 
+def test_run_status_reads_a_final_step_whose_evaluation_was_put_off_as_not_done(
+    finished_workdir, tmp_path):
+  """A stop during the final evaluation saves the final step with eval_pending: the run
+  is not done (the resumed run evaluates it). It used to read as done, so until_done.sh
+  started nothing and the run never had its final evaluation."""
+  workdir = _copy(finished_workdir, tmp_path)
+  meta_file = workdir / 'checkpoints' / '6' / 'meta' / 'metadata'
+  meta_file.write_text(json.dumps(dict(json.loads(meta_file.read_text()), eval_pending=True)))
+  metrics = workdir / 'metrics.jsonl'
+  rows = [json.dumps(r) for r in ({'step': 3, 'eval_loss': 2.0, 'eval_top1': 0.1},
+                                  {'step': 6, 'loss': 1.5}, {'step': 6, 'eval_loss': 1.0})]
+  metrics.write_text(''.join(r + '\n' for r in rows[:2]))  # the stop: no evaluation at 6
+  python = _bare_python(tmp_path)
+  for args in ((), ('--total_steps=6',)):
+    proc = _status(python, workdir, *args)
+    assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+    assert 'step 6 of 6 (newest complete checkpoint): its evaluation was put off' in (
+        proc.stdout), proc.stdout
+  metrics.write_text(''.join(r + '\n' for r in rows))  # made up by a resumed run since
+  assert _status(python, workdir).returncode == 0
+
+
 def test_run_status_reads_past_a_damaged_step_as_the_loop_resumes(finished_workdir, tmp_path):
   """A damaged newest step (its meta not JSON) used to stop until_done.sh with status 2,
   though the training loop of a single process with a local workdir resumes from the
