@@ -36,7 +36,8 @@ if not, or if the status check fails later (exit status other than 0 done, 1 not
 done), it stops at once instead of starting the job again. With --done_cmd, any exit
 status other than 0 means "not done".
 Exit status: 0 when the run is done, 1 when it is not after --max_attempts attempts,
-2 on errors (bad options, a status check that cannot run or cannot read the workdir),
+2 on errors (bad options, a status check that cannot run or cannot read the workdir, a
+COMMAND that cannot run: status 126 or 127),
 3 when COMMAND exits with status 3 (vit_jax.main's status for an error that a restart
 would meet again: a config, data, mesh or checkpoint error; no attempt follows), 130 or
 143 after Ctrl-C or SIGTERM to this script (passed on to COMMAND as SIGTERM: it saves
@@ -74,6 +75,8 @@ while (($#)); do
     --stop_on=*) STOP_ON=${1#*=} ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
+    -*) echo "launch/until_done.sh: unknown option $1 (the command goes after --; see --help)" >&2
+        exit 2 ;;
     *) break ;;
   esac
   shift
@@ -135,6 +138,9 @@ on_stop() {
   log "signal $1: no further attempt; the job saves and stops"
   [[ -z $child ]] || kill -TERM -- "-$child" 2>/dev/null || kill -TERM "$child" 2>/dev/null ||
     true
+  # A job stopped by reading the terminal (a background group: ssh or gcloud asking for a
+  # passphrase) would take the signal only once continued.
+  [[ -z $child ]] || kill -CONT -- "-$child" 2>/dev/null || true
 }
 trap 'on_stop INT' INT
 trap 'on_stop TERM' TERM
@@ -184,6 +190,10 @@ while :; do
   fi
   log "attempt $attempt ended with status $rc before the final step"
   stopped
+  if [[ $rc == 126 || $rc == 127 ]]; then
+    die "not restarting: status $rc is the shell's for a command that cannot run (not found" \
+      "or not executable: $1); a restart would meet it again"
+  fi
   if [[ $rc == 3 ]]; then
     log 'not restarting: status 3 is vit_jax.main'"'"'s for an error that a restart would' \
       'meet again (a config, data, mesh or checkpoint error; its message is above)'

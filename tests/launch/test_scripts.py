@@ -635,6 +635,21 @@ def test_until_done_restarts_a_preempted_job_until_it_finishes(stubs, tmp_path):
   assert [c['argv'] for c in calls('sleep')] == [['5'], ['10'], ['12'], ['12']]
 
 
+def test_until_done_refuses_an_unknown_option_and_a_command_that_cannot_run(stubs, tmp_path):
+  """A misspelled option used to become the command, and its "command not found" (127)
+  was restarted --max_attempts times, with the backoff (hours by default)."""
+  env, calls = stubs
+  proc = _until_done(tmp_path, env, '--max-attempts=2', '--', _job(tmp_path, fail_times=0))
+  assert proc.returncode == 2 and 'unknown option --max-attempts=2' in proc.stderr
+  assert _count(tmp_path) == 0
+  for missing in (tmp_path / 'no_such_job.sh', tmp_path):  # not found; not executable
+    proc = _until_done(tmp_path, env, '--backoff=5', '--', missing)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count('attempt 1 of 20') == 1 and 'attempt 2' not in proc.stderr
+    assert 'not restarting: status 12' in proc.stderr and str(missing) in proc.stderr
+  assert calls('sleep') == []
+
+
 def test_until_done_stops_on_the_status_it_is_told(stubs, tmp_path):
   env, _ = stubs
   proc = _until_done(tmp_path, env, '--backoff=0', '--stop_on=143', '--',
@@ -1033,6 +1048,36 @@ exit 143
     assert (tmp_path / 'saved').read_text() == 'saved\n', err  # told once, waited for
     assert (tmp_path / 'starts').read_text() == 'started\n'  # and not started again
     assert 'no further attempt' in err
+
+
+def test_until_done_passes_a_stop_on_to_a_job_stopped_by_the_terminal(stubs, tmp_path):
+  """The job runs in a background process group: reading the terminal (ssh or gcloud
+  asking for a passphrase) stops it (SIGTTIN), and the forwarded SIGTERM stayed pending
+  until someone continued it by hand, while until_done.sh waited forever."""
+  env, _ = stubs
+  job = tmp_path / 'job.sh'
+  job.write_text(f'''#!/usr/bin/env bash
+trap 'echo saved > {tmp_path}/saved; exit 143' TERM
+touch {tmp_path}/ready
+kill -STOP $$   # as the terminal stops a background read
+/bin/sleep 60 & wait
+''')
+  job.chmod(0o755)
+  proc = subprocess.Popen(['bash', LAUNCH / 'until_done.sh', '--done_cmd=false', '--', job],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  deadline = time.monotonic() + 30
+  while not (tmp_path / 'ready').exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.3)
+  proc.terminate()
+  try:
+    _, err = proc.communicate(timeout=20)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, 9)
+  assert proc.returncode == 143, err
+  assert (tmp_path / 'saved').read_text() == 'saved\n'
 
 
 def test_until_done_stops_during_the_backoff_at_once(stubs, tmp_path):
