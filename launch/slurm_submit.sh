@@ -21,7 +21,9 @@ Options (or environment variables):
   --restarts=K         RESTARTS (default 1): attempts inside the allocation
   --no_requeue         do not requeue the job when it is preempted
   --dry_run            print the sbatch command instead of running it
-  SBATCH_ARGS          more sbatch options; PYTHON, EXTRA_ARGS: see launch/slurm.sbatch
+  SBATCH_ARGS          more sbatch options, quoted as in a shell:
+                       SBATCH_ARGS='--job-name="vit b16" --mail-type=END'
+  PYTHON, EXTRA_ARGS   see launch/slurm.sbatch
 EOF
 }
 
@@ -76,7 +78,16 @@ args=(sbatch --nodes="$NODES" --ntasks-per-node="$tasks" --gpus-per-node="$GPUS_
 [[ -z $ACCOUNT ]] || args+=(--account="$ACCOUNT")
 [[ -z $QOS ]] || args+=(--qos="$QOS")
 if [[ -n $REQUEUE ]]; then args+=(--requeue); else args+=(--no-requeue); fi
-read -r -a more <<<"${SBATCH_ARGS:-}"
+# words STRING: its words as a shell would split them (quoted values kept whole), one
+# per line, by xargs (nothing in STRING is run); nothing for a blank STRING; status 1 on
+# an unmatched quote.
+words() {
+  [[ -n ${1//[[:space:]]/} ]] || return 0
+  printf '%s' "$1" | xargs -n1 printf '%s\n'
+}
+list=$(words "${SBATCH_ARGS:-}") || die "SBATCH_ARGS: an unmatched quote in: $SBATCH_ARGS"
+more=()
+[[ -z $list ]] || while IFS= read -r arg; do more+=("$arg"); done <<<"$list"
 args+=(${more[@]+"${more[@]}"} "$here/slurm.sbatch" ${main_args[@]+"${main_args[@]}"})
 
 export CONFIG WORKDIR RESTARTS

@@ -84,6 +84,7 @@ bad_quote() { echo "launch/tpu_vm.sh: $1: an unmatched quote in: $2" >&2; exit 2
 list=$(words "${EXTRA_ARGS:-}") || bad_quote EXTRA_ARGS "$EXTRA_ARGS"
 main_args=()
 [[ -z $list ]] || while IFS= read -r arg; do main_args+=("$arg"); done <<<"$list"
+ssh_args=()  # `ssh`'s command: the arguments after -- only (not EXTRA_ARGS)
 list=$(words "${WORKER_ENV:-}") || bad_quote WORKER_ENV "$WORKER_ENV"
 worker_env=()
 [[ -z $list ]] || while IFS= read -r pair; do
@@ -106,7 +107,7 @@ while (($#)); do
     --max_attempts=*) MAX_ATTEMPTS=${1#*=} ;;
     --backoff=*) BACKOFF=${1#*=} ;;
     -h | --help) usage; exit 0 ;;
-    --) shift; main_args+=("$@"); break ;;
+    --) shift; main_args+=("$@"); ssh_args=("$@"); break ;;
     *) echo "launch/tpu_vm.sh: unknown option $1 (vit_jax.main flags go after --)" >&2
        exit 2 ;;
   esac
@@ -268,8 +269,8 @@ do_attempt() {
     sleep 30; waited=$((waited + 30)); state=$(tpu_state)
   done
   case $state in
-    READY)
-      if ! on_workers all "test -x $R_PYTHON"; then do_setup; fi ;;
+    READY)  # set up again: this checkout's code (edits, configs), not what it last had
+      do_setup ;;
     '')
       do_create; do_setup ;;
     *)
@@ -310,7 +311,7 @@ case $cmd in
       --backoff="$BACKOFF" --workdir="$WORKDIR" \
       --done_cmd="$(printf '%q ' "${self[@]}" 'done' "${opts[@]}")" \
       -- "${self[@]}" attempt "${opts[@]}" -- ${main_args[@]+"${main_args[@]}"} ;;
-  ssh) on_workers all "${main_args[*]}" ;;
+  ssh) on_workers all "${ssh_args[*]}" ;;
   -h | --help | help) usage ;;
   *) usage >&2; die "unknown command $cmd" ;;
 esac

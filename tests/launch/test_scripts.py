@@ -320,13 +320,23 @@ def test_tpu_attempt_recreates_a_preempted_tpu(stubs):
   assert (bash, dash_c) == ('bash', '-c')
   assert ('-m vit_jax.main --distributed --config=configs/vit_b16.py '
           '--workdir=gs://my-bucket/b16') in inner
-  # A READY TPU that is set up: no create, no copy; straight to the run.
+  # A READY TPU: not created again, but this checkout is copied and installed again (it
+  # used to run whatever code the TPU had, local edits and configs ignored).
   log = pathlib.Path(env['STUB_LOG'])
   log.unlink()
   env['STUB_RULES'] = json.dumps([['describe', [[0, 'READY']]]])
   proc = _sh([LAUNCH / 'tpu_vm.sh', 'attempt', *TPU], env)
   assert proc.returncode == 0, proc.stderr
-  assert [a['argv'][3] for a in calls('gcloud')] == ['describe', 'ssh', 'ssh', 'ssh']
+  gcloud = [c['argv'] for c in calls('gcloud')]
+  assert [a[3] for a in gcloud] == ['describe', 'scp', 'ssh', 'ssh', 'ssh', 'ssh']
+  assert 'launch/tpu_vm.sh' in calls('gcloud')[1]['tar']
+  # `ssh` runs the command after -- only (EXTRA_ARGS, vit_jax.main's flags, used to be
+  # put in front of it).
+  log.unlink()
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'ssh', *TPU, '--', 'ls', '~'],
+             dict(env, EXTRA_ARGS='--config.seed=3'))
+  assert proc.returncode == 0, proc.stderr
+  assert _flag(calls('gcloud')[-1]['argv'], '--command') == 'ls ~'
 
 
 def test_tpu_resilient_restarts_until_the_workdir_is_done(stubs):
@@ -441,6 +451,17 @@ def test_slurm_submit_command_line(stubs, tmp_path):
   argv = calls('sbatch')[-1]['argv']
   assert _flag(argv, '--ntasks-per-node') == '1' and _flag(argv, '--cpus-per-task') == '96'
   assert '--no-requeue' in argv and '--requeue' not in argv
+  # SBATCH_ARGS as a shell would split it (a quoted value with a space used to be cut in
+  # two, and sbatch took its second half for the script).
+  proc = _sh([LAUNCH / 'slurm_submit.sh', '--config=c.py', f'--workdir={tmp_path}'],
+             dict(env, SBATCH_ARGS='--job-name="vit b16" --mail-type=END'))
+  assert proc.returncode == 0, proc.stderr
+  argv = calls('sbatch')[-1]['argv']
+  assert _flag(argv, '--job-name') == 'vit b16' and '--mail-type=END' in argv
+  assert argv[-1] == str(LAUNCH / 'slurm.sbatch')
+  proc = _sh([LAUNCH / 'slurm_submit.sh', '--config=c.py', f'--workdir={tmp_path}'],
+             dict(env, SBATCH_ARGS='--job-name="vit'))
+  assert proc.returncode == 2 and 'SBATCH_ARGS: an unmatched quote' in proc.stderr
 
 
 # ------------------------------------------------------------------- plain multi-node
