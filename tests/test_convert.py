@@ -421,6 +421,18 @@ def test_unreadable_inputs(tmp_path):
 def test_unknown_model_name(timm_file, tmp_path):
   _raises("--model: unknown model name 'vit_tiny_patch16'", timm_file[1],
           tmp_path / 'w.npz', model='vit_tiny_patch16')
+  _raises("'num_hedas' is not a field", timm_file[1], tmp_path / 'w.npz',
+          model='num_hedas=3')
+
+
+@pytest.mark.parametrize('spec', ['num_heads=3', 'vit_tiny_patch16_224,num_heads=3'])
+def test_model_with_fields_is_taken_as_predict_takes_it(timm_file, tmp_path, spec):
+  """The forms the flag's help and the heads warning suggest used to be refused as
+  'unknown model name'."""
+  out = tmp_path / 'w.npz'
+  assert convert.convert(timm_file[1], out, model=spec) == 'npz'
+  assert checkpoints.load_npz(out)['Transformer']['encoderblock_0'][
+      'MultiHeadDotProductAttention_0']['query']['kernel'].shape[1] == 3
 
 
 def test_conversions_the_target_cannot_represent(tmp_path):

@@ -48,7 +48,7 @@ from vit_jax import torch_import
 
 FORMATS = ('npz', 'timm', 'hf', 'orbax')
 _STATE_DICT_EXTS = ('.safetensors', '.pth', '.bin', '.pt')
-_READ_EXTS = ('.npz',) + _STATE_DICT_EXTS
+_READ_EXTS = ('.npz', '.index.json') + _STATE_DICT_EXTS
 HF_WEIGHTS = 'model.safetensors'
 HF_CONFIG = 'config.json'
 HF_PROCESSOR = 'preprocessor_config.json'  # for AutoImageProcessor and pipeline()
@@ -186,10 +186,9 @@ def _read(input_path: str, model):
     raise ConversionError(
         f'cannot tell what kind of checkpoint {input_path} is: expected .npz, a '
         'timm/transformers state dict (.safetensors/.bin/.pt/.pth) or an Orbax directory')
-  if model is not None:
-    from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+  if model is not None:  # NAME, NAME,field=value,... or field=value,... (as predict's)
     try:
-      registry.get_config(model)
+      pretrained.parse_model_spec(model)
     except ValueError as e:
       raise ConversionError(f'--model: {e}') from None
   if os.path.isdir(input_path):

@@ -272,3 +272,47 @@ def test_a_features_model_exports_a_config_without_a_classifier(hf):
   assert hf_config.num_labels == 0
   model = transformers.ViTForImageClassification(hf_config).eval()
   model.load_state_dict(checkpoints.to_hf(config, params), strict=True)
+
+
+def test_a_sharded_save_pretrained_directory_reads_as_one(hf, ck, tmp_path):
+  """save_pretrained(max_shard_size=...) writes shards and an index: it used to be
+  refused as 'no Orbax checkpoint under DIR'."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  hf['model'].save_pretrained(str(tmp_path / 'vit'), max_shard_size='300KB')
+  assert (tmp_path / 'vit' / 'model.safetensors.index.json').is_file()
+  assert len(list((tmp_path / 'vit').glob('model-*-of-*.safetensors'))) > 1
+  got = pretrained.load_checkpoint(str(tmp_path / 'vit'))
+  assert got.kind == 'hf'
+  _assert_same_params(got.params, hf['params'])
+  config, params = checkpoints.from_hf(tmp_path / 'vit')
+  _assert_same_params(params, hf['params'])
+  next((tmp_path / 'vit').glob('model-*-of-*.safetensors')).unlink()
+  with pytest.raises(FileNotFoundError, match='names the shard .* which is missing'):
+    pretrained.load_checkpoint(str(tmp_path / 'vit'))
+
+
+def test_another_kind_of_transformers_model_is_named(tmp_path):
+  """A Swin or DeiT directory used to be refused as 'not a ViT state dict ... lacks
+  pos_embed (every timm VisionTransformer has them)'."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  model = transformers.SwinForImageClassification(transformers.SwinConfig(
+      image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 1],
+      window_size=4, num_labels=3))
+  model.save_pretrained(str(tmp_path / 'swin'))
+  with pytest.raises(ValueError, match="a transformers 'swin' model"):
+    pretrained.load_checkpoint(str(tmp_path / 'swin'))
+  with pytest.raises(ValueError, match="a transformers 'swin' model"):
+    checkpoints.from_hf(tmp_path / 'swin')
+
+
+def test_a_list_patch_size_reads_and_a_non_square_image_is_named(ck):
+  """patch_size=[8, 8] was a TypeError from int(); a non-square image a shape mismatch
+  that suggested resampling the position embedding."""
+  model, x, ref = _build(ck, seed=30, patch_size=[16, 16])
+  config, params = checkpoints.from_hf(model)
+  assert tuple(config.patch_size) == (16, 16) and config.image_size == IMAGE_SIZE
+  assert ck.max_diff(ck.jax_logits(models.create(config), params, x), ref, 'list patch') < TOL
+  wide = transformers.ViTForImageClassification(transformers.ViTConfig(
+      **dict(SMALL, num_hidden_layers=1, image_size=[32, 64])))
+  with pytest.raises(ValueError, match=r'images of \[32, 64\] pixels'):
+    checkpoints.from_hf(wide)

@@ -7,6 +7,8 @@ config. Weights are random with perturbed norm weights/biases and random BatchNo
 statistics; tolerance 1e-4 on logits (fp32, eval mode).
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -119,3 +121,54 @@ def test_swin_of_another_window_than_its_name_from_the_model_and_its_state_dict(
     config, variables = checkpoints.from_timm(source, 'swin_tiny_patch4_window7_224')
     assert config.window_size == 2 and config.image_size == 64
     _check(config, variables, model, x, 'Swin window 2 (named window 7)')
+
+
+SMALL_SWIN = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 1), img_size=32, patch_size=2,
+                  window_size=4)
+
+
+@pytest.mark.parametrize('name,kw,match', [
+    ('resnet50', dict(global_pool='max'), "global_pool pools with 'max'"),
+    ('resnet50', dict(act_layer='silu'), 'act1 is a SiLU'),
+    ('resnetv2_50x1_bit', dict(global_pool='avgmax'), "pools with 'avgmax'"),
+    ('resnetv2_50x1_bit', dict(act_layer='silu'), 'is a SiLU'),
+    ('swin_tiny_patch4_window7_224', dict(SMALL_SWIN, global_pool='max'), "pools with 'max'"),
+])
+def test_a_model_object_with_layers_vit_jax_does_not_compute_is_refused(name, kw, match):
+  """The state dict does not show the pooling or the activations: from_timm(model) used
+  to convert these with the defaults' numerics (logits off by 0.3 to 2.3)."""
+  model = timm.create_model(name, pretrained=False, num_classes=3, **kw)
+  with pytest.raises(ValueError, match=match):
+    checkpoints.from_timm(model)
+
+
+def test_a_swin_with_a_tanh_gelu_is_refused():
+  model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, num_classes=3,
+                            **SMALL_SWIN)
+  model.layers[0].blocks[0].mlp.act = torch.nn.GELU(approximate='tanh')
+  with pytest.raises(ValueError, match='tanh-approximate GELU'):
+    checkpoints.from_timm(model)
+
+
+def test_a_model_object_s_epsilons_are_read_from_it():
+  model = _perturb(timm.create_model('resnet50', pretrained=False, num_classes=3,
+                                     norm_layer=functools.partial(torch.nn.BatchNorm2d,
+                                                                  eps=1e-3)))
+  x = _images(64)
+  config, variables = checkpoints.from_timm(model)
+  assert config.bn_eps == 1e-3
+  np.testing.assert_allclose(_ours(config, variables, x), _timm_logits(model, x), atol=TOL)
+
+
+def test_a_registered_name_with_another_architecture_is_not_that_timm_model():
+  """convert's note told timm users to load a custom Swin (depths (1, 1)) into the model
+  of its config's name, which refused the weights (missing keys)."""
+  from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
+  config = models.get_config('swin_tiny_patch4_window7_224')
+  assert timm_format.timm_name(config) == 'swin_tiny_patch4_window7_224'
+  config.update(depths=(1, 1), num_heads=(1, 1), embed_dim=16)
+  with pytest.raises(ValueError, match='no timm model corresponds'):
+    timm_format.timm_name(config)
+  resnext = models.get_config('resnet50')
+  resnext.update(cardinality=32, base_width=4)  # ResNeXt-50's, under resnet50's name
+  assert timm_format.timm_name(resnext) == 'resnext50_32x4d'

@@ -37,6 +37,11 @@ _V4_TO_V5 = (
     ('.intermediate.dense.', '.mlp.fc1.'),
     ('.output.dense.', '.mlp.fc2.'),
 )
+# The weights of a save_pretrained directory: one file, or the index of its shards.
+DIR_WEIGHTS = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json',
+               'pytorch_model.bin.index.json')
+# The model types whose weights have ViT's layout.
+MODEL_TYPES = ('vit', 'vit_msn', 'vit_mae')
 _GELU = {'gelu': False, 'gelu_pytorch_tanh': True, 'gelu_new': True, 'gelu_fast': True}
 
 
@@ -71,11 +76,11 @@ def from_hf(model_or_state_dict, hf_config=None):
   if isinstance(model_or_state_dict, (str, os.PathLike)):
     path = os.fspath(model_or_state_dict)
     if os.path.isdir(path):
-      found = [f for f in ('model.safetensors', 'pytorch_model.bin')
-               if os.path.exists(os.path.join(path, f))]
+      found = [f for f in DIR_WEIGHTS if os.path.exists(os.path.join(path, f))]
       if not found:
         raise FileNotFoundError(f'{path} holds no model.safetensors or pytorch_model.bin '
-                                '(a transformers save_pretrained directory has one)')
+                                '(a transformers save_pretrained directory has one, or '
+                                'the .index.json of its shards)')
       model_or_state_dict = os.path.join(path, found[0])
     beside = os.path.join(os.path.dirname(os.fspath(model_or_state_dict)), 'config.json')
     if hf_config is None and os.path.exists(beside):
@@ -84,6 +89,9 @@ def from_hf(model_or_state_dict, hf_config=None):
   if hf_config is None and hasattr(model_or_state_dict, 'config'):
     hf_config = model_or_state_dict.config
   hc = _hf_config_dict(hf_config)
+  if hc.get('model_type') and hc['model_type'] not in MODEL_TYPES:
+    raise ValueError(f"a transformers {hc['model_type']!r} model (model_type); from_hf "
+                     f'reads transformers ViTs (model_type {", ".join(MODEL_TYPES)})')
   if 'num_attention_heads' not in hc:
     raise ValueError('from_hf needs the transformers ViTConfig (for the number of heads, '
                      'epsilon and activation): pass hf_config=model.config or its dict')
@@ -113,11 +121,20 @@ def from_hf(model_or_state_dict, hf_config=None):
   c.num_heads = int(hc['num_attention_heads'])
   c.num_layers = sum(1 for k in sd if k.endswith('.layernorm_before.weight'))
   c.mlp_dim = int(hc['intermediate_size'])
-  patch = int(hc['patch_size'])
-  c.patch_size = (patch, patch)
+  patch = hc['patch_size']
+  ph, pw = (patch, patch) if isinstance(patch, int) else (int(p) for p in patch)
+  c.patch_size = (ph, pw)
   c.in_channels = int(hc.get('num_channels', 3))
-  grid = math.isqrt(sd['vit.embeddings.position_embeddings'].shape[1] - 1)
-  c.image_size = grid * patch
+  tokens = int(sd['vit.embeddings.position_embeddings'].shape[1]) - 1
+  size = hc.get('image_size')
+  if isinstance(size, (list, tuple)) and len(set(int(v) for v in size)) > 1:
+    raise ValueError(f'the transformers model reads images of {list(size)} pixels; vit_jax '
+                     'reads square images (config.image_size is one int)')
+  side = math.isqrt(tokens * ph * pw)
+  if side * side != tokens * ph * pw or side % ph or side % pw:
+    raise ValueError(f'the position embedding holds {tokens} patch tokens, which no square '
+                     f'image makes with {ph}x{pw}-pixel patches; vit_jax reads square images')
+  c.image_size = side
   c.num_classes = int(sd['classifier.weight'].shape[0]) if 'classifier.weight' in sd else 0
   c.layernorm_eps = float(hc.get('layer_norm_eps', 1e-12))
   c.gelu_approximate = _GELU[hc.get('hidden_act', 'gelu')]

@@ -64,13 +64,16 @@ def orbax_step_dir(path: str) -> str:
       return str(directory / str(max(steps)))
   raise FileNotFoundError(f'no Orbax checkpoint under {path} (expected a workdir, its '
                           'checkpoints/ folder, a step folder holding state/, or a '
-                          f'transformers directory holding {" or ".join(HF_DIR_WEIGHTS)} '
-                          'beside its config.json)')
+                          'transformers directory holding model.safetensors or '
+                          'pytorch_model.bin beside its config.json, or the .index.json of '
+                          'their shards)')
 
 
 # The weights file of a directory written by transformers' save_pretrained (or
 # `vit_jax.convert --to=hf`), beside its config.json.
-HF_DIR_WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
+# (Or the index of its shards, when saved with max_shard_size.)
+HF_DIR_WEIGHTS = hf_format.DIR_WEIGHTS
+HF_MODEL_TYPES = hf_format.MODEL_TYPES
 
 
 def _hf_dir_weights(path: str) -> str | None:
@@ -81,6 +84,23 @@ def _hf_dir_weights(path: str) -> str | None:
     if os.path.isfile(os.path.join(path, name)):
       return os.path.join(path, name)
   return None
+
+
+def _refuse_hf_model_type(weights: str) -> None:
+  """A transformers model of another kind than ViT (its config.json's model_type) is
+  named as such; its weights used to be refused as 'not a ViT state dict'."""
+  cfg_path = os.path.join(os.path.dirname(weights), 'config.json')
+  try:
+    with open(cfg_path) as f:
+      hf_config = json.load(f)
+  except (OSError, ValueError):
+    return
+  model_type = hf_config.get('model_type') if isinstance(hf_config, dict) else None
+  if model_type and 'architectures' in hf_config and model_type not in HF_MODEL_TYPES:
+    raise ValueError(
+        f'{weights} is a transformers {model_type!r} model ({cfg_path}: model_type); '
+        f'vit_jax reads transformers ViTs (model_type {", ".join(HF_MODEL_TYPES)}). Its '
+        'Swin, ResNet, ResNeXt, Res2Net and BiT models come from timm weights instead')
 
 
 def _orbax_variables(path: str) -> tuple[dict, dict]:
@@ -521,7 +541,8 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
           if field in given.resnet:
             config.resnet[field] = given.resnet[field]
     return Checkpoint(config, params, 'npz')
-  if path.endswith(('.safetensors', '.bin', '.pt', '.pth')):
+  if path.endswith(('.safetensors', '.bin', '.pt', '.pth', '.index.json')):
+    _refuse_hf_model_type(path)
     sd = state_dict_io.read_state_dict(path)
     if _is_hf(sd):
       cfg_path = os.path.join(os.path.dirname(path), 'config.json')

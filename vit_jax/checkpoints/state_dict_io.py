@@ -25,6 +25,8 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
     path = os.fspath(source)
     if not os.path.exists(path):
       raise FileNotFoundError(f'no state dict at {path}')
+    if path.endswith('.index.json'):  # transformers' sharded weights (max_shard_size)
+      return _load_shards(path)
     if path.endswith('.safetensors'):
       return _load_safetensors(path)
     source = _load_torch(path)
@@ -34,6 +36,28 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
   if not isinstance(source, Mapping):
     raise TypeError(f'expected a torch module, a state dict or a path, got {type(source)}')
   return _without_wrapper_prefix({k: to_numpy(v) for k, v in source.items()})
+
+
+def _load_shards(index_path: str) -> dict[str, np.ndarray]:
+  """The state dict of a sharded save (`model.safetensors.index.json` or
+  `pytorch_model.bin.index.json` and the shard files its weight_map names)."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(index_path) as f:
+    weight_map = json.load(f).get('weight_map')
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f'{index_path} has no weight_map (not a sharded transformers save)')
+  folder = os.path.dirname(index_path)
+  out = {}
+  for shard in sorted(set(weight_map.values())):
+    shard_path = os.path.join(folder, shard)
+    if not os.path.exists(shard_path):
+      raise FileNotFoundError(f'{index_path} names the shard {shard}, which is missing')
+    out.update(read_state_dict(shard_path))
+  missing = sorted(set(weight_map) - set(out))
+  if missing:
+    raise ValueError(f'{index_path}: its shards lack {len(missing)} of the weights it '
+                     f'lists, e.g. {missing[:3]}')
+  return out
 
 
 # Where training scripts keep the weights in a checkpoint file: timm's train.py

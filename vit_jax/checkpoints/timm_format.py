@@ -58,6 +58,29 @@ def check_vit_keys(sd, what: str) -> None:
     if f'{key}.weight' in sd and f'{key}.bias' not in sd:
       raise ValueError(f'{what} has no {key}.bias (timm\'s {flag}=False); vit_jax\'s '
                        'blocks have every bias, as the original ViT')
+  # Features of timm ViTs that vit_jax's ViT does not compute, named by their keys (they
+  # used to be reported as a missing key or a non-square image).
+  for keys, feature in (
+      (('dist_token',), 'a distillation token (a distilled DeiT)'),
+      (('reg_token',), "register tokens (timm's reg_tokens)"),
+      (('fc_norm.weight',), "a norm after the pooling (timm's fc_norm, the default of "
+                            "global_pool='avg')"),
+      (('norm_pre.weight',), "a norm before the blocks (timm's pre_norm=True)"),
+      (('blocks.0.ls1.gamma', 'blocks.0.ls1.weight'), "LayerScale (timm's init_values)"),
+      (('blocks.0.attn.q_norm.weight',), "query/key norms (timm's qk_norm=True)")):
+    if any(k in sd for k in keys):
+      raise ValueError(f'{what} has {feature}, which vit_jax\'s ViT does not compute')
+  if 'cls_token' in sd and 'attn_pool.latent' in sd:
+    raise ValueError(f"{what} has a class token and an attention-pooling head (timm's "
+                     "global_pool='map' with class_token=True); vit_jax's MAP head pools "
+                     'the patch tokens of a ViT without a class token (class_token=False)')
+  if 'blocks.0.norm1.weight' in sd and 'blocks.0.norm1.bias' not in sd:
+    raise ValueError(f'{what} has norms without a bias (e.g. timm\'s RmsNorm as '
+                     "norm_layer); vit_jax's ViT uses LayerNorm with a bias")
+  if 'blocks.0.norm1.weight' in sd and 'norm.weight' not in sd and (
+      'attn_pool.latent' not in sd):
+    raise ValueError(f"{what} has no final norm (timm's final_norm=False); vit_jax's ViT "
+                     'normalises the encoder output')
   missing = [k for k in VIT_KEYS if k not in sd]
   if missing:
     raise ValueError(
@@ -154,7 +177,8 @@ def _infer_config(sd, name, model, overrides, base=None, keep_base=False):
         f'the position embedding holds {tokens} patch tokens, which no square image makes '
         f'with {ph}x{pw}-pixel tokens (patch {tuple(c.patch_size)}'
         + (f', stem stride {stride}' if stride > 1 else '') + '): vit_jax reads square '
-        "images (config.image_size is one int); timm ViTs of a non-square img_size are not "
+        "images (config.image_size is one int); timm ViTs of a non-square img_size, or "
+        "with a class token outside the position embedding (no_embed_class=True), are not "
         'read')
   size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
   if size is not None and int(size[0]) != int(size[1]):
@@ -323,6 +347,65 @@ _CONVERTER_OF_FAMILY = {'swin': 'vit_jax.checkpoints.timm_swin',
                         'bit': 'vit_jax.checkpoints.timm_bit'}
 
 
+# The module types of timm's default models of each family (vit_jax computes these);
+# any other (another activation, norm, pooling or attention layer) changes the outputs
+# without showing in the state dict.
+_FAMILY_MODULES = {
+    'common': {'Conv2d', 'Linear', 'Identity', 'Sequential', 'ModuleList', 'Flatten',
+               'Dropout', 'DropPath', 'SelectAdaptivePool2d', 'AdaptiveAvgPool2d',
+               'FastAdaptiveAvgPool', 'ClassifierHead', 'MaxPool2d'},
+    'vit_jax.checkpoints.timm_resnet': {'ResNet', 'Bottleneck', 'Bottle2neck', 'BatchNorm2d',
+                                        'ReLU', 'AvgPool2d'},
+    'vit_jax.checkpoints.timm_bit': {'ResNetV2', 'PreActBottleneck', 'ResNetStage',
+                                     'DownsampleConv', 'StdConv2d', 'GroupNormAct', 'ReLU',
+                                     'ConstantPad2d'},
+    'vit_jax.checkpoints.timm_swin': {'SwinTransformer', 'SwinTransformerStage',
+                                      'SwinTransformerBlock', 'WindowAttention', 'PatchEmbed',
+                                      'PatchMerging', 'Mlp', 'LayerNorm', 'GELU', 'Softmax'},
+}
+# module type -> the config field of its epsilon
+_EPS_FIELDS = {'BatchNorm2d': 'bn_eps', 'GroupNormAct': 'gn_eps', 'StdConv2d': 'stdconv_eps',
+               'LayerNorm': 'layernorm_eps'}
+
+
+def _read_family_model(model, config, family) -> None:
+  """What a timm model of another family shows and its state dict does not: its module
+  types, pooling and GELU are refused unless vit_jax computes them (they changed the
+  logits without a word); its epsilons go into `config`."""
+  allowed = _FAMILY_MODULES['common'] | _FAMILY_MODULES[family.__name__]
+  name = type(model).__name__
+  eps = {}
+  for path, module in model.named_modules():
+    kind = type(module).__name__
+    where = path or 'the model'
+    if kind not in allowed:
+      raise ValueError(
+          f'{name}: {where} is a {kind}, which vit_jax\'s {config.name} does not compute '
+          "(timm's default layers only: e.g. create_model(..., act_layer, norm_layer, "
+          'attn_layer or aa_layer left at their defaults)')
+    pool = getattr(module, 'pool_type', None)
+    if kind == 'SelectAdaptivePool2d' and pool not in ('avg', '', None):
+      raise ValueError(f"{name}: {where} pools with {pool!r}; vit_jax's models average "
+                       "(timm's global_pool='avg')")
+    if kind == 'GELU' and getattr(module, 'approximate', 'none') != 'none':
+      raise ValueError(f'{name}: {where} is a tanh-approximate GELU; vit_jax\'s '
+                       f'{config.name} computes the exact one')
+    if kind in _EPS_FIELDS and hasattr(module, 'eps'):
+      eps.setdefault(_EPS_FIELDS[kind], set()).add(float(module.eps))
+  pool = getattr(model, 'global_pool', None)
+  if isinstance(pool, str) and pool not in ('avg', ''):
+    raise ValueError(f"{name} pools with global_pool={pool!r}; vit_jax's models average "
+                     "(global_pool='avg')")
+  for field, values in eps.items():
+    if len(values) > 1:
+      raise ValueError(f'{name} has layers of {len(values)} different epsilons for '
+                       f'{field} ({sorted(values)}); vit_jax\'s models take one')
+    if field in config:
+      config[field] = values.pop()
+    elif values != {1e-5}:
+      raise ValueError(f'{name}: epsilon {sorted(values)} where vit_jax computes 1e-5')
+
+
 def _family_converter(name: str):
   """The converter module for a non-ViT timm name, or None for ViTs."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -371,6 +454,8 @@ def from_timm(model_or_state_dict, name: str | None = None, *, base_config=None,
     if overrides:
       raise ValueError(f'from_timm overrides are for ViT models only; got {sorted(overrides)}')
     config = family.config_from_timm(sd, name)
+    if is_model:
+      _read_family_model(model_or_state_dict, config, family)
     return config, family.variables_from_timm(sd, config)
   if any(k not in sd for k in VIT_KEYS) and not name.startswith(('vit_', 'deit')):
     raise ValueError(
@@ -476,18 +561,17 @@ def timm_name(config) -> str:
 
 def _family_timm_name(config, family: str) -> str:
   name = (config.get('name', '') or '').split('.')[0]
-  if name[:1].islower() and name in registry.list_models(family):
-    return name
-  # The architecture decides; rates and epsilons do not (as for ViT paper names, whose
-  # GELU differs from timm's).
+  # The architecture decides, its name first; rates and epsilons do not (as for ViT paper
+  # names, whose GELU differs from timm's). A config of a registered name with another
+  # depth or width (a custom Swin exported by vit_jax.convert) is not that timm model.
   ignore = ('name', 'image_size', 'num_classes', 'dtype', 'param_dtype', 'in_channels',
             'drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate', 'dropout_rate',
             'stdconv_eps', 'gn_eps', 'bn_eps', 'bn_momentum', 'bn_frozen', 'layernorm_eps',
             'zero_init_last', 'custom_vjp')
   mine = {k: tree.plain(v) for k, v in config.to_dict().items() if k not in ignore}
   candidates = [n for n in registry.list_models(family) if n[:1].islower()]
-  candidates.sort(key=lambda n: (registry.get_config(n).get('image_size') != config.get(
-      'image_size'), n))
+  candidates.sort(key=lambda n: (n != name, registry.get_config(n).get('image_size') !=
+                                 config.get('image_size'), n))
   for candidate in candidates:
     other = {k: tree.plain(v) for k, v in registry.get_config(candidate).to_dict().items()
              if k not in ignore}
