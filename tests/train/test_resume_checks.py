@@ -365,3 +365,17 @@ def test_the_same_length_with_another_schedule_warns(warnings):
                                               batch_size=32, steps_per_epoch=10)
   loop._warn_schedule_change(saved_meta, 60, 10, same, 30)  # pylint: disable=protected-access
   assert not warnings
+
+
+def test_weights_that_raise_a_key_error_are_a_config_error(tmp_path, monkeypatch):
+  """A foreign file whose reader meets a missing key (a KeyError) ended the run with a
+  traceback and exit status 1, which until_done.sh restarts; it is one message (exit 3)."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+
+  def missing_key(path, model=None):
+    raise KeyError('blocks.0.norm1.bias')
+  monkeypatch.setattr(pretrained, 'load_checkpoint', missing_key)
+  config = _config(tmp_path, init_from=str(tmp_path / 'w.safetensors'))
+  with pytest.raises(defaults.ConfigError,
+                     match=r"init_from='.*w.safetensors': KeyError 'blocks.0.norm1.bias'"):
+    loop.load_pretrained(config)

@@ -175,8 +175,10 @@ def load_pretrained(config):
     loaded = pretrained.load_checkpoint(config.init_from, model=config.model)
   except tree.CheckpointMismatchError:
     raise
-  except (ValueError, OSError) as e:  # a damaged or foreign file: the message says which
-    raise defaults.ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
+  except (ValueError, OSError, KeyError) as e:  # a damaged or foreign file (a KeyError:
+    # a key its format should have): the message says which; a restart would fail again
+    what = f'{type(e).__name__} {e}' if isinstance(e, KeyError) else str(e)
+    raise defaults.ConfigError(f'config.init_from={config.init_from!r}: {what}') from e
   shapes = models.abstract_variables(models.create(config.model), config.model.image_size)
   # Zeros stand in for the initialised values (pages never written cost no memory).
   reference = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
