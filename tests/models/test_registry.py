@@ -6,7 +6,9 @@ are compared with timm models built on PyTorch's meta device (no memory, no weig
 
 import functools
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from vit_jax import models
@@ -243,3 +245,39 @@ def test_every_registered_model_passes_the_field_checks():
     models.create(name)
   # The root-only stem of a hybrid (no ResNet stages) is a valid ResNet stem.
   models.create('R50+ViT-B/16', resnet=dict(num_layers=()))
+
+
+def test_a_resnet_override_keeps_the_stem_numerics_it_does_not_give():
+  """create(timm hybrid, resnet=dict(num_layers=...)) used to replace the whole stem
+  config, so the unnamed fields took the original release's epsilons (1e-5 outside the
+  sqrt, GroupNorm 1e-6) instead of timm's (1e-8 inside, 1e-5)."""
+  module = models.create('vit_base_r50_s16_224', resnet=dict(num_layers=(1, 1, 1)))
+  assert (module.stdconv_eps, module.stdconv_eps_in_sqrt, module.gn_eps) == (1e-8, True, 1e-5)
+  assert tuple(module.resnet_layers) == (1, 1, 1)
+
+
+def test_a_family_field_of_another_type_than_the_registered_one_is_taken():
+  """Swin's image_size is one int or (height, width): create(..., image_size=(32, 64))
+  was an ml_collections TypeError (the registered config holds an int)."""
+  module = models.create('Swin-T', image_size=(32, 64), embed_dim=16, depths=(1, 1),
+                         num_heads=(1, 1), window_size=4, patch_size=2, num_classes=3)
+  x = np.zeros((1, 32, 64, 3), np.float32)
+  variables = jax.jit(lambda k: module.init(k, x, train=False))(jax.random.PRNGKey(0))
+  assert jax.jit(lambda v: module.apply(v, x, train=False))(variables).shape == (1, 3)
+
+
+@pytest.mark.parametrize('name,kw', [
+    ('Swin-T', dict(embed_dim=16, depths=(1, 1), num_heads=(1, 1), window_size=4,
+                    patch_size=2, image_size=32)),
+    ('BiT-R50x1', dict(num_layers=(1, 1, 1, 1), width_factor=0.5, image_size=32)),
+    ('resnet50', dict(layers=(1, 1, 1, 1), image_size=32)),
+    ('ViT-Ti/16', dict(num_layers=1, image_size=32)),
+])
+def test_features_without_a_head_are_float32_in_mixed_precision(name, kw):
+  """Swin's and BiT's features came back in bfloat16 (their logits, and every other
+  family's features, are float32)."""
+  module = models.create(name, **kw, num_classes=0, dtype='bfloat16')
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  variables = jax.jit(lambda k: module.init(k, x, train=False))(jax.random.PRNGKey(0))
+  out = jax.jit(lambda v: module.apply(v, x, train=False))(variables)
+  assert out.ndim == 2 and out.dtype == jnp.float32, (out.shape, out.dtype)

@@ -582,3 +582,18 @@ def test_parameters_of_fewer_blocks_than_the_model_are_named():
   with pytest.raises(ValueError, match=r'hold 2 encoder blocks .* num_layers=3: create the '
                      r'model with num_layers=2'):
     deeper.apply({'params': params}, np.zeros((1, 32, 32, 3), np.float32))
+
+
+@pytest.mark.parametrize('num_layers,layout', [(1, {}), (2, dict(layer_loop='unroll')),
+                                               (4, dict(layer_loop='unroll')),
+                                               (2, dict(layer_loop='scan'))])
+def test_weights_of_another_depth_are_refused_in_every_layout(num_layers, layout):
+  """A model with fewer blocks than the weights used to run their first blocks silently
+  (unrolled, or one block), and one with more failed with Flax's ScopeCollectionNotFound;
+  only the scanned loop of several blocks named the depths."""
+  kw = dict(hidden_size=32, num_heads=2, mlp_dim=64, patch_size=(8, 8), num_classes=3)
+  params = models.init_params(models.create('ViT-B/16', num_layers=3, **kw), 32)
+  module = models.create('ViT-B/16', num_layers=num_layers, **kw, **layout)
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  with pytest.raises(ValueError, match='the parameters hold 3 encoder blocks'):
+    jax.jit(lambda p: module.apply({'params': p}, x, train=False))(params)

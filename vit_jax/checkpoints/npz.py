@@ -75,8 +75,12 @@ def load_npz(path) -> dict:
     if flat and all(k.startswith(prefix) for k in flat):
       flat = {k[len(prefix):]: v for k, v in flat.items()}
   if 'Transformer/encoderblock/LayerNorm_0/scale' in flat:
-    raise ValueError(f'{path} is a big_vision checkpoint with stacked (scanned) blocks; '
-                     'it is not the original ViT .npz layout')
+    raise ValueError(f'{path} holds stacked (scanned) blocks, as big_vision writes them '
+                     'and a scan_layers=True model holds them; it is not the original ViT '
+                     '.npz layout. For a tree of this project, save it with '
+                     'vit_jax.checkpoints.save_npz (which writes one block per layer), or '
+                     'read the arrays with numpy and unstack them with '
+                     'vit_jax.models.unstack_layers')
   out = {}
   for k, v in flat.items():
     k = _rename_block_child(k, _TO_LINEN)

@@ -251,8 +251,8 @@ class BiT(nn.Module):
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
     if self.num_classes:
       x = Head(self.num_classes, self.dtype, self.param_dtype, name='head')(x)
-      x = x.astype(jnp.float32)
-    return x.reshape(x.shape[0], -1)
+    # float32 logits (or features, without a head) in mixed precision, as the ViT's
+    return x.astype(jnp.float32).reshape(x.shape[0], -1)
 
 
 def _config(name, num_layers, width_factor, image_size, stdconv_eps):

@@ -335,7 +335,10 @@ def create(name_or_config, **overrides):
                      f'{sorted(_FIELD_DOCS)}')
   for k, v in overrides.items():
     if k == 'resnet' and isinstance(v, dict):
-      v = ml_collections.ConfigDict(v)
+      # Merged into the config's stem: the fields not given keep its numerics (a timm
+      # hybrid's epsilons; replaced whole, they became the original release's).
+      base = config.get('resnet')
+      v = ml_collections.ConfigDict(dict(base.to_dict() if base is not None else {}, **v))
     if k == 'patch_size':
       v = patch_size(v)
     if k in ('dtype', 'param_dtype') and not isinstance(v, str):
@@ -421,10 +424,14 @@ def _create_family(family, config, overrides):
     raise ValueError(f'unknown model family {family!r}; families: {families()}')
   lib = _FAMILIES[family]
   docs = lib.FIELD_DOCS
+  values = config.to_dict()
   for k, v in overrides.items():
     if k in ('dtype', 'param_dtype') and not isinstance(v, str):
       v = jnp.dtype(v).name
-    config[k] = v
+    values[k] = v
+  # Built again from plain values: a field may take another type than the registered
+  # config's (Swin's image_size=(224, 448), an int there), which a ConfigDict refuses.
+  config = ml_collections.ConfigDict(values)
   unknown = sorted(set(config.keys()) - set(docs))
   if unknown:
     raise ValueError(f'unknown {family} model config field(s) {unknown}; valid fields: '

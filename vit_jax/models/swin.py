@@ -470,7 +470,7 @@ class SwinTransformer(nn.Module):
                      param_dtype=self.param_dtype, name='norm')(x)
     x = jnp.mean(x, axis=(1, 2))
     if not self.num_classes:
-      return x
+      return x.astype(jnp.float32)  # float32 features in mixed precision, as the ViT's
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=nn.initializers.zeros,

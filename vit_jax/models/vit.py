@@ -253,13 +253,7 @@ class Encoder(nn.Module):
     block to its slice. Gradients flow back through the stacking to each block.
     """
     params = self.variables['params']
-    have = sorted(int(k.rsplit('_', 1)[1]) for k in params if k.startswith('encoderblock_'))
-    if have != list(range(self.num_layers)):
-      raise ValueError(
-          f'the parameters hold {len(have)} encoder blocks (encoderblock_0 .. '
-          f'encoderblock_{max(have, default=-1)}), but the model has num_layers='
-          f'{self.num_layers}: create the model with num_layers={len(have)}, or read the '
-          "weights' own config (vit_jax.checkpoints.architecture.infer_model_config)")
+    self._check_block_count()
     stacked = scan_layout.stack_layers({'Transformer': {
         f'encoderblock_{i}': params[f'encoderblock_{i}'] for i in range(self.num_layers)}})
     stacked = stacked['Transformer']['encoderblock']
@@ -279,6 +273,19 @@ class Encoder(nn.Module):
                         (stacked, self._drop_path_rates(), self._layer_rngs(train)))
     return x
 
+  def _check_block_count(self) -> None:
+    """Parameters of another depth than num_layers are refused (in every layout: with
+    fewer layers than the weights the unrolled loop ran their first blocks silently)."""
+    params = self.variables.get('params', {})
+    have = sorted(int(k.rsplit('_', 1)[1]) for k in params if k.startswith('encoderblock_')
+                  and k.rsplit('_', 1)[1].isdigit())
+    if have != list(range(self.num_layers)):
+      raise ValueError(
+          f'the parameters hold {len(have)} encoder blocks (encoderblock_0 .. '
+          f'encoderblock_{max(have, default=-1)}), but the model has num_layers='
+          f'{self.num_layers}: create the model with num_layers={len(have)}, or read the '
+          "weights' own config (vit_jax.checkpoints.architecture.infer_model_config)")
+
   @nn.compact
   def __call__(self, x, *, train: bool, capture_attention: bool = False):
     x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
@@ -293,6 +300,8 @@ class Encoder(nn.Module):
     if (self.layer_loop == 'scan' and not capture_attention and not self.is_initializing()
         and self.num_layers > 1):
       return self._encoder_norm(self._scan_over_blocks(x, train))
+    if not self.is_initializing():
+      self._check_block_count()
     block_cls = Encoder1DBlock
     if remat_lib.resolve(self.remat_policy) is not None:  # same names, recomputed in backward
       block_cls = nn.remat(Encoder1DBlock, policy=remat_lib.policy(self.remat_policy, self.dtype),
