@@ -316,3 +316,28 @@ def test_model_specs_take_tuples_lists_and_name_bad_values():
     parse('ViT-B/16,patch_size=16')
   with pytest.raises(ValueError, match='one model name at most'):
     parse('ViT-B/16,ViT-S/16')
+
+
+def test_non_square_patches_read_back_and_resample_on_their_grid(tmp_path):
+  """32 px in 8x4 patches is a 4 x 8 grid: the project's own .npz of it used to be
+  refused ('32 patch tokens, not a square grid'), and adapt to 48 px took a 5 x 5 grid."""
+  from vit_jax.models import posemb as posemb_lib  # pylint: disable=g-import-not-at-top
+  kw = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1, patch_size=(8, 4),
+            num_classes=3)
+  module = models.create('ViT-B/16', **kw)
+  params = models.init_params(module, 32)
+  checkpoints.save_npz(tmp_path / 'w.npz', params)
+  ckpt = pretrained.load_checkpoint(str(tmp_path / 'w.npz'))
+  assert ckpt.config.image_size == 32 and tuple(ckpt.config.patch_size) == (8, 4)
+  x = np.random.RandomState(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+  logits = lambda m, p: np.asarray(jax.jit(  # noqa: E731
+      functools.partial(m.apply, train=False))({'params': p}, x))
+  np.testing.assert_array_equal(logits(models.create(ckpt.config), ckpt.params),
+                                logits(module, params))
+  reference = models.init_params(models.create('ViT-B/16', **dict(kw, num_classes=7)), 48)
+  adapted = pretrained.adapt(ckpt.params, reference)
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  want = posemb_lib.resample_posemb(np.asarray(posemb), (6, 12), num_prefix_tokens=1,
+                                    old_grid=(4, 8))
+  np.testing.assert_allclose(adapted['Transformer']['posembed_input']['pos_embedding'], want,
+                             rtol=1e-6)

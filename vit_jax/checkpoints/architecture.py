@@ -75,10 +75,14 @@ def infer_model_config(params, *, name: str | None = None) -> ml_collections.Con
     c.in_channels = int(emb[2])
     stride = 1
   tokens = flat[_POSEMB].shape[1] - (1 if c.classifier == 'token' else 0)
-  side = math.isqrt(tokens)
-  if side * side != tokens:
-    raise ValueError(f'the position embedding has {tokens} patch tokens, not a square grid')
-  c.image_size = side * stride * c.patch_size[0]
+  # The square image whose grid of (ph x pw)-pixel tokens has `tokens` cells (with
+  # non-square patches the grid is not square: 32 px in 8x4 patches is 4 x 8).
+  ph, pw = (int(p) * stride for p in c.patch_size)
+  side = math.isqrt(tokens * ph * pw)
+  if side * side != tokens * ph * pw or side % ph or side % pw:
+    raise ValueError(f'the position embedding has {tokens} patch tokens, which no square '
+                     f'image makes with {ph}x{pw}-pixel tokens')
+  c.image_size = side
   if name is None:
     c.name = _same_structure_name(c) or 'inferred'
   return c

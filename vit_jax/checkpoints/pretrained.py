@@ -682,10 +682,22 @@ def adapt(loaded, reference, *, posemb_method: str = 'bilinear',
         'representation layer and the resolution may change).')
   if _POSEMB in got and got[_POSEMB].shape != tuple(ref[_POSEMB].shape):
     prefix = 1 if 'cls' in ref else 0
-    side = math.isqrt(ref[_POSEMB].shape[1] - prefix)
-    got[_POSEMB] = posemb_lib.resample_posemb(got[_POSEMB], side, posemb_method,
-                                              num_prefix_tokens=prefix)
+    kh, kw = tuple(ref['embedding/kernel'].shape[:2])
+    got[_POSEMB] = posemb_lib.resample_posemb(
+        got[_POSEMB], _token_grid(ref[_POSEMB].shape[1] - prefix, kh, kw), posemb_method,
+        num_prefix_tokens=prefix, old_grid=_token_grid(got[_POSEMB].shape[1] - prefix, kh, kw))
   return tree.merge_into(reference, got, drop_head=not keep_head, what='pretrained weights')
+
+
+def _token_grid(tokens: int, kh: int, kw: int) -> tuple[int, int]:
+  """(rows, cols) of the token grid of a square image cut into kh x kw patches: rows *
+  kh == cols * kw (a square grid for square patches; 4 x 8 for 32 px in 8x4 patches)."""
+  num = tokens * kw
+  rows = math.isqrt(num // kh) if num % kh == 0 else 0
+  if rows and tokens % rows == 0 and rows * kh == (tokens // rows) * kw:
+    return rows, tokens // rows
+  side = math.isqrt(tokens)
+  return side, side
 
 
 # Where each family keeps its classifier (a new class count replaces it).
