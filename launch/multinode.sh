@@ -21,7 +21,7 @@ the first):
   stopped (a process preempted on its host, status 143, makes the others save and stop).
   SIGTERM or Ctrl-C to this script reaches every process (over ssh): each saves a
   checkpoint after its current step and exits, and the script waits until none runs;
-  a second signal stops them at once.
+  a second signal (more than 10 s after the first) stops them at once.
 
 Options (each also read from the environment variable in capitals):
   --coordinator=HOST:PORT  address of process 0 (COORDINATOR)
@@ -37,7 +37,8 @@ Options (each also read from the environment variable in capitals):
                            DIR/process_i.log, after a line naming the start (LOG_DIR;
                            default: this terminal)
   --python=PATH            Python with vit_jax installed (PYTHON, default python3)
-  SSH                      ssh command (default: ssh -o BatchMode=yes)
+  SSH                      ssh command (default: ssh -o BatchMode=yes); it must not
+                           prompt (a passphrase, a host key): it runs in the background
   REMOTE_TMP               where each host keeps its process's PID file (default /tmp)
   REMOTE_ENV               VAR=value pairs set for every process, quoted as in a shell:
                            'NCCL_DEBUG=WARN XLA_FLAGS="--xla_a=1 --xla_b=2"'
@@ -186,14 +187,22 @@ stop_all() {  # after a failure: the others cannot finish a collective without i
 # saves a checkpoint after its current step and exits (vit_jax.main, status 143); this
 # script waits for them. A second signal stops them at once.
 stopping=0
+signalled_at=''
 # shellcheck disable=SC2317,SC2329  # called by the trap
 on_signal() {
+  # A signal within 10 s of the first is the same notice (a shutdown signals every
+  # process, and until_done.sh passes its own on), as for vit_jax.main itself.
+  if [[ -n $signalled_at ]] && ((SECONDS - signalled_at < 10)); then
+    echo 'launch/multinode.sh: signal again, within 10 s of the first: the same notice' >&2
+    return
+  fi
   if ((stopping)); then
     echo 'launch/multinode.sh: second signal: stopping every process now' >&2
     stop_all
     exit 130
   fi
   stopping=1
+  signalled_at=$SECONDS
   echo 'launch/multinode.sh: signal: every process saves a checkpoint and stops' >&2
   signal_all TERM
 }

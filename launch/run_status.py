@@ -85,7 +85,8 @@ def status(workdir: str, total_steps: int | None = None) -> dict:
   over a damaged newest step (a meta that is missing or not JSON) for the one before it,
   which is then the step reported, so a damaged final step reads as not done. On gs://
   or after a multi-process run the loop stops at the damaged step, and so does this
-  (an error). With --total_steps no meta is read.
+  (an error). With --total_steps only the final step's meta is read (whether its
+  evaluation is still to run).
   """
   root = _path(workdir)
   steps = complete_steps(root / 'checkpoints')

@@ -269,8 +269,9 @@ do_attempt() {
     sleep 30; waited=$((waited + 30)); state=$(tpu_state)
   done
   case $state in
-    READY)  # set up again: this checkout's code (edits, configs), not what it last had
-      do_setup ;;
+    READY)  # set up again: this checkout's code (edits, configs), not what it last had;
+      # a run left training by a lost connection is stopped (saved) first
+      do_stop; do_setup ;;
     '')
       do_create; do_setup ;;
     *)

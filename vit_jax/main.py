@@ -10,8 +10,8 @@ the same workdir resumes from its newest complete checkpoint. Multi-host: pass
 environment that `jax.distributed.initialize()` reads, as on Cloud TPU and SLURM).
 
 SIGTERM (a preemption notice, `kill`, the end of a SLURM time limit) saves a checkpoint
-after the current step and exits with status 143; in a single-process run a second
-SIGTERM stops at once.
+after the current step and exits with status 143; in a single-process run another
+SIGTERM more than 10 s after the first stops at once (one sooner is the same notice).
 """
 
 import ast

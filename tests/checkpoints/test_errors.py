@@ -350,6 +350,7 @@ def test_from_timm_names_a_non_square_grid_and_reads_non_square_patches():
     (dict(class_token=False, global_pool='avg'), 'fc_norm'),
     (dict(pre_norm=True), 'pre_norm=True'),
     (dict(final_norm=False), 'final_norm=False'),
+    (dict(class_token=False, global_pool='map', final_norm=False), 'final_norm=False'),
     (dict(init_values=1e-5), 'LayerScale'),
     (dict(qk_norm=True), 'qk_norm=True'),
     (dict(global_pool='map'), "global_pool='map' with class_token=True"),

@@ -316,3 +316,13 @@ def test_a_list_patch_size_reads_and_a_non_square_image_is_named(ck):
       **dict(SMALL, num_hidden_layers=1, image_size=[32, 64])))
   with pytest.raises(ValueError, match=r'images of \[32, 64\] pixels'):
     checkpoints.from_hf(wide)
+
+
+def test_non_square_patches_export_as_a_list():
+  """to_hf_config wrote patch_size[0]: an 8x4-patch model came back as 8x8."""
+  from vit_jax.checkpoints import hf_format  # pylint: disable=g-import-not-at-top
+  config = models.get_config('ViT-Ti/16')
+  config.update(patch_size=(8, 4), image_size=32, num_layers=1)
+  assert list(hf_format.to_hf_config(config).patch_size) == [8, 4]
+  config.patch_size = (16, 16)
+  assert hf_format.to_hf_config(config).patch_size == 16

@@ -169,6 +169,21 @@ def test_a_registered_name_with_another_architecture_is_not_that_timm_model():
   config.update(depths=(1, 1), num_heads=(1, 1), embed_dim=16)
   with pytest.raises(ValueError, match='no timm model corresponds'):
     timm_format.timm_name(config)
+  # Fields that do not change timm's model are not compared (a run's remat policy).
+  tuned = models.get_config('swin_tiny_patch4_window7_224')
+  tuned.remat_policy = 'full'
+  assert timm_format.timm_name(tuned) == 'swin_tiny_patch4_window7_224'
   resnext = models.get_config('resnet50')
   resnext.update(cardinality=32, base_width=4)  # ResNeXt-50's, under resnet50's name
   assert timm_format.timm_name(resnext) == 'resnext50_32x4d'
+
+
+def test_weights_read_by_a_config_of_another_window_keep_its_registered_name():
+  """A Swin-S fine-tuned at window 12 matches no registered timm model: its weights were
+  read as the family's default (swin_tiny_...) rather than by its own registered name."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  config = models.get_config('swin_small_patch4_window7_224')
+  config.update(window_size=12, image_size=384)
+  assert pretrained._timm_name_for(config, 'swin') == 'swin_small_patch4_window7_224'  # pylint: disable=protected-access
+  config.name = 'my_swin'
+  assert pretrained._timm_name_for(config, 'swin') == 'swin_tiny_patch4_window7_224'  # pylint: disable=protected-access

@@ -328,8 +328,10 @@ def test_tpu_attempt_recreates_a_preempted_tpu(stubs):
   proc = _sh([LAUNCH / 'tpu_vm.sh', 'attempt', *TPU], env)
   assert proc.returncode == 0, proc.stderr
   gcloud = [c['argv'] for c in calls('gcloud')]
-  assert [a[3] for a in gcloud] == ['describe', 'scp', 'ssh', 'ssh', 'ssh', 'ssh']
-  assert 'launch/tpu_vm.sh' in calls('gcloud')[1]['tar']
+  # (A run left training by a lost connection is stopped before the code changes.)
+  assert [a[3] for a in gcloud] == ['describe', 'ssh', 'scp', 'ssh', 'ssh', 'ssh', 'ssh']
+  assert 'kill' in _flag(gcloud[1], '--command')
+  assert 'launch/tpu_vm.sh' in calls('gcloud')[2]['tar']
   # `ssh` runs the command after -- only (EXTRA_ARGS, vit_jax.main's flags, used to be
   # put in front of it).
   log.unlink()
@@ -954,6 +956,29 @@ def test_experiment_scripts_find_the_readme_venv(tmp_path):
   for script in ('benchmarks_cpu.sh', 'benchmarks_families.sh', 'bf16_vs_fp32_mnist.sh',
                  'cifar10_finetune.sh'):
     assert 'experiments/python.sh' in (ROOT / 'experiments' / script).read_text(), script
+
+
+def test_multinode_takes_a_second_signal_soon_after_the_first_as_the_same_notice(
+    stubs, tmp_path):
+  """A shutdown signals every process, and until_done.sh passes its own SIGTERM on: the
+  second one, milliseconds later, used to kill every remote process before it saved."""
+  env, _ = stubs
+  ssh, fake = _hosts_that_save(tmp_path, save_seconds=1)
+  proc = subprocess.Popen(
+      ['bash', LAUNCH / 'multinode.sh', '--hosts=gpu-a,gpu-b', f'--python={fake}',
+       '--config=c.py', '--workdir=/w'], cwd=ROOT, env=dict(env, SSH=str(ssh)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.glob('ready_*'))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.terminate()
+  time.sleep(0.2)
+  proc.terminate()
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143, err
+  assert 'the same notice' in err and 'stopping every process now' not in err
+  assert sorted(p.name for p in tmp_path.glob('saved_*')) == [
+      'saved_--process_id=0', 'saved_--process_id=1'], err
 
 
 def test_multinode_waits_for_the_remote_saves_when_the_whole_group_is_signalled(

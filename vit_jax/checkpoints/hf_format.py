@@ -220,7 +220,9 @@ def to_hf_config(config):
       num_attention_heads=config.num_heads, intermediate_size=config.mlp_dim,
       hidden_act='gelu_pytorch_tanh' if config.gelu_approximate else 'gelu',
       layer_norm_eps=config.layernorm_eps, image_size=config.image_size,
-      patch_size=config.patch_size[0], num_channels=config.in_channels,
+      # (A list for non-square patches, which transformers' ViT takes too.)
+      patch_size=(int(config.patch_size[0]) if config.patch_size[0] == config.patch_size[1]
+                  else [int(p) for p in config.patch_size]), num_channels=config.in_channels,
       # 0 for a features model: ViTForImageClassification's classifier is then Identity,
       # as to_hf writes none.
       num_labels=config.num_classes or 0, hidden_dropout_prob=0.0,

@@ -434,8 +434,10 @@ def _refuse_family(what: str, got: str, model_config) -> None:
 def _timm_name_for(config, family: str) -> str:
   try:
     return timm_format.timm_name(config)
-  except ValueError:  # a custom depth or width: the structure is read from the weights
-    return _DEFAULT_TIMM_NAMES[family]
+  except ValueError:  # a custom depth, width or window: the structure is read from the
+    # weights, the numerics from the config's own registered name where it has one
+    name = (config.get('name') or '').split('.')[0]
+    return name if name in registry.list_models(family) else _DEFAULT_TIMM_NAMES[family]
 
 
 def _fitting_config(by, read, variables) -> ml_collections.ConfigDict:

@@ -77,8 +77,7 @@ def check_vit_keys(sd, what: str) -> None:
   if 'blocks.0.norm1.weight' in sd and 'blocks.0.norm1.bias' not in sd:
     raise ValueError(f'{what} has norms without a bias (e.g. timm\'s RmsNorm as '
                      "norm_layer); vit_jax's ViT uses LayerNorm with a bias")
-  if 'blocks.0.norm1.weight' in sd and 'norm.weight' not in sd and (
-      'attn_pool.latent' not in sd):
+  if 'blocks.0.norm1.weight' in sd and 'norm.weight' not in sd:
     raise ValueError(f"{what} has no final norm (timm's final_norm=False); vit_jax's ViT "
                      'normalises the encoder output')
   missing = [k for k in VIT_KEYS if k not in sd]
@@ -567,7 +566,7 @@ def _family_timm_name(config, family: str) -> str:
   ignore = ('name', 'image_size', 'num_classes', 'dtype', 'param_dtype', 'in_channels',
             'drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate', 'dropout_rate',
             'stdconv_eps', 'gn_eps', 'bn_eps', 'bn_momentum', 'bn_frozen', 'layernorm_eps',
-            'zero_init_last', 'custom_vjp')
+            'zero_init_last', 'custom_vjp', 'remat_policy', 'grouped_conv')
   mine = {k: tree.plain(v) for k, v in config.to_dict().items() if k not in ignore}
   candidates = [n for n in registry.list_models(family) if n[:1].islower()]
   candidates.sort(key=lambda n: (n != name, registry.get_config(n).get('image_size') !=
