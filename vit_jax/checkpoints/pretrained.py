@@ -437,7 +437,8 @@ def _timm_name_for(config, family: str) -> str:
   except ValueError:  # a custom depth, width or window: the structure is read from the
     # weights, the numerics from the config's own registered name where it has one
     name = (config.get('name') or '').split('.')[0]
-    return name if name in registry.list_models(family) else _DEFAULT_TIMM_NAMES[family]
+    timm_named = name[:1].islower() and name in registry.list_models(family)  # not 'Swin-T'
+    return name if timm_named else _DEFAULT_TIMM_NAMES[family]
 
 
 def _fitting_config(by, read, variables) -> ml_collections.ConfigDict:
