@@ -39,7 +39,8 @@ Options (or environment variables):
   --workdir=gs://..  WORKDIR            required for train/run/status/done/...: every worker
                                         writes checkpoints there, so a gs:// bucket
   --repo=URL         REPO_URL           clone this repository (at --ref) on the workers
-  --ref=REF          REPO_REF           instead of copying this checkout (default main)
+  --ref=REF          REPO_REF           instead of copying this checkout (default main;
+                                        resilient pins it to its commit at the start)
   --max_attempts=N   MAX_ATTEMPTS       for resilient (default 20)
   --backoff=S        BACKOFF            for resilient (default 120 s, doubling)
   EXTRA_ARGS         more vit_jax.main flags (as do the arguments after --), quoted as in
@@ -260,6 +261,27 @@ tpu_state() {  # READY, CREATING, PREEMPTED, ...; empty when there is no such TP
     2>/dev/null || true
 }
 
+pinned_ref() {  # REPO_REF as a commit: every attempt of `resilient` runs the same code
+  local lines sha
+  if [[ $REPO_REF =~ ^[0-9a-f]{40}$ ]]; then echo "$REPO_REF"; return; fi
+  if ! lines=$(git ls-remote "$REPO_URL" "$REPO_REF" "$REPO_REF^{}" 2>/dev/null) ||
+    [[ -z $lines ]]; then
+    log "warning: could not resolve --ref=$REPO_REF of $REPO_URL here (git ls-remote);" \
+      "every attempt clones $REPO_REF as it is then: give --ref=<commit> to pin the code"
+    echo "$REPO_REF"; return
+  fi
+  # An annotated tag: its commit (the ^{} line); otherwise one ref must match.
+  sha=$(awk '$2 ~ /\^\{\}$/ {print $1; exit}' <<<"$lines")
+  if [[ -z $sha ]]; then
+    [[ $(awk '{print $1}' <<<"$lines" | sort -u | wc -l) -eq 1 ]] ||
+      die "--ref=$REPO_REF names several refs of $REPO_URL ($(awk '{print $2}' <<<"$lines" |
+        paste -sd ' ')): give the full ref (refs/heads/..., refs/tags/...) or a commit"
+    sha=$(awk '{print $1; exit}' <<<"$lines")
+  fi
+  log "--ref=$REPO_REF is commit $sha: every attempt runs it"
+  echo "$sha"
+}
+
 do_attempt() {
   need_run_flags
   local state waited=0
@@ -301,7 +323,10 @@ case $cmd in
       --version="$RUNTIME_VERSION" --config="$CONFIG" --workdir="$WORKDIR")
     [[ -z $PROJECT ]] || opts+=(--project="$PROJECT")
     [[ -z $SPOT ]] || opts+=(--spot)
-    [[ -z $REPO_URL ]] || opts+=(--repo="$REPO_URL" --ref="$REPO_REF")
+    if [[ -n $REPO_URL ]]; then
+      REPO_REF=$(pinned_ref)
+      opts+=(--repo="$REPO_URL" --ref="$REPO_REF")
+    fi
     if [[ -n $DRY_RUN ]]; then  # the done check would only be printed: show one attempt
       log "dry run: until_done.sh would repeat the attempt below (at most $MAX_ATTEMPTS" \
         "times) until \`tpu_vm.sh done\` reports the run done"

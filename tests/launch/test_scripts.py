@@ -358,6 +358,49 @@ def test_tpu_resilient_restarts_until_the_workdir_is_done(stubs):
   assert 'the run is done (attempt 2)' in proc.stderr
 
 
+def test_tpu_resilient_pins_the_ref_to_its_commit_for_every_attempt(stubs, tmp_path):
+  """`resilient --repo --ref=main` used to clone the branch again at each attempt: a push
+  between two preemptions changed the code in the middle of a run."""
+  env, calls = stubs
+  repo = tmp_path / 'repo'
+  git = lambda *a: subprocess.run(['git', '-C', str(repo), *a], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+  repo.mkdir()
+  git('init', '-q', '-b', 'main')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-q', '--allow-empty', '-m', 'a')
+  first = git('rev-parse', 'HEAD')
+  git('tag', '-a', 'v1', '-m', 'release')  # annotated: its own object, pointing at `first`
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-q', '--allow-empty', '-m', 'b')
+  head = git('rev-parse', 'HEAD')
+  env = dict(env, BACKOFF='0', STUB_RULES=json.dumps([
+      ['describe', [[0, 'READY']]],
+      ['run_status.py', [[1, 'step 0 of 10'], [1, 'step 5 of 10'], [0, 'step 10 of 10']]],
+      ['vit_jax.main', [[255, ''], [0, '']]],
+  ]))
+  for ref, sha in (('main', head), ('v1', first), (first, first)):
+    pathlib.Path(env['STUB_LOG']).unlink(missing_ok=True)
+    for counter in tmp_path.glob('calls.jsonl.rule*'):
+      counter.unlink()
+    proc = _sh([LAUNCH / 'tpu_vm.sh', 'resilient', *TPU, f'--repo={repo}', f'--ref={ref}'],
+               env)
+    assert proc.returncode == 0, proc.stderr
+    clones = [_flag(c['argv'], '--command') for c in calls('gcloud')
+              if 'git clone' in ' '.join(c['argv'])]
+    assert len(clones) == 2 and all(f'git checkout {sha}' in c for c in clones), clones
+  # A name that is both a branch and a tag of other commits is refused, naming both.
+  git('branch', 'v1', first)
+  git('tag', '-f', 'v1', head)
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'resilient', *TPU, f'--repo={repo}', '--ref=v1'], env)
+  assert proc.returncode == 2
+  assert 'refs/heads/v1' in proc.stderr and 'refs/tags/v1' in proc.stderr
+  # A repository that cannot be read from here: a warning, the ref as given.
+  pathlib.Path(env['STUB_LOG']).unlink(missing_ok=True)
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'resilient', *TPU, f'--repo={tmp_path}/missing',
+              '--ref=main'], dict(env, DRY_RUN='1'))
+  assert proc.returncode == 0, proc.stderr
+  assert 'could not resolve --ref=main' in proc.stderr
+
+
 # -------------------------------------------------------------------------------- SLURM
 
 
