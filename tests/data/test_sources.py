@@ -384,7 +384,7 @@ def test_hidden_folders_are_not_classes_and_sub_folders_are_read(tmp_path):
   assert test.labels.tolist() == [1]
 
 
-def test_symlink_loops_album_folders_and_hidden_files(tmp_path):
+def test_symlink_loops_album_folders_and_hidden_files(tmp_path, caplog):
   """A symlink back up the tree (`cat/loop -> ..`) used to be followed until the path was
   too long: 82 paths for 2 images, the other class's images labelled as this one. A folder
   named like an image (`album.jpg/`) was taken for a broken file and its images dropped;
@@ -415,6 +415,18 @@ def test_symlink_loops_album_folders_and_hidden_files(tmp_path):
                  'dog/more/c.png'], rel
   assert src.class_names == ['ant', 'bird', 'cat', 'dog']
   assert src.labels.tolist() == [1, 2, 2, 3, 3]
+  # The folder outside linked from a second class: read under both labels, with a warning
+  # naming it (it used to be read under the first class only, without a word).
+  (split / 'cat' / 'shared').symlink_to(tmp_path / 'more')
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    src = sources.ImageFolderSource(str(tmp_path / 'data'), 'train', cache_dir=str(tmp_path))
+  rel = [str(pathlib.Path(p).relative_to(split)) for p in src.paths]
+  assert rel == ['bird/sub/e.png', 'cat/a.png', 'cat/album.jpg/b.png', 'cat/shared/c.png',
+                 'dog/a.png', 'dog/more/c.png'], rel
+  assert src.labels.tolist() == [1, 2, 2, 2, 3, 3]
+  assert 'linked from several classes' in caplog.text, caplog.text
+  assert f'{tmp_path / "more"} (cat, dog)' in caplog.text, caplog.text
 
 
 def test_a_split_of_only_undecodable_files_is_a_data_error(tmp_path):

@@ -252,16 +252,19 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = None,
-                 split_real: str | None = None, class_real: str | None = None) -> list[str]:
+                 split_real: str | None = None, class_real: str | None = None,
+                 linked: dict[str, set[str]] | None = None) -> list[str]:
   """The image files under one class folder, its sub-folders included, in sorted order.
 
   Hidden files (`.name`, e.g. macOS's `._x.jpg`) and files of other extensions are counted
   in `ignored` by kind. A local folder is listed with its entries' types (a folder named
   `album.jpg` is a folder). Symbolic links to folders are followed, except to a folder
   read already or to be read as a class (`seen`: the split, the class folders, each folder
-  read; a link back up the tree is one). Links to folders or files inside another class's
-  folder are not read (`split_real`, the split's real path): they would give that class's
-  images this class's label. On remote storage
+  read in this class; a link back up the tree is one). Links to folders or files inside
+  another class's folder are not read (`split_real`, the split's real path): they would
+  give that class's images this class's label. A folder outside the split that links lead
+  to is read in each class that links it (`linked`: its real path -> those classes).
+  On remote storage
   (gs://), which has no links, only entries without an image extension are asked whether
   they are folders (one stat each).
   """
@@ -287,7 +290,10 @@ def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = 
             and not _inside(real, class_real)):
         _count(ignored, "link into another class's folder")
       elif not is_system_folder(name):
-        found.extend(_class_files(path, ignored, seen, split_real, class_real))
+        if (local and linked is not None and split_real and os.path.islink(path)
+            and not _inside(real, split_real)):
+          linked.setdefault(real, set()).add(class_real)
+        found.extend(_class_files(path, ignored, seen, split_real, class_real, linked))
     elif name.startswith('.'):
       _count(ignored, 'hidden')
     elif (local and split_real and os.path.islink(path)
@@ -354,9 +360,11 @@ class ImageFolderSource(Source):
                       f'{len(self.class_names)} training classes')
     if not self.class_names:
       raise DataError(f'{split_dir} has no class folders (<class>/<image> expected)')
-    paths, labels, ignored = [], [], {}
+    paths, labels, ignored, linked = [], [], {}, {}
     # Folders a symlink inside a class must not lead back to (its images would be read
-    # twice, or under another class's label).
+    # twice, or under another class's label). Each class starts from these: a folder
+    # outside the split linked from two classes is read in both (it used to be read in
+    # the first only, its link in the second silently counted as read elsewhere).
     seen = ({os.path.realpath(split_dir)} | {os.path.realpath(os.path.join(split_dir, c))
                                               for c in found}
             if '://' not in split_dir else set())
@@ -365,9 +373,15 @@ class ImageFolderSource(Source):
       cls_dir = os.path.join(split_dir, cls)
       if not tf.io.gfile.isdir(cls_dir):
         continue
-      for path in _class_files(cls_dir, ignored, seen, split_real):
+      for path in _class_files(cls_dir, ignored, set(seen), split_real, linked=linked):
         paths.append(path)
         labels.append(label)
+    shared = {real: sorted(os.path.basename(c) for c in classes)
+              for real, classes in linked.items() if len(classes) > 1}
+    if shared:
+      logging.warning('Folder(s) linked from several classes of %s: their images are read '
+                      'under each of those labels: %s', split_dir,
+                      '; '.join(f'{real} ({", ".join(c)})' for real, c in shared.items()))
     if ignored:
       logging.warning('Ignoring %d file(s) under %s that are not %s images, or hidden: %s',
                       sum(ignored.values()), split_dir, '/'.join(IMAGE_EXTENSIONS),
