@@ -255,6 +255,32 @@ def test_bundled_mnist_builder(mnist_dir):
   assert sizes == [2000, 2000]
 
 
+def test_an_empty_eval_split_is_refused_and_an_empty_process_part_is_padding(mnist_dir):
+  """'test[99.95%:]' (nothing) used to pass the start, train, then end the run at its first
+  evaluation with tfds's "Instruction [] corresponds to no data" (exit 1: restarted, to
+  fail again); a process whose part of a small split is empty failed the same way."""
+  from vit_jax.data import builder, pipeline, preprocess_ops  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import input_config  # pylint: disable=g-import-not-at-top
+  config = input_config.default_input_config()
+  config.update(name='bundled_mnist', data_dir=mnist_dir, train_split='train',
+                eval_split='test[99.95%:]', pp_train='decode|resize(8)|onehot(10)',
+                pp_eval='decode|resize(8)|onehot(10)')
+  with pytest.raises(sources.DataError, match=r"eval_split='test\[99.95%:\]' of "
+                     r'bundled_mnist has no examples'):
+    builder.create_sources(config)
+  # 3 examples over 4 processes: the last reads none and gives padding only.
+  src = sources.TfdsSource('bundled_mnist', 'test[:3]', data_dir=mnist_dir)
+  assert [src.num_examples(p, 4) for p in range(4)] == [1, 1, 1, 0]
+  pp = preprocess_ops.parse('decode|resize(8)|onehot(10)')
+  counts = []
+  for p in range(4):
+    batches = list(pipeline.eval_batches(src, global_batch_size=8, preprocess=pp,
+                                         process_index=p, process_count=4))
+    assert len(batches) == 1 and batches[0]['image'].shape == (2, 8, 8, 3)
+    counts.append(int(sum(b['_mask'].sum() for b in batches)))
+  assert counts == [1, 1, 1, 0]
+
+
 def test_bundled_mnist_shuffles_deterministically(mnist_dir):
   src = sources.TfdsSource(name='bundled_mnist', split='train', data_dir=mnist_dir,
                            shuffle_buffer=1000)
@@ -427,6 +453,30 @@ def test_symlink_loops_album_folders_and_hidden_files(tmp_path, caplog):
   assert src.labels.tolist() == [1, 2, 2, 2, 3, 3]
   assert 'linked from several classes' in caplog.text, caplog.text
   assert f'{tmp_path / "more"} (cat, dog)' in caplog.text, caplog.text
+
+
+def test_a_class_folder_linked_to_another_class_is_refused(tmp_path):
+  """`train/kitty -> cat` read cat's images a second time under the label kitty, and a file
+  link into a class folder that is itself a link to a folder outside the split was read
+  under two labels; both silently."""
+  split = tmp_path / 'data' / 'train'
+  for cls, value in (('cat', 10), ('dog', 20)):
+    (split / cls).mkdir(parents=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(split / cls / 'a.png')
+  (split / 'kitty').symlink_to('cat')
+  with pytest.raises(sources.DataError, match=r"class folder .*kitty' is a link to .*cat', "
+                     r"the images of class 'cat'.*two labels"):
+    sources.ImageFolderSource(str(tmp_path / 'data'), 'train', cache_dir=str(tmp_path))
+  (split / 'kitty').unlink()
+  (tmp_path / 'birds').mkdir()
+  Image.fromarray(np.full((8, 8, 3), 30, np.uint8)).save(tmp_path / 'birds' / 'b.png')
+  (split / 'bird').symlink_to(tmp_path / 'birds')  # a class kept elsewhere: read
+  (split / 'dog' / 'b.png').symlink_to(tmp_path / 'birds' / 'b.png')  # bird's: not read
+  (split / 'cat' / 'birds').symlink_to(tmp_path / 'birds')  # bird's folder: not read
+  src = sources.ImageFolderSource(str(tmp_path / 'data'), 'train', cache_dir=str(tmp_path))
+  rel = [str(pathlib.Path(p).relative_to(split)) for p in src.paths]
+  assert rel == ['bird/b.png', 'cat/a.png', 'dog/a.png'], rel
+  assert src.labels.tolist() == [0, 1, 2]
 
 
 def test_a_split_of_only_undecodable_files_is_a_data_error(tmp_path):

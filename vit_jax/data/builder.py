@@ -28,6 +28,10 @@ def create_sources(input_config) -> tuple[sources.Source, sources.Source]:
                                            class_names=train.class_names)
   else:
     evaluation = sources.create_source(input_config, input_config.eval_split)
+  if evaluation.num_examples() == 0:  # a slice that rounds to nothing: 'test[99%:]'
+    raise sources.DataError(
+        f'config.input.eval_split={input_config.eval_split!r} of {evaluation.name} has no '
+        'examples: give a larger slice or another split')
   _check_label_count(input_config, train)
   return train, evaluation
 

@@ -159,9 +159,15 @@ class TfdsSource(Source):
     options = tf.data.Options()
     options.deterministic = True
     read_config.options = options
+    split = self._process_split(process_index, process_count)
+    # A process whose part is empty (3 examples over 4 processes) reads none; tfds
+    # refuses an empty slice, so the whole split stands in for its element types.
+    empty = self.builder.info.splits[split].num_examples == 0
     ds = self.builder.as_dataset(
-        split=self._process_split(process_index, process_count), shuffle_files=shuffle,
+        split=self.split if empty else split, shuffle_files=shuffle,
         read_config=read_config, decoders={self.image_key: tfds.decode.SkipDecoding()})
+    if empty:
+      ds = ds.take(0)
     if shuffle:
       ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed % 2**31,
                       reshuffle_each_iteration=False)
@@ -251,9 +257,20 @@ def _inside(path: str, folder: str) -> bool:
   return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _into_other_class(real: str, class_real: str, split_real: str | None,
+                      class_reals: tuple[str, ...]) -> bool:
+  """Whether a link's target lies in the split (or in a class folder that is a link to
+  somewhere else) outside this class's folder."""
+  if _inside(real, class_real):
+    return False
+  return ((split_real is not None and _inside(real, split_real))
+          or any(_inside(real, c) for c in class_reals))
+
+
 def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = None,
                  split_real: str | None = None, class_real: str | None = None,
-                 linked: dict[str, set[str]] | None = None) -> list[str]:
+                 linked: dict[str, set[str]] | None = None,
+                 class_reals: tuple[str, ...] = ()) -> list[str]:
   """The image files under one class folder, its sub-folders included, in sorted order.
 
   Hidden files (`.name`, e.g. macOS's `._x.jpg`) and files of other extensions are counted
@@ -261,8 +278,9 @@ def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = 
   `album.jpg` is a folder). Symbolic links to folders are followed, except to a folder
   read already or to be read as a class (`seen`: the split, the class folders, each folder
   read in this class; a link back up the tree is one). Links to folders or files inside
-  another class's folder are not read (`split_real`, the split's real path): they would
-  give that class's images this class's label. A folder outside the split that links lead
+  another class's folder are not read (`split_real`, the split's real path, and
+  `class_reals`, every class folder's): they would give that class's images this class's
+  label. A folder outside the split that links lead
   to is read in each class that links it (`linked`: its real path -> those classes).
   On remote storage
   (gs://), which has no links, only entries without an image extension are asked whether
@@ -286,19 +304,20 @@ def _class_files(cls_dir: str, ignored: dict[str, int], seen: set[str] | None = 
       real = os.path.realpath(path) if local else None
       if local and real in seen:  # the split, a class, an ancestor, read already
         _count(ignored, 'link to a folder read elsewhere')
-      elif (local and split_real and os.path.islink(path) and _inside(real, split_real)
-            and not _inside(real, class_real)):
+      elif (local and split_real and os.path.islink(path)
+            and _into_other_class(real, class_real, split_real, class_reals)):
         _count(ignored, "link into another class's folder")
       elif not is_system_folder(name):
         if (local and linked is not None and split_real and os.path.islink(path)
             and not _inside(real, split_real)):
           linked.setdefault(real, set()).add(class_real)
-        found.extend(_class_files(path, ignored, seen, split_real, class_real, linked))
+        found.extend(_class_files(path, ignored, seen, split_real, class_real, linked,
+                                  class_reals))
     elif name.startswith('.'):
       _count(ignored, 'hidden')
     elif (local and split_real and os.path.islink(path)
-          and _inside(os.path.realpath(path), split_real)
-          and not _inside(os.path.realpath(path), class_real)):
+          and _into_other_class(os.path.realpath(path), class_real, split_real,
+                                class_reals)):
       _count(ignored, "link into another class's folder")  # read there, under its label
     elif name.lower().endswith(IMAGE_EXTENSIONS):
       found.append(path)
@@ -369,11 +388,23 @@ class ImageFolderSource(Source):
                                               for c in found}
             if '://' not in split_dir else set())
     split_real = os.path.realpath(split_dir) if '://' not in split_dir else None
+    class_reals = ()
+    if split_real:
+      class_reals = tuple(os.path.realpath(os.path.join(split_dir, c)) for c in found)
+      for c, real in zip(found, class_reals):  # kitty -> cat: cat's images, two labels
+        other = [o for o, r in zip(found, class_reals)
+                 if o != c and _inside(real, r) and os.path.islink(os.path.join(split_dir, c))]
+        if other:
+          raise DataError(
+              f'class folder {os.path.join(split_dir, c)!r} is a link to {real!r}, the '
+              f'images of class {other[0]!r} (or inside it): they would be read under two '
+              'labels. Remove the link, or make it a folder of its own images.')
     for label, cls in enumerate(self.class_names):
       cls_dir = os.path.join(split_dir, cls)
       if not tf.io.gfile.isdir(cls_dir):
         continue
-      for path in _class_files(cls_dir, ignored, set(seen), split_real, linked=linked):
+      for path in _class_files(cls_dir, ignored, set(seen), split_real, linked=linked,
+                               class_reals=class_reals):
         paths.append(path)
         labels.append(label)
     shared = {real: sorted(os.path.basename(c) for c in classes)
