@@ -11,9 +11,11 @@ command line (a subprocess); the rest call `convert.convert`.
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -388,6 +390,40 @@ def test_output_exists_is_refused_unless_overwrite(timm_file, tmp_path):
   _raises('already exists', path, ckpt, to='orbax')
   assert convert.convert(path, ckpt, to='orbax', overwrite=True) == 'orbax'
   assert pretrained.load_checkpoint(str(ckpt)).config.name == 'timm_vit'  # replaced
+
+
+def test_a_refused_or_failed_conversion_keeps_the_existing_output(orbax_run, tmp_path):
+  """--overwrite used to delete the output before writing: a conversion refused after
+  reading (a pre-logits ViT to timm) lost the user's file, and --output=WD/checkpoints --to=orbax
+  replaced a run's own checkpoints (optimizer state, resume point) by a params-only step."""
+  _, params = _vit_jax_params(seed=5, representation_size=32)  # timm has no pre_logits
+  src = tmp_path / 'r.npz'
+  checkpoints.save_npz(src, params)
+  keep = tmp_path / 'keep.safetensors'
+  keep.write_bytes(b'precious')
+  _raises('cannot convert to timm', src, keep, overwrite=True)
+  assert keep.read_bytes() == b'precious'
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []  # no leftovers
+  # An Orbax output that a write fails half-way: the old checkpoint is still there.
+  _, _, workdir = orbax_run
+  out = tmp_path / 'ckpt'
+  assert convert.convert(workdir, out, to='orbax') == 'orbax'
+  before = sorted(str(p.relative_to(out)) for p in out.rglob('*'))
+  with mock.patch.object(convert, '_write_orbax', side_effect=OSError('disk full')):
+    with pytest.raises(OSError, match='disk full'):
+      convert.convert(src, out, to='orbax', overwrite=True)
+  assert sorted(str(p.relative_to(out)) for p in out.rglob('*')) == before
+  assert pretrained.load_checkpoint(str(out)).class_names == ORBAX_NAMES
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []
+  # The replacement itself: the new checkpoint, read back from its final place.
+  assert convert.convert(src, out, to='orbax', overwrite=True)
+  assert pretrained.load_checkpoint(str(out)).config.representation_size == 32
+  # Orbax output and input inside one another: refused, the run untouched.
+  steps = sorted(p.name for p in (pathlib.Path(workdir) / 'checkpoints').iterdir())
+  for inp, output in ((workdir, f'{workdir}/checkpoints'),
+                      (f'{workdir}/checkpoints/30', f'{workdir}/checkpoints')):
+    _raises('inside one another', inp, output, to='orbax', overwrite=True)
+  assert sorted(p.name for p in (pathlib.Path(workdir) / 'checkpoints').iterdir()) == steps
 
 
 @pytest.mark.parametrize('output,to,match', [

@@ -148,7 +148,8 @@ def _is_orbax_dir(path: str) -> bool:
 
 
 def _check_output(output: str, to: str, overwrite: bool) -> None:
-  """Refuses to replace anything unless `overwrite`; clears what will be replaced."""
+  """Refuses to replace anything unless `overwrite`; deletes nothing (`_put_in_place`
+  replaces the output once the new one is written in full)."""
   if to == 'hf':
     if os.path.exists(output) and not os.path.isdir(output):
       raise ConversionError(f'{output} exists and is not a directory; --to=hf writes a '
@@ -158,24 +159,59 @@ def _check_output(output: str, to: str, overwrite: bool) -> None:
     if existing and not overwrite:
       raise ConversionError(f'{" and ".join(existing)} already exist(s); pass --overwrite '
                             'to replace')
-    return  # with overwrite the two files are simply rewritten
+    return  # with overwrite the three files are replaced, the folder's others kept
   if not os.path.exists(output):
     return
   if to == 'orbax' and os.path.isdir(output) and not os.listdir(output):
     return  # an empty directory: nothing to replace
   if not overwrite:
     raise ConversionError(f'{output} already exists; pass --overwrite to replace it')
-  if os.path.isdir(output):
-    if to != 'orbax' or not _is_orbax_dir(output):
-      raise ConversionError(f'{output} is a directory that is not an Orbax checkpoint; '
-                            'refusing to delete it even with --overwrite')
-    shutil.rmtree(output)
-  else:
-    os.remove(output)
+  if os.path.isdir(output) and (to != 'orbax' or not _is_orbax_dir(output)):
+    raise ConversionError(f'{output} is a directory that is not an Orbax checkpoint; '
+                          'refusing to delete it even with --overwrite')
+
+
+def _staging_path(output: str) -> str:
+  """A hidden sibling of `output` with its extension (np.savez and the state-dict writer
+  go by it), for writing the whole output before anything existing is replaced."""
+  parent, base = os.path.split(os.path.abspath(output).rstrip('/'))
+  return os.path.join(parent, f'.convert-{os.getpid()}-{base}')
+
+
+def _put_in_place(staged: str, output: str, to: str) -> None:
+  """Moves the written `staged` output to `output`, replacing what was there: the old
+  output is renamed aside first and deleted last, so no moment leaves neither."""
+  if to == 'hf':  # the three files into the (possibly existing) folder
+    os.makedirs(output, exist_ok=True)
+    for name in sorted(os.listdir(staged)):
+      os.replace(os.path.join(staged, name), os.path.join(output, name))
+    os.rmdir(staged)
+    return
+  old = None
+  if os.path.isdir(output) and not os.listdir(output):
+    os.rmdir(output)
+  elif os.path.exists(output):
+    old = _staging_path(output) + '.old'
+    os.replace(output, old)
+  os.replace(staged, output)
+  if old is not None:
+    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.exists(path):
+    os.remove(path)
 
 
 def _same_path(a: str, b: str) -> bool:
   return os.path.abspath(a).rstrip('/') == os.path.abspath(b).rstrip('/')
+
+
+def _contains(folder: str, path: str) -> bool:
+  folder, path = os.path.abspath(folder).rstrip('/'), os.path.abspath(path).rstrip('/')
+  return path == folder or path.startswith(folder + os.sep)
 
 
 def _read(input_path: str, model):
@@ -254,7 +290,7 @@ def _release_numerics_note(config, output):
           f'{", its stem" if stem_differs else ""}) unless given a model name{hint}')
 
 
-def _preprocessing_note(ckpt, output):
+def _preprocessing_note(ckpt, output, shown=None):
   """A note when predict and init_from, reading the written `output` back, would take
   another evaluation preprocessing than the weights' (`output` records none, and what
   they assume differs: for a convolutional model, whose weights do not fix the image
@@ -275,7 +311,8 @@ def _preprocessing_note(ckpt, output):
   if pp == default:
     return None
   return (f'the evaluation preprocessing {pp!r} is not recorded in '
-          f'{os.path.basename(str(output))}: predict reads it back with {default!r} unless '
+          f'{os.path.basename(str(shown or output))}: predict reads it back with '
+          f'{default!r} unless '
           f"given --pp='{pp}' (.safetensors and Orbax directories record it)")
 
 
@@ -284,8 +321,9 @@ def _family(ckpt) -> str:
   return registry.family_of(ckpt.config)
 
 
-def _write_npz(ckpt, output, notes):
+def _write_npz(ckpt, output, notes, shown=None):
   from vit_jax.checkpoints import npz  # pylint: disable=g-import-not-at-top
+  shown = shown or output  # the name notes give (`output` may be a staging path)
   family = _family(ckpt)
   if ckpt.class_names:
     notes.append(f'{len(ckpt.class_names)} class names: an .npz holds arrays only, so they '
@@ -294,7 +332,7 @@ def _write_npz(ckpt, output, notes):
   if family == 'bit':  # the BiT release's .npz layout
     from vit_jax.checkpoints import bit_npz  # pylint: disable=g-import-not-at-top
     bit_npz.save_bit_npz(ckpt.variables(), output)
-    pp_note = _preprocessing_note(ckpt, output)
+    pp_note = _preprocessing_note(ckpt, output, shown)
     if pp_note:
       notes.append(pp_note)
     return
@@ -302,21 +340,22 @@ def _write_npz(ckpt, output, notes):
     raise ConversionError(f'.npz export is for ViT and BiT models; this is a {family} '
                           'model: use --to=timm or --to=orbax')
   npz.save_npz(output, ckpt.params)
-  pp_note = _preprocessing_note(ckpt, output)
+  pp_note = _preprocessing_note(ckpt, output, shown)
   if pp_note:
     notes.append(pp_note)
-  note = _release_numerics_note(ckpt.config, output)
+  note = _release_numerics_note(ckpt.config, shown)
   if note:
     notes.append(note)
 
 
-def _write_timm(ckpt, output, notes):
+def _write_timm(ckpt, output, notes, shown=None):
   """Writes the timm state dict; a .safetensors file records the model config, class
   names and evaluation preprocessing in its metadata (vit_jax's loaders read them back;
   timm and torch ignore them). A torch file cannot: a note says what a loader loses."""
   from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import state_dict_io  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
+  shown = shown or output  # the name notes give (`output` may be a staging path)
   try:
     weights = ckpt.params if _family(ckpt) == 'vit' else ckpt.variables()
     sd = timm_format.to_timm(ckpt.config, _float32_tree(weights))
@@ -327,7 +366,7 @@ def _write_timm(ckpt, output, notes):
     try:
       metadata = pretrained.state_dict_metadata(ckpt.config, ckpt.class_names, ckpt.pp_eval)
     except TypeError as e:
-      notes.append(f'the model config is not recorded in {output} (JSON cannot hold it: '
+      notes.append(f'the model config is not recorded in {shown} (JSON cannot hold it: '
                    f'{e}); load it with load_checkpoint(path, model=config)')
   state_dict_io.write_state_dict(sd, output, metadata=metadata)
   try:
@@ -335,7 +374,7 @@ def _write_timm(ckpt, output, notes):
                          else (timm_format.timm_name(ckpt.config), None))
   except ValueError:
     name = None
-  pp_note = _preprocessing_note(ckpt, output) if metadata is None else None
+  pp_note = _preprocessing_note(ckpt, output, shown) if metadata is None else None
   if pp_note:
     notes.append(pp_note)
   lost = (pretrained.unrecorded_fields(ckpt.config, sd)
@@ -343,7 +382,7 @@ def _write_timm(ckpt, output, notes):
   if lost:
     model_flag = (f' (--model={ckpt.config.name})'
                   if ckpt.config.get('name') in _registered() else '')
-    notes.append(f'{os.path.basename(output)} is a torch file, which records no model '
+    notes.append(f'{os.path.basename(shown)} is a torch file, which records no model '
                  f'config: read back without one it gets {", ".join(lost)}. Write '
                  '.safetensors to record it, or load it with load_checkpoint(path, '
                  f'model=config){model_flag}')
@@ -428,6 +467,11 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
     raise ConversionError(f'the output is the input ({input_path})')
   if to == 'hf' and _same_path(os.path.dirname(os.path.abspath(input_path)), output_path):
     raise ConversionError(f'the output directory {output_path} holds the input')
+  if to == 'orbax' and (_contains(output_path, input_path)
+                        or _contains(input_path, output_path)):
+    # --input=WD --output=WD/checkpoints would replace the run's own checkpoints
+    raise ConversionError(f'the output {output_path} and the input {input_path} are inside '
+                          'one another: write the Orbax directory outside the input')
   # Checked before reading (reading can take minutes) and again just before writing.
   if not overwrite:
     _check_output(output_path, to, overwrite=False)
@@ -443,19 +487,27 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
   _check_output(output_path, to, overwrite)
   parent = os.path.dirname(os.path.abspath(output_path))
   os.makedirs(parent, exist_ok=True)
-  if to == 'npz':
-    _write_npz(ckpt, output_path, notes)
-  elif to == 'timm':
-    _write_timm(ckpt, output_path, notes)
-  elif to == 'hf':
-    _write_hf(ckpt, output_path, notes)
-  else:
-    _write_orbax(ckpt, output_path, input_path)
+  # Written in full beside the output first: a conversion refused or failing half-way
+  # leaves an existing output as it was (--overwrite used to delete it first).
+  staged = _staging_path(output_path)
+  _remove(staged)
+  try:
+    if to == 'npz':
+      _write_npz(ckpt, staged, notes, shown=output_path)
+    elif to == 'timm':
+      _write_timm(ckpt, staged, notes, shown=output_path)
+    elif to == 'hf':
+      _write_hf(ckpt, staged, notes)
+    else:
+      _write_orbax(ckpt, staged, input_path)
+    written = _size(staged)
+    _put_in_place(staged, output_path, to)
+  finally:
+    _remove(staged)
   return Result(to=to, output=output_path, kind=ckpt.kind,
                 model_name=str(ckpt.config.get('name') or 'unnamed'),
                 param_count=param_count, config=ckpt.config,
-                class_names=ckpt.class_names, written_bytes=_size(output_path),
-                notes=notes)
+                class_names=ckpt.class_names, written_bytes=written, notes=notes)
 
 
 def convert(input_path, output_path, *, to=None, model=None, overwrite=False) -> str:
