@@ -8,6 +8,7 @@ References are independent numpy re-computations.
 
 import functools
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -221,6 +222,26 @@ def test_rollout_on_the_original_dims_what_the_model_did_not_see(tmp_path):
       visualize._upsample(mask, (200, 200))))[..., :3] * 255
   np.testing.assert_allclose(out[50:250], np.round(0.5 * image[50:250] + 0.5 * heat),
                              atol=0.51)
+
+
+def test_rollout_on_the_original_with_a_window_of_fractional_edges(tmp_path):
+  """A centre crop's window has fractional edges; a mask sized round(bottom - top) was
+  one pixel short of the slice round(bottom) - round(top) and failed ("could not be
+  broadcast") for most images under resize_small|central_crop."""
+  image = np.full((512, 512, 3), 100, np.uint8)
+  window = visualize.source_window('decode|resize_small(36)|central_crop(32)', (512, 512))
+  top, _, bottom, _ = window
+  assert round(bottom - top) < round(bottom) - round(top), window  # the kind that failed
+  path = visualize.save_rollout_on_original(image, np.ones((2, 2)), window, tmp_path / 'o.png')
+  assert np.asarray(Image.open(path)).shape == image.shape
+
+
+def test_unique_stems_never_take_another_files_name():
+  """a.png, a.jpg, a-2.png: a.jpg was named a-2 and its maps written over a-2.png's."""
+  names = [pathlib.Path(n) for n in ('x/a.png', 'y/a.jpg', 'x/a-2.png', 'z/a.gif', 'b.png')]
+  stems = visualize.unique_stems(names)
+  assert stems == ['a', 'a-3', 'a-2', 'a-4', 'b']
+  assert len(set(stems)) == len(stems)
 
 
 def test_figures(tmp_path):

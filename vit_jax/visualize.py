@@ -507,7 +507,10 @@ def save_rollout_on_original(original_uint8, mask_grid, window, path, *,
   if b <= t or r <= l:
     raise ValueError(f'window {window} lies outside the {h}x{w} image')
   # The mask covers the whole window; only its part inside the image is drawn.
-  full_h, full_w = max(int(round(bottom - top)), 1), max(int(round(right - left)), 1)
+  # (From the rounded edges, as the slices below: round(bottom - top) can be one less
+  # than round(bottom) - round(top), which failed for most images under a centre crop.)
+  full_h = max(int(round(bottom)) - int(round(top)), 1)
+  full_w = max(int(round(right)) - int(round(left)), 1)
   mask = _normalize(_upsample(np.asarray(mask_grid), (full_h, full_w)))
   oy, ox = t - int(round(top)), l - int(round(left))
   mask = mask[oy:oy + b - t, ox:ox + r - l]
@@ -579,11 +582,22 @@ def _fail(message: str) -> None:
 
 
 def unique_stems(paths: Sequence[pathlib.Path]) -> list[str]:
-  """File stems, with -2, -3, ... appended to repeats."""
-  seen, out = {}, []
+  """File stems, with -2, -3, ... appended to repeats; a name made so is never another
+  file's stem (`a.png`, `a.jpg` and `a-2.png` give a, a-3 and a-2)."""
+  taken, count, out = {p.stem for p in paths}, {}, []
+  used = set()
   for p in paths:
-    n = seen[p.stem] = seen.get(p.stem, 0) + 1
-    out.append(p.stem if n == 1 else f'{p.stem}-{n}')
+    stem = p.stem
+    if stem in used:
+      n = count.get(stem, 1)
+      while True:
+        n += 1
+        stem = f'{p.stem}-{n}'
+        if stem not in taken and stem not in used:
+          break
+      count[p.stem] = n
+    used.add(stem)
+    out.append(stem)
   return out
 
 
