@@ -10,6 +10,7 @@ directory), an `.npz`, and the workdir's model exported by `vit_jax.convert` to
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -321,6 +322,26 @@ def test_npz_checkpoint_infers_its_architecture_and_a_label_file(tmp_path, photo
                       ('decode|resise(48)', "Unknown preprocessing op 'resise'")]:
     assert message in cli_inputs.pp_problem(pp, clf.config)
   assert cli_inputs.pp_problem('decode|resize(48)|value_range(-1, 1)', clf.config) is None
+  # A random augmentation is named once (it was "needs example['rng']" for every image).
+  assert 'random_resized_crop is a random training augmentation' in cli_inputs.pp_problem(
+      'decode|random_resized_crop(48)|value_range(-1, 1)', clf.config)
+  # A workdir's pp_eval as --pp: its label ops are dropped (they were a KeyError 'label').
+  labelled = inference.ImageClassifier.from_pretrained(
+      tmp_path / 'w.npz', pp='decode|resize(48)|value_range(-1, 1)|onehot(6)|keep("image")')
+  assert labelled.pp == 'decode|resize(48)|value_range(-1, 1)'
+  np.testing.assert_allclose(labelled.logits(labelled.preprocess(photos)), clf.logits(pixels),
+                             atol=1e-6)
+  # A label file as Notepad writes it (byte-order mark, CRLF), and one of the wrong length
+  # named as the file's fault.
+  bom = tmp_path / 'bom.txt'
+  bom.write_bytes(('\r\n'.join(c.upper() for c in CLASSES) + '\r\n').encode('utf-8-sig'))
+  assert inference.ImageClassifier.from_pretrained(
+      tmp_path / 'w.npz', labels=bom).class_names == [c.upper() for c in CLASSES]
+  short = tmp_path / 'short.txt'
+  short.write_text('a\nb\n')
+  with pytest.raises(ValueError, match=f'2 class names for a head of 6 classes \\(the labels '
+                     f'file {re.escape(str(short))}\\)'):
+    inference.ImageClassifier.from_pretrained(tmp_path / 'w.npz', labels=short)
   proc = _predict_cli(f'--checkpoint={tmp_path / "w.npz"}', '--pp=decode|resise(48)',
                       photos[0], timeout=120)
   assert proc.returncode == 2, proc.stderr

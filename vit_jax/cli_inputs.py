@@ -77,6 +77,11 @@ def pp_problem(pp: str, config) -> str | None:
     return str(e)
   if problem:
     return f"{problem}: image files are encoded, so start it with 'decode|'"
+  random = [name for name, _ in preprocess_ops.ops(pp) if name in preprocess_ops.RANDOM_OPS]
+  if random:
+    return (f'{random[0]} is a random training augmentation; prediction takes the '
+            "evaluation preprocessing, e.g. 'decode|resize_small(256)|central_crop(224)|"
+            "value_range(-1, 1)'")
   size = config.get('image_size') if config is not None else None
   if config is not None and models.fixed_input_size(models.family_of(config)) and size and (
       made != (size, size)):

@@ -300,7 +300,7 @@ def _preprocessing_note(ckpt, output, shown=None):
   from vit_jax import inference  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
-  label_ops = ('onehot', 'keep', 'drop')
+  label_ops = preprocess_ops.LABEL_OPS
   pp = preprocess_ops.without_ops(ckpt.pp_eval, label_ops)
   try:
     back = pretrained.load_checkpoint(str(output))

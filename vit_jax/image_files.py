@@ -7,15 +7,46 @@ import pathlib
 import numpy as np
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+SYSTEM_FOLDERS = ('__MACOSX', '@eaDir', 'lost+found')
+
+
+def is_system_folder(name: str) -> bool:
+  """A hidden folder (`.name`) or one a tool makes (`__MACOSX`, ...): no images to read."""
+  return name.startswith('.') or name in SYSTEM_FOLDERS
+
+
+def folder_images(folder) -> list[pathlib.Path]:
+  """The image files under `folder`, sorted, as training reads a class folder: hidden
+  files (macOS's `._x.jpg`) and hidden or system folders (`.ipynb_checkpoints`,
+  `__MACOSX`) left out, a folder named like an image (`album.jpg/`) read as a folder,
+  links to folders followed once (a link back up the tree is not a loop)."""
+  out, seen = [], set()
+
+  def walk(path):
+    real = os.path.realpath(path)
+    if real in seen:
+      return
+    seen.add(real)
+    for entry in os.scandir(path):
+      if entry.name.startswith('.'):
+        continue
+      if entry.is_dir():
+        if not is_system_folder(entry.name):
+          walk(entry.path)
+      elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+        out.append(pathlib.Path(entry.path))
+
+  walk(folder)
+  return sorted(out)
 
 
 def expand_images(args) -> list[pathlib.Path]:
-  """Files as given; folders -> their image files (sorted, recursively)."""
+  """Files as given; folders -> their image files (`folder_images`)."""
   out, missing = [], []
   for a in args:
     p = pathlib.Path(a)
     if p.is_dir():
-      out.extend(sorted(f for f in p.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES))
+      out.extend(folder_images(p))
     elif p.is_file():
       out.append(p)
     else:

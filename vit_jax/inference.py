@@ -29,8 +29,6 @@ from vit_jax import models
 from vit_jax.checkpoints import pretrained
 from vit_jax.models import registry
 
-_LABEL_OPS = ('onehot', 'keep', 'drop')
-
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
@@ -90,6 +88,9 @@ class ImageClassifier:
     self.batch_size = batch_size
     self.class_names = list(class_names) if class_names else None
     from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+    # Label ops (a workdir's pp_eval ends in onehot(...)) need a label, which an image to
+    # classify has not: they were a KeyError 'label' for every image.
+    pp = self.pp = preprocess_ops.without_ops(pp, preprocess_ops.LABEL_OPS)
     self._preprocess_one = preprocess_ops.parse(pp)
     self._apply = jax.jit(lambda p, s, x: module.apply({'params': p, **s}, x, train=False))
 
@@ -119,11 +120,13 @@ class ImageClassifier:
     else:
       names = ckpt.class_names or labels_lib.names_for_head(num_classes)
     if names is not None and len(names) != num_classes:
+      source = (f'the labels file {os.fspath(labels)}' if isinstance(labels, (str, os.PathLike))
+                else 'labels' if labels is not None else path)
       raise ValueError(f'{len(names)} class names for a head of {num_classes} classes '
-                       f'({path})')
+                       f'({source})')
     if pp is None:
       from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
-      pp = (preprocess_ops.without_ops(ckpt.pp_eval, _LABEL_OPS) if ckpt.pp_eval
+      pp = (preprocess_ops.without_ops(ckpt.pp_eval, preprocess_ops.LABEL_OPS) if ckpt.pp_eval
             else default_pp(config.image_size, registry.family_of(config)))
     params = jax.tree.map(jnp.asarray, ckpt.params)
     return cls(module, params, pp=pp, class_names=names, batch_size=batch_size,

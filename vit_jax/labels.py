@@ -9,9 +9,10 @@ import os
 
 
 def read_label_file(path) -> list[str]:
-  """One class name per line (blank lines at the end ignored)."""
-  with open(path, encoding='utf-8') as f:
-    names = [line.rstrip('\n') for line in f]
+  """One class name per line (blank lines at the end ignored; a byte-order mark and
+  Windows line ends, as Notepad writes, are not part of the names)."""
+  with open(path, encoding='utf-8-sig') as f:
+    names = [line.rstrip('\r\n') for line in f]
   while names and not names[-1].strip():
     names.pop()
   if not names:

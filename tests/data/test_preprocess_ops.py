@@ -556,3 +556,22 @@ def test_a_size_that_is_not_positive_is_a_bad_argument(spec):
   """resize(-28) used to pass (and the config check suggested image_size=-28)."""
   with pytest.raises(ValueError, match='size must be a positive int or \\(height, width\\)'):
     pp.parse(spec)
+
+
+def test_random_ops_are_exactly_the_ops_that_draw_from_the_rng():
+  """RANDOM_OPS (what predict and visualize refuse in --pp) lists every op that needs
+  example['rng'] and no other; a new registered op must be added to this table."""
+  args = {'inception_crop': '(8)', 'random_resized_crop': '(8)', 'resize': '(8)',
+          'resize_small': '(8)', 'central_crop': '(8)', 'onehot': '(3)',
+          'keep': "('image', 'label')", 'drop': "('label')"}
+  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  needs_rng = []
+  for name in pp.registered():
+    example = _example(image)
+    del example['rng']
+    try:
+      _run(f'{name}{args.get(name, "")}', example)
+    except ValueError as e:
+      assert 'is random and needs' in str(e), (name, e)
+      needs_rng.append(name)
+  assert sorted(needs_rng) == sorted(pp.RANDOM_OPS)

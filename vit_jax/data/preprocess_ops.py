@@ -224,6 +224,11 @@ def _build(spec: str) -> list:
   return ops
 
 
+# Ops that draw from example['rng'] (training augmentation): not for prediction.
+RANDOM_OPS = ('inception_crop', 'random_resized_crop', 'flip_lr', 'randaugment')
+# Ops on the label: prediction has none, so they are dropped from its preprocessing.
+LABEL_OPS = ('onehot', 'keep', 'drop')
+
 # Ops that take pixels in 0..255 (they clip there), and the ops that leave that range.
 _NEEDS_PIXELS = ('randaugment',)
 _RESCALES = ('value_range', 'normalize')

@@ -23,9 +23,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import image_files
 from vit_jax.data import traced
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+IMAGE_EXTENSIONS = image_files.IMAGE_SUFFIXES
 BUNDLED = ('bundled_mnist',)
 
 
@@ -241,12 +242,7 @@ def _gather_indices(indices: list[int]) -> list[tuple[int, int]]:
 
 
 # Folders that file managers, notebooks and archive tools create: never classes, never read.
-_SYSTEM_FOLDERS = ('__MACOSX', '@eaDir', 'lost+found')
-
-
-def is_system_folder(name: str) -> bool:
-  """A hidden folder (`.name`) or one a tool makes (`__MACOSX`, ...): not a class."""
-  return name.startswith('.') or name in _SYSTEM_FOLDERS
+is_system_folder = image_files.is_system_folder  # hidden or system: not a class
 
 
 def _count(ignored: dict[str, int], kind: str) -> None:

@@ -1,0 +1,36 @@
+"""Image files given on the command line (predict, visualize): folders are read as
+training reads a class folder."""
+
+import pathlib
+
+import pytest
+
+from vit_jax import image_files
+
+
+def test_folders_leave_out_hidden_and_system_entries_and_read_album_folders(tmp_path):
+  """`.ipynb_checkpoints/x.jpg` was predicted, macOS's `._0.jpg` read (and failed, exit
+  1), and a folder named `album.jpg` reported as an image file that is not one."""
+  def touch(rel):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'x')
+  for rel in ('dog/0.jpg', 'dog/._0.jpg', 'dog/.ipynb_checkpoints/0-checkpoint.jpg',
+              'dog/__MACOSX/1.jpg', 'dog/album.jpg/2.PNG', 'dog/notes.txt', 'dog/sub/3.gif',
+              'cat/4.bmp'):
+    touch(rel)
+  (tmp_path / 'dog' / 'loop').symlink_to('..')   # back up the tree: not read twice
+  (tmp_path / 'dog' / 'sub' / 'again').symlink_to('../sub')
+  got = [str(p.relative_to(tmp_path)) for p in image_files.expand_images([tmp_path / 'dog'])]
+  assert got == ['dog/0.jpg', 'dog/album.jpg/2.PNG', 'dog/loop/cat/4.bmp', 'dog/sub/3.gif'], got
+  # A file given by name is taken as it is (hidden or not); a missing one is named.
+  assert image_files.expand_images([tmp_path / 'dog' / '._0.jpg']) == [
+      tmp_path / 'dog' / '._0.jpg']
+  with pytest.raises(FileNotFoundError, match='no such image file or folder: .*nope'):
+    image_files.expand_images([tmp_path / 'nope'])
+  (tmp_path / 'empty' / '.hidden').mkdir(parents=True)
+  touch('empty/.hidden/5.jpg')
+  with pytest.raises(ValueError, match=r'no images \(.jpg'):
+    image_files.paths_from_args([tmp_path / 'empty'])
+  assert isinstance(got, list) and all(isinstance(p, pathlib.Path)
+                                       for p in image_files.folder_images(tmp_path))
