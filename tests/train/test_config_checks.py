@@ -448,3 +448,15 @@ def test_a_mesh_error_names_the_mesh_once():
   with pytest.raises(defaults.ConfigError) as e:
     _validate(c)
   assert str(e.value).startswith('config.mesh {') and str(e.value).count('config.mesh') == 1
+
+
+def test_cudnn_attention_off_a_gpu_is_named():
+  """It was a traceback ("cuDNN is not detected") from tracing the model, after the input
+  pipeline and timm (benchmark --compare) were built."""
+  c = _config()
+  c.model.attention_impl = 'cudnn'
+  with pytest.raises(defaults.ConfigError, match=r"attention_impl='cudnn' needs an NVIDIA "
+                     r"GPU; this run's backend is cpu: use None \(the default\) or 'xla'"):
+    _validate(c)
+  c.model.attention_impl = 'xla'
+  _validate(c)

@@ -9,6 +9,7 @@ import os
 import re
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 
@@ -170,6 +171,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     module = models.create(config.model)
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from e
+  backend = jax.default_backend()
+  if config.model.get('attention_impl') == 'cudnn' and backend != 'gpu':
+    # (jax raises "cuDNN is not detected" only while tracing the model, a traceback)
+    raise ConfigError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU; this run's "
+                      f"backend is {backend}: use None (the default) or 'xla'")
   source = config.input.get('source', 'tfds')
   if source == 'tfds' and config.input.get('folder'):
     raise ConfigError(
