@@ -108,6 +108,28 @@ def test_orbax_workdir(tmp_path):
     pretrained.load(str(tmp_path / 'empty'))
 
 
+def test_orbax_weights_are_read_without_the_optimizer_state(tmp_path):
+  """predict, visualize and convert restored the whole train state to keep its params:
+  the Adam moments tripled the memory, and a damaged optimizer state failed the read."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  params = _params(num_classes=4)
+  state = {'step': np.int32(7), 'params': params,
+           'opt_state': {'mu': jax.tree.map(np.ones_like, params)}}
+  step = tmp_path / 'checkpoints' / '7'
+  # One folder a leaf (no OCDBT), so the optimizer's part can be damaged alone.
+  ocp.PyTreeCheckpointer(use_ocdbt=False).save(epath.Path(step / 'state'), state)
+  damaged = [p for p in (step / 'state').iterdir() if p.name.startswith('opt_state')]
+  assert damaged
+  for p in damaged:  # the data gone, the array's metadata (.zarray) left
+    for chunk in p.iterdir():
+      if not chunk.name.startswith('.'):
+        chunk.unlink()
+  loaded = checkpoints.flatten(pretrained.load(str(tmp_path)))
+  for k, v in checkpoints.flatten(params).items():
+    np.testing.assert_array_equal(loaded[k], v)
+
+
 @pytest.mark.parametrize('kw,message', [
     (dict(classifier='gap'), 'classifier: the checkpoint has a class token'),
     (dict(hidden_size=32, num_heads=4, mlp_dim=64), 'width \\(hidden_size\\): checkpoint 64, model 32'),

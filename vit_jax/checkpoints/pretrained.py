@@ -114,13 +114,17 @@ def _orbax_variables(path: str) -> tuple[dict, dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   state_dir = epath.Path(orbax_step_dir(path)) / 'state'
-  checkpointer = ocp.StandardCheckpointer()
   metadata = ocp.PyTreeCheckpointHandler().metadata(state_dir)
   metadata = getattr(metadata, 'tree', metadata)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata)
-  restored = checkpointer.restore(state_dir, target)
+  # Only the weights (and BatchNorm statistics) are read: a train state's optimizer
+  # moments would double or triple the memory (and a damaged one fail the read).
+  target = {k: jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata[k])
+            for k in ('params', 'model_state') if k in metadata}
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
   return (jax.device_get(restored['params']),
           jax.device_get(dict(restored.get('model_state') or {})))
 
