@@ -403,3 +403,40 @@ def test_timm_weights_of_a_convolutional_family_get_timms_evaluation_preprocessi
   photo = np.random.RandomState(0).randint(0, 256, (300, 260, 3), np.uint8)
   pixels = clf.preprocess(photo)
   assert pixels.shape == (1, 224, 224, 3) and pixels.min() < -1.5  # ImageNet-normalised
+
+
+def test_predict_streams_batches_with_progress_and_skips_unreadable_files(trained_workdir,
+                                                                          photos, tmp_path):
+  """predict decoded every image into one array before the first forward pass (1 GB for
+  1,000 images at 224 px), printed nothing until all were classified and lost every
+  result to a late failure. Now one batch at a time, printed as it is done, with
+  progress (images/s, time left) on stderr."""
+  import io  # pylint: disable=import-outside-toplevel
+  from vit_jax import cli_inputs  # pylint: disable=import-outside-toplevel
+  clf = inference.ImageClassifier.from_pretrained(trained_workdir, batch_size=3)
+  broken = tmp_path / 'broken.png'
+  broken.write_bytes(b'not a png')
+  paths = [photos[0], photos[1], broken, photos[2], photos[3], photos[0], photos[1]]
+  reads, shapes = [], []
+  read, logits = clf.read, clf.logits
+  clf.read = lambda images: (reads.append(len(images)), read(images))[1]
+  clf.logits = lambda pixels: (shapes.append(len(pixels)), logits(pixels))[1]
+  emitted, err = [], io.StringIO()
+  classified, skipped = cli_inputs.predict_files(
+      clf, paths, 2, lambda path, preds: emitted.append((path, preds)), progress_every=0,
+      err=err)
+  assert (classified, skipped) == (6, 1)
+  assert reads == [3, 3, 1] and shapes == [3, 3, 3]  # one batch in memory; one shape
+  readable = [p for p in paths if p != broken]
+  assert [p for p, _ in emitted] == readable
+  expected = read([str(p) for p in readable])[0]
+  want = clf.top_k(logits(expected), 2)
+  for (_, got), ref in zip(emitted, want):
+    assert [g.index for g in got] == [r.index for r in ref]
+    np.testing.assert_allclose([g.probability for g in got], [r.probability for r in ref],
+                               atol=1e-5)
+  lines = err.getvalue().splitlines()
+  assert lines[0].startswith(f'vit_jax.predict: skipping {broken}: ')
+  assert re.fullmatch(r'vit_jax\.predict: 3/7 images, [\d.]+ images/s, \d+s left', lines[1])
+  assert re.fullmatch(r'vit_jax\.predict: 6/7 images, [\d.]+ images/s, \d+s left', lines[2])
+  assert len(lines) == 3

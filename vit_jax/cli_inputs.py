@@ -4,6 +4,7 @@ and exit status 2."""
 
 import os
 import sys
+import time
 
 from vit_jax import image_files
 
@@ -104,3 +105,58 @@ def readable_images(program: str, classifier, paths):
   if not len(pixels):
     fail(program, f'none of the {len(paths)} images could be read')
   return pixels, [p for i, p in enumerate(paths) if i not in errors], bool(errors)
+
+
+# Seconds between progress lines on stderr (images done, images/s, time left).
+PROGRESS_EVERY_S = 10.0
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  minutes, seconds = divmod(seconds, 60)
+  return f'{minutes}m{seconds:02d}s' if minutes < 60 else f'{minutes // 60}h{minutes % 60:02d}m'
+
+
+def predict_files(clf, paths, top_k: int, emit, *, program: str = 'vit_jax.predict',
+                  progress_every: float = PROGRESS_EVERY_S, err=None) -> tuple[int, int]:
+  """Classifies image files a batch at a time, calling `emit(path, predictions)` as each
+  batch is done (memory holds one batch, not every image; what is done is printed when a
+  later image fails). Each image that cannot be read is named on `err` (stderr) and
+  skipped; a progress line with images/s and the time left goes there every
+  `progress_every` seconds. Returns (classified, skipped)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  err = err or sys.stderr
+  bs, total = clf.batch_size, len(paths)
+  done = classified = skipped = 0
+  start = last = time.monotonic()
+  for begin in range(0, total, bs):
+    chunk = paths[begin:begin + bs]
+    try:
+      pixels, errors = clf.read([str(p) for p in chunk])
+    except ValueError as e:
+      fail(program, f'cannot preprocess the images: {e}')
+    for i, error in sorted(errors.items()):
+      print(f'{program}: skipping {chunk[i]}: {error}', file=err, flush=True)
+    skipped += len(errors)
+    if len(pixels):
+      n = len(pixels)
+      if total > bs and n < bs:  # the batch's shape (one compilation for every batch)
+        pixels = np.concatenate([pixels, np.zeros((bs - n,) + pixels.shape[1:], pixels.dtype)])
+      try:
+        predictions = clf.top_k(clf.logits(pixels)[:n], top_k)
+      except Exception as e:  # pylint: disable=broad-except
+        fail(program, f'cannot classify the images: {type(e).__name__}: {e}')
+      readable = [p for i, p in enumerate(chunk) if i not in errors]
+      for path, preds in zip(readable, predictions):
+        emit(path, preds)
+      classified += n
+    done += len(chunk)
+    now = time.monotonic()
+    if done < total and now - last >= progress_every:
+      rate = done / (now - start)
+      print(f'{program}: {done}/{total} images, {rate:.1f} images/s, '
+            f'{_duration((total - done) / rate)} left', file=err, flush=True)
+      last = now
+  return classified, skipped

@@ -10,8 +10,10 @@ or timm / transformers weights (`.safetensors`, `.bin`, `.pth`; transformers nee
 or save_pretrained writes it, works too). A `.safetensors` file written by
 `vit_jax.convert` is read with the model config, class names and preprocessing it
 records. A folder among the IMAGE arguments stands for the
-images in it. Images are preprocessed by the evaluation ops and classified in jitted
-batches; for each image the top-k labels are printed with their probabilities (softmax;
+images in it (hidden files and folders left out). Images are preprocessed by the
+evaluation ops and classified in jitted batches, one batch in memory at a time, each
+printed when it is done (stderr gets a progress line with images/s and the time left
+every 10 s); for each image the top-k labels are printed with their probabilities (softmax;
 sigmoid for a workdir trained with the sigmoid loss, e.g. ImageNet-21k pre-training).
 Images that cannot be read are named on stderr and skipped; the others are still
 classified, and the exit status is then 1.
@@ -41,6 +43,7 @@ _TOP_K = flags.DEFINE_integer('top_k', 5, 'Labels printed per image.', lower_bou
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per jitted batch.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per image instead.')
 
+
 def _fail(message: str) -> None:
   cli_inputs.fail('vit_jax.predict', message)
 
@@ -55,20 +58,21 @@ def main(argv):
   if clf.class_names is None:
     print(f'vit_jax.predict: no class names for this {clf.num_classes}-class head; '
           'printing indices (pass --labels=FILE)', file=sys.stderr)
-  pixels, paths, skipped = cli_inputs.readable_images('vit_jax.predict', clf, paths)
-  try:
-    predictions = clf.top_k(clf.logits(pixels), _TOP_K.value)
-  except Exception as e:  # pylint: disable=broad-except
-    _fail(f'cannot classify the images: {type(e).__name__}: {e}')
-  for path, preds in zip(paths, predictions):
+
+  def emit(path, preds):
     if _JSON.value:
       print(json.dumps({'image': str(path), 'top_k': [
           {'label': p.label, 'index': p.index, 'probability': p.probability}
-          for p in preds]}))
-      continue
+          for p in preds]}), flush=True)
+      return
     print(path)
     for p in preds:
       print(f'  {p.probability:7.4f}  {p.label}  ({p.index})')
+    sys.stdout.flush()
+
+  classified, skipped = cli_inputs.predict_files(clf, paths, _TOP_K.value, emit)
+  if not classified:
+    _fail(f'none of the {len(paths)} images could be read')
   if skipped:
     sys.exit(1)  # the readable images are classified above; the others are named
 
