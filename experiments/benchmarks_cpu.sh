@@ -65,7 +65,7 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
           f"MFU {r['mfu']:.3f} (best-peak {r['mfu_of_best_peak']:.3f}) compile {r['compile_s']:.1f} s")
   for b in r.get('baselines', []):
     line += f" | {b['framework']} {b['images_per_sec']:.2f} img/s: {r['images_per_sec'] / b['images_per_sec']:.2f}x"
-    if 'mfu_of_library_peak' in b:  # timm's MFU against PyTorch's own matmul peak
+    if b.get('mfu_of_library_peak') is not None:  # timm's MFU against PyTorch's own matmul peak
       line += f" (its MFU {b['mfu_of_library_peak']:.3f} of {b['library_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s)"
   print(line)
   for v in r.get('variants', []):  # --variant: the paired ratio of the step times

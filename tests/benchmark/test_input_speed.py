@@ -37,3 +37,4 @@ def test_benchmark_command_writes_json(tmp_path):
   assert record['baseline_images_per_sec_per_core'] > 0
   assert abs(record['ratio'] - record['images_per_sec'] / record['baseline_images_per_sec']) < 1e-9
   assert 'per core' in proc.stdout and 'ratio' in proc.stdout
+  assert record['warmup'] == record['run']['warmup'] == 3  # the input mode's default

@@ -32,6 +32,9 @@ Modes:
 """
 
 import json
+import os
+import re
+import sys
 
 from absl import app
 from absl import flags
@@ -47,7 +50,9 @@ _RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input resolution (train/i
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype; parameters stay float32 (train/infer).')
 _ACCUM = flags.DEFINE_integer('accum_steps', 1, 'Gradient accumulation micro-batches (train).')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation (train/infer).')
+_WARMUP = flags.DEFINE_integer(
+    'warmup', None, 'Untimed steps after compilation (train/infer), untimed batches (input) '
+    '(default: 2 train/infer, 3 input).')
 _CACHE = flags.DEFINE_string('compilation_cache_dir', None,
                              'Persistent XLA compilation cache (a second run compiles from it).')
 _SET = flags.DEFINE_multi_string(
@@ -74,6 +79,10 @@ _BATCH = flags.DEFINE_integer('batch', None, 'Batch size (default: 8 train/infer
 _STEPS = flags.DEFINE_integer('steps', None, 'Timed steps (default: 10 train/infer, 20 input).')
 _FILES = flags.DEFINE_integer(
     'files', 2048, 'JPEG files written for the run; keep steps x batch within one epoch')
+
+DEFAULT_WARMUP = {'train': 2, 'infer': 2, 'input': 3}
+COMPARE_MODEL = ('timm', 'timm_eager', 'timm_compile')  # --compare of train/infer
+PROGRAM = 'vit_jax.benchmark'
 
 
 def _fmt(r: dict) -> str:
@@ -105,7 +114,61 @@ def check_profile_backend(backend: str) -> None:
         '(TensorBoard\'s profile plugin)')
 
 
-def model_main():
+# The training config's command-line flags (`vit_jax.main`) that validation hints name,
+# as this command's flags: its own, or a --set of the config path.
+_CONFIG_FLAG = re.compile(r'--config\.([A-Za-z_][\w.]*)=')
+_OWN_FLAGS = {'batch_size': '--batch=', 'accum_steps': '--accum_steps=',
+              'model.image_size': '--resolution='}
+
+
+def benchmark_flags(text: str) -> str:
+  """`text` with each `--config.PATH=` that `vit_jax.main` takes written as this command
+  takes it: --batch=, --accum_steps=, --resolution=, or --set=FIELD= (`overrides`)."""
+  def flag(m):
+    path = m.group(1)
+    if path in _OWN_FLAGS:
+      return _OWN_FLAGS[path]
+    if path.startswith('model.'):
+      return f'--set={path[len("model."):]}='
+    return f'--set={path}=' if '.' in path else f'--set=config.{path}='
+  return _CONFIG_FLAG.sub(flag, text)
+
+
+def check_json_path(path: str) -> None:
+  """A usage error, before anything runs, where the record could not be written."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise app.UsageError(f'--json={path} is a folder: give a file path, e.g. '
+                         f'--json={os.path.join(path, "record.json")}')
+  if not os.path.isdir(parent):
+    raise app.UsageError(f'--json={path}: the folder {parent} does not exist: create it, '
+                         'or give a file in an existing folder')
+  if not os.access(parent, os.W_OK | os.X_OK) or (
+      os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise app.UsageError(f'--json={path}: cannot write there (permission denied): give a '
+                         'file in a folder you can write')
+
+
+def _set_is_the_cause(kwargs, error) -> bool:
+  """Whether --set is what makes the default step's config fail with `error`: there is a
+  --set, and the config without it passes or fails otherwise (a --batch that does not
+  divide over --accum_steps is no --set's fault)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
+  if not _SET.value:
+    return False
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # its warnings were given with --set
+  try:
+    model_speed.check_config(**kwargs, accum_steps=_ACCUM.value, overrides={})
+  except ValueError as e:  # (defaults.ConfigError is one)
+    return str(e) != str(error)
+  finally:
+    logging.set_verbosity(verbosity)
+  return True
+
+
+def model_main(warmup: int):
   from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
   from vit_jax.benchmark import overrides as overrides_lib  # pylint: disable=g-import-not-at-top
   from vit_jax.benchmark import step_profile  # pylint: disable=g-import-not-at-top
@@ -124,9 +187,9 @@ def model_main():
                 resolution=_RESOLUTION.value, dtype=_DTYPE.value)
   steps = 10 if _STEPS.value is None else _STEPS.value
   compare = _COMPARE.value
-  if compare and not compare.startswith('timm'):
+  if compare and compare not in COMPARE_MODEL:
     raise app.UsageError(f"--compare={compare!r}: use 'timm', 'timm_eager' or 'timm_compile' "
-                         'with --mode=train/infer')
+                         "with --mode=train/infer ('torchvision' with --mode=input)")
   if _PROFILE.value:
     import jax  # pylint: disable=g-import-not-at-top
     check_profile_backend(jax.default_backend())
@@ -141,10 +204,17 @@ def model_main():
       checked.append(model_speed.check_config(**kwargs, accum_steps=_ACCUM.value,
                                               overrides=o))
     except (defaults.ConfigError, ValueError) as e:
-      # The image size is --resolution here, not a config field.
-      text = str(e).replace('--config.model.image_size=', '--resolution=')
+      # The hints name vit_jax.main's --config.* flags: this command's are others.
+      text = benchmark_flags(str(e))
+      if flag == '--set' and not _set_is_the_cause(kwargs, e):
+        raise app.UsageError(text) from None
       raise app.UsageError(f'{flag}: {text}') from None
   if compare:  # timm runs the same model: --set may only change what timm can follow
+    try:
+      model_speed.timm_model_name(_MODEL.value, _RESOLUTION.value)
+    except ValueError as e:
+      raise app.UsageError(f'--compare={compare} with --model={_MODEL.value}: {e}: compare '
+                           'a model that timm has, or drop --compare') from None
     try:
       overrides_lib.timm_kwargs(_MODEL.value, overrides)
     except defaults.ConfigError as e:
@@ -176,7 +246,7 @@ def model_main():
   except MemoryError as e:
     raise app.UsageError(str(e)) from e
   # One step of each framework per round: all see the machine's speed of the moment.
-  r, *baselines = model_speed.run_interleaved(prepared, steps=steps, warmup=_WARMUP.value,
+  r, *baselines = model_speed.run_interleaved(prepared, steps=steps, warmup=warmup,
                                               dtype=_DTYPE.value)
   timed_variants, baselines = baselines[:len(variants)], baselines[len(variants):]
   for v, (name, changes) in zip(timed_variants, variants.items()):
@@ -214,16 +284,21 @@ def model_main():
         f"{ratio['max']:.3f})"]
   for b in baselines:
     # The baseline's MFU against its own library's matmul peak: with the vit_jax MFU
-    # above, it splits the ratio into model code and matmul library.
-    b['mfu_of_library_peak'] = (r['model_flops_per_image'] * b['images_per_sec']
-                                / b['library_peak_flops_per_sec'])
+    # above, it splits the ratio into model code and matmul library (None, with a
+    # warning, where that matmul turns out to be no peak).
+    b['mfu_of_library_peak'], warning = model_speed.library_mfu(
+        r['model_flops_per_image'], b['images_per_sec'], b['library_peak_flops_per_sec'])
+    b['library_peak_warning'] = warning
+    n = b['library_peak_matmul_size']
+    matmul = (f"PyTorch's {_DTYPE.value} {n}^3 matmul "
+              f"({b['library_peak_flops_per_sec'] / 1e9:.1f} GFLOP/s"
+              + (f", {b['library_peak_flops_per_sec'] / r['peak_flops_per_sec']:.2f}x "
+                 "vit_jax's peak)" if r['peak_flops_per_sec'] else ')'))
     lines.append(_fmt(b))
     lines.append(
         f"    vit_jax / {b['framework']}: {r['images_per_sec'] / b['images_per_sec']:.2f}x; "
-        f"its MFU {b['mfu_of_library_peak']:.3f} of PyTorch's {_DTYPE.value} 2048^3 matmul "
-        f"({b['library_peak_flops_per_sec'] / 1e9:.1f} GFLOP/s"
-        + (f", {b['library_peak_flops_per_sec'] / r['peak_flops_per_sec']:.2f}x vit_jax's peak)"
-           if r['peak_flops_per_sec'] else ')'))
+        + (f"its MFU {b['mfu_of_library_peak']:.3f} of {matmul}" if warning is None
+           else f'warning: {warning}; {matmul}'))
   print('\n'.join(lines), flush=True)  # before profiling: the timings are not lost to it
   if _PROFILE.value:
     profiled = {}
@@ -239,13 +314,11 @@ def model_main():
   return r
 
 
-def run_info() -> dict:
+def run_info(warmup: int) -> dict:
   """What reproduces a record: when, the command line, the code (git commit, and whether
   the tree had uncommitted changes) and the XLA flags."""
   import datetime  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   here = os.path.dirname(os.path.abspath(__file__))
 
   def git(*args):
@@ -262,10 +335,13 @@ def run_info() -> dict:
           'argv': ['python', '-m', 'vit_jax.benchmark', *sys.argv[1:]],
           'git_commit': commit, 'git_uncommitted_changes': bool(status) if commit else None,
           'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          'warmup': _WARMUP.value}
+          'warmup': warmup}  # the warm-up used (the flag's, or the mode's default)
 
 
 def main(argv):
+  del argv  # no positional arguments
+  if _JSON.value:  # before the run, not after it
+    check_json_path(_JSON.value)
   from vit_jax import host_memory  # pylint: disable=g-import-not-at-top
   from vit_jax import tensorflow_startup  # pylint: disable=g-import-not-at-top
   tensorflow_startup.leave_keras_out()
@@ -286,22 +362,26 @@ def main(argv):
   if _ACCUM.value != 1 and _MODE.value != 'train':
     raise app.UsageError(f'--accum_steps={_ACCUM.value} accumulates gradients: use it with '
                          '--mode=train')
+  warmup = DEFAULT_WARMUP[_MODE.value] if _WARMUP.value is None else _WARMUP.value
   if _MODE.value in ('train', 'infer'):
-    record = model_main()
+    record = model_main(warmup)
     record['host_memory_kept'] = kept
-    record['run'] = run_info()
+    record['run'] = run_info(warmup)
     print(f'  host memory kept for reuse: {kept}', flush=True)
     if _JSON.value:
       with open(_JSON.value, 'w') as f:
         json.dump(record, f, indent=2)
     return
   from vit_jax.benchmark import input_speed  # pylint: disable=g-import-not-at-top
-  record = input_speed.run(workers=_WORKERS.value,
-                           batch_size=64 if _BATCH.value is None else _BATCH.value,
-                           steps=20 if _STEPS.value is None else _STEPS.value,
-                           num_files=_FILES.value,
-                           compare=_COMPARE.value)
-  record['run'] = run_info()
+  settings = dict(batch_size=64 if _BATCH.value is None else _BATCH.value,
+                  steps=20 if _STEPS.value is None else _STEPS.value, warmup=warmup,
+                  num_files=_FILES.value, compare=_COMPARE.value)
+  try:  # before any photo is written
+    input_speed.check(**settings)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  record = input_speed.run(workers=_WORKERS.value, **settings)
+  record['run'] = run_info(warmup)
   lines = [f"input pipeline ({record['pipeline']}), {record['workers']} worker(s), "
            f"{record['files']} JPEGs of {record['mean_file_kb']:.0f} KB on average:",
            f"  vit_jax:     {record['images_per_sec']:8.1f} images/s = "
@@ -316,5 +396,16 @@ def main(argv):
       json.dump(record, f, indent=2)
 
 
+def main_or_usage_error(argv):
+  """main; a usage error is one line on stderr and exit status 2 (as predict's and
+  convert's), not absl's usage text with the message at its end."""
+  try:
+    main(argv)
+  except app.UsageError as e:
+    print(f'{PROGRAM}: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli_flags.parse_flags)
+  app.run(main_or_usage_error,
+          flags_parser=lambda argv: cli_flags.parse_flags(argv, bad_flag_status=2))

@@ -75,22 +75,38 @@ def torchvision_baseline(paths, *, workers: int, batch_size: int, warmup: int,
   return _time_batches(endless(), batch_size, warmup, steps)
 
 
+COMPARE = ('torchvision',)  # the baselines of the input mode
+
+
+def check(*, batch_size: int, steps: int, warmup: int, num_files: int,
+          compare: str | None) -> None:
+  """A ValueError naming the flag, for settings `run` cannot measure (before it writes a
+  file or builds a pipeline)."""
+  if compare is not None and compare not in COMPARE:
+    raise ValueError(f'--compare={compare!r}: the input mode compares with torchvision '
+                     "(--compare=torchvision); 'timm' is a baseline of --mode=train/infer")
+  needed = (warmup + steps) * batch_size
+  if num_files < 1 or needed > num_files:
+    raise ValueError(f'--files={num_files}: (warmup {warmup} + steps {steps}) x batch '
+                     f'{batch_size} = {needed} images, more than the files: use '
+                     f'--files={needed} or more, so that the timing stays within one epoch '
+                     '(an epoch restart is not steady-state throughput), or fewer --steps')
+
+
 def run(*, workers: int | None = None, batch_size: int = 64, steps: int = 20,
         warmup: int = 3, num_files: int = 2048, compare: str | None = None,
         directory: str | None = None) -> dict:
   """Measures ours (and the baseline when compare='torchvision'); returns a record."""
   workers = workers or os.cpu_count() or 1
-  if (warmup + steps) * batch_size > num_files:
-    raise ValueError(f'(warmup {warmup} + steps {steps}) x batch {batch_size} exceeds the '
-                     f'{num_files} files: raise --files so the timing stays within one epoch '
-                     '(an epoch restart is not steady-state throughput)')
+  check(batch_size=batch_size, steps=steps, warmup=warmup, num_files=num_files,
+        compare=compare)
   with tempfile.TemporaryDirectory() as tmp:
     root = directory or tmp
     paths = photos_lib.write_photos(os.path.join(root, 'train'), num_files)
     sizes = [os.path.getsize(p) for p in paths]
     record = {
         'mode': 'input', 'pipeline': PP_TRAIN, 'workers': workers, 'batch_size': batch_size,
-        'timed_images': steps * batch_size, 'files': num_files,
+        'warmup': warmup, 'timed_images': steps * batch_size, 'files': num_files,
         'mean_file_kb': float(np.mean(sizes) / 1024), 'cpu_count': os.cpu_count(),
     }
     ips = ours(root, workers=workers, batch_size=batch_size, warmup=warmup, steps=steps)
@@ -101,6 +117,4 @@ def run(*, workers: int | None = None, batch_size: int = 64, steps: int = 20,
       record.update(baseline='torchvision RandomResizedCrop DataLoader',
                     baseline_images_per_sec=base,
                     baseline_images_per_sec_per_core=base / workers, ratio=ips / base)
-    elif compare:
-      raise ValueError(f'--compare={compare!r}: the input mode compares with torchvision')
   return record

@@ -47,8 +47,10 @@ NUM_CLASSES = overrides_lib.NUM_CLASSES
 
 
 def _summary(times) -> dict:
+  """Median, min, max and the 10th and 90th percentiles (numpy's linear interpolation
+  between the sorted times: with 10 steps, p90 lies between the 9th and the slowest)."""
   times = sorted(times)
-  q = lambda f: times[min(int(f * len(times)), len(times) - 1)]  # noqa: E731
+  q = lambda f: float(np.quantile(times, f))  # noqa: E731
   return {'median_s': statistics.median(times), 'min_s': times[0], 'max_s': times[-1],
           'p10_s': q(0.1), 'p90_s': q(0.9), 'steps': len(times)}
 
@@ -191,7 +193,37 @@ def check_config(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
                         accum_steps=accum_steps, overrides=overrides)
   defaults.validate(config, num_devices=jax.device_count(), process_count=1,
                     check_input=False)
+  check_compute_dtype(config.model.dtype)
   return config
+
+
+MEASURED_DTYPES = ('float32', 'bfloat16')
+
+
+def check_compute_dtype(dtype) -> None:
+  """A ValueError for a compute dtype whose MFU the benchmark cannot give: the peaks it
+  knows (the datasheet's, the probes') are float32's and bfloat16's; a float16 step
+  would be held against the float32 peak (15x too high an MFU on an H100)."""
+  if dtype is None:
+    return
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    return  # not a dtype: the model config's check names it
+  if name not in MEASURED_DTYPES:
+    raise ValueError(
+        f'config.model.dtype={name!r}: the benchmark knows the peak FLOP/s of float32 and '
+        'bfloat16 only, so it would report a wrong MFU; use --dtype=float32 or '
+        '--dtype=bfloat16')
+
+
+def timm_model_name(model: str, resolution: int) -> str:
+  """The timm model that a comparison runs for `model` at `resolution`; a ValueError
+  where timm has none."""
+  from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
+  config = models.get_config(model)
+  config.image_size = resolution
+  return timm_format.timm_name(config)
 
 
 def prepare_vit_jax(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
@@ -251,6 +283,9 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
   is_vit = isinstance(module, models.VisionTransformer)
   scanned = is_vit and (module.scan_layers or module.layer_loop == 'scan')
   analytic = models.analytic_flops(module, resolution) if is_vit else None
+  # A hybrid's analytic count is of its transformer part only (not the ResNet stem): no
+  # check of XLA's count of the whole model.
+  hybrid = is_vit and module.resnet_layers is not None
   model_flops = (3 if mode == 'train' else 1) * forward
   summary = _summary(times)
   ips = batch / summary['median_s']
@@ -284,11 +319,16 @@ def _vit_jax_record(times, peaks, *, module, model, mode, batch, resolution, dty
       'compile_s': compile_s,
       'forward_flops_per_image_xla': forward,
       'forward_flops_per_image_analytic': analytic,
-      'analytic_vs_xla': analytic / forward if analytic else None,
+      'analytic_vs_xla': analytic / forward if analytic and not hybrid else None,
       'model_flops_per_image': model_flops,
-      # XLA counts a scanned loop body once, so its count of a step whose ViT blocks run
-      # as a scan is not the step's; the model FLOPs above come from the unrolled forward.
-      'xla_step_flops_per_image': (step_flops_xla / batch if step_flops_xla and not scanned
+      # XLA's cost analysis counts a loop body once, whatever its trip count: its count of
+      # a step whose ViT blocks run as a scan, or that accumulates gradients over
+      # micro-batches (a scan over accum_steps), is not the step's. Nor is it accum_steps
+      # times the count: the optimizer update and clipping run once, outside the loop
+      # (measured: a scan of 1, 2, 4 bodies counts 271k, 140k, 74k FLOPs). The model FLOPs
+      # above come from the unrolled forward.
+      'xla_step_flops_per_image': (step_flops_xla / batch
+                                   if step_flops_xla and not scanned and accum_steps == 1
                                    else None),
       'achieved_flops_per_sec': model_flops * ips,
       'peak_flops_per_sec': peak, 'peak_source': peak_source,
@@ -321,14 +361,12 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   record. `overrides` are vit_jax's, followed where timm can (`overrides.timm_kwargs`);
   a train step accumulates gradients over `accum_steps` micro-batches, as vit_jax's."""
   from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
-  from vit_jax.checkpoints import timm_format  # pylint: disable=g-import-not-at-top
   model_kwargs = overrides_lib.timm_kwargs(model, overrides)
   torch = torch_import.torch()
   timm = torch_import.module('timm')
   torch.set_num_threads(os.cpu_count() or 1)
   config = models.get_config(model)
-  config.image_size = resolution
-  name = timm_format.timm_name(config)
+  name = timm_model_name(model, resolution)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   size_kwargs = ({'img_size': resolution} if models.fixed_input_size(models.family_of(config))
                  else {})
@@ -370,6 +408,7 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
   library_probe = torch_matmul_probe(torch, dtype, device)
   return Prepared(step, functools.partial(
       _timm_record, library_probe=library_probe, library_peak_before=library_probe(),
+      library_peak_matmul_size=library_probe.n,
       framework='timm ' + ('torch.compile' if compile_model else 'eager'),
       timm_model=name, timm_kwargs=model_kwargs, mode=mode, batch=batch,
       accum_steps=accum_steps if mode == 'train' else 1, resolution=resolution, dtype=dtype,
@@ -380,35 +419,68 @@ def prepare_timm(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
                else functools.partial(step_profile.torch_breakdown, torch, step)))
 
 
-def torch_matmul_probe(torch, dtype: str, device: str, n: int = 2048, repeats: int = 3):
+def torch_matmul_probe(torch, dtype: str, device: str, n: int = 2048, repeats: int = 3,
+                       max_s: float = 2.0, min_n: int = 256):
   """PyTorch's counterpart of `hardware.matmul_probe`: a function returning the FLOP/s of
-  the best of `repeats` n x n matmuls in `dtype`, now. Next to XLA's probe it shows how
-  much of a ratio to timm is the two frameworks' matmul libraries rather than the model
-  code (on a 2-core Intel Xeon with AMX, PyTorch's bf16 matmul is 2x XLA's)."""
-  a = torch.ones(n, n, dtype=getattr(torch, dtype), device=device)
+  the best of `repeats` n x n matmuls in `dtype`, now (its `n` attribute: the size used).
+  Next to XLA's probe it shows how much of a ratio to timm is the two frameworks' matmul
+  libraries rather than the model code (on a 2-core Intel Xeon with AMX, PyTorch's bf16
+  matmul is 2x XLA's).
+
+  The matmul is what timm's linear layers run: `F.linear` on float32 tensors, under
+  `torch.autocast` for bfloat16 (on a CPU without bf16 instructions, a bf16 `a @ a` takes
+  another kernel, 10x slower than autocast's linear). Its time is capped: while the first
+  matmul takes over `max_s` seconds, n halves (down to `min_n`), and the probe repeats it
+  only as often as fits in `max_s`.
+  """
+  linear = torch.nn.functional.linear
+  bf16 = dtype == 'bfloat16'
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-  (a @ a).sum().item()
+
+  def matmul(a) -> float:
+    t = time.perf_counter()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      linear(a, a)
+    sync()
+    return time.perf_counter() - t
+
+  while True:
+    a = torch.ones(n, n, device=device)
+    first = matmul(a)
+    if first <= max_s or n // 2 < min_n:
+      break
+    n //= 2
+  repeats = max(1, min(repeats, int(max_s / max(first, 1e-9))))
 
   def probe() -> float:
-    best = float('inf')
-    for _ in range(repeats):
-      t = time.perf_counter()
-      a @ a
-      sync()
-      best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(matmul(a) for _ in range(repeats))
+  probe.n = n
   return probe
 
 
+def library_mfu(model_flops_per_image: float, images_per_sec: float,
+                peak: float) -> tuple[float | None, str | None]:
+  """(MFU against the baseline library's own matmul peak, None) or, where that comes out
+  above 1 (the probe's matmul was no peak: a slower kernel than the model's layers get),
+  (None, a warning saying so)."""
+  mfu = model_flops_per_image * images_per_sec / peak
+  if mfu <= 1:
+    return mfu, None
+  return None, (f"its MFU against PyTorch's matmul ({peak / 1e9:.1f} GFLOP/s) comes out at "
+                f'{mfu:.2f}, above 1: that matmul is no peak of this library here, so no '
+                'MFU is recorded')
+
+
 def _timm_record(times, peaks, *, batch, library_probe, library_peak_before,
-                 **fields) -> dict:
+                 library_peak_matmul_size, **fields) -> dict:
   summary = _summary(times)
   return {**fields, 'batch': batch, 'images_per_sec': batch / summary['median_s'],
           'step_time': summary, 'step_times_s': times, 'peak_flops_per_sec_per_step': peaks,
           'images_per_sec_per_peak_tflops': _speed_per_peak(batch, times, peaks),
-          # PyTorch's own 2048^3 matmul, the mean of a probe before the timed steps and
-          # one after them.
-          'library_peak_flops_per_sec': (library_peak_before + library_probe()) / 2}
+          # PyTorch's own n^3 matmul (`torch_matmul_probe`), the mean of a probe before the
+          # timed steps and one after them.
+          'library_peak_flops_per_sec': (library_peak_before + library_probe()) / 2,
+          'library_peak_matmul_size': library_peak_matmul_size}
 
 
 @dataclasses.dataclass

@@ -111,9 +111,15 @@ def _check_settable(path: str) -> None:
         f'{", ".join(_SETTABLE + _SETTABLE_PATHS)}')
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def set_path(config, path: str, value) -> None:
   """config's field at a dotted path set to value; a path that names no field is an
-  error (a typo would otherwise add a field nothing reads), as is a whole group."""
+  error (a typo would otherwise add a field nothing reads), as is a whole group. One int
+  given for a field that holds a pair of ints is both (patch_size=8 is (8, 8), as the
+  model registry reads it)."""
   *parents, leaf = path.split('.')
   node = config
   for i, part in enumerate(parents):
@@ -131,6 +137,10 @@ def set_path(config, path: str, value) -> None:
   if hasattr(node[leaf], 'keys'):
     raise defaults.ConfigError(f'config.{path} is a group of fields: set them one by one, '
                                f'e.g. config.{path}.{sorted(node[leaf].keys())[0]}=...')
+  current = node[leaf]
+  if (_is_int(value) and isinstance(current, tuple) and len(current) == 2
+      and all(_is_int(v) for v in current)):
+    value = (value, value)  # one int for a pair of ints (rows, cols): patch_size=8
   try:
     node[leaf] = value
   except (TypeError, ValueError) as e:
