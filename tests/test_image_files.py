@@ -34,3 +34,16 @@ def test_folders_leave_out_hidden_and_system_entries_and_read_album_folders(tmp_
     image_files.paths_from_args([tmp_path / 'empty'])
   assert isinstance(got, list) and all(isinstance(p, pathlib.Path)
                                        for p in image_files.folder_images(tmp_path))
+
+
+def test_decoder_errors_lose_tensorflows_op_plumbing():
+  """Skipped images were named with '{{function_node __wrapped__DecodeImage_device_/job:
+  localhost/replica:0/task:0/device:CPU:0}} ... [Op:DecodeImage] name:'."""
+  tf = pytest.importorskip('tensorflow')
+  for data, want in ((b'', 'Input is empty.'),
+                     (b'\x89PNG\r\n\x1a\n' + b'0' * 20, 'Invalid PNG. Failed to initialize decoder.')):
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+      tf.io.decode_image(data, channels=3, expand_animations=False)
+    assert image_files.decoder_error(e.value.message) == want
+    assert image_files.decoder_error(e.value.message + ' name: ') == want
+  assert image_files.decoder_error('no image file x.png') == 'no image file x.png'

@@ -3,6 +3,7 @@
 
 import os
 import pathlib
+import re
 
 import numpy as np
 
@@ -13,6 +14,14 @@ SYSTEM_FOLDERS = ('__MACOSX', '@eaDir', 'lost+found')
 def is_system_folder(name: str) -> bool:
   """A hidden folder (`.name`) or one a tool makes (`__MACOSX`, ...): no images to read."""
   return name.startswith('.') or name in SYSTEM_FOLDERS
+
+
+def decoder_error(message: str) -> str:
+  """A TensorFlow decoder's error without its op plumbing: '{{function_node
+  __wrapped__DecodeImage_device_/job:localhost/...}} Input is empty. [Op:DecodeImage]
+  name:' -> 'Input is empty.'"""
+  message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message)
+  return re.sub(r'\s*\[Op:\w+\](\s*name:\s*\S*)?\s*$', '', message).strip()
 
 
 def folder_images(folder) -> list[pathlib.Path]:

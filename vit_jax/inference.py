@@ -157,8 +157,8 @@ class ImageClassifier:
         example = self._preprocess_one({'image': tf.constant(data)})
         out.append(np.asarray(example['image'], np.float32))
       except (OSError, ValueError, tf.errors.OpError) as e:
-        message = getattr(e, 'message', None) or str(e)
-        errors[i] = f'{type(e).__name__}: {message.strip().splitlines()[0] if message else ""}'
+        message = image_files.decoder_error(getattr(e, 'message', None) or str(e))
+        errors[i] = f'{type(e).__name__}: {message.splitlines()[0] if message else ""}'
     shapes = {x.shape for x in out}
     if len(shapes) > 1:
       raise ValueError(f'preprocessing {self.pp!r} gives images of different shapes '

@@ -204,7 +204,7 @@ def _check_image(path: str) -> str | None:
       tf.io.decode_image(data, channels=3, expand_animations=False)
     return None
   except (tf.errors.OpError, ValueError) as e:
-    message = getattr(e, 'message', None) or str(e)
+    message = image_files.decoder_error(getattr(e, 'message', None) or str(e))
     return f'{type(e).__name__}: {message.splitlines()[0] if message else ""}'
 
 
