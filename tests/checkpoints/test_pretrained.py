@@ -216,6 +216,28 @@ def test_npz_architecture_is_read_from_the_shapes(tmp_path):
                                logits(module, params), atol=1e-5)
 
 
+def test_npz_fields_without_a_name_keep_the_release_numerics(tmp_path, caplog):
+  """--model='field=value' for an .npz took timm's ViT-B/16 as its base and switched the
+  file to exact GELU (the file without --model reads with the release's tanh GELU)."""
+  module = models.create('ViT-Ti/16', num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64,
+                         num_classes=3)
+  checkpoints.save_npz(tmp_path / 'w.npz', models.init_params(module, 32))
+  plain = pretrained.load_checkpoint(str(tmp_path / 'w.npz'))
+  eps = pretrained.load_checkpoint(str(tmp_path / 'w.npz'), model='layernorm_eps=1e-5')
+  assert eps.config.layernorm_eps == 1e-5 and plain.config.layernorm_eps == 1e-6
+  assert eps.config.gelu_approximate is plain.config.gelu_approximate is True
+  # A field the weights decide otherwise is named (it was dropped without a word).
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    heads = pretrained.load_checkpoint(str(tmp_path / 'w.npz'), model='num_heads=4,'
+                                       'layernorm_eps=1e-5')
+  assert heads.config.num_heads == 2 and heads.config.layernorm_eps == 1e-5
+  assert '--model num_heads=4 is not used: the weights at' in caplog.text
+  assert 'have num_heads=2' in caplog.text and 'layernorm_eps' not in caplog.text
+  # A state dict's fields without a name are still timm's (its numerics).
+  assert pretrained.parse_model_spec('num_heads=4').gelu_approximate is False
+
+
 def test_transformers_weights_into_another_head_count_or_numerics(tmp_path, caplog):
   """transformers' config.json records heads, GELU and epsilon: another head count is one
   message naming num_heads (was one shape error per parameter); other numerics load,

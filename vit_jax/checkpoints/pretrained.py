@@ -281,15 +281,14 @@ class Checkpoint:
     return {'params': self.params, **self.model_state}
 
 
-def _model_config(model) -> ml_collections.ConfigDict | None:
+def _model_config(model, base: str = 'vit_base_patch16_224') -> ml_collections.ConfigDict | None:
   """The config `model` names: a registered name, 'NAME,field=value,...' (a registered
-  model with fields changed), 'field=value,...' (vit_base_patch16_224's numerics with
-  fields changed, for a ViT state dict of no registered shape: 'num_heads=8') or a
-  config."""
+  model with fields changed), 'field=value,...' (`base`'s numerics with fields changed,
+  for weights of no registered shape: 'num_heads=8') or a config."""
   if model is None:
     return None
   if isinstance(model, str):
-    return parse_model_spec(model)
+    return parse_model_spec(model, base=base)
   return ml_collections.ConfigDict(dict(model))
 
 
@@ -326,11 +325,13 @@ def _spec_parts(spec: str) -> tuple[str | None, list[tuple[str, str]]]:
   return (names[0] if names else None), pairs
 
 
-def parse_model_spec(spec: str) -> ml_collections.ConfigDict:
-  """The config of a --model value: NAME, NAME,field=value,... or field=value,..."""
+def parse_model_spec(spec: str, base: str = 'vit_base_patch16_224') -> ml_collections.ConfigDict:
+  """The config of a --model value: NAME, NAME,field=value,... or field=value,... (the
+  fields changed in `base`: timm's ViT-B/16 for state dicts, the original release's for
+  an .npz)."""
   import ast  # pylint: disable=g-import-not-at-top
   name, pairs = _spec_parts(spec)
-  config = registry.get_config(name or 'vit_base_patch16_224')
+  config = registry.get_config(name or base)
   for field, value in pairs:
     if field not in config:
       raise ValueError(f'--model={spec!r}: {field!r} is not a field of the model config '
@@ -515,10 +516,29 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     (`timm_format.timm_name(model)`; a custom depth or width is read as the family's base
     model). Structure (width, depth, classes, resolution, ...) is always read from the
     weights. Weights of another family than `model`'s are refused
-    (CheckpointMismatchError).
+    (CheckpointMismatchError). A field a `model` spec sets that the weights decide
+    otherwise is warned about ('num_heads=4' for weights of 2 heads).
   """
-  path = os.fspath(path)
-  given = _model_config(model)
+  ckpt = _load_checkpoint(os.fspath(path), model)
+  if isinstance(model, str):
+    for field, text in _spec_parts(model)[1]:
+      wanted = parse_model_spec(f'{field}={text}')[field]
+      got = ckpt.config.get(field)
+      if isinstance(wanted, (list, tuple)) and got is not None and not isinstance(got, str):
+        got = tuple(got)
+      if field in ckpt.config and got != wanted:
+        logging.warning('--model %s=%s is not used: the weights at %s have %s=%r.', field,
+                        text, path, field, got)
+  return ckpt
+
+
+def _load_checkpoint(path: str, model) -> Checkpoint:
+  """load_checkpoint's reading."""
+  # Fields without a name change the numerics the file is read with by default: an
+  # .npz's are the original release's (tanh GELU), not timm's (a 'num_heads=2' used to
+  # switch an .npz to exact GELU).
+  given = _model_config(model, base='ViT-B/16' if path.endswith('.npz') else
+                        'vit_base_patch16_224')
   family = registry.family_of(given) if given is not None else None
   if os.path.isdir(path) and _hf_dir_weights(path):  # a transformers save_pretrained dir
     path = _hf_dir_weights(path)
