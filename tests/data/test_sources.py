@@ -3,6 +3,7 @@
 import collections
 import io
 import pathlib
+import re
 import time
 
 import numpy as np
@@ -88,7 +89,8 @@ def test_messy_folder_skips_and_counts_bad_files(messy_folder, tmp_path):
 
 
 def test_the_check_uses_trainings_decoders_and_notices_a_replaced_file(messy_folder,
-                                                                      tmp_path, caplog):
+                                                                      tmp_path, caplog,
+                                                                      monkeypatch):
   """Files PIL opens but TensorFlow's decoders refuse (a 1-bit BMP, TIFF bytes named .png)
   are skipped, as training would fail on them; a file rewritten in place after the check
   is checked again; files of other extensions and classes left empty are named."""
@@ -105,8 +107,15 @@ def test_the_check_uses_trainings_decoders_and_notices_a_replaced_file(messy_fol
   (root / 'train' / 'zebra' / 'a.webp').write_bytes(b'RIFF')
   (root / 'train' / 'cat' / 'nested').mkdir()  # a subfolder is not an ignored file
   cache = str(tmp_path / 'c')
+  monkeypatch.setattr(sources, 'CHECK_PROGRESS_EVERY_S', 0)  # a line after every image
   with caplog.at_level('INFO'):
     src = sources.ImageFolderSource(root=str(root), split='train', cache_dir=cache)
+  # The check says how far it is (it was silent for minutes on a large folder).
+  total = len(files) + 4
+  assert re.search(rf'Checked 1 of {total} images under \S+ \(\d+ images/s, about \d+ s '
+                   r'left\)', caplog.text), caplog.text
+  assert re.search(rf'Checked {total} images under \S+ in [\d.]+ s: 4 undecodable',
+                   caplog.text), caplog.text
   assert sorted(pathlib.Path(p).name for p in src.skipped) == [
       'corrupt.jpg', 'mono.bmp', 'tiff_bytes.png', 'truncated.jpg']
   assert src.class_names == ['cat', 'dog', 'zebra']

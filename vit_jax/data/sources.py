@@ -17,6 +17,7 @@ import json
 import os
 import concurrent.futures
 import hashlib
+import time
 
 from absl import logging
 import numpy as np
@@ -207,6 +208,9 @@ def _check_image(path: str) -> str | None:
     message = image_files.decoder_error(getattr(e, 'message', None) or str(e))
     return f'{type(e).__name__}: {message.splitlines()[0] if message else ""}'
 
+
+# Seconds between progress lines of the one-time image check of a folder.
+CHECK_PROGRESS_EVERY_S = 30.0
 
 # Above this many files the check cache is keyed by the names only: a stat of each file
 # at every start would cost minutes on a network file system (ImageNet has 1.3M files).
@@ -474,9 +478,21 @@ class ImageFolderSource(Source):
     else:
       logging.info('Checking %d of %d images under %s once (process %d of %d; cached in '
                    '%s).', len(mine), len(paths), split_dir, index, count, cache)
+      checked, start = [], time.monotonic()
+      last = start
       with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 2) * 2) as pool:
-        checked = pool.map(_check_image, [paths[i] for i in mine], chunksize=64)
-        errors = {i: e for i, e in zip(mine, checked) if e is not None}
+        for n, error in enumerate(pool.map(_check_image, [paths[i] for i in mine],
+                                           chunksize=64), 1):
+          checked.append(error)
+          now = time.monotonic()
+          if n < len(mine) and now - last >= CHECK_PROGRESS_EVERY_S:  # ImageNet: minutes
+            rate = n / (now - start)
+            logging.info('Checked %d of %d images under %s (%.0f images/s, about %.0f s '
+                         'left).', n, len(mine), split_dir, rate, (len(mine) - n) / rate)
+            last = now
+      errors = {i: e for i, e in zip(mine, checked) if e is not None}
+      logging.info('Checked %d images under %s in %.1f s: %d undecodable.', len(mine),
+                   split_dir, time.monotonic() - start, len(errors))
     bad = {paths[i]: e for i, e in errors.items()}
     if count > 1:
       for i, who in _gather_indices(sorted(errors)):
