@@ -130,6 +130,29 @@ def test_orbax_weights_are_read_without_the_optimizer_state(tmp_path):
     np.testing.assert_array_equal(loaded[k], v)
 
 
+def test_a_damaged_newest_step_names_the_steps_to_read_instead(tmp_path):
+  """It was TensorStore's message (a page of JSON spec), and no way forward."""
+  params = _params(num_classes=4)
+  ckpt = train_state.TrainCheckpointer(tmp_path / 'checkpoints', async_save=False,
+                                       keep_last=3)
+  for step in (5, 7):
+    ckpt.save(step, {'step': np.int32(step), 'params': params}, {'step': step})
+  ckpt.close()
+  for f in (tmp_path / 'checkpoints' / '7' / 'state').rglob('*'):
+    if f.is_file() and f.parent.name == 'd':  # the array data, metadata left
+      f.write_bytes(b'\0' * 16)
+  with pytest.raises(ValueError) as e:
+    pretrained.load(str(tmp_path))
+  message = str(e.value)
+  assert message.startswith(f"the checkpoint {tmp_path / 'checkpoints' / '7'} of {tmp_path} "
+                            'cannot be read, it is damaged or incomplete'), message
+  assert message.endswith(f"read another step of it, e.g. {tmp_path / 'checkpoints' / '5'} "
+                          '(steps: 5)'), message
+  assert len(message) < 700
+  loaded = checkpoints.flatten(pretrained.load(str(tmp_path / 'checkpoints' / '5')))
+  np.testing.assert_array_equal(loaded['head/bias'], checkpoints.flatten(params)['head/bias'])
+
+
 @pytest.mark.parametrize('kw,message', [
     (dict(classifier='gap'), 'classifier: the checkpoint has a class token'),
     (dict(hidden_size=32, num_heads=4, mlp_dim=64), 'width \\(hidden_size\\): checkpoint 64, model 32'),

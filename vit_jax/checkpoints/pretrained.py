@@ -114,19 +114,37 @@ def _orbax_variables(path: str) -> tuple[dict, dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   state_dir = epath.Path(orbax_step_dir(path)) / 'state'
-  metadata = ocp.PyTreeCheckpointHandler().metadata(state_dir)
-  metadata = getattr(metadata, 'tree', metadata)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  # Only the weights (and BatchNorm statistics) are read: a train state's optimizer
-  # moments would double or triple the memory (and a damaged one fail the read).
-  target = {k: jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata[k])
-            for k in ('params', 'model_state') if k in metadata}
-  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))
+  try:
+    metadata = ocp.PyTreeCheckpointHandler().metadata(state_dir)
+    metadata = getattr(metadata, 'tree', metadata)
+    # Only the weights (and BatchNorm statistics) are read: a train state's optimizer
+    # moments would double or triple the memory (and a damaged one fail the read).
+    target = {k: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+        metadata[k]) for k in ('params', 'model_state') if k in metadata}
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except  (TensorStore's, Orbax's)
+    raise ValueError(_damaged_step_message(path, state_dir.parent, e)) from e
   return (jax.device_get(restored['params']),
           jax.device_get(dict(restored.get('model_state') or {})))
+
+
+def _damaged_step_message(path: str, step_dir, error: Exception) -> str:
+  """What to say of a step that cannot be read: the error's first line, and the other
+  steps of its folder to read instead (training resumes from the one before it)."""
+  first = (str(error).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
+  if len(first) > 300:
+    first = first[:300] + '...'
+  others = sorted((int(d.name) for d in step_dir.parent.iterdir()
+                   if d.name.isdigit() and d.name != step_dir.name and (d / 'state').is_dir()),
+                  reverse=True)
+  hint = (f'; read another step of it, e.g. {step_dir.parent / str(others[0])} (steps: '
+          f'{", ".join(map(str, others[:10]))})' if others else '')
+  return (f'the checkpoint {step_dir} of {path} cannot be read, it is damaged or '
+          f'incomplete ({type(error).__name__}: {first}){hint}')
 
 
 def _orbax_meta(path: str) -> dict:
