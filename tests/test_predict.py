@@ -322,6 +322,17 @@ def test_npz_checkpoint_infers_its_architecture_and_a_label_file(tmp_path, photo
                       ('decode|resise(48)', "Unknown preprocessing op 'resise'")]:
     assert message in cli_inputs.pp_problem(pp, clf.config)
   assert cli_inputs.pp_problem('decode|resize(48)|value_range(-1, 1)', clf.config) is None
+  # A --pp that scales pixels otherwise than the weights' preprocessing is warned about
+  # (without value_range the model was fed 0..255, silently).
+  assert clf.weights_pp == 'decode|resize(48)|value_range(-1, 1)'
+  note = cli_inputs.pixel_scale_note('decode|resize(48)', clf.weights_pp)
+  assert note.startswith('gives pixels in 0..255 (no value_range or normalize op), but the '
+                         "weights come with 'decode|resize(48)|value_range(-1, 1)' (pixels "
+                         'in -1..1)'), note
+  assert 'in 0..1' in cli_inputs.pixel_scale_note('decode|resize(48)|value_range(0, 1)',
+                                                  clf.weights_pp)
+  assert cli_inputs.pixel_scale_note('decode|resize_small(56)|central_crop(48)|'
+                                     'value_range(-1, 1)', clf.weights_pp) is None
   # A random augmentation is named once (it was "needs example['rng']" for every image).
   assert 'random_resized_crop is a random training augmentation' in cli_inputs.pp_problem(
       'decode|random_resized_crop(48)|value_range(-1, 1)', clf.config)

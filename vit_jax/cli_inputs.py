@@ -52,6 +52,9 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
     problem = pp_problem(pp, classifier.config)
     if problem:
       fail(program, f'--pp={pp!r}: {problem}')
+    scale = pixel_scale_note(pp, getattr(classifier, 'weights_pp', None))
+    if scale:
+      print(f'{program}: warning: --pp={pp!r} {scale}', file=sys.stderr)
   if from_pretrained.get('model') and (os.path.isdir(checkpoint) or (
       '://' in checkpoint and not checkpoint.endswith(_WEIGHT_FILES))):
     print(f"{program}: --model={from_pretrained['model']} is not used: {checkpoint} records "
@@ -90,6 +93,36 @@ def pp_problem(pp: str, config) -> str | None:
     return (f'{what}, but the model takes {size}x{size} (the size its weights were made '
             f'for): end it with resize({size}) or central_crop({size})')
   return None
+
+
+def _scale_words(scale) -> str:
+  if scale is None:
+    return 'in 0..255 (no value_range or normalize op)'
+  mean, std = scale
+  if len(set(mean)) == 1 and len(set(std)) == 1:
+    low, high = (0 - mean[0]) / std[0], (1 - mean[0]) / std[0]
+    return f'in {low:g}..{high:g}'
+  return f'normalised with mean {mean} and std {std}'
+
+
+def pixel_scale_note(pp: str, weights_pp: str | None) -> str | None:
+  """A note when `pp` scales pixels otherwise than the preprocessing the weights come
+  with (a --pp without value_range feeds 0..255 to a model trained on -1..1), else None."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  if not weights_pp:
+    return None
+  try:
+    mine, theirs = (preprocess_ops.pixel_mean_std(p) for p in (pp, weights_pp))
+  except ValueError:
+    return None
+  if mine is not None and theirs is not None and np.allclose(mine, theirs, atol=1e-3):
+    return None
+  if mine is None and theirs is None:
+    return None
+  return (f'gives pixels {_scale_words(mine)}, but the weights come with '
+          f'{weights_pp!r} (pixels {_scale_words(theirs)}): the predictions are off unless '
+          'that is intended')
 
 
 def readable_images(program: str, classifier, paths):

@@ -124,14 +124,18 @@ class ImageClassifier:
                 else 'labels' if labels is not None else path)
       raise ValueError(f'{len(names)} class names for a head of {num_classes} classes '
                        f'({source})')
-    if pp is None:
-      from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
-      pp = (preprocess_ops.without_ops(ckpt.pp_eval, preprocess_ops.LABEL_OPS) if ckpt.pp_eval
-            else default_pp(config.image_size, registry.family_of(config)))
+    from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+    weights_pp = (preprocess_ops.without_ops(ckpt.pp_eval, preprocess_ops.LABEL_OPS)
+                  if ckpt.pp_eval else default_pp(config.image_size, registry.family_of(config)))
     params = jax.tree.map(jnp.asarray, ckpt.params)
-    return cls(module, params, pp=pp, class_names=names, batch_size=batch_size,
-               config=config, model_state=jax.tree.map(jnp.asarray, ckpt.model_state),
-               probabilities='sigmoid' if ckpt.loss == 'sigmoid_xent' else 'softmax')
+    classifier = cls(module, params, pp=weights_pp if pp is None else pp, class_names=names,
+                     batch_size=batch_size, config=config,
+                     model_state=jax.tree.map(jnp.asarray, ckpt.model_state),
+                     probabilities='sigmoid' if ckpt.loss == 'sigmoid_xent' else 'softmax')
+    # The preprocessing the weights come with (the run's, the file's, or the family's
+    # default), for comparing a `pp` given here with it.
+    classifier.weights_pp = weights_pp
+    return classifier
 
   @property
   def num_classes(self) -> int:
