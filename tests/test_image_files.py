@@ -47,3 +47,20 @@ def test_decoder_errors_lose_tensorflows_op_plumbing():
     assert image_files.decoder_error(e.value.message) == want
     assert image_files.decoder_error(e.value.message + ' name: ') == want
   assert image_files.decoder_error('no image file x.png') == 'no image file x.png'
+
+
+def test_a_16_bit_pil_image_reads_as_its_file_does():
+  """PIL's convert('RGB') clips 16-bit grey values to 255: the same picture as a PIL image
+  was almost white, as a file TensorFlow's decoder keeps the high byte."""
+  import io  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  tf = pytest.importorskip('tensorflow')
+  grey = np.arange(0, 65536, 97, dtype=np.uint16)[:600].reshape(20, 30)
+  buf = io.BytesIO()
+  Image.fromarray(grey).save(buf, format='PNG')
+  image = Image.open(io.BytesIO(buf.getvalue()))
+  assert image.mode == 'I;16'
+  from_file = tf.io.decode_image(buf.getvalue(), channels=3, expand_animations=False).numpy()
+  np.testing.assert_array_equal(image_files.read_image(image), from_file)
+  np.testing.assert_array_equal(image_files.read_image(image.convert('I')), from_file)

@@ -86,6 +86,11 @@ def read_image(image):
   if isinstance(image, bytes):
     return image
   if hasattr(image, 'convert') and hasattr(image, 'size'):  # PIL
+    if image.mode.startswith('I;16') or (image.mode == 'I' and np.asarray(image).max() < 2**16):
+      # 16-bit grey: the high byte, as TensorFlow decodes the file (PIL's convert('RGB')
+      # clips every value above 255 to white)
+      grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+      return np.repeat(grey[..., None], 3, axis=-1)
     return np.asarray(image.convert('RGB'))
   array = np.asarray(image)
   if array.ndim == 2:
