@@ -356,6 +356,14 @@ def test_a_onehot_narrower_than_the_folders_classes_is_named(tmp_path):
   assert 'the other 2 outputs are never a label' in warnings[0]
 
 
+def test_a_tfds_slice_of_a_folder_split_says_what_a_folder_split_is(tmp_path):
+  """'train[:90%]' said only that the split does not exist."""
+  (tmp_path / 'data' / 'train' / 'cat').mkdir(parents=True)
+  with pytest.raises(sources.DataError, match=r"slices such as 'train\[:90%\]' are tfds "
+                     r"syntax; a folder's splits are its sub-folders"):
+    sources.ImageFolderSource(str(tmp_path / 'data'), 'train[:90%]', cache_dir=str(tmp_path))
+
+
 def test_a_folder_of_one_class_is_refused(tmp_path):
   """It trained to loss 0 and top-1 1.0 without a word."""
   from vit_jax.data import builder  # pylint: disable=g-import-not-at-top

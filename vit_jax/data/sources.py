@@ -350,6 +350,12 @@ class ImageFolderSource(Source):
   def __post_init__(self):
     self.name = f'folder:{self.root}'
     split_dir = os.path.join(self.root, self.split)
+    if '[' in self.split and not tf.io.gfile.isdir(split_dir):
+      raise DataError(
+          f'split {self.split!r} of the image folder {self.root!r}: slices such as '
+          "'train[:90%]' are tfds syntax; a folder's splits are its sub-folders "
+          '(<root>/<split>/<class>/<image>): move the held-out images into a folder of '
+          'their own, e.g. <root>/val/<class>/')
     if not tf.io.gfile.isdir(split_dir):
       available = (sorted(d for d in tf.io.gfile.listdir(self.root)
                           if tf.io.gfile.isdir(os.path.join(self.root, d)))
