@@ -166,7 +166,8 @@ def main(argv):
   else:
     # Everything that can be checked without data or compilation fails here, at once.
     defaults.validate(config, num_devices=jax.device_count(),
-                      process_count=jax.process_count())
+                      process_count=jax.process_count(),
+                      resuming=loop.has_checkpoint(workdir))
     loop.check_workdir(workdir)
   with contextlib.ExitStack() as lock:
     if is_main and not _SUMMARY_ONLY.value:

@@ -242,10 +242,15 @@ def test_a_missing_init_from_says_what_it_takes_and_where_the_release_is():
     _validate(c)
   assert "config.init_from='/nowhere/ViT-B_16.npz' does not exist" in str(e.value)
   assert 'gs://vit_models/imagenet21k/ViT-B_16.npz' in str(e.value)
-  c.init_from = '/nowhere/workdir'
-  with pytest.raises(defaults.ConfigError, match='a vit_jax workdir') as e:
+  c.init_from = '/nowhere/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz'
+  with pytest.raises(defaults.ConfigError, match='gs://vit_models/augreg/B_16-i21k'):
     _validate(c)
-  assert 'vit_models' not in str(e.value)
+  for path in ('/nowhere/workdir', '/nowhere/my_finetune.npz'):  # not the release's
+    c.init_from = path
+    with pytest.raises(defaults.ConfigError, match='a vit_jax workdir') as e:
+      _validate(c)
+    assert 'vit_models' not in str(e.value)
+  _validate(c, resuming=True)  # a run resuming from its own checkpoint does not read it
   c.init_from = 'None'  # what --config.init_from=None gives (the field is a string)
   with pytest.raises(defaults.ConfigError, match="random initialisation: --config.init_from=''"):
     _validate(c)

@@ -92,6 +92,32 @@ def test_a_run_started_again_names_what_it_does_not_use(tmp_path, warnings, monk
              and "['ant', 'bee', 'cow']" in w for w in warnings), warnings
 
 
+def test_a_resumed_fine_tune_keeps_the_weights_it_started_from(tmp_path, warnings,
+                                                               monkeypatch):
+  """A resume given another init_from recorded that one as the run's origin (a later
+  resume then named the wrong weights); and a resume whose init_from path was gone since
+  (a /tmp of another machine) was refused before it looked at its own checkpoints (exit 3,
+  never restarted by until_done.sh)."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  base, ft = tmp_path / 'base', tmp_path / 'ft'
+  loop.train_and_evaluate(_config(data), base)
+  loop.train_and_evaluate(_config(data, init_from=str(base)), ft)
+  other = str(base / 'checkpoints')
+  loop.train_and_evaluate(_config(data, total_steps=4, init_from=other), ft)
+  assert json.loads((ft / 'config.json').read_text())['init_from'] == str(base)
+  warnings.clear()
+  gone = str(tmp_path / 'gone.npz')
+  loop.train_and_evaluate(_config(data, total_steps=6, init_from=gone), ft)
+  assert any(f"config.init_from='{gone}' is not used" in w and f"(it started from "
+             f"'{base}')" in w for w in warnings), warnings
+  meta = json.loads((ft / 'checkpoints' / '6' / 'meta' / 'metadata').read_text())
+  assert meta['config']['init_from'] == str(base)
+  # A fresh workdir still refuses the missing weights at once.
+  with pytest.raises(defaults.ConfigError, match='does not exist'):
+    loop.train_and_evaluate(_config(data, init_from=gone), tmp_path / 'fresh')
+
+
 def test_an_evaluation_that_fails_saves_its_step_first(tmp_path, monkeypatch):
   """A crash in evaluation used to lose the steps since the last checkpoint. The run
   trains with mixup and cutmix (in the train step) on the way."""

@@ -120,8 +120,18 @@ def _batch_fixes(b, accum, data, fsdp, num_devices, process_count) -> str:
   return text
 
 
-def validate(config, *, num_devices: int, process_count: int, check_input: bool = True) -> None:
+# File names of the original release's .npz files (ViT-B_16.npz, R50+ViT-B_16.npz, the
+# AugReg B_16-i21k-300ep-....npz): where a missing one can be downloaded from.
+_RELEASE_NPZ = re.compile(r'^((R\d+\+)?ViT-(Ti|S|B|L|H)_\d+|R\d+_ViT|(R\d+_|R_)?(Ti|S|B|L|H)_\d+-'
+                          r').*\.npz$')
+
+
+def validate(config, *, num_devices: int, process_count: int, check_input: bool = True,
+             resuming: bool = False) -> None:
   """Checks what can be checked without data or compilation; raises ConfigError.
+
+  resuming: the workdir has a checkpoint, which the run resumes from: config.init_from is
+  not read, so a path that is gone since (a /tmp of another machine) is no error.
 
   check_input: also check `config.input`'s preprocessing against the model (its ops, the
   image size it gives, its onehot classes); this imports TensorFlow, and is skipped where
@@ -230,13 +240,14 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     raise ConfigError(f'config.schedule.warmup_steps={warmup} is not below '
                       f'config.total_steps={config.total_steps}: lower warmup_steps, e.g. '
                       f'--config.schedule.warmup_steps={config.total_steps // 10}')
-  if config.init_from:
+  if config.init_from and not resuming:
     from etils import epath  # pylint: disable=g-import-not-at-top
     if not epath.Path(config.init_from).exists():
       name = os.path.basename(config.init_from)
+      folder = 'imagenet21k' if name.startswith(('ViT-', 'R50+ViT-')) else 'augreg'
       where = (f' The original release publishes {name} in gs://vit_models (e.g. gsutil cp '
-               f'gs://vit_models/imagenet21k/{name} .); timm and transformers weights are '
-               'on the Hugging Face Hub.' if name.endswith('.npz') else '')
+               f'gs://vit_models/{folder}/{name} .); timm and transformers weights are '
+               'on the Hugging Face Hub.' if _RELEASE_NPZ.match(name) else '')
       if config.init_from.lower() in ('none', 'null', 'false'):
         where = " To start from a random initialisation: --config.init_from=''."
       raise ConfigError(f'config.init_from={config.init_from!r} does not exist: give a '

@@ -52,6 +52,15 @@ def workdir_path(workdir) -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def has_checkpoint(workdir) -> bool:
+  """Whether the workdir holds a step checkpoint (a run there resumes from it)."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  try:
+    return directory.is_dir() and any(d.name.isdigit() for d in directory.iterdir())
+  except OSError:
+    return False
+
+
 def check_workdir(workdir: epath.Path) -> None:
   """Creates the workdir and checks it is writable; ConfigError naming --workdir if not.
 
@@ -316,7 +325,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
   is_main = jax.process_index() == 0
   if validate:
     defaults.validate(config, num_devices=jax.device_count(),
-                      process_count=jax.process_count())
+                      process_count=jax.process_count(), resuming=has_checkpoint(workdir))
   check_workdir(workdir)
   if config.get('compilation_cache_dir'):
     jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
@@ -357,6 +366,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                           saved_meta.get(key), meta[key])
       _check_same_classes(saved_meta.get('class_names'), meta['class_names'], workdir)
       saved_init = (saved_meta.get('config') or {}).get('init_from') or ''
+      if 'config' in saved_meta:  # the weights the run started from, whatever is given now
+        meta['config']['init_from'] = saved_meta['config'].get('init_from')
       if config.init_from and config.init_from != saved_init:
         logging.warning(
             'config.init_from=%r is not used: the run resumes from its own checkpoint in '
@@ -390,7 +401,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       _warn_finished(workdir, start_step, total_steps, saved_meta.get('config') or {},
                      meta['config'])
     elif is_main:  # what this run trains (not written when the resume check fails)
-      (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+      # (meta's copy: a resumed run's init_from is the one the run started from)
+      (workdir / 'config.json').write_text(json.dumps(meta['config'], indent=2))
       if summary is not None:
         (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
     if resuming:
