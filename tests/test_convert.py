@@ -418,12 +418,37 @@ def test_a_refused_or_failed_conversion_keeps_the_existing_output(orbax_run, tmp
   # The replacement itself: the new checkpoint, read back from its final place.
   assert convert.convert(src, out, to='orbax', overwrite=True)
   assert pretrained.load_checkpoint(str(out)).config.representation_size == 32
-  # Orbax output and input inside one another: refused, the run untouched.
+  # An output that is a link: what it points to is replaced, the link kept.
+  (tmp_path / 'link').symlink_to(out)
+  assert convert.convert(workdir, tmp_path / 'link', to='orbax', overwrite=True)
+  assert (tmp_path / 'link').is_symlink()
+  assert pretrained.load_checkpoint(str(out)).class_names == ORBAX_NAMES
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []
+  # An Orbax output that holds the input or its checkpoints: refused, the run untouched
+  # (also through a link to the workdir).
   steps = sorted(p.name for p in (pathlib.Path(workdir) / 'checkpoints').iterdir())
+  (tmp_path / 'wd').symlink_to(workdir)
   for inp, output in ((workdir, f'{workdir}/checkpoints'),
+                      (workdir, f'{tmp_path}/wd/checkpoints'),
                       (f'{workdir}/checkpoints/30', f'{workdir}/checkpoints')):
-    _raises('inside one another', inp, output, to='orbax', overwrite=True)
+    _raises('holds the input', inp, output, to='orbax', overwrite=True)
   assert sorted(p.name for p in (pathlib.Path(workdir) / 'checkpoints').iterdir()) == steps
+  # A folder beside the checkpoints is fine.
+  assert convert.convert(workdir, f'{workdir}/export', to='orbax') == 'orbax'
+
+
+def test_a_remote_output_is_written_there_not_staged_on_this_disk(tmp_path, monkeypatch):
+  """A gs:// output was staged under ./gs:/... on the local disk and reported written."""
+  _, params = _vit_jax_params(seed=7)
+  checkpoints.save_npz(tmp_path / 'w.npz', params)
+  written = []
+  monkeypatch.setattr(convert, '_write_npz',
+                      lambda ckpt, path, notes, shown=None: written.append(path))
+  monkeypatch.chdir(tmp_path)
+  result = convert.run(str(tmp_path / 'w.npz'), 'gs://bucket/out/x.npz')
+  assert written == ['gs://bucket/out/x.npz'] and result.output == 'gs://bucket/out/x.npz'
+  assert not (tmp_path / 'gs:').exists()
+  assert 'wrote npz to gs://bucket/out/x.npz' in result.summary()
 
 
 @pytest.mark.parametrize('output,to,match', [

@@ -22,7 +22,7 @@ def test_folders_leave_out_hidden_and_system_entries_and_read_album_folders(tmp_
   (tmp_path / 'dog' / 'loop').symlink_to('..')   # back up the tree: not read twice
   (tmp_path / 'dog' / 'sub' / 'again').symlink_to('../sub')
   got = [str(p.relative_to(tmp_path)) for p in image_files.expand_images([tmp_path / 'dog'])]
-  assert got == ['dog/0.jpg', 'dog/album.jpg/2.PNG', 'dog/loop/cat/4.bmp', 'dog/sub/3.gif'], got
+  assert got == ['dog/0.jpg', 'dog/album.jpg/2.PNG', 'dog/sub/3.gif'], got  # not ../cat
   # A file given by name is taken as it is (hidden or not); a missing one is named.
   assert image_files.expand_images([tmp_path / 'dog' / '._0.jpg']) == [
       tmp_path / 'dog' / '._0.jpg']
@@ -64,3 +64,6 @@ def test_a_16_bit_pil_image_reads_as_its_file_does():
   from_file = tf.io.decode_image(buf.getvalue(), channels=3, expand_animations=False).numpy()
   np.testing.assert_array_equal(image_files.read_image(image), from_file)
   np.testing.assert_array_equal(image_files.read_image(image.convert('I')), from_file)
+  # 8-bit values in a 32-bit 'I' image are 8-bit values (not shifted to black).
+  eight = Image.fromarray(np.full((4, 4), 200, np.uint8)).convert('I')
+  assert (image_files.read_image(eight) == 200).all()

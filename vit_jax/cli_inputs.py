@@ -1,6 +1,6 @@
-"""The start shared by the image command lines (`vit_jax.predict`, `vit_jax.visualize`):
-the classifier of --checkpoint and the image files of the arguments, or a one-line error
-and exit status 2."""
+"""What the image command lines (`vit_jax.predict`, `vit_jax.visualize`) share: the
+classifier of --checkpoint and the image files of the arguments, or a one-line error and
+exit status 2; the checks of a --pp; predict's loop over the files a batch at a time."""
 
 import os
 import sys

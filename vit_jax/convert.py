@@ -80,7 +80,7 @@ class Result:
   param_count: int
   config: object     # the model config (ml_collections.ConfigDict)
   class_names: list | None
-  written_bytes: int
+  written_bytes: int | None  # None for a remote output
   notes: list = dataclasses.field(default_factory=list)
 
   def summary(self) -> str:
@@ -94,7 +94,8 @@ class Result:
       shape = (f'{_family(self)} family, {c.get("image_size")}px, '
                f'{c.get("num_classes")} classes{classes}')
     line = (f'read {self.kind} {self.model_name} ({self.param_count:,} params; {shape}); '
-            f'wrote {self.to} to {self.output} ({_human(self.written_bytes)})')
+            f'wrote {self.to} to {self.output}'
+            + (f' ({_human(self.written_bytes)})' if self.written_bytes is not None else ''))
     return line + ''.join(f'\nnote: {n}' for n in self.notes)
 
 
@@ -193,7 +194,12 @@ def _put_in_place(staged: str, output: str, to: str) -> None:
   elif os.path.exists(output):
     old = _staging_path(output) + '.old'
     os.replace(output, old)
-  os.replace(staged, output)
+  try:
+    os.replace(staged, output)
+  except OSError:
+    if old is not None:  # the old output back where it was
+      os.replace(old, output)
+    raise
   if old is not None:
     shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
@@ -210,8 +216,11 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def _contains(folder: str, path: str) -> bool:
-  folder, path = os.path.abspath(folder).rstrip('/'), os.path.abspath(path).rstrip('/')
-  return path == folder or path.startswith(folder + os.sep)
+  if '://' in folder or '://' in path:
+    folder, path = folder.rstrip('/'), path.rstrip('/')
+  else:
+    folder, path = os.path.realpath(folder), os.path.realpath(path)
+  return path == folder or path.startswith(folder + '/')
 
 
 def _read(input_path: str, model):
@@ -448,8 +457,8 @@ def _write_orbax(ckpt, output, input_path):
   # JSON has no tuples; make the meta JSON now so that a value JSON cannot hold fails
   # before anything is written.
   meta = json.loads(json.dumps(meta))
-  checkpointer = train_state.TrainCheckpointer(os.path.abspath(output), keep_last=1,
-                                               async_save=False)
+  checkpointer = train_state.TrainCheckpointer(
+      output if '://' in output else os.path.abspath(output), keep_last=1, async_save=False)
   try:
     state = {'params': ckpt.params}
     if ckpt.model_state:  # BatchNorm running statistics
@@ -467,11 +476,12 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
     raise ConversionError(f'the output is the input ({input_path})')
   if to == 'hf' and _same_path(os.path.dirname(os.path.abspath(input_path)), output_path):
     raise ConversionError(f'the output directory {output_path} holds the input')
-  if to == 'orbax' and (_contains(output_path, input_path)
-                        or _contains(input_path, output_path)):
-    # --input=WD --output=WD/checkpoints would replace the run's own checkpoints
-    raise ConversionError(f'the output {output_path} and the input {input_path} are inside '
-                          'one another: write the Orbax directory outside the input')
+  if to == 'orbax' and (_contains(output_path, input_path) or _contains(
+      os.path.join(input_path, 'checkpoints'), output_path)):
+    # --input=WD/checkpoints/40 --output=WD/checkpoints, or --input=WD
+    # --output=WD/checkpoints, would replace the run's own checkpoints
+    raise ConversionError(f'the output {output_path} holds the input {input_path} or its '
+                          'checkpoints: write the Orbax directory outside them')
   # Checked before reading (reading can take minutes) and again just before writing.
   if not overwrite:
     _check_output(output_path, to, overwrite=False)
@@ -485,25 +495,38 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
   from vit_jax.checkpoints import tree  # pylint: disable=g-import-not-at-top
   param_count = sum(int(np.size(v)) for v in tree.flatten(ckpt.params).values())
   _check_output(output_path, to, overwrite)
-  parent = os.path.dirname(os.path.abspath(output_path))
-  os.makedirs(parent, exist_ok=True)
+  if '://' in output_path:  # remote (gs://): written in place by the writers
+    return _write(ckpt, to, output_path, output_path, input_path, notes, param_count)
+  # A link to the output is kept: the new output replaces what it points to.
+  local = os.path.realpath(output_path)
+  os.makedirs(os.path.dirname(local), exist_ok=True)
   # Written in full beside the output first: a conversion refused or failing half-way
   # leaves an existing output as it was (--overwrite used to delete it first).
-  staged = _staging_path(output_path)
+  staged = _staging_path(local)
   _remove(staged)
   try:
-    if to == 'npz':
-      _write_npz(ckpt, staged, notes, shown=output_path)
-    elif to == 'timm':
-      _write_timm(ckpt, staged, notes, shown=output_path)
-    elif to == 'hf':
-      _write_hf(ckpt, staged, notes)
-    else:
-      _write_orbax(ckpt, staged, input_path)
+    _write(ckpt, to, staged, output_path, input_path, notes, param_count)
     written = _size(staged)
-    _put_in_place(staged, output_path, to)
+    _put_in_place(staged, local, to)
   finally:
     _remove(staged)
+  return _result(ckpt, to, output_path, param_count, written, notes)
+
+
+def _write(ckpt, to, path, shown, input_path, notes, param_count) -> 'Result':
+  """Writes the output at `path` directly (a remote one: no rename there)."""
+  if to == 'npz':
+    _write_npz(ckpt, path, notes, shown=shown)
+  elif to == 'timm':
+    _write_timm(ckpt, path, notes, shown=shown)
+  elif to == 'hf':
+    _write_hf(ckpt, path, notes)
+  else:
+    _write_orbax(ckpt, path, input_path)
+  return _result(ckpt, to, shown, param_count, None, notes)
+
+
+def _result(ckpt, to, output_path, param_count, written, notes) -> 'Result':
   return Result(to=to, output=output_path, kind=ckpt.kind,
                 model_name=str(ckpt.config.get('name') or 'unnamed'),
                 param_count=param_count, config=ckpt.config,

@@ -28,12 +28,14 @@ def folder_images(folder) -> list[pathlib.Path]:
   """The image files under `folder`, sorted, as training reads a class folder: hidden
   files (macOS's `._x.jpg`) and hidden or system folders (`.ipynb_checkpoints`,
   `__MACOSX`) left out, a folder named like an image (`album.jpg/`) read as a folder,
-  links to folders followed once (a link back up the tree is not a loop)."""
+  links to folders followed once, except links back up the tree (not read)."""
   out, seen = [], set()
+  top = os.path.realpath(folder)
 
-  def walk(path):
+  def walk(path, first=False):
     real = os.path.realpath(path)
-    if real in seen:
+    # (A link to the folder given, or to one above it, would read images outside it.)
+    if real in seen or (not first and (top == real or top.startswith(real + os.sep))):
       return
     seen.add(real)
     for entry in os.scandir(path):
@@ -45,7 +47,7 @@ def folder_images(folder) -> list[pathlib.Path]:
       elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
         out.append(pathlib.Path(entry.path))
 
-  walk(folder)
+  walk(folder, first=True)
   return sorted(out)
 
 
@@ -86,7 +88,9 @@ def read_image(image):
   if isinstance(image, bytes):
     return image
   if hasattr(image, 'convert') and hasattr(image, 'size'):  # PIL
-    if image.mode.startswith('I;16') or (image.mode == 'I' and np.asarray(image).max() < 2**16):
+    values = np.asarray(image) if image.mode == 'I' else None
+    if image.mode.startswith('I;16') or (values is not None and values.min() >= 0
+                                         and 255 < values.max() < 2**16):
       # 16-bit grey: the high byte, as TensorFlow decodes the file (PIL's convert('RGB')
       # clips every value above 255 to white)
       grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)

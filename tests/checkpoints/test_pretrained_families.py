@@ -291,6 +291,10 @@ def test_bit_release_npz_with_a_bit_model_config(tmp_path):
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match='width_factor: checkpoint 0.5, model 1.0'):
     pretrained.adapt_variables(ckpt, _zero_variables(target, 32), target)
+  # A --model spec with a field of this family (not a ViT's): taken, not an error.
+  spec = pretrained.load_checkpoint(str(tmp_path / 'BiT-M-tiny.npz'),
+                                    model='BiT-R50x1,gn_eps=1e-5')
+  assert spec.config.gn_eps == 1e-5
 
 
 def test_bit_release_npz_without_a_model_is_recognised(tmp_path):

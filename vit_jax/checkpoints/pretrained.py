@@ -143,8 +143,8 @@ def _damaged_step_message(path: str, step_dir, error: Exception) -> str:
                   reverse=True)
   hint = (f'; read another step of it, e.g. {step_dir.parent / str(others[0])} (steps: '
           f'{", ".join(map(str, others[:10]))})' if others else '')
-  return (f'the checkpoint {step_dir} of {path} cannot be read, it is damaged or '
-          f'incomplete ({type(error).__name__}: {first}){hint}')
+  return (f'the checkpoint {step_dir} of {path} cannot be read ({type(error).__name__}: '
+          f'{first}): it may be damaged or incomplete{hint}')
 
 
 def _orbax_meta(path: str) -> dict:
@@ -360,6 +360,9 @@ def parse_model_spec(spec: str, base: str = 'vit_base_patch16_224') -> ml_collec
       value = {'true': True, 'false': False, 'none': None}.get(value.lower(), value)
     if isinstance(value, list):
       value = tuple(value)
+    if (isinstance(value, int) and not isinstance(value, bool)
+        and isinstance(config[field], tuple) and len(config[field]) == 2):
+      value = (value, value)  # patch_size=16: (16, 16)
     try:
       config[field] = value
     except TypeError as e:
@@ -537,10 +540,12 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     (CheckpointMismatchError). A field a `model` spec sets that the weights decide
     otherwise is warned about ('num_heads=4' for weights of 2 heads).
   """
-  ckpt = _load_checkpoint(os.fspath(path), model)
+  path = os.fspath(path)
+  ckpt = _load_checkpoint(path, model)
   if isinstance(model, str):
+    given = _model_config(model, base=_spec_base(path))
     for field, text in _spec_parts(model)[1]:
-      wanted = parse_model_spec(f'{field}={text}')[field]
+      wanted = given[field]
       got = ckpt.config.get(field)
       if isinstance(wanted, (list, tuple)) and got is not None and not isinstance(got, str):
         got = tuple(got)
@@ -550,13 +555,16 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
   return ckpt
 
 
+def _spec_base(path: str) -> str:
+  """The model whose numerics a --model of fields without a name changes: an .npz's are
+  the original release's (tanh GELU), a state dict's timm's (a 'num_heads=2' used to
+  switch an .npz to exact GELU)."""
+  return 'ViT-B/16' if path.endswith('.npz') else 'vit_base_patch16_224'
+
+
 def _load_checkpoint(path: str, model) -> Checkpoint:
   """load_checkpoint's reading."""
-  # Fields without a name change the numerics the file is read with by default: an
-  # .npz's are the original release's (tanh GELU), not timm's (a 'num_heads=2' used to
-  # switch an .npz to exact GELU).
-  given = _model_config(model, base='ViT-B/16' if path.endswith('.npz') else
-                        'vit_base_patch16_224')
+  given = _model_config(model, base=_spec_base(path))
   family = registry.family_of(given) if given is not None else None
   if os.path.isdir(path) and _hf_dir_weights(path):  # a transformers save_pretrained dir
     path = _hf_dir_weights(path)

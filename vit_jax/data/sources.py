@@ -385,7 +385,7 @@ class ImageFolderSource(Source):
                       f'{len(self.class_names)} training classes')
     if not self.class_names:
       raise DataError(f'{split_dir} has no class folders (<class>/<image> expected)')
-    paths, labels, ignored, linked = [], [], {}, {}
+    paths, labels, ignored, linked, class_of = [], [], {}, {}, {}
     # Folders a symlink inside a class must not lead back to (its images would be read
     # twice, or under another class's label). Each class starts from these: a folder
     # outside the split linked from two classes is read in both (it used to be read in
@@ -396,15 +396,19 @@ class ImageFolderSource(Source):
     split_real = os.path.realpath(split_dir) if '://' not in split_dir else None
     class_reals = ()
     if split_real:
-      class_reals = tuple(os.path.realpath(os.path.join(split_dir, c)) for c in found)
-      for c, real in zip(found, class_reals):  # kitty -> cat: cat's images, two labels
-        other = [o for o, r in zip(found, class_reals)
+      reals = [os.path.realpath(os.path.join(split_dir, c)) for c in found]
+      for c, real in zip(found, reals):  # kitty -> cat: cat's images, two labels
+        other = [o for o, r in zip(found, reals)
                  if o != c and _inside(real, r) and os.path.islink(os.path.join(split_dir, c))]
         if other:
           raise DataError(
               f'class folder {os.path.join(split_dir, c)!r} is a link to {real!r}, the '
               f'images of class {other[0]!r} (or inside it): they would be read under two '
               'labels. Remove the link, or make it a folder of its own images.')
+      # Class folders kept outside the split (links): links into them are another
+      # class's images too. (Those inside are the split_real test; usually none outside.)
+      class_reals = tuple(r for r in reals if not _inside(r, split_real))
+      class_of = dict(zip(reals, found))
     for label, cls in enumerate(self.class_names):
       cls_dir = os.path.join(split_dir, cls)
       if not tf.io.gfile.isdir(cls_dir):
@@ -413,7 +417,7 @@ class ImageFolderSource(Source):
                                class_reals=class_reals):
         paths.append(path)
         labels.append(label)
-    shared = {real: sorted(os.path.basename(c) for c in classes)
+    shared = {real: sorted(class_of.get(c, os.path.basename(c)) for c in classes)
               for real, classes in linked.items() if len(classes) > 1}
     if shared:
       logging.warning('Folder(s) linked from several classes of %s: their images are read '
