@@ -58,3 +58,36 @@ def test_init_summary_names_a_resnet_head_as_the_head():
   line = loop.init_summary('/w/r.safetensors', loaded, params,
                            {'init_head': 'reset', 'model': config})
   assert 'resampled' not in line and 'fc/kernel' in line and 'head: reset' in line
+
+
+def test_eval_hits_against_numpy_for_one_hot_smoothed_multi_hot_and_empty_labels():
+  """An example with no label (all zeros, an empty multi-hot list) counted as a top-1 and
+  top-5 hit: every class was 'positive'."""
+  from vit_jax.train import step  # pylint: disable=import-outside-toplevel
+
+  class Fixed:  # a "model" returning the batch's logits as they are
+    num_classes = 7
+
+    def apply(self, variables, images, train):
+      del variables, train
+      return images
+
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 7)).astype(np.float32)
+  labels = np.zeros((6, 7), np.float32)
+  labels[0, np.argmax(logits[0])] = 1                        # one-hot, a top-1 hit
+  labels[1, np.argsort(logits[1])[-3]] = 1                   # third best: top-5 only
+  labels[2] = 0.1 / 7
+  labels[2, np.argmax(logits[2])] += 0.9                     # smoothed, a hit
+  labels[3, np.argsort(logits[3])[[-1, -6]]] = 1             # multi-hot, a hit
+  labels[4, np.argsort(logits[4])[0]] = 1                    # the worst: no hit
+  # labels[5]: no label at all
+  out = jax.jit(step.make_eval_step(Fixed(), loss='sigmoid_xent'))(
+      {}, {'image': logits, 'label': labels, '_mask': np.ones(6, np.int32)})
+  top5 = np.argsort(-logits, axis=-1)[:, :5]
+  positive = [set(np.flatnonzero(row == row.max())) if row.max() > row.min() else set()
+              for row in labels]
+  top1_ref = sum(int(np.argmax(l)) in p for l, p in zip(logits, positive))
+  top5_ref = sum(bool(set(t) & p) for t, p in zip(top5, positive))
+  assert (float(out['top1_sum']), float(out['top5_sum'])) == (top1_ref, top5_ref) == (3, 4)
+  assert float(out['count']) == 6
