@@ -3,7 +3,9 @@
 Source: Dosovitskiy et al. 2021, Appendix B.1.1 and Table 4: SGD momentum 0.9, batch
 512, no weight decay, global-norm clipping 1, cosine decay, 20,000 steps, 384 px, a
 new zero-initialised head, position embedding resampled (the paper sweeps the learning
-rate over {0.001, 0.003, 0.01, 0.03}; 0.03 here). Give the pretrained weights, e.g.
+rate over {0.003, 0.01, 0.03, 0.06}; 0.03 here). It trains on train[:99%] and keeps 1%
+for choosing settings, as the original code does; the paper's final results train on
+the whole split (--config.input.train_split=train). Give the pretrained weights, e.g.
 
     python -m vit_jax.main --config=configs/finetune_imagenet_384.py --workdir=DIR \\
         --config.init_from=ViT-B_16.npz

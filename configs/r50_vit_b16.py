@@ -1,9 +1,10 @@
-"""R50+ViT-B/16 pretraining on ImageNet-21k at 224 px (the paper's recipe).
+"""R50+ViT-B/16 pre-training on ImageNet-21k at 224 px, after the ViT paper.
 
-Source: Dosovitskiy et al. 2021, Table 1 (model), Table 3 and Appendix B.1 (Adam,
-batch 4096, lr 1e-3, weight decay 0.03, 10k warmup + linear decay, 90 epochs, dropout
-0.1, representation layer, sigmoid loss); see vit_jax/train/recipes.py. Give the data
-with --config.input.folder=/data/imagenet21k (docs/data.md).
+Source: the hybrid of Sec. 4.1, option (ii): the first three stages of a BiT ResNet-50 (3, 4, 9
+blocks) feed ViT-B with 1x1 patches. Appendix B.1: hybrids train with the exact setup
+of their ViT counterparts, here configs/vit_b16.py (whose docstring says which settings
+come from the paper); Table 3 has no hybrid row. Give the data with
+--config.input.folder=/data/imagenet21k (docs/data.md).
 """
 
 from vit_jax.train import recipes

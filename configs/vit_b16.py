@@ -1,10 +1,16 @@
-"""ViT-B/16 pretraining on ImageNet-21k at 224 px (the paper's recipe).
+"""ViT-B/16 pre-training on ImageNet-21k at 224 px, after the ViT paper.
 
-Source: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021): Table 1 (model
-shape), Table 3 (ImageNet-21k: Adam b1=0.9, b2=0.999, batch 4096, base lr 1e-3, weight
-decay 0.03, 90 epochs, 224 px), Appendix B.1 (linear warmup of 10k steps then linear
-decay, global-norm clipping at 1, dropout 0.1, representation layer of width 768,
-sigmoid cross-entropy for ImageNet-21k).
+Source: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021): Table 1 (model shape);
+Table 3 (ImageNet-21k: batch 4096, base lr 1e-3, weight decay 0.03, 90 epochs, 224 px);
+Sec. 4.1 (Adam, b1=0.9, b2=0.999); Appendix B.1 (10k steps of linear warmup then linear
+decay; dropout 0.1); Sec. 3.1 (a head with one hidden layer at pre-training: 768 wide
+here, as in the released checkpoints).
+
+Not from the paper, which does not state them for ImageNet-21k: the sigmoid
+cross-entropy loss (big_vision's practice for ImageNet-21k), global-norm clipping at 1
+(the paper's Table 3 applies it to ImageNet-1k; AugReg, Steiner et al. 2021, to every
+run), the inception-crop + flip preprocessing, and the held-out `val` folder (ImageNet-21k
+has no official validation split: docs/data.md).
 
 Data: ImageNet-21k is not in the public tfds catalog; give it as an image folder,
 `--config.input.folder=/data/imagenet21k` (see docs/data.md), or point

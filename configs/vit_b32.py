@@ -1,9 +1,8 @@
-"""ViT-B/32 pretraining on ImageNet-21k at 224 px (the paper's recipe).
+"""ViT-B/32 pre-training on ImageNet-21k at 224 px, after the ViT paper.
 
-Source: Dosovitskiy et al. 2021, Table 1 (model), Table 3 and Appendix B.1 (Adam,
-batch 4096, lr 1e-3, weight decay 0.03, 10k warmup + linear decay, 90 epochs, dropout
-0.1, representation layer, sigmoid loss); see vit_jax/train/recipes.py. Give the data
-with --config.input.folder=/data/imagenet21k (docs/data.md).
+Source: the ViT-B/16 recipe (configs/vit_b16.py, whose docstring says which settings come from
+the paper and which are this codebase's choices) with 32x32 patches (Table 1's B shape).
+Give the data with --config.input.folder=/data/imagenet21k (docs/data.md).
 """
 
 from vit_jax.train import recipes

@@ -1,9 +1,12 @@
-"""ViT-S/16 pretraining on ImageNet-21k at 224 px (the paper's recipe).
+"""ViT-S/16 pre-training on ImageNet-21k at 224 px: the ViT-B/16 recipe on the S shape.
 
-Source: Dosovitskiy et al. 2021, Table 1 (model), Table 3 and Appendix B.1 (Adam,
-batch 4096, lr 1e-3, weight decay 0.03, 10k warmup + linear decay, 90 epochs, dropout
-0.1, representation layer, sigmoid loss); see vit_jax/train/recipes.py. Give the data
-with --config.input.folder=/data/imagenet21k (docs/data.md).
+Source: ViT-S is not in the ViT paper: its shape (width 384, 6 heads, 12 layers) comes from DeiT
+(Touvron et al. 2021). This is the recipe of configs/vit_b16.py (Adam, batch 4096, lr
+1e-3, weight decay 0.03, 10k warmup + linear decay, 90 epochs, dropout 0.1, a
+representation layer, sigmoid loss) on that shape, not AugReg's ImageNet-21k recipe for
+S/16 (Steiner et al. 2021: no representation layer, cosine decay, 30 or 300 epochs,
+weight decay 0.1 or 0.03, RandAugment and mixup). Give the data with
+--config.input.folder=/data/imagenet21k (docs/data.md).
 """
 
 from vit_jax.train import recipes

@@ -1,7 +1,9 @@
 """Learning-rate schedules and the optax optimizer of a training config.
 
 config.optimizer: name ('adam' or 'sgd'), b1, b2 (Adam), momentum (SGD), weight_decay
-(decoupled, applied to kernels only), grad_clip_norm (global norm; 0 disables),
+(decoupled, applied to kernels only, and multiplied by the learning rate as in AdamW and
+AugReg: each step subtracts weight_decay x lr(t) x kernel, so the ViT recipe's 0.03 at lr
+1e-3 is big_vision's absolute decay of 3e-5), grad_clip_norm (global norm; 0 disables),
 mu_dtype ('bfloat16' to store Adam's first moment / SGD momentum in bf16).
 config.trainable / config.freeze: regexes on parameter paths ('Transformer/encoderblock_0/
 MlpBlock_3/Dense_0/kernel'); only matching / all but matching parameters are trained (a

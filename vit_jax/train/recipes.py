@@ -13,8 +13,9 @@ Swin (Liu et al. 2021, Sec. 4.1): AdamW, lr 1e-3 at batch 1024, weight decay 0.0
 epochs, 20 warmup epochs, cosine, gradient clipping at 5, RandAugment, mixup 0.8, cutmix
 1.0, label smoothing 0.1, stochastic depth 0.2/0.3/0.5 for T/S/B (random erasing and
 repeated augmentation of the paper are not implemented).
-`bundled_mnist(config)` turns any of them into a few-minute offline run on the bundled
-MNIST digits (the `:mnist` argument of the config files).
+`bundled_mnist(config)` turns a recipe into a few-minute offline run on the bundled
+MNIST digits (the `:mnist` argument of the config files that take it, e.g.
+configs/resnet50.py:mnist).
 """
 
 import re
@@ -51,7 +52,9 @@ STACKED_BLOCKS = True
 
 def imagenet21k_pretraining(model_name: str):
   """Adam (0.9, 0.999), batch 4096, lr 1e-3, wd 0.03, 10k warmup + linear decay, 90 epochs,
-  dropout 0.1, representation layer = width, 224 px, clipping 1, sigmoid loss."""
+  dropout 0.1, representation layer = width, 224 px (the ViT paper); clipping 1, sigmoid
+  loss, inception crop + flip, a held-out `val` folder (this codebase's choices: see
+  configs/vit_b16.py)."""
   c = defaults.default_config()
   c.model = models.get_config(model_name)
   c.model.num_classes = 21843
