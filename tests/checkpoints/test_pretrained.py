@@ -54,6 +54,30 @@ def test_pre_logits_dropped_when_the_new_model_has_none():
   assert out['head/kernel'].shape == (64, 10) and not out['head/kernel'].any()
 
 
+def test_a_new_representation_layer_starts_new_and_a_kept_head_says_which_width():
+  """A model with a representation layer fine-tuned from weights without one was refused
+  ('missing from the pretrained weights: pre_logits/...', though the message of another
+  width says the representation layer may change); with init_head='keep' the refusal
+  named no fix."""
+  source = _params(num_classes=10)
+  target = models.init_params(models.create('ViT-Ti/16', num_classes=10, representation_size=16,
+                                            **SMALL), 32)
+  out = checkpoints.flatten(pretrained.adapt(source, target))
+  flat_target = checkpoints.flatten(target)
+  np.testing.assert_array_equal(out['pre_logits/kernel'], flat_target['pre_logits/kernel'])
+  np.testing.assert_array_equal(out['Transformer/encoder_norm/scale'],
+                                checkpoints.flatten(source)['Transformer/encoder_norm/scale'])
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r'representation_size=None leaves it out, or '
+                           r'--config.init_head=reset starts a new head'):
+    pretrained.adapt(source, target, keep_head=True)
+  wide = _params(num_classes=10, representation_size=32)
+  plain = models.init_params(models.create('ViT-Ti/16', num_classes=10, **SMALL), 32)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"representation_size=32 keeps the weights' one"):
+    pretrained.adapt(wide, plain, keep_head=True)
+
+
 def test_keep_head_keeps_the_trained_head():
   source = _params(num_classes=10)
   target = models.init_params(models.create('ViT-Ti/16', num_classes=10, **SMALL), 32)

@@ -88,8 +88,9 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
 
   reference: the model's own (initialised or abstract) parameters; their dtypes are kept.
   loaded: parameters read from a checkpoint (nested or flat 'a/b/c').
-  drop_head: take `head` (and `pre_logits` when the checkpoint has it but the model
-    does not) from `reference` instead, for a new class count.
+  drop_head: take `head` from `reference` instead, for a new class count; and
+    `pre_logits`, the representation layer, where one of the two lacks it (dropped from
+    the checkpoint, or the model's own new one kept).
   strict: refuse missing and unexpected keys (shape mismatches are always refused).
 
   Raises CheckpointMismatchError listing missing keys, unexpected keys and every
@@ -102,6 +103,9 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
     if not any(k.startswith('pre_logits/') for k in ref):
       got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
   taken_from_ref = {k for k in ref if drop_head and k.startswith(HEAD_KEYS)}
+  if drop_head and not any(k.startswith('pre_logits/') for k in got):
+    # A representation layer the weights do not have starts new, as the head does.
+    taken_from_ref |= {k for k in ref if k.startswith('pre_logits/')}
   missing = set(ref) - set(got) - taken_from_ref
   unexpected = set(got) - set(ref)
   # Parameters first (BatchNorm statistics follow theirs), at most 50 listed.
@@ -119,6 +123,15 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
     problems.append(f'missing from the {what} ({len(missing)}): {_short(missing)}')
   if strict and unexpected:
     problems.append(f'unexpected in the {what} ({len(unexpected)}): {_short(unexpected)}')
+  pre_logits = [k for k in (missing | unexpected) if k.startswith('pre_logits/')]
+  if problems and strict and pre_logits:
+    width = next((tuple(got[k].shape)[-1] for k in pre_logits
+                  if k in got and k.endswith('kernel')), None)
+    problems.append(
+        'The representation layer (pre_logits) differs: '
+        + (f'--config.model.representation_size={width} keeps the weights\' one'
+           if width else '--config.model.representation_size=None leaves it out')
+        + (", or --config.init_head=reset starts a new head" if not drop_head else '') + '.')
   if problems and strict and missing and unexpected:
     stacked = lambda keys: any('/encoderblock/' in k for k in keys)  # noqa: E731
     per_block = lambda keys: any('/encoderblock_0/' in k for k in keys)  # noqa: E731
