@@ -426,6 +426,15 @@ def test_every_fix_the_batch_error_suggests_validates(batch, accum, devices, pro
     defaults.validate(fixed, num_devices=devices, process_count=processes)
 
 
+def test_a_tie_between_accumulations_suggests_the_larger():
+  """accum_steps=3 for a batch of 8 suggested 2, not 4: who raised accumulation did it
+  for memory."""
+  c = _config()
+  c.batch_size, c.accum_steps = 8, 3
+  with pytest.raises(defaults.ConfigError, match=r'--config\.accum_steps=4\b'):
+    _validate(c)
+
+
 def test_an_evaluation_spec_that_resizes_nothing_is_refused():
   """It used to only warn (fine on a dataset of one size), then end the run at its first
   evaluation: the padding of a last, partial batch needs the size before any image."""

@@ -106,7 +106,7 @@ def _batch_fixes(b, accum, data, fsdp, num_devices, process_count) -> str:
   per_shard = b // (data * fsdp) if b % (data * fsdp) == 0 else 0
   accums = [a for a in range(1, per_shard + 1) if per_shard % a == 0]
   if accums:
-    a = min(accums, key=lambda a: (abs(a - accum), a))
+    a = min(accums, key=lambda a: (abs(a - accum), -a))  # a tie: more (less memory)
     keep.append(f'--config.accum_steps={a}')
   shards = [d for d in range(data * fsdp - 1, 0, -1)
             if num_devices % d == 0 and d % process_count == 0 and b % (accum * d) == 0]
