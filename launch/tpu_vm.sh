@@ -263,11 +263,12 @@ tpu_state() {  # READY, CREATING, PREEMPTED, ...; empty when there is no such TP
 
 pinned_ref() {  # REPO_REF as a commit: every attempt of `resilient` runs the same code
   local lines sha
-  # A commit already (an abbreviated one too: ls-remote lists refs, not commits).
-  if [[ $REPO_REF =~ ^[0-9a-f]{7,40}$ ]]; then echo "$REPO_REF"; return; fi
+  if [[ $REPO_REF =~ ^[0-9a-f]{40}$ ]]; then echo "$REPO_REF"; return; fi
   if ! lines=$(GIT_TERMINAL_PROMPT=0 git ls-remote "$REPO_URL" "$REPO_REF" "$REPO_REF^{}" \
     2>/dev/null </dev/null) ||
     [[ -z $lines ]]; then
+    # An abbreviated commit (no ref of that name): ls-remote lists refs, not commits.
+    if [[ $REPO_REF =~ ^[0-9a-f]{7,39}$ ]]; then echo "$REPO_REF"; return; fi
     log "warning: could not resolve --ref=$REPO_REF of $REPO_URL here (git ls-remote);" \
       "every attempt clones $REPO_REF as it is then: give --ref=<commit> to pin the code"
     echo "$REPO_REF"; return

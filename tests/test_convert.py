@@ -438,17 +438,46 @@ def test_a_refused_or_failed_conversion_keeps_the_existing_output(orbax_run, tmp
 
 
 def test_a_remote_output_is_written_there_not_staged_on_this_disk(tmp_path, monkeypatch):
-  """A gs:// output was staged under ./gs:/... on the local disk and reported written."""
+  """A gs:// output was written under ./gs:/... on the local disk and reported written
+  (the timm and transformers writers take local paths only). Checked on TensorFlow's
+  ram:// file system, which tf.io.gfile reaches as it reaches gs://."""
+  tf = pytest.importorskip('tensorflow')
   _, params = _vit_jax_params(seed=7)
   checkpoints.save_npz(tmp_path / 'w.npz', params)
-  written = []
-  monkeypatch.setattr(convert, '_write_npz',
-                      lambda ckpt, path, notes, shown=None: written.append(path))
   monkeypatch.chdir(tmp_path)
-  result = convert.run(str(tmp_path / 'w.npz'), 'gs://bucket/out/x.npz')
-  assert written == ['gs://bucket/out/x.npz'] and result.output == 'gs://bucket/out/x.npz'
-  assert not (tmp_path / 'gs:').exists()
-  assert 'wrote npz to gs://bucket/out/x.npz' in result.summary()
+  for output, to, files in (('ram://bucket/out/x.npz', None, ['x.npz']),
+                            ('ram://bucket/out/x.safetensors', None, ['x.safetensors']),
+                            ('ram://bucket/out/hf', 'hf', [convert.HF_CONFIG,
+                                                           convert.HF_WEIGHTS])):
+    result = convert.run(str(tmp_path / 'w.npz'), output, to=to)
+    assert result.output == output and result.written_bytes > 1000
+    folder = output if to == 'hf' else output.rsplit('/', 1)[0]
+    assert set(files) <= set(tf.io.gfile.listdir(folder)), tf.io.gfile.listdir(folder)
+    _raises('already exist', tmp_path / 'w.npz', output, to=to)  # no silent replacement
+  back = tmp_path / 'back.safetensors'
+  tf.io.gfile.copy('ram://bucket/out/x.safetensors', str(back))
+  np.testing.assert_array_equal(
+      checkpoints.flatten(pretrained.load_checkpoint(str(back)).params)['head/kernel'],
+      checkpoints.flatten(params)['head/kernel'])
+  assert not (tmp_path / 'ram:').exists()
+
+
+def test_an_output_linked_to_the_input_is_the_input(tmp_path):
+  """A link named .safetensors to the input .npz: the input was rewritten as a torch file
+  (the staged file was named after the link's target, and the paths compared unresolved)."""
+  _, params = _vit_jax_params(seed=8)
+  checkpoints.save_npz(tmp_path / 'w.npz', params)
+  before = (tmp_path / 'w.npz').read_bytes()
+  for name in ('link.safetensors', 'link.npz'):
+    (tmp_path / name).symlink_to(tmp_path / 'w.npz')
+    _raises('the output is the input', tmp_path / 'w.npz', tmp_path / name, overwrite=True)
+  assert (tmp_path / 'w.npz').read_bytes() == before
+  # A link to another file of another extension: written in the link's format.
+  (tmp_path / 'blob').write_bytes(b'old')
+  (tmp_path / 'x.safetensors').symlink_to(tmp_path / 'blob')
+  assert convert.convert(tmp_path / 'w.npz', tmp_path / 'x.safetensors', overwrite=True) == 'timm'
+  assert (tmp_path / 'x.safetensors').is_symlink()
+  assert pretrained.load_checkpoint(str(tmp_path / 'x.safetensors')).kind == 'timm'
 
 
 @pytest.mark.parametrize('output,to,match', [

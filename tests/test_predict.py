@@ -333,6 +333,10 @@ def test_npz_checkpoint_infers_its_architecture_and_a_label_file(tmp_path, photo
                                                   clf.weights_pp)
   assert cli_inputs.pixel_scale_note('decode|resize_small(56)|central_crop(48)|'
                                      'value_range(-1, 1)', clf.weights_pp) is None
+  # An .npz records no preprocessing: the default is a guess, and the note says so.
+  assert not clf.weights_pp_recorded
+  assert 'which record no preprocessing' in cli_inputs.pixel_scale_note(
+      'decode|resize(48)|normalize', clf.weights_pp, recorded=clf.weights_pp_recorded)
   # A random augmentation is named once (it was "needs example['rng']" for every image).
   assert 'random_resized_crop is a random training augmentation' in cli_inputs.pp_problem(
       'decode|random_resized_crop(48)|value_range(-1, 1)', clf.config)

@@ -52,7 +52,8 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
     problem = pp_problem(pp, classifier.config)
     if problem:
       fail(program, f'--pp={pp!r}: {problem}')
-    scale = pixel_scale_note(pp, getattr(classifier, 'weights_pp', None))
+    scale = pixel_scale_note(pp, getattr(classifier, 'weights_pp', None),
+                             recorded=getattr(classifier, 'weights_pp_recorded', True))
     if scale:
       print(f'{program}: warning: --pp={pp!r} {scale}', file=sys.stderr)
   if from_pretrained.get('model') and (os.path.isdir(checkpoint) or (
@@ -105,9 +106,11 @@ def _scale_words(scale) -> str:
   return f'normalised with mean {mean} and std {std}'
 
 
-def pixel_scale_note(pp: str, weights_pp: str | None) -> str | None:
+def pixel_scale_note(pp: str, weights_pp: str | None, *, recorded: bool = True) -> str | None:
   """A note when `pp` scales pixels otherwise than the preprocessing the weights come
-  with (a --pp without value_range feeds 0..255 to a model trained on -1..1), else None."""
+  with (a --pp without value_range feeds 0..255 to a model trained on -1..1), else None.
+  recorded=False: `weights_pp` is the family's default, a guess (the weights record
+  none), and the note says so."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
   if not weights_pp:
@@ -120,6 +123,10 @@ def pixel_scale_note(pp: str, weights_pp: str | None) -> str | None:
     return None
   if mine is None and theirs is None:
     return None
+  if not recorded:
+    return (f'gives pixels {_scale_words(mine)}, and the default for these weights, which '
+            f'record no preprocessing, is {weights_pp!r} (pixels {_scale_words(theirs)}): '
+            'right if the --pp is what they were trained with')
   return (f'gives pixels {_scale_words(mine)}, but the weights come with '
           f'{weights_pp!r} (pixels {_scale_words(theirs)}): the predictions are off unless '
           'that is intended')

@@ -140,9 +140,27 @@ def _target_format(output: str, to: str | None) -> str:
   return to
 
 
+def _gfile():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def _exists(path: str) -> bool:
+  return _gfile().exists(path) if '://' in path else os.path.exists(path)
+
+
+def _isdir(path: str) -> bool:
+  return _gfile().isdir(path) if '://' in path else os.path.isdir(path)
+
+
+def _listdir(path: str) -> list:
+  return ([e.rstrip('/') for e in _gfile().listdir(path)] if '://' in path
+          else os.listdir(path))
+
+
 def _is_orbax_dir(path: str) -> bool:
   """An Orbax checkpoint directory (step folders or state/ + meta/), or an empty one."""
-  entries = os.listdir(path)
+  entries = _listdir(path)
   if 'state' in entries:
     return True
   return all(e.isdigit() or '.orbax-checkpoint-tmp' in e for e in entries)
@@ -152,31 +170,32 @@ def _check_output(output: str, to: str, overwrite: bool) -> None:
   """Refuses to replace anything unless `overwrite`; deletes nothing (`_put_in_place`
   replaces the output once the new one is written in full)."""
   if to == 'hf':
-    if os.path.exists(output) and not os.path.isdir(output):
+    if _exists(output) and not _isdir(output):
       raise ConversionError(f'{output} exists and is not a directory; --to=hf writes a '
                             'directory')
     existing = [os.path.join(output, f) for f in (HF_WEIGHTS, HF_CONFIG, HF_PROCESSOR)
-                if os.path.exists(os.path.join(output, f))]
+                if _exists(os.path.join(output, f))]
     if existing and not overwrite:
       raise ConversionError(f'{" and ".join(existing)} already exist(s); pass --overwrite '
                             'to replace')
     return  # with overwrite the three files are replaced, the folder's others kept
-  if not os.path.exists(output):
+  if not _exists(output):
     return
-  if to == 'orbax' and os.path.isdir(output) and not os.listdir(output):
+  if to == 'orbax' and _isdir(output) and not _listdir(output):
     return  # an empty directory: nothing to replace
   if not overwrite:
     raise ConversionError(f'{output} already exists; pass --overwrite to replace it')
-  if os.path.isdir(output) and (to != 'orbax' or not _is_orbax_dir(output)):
+  if _isdir(output) and (to != 'orbax' or not _is_orbax_dir(output)):
     raise ConversionError(f'{output} is a directory that is not an Orbax checkpoint; '
                           'refusing to delete it even with --overwrite')
 
 
-def _staging_path(output: str) -> str:
-  """A hidden sibling of `output` with its extension (np.savez and the state-dict writer
-  go by it), for writing the whole output before anything existing is replaced."""
+def _staging_path(output: str, name: str | None = None) -> str:
+  """A hidden sibling of `output` named after `name` (default: the output's own name),
+  whose extension the writers go by, for writing the whole output before anything
+  existing is replaced."""
   parent, base = os.path.split(os.path.abspath(output).rstrip('/'))
-  return os.path.join(parent, f'.convert-{os.getpid()}-{base}')
+  return os.path.join(parent, f'.convert-{os.getpid()}-{name or base}')
 
 
 def _put_in_place(staged: str, output: str, to: str) -> None:
@@ -212,7 +231,10 @@ def _remove(path: str) -> None:
 
 
 def _same_path(a: str, b: str) -> bool:
-  return os.path.abspath(a).rstrip('/') == os.path.abspath(b).rstrip('/')
+  """The same file or folder, links followed (an output linked to the input is it)."""
+  if '://' in a or '://' in b:
+    return a.rstrip('/') == b.rstrip('/')
+  return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _contains(folder: str, path: str) -> bool:
@@ -495,14 +517,16 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
   from vit_jax.checkpoints import tree  # pylint: disable=g-import-not-at-top
   param_count = sum(int(np.size(v)) for v in tree.flatten(ckpt.params).values())
   _check_output(output_path, to, overwrite)
-  if '://' in output_path:  # remote (gs://): written in place by the writers
-    return _write(ckpt, to, output_path, output_path, input_path, notes, param_count)
-  # A link to the output is kept: the new output replaces what it points to.
+  if '://' in output_path:
+    return _write_remote(ckpt, to, output_path, input_path, notes, param_count)
+  # A link to the output is kept: the new output replaces what it points to. (The
+  # staged file is named as the output, whose extension says the format, not as the
+  # link's target.)
   local = os.path.realpath(output_path)
   os.makedirs(os.path.dirname(local), exist_ok=True)
   # Written in full beside the output first: a conversion refused or failing half-way
   # leaves an existing output as it was (--overwrite used to delete it first).
-  staged = _staging_path(local)
+  staged = _staging_path(local, os.path.basename(output_path.rstrip('/')))
   _remove(staged)
   try:
     _write(ckpt, to, staged, output_path, input_path, notes, param_count)
@@ -511,6 +535,30 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
   finally:
     _remove(staged)
   return _result(ckpt, to, output_path, param_count, written, notes)
+
+
+def _write_remote(ckpt, to, output, input_path, notes, param_count) -> 'Result':
+  """A gs:// (or other remote) output: Orbax writes there itself; the other formats are
+  written to a local temporary folder first and copied up (their writers take local
+  paths), the old output replaced by the copy."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  gfile = _gfile()
+  if to == 'orbax':
+    if _exists(output) and _listdir(output):
+      gfile.rmtree(output)  # an Orbax checkpoint (checked), replaced as --overwrite asks
+    return _write(ckpt, to, output, output, input_path, notes, param_count)
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, os.path.basename(output.rstrip('/')))
+    result = _write(ckpt, to, local, output, input_path, notes, param_count)
+    result.written_bytes = _size(local)
+    if os.path.isdir(local):  # hf: its files into the (possibly existing) folder
+      gfile.makedirs(output)
+      for name in sorted(os.listdir(local)):
+        gfile.copy(os.path.join(local, name), f'{output.rstrip("/")}/{name}', overwrite=True)
+    else:
+      gfile.makedirs(output.rsplit('/', 1)[0])
+      gfile.copy(local, output, overwrite=True)
+  return result
 
 
 def _write(ckpt, to, path, shown, input_path, notes, param_count) -> 'Result':

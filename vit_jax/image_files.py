@@ -35,7 +35,7 @@ def folder_images(folder) -> list[pathlib.Path]:
   def walk(path, first=False):
     real = os.path.realpath(path)
     # (A link to the folder given, or to one above it, would read images outside it.)
-    if real in seen or (not first and (top == real or top.startswith(real + os.sep))):
+    if real in seen or (not first and os.path.commonpath([top, real]) == real):
       return
     seen.add(real)
     for entry in os.scandir(path):

@@ -133,8 +133,9 @@ class ImageClassifier:
                      model_state=jax.tree.map(jnp.asarray, ckpt.model_state),
                      probabilities='sigmoid' if ckpt.loss == 'sigmoid_xent' else 'softmax')
     # The preprocessing the weights come with (the run's, the file's, or the family's
-    # default), for comparing a `pp` given here with it.
+    # default: weights_pp_recorded says which), for comparing a `pp` given here with it.
     classifier.weights_pp = weights_pp
+    classifier.weights_pp_recorded = bool(ckpt.pp_eval)
     return classifier
 
   @property

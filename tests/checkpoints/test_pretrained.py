@@ -76,6 +76,12 @@ def test_a_new_representation_layer_starts_new_and_a_kept_head_says_which_width(
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r"representation_size=32 keeps the weights' one"):
     pretrained.adapt(wide, plain, keep_head=True)
+  # Another width: a new layer too (with a new head), or the width to set (kept head).
+  out = checkpoints.flatten(pretrained.adapt(wide, target))
+  np.testing.assert_array_equal(out['pre_logits/kernel'], flat_target['pre_logits/kernel'])
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"pre_logits/kernel: .*\n.*representation_size=32 keeps"):
+    pretrained.adapt(wide, target, keep_head=True)
 
 
 def test_keep_head_keeps_the_trained_head():

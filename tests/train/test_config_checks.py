@@ -245,6 +245,9 @@ def test_a_missing_init_from_says_what_it_takes_and_where_the_release_is():
   c.init_from = '/nowhere/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz'
   with pytest.raises(defaults.ConfigError, match='gs://vit_models/augreg/B_16-i21k'):
     _validate(c)
+  c.init_from = '/nowhere/BiT-M-R50x1.npz'
+  with pytest.raises(defaults.ConfigError, match='gsutil cp gs://bit_models/BiT-M-R50x1.npz'):
+    _validate(c)
   for path in ('/nowhere/workdir', '/nowhere/my_finetune.npz'):  # not the release's
     c.init_from = path
     with pytest.raises(defaults.ConfigError, match='a vit_jax workdir') as e:

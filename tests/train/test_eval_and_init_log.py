@@ -73,21 +73,25 @@ def test_eval_hits_against_numpy_for_one_hot_smoothed_multi_hot_and_empty_labels
       return images
 
   rng = np.random.default_rng(0)
-  logits = rng.normal(size=(6, 7)).astype(np.float32)
-  labels = np.zeros((6, 7), np.float32)
+  logits = rng.normal(size=(8, 7)).astype(np.float32)
+  labels = np.zeros((8, 7), np.float32)
   labels[0, np.argmax(logits[0])] = 1                        # one-hot, a top-1 hit
   labels[1, np.argsort(logits[1])[-3]] = 1                   # third best: top-5 only
   labels[2] = 0.1 / 7
   labels[2, np.argmax(logits[2])] += 0.9                     # smoothed, a hit
   labels[3, np.argsort(logits[3])[[-1, -6]]] = 1             # multi-hot, a hit
   labels[4, np.argsort(logits[4])[0]] = 1                    # the worst: no hit
-  # labels[5]: no label at all
+  # labels[5]: no label at all; labels[6]: none, smoothed
+  labels[6] = 0.1 / 7
+  labels[7] = 1  # every class positive: a hit
   out = jax.jit(step.make_eval_step(Fixed(), loss='sigmoid_xent'))(
-      {}, {'image': logits, 'label': labels, '_mask': np.ones(6, np.int32)})
+      {}, {'image': logits, 'label': labels, '_mask': np.ones(8, np.int32)})
   top5 = np.argsort(-logits, axis=-1)[:, :5]
-  positive = [set(np.flatnonzero(row == row.max())) if row.max() > row.min() else set()
-              for row in labels]
+  # The positives by hand: the classes of the label, none for the rows without one.
+  positive = [{int(np.argmax(logits[0]))}, {int(np.argsort(logits[1])[-3])},
+              {int(np.argmax(logits[2]))}, set(np.argsort(logits[3])[[-1, -6]].tolist()),
+              {int(np.argsort(logits[4])[0])}, set(), set(), set(range(7))]
   top1_ref = sum(int(np.argmax(l)) in p for l, p in zip(logits, positive))
   top5_ref = sum(bool(set(t) & p) for t, p in zip(top5, positive))
-  assert (float(out['top1_sum']), float(out['top5_sum'])) == (top1_ref, top5_ref) == (3, 4)
-  assert float(out['count']) == 6
+  assert (float(out['top1_sum']), float(out['top5_sum'])) == (top1_ref, top5_ref) == (4, 5)
+  assert float(out['count']) == 8

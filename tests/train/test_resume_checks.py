@@ -405,3 +405,15 @@ def test_weights_that_raise_a_key_error_are_a_config_error(tmp_path, monkeypatch
   with pytest.raises(defaults.ConfigError,
                      match=r"init_from='.*w.safetensors': KeyError 'blocks.0.norm1.bias'"):
     loop.load_pretrained(config)
+
+
+def test_has_checkpoint_counts_step_folders_only(tmp_path):
+  """A stray file named like a step skipped the missing-init_from check of a run that
+  then did not resume (the loop found no checkpoint)."""
+  assert not loop.has_checkpoint(tmp_path)
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'checkpoints' / '5').write_text('not a step')
+  (tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp-1').mkdir()
+  assert not loop.has_checkpoint(tmp_path)
+  (tmp_path / 'checkpoints' / '7').mkdir()
+  assert loop.has_checkpoint(tmp_path)

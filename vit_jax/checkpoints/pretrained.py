@@ -127,6 +127,9 @@ def _orbax_variables(path: str) -> tuple[dict, dict]:
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except  (TensorStore's, Orbax's)
+    if (isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e)
+        or 'out of memory' in str(e).lower()):
+      raise  # not the checkpoint's fault
     raise ValueError(_damaged_step_message(path, state_dir.parent, e)) from e
   return (jax.device_get(restored['params']),
           jax.device_get(dict(restored.get('model_state') or {})))

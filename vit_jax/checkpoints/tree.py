@@ -103,9 +103,13 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
     if not any(k.startswith('pre_logits/') for k in ref):
       got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
   taken_from_ref = {k for k in ref if drop_head and k.startswith(HEAD_KEYS)}
-  if drop_head and not any(k.startswith('pre_logits/') for k in got):
-    # A representation layer the weights do not have starts new, as the head does.
-    taken_from_ref |= {k for k in ref if k.startswith('pre_logits/')}
+  ref_pre = {k for k in ref if k.startswith('pre_logits/')}
+  if drop_head and (not any(k.startswith('pre_logits/') for k in got) or any(
+      k in got and tuple(got[k].shape) != tuple(ref[k].shape) for k in ref_pre)):
+    # A representation layer the weights lack, or of another width, starts new, as the
+    # head does.
+    taken_from_ref |= ref_pre
+    got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
   missing = set(ref) - set(got) - taken_from_ref
   unexpected = set(got) - set(ref)
   # Parameters first (BatchNorm statistics follow theirs), at most 50 listed.
@@ -123,8 +127,9 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
     problems.append(f'missing from the {what} ({len(missing)}): {_short(missing)}')
   if strict and unexpected:
     problems.append(f'unexpected in the {what} ({len(unexpected)}): {_short(unexpected)}')
-  pre_logits = [k for k in (missing | unexpected) if k.startswith('pre_logits/')]
-  if problems and strict and pre_logits:
+  pre_logits = [k for k in (missing | unexpected | set(differ))
+                if k.startswith('pre_logits/')]
+  if problems and pre_logits:
     width = next((tuple(got[k].shape)[-1] for k in pre_logits
                   if k in got and k.endswith('kernel')), None)
     problems.append(

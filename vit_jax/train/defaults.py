@@ -123,7 +123,7 @@ def _batch_fixes(b, accum, data, fsdp, num_devices, process_count) -> str:
 # File names of the original release's .npz files (ViT-B_16.npz, R50+ViT-B_16.npz, the
 # AugReg B_16-i21k-300ep-....npz): where a missing one can be downloaded from.
 _RELEASE_NPZ = re.compile(r'^((R\d+\+)?ViT-(Ti|S|B|L|H)_\d+|R\d+_ViT|(R\d+_|R_)?(Ti|S|B|L|H)_\d+-'
-                          r').*\.npz$')
+                          r'|BiT-[MS]-R\d+x\d+).*\.npz$')
 
 
 def validate(config, *, num_devices: int, process_count: int, check_input: bool = True,
@@ -244,10 +244,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     from etils import epath  # pylint: disable=g-import-not-at-top
     if not epath.Path(config.init_from).exists():
       name = os.path.basename(config.init_from)
-      folder = 'imagenet21k' if name.startswith(('ViT-', 'R50+ViT-')) else 'augreg'
-      where = (f' The original release publishes {name} in gs://vit_models (e.g. gsutil cp '
-               f'gs://vit_models/{folder}/{name} .); timm and transformers weights are '
-               'on the Hugging Face Hub.' if _RELEASE_NPZ.match(name) else '')
+      folder = ('gs://bit_models' if name.startswith('BiT-') else 'gs://vit_models/imagenet21k'
+                if name.startswith(('ViT-', 'R50+ViT-')) else 'gs://vit_models/augreg')
+      where = (f' The original release publishes {name} (e.g. gsutil cp {folder}/{name} .); '
+               'timm and transformers weights are on the Hugging Face Hub.'
+               if _RELEASE_NPZ.match(name) else '')
       if config.init_from.lower() in ('none', 'null', 'false'):
         where = " To start from a random initialisation: --config.init_from=''."
       raise ConfigError(f'config.init_from={config.init_from!r} does not exist: give a '

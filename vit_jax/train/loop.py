@@ -53,11 +53,16 @@ def workdir_path(workdir) -> epath.Path:
 
 
 def has_checkpoint(workdir) -> bool:
-  """Whether the workdir holds a step checkpoint (a run there resumes from it)."""
+  """Whether the workdir holds a finished step checkpoint (a run there resumes from it):
+  a step folder (on gs://, with Orbax's commit_success.txt: a save cut short leaves the
+  folder without it)."""
   directory = epath.Path(workdir) / 'checkpoints'
+  remote = '://' in str(directory)
   try:
-    return directory.is_dir() and any(d.name.isdigit() for d in directory.iterdir())
-  except OSError:
+    return directory.is_dir() and any(
+        d.name.isdigit() and d.is_dir() and (not remote or (d / 'commit_success.txt').exists())
+        for d in directory.iterdir())
+  except Exception:  # pylint: disable=broad-except  (a file system's own errors)
     return False
 
 
@@ -367,7 +372,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       _check_same_classes(saved_meta.get('class_names'), meta['class_names'], workdir)
       saved_init = (saved_meta.get('config') or {}).get('init_from') or ''
       if 'config' in saved_meta:  # the weights the run started from, whatever is given now
-        meta['config']['init_from'] = saved_meta['config'].get('init_from')
+        meta['config']['init_from'] = saved_meta['config'].get('init_from') or ''
+
       if config.init_from and config.init_from != saved_init:
         logging.warning(
             'config.init_from=%r is not used: the run resumes from its own checkpoint in '

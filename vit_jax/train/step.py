@@ -152,9 +152,11 @@ def make_eval_step(module, *, loss: str):
     mask = batch['_mask'].astype(jnp.float32)
     # A prediction is correct if it is a label with the highest target weight: the class
     # of a (smoothed) one-hot label, or any positive of a multi-hot label. An example
-    # without a label (an empty multi-hot list) has none: it counts, never as a hit.
-    positive = ((labels >= jnp.max(labels, axis=-1, keepdims=True))
-                & (labels > jnp.min(labels, axis=-1, keepdims=True)))
+    # without a label (an empty multi-hot list, smoothed or not: its largest weight is
+    # below 0.5) has none: it counts, never as a hit. (Every class positive: all hit.)
+    top = jnp.max(labels, axis=-1, keepdims=True)
+    positive = (labels >= top) & ((labels > jnp.min(labels, axis=-1, keepdims=True))
+                                  | (top >= 0.5))
     topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     hits = jnp.take_along_axis(positive, topk, axis=-1)
     top1 = hits[:, 0].astype(jnp.float32)
