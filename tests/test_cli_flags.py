@@ -15,7 +15,7 @@ _COMMANDS = [
     ('vit_jax.predict', '--checkpoint', 2),
     ('vit_jax.visualize', '--checkpoint', 2),
     ('vit_jax.convert', '--to', 2),
-    ('vit_jax.benchmark', '--compare', 1),
+    ('vit_jax.benchmark', '--compare', 2),
 ]
 
 
