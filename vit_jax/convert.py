@@ -220,7 +220,7 @@ def _put_in_place(staged: str, output: str, to: str) -> None:
       os.replace(old, output)
     raise
   if old is not None:
-    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    _remove(old)
 
 
 def _remove(path: str) -> None:
