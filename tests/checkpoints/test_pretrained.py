@@ -440,3 +440,23 @@ def test_non_square_patches_read_back_and_resample_on_their_grid(tmp_path):
                                     old_grid=(4, 8))
   np.testing.assert_allclose(adapted['Transformer']['posembed_input']['pos_embedding'], want,
                              rtol=1e-6)
+
+
+def test_weights_trained_with_cudnn_attention_are_read_off_gpu(tmp_path):
+  """A run trained with attention_impl='cudnn' records it: predict on a machine without
+  an NVIDIA GPU failed at the first forward pass ('cuDNN is not detected')."""
+  from vit_jax.inference import ImageClassifier  # pylint: disable=g-import-not-at-top
+  params = _params(num_classes=4)
+  model = models.get_config('ViT-Ti/16')
+  model.update(dict(SMALL, patch_size=(8, 8)), num_classes=4, image_size=32,
+               attention_impl='cudnn')
+  ckpt = train_state.TrainCheckpointer(tmp_path / 'checkpoints', async_save=False)
+  ckpt.save(7, {'step': np.int32(7), 'params': params}, {'step': 7, 'model': model.to_dict()})
+  ckpt.close()
+  assert jax.default_backend() != 'gpu'
+  loaded = pretrained.load_checkpoint(str(tmp_path))
+  assert loaded.config.attention_impl is None
+  clf = ImageClassifier.from_pretrained(str(tmp_path))
+  pixels = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  expected = models.create(loaded.config).apply({'params': params}, pixels, train=False)
+  np.testing.assert_allclose(clf.logits(pixels), expected, rtol=1e-4, atol=1e-4)

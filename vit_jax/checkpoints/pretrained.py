@@ -545,6 +545,7 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
   """
   path = os.fspath(path)
   ckpt = _load_checkpoint(path, model)
+  _runnable_attention(ckpt.config, path)
   if isinstance(model, str):
     given = _model_config(model, base=_spec_base(path))
     for field, text in _spec_parts(model)[1]:
@@ -556,6 +557,22 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
         logging.warning('--model %s=%s is not used: the weights at %s have %s=%r.', field,
                         text, path, field, got)
   return ckpt
+
+
+def _runnable_attention(config, path: str) -> None:
+  """A run trained with attention_impl='cudnn' records it; read elsewhere than on an
+  NVIDIA GPU (predict on a laptop) the model failed at its first forward pass ("cuDNN is
+  not detected"). The attention's implementation does not change the weights or what
+  they compute (up to rounding), so such weights are read with the default instead."""
+  if config.get('attention_impl') != 'cudnn':
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'gpu':
+    return
+  logging.info("%s records attention_impl='cudnn', which needs an NVIDIA GPU; reading "
+               'it with the default attention for %s (same weights, same function).',
+               path, jax.default_backend())
+  config.attention_impl = None
 
 
 def _spec_base(path: str) -> str:
