@@ -1,6 +1,7 @@
 """Image files given on the command line (predict, visualize): folders are read as
 training reads a class folder."""
 
+import io
 import pathlib
 
 import pytest
@@ -47,6 +48,16 @@ def test_decoder_errors_lose_tensorflows_op_plumbing():
     assert image_files.decoder_error(e.value.message) == want
     assert image_files.decoder_error(e.value.message + ' name: ') == want
   assert image_files.decoder_error('no image file x.png') == 'no image file x.png'
+  # A check of the decode op's own (an animated WebP without alpha): its text alone.
+  from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  frames = [Image.new('RGB', (4, 4), (v, v, v)) for v in (10, 200)]
+  buf = io.BytesIO()
+  frames[0].save(buf, 'WEBP', save_all=True, append_images=frames[1:])
+  with pytest.raises(tf.errors.InvalidArgumentError) as e:
+    preprocess_ops.decode_other(tf.constant(buf.getvalue()))
+  assert image_files.decoder_error(e.value.message).startswith(
+      'an animated WebP without alpha, which TensorFlow cannot decode: convert it')
 
 
 def test_a_16_bit_pil_image_reads_as_its_file_does():

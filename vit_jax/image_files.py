@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 SYSTEM_FOLDERS = ('__MACOSX', '@eaDir', 'lost+found')
 
 
@@ -21,7 +21,12 @@ def decoder_error(message: str) -> str:
   __wrapped__DecodeImage_device_/job:localhost/...}} Input is empty. [Op:DecodeImage]
   name:' -> 'Input is empty.'"""
   message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message)
-  return re.sub(r'\s*\[Op:\w+\](\s*name:\s*\S*)?\s*$', '', message).strip()
+  message = re.sub(r'\s*\[Op:\w+\](\s*name:\s*\S*)?\s*$', '', message).strip()
+  # A failed tf.debugging.Assert: "Expected 'tf.Tensor(False, ...)' to be true. Summarized
+  # data: b'<its message>'" -> its message.
+  asserted = re.match(r"Expected '.*?' to be true\. Summarized data: b?(['\"])(.*)\1$",
+                      message, re.S)
+  return asserted.group(2) if asserted else message
 
 
 def folder_images(folder) -> list[pathlib.Path]:

@@ -108,12 +108,19 @@ def _formats(rgb: np.ndarray):
       'bmp': _encode(im, 'BMP'),
       'rgba_bmp': _encode(rgba, 'BMP'),
       'cmyk_jpeg': _encode(im.convert('CMYK'), 'JPEG', quality=95),
+      'webp': _encode(im, 'WEBP', quality=90),
+      'lossless_webp': _encode(im, 'WEBP', lossless=True),
+      'rgba_lossless_webp': _encode(rgba, 'WEBP', lossless=True),
+      'rgba_webp': _encode(rgba, 'WEBP', quality=90),
+      'grey_webp': _encode(im.convert('L'), 'WEBP', lossless=True),
   }
 
 
 @pytest.mark.parametrize('fmt', ['png', 'jpeg', 'grey_png', 'grey_jpeg', 'rgba_png',
                                  'la_png', 'palette_png', 'palette_png_transparent',
-                                 'gif', 'bmp', 'rgba_bmp', 'cmyk_jpeg'])
+                                 'gif', 'bmp', 'rgba_bmp', 'cmyk_jpeg', 'webp',
+                                 'lossless_webp', 'rgba_lossless_webp', 'rgba_webp',
+                                 'grey_webp'])
 def test_decode_matches_pil(photos, tmp_path, fmt):
   data = _write(tmp_path, f'image.{fmt}', _formats(photos['chelsea'])[fmt])
   ref = np.array(Image.open(io.BytesIO(data)).convert('RGB')).astype(np.int32)
@@ -124,8 +131,34 @@ def test_decode_matches_pil(photos, tmp_path, fmt):
     # Exact with the accurate integer IDCT (found here, CMYK included); a small margin
     # for a different libjpeg-turbo build. (TF's default fast IDCT: mean ~1, max ~6.)
     assert diff.mean() < 0.1 and diff.max() <= 2
+  elif fmt in ('webp', 'rgba_webp'):
+    # Lossy WebP: PIL's libwebp and TensorFlow's may upsample the chroma differently.
+    assert diff.mean() < 1 and diff.max() <= 8
   else:
     assert diff.max() == 0
+
+
+def test_decode_animated_webp_first_frame_or_a_clear_error(tmp_path):
+  """WebP was not read at all (TensorFlow's decoder refuses channels=3 for a file with
+  alpha). An animation with alpha gives its first frame; one without alpha, which
+  TensorFlow cannot decode (channels=0 corrupted the heap and killed the process), is
+  refused with a message that says what to do."""
+  frames = [np.dstack([np.full((8, 10, 3), v, np.uint8), np.full((8, 10), 128, np.uint8)])
+            for v in (10, 200)]
+  buf = io.BytesIO()
+  Image.fromarray(frames[0]).save(buf, 'WEBP', save_all=True, lossless=True,
+                                  append_images=[Image.fromarray(f) for f in frames[1:]])
+  out = _run('decode', _example(_write(tmp_path, 'anim.webp', buf.getvalue())))['image']
+  np.testing.assert_array_equal(out, frames[0][..., :3])
+  buf = io.BytesIO()
+  rgb = [Image.fromarray(f[..., :3]) for f in frames]
+  rgb[0].save(buf, 'WEBP', save_all=True, append_images=rgb[1:])
+  with pytest.raises(tf.errors.InvalidArgumentError, match='animated WebP without alpha'):
+    _run('decode', _example(_write(tmp_path, 'anim_rgb.webp', buf.getvalue())))
+  for crop in ('inception_crop(4)', 'central_crop(4)'):  # the window-only path too
+    with pytest.raises(tf.errors.InvalidArgumentError, match='animated WebP without alpha'):
+      _run(f'decode|{crop}' if crop.startswith('central') else crop,
+           _example(buf.getvalue()))
 
 
 def test_decode_animated_gif_first_frame(tmp_path):

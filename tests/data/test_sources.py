@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from vit_jax.data import preprocess_ops
 from vit_jax.data import sources
 import subprocess_env
 
@@ -18,7 +19,8 @@ CIFAR = pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'data' / 'cifar
 
 
 def _decode(ex):
-  return tf.io.decode_image(ex['image'], channels=3, expand_animations=False).numpy()
+  """Training's decode (WebP needs more than tf.io.decode_image)."""
+  return preprocess_ops.parse('decode')({'image': ex['image']})['image'].numpy()
 
 
 @pytest.mark.skipif(not CIFAR.exists(), reason=f'{CIFAR} not present')
@@ -53,6 +55,8 @@ def messy_folder(tmp_path):
       'dog/rgba.png': Image.fromarray(np.dstack([photo(20, 20), np.full((20, 20), 90, np.uint8)])),
       'dog/palette.png': Image.fromarray(photo(12, 12)).convert('P'),
       'dog/cmyk.jpg': Image.fromarray(photo(16, 16)).convert('CMYK'),
+      'dog/rgba.webp': Image.fromarray(np.dstack([photo(9, 11), np.full((9, 11), 7, np.uint8)])),
+      'cat/lossy.webp': Image.fromarray(photo(13, 10)),
   }
   for name, img in files.items():
     (root / 'train' / name).parent.mkdir(parents=True, exist_ok=True)
@@ -103,24 +107,28 @@ def test_the_check_uses_trainings_decoders_and_notices_a_replaced_file(messy_fol
   for name in ('mono.bmp', 'tiff_bytes.png'):
     with Image.open(dog / name) as im:
       im.load()  # PIL reads both
+  # An animated WebP without alpha: TensorFlow's decoder cannot read it (and corrupts the
+  # heap with channels=0); refused by the check, not a crash.
+  frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (10, 200)]
+  frames[0].save(dog / 'animated.webp', save_all=True, append_images=frames[1:])
   (root / 'train' / 'zebra').mkdir()
-  (root / 'train' / 'zebra' / 'a.webp').write_bytes(b'RIFF')
+  (root / 'train' / 'zebra' / 'a.tiff').write_bytes(b'II*\0')
   (root / 'train' / 'cat' / 'nested').mkdir()  # a subfolder is not an ignored file
   cache = str(tmp_path / 'c')
   monkeypatch.setattr(sources, 'CHECK_PROGRESS_EVERY_S', 0)  # a line after every image
   with caplog.at_level('INFO'):
     src = sources.ImageFolderSource(root=str(root), split='train', cache_dir=cache)
   # The check says how far it is (it was silent for minutes on a large folder).
-  total = len(files) + 4
+  total = len(files) + 5
   assert re.search(rf'Checked 1 of {total} images under \S+ \(\d+ images/s, about \d+ s '
                    r'left\)', caplog.text), caplog.text
-  assert re.search(rf'Checked {total} images under \S+ in [\d.]+ s: 4 undecodable',
+  assert re.search(rf'Checked {total} images under \S+ in [\d.]+ s: 5 undecodable',
                    caplog.text), caplog.text
   assert sorted(pathlib.Path(p).name for p in src.skipped) == [
-      'corrupt.jpg', 'mono.bmp', 'tiff_bytes.png', 'truncated.jpg']
+      'animated.webp', 'corrupt.jpg', 'mono.bmp', 'tiff_bytes.png', 'truncated.jpg']
   assert src.class_names == ['cat', 'dog', 'zebra']
   assert src.num_examples() == len(files)
-  assert 'Ignoring 2 file(s)' in caplog.text and '1 .txt, 1 .webp' in caplog.text
+  assert 'Ignoring 2 file(s)' in caplog.text and '1 .tiff, 1 .txt' in caplog.text
   assert 'hold no usable image: zebra' in caplog.text
   for ex in src.epoch_dataset(epoch=0, seed=0, shuffle=False):  # training's decode succeeds
     assert _decode(ex).shape[-1] == 3

@@ -398,12 +398,64 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
 _DCT_METHOD = 'INTEGER_ACCURATE'
 
 
+def _webp_has_alpha(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(alpha, animated) bools of a WebP file, from its header as libwebp reads them: the
+  VP8X chunk's flags (alpha 0x10, animation 0x02), a lossless (VP8L) image's alpha bit
+  (bit 28 after the signature byte); a lossy (VP8) image has neither."""
+  head = tf.io.decode_raw(tf.strings.substr(tf.strings.join([data, '\0' * 32]), 0, 32),
+                          tf.uint8)
+  chunk = tf.strings.substr(data, 12, 4)
+  flags = tf.cast(head[20], tf.int32)
+  vp8x = tf.equal(chunk, 'VP8X')
+  alpha = tf.where(vp8x, tf.bitwise.bitwise_and(flags, 0x10) > 0,
+                   tf.logical_and(tf.equal(chunk, 'VP8L'),
+                                  tf.bitwise.bitwise_and(tf.cast(head[24], tf.int32),
+                                                         0x10) > 0))
+  return alpha, tf.logical_and(vp8x, tf.bitwise.bitwise_and(flags, 0x02) > 0)
+
+
+def _decode_webp(data: tf.Tensor) -> tf.Tensor:
+  """Encoded WebP -> uint8 HxWx3 (first frame of an animation, alpha dropped).
+
+  TensorFlow's decoder takes only the channel count the file has (channels=3 fails on a
+  WebP with alpha), and with channels=0 an animation without alpha corrupts the heap and
+  kills the process; it cannot decode that kind at all, so it is refused first.
+  """
+  alpha, animated = _webp_has_alpha(data)
+  check = tf.debugging.Assert(
+      tf.logical_or(alpha, tf.logical_not(animated)),
+      ['an animated WebP without alpha, which TensorFlow cannot decode: convert it to PNG '
+       'or JPEG (e.g. PIL: Image.open(f).convert("RGB").save(...))'])
+  with tf.control_dependencies([check]):
+    data = tf.identity(data)
+  image = tf.cond(
+      alpha, lambda: tf.io.decode_image(data, channels=4, expand_animations=False)[..., :3],
+      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+  image.set_shape([None, None, 3])
+  return image
+
+
+def is_webp(data: tf.Tensor) -> tf.Tensor:
+  """Whether encoded bytes are a WebP file (RIFF....WEBP)."""
+  return tf.logical_and(tf.equal(tf.strings.substr(data, 0, 4), 'RIFF'),
+                        tf.equal(tf.strings.substr(tf.strings.join([data, ' ' * 12]), 8, 4),
+                                 'WEBP'))
+
+
+def decode_other(data: tf.Tensor) -> tf.Tensor:
+  """Encoded PNG/GIF/BMP/WebP -> uint8 HxWx3 (first frame of an animation)."""
+  image = tf.cond(is_webp(data), lambda: _decode_webp(data),
+                  lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+  image.set_shape([None, None, 3])
+  return image
+
+
 def _decode_rgb(data: tf.Tensor) -> tf.Tensor:
-  """Encoded JPEG/PNG/GIF/BMP -> uint8 HxWx3 (first frame of an animation)."""
+  """Encoded JPEG/PNG/GIF/BMP/WebP -> uint8 HxWx3 (first frame of an animation)."""
   image = tf.cond(
       tf.io.is_jpeg(data),
       lambda: tf.io.decode_jpeg(data, channels=3, dct_method=_DCT_METHOD),
-      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+      lambda: decode_other(data))
   image.set_shape([None, None, 3])
   return image
 
@@ -421,7 +473,7 @@ def _crop(image: tf.Tensor, window_fn) -> tf.Tensor:
                                            dct_method=_DCT_METHOD)
 
     def other():
-      decoded = tf.io.decode_image(image, channels=3, expand_animations=False)
+      decoded = decode_other(image)
       y, x, h, w = window_fn(tf.shape(decoded))
       return tf.slice(decoded, [y, x, 0], [h, w, 3])
 

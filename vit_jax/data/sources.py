@@ -25,6 +25,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import image_files
+from vit_jax.data import preprocess_ops
 from vit_jax.data import traced
 
 IMAGE_EXTENSIONS = image_files.IMAGE_SUFFIXES
@@ -202,7 +203,7 @@ def _check_image(path: str) -> str | None:
     if tf.io.is_jpeg(data):
       tf.io.decode_jpeg(data, channels=3, ratio=8)
     else:
-      tf.io.decode_image(data, channels=3, expand_animations=False)
+      preprocess_ops.decode_other(data)
     return None
   except (tf.errors.OpError, ValueError) as e:
     message = image_files.decoder_error(getattr(e, 'message', None) or str(e))
