@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging as std_logging
 import os
+import re
 import shutil
 import sys
 
@@ -196,6 +197,42 @@ def _staging_path(output: str, name: str | None = None) -> str:
   existing is replaced."""
   parent, base = os.path.split(os.path.abspath(output).rstrip('/'))
   return os.path.join(parent, f'.convert-{os.getpid()}-{name or base}')
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
+
+
+def _clear_leftovers(output: str, name: str) -> None:
+  """Staging files of conversions to `output` killed before they cleaned up (kill -9,
+  out of memory): removed, so they no longer fill the disk unseen. An old output set aside
+  by one killed in the moment between its two renames is put back first. Only those of
+  processes that no longer run on this host are touched."""
+  parent = os.path.dirname(output)
+  pattern = re.compile(rf'\.convert-(\d+)-{re.escape(name)}(\.old)?$')
+  try:
+    entries = sorted(os.listdir(parent))
+  except OSError:
+    return
+  for entry in entries:
+    found = pattern.match(entry)
+    if not found or int(found.group(1)) == os.getpid() or _process_alive(int(found.group(1))):
+      continue
+    path = os.path.join(parent, entry)
+    if found.group(2) and not os.path.lexists(output):
+      logging.warning('Putting back %s, the output a killed conversion (pid %s) had set '
+                      'aside, as %s', path, found.group(1), output)
+      os.replace(path, output)
+      continue
+    logging.warning('Removing %s, left by a conversion (pid %s) that was killed',
+                    path, found.group(1))
+    _remove(path)
 
 
 def _put_in_place(staged: str, output: str, to: str) -> None:
@@ -504,6 +541,10 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
     # --output=WD/checkpoints, would replace the run's own checkpoints
     raise ConversionError(f'the output {output_path} holds the input {input_path} or its '
                           'checkpoints: write the Orbax directory outside them')
+  if '://' not in output_path:  # before the output is checked: one may be put back
+    local = os.path.realpath(output_path)
+    _clear_leftovers(local, os.path.basename(output_path.rstrip('/')))
+    _clear_leftovers(local, os.path.basename(local))  # a set-aside old output is named so
   # Checked before reading (reading can take minutes) and again just before writing.
   if not overwrite:
     _check_output(output_path, to, overwrite=False)
