@@ -7,7 +7,9 @@ decay; dropout 0.1); Sec. 3.1 (a head with one hidden layer at pre-training: 768
 here, as in the released checkpoints).
 
 Not from the paper, which does not state them for ImageNet-21k: the sigmoid
-cross-entropy loss (big_vision's practice for ImageNet-21k), global-norm clipping at 1
+cross-entropy loss with the head's bias starting at -10 (big_vision's practice for
+ImageNet-21k: the first loss is about 10 an image instead of 21,843 x ln 2), global-norm
+clipping at 1
 (the paper's Table 3 applies it to ImageNet-1k; AugReg, Steiner et al. 2021, to every
 run), the inception-crop + flip preprocessing, and the held-out `val` folder (ImageNet-21k
 has no official validation split: docs/data.md).

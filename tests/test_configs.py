@@ -100,3 +100,22 @@ def test_a_recorded_config_takes_command_line_overrides(tmp_path):
     assert proc.returncode == 0, subprocess_env.failure(proc)
     counts += [l for l in proc.stdout.splitlines() if l.startswith('parameters')]
   assert len(counts) == 2 and counts[0] != counts[1]   # the override added pre_logits
+
+
+def test_the_21k_recipe_starts_with_a_small_sigmoid_loss():
+  """With 21,843 sigmoids at bias 0 the first loss was 21,843 x ln 2 = 15,140 an image
+  (big_vision starts the head's bias at -10); the model the recipe builds, at init."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import step  # pylint: disable=g-import-not-at-top
+  config = _load(CONFIGS[[p.stem for p in CONFIGS].index('vit_b16')]).get_config()
+  config.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, image_size=32)
+  module = models.create(config.model)
+  params = models.init_params(module, 32, seed=0)
+  images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  labels = np.zeros((4, 21843), np.float32)
+  labels[np.arange(4), [0, 5, 700, 21842]] = 1
+  logits = jax.jit(lambda p, x: module.apply({'params': p}, x, train=False))(params, images)
+  loss = step.loss_fn_for(config.loss)(logits, labels)
+  assert loss.shape == (4,) and float(loss.max()) < 12.0, loss
