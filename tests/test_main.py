@@ -100,6 +100,21 @@ def test_fields_of_more_than_one_type_take_every_type_on_the_command_line(tmp_pa
   assert "representation_size='wide' must be a positive int" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_hybrid_goes_without_its_stem_on_the_command_line(tmp_path):
+  """--config.model.resnet=None was "Failed to parse 'None' as a ConfigDict" (ml_collections
+  parses an override of a sub-config as a dict)."""
+  proc = _run(['--config=configs/r50_vit_b16.py', '--config.model.num_layers=1',
+               '--config.model.resnet=None', "--config.model.patch_size=(16, 16)"], tmp_path)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['resnet'] is None
+  summary = json.loads((tmp_path / 'model_summary.json').read_text())
+  module = models.create('ViT-B/16', num_layers=1, num_classes=21843, representation_size=768)
+  assert summary['parameters'] == models.param_count(models.abstract_params(module, 224))
+  proc = _run(['--config=configs/swin_t.py', '--config.model.resnet=None'], tmp_path)
+  assert proc.returncode == 3 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert '--config.model.resnet names no config field' in proc.stderr
+
+
 def test_the_21k_recipe_representation_layer_follows_a_shrunk_width(tmp_path):
   proc = _run(['--config=configs/vit_b16.py', '--config.model.num_layers=1',
                '--config.model.hidden_size=64', '--config.model.num_heads=2'], tmp_path)

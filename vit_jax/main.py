@@ -312,6 +312,26 @@ def _config_file_problem(argv) -> str | None:
   return None
 
 
+# Sub-configs a model may go without. ml_collections parses an override of a ConfigDict
+# field as a dict, so `--config.model.resnet=None` (a hybrid without its stem) was a
+# "Failed to parse 'None' as a ConfigDict"; it is taken out of the flags and applied to
+# the parsed config.
+_OPTIONAL_SUBCONFIGS = ('model.resnet',)
+
+
+def _none_overrides(argv) -> tuple[list[str], list[str]]:
+  """(argv without the `--config.<optional sub-config>=None` overrides, their fields)."""
+  keep, nones = [], []
+  for arg in argv:
+    name, eq, value = arg.partition('=')
+    field = name[len('--config.'):] if name.startswith('--config.') else None
+    if eq and field in _OPTIONAL_SUBCONFIGS and value.strip() in ('None', 'none'):
+      nones.append(field)
+    else:
+      keep.append(arg)
+  return keep, nones
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with a --config override that names no field reported as absl
   reports other bad flags (one line, the closest field), not as an escaped traceback."""
@@ -319,8 +339,18 @@ def _parse_flags(argv):
   if problem:
     sys.stderr.write(f'FATAL Flags parsing error: {problem}\n')
     sys.exit(EXIT_USER_ERROR)
+  given, nones = _none_overrides(argv)
   try:
-    return cli_flags.parse_flags(argv, bad_flag_status=EXIT_USER_ERROR)
+    rest = cli_flags.parse_flags(given, bad_flag_status=EXIT_USER_ERROR)
+    for field in nones:
+      parent, _, name = field.rpartition('.')
+      config = _CONFIG.value
+      for part in parent.split('.'):
+        config = config[part]
+      if name not in config:
+        raise KeyError(f"'{name}' is not a field of config.{parent}")
+      config[name] = None
+    return rest
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
