@@ -344,6 +344,46 @@ def test_cli_errors(photos, checkpoint, tmp_path):
   assert (tmp_path / 'd' / 'astronaut_rollout_original.png').exists()
 
 
+_COUNTING_READS = """
+import runpy, sys
+from vit_jax import inference
+read = inference.ImageClassifier.read
+def counted(self, images):
+  images = list(images)
+  print('READ', len(images), file=sys.stderr, flush=True)
+  return read(self, images)
+inference.ImageClassifier.read = counted
+sys.argv = ['vit_jax.visualize'] + sys.argv[1:]
+runpy.run_module('vit_jax.visualize', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_cli_reads_and_draws_a_batch_at_a_time(photos, checkpoint, tmp_path):
+  """It decoded every image into memory before drawing the first (and lost everything to a
+  late failure); now one batch is read, drawn and written at a time."""
+  (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff' + b'\0' * 40)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  out = tmp_path / 'm'
+  r = subprocess.run(
+      [sys.executable, '-c', _COUNTING_READS, f'--checkpoint={checkpoint}', f'--out={out}',
+       '--batch_size=2', str(photos / 'astronaut.png'), str(tmp_path / 'broken.jpg'),
+       str(photos / 'more')], cwd=tmp_path, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert r.returncode == 1, r.stderr  # a skipped image
+  reads = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith('READ')]
+  assert reads == [2, 2], r.stderr  # 4 images, 2 at a time
+  assert f'skipping {tmp_path / "broken.jpg"}' in r.stderr
+  tops = [line for line in r.stdout.splitlines() if ': top-1 ' in line]
+  assert len(tops) == 3
+  for stem in ('astronaut', 'astronaut-2', 'chelsea'):
+    assert (out / f'{stem}_rollout.png').exists() and (out / f'{stem}_rollout_original.png').exists()
+  # None readable: one line, status 2, no folder made.
+  r = _cli(f'--checkpoint={checkpoint}', f'--out={tmp_path / "none"}', tmp_path / 'broken.jpg',
+           cwd=tmp_path)
+  assert r.returncode == 2 and 'none of the 1 images could be read' in r.stderr, r.stderr
+  assert not (tmp_path / 'none').exists()
+
+
 def test_cli_checkpoint_without_position_embedding(photos, tmp_path):
   _, params = small('token')
   params = dict(params)

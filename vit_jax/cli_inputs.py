@@ -132,21 +132,6 @@ def pixel_scale_note(pp: str, weights_pp: str | None, *, recorded: bool = True) 
           'that is intended')
 
 
-def readable_images(program: str, classifier, paths):
-  """(preprocessed pixels, their paths, whether any were skipped) of the images
-  `classifier` can read; each one it cannot is named on stderr, and none at all is a
-  one-line error (status 2)."""
-  try:
-    pixels, errors = classifier.read([str(p) for p in paths])
-  except ValueError as e:
-    fail(program, f'cannot preprocess the images: {e}')
-  for i, error in errors.items():
-    print(f'{program}: skipping {paths[i]}: {error}', file=sys.stderr)
-  if not len(pixels):
-    fail(program, f'none of the {len(paths)} images could be read')
-  return pixels, [p for i, p in enumerate(paths) if i not in errors], bool(errors)
-
-
 # Seconds between progress lines on stderr (images done, images/s, time left).
 PROGRESS_EVERY_S = 10.0
 

@@ -536,19 +536,6 @@ def attention_fn(module):
   return jax.jit(fn)
 
 
-def batches(pixels, batch_size: int):
-  """(start, padded batch, real size) chunks; all of batch_size when there are more
-  images than one batch (one compilation), else the images as they are."""
-  n = len(pixels)
-  for start in range(0, n, batch_size):
-    chunk = np.asarray(pixels[start:start + batch_size], np.float32)
-    real = len(chunk)
-    if n > batch_size and real < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:],
-                                              chunk.dtype)])
-    yield start, chunk, real
-
-
 # ----------------------------------------------------------------------------------------
 # Command line.
 
@@ -638,36 +625,56 @@ def main(argv):
     _fail(f'{f["checkpoint"]}: {e}')
   prefix = num_prefix_tokens(module)
 
-  pixels, paths, skipped = cli_inputs.readable_images('vit_jax.visualize', clf, paths)
-  try:
-    views = model_view(clf, [str(p) for p in paths])
-  except Exception as e:  # pylint: disable=broad-except
-    _fail(f'cannot preprocess the images: {type(e).__name__}: {e}')
-  grid = token_grid(module, pixels.shape[1:3])
-  if posemb.shape[1] != prefix + grid[0] * grid[1]:
-    _fail(f'the preprocessing ({clf.pp!r}) gives {pixels.shape[1]}x{pixels.shape[2]} '
-          f'images, i.e. a {grid[0]}x{grid[1]} token grid, but the position embedding '
-          f'holds {posemb.shape[1] - prefix} patch positions: make the preprocessing end '
-          'at the model resolution (--pp)')
-  if views.shape[1:3] != pixels.shape[1:3]:
-    _fail(f'cannot show the images as the model sees them: {clf.pp!r} without its value '
-          f'ops gives {views.shape[1:3]} pixels, not {pixels.shape[1:3]}')
   out = pathlib.Path(f['out'])
   if out.exists() and not out.is_dir():
     _fail(f'--out={out} is a file: give a folder for the PNGs (it is created)')
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    _fail(f'--out={out}: cannot create the folder ({e})')
   fn = attention_fn(module)
   stems = unique_stems(paths)
   on_original_ok = traces_back(clf.pp)
-  if not on_original_ok:
-    print(f'(no *_rollout_original.png: the preprocessing {clf.pp!r} has ops besides '
-          'decode, resize, resize_small and central_crop, whose geometry is not traced '
-          'back to the original image)', file=sys.stderr)
   what = 'class-token attention' if prefix else 'mean attention over query tokens'
-  for start, chunk, real in batches(pixels, f['batch_size']):
+  bs, total = f['batch_size'], len(paths)
+  grid, skipped, drawn = None, False, 0
+  # A batch at a time: memory holds one batch of images and maps, not every image, and
+  # what is drawn is written before a later image fails.
+  for begin in range(0, total, bs):
+    group = paths[begin:begin + bs]
+    try:
+      pixels, errors = clf.read([str(p) for p in group])
+    except ValueError as e:
+      _fail(f'cannot preprocess the images: {e}')
+    for i, error in sorted(errors.items()):
+      print(f'vit_jax.visualize: skipping {group[i]}: {error}', file=sys.stderr, flush=True)
+    skipped = skipped or bool(errors)
+    if not len(pixels):
+      continue
+    readable = [(p, stems[begin + i]) for i, p in enumerate(group) if i not in errors]
+    try:
+      views = model_view(clf, [str(p) for p, _ in readable])
+    except Exception as e:  # pylint: disable=broad-except
+      _fail(f'cannot preprocess the images: {type(e).__name__}: {e}')
+    if grid is None:  # the first batch read: what every batch shares
+      grid = token_grid(module, pixels.shape[1:3])
+      if posemb.shape[1] != prefix + grid[0] * grid[1]:
+        _fail(f'the preprocessing ({clf.pp!r}) gives {pixels.shape[1]}x{pixels.shape[2]} '
+              f'images, i.e. a {grid[0]}x{grid[1]} token grid, but the position embedding '
+              f'holds {posemb.shape[1] - prefix} patch positions: make the preprocessing '
+              'end at the model resolution (--pp)')
+      if views.shape[1:3] != pixels.shape[1:3]:
+        _fail(f'cannot show the images as the model sees them: {clf.pp!r} without its '
+              f'value ops gives {views.shape[1:3]} pixels, not {pixels.shape[1:3]}')
+      try:
+        out.mkdir(parents=True, exist_ok=True)
+      except OSError as e:
+        _fail(f'--out={out}: cannot create the folder ({e})')
+      if not on_original_ok:
+        print(f'(no *_rollout_original.png: the preprocessing {clf.pp!r} has ops besides '
+              'decode, resize, resize_small and central_crop, whose geometry is not traced '
+              'back to the original image)', file=sys.stderr)
+    real = len(pixels)
+    chunk = pixels
+    if total > bs and real < bs:  # the batch's shape (one compilation for every batch)
+      chunk = np.concatenate([pixels, np.zeros((bs - real,) + pixels.shape[1:],
+                                               pixels.dtype)])
     try:
       logits, attn = fn(clf.params, chunk)
     except Exception as e:  # pylint: disable=broad-except
@@ -677,9 +684,9 @@ def main(argv):
     masks = rollout_mask(attention_rollout(attn, residual=f['residual'],
                                            head_fusion=f['head_fusion']), grid)
     maps = cls_attention_maps(attn, grid)
-    for j in range(real):
-      path, stem, top = paths[start + j], stems[start + j], int(np.argmax(probs[j]))
-      overlay, mask = save_rollout_overlay(views[start + j], masks[j],
+    for j, (path, stem) in enumerate(readable):
+      top = int(np.argmax(probs[j]))
+      overlay, mask = save_rollout_overlay(views[j], masks[j],
                                            out / f'{stem}_rollout.png', alpha=f['alpha'])
       try:
         on_original = on_original_ok and _rollout_on_original(
@@ -691,10 +698,13 @@ def main(argv):
           maps[:, j], out / f'{stem}_attention_layers.png',
           title=f'{path.name}, top-1: {clf.label(top)} ({probs[j, top]:.3f})\n'
               f'{what} to the {grid[0]}x{grid[1]} patches')
-      print(f'{path}: top-1 {clf.label(top)} ({top}) p={probs[j, top]:.4f}')
+      print(f'{path}: top-1 {clf.label(top)} ({top}) p={probs[j, top]:.4f}', flush=True)
       for written in (overlay, mask, on_original, layers):
         if written:
           print(f'  {written}')
+    drawn += real
+  if not drawn:
+    _fail(f'none of the {total} images could be read')
   sim = posemb_similarity(posemb, grid, prefix)
   print(save_posemb_grid(sim, out / 'posemb_similarity.png'))
   if skipped:
