@@ -544,10 +544,10 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     otherwise is warned about ('num_heads=4' for weights of 2 heads).
   """
   path = os.fspath(path)
-  ckpt = _load_checkpoint(path, model)
+  given = _model_config(model, base=_spec_base(path))
+  ckpt = _load_checkpoint(path, model, given)
   _runnable_attention(ckpt.config, path)
   if isinstance(model, str):
-    given = _model_config(model, base=_spec_base(path))
     for field, text in _spec_parts(model)[1]:
       wanted = given[field]
       got = ckpt.config.get(field)
@@ -582,9 +582,8 @@ def _spec_base(path: str) -> str:
   return 'ViT-B/16' if path.endswith('.npz') else 'vit_base_patch16_224'
 
 
-def _load_checkpoint(path: str, model) -> Checkpoint:
-  """load_checkpoint's reading."""
-  given = _model_config(model, base=_spec_base(path))
+def _load_checkpoint(path: str, model, given) -> Checkpoint:
+  """load_checkpoint's reading; `given`: `model` as a config (None if none)."""
   family = registry.family_of(given) if given is not None else None
   if os.path.isdir(path) and _hf_dir_weights(path):  # a transformers save_pretrained dir
     path = _hf_dir_weights(path)
