@@ -222,6 +222,45 @@ def model_axis_problem(tree, mesh: Mesh) -> str | None:
   return None
 
 
+def fsdp_axis_problem(tree, mesh: Mesh, min_fsdp_size: int = 2**18) -> str | None:
+  """What the mesh's fsdp axis leaves whole among the params `tree` (arrays or shape
+  structs), as a warning; None where it shards every parameter of `min_fsdp_size`
+  elements or more, or has one device.
+
+  A parameter stays whole on every device of the axis when it is under min_fsdp_size or
+  no dimension of it is divisible by the axis (`param_spec`): fsdp=8 over a small model,
+  or over kernels of width 12, kept a full copy on each device without a word. (The
+  batch is still split over the axis, as over data.)
+  """
+  fsdp = mesh.shape['fsdp']
+  if fsdp == 1:
+    return None
+  total = sharded = 0
+  whole = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name, shape = _path_str(path), tuple(getattr(leaf, 'shape', ()))
+    size = int(np.prod(shape, dtype=np.int64))
+    total += size
+    if 'fsdp' in tuple(param_spec(name, shape, mesh, min_fsdp_size)):
+      sharded += size
+    elif size >= min_fsdp_size:
+      whole.append((size, f'{name} {shape}'))
+  if not sharded:
+    return (f'config.mesh.fsdp={fsdp} shards none of the {total:,} parameter elements '
+            f'(each is under config.min_fsdp_size={min_fsdp_size:,} or has no dimension '
+            f'divisible by {fsdp}), so every device holds all of them; lower '
+            'config.min_fsdp_size to shard them, or give the devices to config.mesh.data')
+  if whole:
+    whole.sort(reverse=True)
+    return (f'config.mesh.fsdp={fsdp} leaves {len(whole)} parameters of '
+            f'config.min_fsdp_size={min_fsdp_size:,} elements or more whole on every '
+            f'device, as no dimension of theirs is divisible by {fsdp} (e.g. '
+            f'{", ".join(w for _, w in whole[:2])}); {sharded / total:.0%} of the '
+            'parameter elements are sharded. Use an fsdp size that divides the model\'s '
+            'widths (hidden_size, mlp_dim)')
+  return None
+
+
 def tree_shardings(tree, mesh: Mesh, min_fsdp_size: int = 2**18):
   """NamedShardings for every array of a tree (params, or an optimizer state)."""
   def one(path, leaf):

@@ -242,9 +242,11 @@ class Trainer:
     self._rng = jax.random.PRNGKey(config.seed)
     self._abstract = jax.eval_shape(init_state, self._rng)
     replicated = sharding_lib.replicated(mesh)
-    problem = sharding_lib.model_axis_problem(self._abstract.params, mesh)
-    if problem:
-      logging.warning('%s', problem)
+    for problem in (sharding_lib.model_axis_problem(self._abstract.params, mesh),
+                    sharding_lib.fsdp_axis_problem(self._abstract.params, mesh,
+                                                   config.min_fsdp_size)):
+      if problem:
+        logging.warning('%s', problem)
     self.batch_sharding = sharding_lib.batch_sharding(mesh)
     self.state_sharding = step_lib.TrainState(
         step=replicated,
