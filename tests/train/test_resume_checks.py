@@ -159,10 +159,17 @@ def test_another_batch_size_is_refused_on_resume(tmp_path, monkeypatch):
   data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
   workdir = tmp_path / 'run'
   loop.train_and_evaluate(_config(data), workdir)
+  # Refused before the arrays are read (a large state took minutes to restore, or ran
+  # out of memory on fewer devices, before the message).
+  restored = []
+  real_restore = loop.ckpt_lib.TrainCheckpointer.restore
+  monkeypatch.setattr(loop.ckpt_lib.TrainCheckpointer, 'restore',
+                      lambda self, *a, **k: restored.append(a) or real_restore(self, *a, **k))
   with pytest.raises(loop.ResumeError, match=r'trained with config.batch_size=4, this run has '
                      r'8: .* keep --config.batch_size=4 and fit it to the devices with '
                      r'--config.accum_steps'):
     loop.train_and_evaluate(_config(data, batch_size=8, total_steps=4), workdir)
+  assert not restored
 
 
 def test_a_stop_at_an_evaluation_step_saves_first_and_the_resumed_run_evaluates(

@@ -361,9 +361,12 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
             'class_names': train_source.class_names,
             'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
     if resuming:
-      state, saved_meta = _restore_newest_readable(checkpointer, t.abstract_state(),
-                                                   meta['config'], workdir)
-      _check_same_batch(saved_meta.get('global_batch_size'), config, workdir)
+      state, saved_meta = _restore_newest_readable(
+          checkpointer, t.abstract_state(), meta['config'], workdir,
+          # before the arrays: a restore of a large state can take minutes, or run out
+          # of memory on fewer devices, before the message
+          check_meta=lambda saved: _check_same_batch(saved.get('global_batch_size'),
+                                                     config, workdir))
       for key in ('seed', 'steps_per_epoch', 'process_count'):
         # (Checkpoints written before process_count was recorded do not have it.)
         if saved_meta.get(key) != meta[key] and (key in saved_meta
@@ -660,8 +663,10 @@ def _warn_schedule_change(saved_meta, total_steps, spe, schedule, step) -> None:
       f' (it was {before:.4g})' if before is not None else '')
 
 
-def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir):
-  """(state, meta) of the newest checkpoint that can be read.
+def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir,
+                             check_meta=None):
+  """(state, meta) of the newest checkpoint that can be read; `check_meta(meta)` may
+  raise ResumeError from a checkpoint's meta before its arrays are restored.
 
   In a single process with a local workdir, a damaged newest checkpoint (a truncated file,
   missing metadata, an empty step directory) is passed over for the one before it, and
@@ -677,6 +682,8 @@ def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir
   for step in sorted(checkpointer.all_steps(), reverse=True):
     try:
       _check_resumable(checkpointer, abstract_state, config, workdir, step)
+      if check_meta is not None:
+        check_meta(checkpointer.restore_meta(step))
       restored = checkpointer.restore(abstract_state, step)
     except ResumeError:
       raise
