@@ -47,3 +47,31 @@ def test_nothing_changes_once_tensorflow_is_imported(monkeypatch):
   monkeypatch.setitem(sys.modules, 'tensorflow', object())
   assert tensorflow_startup.leave_keras_out() is False
   assert tensorflow_startup.VARIABLE not in os.environ
+
+
+def test_the_inference_tools_print_a_usage_error_without_native_log_lines(tmp_path):
+  """TensorFlow's C++ start-up lines (cpu_feature_guard) came around predict's one-line
+  error, and a 'Local rendezvous is aborting' warning before each image it skips."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
+  module = models.create('ViT-Ti/16', num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64,
+                         num_classes=3, image_size=32)
+  checkpoints.save_npz(tmp_path / 'w.npz', models.init_params(module, 32))
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / 'ok.png')
+  (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff' + b'\0' * 40)
+  env = {k: v for k, v in os.environ.items()
+         if k != tensorflow_startup.NATIVE_LOG_VARIABLE}
+  def predict(*args):
+    return subprocess.run([sys.executable, '-m', 'vit_jax.predict',
+                           f'--checkpoint={tmp_path / "w.npz"}', *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  proc = predict("--pp=decode|resise(32)", str(tmp_path / 'ok.png'))
+  assert proc.returncode == 2, subprocess_env.failure(proc)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "Unknown preprocessing op 'resise'" in lines[0], proc.stderr
+  proc = predict('--pp=decode|resize(32)|value_range(-1, 1)', str(tmp_path / 'broken.jpg'),
+                 str(tmp_path / 'ok.png'))
+  assert proc.returncode == 1, subprocess_env.failure(proc)
+  assert 'rendezvous' not in proc.stderr and 'cpu_feature_guard' not in proc.stderr, proc.stderr
+  assert f'skipping {tmp_path / "broken.jpg"}' in proc.stderr

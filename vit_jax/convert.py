@@ -661,6 +661,7 @@ def _paths(args) -> tuple[str, str]:
 
 def main(argv) -> int:
   tensorflow_startup.leave_keras_out()
+  tensorflow_startup.quiet_native_logs()
   logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
     input_path, output_path = _paths(argv[1:])

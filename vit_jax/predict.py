@@ -51,6 +51,7 @@ def _fail(message: str) -> None:
 def main(argv):
   import json  # pylint: disable=g-import-not-at-top
   tensorflow_startup.leave_keras_out()
+  tensorflow_startup.quiet_native_logs()
   logging.set_verbosity(logging.WARNING)  # stdout is the answer; keep stderr for problems
   paths, clf = cli_inputs.images_and_classifier(
       'vit_jax.predict', argv[1:], _CHECKPOINT.value, model=_MODEL.value,

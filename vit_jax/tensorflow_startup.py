@@ -9,6 +9,11 @@ instead and, where it is not installed, leaves Keras out (`tf.keras` is then mis
 Only the entry points (`vit_jax.main`, `vit_jax.predict`, `vit_jax.visualize`,
 `vit_jax.convert`, `vit_jax.benchmark`) and the test session call `leave_keras_out()`:
 importing vit_jax as a library changes nothing in the importing process.
+
+`quiet_native_logs()`: the inference tools (predict, visualize, convert) keep stderr for
+their own messages. TensorFlow's and XLA's C++ logging printed start-up lines
+(cpu_feature_guard) around a one-line usage error, and a warning ("Local rendezvous is
+aborting ...") before each unreadable image the tool names itself.
 """
 
 import importlib.util
@@ -27,6 +32,18 @@ def leave_keras_out() -> bool:
   if 'tensorflow' in sys.modules or _tf_keras_installed():
     return False
   os.environ[VARIABLE] = '1'
+  return True
+
+
+NATIVE_LOG_VARIABLE = 'TF_CPP_MIN_LOG_LEVEL'
+
+
+def quiet_native_logs() -> bool:
+  """Sets TF_CPP_MIN_LOG_LEVEL=2 (native errors only) unless it is set already or
+  TensorFlow or jaxlib is already imported (their logging has read it). True if set."""
+  if NATIVE_LOG_VARIABLE in os.environ or 'tensorflow' in sys.modules or 'jaxlib' in sys.modules:
+    return False
+  os.environ[NATIVE_LOG_VARIABLE] = '2'
   return True
 
 

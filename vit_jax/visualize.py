@@ -602,6 +602,7 @@ def _rollout_on_original(pp, path, mask, out_path, alpha) -> str:
 def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
   tensorflow_startup.leave_keras_out()
+  tensorflow_startup.quiet_native_logs()
   logging.set_verbosity(logging.WARNING)
   f = {k: v.value for k, v in _FLAGS.items()}
   if not 0 <= f['alpha'] <= 1:
