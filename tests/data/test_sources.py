@@ -217,7 +217,7 @@ def test_folder_errors_name_the_problem(messy_folder, tmp_path):
 
 def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path):
   start = time.monotonic()
-  with pytest.raises(sources.DataError, match=r"'mnist' is not prepared.*tfds build mnist"):
+  with pytest.raises(sources.DataError, match=r"'mnist' is not prepared.*python -m vit_jax.data.prepare mnist"):
     sources.TfdsSource(name='mnist', split='train', data_dir=str(tmp_path))
   with pytest.raises(sources.DataError, match="config.input.name='no_such_dataset_xyz'"):
     sources.TfdsSource(name='no_such_dataset_xyz', split='train', data_dir=str(tmp_path))

@@ -92,7 +92,8 @@ def _tfds_builder(name: str, data_dir: str | None):
     else:
       raise DataError(
           f'tfds dataset {name!r} is not prepared in {builder.data_dir}. Prepare it once '
-          f'with `tfds build {name} --data_dir={data_dir or "~/tensorflow_datasets"}` '
+          f'with `python -m vit_jax.data.prepare {name} '
+          f'--data_dir={data_dir or "~/tensorflow_datasets"}` '
           '(datasets with manual downloads, such as imagenet2012, need the archives in '
           '<data_dir>/downloads/manual first; ImageNet-21k is not in the tfds catalog: see '
           'docs/data.md), or point config.input.data_dir at the directory that holds it.')
