@@ -158,6 +158,13 @@ def test_a_misspelled_group_in_an_override_is_one_line_too(tmp_path):
      '/no/such/run holds no config.json (it takes the --workdir of a run of vit_jax.main)'),
     (['--config=configs/demo.py', '--config.model=ViT-B/16'],
      '--config=configs/model_summary.py:ViT-B/16'),
+    # An argument get_config refuses, and from_workdir.py without its workdir: were
+    # ml_collections' loader traceback before the message.
+    (['--config=configs/resnet50.py:mnst'],
+     "--config=configs/resnet50.py:mnst: unknown config argument 'mnst': use none or "
+     '"mnist" (raised at configs/'),
+    (['--config=configs/from_workdir.py'],
+     '--config=configs/from_workdir.py: name the workdir after a colon'),
 ])
 def test_config_file_mistakes_are_one_line(tmp_path, args, message):
   proc = _run(args, tmp_path)

@@ -308,7 +308,36 @@ def _config_file_problem(argv) -> str | None:
               models.get_config(variant)
             except ValueError as e:
               return f'--config={path}:{variant}: {e}'
+    problem = _get_config_error(path, variant)
+    if problem:
+      return problem
+  return None
 
+
+def _get_config_error(path: str, variant: str) -> str | None:
+  """A ValueError of the config file's get_config (an unknown argument after ':', a
+  from_workdir.py without its workdir) as one line; ml_collections shows it under a
+  traceback of its own loader. Other errors are left to ml_collections (with the line)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  try:
+    spec = importlib.util.spec_from_file_location('_vit_jax_config_check', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    get_config = module.get_config
+  except Exception:  # pylint: disable=broad-except
+    return None
+  try:
+    if variant:
+      get_config(variant)
+    else:
+      get_config()
+  except ValueError as e:
+    import traceback  # pylint: disable=g-import-not-at-top
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    return (f'--config={path}{":" + variant if variant else ""}: {e} (raised at '
+            f'{os.path.relpath(where.filename)}:{where.lineno})')
+  except Exception:  # pylint: disable=broad-except
+    return None
   return None
 
 
