@@ -23,7 +23,9 @@ FIELD_DOCS = {
     'input': 'data config (vit_jax/data/input_config.py)',
     'batch_size': 'global batch size (all processes and devices together)',
     'accum_steps': ('gradient accumulation: micro-batches per step (the same update as one big '
-                    'batch, except with BatchNorm, which normalises each micro-batch on its own)'),
+                    'batch, except with BatchNorm, which normalises each micro-batch on its own, '
+                    'and dropout and stochastic depth, whose masks are drawn per micro-batch: '
+                    'the same distribution, other draws)'),
     'total_steps': 'training steps; None derives it from num_epochs',
     'num_epochs': 'epochs of the training split when total_steps is None',
     'optimizer': "name ('adam'|'sgd'), b1, b2, eps, momentum, weight_decay, grad_clip_norm, mu_dtype",
