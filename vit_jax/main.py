@@ -170,12 +170,34 @@ def main(argv):
                       resuming=loop.has_checkpoint(workdir))
     loop.check_workdir(workdir)
   with contextlib.ExitStack() as lock:
-    if is_main and not _SUMMARY_ONLY.value:
+    if not _SUMMARY_ONLY.value:
       # Before the model summary compiles anything: a second run in a busy workdir is
       # refused at once, not after the FLOP count (seconds to minutes on a CPU).
-      from vit_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
-      lock.enter_context(workdir_lock.hold(workdir))
+      _lock_workdir(lock, workdir, is_main)
     return _summarise_and_train(config, workdir, is_main, defaults)
+
+
+def _lock_workdir(stack: contextlib.ExitStack, workdir, is_main: bool) -> None:
+  """Process 0 takes the workdir's lock (onto `stack`); with several processes every one
+  learns whether it got it, and all raise WorkdirBusyError if not. (Process 0 alone
+  raised: the others were ended by the distributed service's fatal error, a C++ stack
+  trace that did not name the lock.)"""
+  from vit_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
+  busy = None
+  if is_main:
+    try:
+      stack.enter_context(workdir_lock.hold(workdir))
+    except workdir_lock.WorkdirBusyError as e:
+      busy = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    held_elsewhere = int(multihost_utils.broadcast_one_to_all(jnp.int32(busy is not None)))
+    if held_elsewhere and busy is None:
+      busy = workdir_lock.WorkdirBusyError(
+          f'--workdir={workdir} is in use by another run: process 0 found its lock held '
+          '(its log names that run)')
+  if busy is not None:
+    raise busy
 
 
 def _summarise_and_train(config, workdir, is_main, defaults):
@@ -332,7 +354,6 @@ def _get_config_error(path: str, variant: str) -> str | None:
     else:
       get_config()
   except ValueError as e:
-    import traceback  # pylint: disable=g-import-not-at-top
     where = traceback.extract_tb(e.__traceback__)[-1]
     return (f'--config={path}{":" + variant if variant else ""}: {e} (raised at '
             f'{os.path.relpath(where.filename)}:{where.lineno})')

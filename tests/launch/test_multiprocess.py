@@ -386,3 +386,25 @@ def test_a_lost_process_stops_the_others_after_the_heartbeat_timeout(runs, tmp_p
         os.killpg(p.pid, signal.SIGKILL)
   assert procs[0].returncode != 0, out[-3000:]
   assert waited < 45, (waited, out[-3000:])  # 86 s with the default, measured
+
+
+def test_a_busy_workdir_is_refused_by_every_process(tmp_path):
+  """Process 0 alone found the workdir locked and exited; process 1 was then ended by the
+  distributed service's fatal error (a C++ stack trace, exit 139) that never named the
+  lock. Every process now says the workdir is in use, with exit status 1."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / 'busy'
+  workdir.mkdir()
+  fd = os.open(workdir / '.vit_jax.lock', os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds it
+  try:
+    procs = _start_pair(['--config=configs/demo.py', f'--workdir={workdir}',
+                         f'--config.input.data_dir={tmp_path / "tfds"}'], _free_port())
+    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    os.close(fd)
+  for i, (proc, out) in enumerate(zip(procs, outs)):
+    assert proc.returncode == 1, f'process {i}: {proc.returncode}\n{out[-3000:]}'
+    assert f'error (WorkdirBusyError): --workdir={workdir} is in use by another run' in out, (
+        f'process {i}:\n{out[-3000:]}')
+  assert 'process 0 found its lock held' in outs[1]
