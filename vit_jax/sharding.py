@@ -65,8 +65,14 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
+      fixed = [(a, s) for a, s in zip(AXES, sizes) if s not in (-1, 1)]
+      fits = ', '.join(f'{a}={d}' for a, s in fixed[-1:]
+                       for d in range(1, num_devices + 1)
+                       if num_devices % d == 0 and (num_devices // d) % (known // s) == 0)
       raise MeshError(f'config.mesh {dict(zip(AXES, sizes))}: {num_devices} devices are not '
-                      f'divisible by the fixed axes ({known})')
+                      f'divisible by the fixed axes ({known}), so the -1 axis has no size'
+                      + (f'; sizes that fit: {fits}' if fits else '')
+                      + ' (the fixed axes\' product must divide the device count)')
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
     raise MeshError(f'config.mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} '

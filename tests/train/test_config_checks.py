@@ -467,6 +467,18 @@ def test_a_mesh_error_names_the_mesh_once():
   assert str(e.value).startswith('config.mesh {') and str(e.value).count('config.mesh') == 1
 
 
+def test_a_fixed_axis_that_does_not_divide_the_devices_names_sizes_that_fit():
+  """It said only '8 devices are not divisible by the fixed axes (3)'."""
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  with pytest.raises(sharding.MeshError) as e:
+    sharding.mesh_shape({'data': -1, 'fsdp': 3, 'model': 1}, 8)
+  assert 'sizes that fit: fsdp=1, fsdp=2, fsdp=4, fsdp=8' in str(e.value)
+  for fit in (1, 2, 4, 8):  # each suggestion works
+    assert sharding.mesh_shape({'data': -1, 'fsdp': fit, 'model': 1}, 8)[0] == 8 // fit
+  with pytest.raises(sharding.MeshError, match='sizes that fit: model=1, model=2, model=4'):
+    sharding.mesh_shape({'data': -1, 'fsdp': 2, 'model': 3}, 8)
+
+
 def test_cudnn_attention_off_a_gpu_is_named():
   """It was a traceback ("cuDNN is not detected") from tracing the model, after the input
   pipeline and timm (benchmark --compare) were built."""
