@@ -402,9 +402,10 @@ def _webp_has_alpha(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """(alpha, animated) bools of a WebP file, from its header as libwebp reads them: the
   VP8X chunk's flags (alpha 0x10, animation 0x02), a lossless (VP8L) image's alpha bit
   (bit 28 after the signature byte); a lossy (VP8) image has neither."""
-  head = tf.io.decode_raw(tf.strings.substr(tf.strings.join([data, '\0' * 32]), 0, 32),
-                          tf.uint8)
-  chunk = tf.strings.substr(data, 12, 4)
+  # The first 32 bytes, padded for a short file (and no copy of the whole file).
+  padded = tf.strings.join([tf.strings.substr(data, 0, 32), '\0' * 32])
+  head = tf.io.decode_raw(tf.strings.substr(padded, 0, 32), tf.uint8)
+  chunk = tf.strings.substr(padded, 12, 4)
   flags = tf.cast(head[20], tf.int32)
   vp8x = tf.equal(chunk, 'VP8X')
   alpha = tf.where(vp8x, tf.bitwise.bitwise_and(flags, 0x10) > 0,
@@ -437,9 +438,9 @@ def _decode_webp(data: tf.Tensor) -> tf.Tensor:
 
 def is_webp(data: tf.Tensor) -> tf.Tensor:
   """Whether encoded bytes are a WebP file (RIFF....WEBP)."""
-  return tf.logical_and(tf.equal(tf.strings.substr(data, 0, 4), 'RIFF'),
-                        tf.equal(tf.strings.substr(tf.strings.join([data, ' ' * 12]), 8, 4),
-                                 'WEBP'))
+  head = tf.strings.join([tf.strings.substr(data, 0, 12), ' ' * 12])  # short files too
+  return tf.logical_and(tf.equal(tf.strings.substr(head, 0, 4), 'RIFF'),
+                        tf.equal(tf.strings.substr(head, 8, 4), 'WEBP'))
 
 
 def decode_other(data: tf.Tensor) -> tf.Tensor:
