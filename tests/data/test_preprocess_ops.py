@@ -161,6 +161,22 @@ def test_decode_animated_webp_first_frame_or_a_clear_error(tmp_path):
            _example(buf.getvalue()))
 
 
+def test_decode_a_webp_whose_alpha_is_not_flagged(photos):
+  """libwebp counts an ALPH chunk as alpha even with the VP8X flag clear, and TensorFlow
+  refused channels=3 for it ('Number of channels requested does not match input')."""
+  rgba = np.dstack([photos['coffee'][:16, :20],
+                    np.full((16, 20), 100, np.uint8)])
+  data = bytearray(_encode(Image.fromarray(rgba), 'WEBP', quality=90))
+  assert data[12:16] == b'VP8X' and data[20] & 0x10
+  data[20] &= ~0x10  # the flag cleared, the ALPH chunk kept
+  ref = np.array(Image.open(io.BytesIO(bytes(data))).convert('RGB')).astype(np.int32)
+  decode = pp.parse('decode')
+  graph = tf.function(lambda x: decode({'image': x})['image'])  # (numpy's bytes arrays,
+  for out in (_run('decode', _example(bytes(data)))['image'],  # _graph_run's, drop a
+              graph(tf.constant(bytes(data))).numpy()):  # trailing NUL of the file)
+    assert out.shape == ref.shape and np.abs(out.astype(np.int32) - ref).max() <= 8
+
+
 def test_decode_animated_gif_first_frame(tmp_path):
   frames = [Image.fromarray(np.full((8, 10, 3), v, np.uint8)) for v in (10, 200)]
   buf = io.BytesIO()

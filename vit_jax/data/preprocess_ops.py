@@ -7,7 +7,7 @@ A preprocessing pipeline is written as a spec string and turned into one functio
     ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 An example is a dict of tensors:
-  'image': an encoded image (tf.string scalar: JPEG, PNG, GIF, BMP) or a decoded
+  'image': an encoded image (tf.string scalar: JPEG, PNG, GIF, BMP, WebP) or a decoded
            uint8 / float32 HxWxC tensor;
   'label': int scalar, or (multi-label datasets) an int vector of label ids;
   'rng':   int64 [2], a stateless seed unique to the example.
@@ -399,9 +399,10 @@ _DCT_METHOD = 'INTEGER_ACCURATE'
 
 
 def _webp_has_alpha(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """(alpha, animated) bools of a WebP file, from its header as libwebp reads them: the
-  VP8X chunk's flags (alpha 0x10, animation 0x02), a lossless (VP8L) image's alpha bit
-  (bit 28 after the signature byte); a lossy (VP8) image has neither."""
+  """(alpha, animated) bools of a WebP file, from its header: the VP8X chunk's flags
+  (alpha 0x10, animation 0x02), a lossless (VP8L) image's alpha bit (bit 28 after the
+  signature byte); a lossy (VP8) image has neither. For an animation the flag is what
+  libwebp goes by; a still image may have alpha in an ALPH chunk with the flag clear."""
   # The first 32 bytes, padded for a short file (and no copy of the whole file).
   padded = tf.strings.join([tf.strings.substr(data, 0, 32), '\0' * 32])
   head = tf.io.decode_raw(tf.strings.substr(padded, 0, 32), tf.uint8)
@@ -418,9 +419,11 @@ def _webp_has_alpha(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 def _decode_webp(data: tf.Tensor) -> tf.Tensor:
   """Encoded WebP -> uint8 HxWx3 (first frame of an animation, alpha dropped).
 
-  TensorFlow's decoder takes only the channel count the file has (channels=3 fails on a
-  WebP with alpha), and with channels=0 an animation without alpha corrupts the heap and
-  kills the process; it cannot decode that kind at all, so it is refused first.
+  TensorFlow's decoder takes only the channel count libwebp reports for the file
+  (channels=3 fails on a WebP with alpha), so a still image is decoded with channels=0
+  (its own count) and made RGB. An animation is decoded as RGBA, which needs the alpha
+  flag set; one without it cannot be decoded at all (channels=0 corrupts the heap and
+  kills the process), so it is refused first.
   """
   alpha, animated = _webp_has_alpha(data)
   check = tf.debugging.Assert(
@@ -430,8 +433,8 @@ def _decode_webp(data: tf.Tensor) -> tf.Tensor:
   with tf.control_dependencies([check]):
     data = tf.identity(data)
   image = tf.cond(
-      alpha, lambda: tf.io.decode_image(data, channels=4, expand_animations=False)[..., :3],
-      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+      animated, lambda: tf.io.decode_image(data, channels=4, expand_animations=False)[..., :3],
+      lambda: _to_rgb(tf.io.decode_image(data, channels=0, expand_animations=False)))
   image.set_shape([None, None, 3])
   return image
 
