@@ -42,7 +42,13 @@ def get_config(workdir: str = ''):
   if not path.exists():  # a ValueError: absl reports it as one line, as a bad flag
     raise ValueError(f'{path} does not exist: --config=configs/from_workdir.py:DIR takes '
                      'the --workdir of a run of vit_jax.main')
-  recorded = json.loads(path.read_text())
+  try:
+    recorded = json.loads(path.read_text())
+  except json.JSONDecodeError as e:  # (ml_collections failed to re-raise this one)
+    raise ValueError(f'{path} is not valid JSON ({e}): a damaged or cut-short copy? '
+                     'vit_jax.main writes it at the start of every run') from None
+  if not isinstance(recorded, dict):
+    raise ValueError(f'{path} holds no JSON object: not a config.json of vit_jax.main')
   config = defaults.default_config()
   model = recorded.get('model') or {}
   try:

@@ -179,3 +179,22 @@ def test_an_error_inside_a_config_file_keeps_its_traceback(tmp_path):
   assert proc.returncode != 0
   assert 'Traceback' in proc.stderr and "KeyError: 'MY_DATA_DIR_NOT_SET'" in proc.stderr
   assert 'names no config field' not in proc.stderr
+  # A ValueError raised below the config file keeps the traceback that shows where; it
+  # is not cut to one line naming a frame of another file.
+  (tmp_path / 'helper_mod.py').write_text("def parse(text):\n  raise ValueError('deep')\n")
+  config_file.write_text("import sys\nsys.path.insert(0, %r)\nimport helper_mod\n\n"
+                         "def get_config():\n  return helper_mod.parse('x')\n" % str(tmp_path))
+  proc = _run([f'--config={config_file}'], tmp_path)
+  assert proc.returncode != 0 and 'Traceback' in proc.stderr, proc.stderr[-2000:]
+  assert 'helper_mod.py' in proc.stderr and '(raised at' not in proc.stderr
+
+
+def test_a_damaged_recorded_config_is_named(tmp_path):
+  """A cut-short config.json was "JSONDecodeError.__init__() missing 2 required
+  positional arguments" (ml_collections re-raising the error)."""
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text('{"batch_size": ')
+  proc = _run([f'--config=configs/from_workdir.py:{tmp_path / "run"}'], tmp_path)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert f'{tmp_path / "run" / "config.json"} is not valid JSON' in proc.stderr
+  assert 'Traceback' not in proc.stderr

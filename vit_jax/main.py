@@ -337,9 +337,10 @@ def _config_file_problem(argv) -> str | None:
 
 
 def _get_config_error(path: str, variant: str) -> str | None:
-  """A ValueError of the config file's get_config (an unknown argument after ':', a
-  from_workdir.py without its workdir) as one line; ml_collections shows it under a
-  traceback of its own loader. Other errors are left to ml_collections (with the line)."""
+  """A ValueError the config file's get_config raises itself (an unknown argument after
+  ':', a from_workdir.py without its workdir) as one line; ml_collections shows it under a
+  traceback of its own loader. Other errors, and a ValueError raised deeper (a damaged
+  config.json), are left to ml_collections' traceback."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   try:
     spec = importlib.util.spec_from_file_location('_vit_jax_config_check', path)
@@ -355,6 +356,8 @@ def _get_config_error(path: str, variant: str) -> str | None:
       get_config()
   except ValueError as e:
     where = traceback.extract_tb(e.__traceback__)[-1]
+    if os.path.realpath(where.filename) != os.path.realpath(path):
+      return None  # raised deeper (a damaged config.json): the traceback says where
     return (f'--config={path}{":" + variant if variant else ""}: {e} (raised at '
             f'{os.path.relpath(where.filename)}:{where.lineno})')
   except Exception:  # pylint: disable=broad-except
