@@ -43,3 +43,15 @@ def test_errors_name_the_dataset_and_the_fix(tmp_path):
     prepare.prepare('imagenet2012', str(tmp_path))
   assert not (tmp_path / 'imagenet2012').exists() or not any(
       (tmp_path / 'imagenet2012').rglob('*.tfrecord*'))
+  # A version or config the dataset lacks: one line (was a 43-line AssertionError).
+  with pytest.raises(prepare.PrepareError, match=r"'cifar10:9.\*.\*': .*only: 3"):
+    prepare.prepare('cifar10:9.*.*', str(tmp_path))
+  # The manual archives on another file system (gs://): found through tf.io.gfile, here
+  # on TensorFlow's in-memory one (they were looked for with os.path, never found).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.io.gfile.makedirs('ram://manual')
+  with tf.io.gfile.GFile('ram://manual/ILSVRC2012_img_val.tar', 'wb') as f:
+    f.write(b'not really a tar')
+  with pytest.raises(Exception) as e:  # past the check: tfds then reads the archives
+    prepare.prepare('imagenet2012', str(tmp_path), manual_dir='ram://manual')
+  assert not isinstance(e.value, prepare.PrepareError), e.value

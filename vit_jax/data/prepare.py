@@ -45,11 +45,14 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
     raise PrepareError(f'{name!r} is not a tfds dataset. Closest names: '
                        f'{", ".join(close) or "none"}; all of them: '
                        'https://www.tensorflow.org/datasets/catalog/overview') from None
+  except (AssertionError, ValueError) as e:  # a version or config the dataset lacks
+    raise PrepareError(f'{name!r}: {" ".join(str(e).split())}') from None
   already = builder.is_prepared()
   if not already:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (gs:// too)
     manual = manual_dir or os.path.join(builder.data_dir_root, 'downloads', 'manual')
     instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
-    if instructions and not (os.path.isdir(manual) and os.listdir(manual)):
+    if instructions and not (tf.io.gfile.isdir(manual) and tf.io.gfile.listdir(manual)):
       raise PrepareError(
           f'{name} needs its archives downloaded by hand into {manual} (or give '
           f'--manual_dir): {" ".join(instructions.split())}')
