@@ -113,6 +113,12 @@ def test_a_hybrid_goes_without_its_stem_on_the_command_line(tmp_path):
   proc = _run(['--config=configs/swin_t.py', '--config.model.resnet=None'], tmp_path)
   assert proc.returncode == 3 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert '--config.model.resnet names no config field' in proc.stderr
+  # A field of the stem given too would be dropped without a word: refused.
+  proc = _run(['--config=configs/r50_vit_b16.py', '--config.model.resnet', 'None',
+               '--config.model.resnet.num_layers=(3, 4, 9)'], tmp_path)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert ('--config.model.resnet=None removes config.model.resnet, so '
+          '--config.model.resnet.num_layers has nothing to set') in proc.stderr
 
 
 def test_the_21k_recipe_representation_layer_follows_a_shrunk_width(tmp_path):

@@ -373,15 +373,32 @@ _OPTIONAL_SUBCONFIGS = ('model.resnet',)
 
 
 def _none_overrides(argv) -> tuple[list[str], list[str]]:
-  """(argv without the `--config.<optional sub-config>=None` overrides, their fields)."""
+  """(argv without the `--config.<optional sub-config>=None` overrides, their fields).
+  The form `--config.model.resnet None` too; a field of the same sub-config given as
+  well (`--config.model.resnet.num_layers=...`) is refused, as it would be dropped."""
   keep, nones = [], []
-  for arg in argv:
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
     name, eq, value = arg.partition('=')
     field = name[len('--config.'):] if name.startswith('--config.') else None
+    if (not eq and field in _OPTIONAL_SUBCONFIGS and i + 1 < len(args)
+        and args[i + 1].strip() in ('None', 'none')):
+      eq, value = '=', args[i + 1]
+      i += 1
     if eq and field in _OPTIONAL_SUBCONFIGS and value.strip() in ('None', 'none'):
       nones.append(field)
     else:
       keep.append(arg)
+    i += 1
+  for field in nones:
+    inner = [a.split('=')[0] for a in keep if a.startswith(f'--config.{field}.')]
+    if inner:
+      sys.stderr.write(f'FATAL Flags parsing error: --config.{field}=None removes '
+                       f'config.{field}, so {inner[0]} has nothing to set: give one of '
+                       'them\n')
+      sys.exit(EXIT_USER_ERROR)
   return keep, nones
 
 
