@@ -685,21 +685,24 @@ def test_a_timm_hybrid_through_npz_reads_back_with_timm_s_stem(tmp_path):
 def test_leftovers_of_a_killed_conversion_are_cleared(timm_file, tmp_path):
   """A conversion killed with kill -9 left its hidden staging file (a whole model's size)
   beside the output for good; an old output it had set aside was lost from view."""
+  import socket  # pylint: disable=g-import-not-at-top
+  host = socket.gethostname()
   dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                         capture_output=True, text=True, check=True)
   pid = int(dead.stdout)  # a process that has ended
   out = tmp_path / 'm.safetensors'
-  staged = tmp_path / f'.convert-{pid}-m.safetensors'
+  staged = tmp_path / f'.convert-new-{pid}@{host}-m.safetensors'
   staged.write_bytes(b'half a model')
-  other = tmp_path / f'.convert-{pid}-other.safetensors'  # another output's: not touched
-  other.write_bytes(b'x')
-  alive = tmp_path / f'.convert-{os.getppid()}-m.safetensors'  # a running process's
-  alive.write_bytes(b'x')
+  kept = [tmp_path / f'.convert-new-{pid}@{host}-other.safetensors',  # another output's
+          tmp_path / f'.convert-new-{os.getppid()}@{host}-m.safetensors',  # running
+          tmp_path / f'.convert-new-{pid}@another-host-m.safetensors']  # another host's
+  for path in kept:
+    path.write_bytes(b'x')
   convert.convert(timm_file[1], out, to='timm')
-  assert out.exists() and not staged.exists() and other.exists() and alive.exists()
+  assert out.exists() and not staged.exists() and all(p.exists() for p in kept)
   # Killed between setting the old output aside and moving the new one in: put back.
   out.unlink()
-  aside = tmp_path / f'.convert-{pid}-m.safetensors.old'
+  aside = tmp_path / f'.convert-old-{pid}@{host}-m.safetensors'
   aside.write_bytes(b'precious')
   _raises('already exists', timm_file[1], out, to='timm')
   assert out.read_bytes() == b'precious' and not aside.exists()

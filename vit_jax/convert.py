@@ -191,12 +191,18 @@ def _check_output(output: str, to: str, overwrite: bool) -> None:
                           'refusing to delete it even with --overwrite')
 
 
-def _staging_path(output: str, name: str | None = None) -> str:
+def _staging_path(output: str, name: str | None = None, kind: str = 'new') -> str:
   """A hidden sibling of `output` named after `name` (default: the output's own name),
-  whose extension the writers go by, for writing the whole output before anything
-  existing is replaced."""
+  whose extension the writers go by: kind 'new' for writing the whole output before
+  anything existing is replaced, 'old' for the existing output set aside meanwhile. The
+  process and host are in the name, for clearing what a killed conversion left."""
   parent, base = os.path.split(os.path.abspath(output).rstrip('/'))
-  return os.path.join(parent, f'.convert-{os.getpid()}-{name or base}')
+  return os.path.join(parent, f'.convert-{kind}-{os.getpid()}@{_host()}-{name or base}')
+
+
+def _host() -> str:
+  import socket  # pylint: disable=g-import-not-at-top
+  return socket.gethostname().replace('/', '_')
 
 
 def _process_alive(pid: int) -> bool:
@@ -212,26 +218,28 @@ def _process_alive(pid: int) -> bool:
 def _clear_leftovers(output: str, name: str) -> None:
   """Staging files of conversions to `output` killed before they cleaned up (kill -9,
   out of memory): removed, so they no longer fill the disk unseen. An old output set aside
-  by one killed in the moment between its two renames is put back first. Only those of
-  processes that no longer run on this host are touched."""
+  by one killed in the moment between its two renames is put back first. Only the files
+  of this host's processes that no longer run are touched (on a shared file system,
+  another host's conversion may still be writing its own)."""
   parent = os.path.dirname(output)
-  pattern = re.compile(rf'\.convert-(\d+)-{re.escape(name)}(\.old)?$')
+  pattern = re.compile(
+      rf'\.convert-(new|old)-(\d+)@{re.escape(_host())}-{re.escape(name)}$')
   try:
     entries = sorted(os.listdir(parent))
   except OSError:
     return
   for entry in entries:
     found = pattern.match(entry)
-    if not found or int(found.group(1)) == os.getpid() or _process_alive(int(found.group(1))):
+    if not found or int(found.group(2)) == os.getpid() or _process_alive(int(found.group(2))):
       continue
     path = os.path.join(parent, entry)
-    if found.group(2) and not os.path.lexists(output):
+    if found.group(1) == 'old' and not os.path.lexists(output):
       logging.warning('Putting back %s, the output a killed conversion (pid %s) had set '
-                      'aside, as %s', path, found.group(1), output)
+                      'aside, as %s', path, found.group(2), output)
       os.replace(path, output)
       continue
     logging.warning('Removing %s, left by a conversion (pid %s) that was killed',
-                    path, found.group(1))
+                    path, found.group(2))
     _remove(path)
 
 
@@ -248,7 +256,7 @@ def _put_in_place(staged: str, output: str, to: str) -> None:
   if os.path.isdir(output) and not os.listdir(output):
     os.rmdir(output)
   elif os.path.exists(output):
-    old = _staging_path(output) + '.old'
+    old = _staging_path(output, kind='old')
     os.replace(output, old)
   try:
     os.replace(staged, output)
