@@ -293,3 +293,40 @@ def test_the_logged_grad_norm_is_the_norm_of_the_trained_gradients(trainable, fr
   everything = np.sqrt(sum(np.sum(np.asarray(g, np.float64)**2) for g in jax.tree.leaves(grads)))
   assert float(metrics['grad_norm']) == pytest.approx(np.sqrt(squares), rel=1e-4)
   assert abs(float(metrics['grad_norm']) - everything) > 1e-3 * everything  # not all of them
+
+
+def test_a_skipped_nonfinite_step_keeps_the_schedule_on_the_step():
+  """nonfinite='skip' kept the optimizer's step count as well as its moments, so the
+  learning rate applied fell a step behind the logged one at every skip. Checked by the
+  update SGD applies after a skip: -lr(step) x gradient."""
+  from vit_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  module = models.create('ViT-Ti/16', image_size=16, patch_size=8, hidden_size=32,
+                         num_layers=1, num_heads=2, mlp_dim=64, num_classes=3)
+  params = models.init_params(module, 16)
+  config = defaults.default_config()
+  config.optimizer.update(name='sgd', momentum=0.0, grad_clip_norm=0.0, weight_decay=0.0)
+  config.schedule.update(base_lr=0.1, warmup_steps=0, decay='linear')
+  opt, schedule = optimizer_lib.create_optimizer(config, 10)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=opt.init(params), rng=jax.random.PRNGKey(0))
+  fn = jax.jit(step_lib.make_train_step(module, opt, loss='softmax_xent',
+                                        skip_nonfinite=True))
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  labels = jax.nn.one_hot(jnp.arange(4) % 3, 3)
+  good = {'image': images, 'label': labels}
+  bad = {'image': jnp.full_like(images, jnp.nan), 'label': labels}
+  for batch in (good, bad, good):
+    state, metrics = fn(state, batch)
+  assert int(state.step) == 3 and int(metrics['finite']) == 1
+  before = state.params
+  state, _ = fn(state, good)  # the update of step 3: -schedule(3) x gradient
+
+  def loss(p):
+    logits = module.apply({'params': p}, images, train=True, rngs={'dropout': state.rng})
+    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+  grad = np.asarray(jax.grad(loss)(before)['head']['kernel'], np.float64)
+  step = (np.asarray(before['head']['kernel'], np.float64)
+          - np.asarray(state.params['head']['kernel'], np.float64))
+  i = np.unravel_index(np.argmax(np.abs(grad)), grad.shape)
+  assert step[i] / grad[i] == pytest.approx(float(schedule(3)), rel=1e-4)
+  assert float(schedule(3)) != pytest.approx(float(schedule(2)), rel=1e-3)

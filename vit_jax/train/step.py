@@ -124,7 +124,12 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, loss: st
     if skip_nonfinite:
       keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
       new_params = jax.tree.map(keep, new_params, state.params)
-      new_opt_state = jax.tree.map(keep, new_opt_state, state.opt_state)
+      # The optimizer's step counts (its integer leaves) go on: the learning-rate schedule
+      # follows the step, as logged (it fell a step behind at each skip, never reaching
+      # its end). The moments and parameters stay as they were.
+      new_opt_state = jax.tree.map(
+          lambda new, old: new if jnp.issubdtype(new.dtype, jnp.integer) else keep(new, old),
+          new_opt_state, state.opt_state)
       model_state = jax.tree.map(keep, model_state, state.model_state)
     new_state = state.replace(step=state.step + 1, params=new_params,
                               opt_state=new_opt_state, model_state=model_state)
