@@ -188,6 +188,24 @@ def test_a_registered_name_on_another_architecture_is_warned_about(monkeypatch):
   assert 'num_classes' not in warnings[0] and 'image_size' not in warnings[0]
 
 
+def test_random_ops_in_the_evaluation_preprocessing_are_warned_about(monkeypatch):
+  """A pp_eval with flip_lr was accepted without a word: every evaluation example gets
+  the same fixed seed, so all images are flipped, or none."""
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  c = _config()
+  _validate(c)
+  assert not warnings
+  c.input.pp_eval = c.input.pp_eval.replace('decode|', 'decode|flip_lr|')
+  _validate(c)
+  assert len(warnings) == 1 and 'has random ops (flip_lr)' in warnings[0], warnings
+  warnings.clear()
+  c.input.pp_train = c.input.pp_train.replace('decode|', 'decode|flip_lr|')  # training: fine
+  c.input.pp_eval = c.input.pp_eval.replace('flip_lr|', '')
+  _validate(c)
+  assert not warnings
+
+
 def test_frozen_batch_norm_layers_that_still_update_are_warned_about(monkeypatch):
   warnings = []
   monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
@@ -477,6 +495,22 @@ def test_a_fixed_axis_that_does_not_divide_the_devices_names_sizes_that_fit():
     assert sharding.mesh_shape({'data': -1, 'fsdp': fit, 'model': 1}, 8)[0] == 8 // fit
   with pytest.raises(sharding.MeshError, match='sizes that fit: model=1, model=2, model=4'):
     sharding.mesh_shape({'data': -1, 'fsdp': 2, 'model': 3}, 8)
+
+
+@pytest.mark.parametrize('decay', ['constant', 'rsqrt'])
+def test_an_end_rate_for_a_schedule_without_an_end_is_refused(decay):
+  """end_lr_fraction was accepted with decay='constant' or 'rsqrt' and had no effect."""
+  from vit_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  c = _config()
+  c.schedule.update(decay=decay, end_lr_fraction=0.1, warmup_steps=0)
+  with pytest.raises(defaults.ConfigError, match=rf"end_lr_fraction=0.1 has no effect with "
+                     rf"decay='{decay}'.*use decay='linear' or 'cosine'"):
+    _validate(c)
+  schedule = optimizer_lib.learning_rate_schedule(c.schedule, 100)  # (what it was)
+  c.schedule.end_lr_fraction = 0.0
+  same = optimizer_lib.learning_rate_schedule(c.schedule, 100)
+  assert float(schedule(99)) == float(same(99))
+  _validate(c)
 
 
 def test_cudnn_attention_off_a_gpu_is_named():

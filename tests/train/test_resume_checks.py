@@ -393,6 +393,10 @@ def test_the_same_length_with_another_schedule_warns(warnings):
   assert len(warnings) == 1 and warnings[0].startswith(
       "This run's schedule differs from the checkpoint's run's: the learning-rate "
       'schedule'), warnings
+  # Named by the step metrics.jsonl logs the rate at: the update from 30 to 31 takes
+  # schedule(30), logged as step 31's learning_rate (it said 'at step 30').
+  assert (f'so step 31 (the first of this run, learning_rate in metrics.jsonl) takes the '
+          f'rate {float(now(30)):.4g}') in warnings[0], warnings
   warnings.clear()
   same = optimizer_lib.learning_rate_schedule(ml_collections.ConfigDict(schedule), 60,
                                               batch_size=32, steps_per_epoch=10)

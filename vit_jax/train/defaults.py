@@ -31,8 +31,10 @@ FIELD_DOCS = {
     'optimizer': "name ('adam'|'sgd'), b1, b2, eps, momentum, weight_decay, grad_clip_norm, mu_dtype",
     'schedule': "base_lr, base_lr_batch (0, or the global batch base_lr is for: it then scales "
                 "linearly with batch_size), warmup_steps, warmup_epochs (instead of "
-                "warmup_steps when > 0), decay ('linear'|'cosine'|'rsqrt'|'constant'), "
-                'end_lr_fraction',
+                "warmup_steps when > 0), decay ('linear'|'cosine'|'rsqrt'|'constant'; "
+                'rsqrt: base_lr x sqrt(w / (s + w)) at s steps after a warmup of w, w = 1 '
+                'without one), end_lr_fraction (linear and cosine: the rate reached at '
+                'total_steps as a fraction of base_lr)',
     'loss': "'softmax_xent' or 'sigmoid_xent' (multi-label, e.g. ImageNet-21k)",
     'mesh': 'device mesh sizes: data, fsdp, model (-1: the remaining devices)',
     'min_fsdp_size': 'parameters with fewer elements stay replicated on the fsdp axis',
@@ -227,6 +229,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   if config.schedule.decay not in optimizer_lib.SCHEDULES:
     raise ConfigError(f'config.schedule.decay={config.schedule.decay!r} is not one of '
                       f'{optimizer_lib.SCHEDULES}')
+  if config.schedule.decay in ('constant', 'rsqrt') and config.schedule.get('end_lr_fraction'):
+    raise ConfigError(  # (it was accepted and had no effect)
+        f'config.schedule.end_lr_fraction={config.schedule.end_lr_fraction} has no effect '
+        f"with decay={config.schedule.decay!r}, which does not end at a set rate: use "
+        "decay='linear' or 'cosine' to end there, or leave end_lr_fraction at 0")
   if config.loss not in step_lib.LOSSES:
     raise ConfigError(f'config.loss={config.loss!r} is not one of {step_lib.LOSSES}')
   if config.nonfinite not in ('stop', 'skip'):
@@ -335,7 +342,7 @@ _RANGES = (
     ('schedule.base_lr', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
     ('schedule.warmup_steps', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
     ('schedule.end_lr_fraction', lambda v: _is_number(v) and 0 <= v <= 1,
-     'in [0, 1] (the final learning rate as a fraction of the peak)'),
+     'in [0, 1] (the rate the schedule reaches at total_steps, as a fraction of the peak)'),
     ('min_fsdp_size', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
     ('optimizer.grad_clip_norm', lambda v: v is None or (_is_number(v) and v >= 0),
      'a number >= 0 (0: no clipping)'),
@@ -419,6 +426,15 @@ def _check_preprocessing(config) -> None:
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
     _check_decode_and_onehot(field, spec, onehot_classes, classes, preprocess_ops)
+    random_ops = [name for name, _ in preprocess_ops.ops(spec)
+                  if name in preprocess_ops.RANDOM_OPS]
+    if field == 'pp_eval' and random_ops:  # (it was accepted without a word)
+      logging.warning(
+          'config.input.pp_eval=%r has random ops (%s): evaluation gives every example the '
+          'same fixed seed, so each image is augmented the same way at every evaluation '
+          '(e.g. all flipped, or none) rather than not at all. Evaluate with '
+          "deterministic ops, e.g. 'decode|resize(%d)|...'.", spec, ', '.join(random_ops),
+          size)
     if made is None:
       stops = ('the first image of another size stops the run '
                f'{"at that step" if field == "pp_train" else "at its first evaluation"}')

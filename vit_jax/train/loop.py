@@ -656,11 +656,12 @@ def _warn_schedule_change(saved_meta, total_steps, spe, schedule, step) -> None:
     return  # (a constant rate is the same whatever the run's length)
   ends = (f"The checkpoint's run ended at step {saved_total}, this one at step "
           f'{total_steps}: ' if saved_total != total_steps else '')
+  # (The update from step S to S+1 takes schedule(S); metrics.jsonl logs it at step S+1.)
   logging.warning(
-      '%sthe learning-rate schedule (warmup and decay) is recomputed over %d steps, so at '
-      'step %d the rate is %.4g%s.', ends or "This run's schedule differs from the "
-      "checkpoint's run's: ", total_steps, step, now,
-      f' (it was {before:.4g})' if before is not None else '')
+      '%sthe learning-rate schedule (warmup and decay) is recomputed over %d steps, so '
+      'step %d (the first of this run, learning_rate in metrics.jsonl) takes the rate '
+      '%.4g%s.', ends or "This run's schedule differs from the checkpoint's run's: ",
+      total_steps, step + 1, now, f' (it was {before:.4g})' if before is not None else '')
 
 
 def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir,

@@ -116,7 +116,8 @@ def learning_rate_schedule(schedule_config, total_steps: int, *,
 
 
 def decay_mask(params):
-  """True for kernels (matrices and convolutions): no decay on biases, norms, embeddings."""
+  """True for kernels (matrices and convolutions, the patch embedding `embedding/kernel` and
+  the head included): no decay on biases, norms, `pos_embedding` or `cls`."""
   def is_kernel(path, leaf):
     return getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim >= 2
   return jax.tree_util.tree_map_with_path(is_kernel, params)
