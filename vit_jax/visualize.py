@@ -16,14 +16,16 @@ For each image (a folder stands for the images in it) the command writes into --
 
 and once `posemb_similarity.png`: the cosine similarity of every patch position's learned
 embedding with every other one (Dosovitskiy et al., 2021, Fig. 7 centre). It prints the
-written paths and the top-1 prediction of each image. Images that cannot be read are
-named on stderr and skipped (the exit status is then 1).
+written paths and the top-1 prediction of each image, a batch (--batch_size) at a time,
+so memory holds one batch and what is done is written before a later image fails. Images
+that cannot be read are named on stderr and skipped (the exit status is then 1).
 
 The `_rollout` and `_rollout_mask` PNGs have the model's input resolution (the
 `_rollout_original` one the original's): they show the image as the model sees it, i.e. the checkpoint's evaluation preprocessing (or --pp) with its pixel-value
 ops (`value_range`, `normalize`) left out, so crops and resizes line up exactly with
 the token grid (each token is `module.total_stride()` pixels). Images whose stems repeat
-get `-2`, `-3`, ... appended. The checkpoint is anything `vit_jax.predict` takes (a
+get `-2`, `-3`, ... appended, in the order given, counting the images that cannot be read
+(a name does not depend on which files are readable). The checkpoint is anything `vit_jax.predict` takes (a
 workdir of this project, an original `.npz`, timm or transformers weights).
 
 Library use (numpy in, numpy out; attention weights from
