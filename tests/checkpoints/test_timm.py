@@ -315,3 +315,33 @@ def test_training_checkpoint_files_and_wrapper_prefixes_are_read(tmp_path):
     torch.save(content, tmp_path / name)
     loaded = checkpoints.load_checkpoint(tmp_path / name, model='vit_tiny_patch16_224')
     _assert_same_params(loaded.params, want)
+
+
+def test_an_export_refuses_params_that_do_not_fit_the_config():
+  """to_timm and to_hf read the blocks and head the config names: params of a 2-block
+  model given a 1-block config lost their second block (timm then loaded the export
+  strictly, logits 0.5 off), and a config without a head dropped the trained one."""
+  module = models.create('vit_tiny_patch16_224', num_classes=10, num_layers=2, image_size=32)
+  rng = np.random.default_rng(1)  # (the initial head is zero: every logit would agree)
+  params = jax.tree.map(lambda p: np.asarray(p) + rng.normal(0, 0.05, p.shape).astype(p.dtype),
+                        models.init_params(module, 32))
+  config = models.get_config('vit_tiny_patch16_224')
+  config.update(num_classes=10, num_layers=1, image_size=32)
+  for export, target in ((checkpoints.to_timm, 'timm'), (checkpoints.to_hf, 'transformers')):
+    with pytest.raises(checkpoints.CheckpointMismatchError,
+                       match=rf'do not fit the config given for the {target} export: 16 '
+                       r'arrays of the params the config lacks .*num_layers=2'):
+      export(config, params)
+  config.num_layers, config.num_classes = 2, 0
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='head/kernel'):
+    checkpoints.to_timm(config, params)
+  # The config read off the params fits, and the export runs in timm as in vit_jax.
+  fitted = checkpoints.infer_model_config(params, name='vit_tiny_patch16_224')
+  assert (fitted.num_layers, fitted.num_classes) == (2, 10)
+  model = checkpoints.create_timm_model(fitted, params)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  ours = jax.jit(lambda p, x: models.create(fitted).apply({'params': p}, x))(params, x)
+  assert np.ptp(theirs) > 0.1
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)

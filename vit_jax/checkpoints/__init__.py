@@ -15,6 +15,7 @@ Any of them in one call, fitted to a model with a new head and resolution:
     variables = checkpoints.adapt_variables(ckpt, init, config)
 """
 
+from vit_jax.checkpoints.architecture import infer_model_config
 from vit_jax.checkpoints.hf_format import from_hf, to_hf, to_hf_config
 from vit_jax.checkpoints.npz import load_npz, save_npz
 from vit_jax.checkpoints.pretrained import Checkpoint, adapt_variables, load_checkpoint
@@ -24,6 +25,6 @@ from vit_jax.checkpoints.tree import CheckpointMismatchError, flatten, merge_int
 
 __all__ = [
     'Checkpoint', 'CheckpointMismatchError', 'adapt_variables', 'create_timm_model',
-    'flatten', 'from_hf', 'from_timm', 'load_checkpoint', 'load_npz', 'merge_into', 'read_state_dict', 'save_npz', 'timm_name', 'to_hf',
+    'flatten', 'from_hf', 'from_timm', 'infer_model_config', 'load_checkpoint', 'load_npz', 'merge_into', 'read_state_dict', 'save_npz', 'timm_name', 'to_hf',
     'to_hf_config', 'to_timm', 'unflatten', 'write_state_dict',
 ]

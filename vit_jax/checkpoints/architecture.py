@@ -101,3 +101,37 @@ def _same_structure_name(c) -> str | None:
     if same and r_layers == c_layers:
       return name
   return None
+
+
+def check_fits(config, params, target: str) -> None:
+  """Raises tree.CheckpointMismatchError unless `params` (stacked or not) have exactly
+  the arrays a ViT of `config` has. The exporters (to_timm, to_hf) read the blocks and the
+  head `config` names: params of a deeper model lost their extra blocks, and a head the
+  config lacked was dropped, without a word (timm then loaded the export strictly)."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  ref_config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict')
+                                         else dict(config))
+  if 'scan_layers' in ref_config:
+    ref_config.scan_layers = False  # compared with the blocks unrolled
+  ref = {k: tuple(v.shape) for k, v in tree.flatten(models.abstract_params(
+      models.create(ref_config), ref_config.image_size)).items()}
+  got = {k: tuple(v.shape) for k, v in tree.flatten_for_export(params).items()}
+  if got == ref:
+    return
+  problems = [f'{k} {got[k]} in the params, {ref[k]} in the config'
+              for k in sorted(got.keys() & ref.keys()) if got[k] != ref[k]]
+  missing, extra = sorted(ref.keys() - got.keys()), sorted(got.keys() - ref.keys())
+  if missing:
+    problems.append(f'{len(missing)} arrays the config has and the params lack (e.g. '
+                    f'{", ".join(missing[:2])})')
+  if extra:
+    problems.append(f'{len(extra)} arrays of the params the config lacks (e.g. '
+                    f'{", ".join(extra[:2])})')
+  inferred = infer_model_config(params)
+  raise tree.CheckpointMismatchError(
+      f'the params do not fit the config given for the {target} export: '
+      + '; '.join(problems[:4]) + '. The params are of a model with '
+      + ', '.join(f'{f}={inferred.get(f)!r}' for f in ('num_layers', 'hidden_size',
+                                                       'num_classes', 'image_size'))
+      + ': pass the config the model was built with (vit_jax.checkpoints.infer_model_config'
+      '(params) reads it off the params, with the release\'s numerics)')

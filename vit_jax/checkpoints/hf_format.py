@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 
 from vit_jax import torch_import
+from vit_jax.checkpoints import architecture
 from vit_jax.checkpoints import layout
 from vit_jax.checkpoints import state_dict_io
 from vit_jax.checkpoints import tree
@@ -186,6 +187,7 @@ def to_hf(config, params) -> dict:
                      f'model has representation_size={config.representation_size}')
   if config.get('resnet') is not None:
     raise ValueError('transformers ViT has no hybrid (ResNet stem) variant; export to timm')
+  architecture.check_fits(config, params, 'transformers')
   flat = tree.flatten_for_export(params)  # blocks unrolled, bfloat16 as float32
   e = 'vit.embeddings.'
   sd = {

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import torch_import
+from vit_jax.checkpoints import architecture
 from vit_jax.checkpoints import layout
 from vit_jax.checkpoints import state_dict_io
 from vit_jax.checkpoints import tree
@@ -489,6 +490,7 @@ def to_timm(config, params) -> dict:
                      f'{config.representation_size}. Drop it or export to .npz instead.')
   if config.classifier not in ('token', 'gap', 'map'):
     raise ValueError(f'classifier {config.classifier!r} has no timm equivalent')
+  architecture.check_fits(config, params, 'timm')
   flat = tree.flatten_for_export(params)  # blocks unrolled, bfloat16 as float32
   sd = {}
   sd['patch_embed.proj.weight'] = layout.conv_from_flax(flat['embedding/kernel'])
