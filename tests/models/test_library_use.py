@@ -145,3 +145,67 @@ def test_swin_custom_vjp_false_allows_forward_mode():
   old.update(kw)
   del old['custom_vjp']  # a config of an earlier version
   assert models.create(old).custom_vjp
+
+
+@pytest.mark.parametrize('name, overrides', [
+    ('ViT-Ti/16', TINY),
+    ('ResNet-50', dict(layers=(1, 1, 1, 1), num_classes=3)),
+    ('swin_tiny_patch4_window7_224', dict(embed_dim=8, depths=(1, 1), num_heads=(1, 1),
+                                          window_size=4, image_size=16, num_classes=3)),
+])
+def test_integer_pixels_are_refused_with_how_to_scale_them(name, overrides):
+  # uint8 pixels in 0..255 gave logits (of images far outside the weights' range) before.
+  module = models.create(name, **overrides)
+  variables = models.init_variables(module, 16)
+  module.apply(variables, X)
+  with pytest.raises(TypeError, match=r'expected float images .*got uint8'):
+    module.apply(variables, jnp.zeros((2, 16, 16, 3), jnp.uint8))
+
+
+def test_train_with_dropout_and_no_dropout_key_names_the_rates_and_the_fix():
+  module = models.create('ViT-Ti/16', **TINY, dropout_rate=0.1)
+  variables = models.init_variables(module, 16)
+  with pytest.raises(ValueError, match=r"dropout_rate=0.1.*rngs=\{'dropout': key\}"):
+    module.apply(variables, X, train=True)
+  module.apply(variables, X, train=True, rngs={'dropout': jax.random.PRNGKey(1)})
+  plain = models.create('ViT-Ti/16', **TINY)  # no stochastic layer: no key needed
+  np.testing.assert_array_equal(plain.apply(variables, X, train=True),
+                                plain.apply(variables, X))
+
+
+def test_numpy_scalar_overrides_and_misspelled_fields():
+  labels = np.array([0, 2, 1])
+  module = models.create('ViT-Ti/16', **dict(TINY, num_classes=labels.max() + 1,
+                                             patch_size=np.int64(8)))
+  assert module.num_classes == 3 and type(module.num_classes) is int
+  assert tuple(module.patch_size) == (8, 8)
+  with pytest.raises(ValueError, match=r'patch_size=16.0 must be one or two positive ints'):
+    models.create('ViT-Ti/16', patch_size=16.0)
+  with pytest.raises(ValueError, match=r"'num_class' -> 'num_classes'"):
+    models.create('ViT-Ti/16', num_class=10)
+
+
+def test_attention_maps_of_a_scanned_model_and_of_another_family():
+  unrolled = models.create('ViT-Ti/16', **TINY)
+  variables = models.init_variables(unrolled, 16)
+  maps = models.attention_maps(unrolled, variables['params'], X)
+  assert len(maps) == 2 and maps[0].shape == (2, 2, 5, 5)
+  np.testing.assert_allclose(np.sum(maps[1], -1), 1, atol=1e-5)
+  scanned = models.create('ViT-Ti/16', **TINY, scan_layers=True)  # a ValueError before
+  stacked = models.stack_layers(variables)['params']
+  for m in models.attention_maps(scanned, stacked, X), models.attention_maps(unrolled, stacked, X):
+    for a, b in zip(m, maps):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+  swin = models.create('swin_tiny_patch4_window7_224', embed_dim=8, depths=(1, 1),
+                       num_heads=(1, 1), window_size=4, image_size=16, num_classes=3)
+  with pytest.raises(TypeError, match='takes a VisionTransformer .*got a SwinTransformer'):
+    models.attention_maps(swin, models.init_variables(swin, 16)['params'], X)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('num_layers', 2.0, r'num_layers=2.0 \(float\): the field takes an int, e.g. num_layers=12'),
+    ('classifier', 3, r"classifier=3 \(int\): the field takes a str, e.g. classifier='token'"),
+])
+def test_an_override_of_the_wrong_type_names_the_field_and_its_type(field, value, match):
+  with pytest.raises(ValueError, match=match):  # ml_collections' TypeError before
+    models.create('ViT-B/16', **{field: value})

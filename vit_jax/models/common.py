@@ -7,9 +7,15 @@ import ml_collections
 
 
 def check_nhwc(images, in_channels: int) -> None:
-  """Raises ValueError, with a hint for NCHW input, unless images is (N, H, W, C)."""
+  """Raises ValueError, with a hint for NCHW input, unless images is (N, H, W, C) of a
+  float dtype (uint8 pixels in 0..255 gave logits without a word)."""
   if images.ndim != 4:
     raise ValueError(f'expected NHWC images of rank 4, got shape {tuple(images.shape)}')
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(
+        f'expected float images (scaled as the weights expect, e.g. [-1, 1] for a ViT: '
+        f'x.astype(jnp.float32) / 127.5 - 1), got {images.dtype}; '
+        'vit_jax.inference.ImageClassifier preprocesses files and uint8 arrays')
   if images.shape[-1] != in_channels:
     hint = ''
     if images.shape[1] == in_channels:

@@ -242,7 +242,13 @@ def get_config(name: str) -> ml_collections.ConfigDict:
 def patch_size(value) -> tuple[int, int]:
   """(rows, cols) from 16, (16,) (a one-value override: --config.model.patch_size=16) or
   (16, 16); ValueError for anything else."""
-  patch = (value,) if isinstance(value, int) else tuple(value)
+  if isinstance(value, np.integer):
+    value = int(value)
+  if not isinstance(value, (int, tuple, list)):
+    raise ValueError(f'patch_size={value!r} must be one or two positive ints (pixels per '
+                     'patch), e.g. 16 or (16, 16)')
+  patch = (value,) if isinstance(value, int) else tuple(
+      int(p) if isinstance(p, np.integer) else p for p in value)
   if len(patch) == 1:
     patch = patch * 2
   if len(patch) != 2 or not all(isinstance(p, int) and p > 0 for p in patch):
@@ -331,9 +337,14 @@ def create(name_or_config, **overrides):
     return _create_family(family, config, overrides)
   unknown = sorted(set(overrides) - set(_FIELD_DOCS))
   if unknown:
-    raise ValueError(f'unknown model config field(s) {unknown}; valid fields: '
-                     f'{sorted(_FIELD_DOCS)}')
+    close = {k: difflib.get_close_matches(k, list(_FIELD_DOCS), n=1) for k in unknown}
+    hints = ', '.join(f'{k!r} -> {c[0]!r}' for k, c in close.items() if c)
+    raise ValueError(f'unknown model config field(s) {unknown}'
+                     + (f' (did you mean {hints}?)' if hints else '')
+                     + f'; valid fields: {sorted(_FIELD_DOCS)}')
   for k, v in overrides.items():
+    if isinstance(v, np.generic):  # numpy scalars (labels.max() + 1): ml_collections
+      v = v.item()                 # refused to cast them into an int field
     if k == 'resnet' and isinstance(v, dict):
       # Merged into the config's stem: the fields not given keep its numerics (a timm
       # hybrid's epsilons; replaced whole, they became the original release's).
@@ -343,7 +354,13 @@ def create(name_or_config, **overrides):
       v = patch_size(v)
     if k in ('dtype', 'param_dtype') and not isinstance(v, str):
       v = jnp.dtype(v).name
-    config[k] = v
+    try:
+      config[k] = v
+    except TypeError as e:  # ml_collections' 'Could not override field ...' named no fix
+      want = type(config[k]).__name__
+      article = 'an' if want[0] in 'aeiou' else 'a'
+      raise ValueError(f'{k}={v!r} ({type(v).__name__}): the field takes {article} {want}, e.g. '
+                       f'{k}={config[k]!r}') from e
   unknown = sorted(set(config.keys()) - set(_FIELD_DOCS) - {'family'})
   if unknown:
     raise ValueError(f'unknown model config field(s) {unknown}; valid fields: '

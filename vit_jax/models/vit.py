@@ -437,6 +437,12 @@ class VisionTransformer(nn.Module):
     """
     self._check_input(images)
     self._check_layout()
+    if train and not self.is_initializing() and not self.has_rng('dropout') and (
+        self.dropout_rate > 0 or self.attention_dropout_rate > 0 or self.drop_path_rate > 0):
+      raise ValueError(  # (flax's message: 'Transformer needs PRNG for "dropout"')
+          f'train=True with dropout_rate={self.dropout_rate}, attention_dropout_rate='
+          f'{self.attention_dropout_rate}, drop_path_rate={self.drop_path_rate} needs a '
+          "dropout key: apply(..., train=True, rngs={'dropout': key}), or train=False")
     x = images.astype(self.dtype)
     if self.resnet_layers is not None:
       x = resnet.bit_stem(
@@ -490,7 +496,18 @@ class VisionTransformer(nn.Module):
 
 
 def attention_maps(module: VisionTransformer, params, images) -> list[jax.Array]:
-  """Attention weights of every block, each (batch, heads, tokens, tokens), in order."""
+  """Attention weights of every block, each (batch, heads, tokens, tokens), in order.
+
+  params: the model's params, in either block layout (a scan_layers=True model's are read
+  by the same model unrolled: a scan does not keep each block's weights).
+  """
+  if not isinstance(module, VisionTransformer):
+    raise TypeError(f'attention_maps takes a VisionTransformer (ViT or hybrid), got a '
+                    f'{type(module).__name__}: other families (Swin, ResNet) have no '
+                    'class-token attention over the whole image to show')
+  if module.scan_layers or scan_layout.is_stacked(params):
+    module = module.clone(scan_layers=False)
+    params = scan_layout.unstack_layers(params)
   _, state = module.apply({'params': params}, images, train=False, capture_attention=True,
                           mutable=['intermediates'])
   blocks = state['intermediates']['Transformer']
