@@ -307,7 +307,7 @@ def _read(input_path: str, model):
     # Orbax refuses relative paths ('Checkpoint path should be absolute').
     input_path = os.path.abspath(input_path)
   try:
-    return pretrained.load_checkpoint(input_path, model=model)
+    return pretrained.load_checkpoint(input_path, model=model, runnable_here=False)
   except Exception as e:  # pylint: disable=broad-except
     # Anything a foreign or damaged file raises (safetensors, zip, pickle, Orbax, a
     # missing key) is a "cannot read" for the user, not a bug to show a traceback of.

@@ -456,6 +456,15 @@ def test_weights_trained_with_cudnn_attention_are_read_off_gpu(tmp_path):
   ckpt.close()
   loaded = pretrained.load_checkpoint(str(tmp_path))
   assert loaded.config.attention_impl is None
+  kept = pretrained.load_checkpoint(str(tmp_path), runnable_here=False)
+  assert kept.config.attention_impl == 'cudnn'
+  # vit_jax.convert on a CPU host keeps the run's choice in what it writes (it recorded
+  # None), and the export reads back here with the default attention.
+  from vit_jax import convert  # pylint: disable=g-import-not-at-top
+  convert.run(str(tmp_path), str(tmp_path / 'out.safetensors'))
+  exported = pretrained.load_checkpoint(str(tmp_path / 'out.safetensors'), runnable_here=False)
+  assert exported.config.attention_impl == 'cudnn'
+  assert pretrained.load_checkpoint(str(tmp_path / 'out.safetensors')).config.attention_impl is None
   clf = ImageClassifier.from_pretrained(str(tmp_path))
   pixels = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   expected = models.create(loaded.config).apply({'params': params}, pixels, train=False)

@@ -239,6 +239,19 @@ def test_create_timm_model_at_another_resolution(ck):
   assert d < TOL_PLAIN
 
 
+def test_a_hybrid_timm_does_not_build_names_the_fields_that_set_it_apart():
+  # 'no timm model corresponds to R50+ViT-B/16' named only the config it came from.
+  config = models.get_config('R50+ViT-B/16')
+  config.resnet.num_layers = (2, 2, 2)
+  with pytest.raises(ValueError, match=r'resnet.num_layers=\(2, 2, 2\) \(not \(3, 4, 9\)\); '
+                     'timm builds hybrids only'):
+    checkpoints.create_timm_model(config)
+  config = models.get_config('R50+ViT-B/16')
+  config.update(hidden_size=384, num_heads=6)
+  with pytest.raises(ValueError, match=r'hidden_size=384 \(not 768\), num_heads=6'):
+    checkpoints.create_timm_model(config)
+
+
 def test_from_timm_params_do_not_alias_the_torch_model():
   torch.manual_seed(0)
   model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,

@@ -123,6 +123,22 @@ def test_swin_of_another_window_than_its_name_from_the_model_and_its_state_dict(
     _check(config, variables, model, x, 'Swin window 2 (named window 7)')
 
 
+def test_swin_model_object_keeps_its_resolution_where_the_windows_fit_the_name_s_size():
+  """A model built with img_size=448 (window 7, as its name) read as the name's 224 before:
+  its tables fit both sizes. A model object shows its own; a state dict only the name's."""
+  torch.manual_seed(0)
+  model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, img_size=448,
+                            embed_dim=8, num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 1),
+                            num_classes=5)
+  x = _images(448)
+  _calibrate_head(_perturb(model), x)
+  config, variables = checkpoints.from_timm(model)
+  assert config.window_size == 7 and config.image_size == 448
+  _check(config, variables, model, x, 'Swin at 448 (named 224)')
+  config, _ = checkpoints.from_timm(model.state_dict(), 'swin_tiny_patch4_window7_224')
+  assert config.image_size == 224  # a state dict does not show it: the name's
+
+
 SMALL_SWIN = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 1), img_size=32, patch_size=2,
                   window_size=4)
 

@@ -523,7 +523,7 @@ def _bit_npz_config(params, given) -> ml_collections.ConfigDict:
   return config
 
 
-def load_checkpoint(path, *, model=None) -> Checkpoint:
+def load_checkpoint(path, *, model=None, runnable_here: bool = True) -> Checkpoint:
   """Params, model state, model config and (where the file has them) class names.
 
   model: a registered name or a model config, for what a file does not record: the
@@ -542,11 +542,15 @@ def load_checkpoint(path, *, model=None) -> Checkpoint:
     weights. Weights of another family than `model`'s are refused
     (CheckpointMismatchError). A field a `model` spec sets that the weights decide
     otherwise is warned about ('num_heads=4' for weights of 2 heads).
+  runnable_here: a config recording attention_impl='cudnn' gets the default attention
+    when this process has no GPU, so that the model runs here; False keeps the record
+    (vit_jax.convert: an export made on a CPU host keeps the run's choice).
   """
   path = os.fspath(path)
   given = _model_config(model, base=_spec_base(path))
   ckpt = _load_checkpoint(path, model, given)
-  _runnable_attention(ckpt.config, path)
+  if runnable_here:
+    _runnable_attention(ckpt.config, path)
   if isinstance(model, str):
     for field, text in _spec_parts(model)[1]:
       wanted = given[field]

@@ -368,6 +368,21 @@ _EPS_FIELDS = {'BatchNorm2d': 'bn_eps', 'GroupNormAct': 'gn_eps', 'StdConv2d': '
                'LayerNorm': 'layernorm_eps'}
 
 
+def _swin_model_sizes(model) -> ml_collections.ConfigDict | None:
+  """image_size and window_size of a timm Swin model (None where it does not show them)."""
+  size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+  try:
+    windows = [tuple(int(w) for w in stage.blocks[0].window_size) for stage in model.layers]
+  except (AttributeError, TypeError, IndexError):
+    return None
+  if size is None or any(w[0] != w[1] for w in windows):
+    return None
+  size = tuple(int(s) for s in size)
+  window = windows[0][0] if len(set(windows)) == 1 else tuple(w[0] for w in windows)
+  return ml_collections.ConfigDict(dict(
+      image_size=size[0] if size[0] == size[1] else size, window_size=window))
+
+
 def _read_family_model(model, config, family) -> None:
   """What a timm model of another family shows and its state dict does not: its module
   types, pooling and GELU are refused unless vit_jax computes them (they changed the
@@ -453,7 +468,12 @@ def from_timm(model_or_state_dict, name: str | None = None, *, base_config=None,
   if family is not None:
     if overrides:
       raise ValueError(f'from_timm overrides are for ViT models only; got {sorted(overrides)}')
-    config = family.config_from_timm(sd, name)
+    if is_model and family.__name__.endswith('timm_swin'):
+      # The model's resolution and windows (the name's are timm's defaults: a model built
+      # with img_size=448 took 224 before).
+      config = family.config_from_timm(sd, name, prefer=_swin_model_sizes(model_or_state_dict))
+    else:
+      config = family.config_from_timm(sd, name)
     if is_model:
       _read_family_model(model_or_state_dict, config, family)
     return config, family.variables_from_timm(sd, config)
@@ -557,7 +577,32 @@ def timm_name(config) -> str:
   for candidate in candidates:
     if _same_architecture(registry.get_config(candidate), config):
       return candidate
-  raise ValueError(f'no timm model corresponds to {name!r}')
+  raise ValueError(f'no timm model corresponds to {name!r}' + _unmatched_fields(config))
+
+
+def _unmatched_fields(config) -> str:
+  """Which architecture fields set `config` apart from the registered config of its name,
+  and what timm builds, for timm_name's error (it named only the config before)."""
+  name = config.get('name', '') or ''
+  registered = _registered_name(name) if name.startswith('vit_') else (
+      name if name in registry.list_models() else None)
+  hint = ''
+  if registered is not None:
+    base = registry.get_config(registered)
+    diffs = [f'{k}={tree.plain(config[k])} (not {tree.plain(base[k])})'
+             for k in ('patch_size', 'hidden_size', 'num_heads', 'mlp_dim')
+             if tuple(np.atleast_1d(config[k])) != tuple(np.atleast_1d(base[k]))]
+    ra, rb = config.get('resnet'), base.get('resnet')
+    if (ra is None) != (rb is None):
+      diffs.append('a ResNet stem' if ra is not None else 'no ResNet stem')
+    elif ra is not None and tuple(ra.num_layers) != tuple(rb.num_layers):
+      diffs.append(f'resnet.num_layers={tuple(ra.num_layers)} (not {tuple(rb.num_layers)})')
+    if diffs:
+      hint = f': it has {", ".join(diffs)}'
+  if config.get('resnet'):
+    hint += ('; timm builds hybrids only with the ResNet stems and widths of its named '
+             'models (e.g. R50+ViT-B/16: resnet.num_layers=(3, 4, 9), hidden_size=768)')
+  return hint
 
 
 def _family_timm_name(config, family: str) -> str:

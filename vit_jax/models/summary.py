@@ -22,6 +22,10 @@ def init_params(module, image_size: int, seed: int = 0):
 
 def abstract_variables(module, image_size: int) -> dict:
   """Shapes and dtypes of all variables (nothing is allocated)."""
+  if getattr(module, 'attention_impl', None) == 'cudnn':
+    # The same variables; cuDNN's attention refuses even to be traced without an NVIDIA
+    # GPU (exporting a run trained with it, on a CPU host, failed here).
+    module = module.clone(attention_impl=None)
   dummy = jax.ShapeDtypeStruct((1, image_size, image_size, module.in_channels), jnp.float32)
   return dict(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
                              dummy))
