@@ -60,8 +60,8 @@ def test_the_inference_tools_print_a_usage_error_without_native_log_lines(tmp_pa
   checkpoints.save_npz(tmp_path / 'w.npz', models.init_params(module, 32))
   Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / 'ok.png')
   (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff' + b'\0' * 40)
-  env = {k: v for k, v in os.environ.items()
-         if k != tensorflow_startup.NATIVE_LOG_VARIABLE}
+  env = {k: v for k, v in os.environ.items() if k not in (
+      tensorflow_startup.NATIVE_LOG_VARIABLE, tensorflow_startup.ONEDNN_VARIABLE)}
   def predict(*args):
     return subprocess.run([sys.executable, '-m', 'vit_jax.predict',
                            f'--checkpoint={tmp_path / "w.npz"}', *args], cwd=ROOT, env=env,
@@ -75,3 +75,52 @@ def test_the_inference_tools_print_a_usage_error_without_native_log_lines(tmp_pa
   assert proc.returncode == 1, subprocess_env.failure(proc)
   assert 'rendezvous' not in proc.stderr and 'cpu_feature_guard' not in proc.stderr, proc.stderr
   assert f'skipping {tmp_path / "broken.jpg"}' in proc.stderr
+
+
+_PREPROCESS = textwrap.dedent('''
+    import io, sys
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from vit_jax.data import preprocess_ops
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_image('china.jpg')).save(buf, format='JPEG')
+    out = []
+    for spec in ['decode|resize_small(256)|central_crop(224)|value_range(-1, 1)',
+                 'decode|resize(160, method="bicubic")|normalize((0.5, 0.4, 0.3), (0.2, 0.2, 0.3))',
+                 'decode|inception_crop(128)|flip_lr|randaugment(2, 9)|value_range(-1, 1)']:
+      example = {'image': tf.constant(buf.getvalue()), 'rng': tf.constant([1, 2], tf.int64)}
+      out.append(preprocess_ops.parse(spec)(example)['image'].numpy())
+    np.savez(sys.argv[1], *out)
+''')
+
+
+def test_the_tools_onednn_setting_leaves_the_preprocessed_pixels_unchanged(tmp_path):
+  """quiet_native_logs turns TensorFlow's oneDNN custom ops off (its notice ignores
+  TF_CPP_MIN_LOG_LEVEL): what the tools compute with TensorFlow must not change."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arrays = []
+  for value in ('0', '1'):
+    env = dict(os.environ, **{tensorflow_startup.ONEDNN_VARIABLE: value})
+    out = tmp_path / f'onednn_{value}.npz'
+    proc = subprocess.run([sys.executable, '-c', _PREPROCESS, str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, subprocess_env.failure(proc)
+    arrays.append(np.load(out))
+  assert len(arrays[0].files) == 3
+  for k in arrays[0].files:
+    np.testing.assert_array_equal(arrays[0][k], arrays[1][k])
+
+
+def test_quiet_native_logs_keeps_explicit_settings(monkeypatch):
+  monkeypatch.delitem(sys.modules, 'tensorflow', raising=False)
+  monkeypatch.delitem(sys.modules, 'jaxlib', raising=False)
+  monkeypatch.setenv(tensorflow_startup.ONEDNN_VARIABLE, '1')
+  monkeypatch.delenv(tensorflow_startup.NATIVE_LOG_VARIABLE, raising=False)
+  assert tensorflow_startup.quiet_native_logs() is True
+  assert os.environ[tensorflow_startup.ONEDNN_VARIABLE] == '1'
+  assert os.environ[tensorflow_startup.NATIVE_LOG_VARIABLE] == '2'
+  monkeypatch.delenv(tensorflow_startup.ONEDNN_VARIABLE)
+  assert tensorflow_startup.quiet_native_logs() is False  # the log level was set already
+  assert os.environ[tensorflow_startup.ONEDNN_VARIABLE] == '0'

@@ -13,7 +13,13 @@ importing vit_jax as a library changes nothing in the importing process.
 `quiet_native_logs()`: the inference tools (predict, visualize, convert) keep stderr for
 their own messages. TensorFlow's and XLA's C++ logging printed start-up lines
 (cpu_feature_guard) around a one-line usage error, and a warning ("Local rendezvous is
-aborting ...") before each unreadable image the tool names itself.
+aborting ...") before each unreadable image the tool names itself. On CPUs with
+AVX512-VNNI, AVX512-BF16 or AMX, TensorFlow also printed "oneDNN custom operations are on"
+(twice, whatever TF_CPP_MIN_LOG_LEVEL says): the tools set TF_ENABLE_ONEDNN_OPTS=0 unless
+it is set. They use TensorFlow only to decode, crop and resize images, which oneDNN's
+custom operations (convolutions, matmuls) do not compute: the preprocessed pixels are the
+same bit for bit (checked on such a host for resize, resize_small, central_crop,
+normalize, inception_crop, flip_lr and randaugment).
 """
 
 import importlib.util
@@ -36,12 +42,17 @@ def leave_keras_out() -> bool:
 
 
 NATIVE_LOG_VARIABLE = 'TF_CPP_MIN_LOG_LEVEL'
+ONEDNN_VARIABLE = 'TF_ENABLE_ONEDNN_OPTS'
 
 
 def quiet_native_logs() -> bool:
-  """Sets TF_CPP_MIN_LOG_LEVEL=2 (native errors only) unless it is set already or
-  TensorFlow or jaxlib is already imported (their logging has read it). True if set."""
-  if NATIVE_LOG_VARIABLE in os.environ or 'tensorflow' in sys.modules or 'jaxlib' in sys.modules:
+  """Sets TF_CPP_MIN_LOG_LEVEL=2 (native errors only) and TF_ENABLE_ONEDNN_OPTS=0 (see
+  above), each unless it is set already, and neither when TensorFlow or jaxlib is already
+  imported (their logging has read them). True if TF_CPP_MIN_LOG_LEVEL was set."""
+  if 'tensorflow' in sys.modules or 'jaxlib' in sys.modules:
+    return False
+  os.environ.setdefault(ONEDNN_VARIABLE, '0')
+  if NATIVE_LOG_VARIABLE in os.environ:
     return False
   os.environ[NATIVE_LOG_VARIABLE] = '2'
   return True

@@ -165,8 +165,10 @@ def test_scan_over_layers_equals_the_unrolled_encoder(remat):
   assert not np.allclose(train_logits, scanned.apply({'params': stacked}, images))
   # Model FLOPs do not depend on the layout (XLA would count a scanned body once).
   assert models.forward_flops(scanned, 32) == models.forward_flops(fp32, 32)
+  # The scan keeps no block's attention (models.attention_maps unrolls the model itself).
   with pytest.raises(ValueError, match='capture_attention needs scan_layers=False'):
-    models.attention_maps(scanned, stacked, images)
+    scanned.apply({'params': stacked}, images, train=False, capture_attention=True,
+                  mutable=['intermediates'])
 
 
 def test_pretrained_weights_fit_a_scanned_model():
