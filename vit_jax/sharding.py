@@ -65,10 +65,15 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
+      # Each fixed axis's sizes that fit with the other fixed axes kept as they are.
       fixed = [(a, s) for a, s in zip(AXES, sizes) if s not in (-1, 1)]
-      fits = ', '.join(f'{a}={d}' for a, s in fixed[-1:]
-                       for d in range(1, num_devices + 1)
-                       if num_devices % d == 0 and (num_devices // d) % (known // s) == 0)
+      options = []
+      for a, s in fixed:
+        ok = [d for d in range(1, num_devices + 1)
+              if num_devices % d == 0 and (num_devices // d) % (known // s) == 0]
+        if ok:
+          options.append(f'{a} in {{{", ".join(map(str, ok))}}}')
+      fits = ' or '.join(options)
       raise MeshError(f'config.mesh {dict(zip(AXES, sizes))}: {num_devices} devices are not '
                       f'divisible by the fixed axes ({known}), so the -1 axis has no size'
                       + (f'; sizes that fit: {fits}' if fits else '')

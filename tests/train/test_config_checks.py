@@ -490,11 +490,17 @@ def test_a_fixed_axis_that_does_not_divide_the_devices_names_sizes_that_fit():
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   with pytest.raises(sharding.MeshError) as e:
     sharding.mesh_shape({'data': -1, 'fsdp': 3, 'model': 1}, 8)
-  assert 'sizes that fit: fsdp=1, fsdp=2, fsdp=4, fsdp=8' in str(e.value)
+  assert 'sizes that fit: fsdp in {1, 2, 4, 8}' in str(e.value)
   for fit in (1, 2, 4, 8):  # each suggestion works
     assert sharding.mesh_shape({'data': -1, 'fsdp': fit, 'model': 1}, 8)[0] == 8 // fit
-  with pytest.raises(sharding.MeshError, match='sizes that fit: model=1, model=2, model=4'):
+  with pytest.raises(sharding.MeshError, match=r'sizes that fit: model in \{1, 2, 4\} \('):
     sharding.mesh_shape({'data': -1, 'fsdp': 2, 'model': 3}, 8)
+  # Every fixed axis is varied (the last one only before: no suggestion here).
+  with pytest.raises(sharding.MeshError, match=r'sizes that fit: fsdp in \{1, 2, 4\} \('):
+    sharding.mesh_shape({'data': -1, 'fsdp': 3, 'model': 2}, 8)
+  with pytest.raises(sharding.MeshError,
+                     match=r'sizes that fit: fsdp in \{1, 3\} or model in \{1, 3\} \('):
+    sharding.mesh_shape({'data': -1, 'fsdp': 2, 'model': 2}, 6)
 
 
 @pytest.mark.parametrize('decay', ['constant', 'rsqrt'])
