@@ -59,6 +59,7 @@ def _check_trained(config, workdir, steps):
   evals = [r for r in rows if 'eval_top1' in r]
   assert len(losses) == steps and all(np.isfinite(losses))
   assert evals and evals[-1]['eval_examples'] == 64
+  assert type(evals[-1]['eval_examples']) is int  # a count, not 64.0
   state = _state(workdir, steps)
   stats = _flat(state.get('model_state') or {})
   if config in BATCH_NORM:

@@ -61,6 +61,11 @@ def test_a_run_started_again_names_what_it_does_not_use(tmp_path, warnings, monk
   workdir = tmp_path / 'run'
   first = loop.train_and_evaluate(_config(data), workdir)
   recorded = (workdir / 'config.json').read_text()
+  # The same command again: nothing differs (it said init_from: None -> '' before).
+  warnings.clear()
+  assert loop.train_and_evaluate(_config(data), workdir) == first
+  (same,) = [w for w in warnings if 'already finished at step 2 of 2' in w]
+  assert 'differs' not in same, same
   # Finished, started again with another evaluation preprocessing: it used to print the
   # old result as this config's and write this config into config.json.
   warnings.clear()
@@ -428,3 +433,27 @@ def test_has_checkpoint_counts_step_folders_only(tmp_path):
   assert not loop.has_checkpoint(tmp_path)
   (tmp_path / 'checkpoints' / '7').mkdir()
   assert loop.has_checkpoint(tmp_path)
+
+
+def test_a_sigterm_while_the_final_save_completes_is_noted_not_fatal(tmp_path, monkeypatch):
+  """The stop handler was put back to the default before the final asynchronous save was
+  waited for, so a late SIGTERM killed the process and lost the final checkpoint."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import train_state  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  wait = train_state.TrainCheckpointer.wait
+  sent = []
+  def wait_with_a_notice(self):
+    if not sent:  # the first wait: the one after the last step
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return wait(self)
+  monkeypatch.setattr(train_state.TrainCheckpointer, 'wait', wait_with_a_notice)
+  before = signal.getsignal(signal.SIGTERM)
+  final = loop.train_and_evaluate(_config(data, async_checkpoint=True), tmp_path / 'run')
+  assert sent and final['step'] == 2
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()
+                if p.name.isdigit())[-1] == '2'

@@ -43,3 +43,22 @@ def test_only_the_newer_damaged_step_is_set_aside(tmp_path, monkeypatch):
   assert meta['step'] == 10
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['10', '20.unreadable']
   checkpointer.close()
+
+
+def test_every_step_damaged_is_a_resume_error_naming_the_steps_and_the_fix(tmp_path):
+  """A damaged only checkpoint failed every restart with Orbax's traceback and exit
+  status 1 ('crash: restart'), so launch/until_done.sh retried it 20 times."""
+  checkpointer, abstract = _checkpointer(tmp_path)
+  for step in (10, 20):
+    files = [p for p in (tmp_path / 'checkpoints' / str(step)).rglob('*')
+             if p.is_file() and '/d/' in str(p)]
+    assert files
+    for p in files:  # the array data files, truncated
+      with open(p, 'r+b') as f:
+        f.truncate(max(p.stat().st_size // 3, 1))
+  with pytest.raises(loop.ResumeError, match=r'step\(s\) 20, 10 are damaged \(.*\)\. Restore '
+                     'them from a copy, or move them aside') as e:
+    loop._restore_newest_readable(checkpointer, abstract, {}, tmp_path)  # pylint: disable=protected-access
+  assert 'pybind11' not in str(e.value), e.value
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['10', '20']
+  checkpointer.close()

@@ -377,7 +377,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       _check_same_classes(saved_meta.get('class_names'), meta['class_names'], workdir)
       saved_init = (saved_meta.get('config') or {}).get('init_from') or ''
       if 'config' in saved_meta:  # the weights the run started from, whatever is given now
-        meta['config']['init_from'] = saved_meta['config'].get('init_from') or ''
+        meta['config']['init_from'] = saved_meta['config'].get('init_from')
 
       if config.init_from and config.init_from != saved_init:
         logging.warning(
@@ -572,6 +572,10 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
         checkpointer.wait()
         raise _preempted(stop_request, f'at step {step}', total_steps, workdir,
                          ' and evaluates it first' if eval_pending else '')
+    # The final save completes while the stop handler is in place: a SIGTERM now is
+    # noted, not fatal (the ExitStack restored the default handler before its close()
+    # waited for the save, so a late notice lost the final checkpoint).
+    checkpointer.wait()
     if start_step >= total_steps and not last_eval:  # a finished run started again
       last_eval = _last_logged_eval(workdir / 'metrics.jsonl')
     final = dict(last_eval, step=step)
@@ -694,7 +698,7 @@ def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir
       if (not fallback or isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e)
           or 'out of memory' in str(e).lower()):
         raise
-      message = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ""}'
+      message = _read_error_message(e)
       failed.append((step, message[:300], e))
       logging.warning('Checkpoint step %d in %s cannot be read (%s); trying the one '
                       'before it.', step, checkpointer.directory, message[:300])
@@ -705,9 +709,49 @@ def _restore_newest_readable(checkpointer, abstract_state, config: dict, workdir
     if failed:
       logging.warning('Resumed from step %d: the newer checkpoint(s) could not be read.', step)
     return restored
+  if failed and all(_is_damage(e) for _, _, e in failed):
+    # Every step's files are damaged (not a file system that is down): a restart would
+    # fail the same way, so this is no crash to retry (exit status 3, not 1).
+    steps = ', '.join(str(step) for step, _, _ in failed)
+    raise ResumeError(
+        f'no checkpoint in {checkpointer.directory} can be read: step(s) {steps} are '
+        f'damaged ({failed[0][1]}). Restore them from a copy, or move them aside '
+        f'(mv {checkpointer.directory}/<step> {checkpointer.directory}/<step>.damaged) to '
+        'train again from the start') from failed[0][2]
   if failed:
     raise failed[0][2]  # no step reads: nothing renamed, the newest step's error
   raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
+
+
+# What a damaged file (truncated, overwritten) gives when read, as against a file system
+# that is down or refuses access (which a restart may get past).
+_DAMAGE_MARKERS = ('OUT_OF_RANGE', 'DATA_LOSS', 'JSONDecodeError', 'Requested byte range',
+                   'Expecting value', 'Unterminated string', 'truncated', 'corrupt',
+                   'Unexpected end', 'not a valid', 'is not valid')
+
+
+def _error_chain(e: BaseException) -> list:
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  return chain
+
+
+def _read_error_message(e: BaseException) -> str:
+  """'Type: first line' of the innermost error of `e`'s chain that says something (Orbax
+  wraps TensorStore's error in a bare Exception naming a pybind11 method)."""
+  for err in reversed(_error_chain(e)):
+    text = str(err).strip()
+    if text:
+      return f'{type(err).__name__}: {text.splitlines()[0]}'
+  return type(e).__name__
+
+
+def _is_damage(e: BaseException) -> bool:
+  return any(marker in f'{type(err).__name__}: {err}' for err in _error_chain(e)
+             for marker in _DAMAGE_MARKERS)
 
 
 def _check_resumable(checkpointer, abstract_state, config: dict, workdir,

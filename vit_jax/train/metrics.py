@@ -22,6 +22,8 @@ import numpy as np
 
 
 def _finite(value):
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return int(value)  # counts stay counts (eval_examples, steps_averaged)
   value = float(value)
   return value if math.isfinite(value) else str(value)
 
