@@ -45,7 +45,6 @@ import numpy as np
 
 from vit_jax import cli_flags
 from vit_jax import tensorflow_startup
-from vit_jax import torch_import
 
 FORMATS = ('npz', 'timm', 'hf', 'orbax')
 _STATE_DICT_EXTS = ('.safetensors', '.pth', '.bin', '.pt')

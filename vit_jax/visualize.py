@@ -615,7 +615,6 @@ def main(argv):
       'vit_jax.visualize', argv[1:], f['checkpoint'], model=f['model'], labels=f['labels'],
       pp=f['pp'])
 
-  import jax  # pylint: disable=g-import-not-at-top
   from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
   family = registry.family_of(clf.config) if clf.config is not None else 'vit'
   if family != 'vit':

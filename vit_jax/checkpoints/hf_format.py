@@ -19,7 +19,6 @@ import math
 import os
 
 from absl import logging
-import numpy as np
 
 from vit_jax import torch_import
 from vit_jax.checkpoints import architecture

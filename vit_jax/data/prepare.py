@@ -35,7 +35,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   manual_dir: the archives of a dataset with manual downloads (default
   <data_dir>/downloads/manual)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from vit_jax.data import bundled_mnist  # pylint: disable=g-import-not-at-top,unused-import
+  from vit_jax.data import bundled_mnist  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:

@@ -66,7 +66,7 @@ class Source(abc.ABC):
 
 def _tfds_builder(name: str, data_dir: str | None):
   if name in BUNDLED:
-    from vit_jax.data import bundled_mnist  # pylint: disable=g-import-not-at-top,unused-import
+    from vit_jax.data import bundled_mnist  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
