@@ -588,15 +588,7 @@ def _unmatched_fields(config) -> str:
       name if name in registry.list_models() else None)
   hint = ''
   if registered is not None:
-    base = registry.get_config(registered)
-    diffs = [f'{k}={tree.plain(config[k])} (not {tree.plain(base[k])})'
-             for k in ('patch_size', 'hidden_size', 'num_heads', 'mlp_dim')
-             if tuple(np.atleast_1d(config[k])) != tuple(np.atleast_1d(base[k]))]
-    ra, rb = config.get('resnet'), base.get('resnet')
-    if (ra is None) != (rb is None):
-      diffs.append('a ResNet stem' if ra is not None else 'no ResNet stem')
-    elif ra is not None and tuple(ra.num_layers) != tuple(rb.num_layers):
-      diffs.append(f'resnet.num_layers={tuple(ra.num_layers)} (not {tuple(rb.num_layers)})')
+    diffs = _architecture_differences(registry.get_config(registered), config)
     if diffs:
       hint = f': it has {", ".join(diffs)}'
   if config.get('resnet'):
@@ -626,14 +618,22 @@ def _family_timm_name(config, family: str) -> str:
   raise ValueError(f'no timm model corresponds to {name!r} (family {family})')
 
 
+def _architecture_differences(base, config) -> list[str]:
+  """The fields timm's architecture depends on where `config` differs from `base`, as
+  'field=value (not base value)'."""
+  diffs = [f'{k}={tree.plain(config[k])} (not {tree.plain(base[k])})'
+           for k in ('patch_size', 'hidden_size', 'num_heads', 'mlp_dim')
+           if tuple(np.atleast_1d(config[k])) != tuple(np.atleast_1d(base[k]))]
+  rc, rb = config.get('resnet'), base.get('resnet')
+  if (rc is None) != (rb is None):
+    diffs.append('a ResNet stem' if rc is not None else 'no ResNet stem')
+  elif rc is not None and tuple(rc.num_layers) != tuple(rb.num_layers):
+    diffs.append(f'resnet.num_layers={tuple(rc.num_layers)} (not {tuple(rb.num_layers)})')
+  return diffs
+
+
 def _same_architecture(a, b) -> bool:
-  keys = ('patch_size', 'hidden_size', 'num_heads', 'mlp_dim')
-  if any(tuple(np.atleast_1d(a[k])) != tuple(np.atleast_1d(b[k])) for k in keys):
-    return False
-  ra, rb = a.get('resnet'), b.get('resnet')
-  if (ra is None) != (rb is None):
-    return False
-  return ra is None or tuple(ra.num_layers) == tuple(rb.num_layers)
+  return not _architecture_differences(a, b)
 
 
 def timm_create_args(config) -> tuple[str, dict]:
