@@ -222,16 +222,43 @@ def test_from_timm_refuses_a_pooling_vit_jax_does_not_have(kwargs, named):
     checkpoints.from_timm(model)
 
 
-def test_from_timm_takes_a_feature_extractor_without_pooling():
+def test_from_timm_takes_a_feature_extractor_without_pooling(caplog):
   """global_pool='' with no head: the weights of a class-token or GAP ViT (loaded before
-  the pooling check; it must not refuse them)."""
+  the pooling check; it must not refuse them). The config pools (what fine-tuning wants)
+  and says so, with the classifier that returns every token as timm does."""
+  torch = pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  for kwargs, classifier, unpooled in ((dict(), 'token', 'token_unpooled'),
+                                       (dict(class_token=False, fc_norm=False), 'gap',
+                                        'unpooled')):
+    model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=0,
+                              img_size=IMAGE_SIZE, global_pool='', **kwargs).eval()
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+      config, params = checkpoints.from_timm(model)
+    assert config.classifier == classifier and config.num_classes == 0
+    assert f"set classifier='{unpooled}' for timm's output" in caplog.text
+    config.classifier = unpooled
+    x = np.random.RandomState(0).uniform(-1, 1, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(
+        np.float32)
+    with torch.no_grad():
+      want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    got = np.asarray(models.create(config).apply({'params': params}, x, train=False))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_from_timm_refuses_blocks_that_compute_otherwise_under_the_same_names():
+  """A ResPostBlock (norm after the residual branch) has Block's weight names: it loaded
+  without a word and its logits were 0.8 off timm's."""
   pytest.importorskip('torch')
   timm = pytest.importorskip('timm')
-  for kwargs, classifier in ((dict(), 'token'), (dict(class_token=False, fc_norm=False), 'gap')):
-    model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=0,
-                              img_size=IMAGE_SIZE, global_pool='', **kwargs)
-    config, _ = checkpoints.from_timm(model)
-    assert config.classifier == classifier and config.num_classes == 0
+  from timm.models.vision_transformer import ResPostBlock  # pylint: disable=g-import-not-at-top
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=2, num_classes=3,
+                            img_size=IMAGE_SIZE, block_fn=ResPostBlock)
+  with pytest.raises(ValueError, match=r"type ResPostBlock \(timm's block_fn; vit_jax "
+                                       r"computes timm's Block\)"):
+    checkpoints.from_timm(model)
 
 
 def test_from_timm_reads_an_unregistered_vit_off_the_model_and_refuses_distillation(ck):
@@ -355,13 +382,26 @@ def test_from_timm_names_a_non_square_grid_and_reads_non_square_patches():
     (dict(qk_norm=True), 'qk_norm=True'),
     (dict(global_pool='map'), "global_pool='map' with class_token=True"),
     (dict(no_embed_class=True), 'no_embed_class=True'),
+    (dict(scale_attn_norm=True), 'scale_attn_norm=True'),
+    (dict(scale_mlp_norm=True), 'scale_mlp_norm=True'),
+    (dict(embed_norm_layer='layernorm'), 'embed_norm_layer'),
+    (dict(attn_layer='diff'), "attn_layer='diff'"),
+    (dict(mlp_layer='SwiGLU'), 'mlp_layer=SwiGLU'),
+    (dict(block_fn='ParallelScalingBlock'), 'block_fn=ParallelScalingBlock'),
+    (dict(block_fn='ParallelThingsBlock'), 'ParallelThingsBlock'),
+    (dict(pos_embed='none'), "pos_embed='none'"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_from_timm_names_the_feature_a_state_dict_has(kwargs, named):
   """A state dict shows these by its keys. They used to be refused as a missing
   'norm.weight' or 'patch_embed.proj.bias', as a non-square image, or (RmsNorm) with a
-  bare KeyError that ended a training run with a traceback."""
+  bare KeyError that ended a training run with a traceback; the last five as 'not a ViT
+  state dict ... (every timm VisionTransformer has them)' or as keys not mapped."""
   pytest.importorskip('torch')
   timm = pytest.importorskip('timm')
+  from timm.layers import mlp  # pylint: disable=g-import-not-at-top
+  from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
+  classes = dict(mlp_layer=mlp, block_fn=vision_transformer)
+  kwargs = {k: getattr(classes[k], v) if k in classes else v for k, v in kwargs.items()}
   model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
                             img_size=IMAGE_SIZE, **kwargs)
   with pytest.raises(ValueError, match=named):

@@ -326,3 +326,41 @@ def test_non_square_patches_export_as_a_list():
   assert list(hf_format.to_hf_config(config).patch_size) == [8, 4]
   config.patch_size = (16, 16)
   assert hf_format.to_hf_config(config).patch_size == 16
+
+
+def test_an_mae_pre_training_model_reads_as_its_encoder(ck, tmp_path, caplog):
+  """ViTMAEForPreTraining (model_type vit_mae, the layout of facebook/vit-mae-*) failed
+  with a bare KeyError: its decoder's layers were counted as encoder layers. The decoder
+  is left out with a warning; the features equal the encoder's class token (masking
+  nothing: the class token's output does not depend on the order of the patches)."""
+  cfg = transformers.ViTMAEConfig(
+      hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+      image_size=32, patch_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=3,
+      decoder_num_attention_heads=2, decoder_intermediate_size=64, mask_ratio=0.0)
+  torch.manual_seed(0)
+  model = transformers.ViTMAEForPreTraining(cfg).eval()
+  assert ck.perturb_torch(model, seed=1) > 0
+  model.save_pretrained(str(tmp_path / 'mae'))
+  x = ck.random_images(32, seed=2)
+  with torch.no_grad():
+    want = model.vit(pixel_values=ck.to_nchw(x)).last_hidden_state[:, 0].numpy()
+  with caplog.at_level('WARNING'):
+    config, params = checkpoints.from_hf(model)
+  assert 'MAE decoder' in caplog.text
+  assert config.num_layers == 2 and config.num_classes == 0
+  got = ck.jax_logits(models.create(config), params, x)
+  np.testing.assert_allclose(got, want, atol=TOL)
+  _, from_dir = checkpoints.from_hf(tmp_path / 'mae')
+  _assert_same_params(from_dir, params)
+
+
+def test_a_transformers_deit_names_its_distillation_token(tmp_path):
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(
+      hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+      image_size=32, patch_size=8, num_labels=3))
+  model.save_pretrained(str(tmp_path / 'deit'))
+  with pytest.raises(ValueError, match='distillation token'):
+    pretrained.load_checkpoint(str(tmp_path / 'deit'))
+  with pytest.raises(ValueError, match='distillation token'):
+    checkpoints.from_hf(tmp_path / 'deit')

@@ -469,3 +469,39 @@ def test_weights_trained_with_cudnn_attention_are_read_off_gpu(tmp_path):
   pixels = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   expected = models.create(loaded.config).apply({'params': params}, pixels, train=False)
   np.testing.assert_allclose(clf.logits(pixels), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_weights_read_as_a_model_of_another_width_take_heads_of_their_width(
+    tmp_path, monkeypatch):
+  """ViT-Ti weights (192 wide, 3 heads) read with model='vit_small_patch16_224' took
+  ViT-S's 6 heads without a word (logits 0.2 off timm's, in predict and convert too);
+  now the heads of the weights' width, with a warning. A spec that sets num_heads, or a
+  config of its own, still decides."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=2, img_size=32,
+                            patch_size=8, num_classes=3).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  torch.save(model.state_dict(), tmp_path / 'w.pth')
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *a: warnings.append(msg % a))
+  ckpt = checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model='vit_small_patch16_224')
+  assert ckpt.config.num_heads == 3 and ckpt.config.hidden_size == 192
+  assert len(warnings) == 1, warnings
+  assert 'weights are 192 wide and model vit_small_patch16_224 is 384 wide' in warnings[0]
+  assert 'read with num_heads=3' in warnings[0]
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  got = np.asarray(models.create(ckpt.config).apply({'params': ckpt.params}, x, train=False))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  warnings.clear()
+  asked = checkpoints.load_checkpoint(str(tmp_path / 'w.pth'),
+                                      model='vit_small_patch16_224,num_heads=6')
+  assert asked.config.num_heads == 6 and not warnings
+  own = models.get_config('vit_small_patch16_224')
+  own.num_heads = 2
+  assert checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model=own).config.num_heads == 2
+  assert not warnings

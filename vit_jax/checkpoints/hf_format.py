@@ -17,6 +17,7 @@ its LayerNorm epsilon (1e-12 by default) and GELU flavour come from its config.
 import json
 import math
 import os
+import re
 
 from absl import logging
 
@@ -89,6 +90,10 @@ def from_hf(model_or_state_dict, hf_config=None):
   if hf_config is None and hasattr(model_or_state_dict, 'config'):
     hf_config = model_or_state_dict.config
   hc = _hf_config_dict(hf_config)
+  if hc.get('model_type') == 'deit':
+    raise ValueError("a transformers DeiT (model_type 'deit') has a distillation token, which "
+                     "vit_jax's ViT does not compute; timm's DeiT models without one "
+                     '(deit_tiny/small/base_patch16_224) are read by from_timm')
   if hc.get('model_type') and hc['model_type'] not in MODEL_TYPES:
     raise ValueError(f"a transformers {hc['model_type']!r} model (model_type); from_hf "
                      f'reads transformers ViTs (model_type {", ".join(MODEL_TYPES)})')
@@ -107,6 +112,10 @@ def from_hf(model_or_state_dict, hf_config=None):
                     'ViTModel adds and ViTForImageClassification does not) is left out: '
                     'the features are the final LayerNorm of the class token')
   sd = {k: v for k, v in sd.items() if not k.startswith('vit.pooler.')}
+  if any(k.startswith('vit.decoder.') for k in sd):  # ViTMAEForPreTraining
+    logging.warning('the MAE decoder (which reconstructs masked patches in pre-training) '
+                    'is left out: the model is the encoder, as fine-tuning uses it')
+    sd = {k: v for k, v in sd.items() if not k.startswith('vit.decoder.')}
   needed = ('vit.embeddings.position_embeddings', 'vit.embeddings.cls_token',
             'vit.embeddings.patch_embeddings.projection.weight')
   if any(k not in sd for k in needed):
@@ -119,7 +128,8 @@ def from_hf(model_or_state_dict, hf_config=None):
   c.name = hc.get('_name_or_path') or 'hf_vit'
   c.hidden_size = int(hc['hidden_size'])
   c.num_heads = int(hc['num_attention_heads'])
-  c.num_layers = sum(1 for k in sd if k.endswith('.layernorm_before.weight'))
+  c.num_layers = sum(1 for k in sd
+                     if re.fullmatch(r'vit\.layers\.\d+\.layernorm_before\.weight', k))
   c.mlp_dim = int(hc['intermediate_size'])
   patch = hc['patch_size']
   ph, pw = (patch, patch) if isinstance(patch, int) else (int(p) for p in patch)

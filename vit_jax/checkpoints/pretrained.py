@@ -96,6 +96,11 @@ def _refuse_hf_model_type(weights: str) -> None:
   except (OSError, ValueError):
     return
   model_type = hf_config.get('model_type') if isinstance(hf_config, dict) else None
+  if model_type == 'deit':
+    raise ValueError(
+        f'{weights} is a transformers DeiT ({cfg_path}: model_type deit), which has a '
+        "distillation token that vit_jax's ViT does not compute. timm's DeiT models "
+        'without one (deit_tiny/small/base_patch16_224) are read from timm weights')
   if model_type and 'architectures' in hf_config and model_type not in HF_MODEL_TYPES:
     raise ValueError(
         f'{weights} is a transformers {model_type!r} model ({cfg_path}: model_type); '
@@ -333,6 +338,35 @@ def _asked_numerics(model, given) -> dict:
     return {}
   return {f: given[f] for f in _NUMERICS
           if f in given and f in registered and given[f] != registered[f]}
+
+
+def _heads_of_given(path, sd, model, given) -> int:
+  """The number of heads to read a timm ViT state dict with, of a given model: its own,
+  unless it is of another width than the weights and does not ask for them (a
+  'num_heads=N' spec, a config setting other heads than its registered name's): then
+  those of the registered model of the weights' width, with a warning (6 heads of
+  ViT-S/16 for 192-wide weights gave other logits without a word)."""
+  width = int(sd['pos_embed'].shape[-1])
+  if given.get('hidden_size') == width:
+    return given.num_heads
+  if isinstance(model, str):
+    asked = 'num_heads' in {field for field, _ in _spec_parts(model)[1]}
+  else:
+    try:
+      asked = registry.get_config(given.get('name') or '').num_heads != given.num_heads
+    except ValueError:  # not registered: a custom config's heads are its own choice
+      asked = True
+  if asked:
+    return given.num_heads
+  heads = _timm_heads(sd)
+  logging.warning(
+      '%s: the weights are %d wide and model %s is %d wide, so its %d heads need not be '
+      "theirs: read with num_heads=%d (the registered model of width %d). If the model "
+      'has another number, give it: --model=num_heads=N (predict, visualize, convert), '
+      "load_checkpoint(path, model='num_heads=N'), or config.model.num_heads.",
+      path, width, given.get('name'), given.get('hidden_size'), given.num_heads, heads,
+      width)
+  return heads
 
 
 def _spec_parts(spec: str) -> tuple[str | None, list[tuple[str, str]]]:
@@ -670,8 +704,8 @@ def _load_checkpoint(path: str, model, given) -> Checkpoint:
       return Checkpoint(config, params, 'timm',
                         class_names=_recorded_names(meta, config.num_classes), **extras)
     name = (given.get('name') if given is not None else None) or 'vit_base_patch16_224'
-    heads = given.num_heads if given is not None else _timm_heads(sd)
     width = int(sd['pos_embed'].shape[-1])
+    heads = _heads_of_given(path, sd, model, given) if given is not None else _timm_heads(sd)
     if given is None and width not in _HEADS:
       logging.warning(
           '%s: a timm state dict does not record its number of heads, and its width %d is '

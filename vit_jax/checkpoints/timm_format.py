@@ -18,6 +18,7 @@ import math
 import os
 import re
 
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -68,9 +69,22 @@ def check_vit_keys(sd, what: str) -> None:
                             "global_pool='avg')"),
       (('norm_pre.weight',), "a norm before the blocks (timm's pre_norm=True)"),
       (('blocks.0.ls1.gamma', 'blocks.0.ls1.weight'), "LayerScale (timm's init_values)"),
-      (('blocks.0.attn.q_norm.weight',), "query/key norms (timm's qk_norm=True)")):
+      (('blocks.0.attn.q_norm.weight',), "query/key norms (timm's qk_norm=True)"),
+      (('blocks.0.attn.norm.weight',), "a norm inside the attention (timm's "
+                                       'scale_attn_norm=True)'),
+      (('blocks.0.mlp.norm.weight',), "a norm inside the MLP (timm's scale_mlp_norm=True)"),
+      (('patch_embed.norm.weight',), "a norm after the patch embedding (timm's "
+                                     'embed_norm_layer)'),
+      (('blocks.0.attn.lambda_q1',), "differential attention (timm's attn_layer='diff')"),
+      (('blocks.0.mlp.fc1_g.weight',), "a gated MLP (timm's mlp_layer=SwiGLU)"),
+      (('blocks.0.in_proj.weight', 'blocks.0.attns.0.attn.qkv.weight'),
+       "attention and MLP side by side (timm's block_fn=ParallelScalingBlock or "
+       'ParallelThingsBlock)')):
     if any(k in sd for k in keys):
       raise ValueError(f'{what} has {feature}, which vit_jax\'s ViT does not compute')
+  if 'pos_embed' not in sd and 'blocks.0.norm1.weight' in sd:
+    raise ValueError(f"{what} has no learned position embedding (timm's pos_embed='none', "
+                     "e.g. a model with rotary embeddings); vit_jax's ViT adds one")
   if 'cls_token' in sd and 'attn_pool.latent' in sd:
     raise ValueError(f"{what} has a class token and an attention-pooling head (timm's "
                      "global_pool='map' with class_token=True); vit_jax's MAP head pools "
@@ -203,7 +217,12 @@ def _read_model_settings(c, model):
   pooling = {'token': 'token', 'avg': 'gap', 'map': 'map'}
   pool = getattr(model, 'global_pool', None)
   if pool == '' and not c.num_classes:
-    pass  # a feature extractor (every token); the same weights serve a pooled model
+    # A feature extractor (timm returns every token); the same weights serve a pooled
+    # model, which fine-tuning wants, so the config pools and says how to get timm's.
+    logging.warning(
+        "the timm model has global_pool='' and no head (it returns every token); the "
+        "config read pools (classifier=%r): set classifier=%r for timm's output",
+        c.classifier, 'token_unpooled' if c.classifier == 'token' else 'unpooled')
   elif pool is not None and pooling.get(pool) != c.classifier:
     has_cls = 'with' if c.classifier == 'token' else 'without'
     unsupported.append(
@@ -215,6 +234,19 @@ def _read_model_settings(c, model):
                        'at most the class token)')
   if not isinstance(getattr(model, 'norm_pre', torch.nn.Identity()), torch.nn.Identity):
     unsupported.append('pre-norm (norm_pre)')
+  # Layers whose weights have the standard names but compute otherwise (a ResPostBlock
+  # normalises after the residual branch: its logits differed without a word).
+  for part, option, expected in (('', 'block_fn', 'Block'), ('attn', 'attn_layer', 'Attention'),
+                                 ('mlp', 'mlp_layer', 'Mlp')):
+    kinds = sorted({type(getattr(b, part) if part else b).__name__ for b in model.blocks
+                    if not part or hasattr(b, part)})
+    other = [k for k in kinds if k != expected]
+    if other:
+      unsupported.append(f"blocks{'.' + part if part else ''} of type {', '.join(other)} "
+                         f"(timm's {option}; vit_jax computes timm's {expected})")
+  if unsupported:
+    raise ValueError('this timm model uses features vit_jax does not implement: '
+                     + '; '.join(unsupported))
   block = model.blocks[0]
   if not isinstance(getattr(block, 'ls1', torch.nn.Identity()), torch.nn.Identity):
     unsupported.append('layer scale')
