@@ -364,3 +364,12 @@ def test_a_transformers_deit_names_its_distillation_token(tmp_path):
     pretrained.load_checkpoint(str(tmp_path / 'deit'))
   with pytest.raises(ValueError, match='distillation token'):
     checkpoints.from_hf(tmp_path / 'deit')
+
+
+@pytest.mark.parametrize('act', ['gelu_python', 'gelu_accurate', 'gelu_python_tanh'])
+def test_other_names_of_the_two_gelus_read(ck, act):
+  """transformers names the exact and tanh GELU several ways; these were refused."""
+  model, x, ref = _build(ck, seed=40, hidden_act=act, num_hidden_layers=1)
+  config, params = checkpoints.from_hf(model)
+  assert config.gelu_approximate is (act != 'gelu_python')
+  np.testing.assert_allclose(ck.jax_logits(models.create(config), params, x), ref, atol=TOL)

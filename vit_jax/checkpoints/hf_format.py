@@ -43,7 +43,10 @@ DIR_WEIGHTS = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.inde
                'pytorch_model.bin.index.json')
 # The model types whose weights have ViT's layout.
 MODEL_TYPES = ('vit', 'vit_msn', 'vit_mae')
-_GELU = {'gelu': False, 'gelu_pytorch_tanh': True, 'gelu_new': True, 'gelu_fast': True}
+# transformers' activation names -> whether vit_jax computes them with the tanh form (each
+# within 5e-7 of torch's exact or tanh GELU; 'gelu_10' clips, 'quick_gelu' is a sigmoid).
+_GELU = {'gelu': False, 'gelu_python': False, 'gelu_pytorch_tanh': True, 'gelu_new': True,
+         'gelu_fast': True, 'gelu_accurate': True, 'gelu_python_tanh': True}
 
 
 def _v5_names(sd):
