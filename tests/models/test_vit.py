@@ -102,7 +102,7 @@ def token_model():
 
 @pytest.mark.parametrize('classifier,shape', [
     ('token', (B, 10)), ('gap', (B, 10)), ('map', (B, 10)),
-    ('unpooled', (B, TOKENS, D)), ('token_unpooled', (B, TOKENS + 1, D))])
+    ('unpooled', (B, TOKENS, 10)), ('token_unpooled', (B, TOKENS + 1, 10))])
 def test_output_shapes(classifier, shape):
   module = small(classifier=classifier)
   params = random_params(module)
@@ -110,9 +110,30 @@ def test_output_shapes(classifier, shape):
   assert out.shape == shape
   assert out.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(out)))
-  has_head = classifier in ('token', 'gap', 'map')
-  assert ('head' in params) == has_head
+  assert 'head' in params
   assert ('cls' in params) == (classifier in ('token', 'token_unpooled'))
+
+
+@pytest.mark.parametrize('classifier', ['unpooled', 'token_unpooled'])
+def test_unpooled_models_apply_the_head_to_every_token(classifier):
+  """As the original release: pre-logits and head on each token (they were dropped
+  without a word, num_classes=10 gave the features); num_classes=0 gives the features."""
+  module = small(classifier=classifier, representation_size=16)
+  params = random_params(module)
+  logits = np.asarray(run(module, params, images()))
+  features_module = small(classifier=classifier, num_classes=0)
+  features = np.asarray(run(features_module, {k: v for k, v in params.items()
+                                              if k not in ('head', 'pre_logits')}, images()))
+  assert features.shape[-1] == D and logits.shape == features.shape[:2] + (10,)
+  pre = np.tanh(features @ np.asarray(params['pre_logits']['kernel'])
+                + np.asarray(params['pre_logits']['bias']))
+  want = pre @ np.asarray(params['head']['kernel']) + np.asarray(params['head']['bias'])
+  np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
+  # The analytic FLOP count follows: the per-token layers against XLA's count.
+  heads = models.forward_flops(module, IMG) - models.forward_flops(features_module, IMG)
+  analytic = (models.analytic_flops(module, IMG)
+              - models.analytic_flops(features_module, IMG))
+  assert heads == pytest.approx(analytic, rel=0.05)
 
 
 @pytest.mark.parametrize('num_classes', [0, None])

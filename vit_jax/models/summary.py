@@ -95,8 +95,11 @@ def analytic_flops(module: vit.VisionTransformer, image_size: int) -> float:
     tokens += 1
   per_block = 2 * tokens * (4 * d * d + 2 * d * m) + 2 * 2 * tokens * tokens * d
   flops += module.num_layers * per_block
+  # The pre-logits layer and head see one pooled vector, or every token when unpooled.
+  outputs = tokens if module.classifier in ('unpooled', 'token_unpooled') else 1
+  width = module.representation_size or d
+  if module.representation_size:
+    flops += outputs * 2 * d * width
   if module.num_classes:
-    width = module.representation_size or d
-    flops += 2 * width * module.num_classes + (2 * d * width if module.representation_size
-                                               else 0)
+    flops += outputs * 2 * width * module.num_classes
   return flops

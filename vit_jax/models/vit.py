@@ -479,8 +479,8 @@ class VisionTransformer(nn.Module):
                   layernorm_eps=self.layernorm_eps, gelu_approximate=self.gelu_approximate,
                   dtype=self.dtype, param_dtype=self.param_dtype, custom_vjp=self.custom_vjp,
                   name='MAPHead_0')(x)
-    else:  # 'unpooled', 'token_unpooled': every token, no head; float32 as the logits.
-      return x.astype(jnp.float32)
+    # 'unpooled', 'token_unpooled': every token, and the pre-logits layer and head (if
+    # any) on each, as the original release (per-token logits; features: num_classes=0).
 
     if self.representation_size:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
