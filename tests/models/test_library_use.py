@@ -209,3 +209,42 @@ def test_attention_maps_of_a_scanned_model_and_of_another_family():
 def test_an_override_of_the_wrong_type_names_the_field_and_its_type(field, value, match):
   with pytest.raises(ValueError, match=match):  # ml_collections' TypeError before
     models.create('ViT-B/16', **{field: value})
+
+
+@pytest.mark.parametrize('name', ['ViT-Ti/16', 'Swin-T'])
+def test_init_helpers_take_a_height_and_width(name):
+  """init_params / abstract_variables / forward_flops took a square int only (a (h, w)
+  size was jax's 'Shapes must be 1D sequences of concrete values of integer type')."""
+  overrides = TINY if name.startswith('ViT') else dict(
+      embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=2, num_classes=3,
+      image_size=(16, 32))
+  module = models.create(name, **overrides)
+  params = models.init_params(module, (16, 32))
+  abstract = models.abstract_params(module, (16, 32))
+  assert jax.tree.map(lambda p: p.shape, params) == jax.tree.map(lambda p: p.shape, abstract)
+  x = jnp.zeros((1, 16, 32, 3), jnp.float32)
+  assert module.apply({'params': params}, x).shape == (1, 3)
+  assert models.forward_flops(module, (16, 32)) > models.forward_flops(module, 16) > 0
+  if name.startswith('ViT'):  # 8 patches of 8 against 4 and the class token
+    assert models.analytic_flops(module, (16, 32)) == pytest.approx(
+        models.forward_flops(module, (16, 32)), rel=0.1)
+  with pytest.raises(ValueError, match=r"image_size='16x32': an int \(square images\) or"):
+    models.init_params(module, '16x32')
+
+
+def test_library_errors_name_the_field_and_the_fix():
+  """Three flax/jax errors that named no field: a hybrid root GroupNorm cannot split,
+  cuDNN attention without a GPU, and params without a head for a model with one."""
+  with pytest.raises(ValueError, match=r'resnet.width_factor=0.25 gives a root of 16 channels'):
+    models.create('R26+ViT-S/32', **dict(TINY, patch_size=1),
+                  resnet=dict(num_layers=(1,), width_factor=0.25))
+  module = models.create('ViT-Ti/16', **TINY)
+  params = models.init_params(module, 16)
+  if jax.default_backend() != 'gpu':
+    cudnn = models.create('ViT-Ti/16', **TINY, attention_impl='cudnn')
+    with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+      cudnn.apply({'params': params}, X)
+  features = models.init_params(models.create('ViT-Ti/16', **dict(TINY, num_classes=0)), 16)
+  with pytest.raises(ValueError, match=r"the params have no head \('head'\), and this model "
+                                       'has num_classes=3'):
+    module.apply({'params': features}, X)

@@ -43,6 +43,11 @@ def resolve_implementation(implementation: str | None) -> str | None:
                      f'{ATTENTION_IMPLEMENTATIONS}')
   if implementation is None and jax.default_backend() == 'cpu':
     return 'heads_major'
+  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(  # (jax's own: a bare 'cuDNN is not detected.')
+        f"attention_impl='cudnn' needs an NVIDIA GPU, and this process's backend is "
+        f"{jax.default_backend()}: use attention_impl=None (the best for the backend) or "
+        "'xla'")
   return implementation
 
 

@@ -402,6 +402,12 @@ def create(name_or_config, **overrides):
     if not _is_number(value) or value <= 0:
       raise ValueError(f'{field}={value!r} must be a positive number')
   if config.get('resnet') is not None:
+    root = 64 * _field(config, 'resnet.width_factor', defaults)
+    if root != int(root) or int(root) % 32:
+      raise ValueError(
+          f'resnet.width_factor={_field(config, "resnet.width_factor", defaults)!r} gives a '
+          f'root of {root:g} channels; the stem\'s GroupNorm splits channels into 32 groups, '
+          'so 64 * width_factor must be a multiple of 32 (width_factor 0.5, 1, 1.5, 2, ...)')
     layers = config.resnet.get('num_layers')
     if (not isinstance(layers, (tuple, list))
         or not all(_is_int(n) and n >= 1 for n in layers)):

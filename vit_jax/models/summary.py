@@ -7,31 +7,44 @@ import numpy as np
 from vit_jax.models import vit
 
 
-def init_variables(module, image_size: int, seed: int = 0) -> dict:
-  """All initialised variables ({'params': ...} plus e.g. 'batch_stats') for square
-  inputs of `image_size` pixels."""
-  dummy = jnp.zeros((1, image_size, image_size, module.in_channels), jnp.float32)
+def _height_width(image_size) -> tuple[int, int]:
+  """(height, width) of an image size: an int (square) or (height, width)."""
+  if isinstance(image_size, (int, np.integer)):
+    return int(image_size), int(image_size)
+  try:
+    h, w = (int(v) for v in image_size)
+  except (TypeError, ValueError):
+    raise ValueError(f'image_size={image_size!r}: an int (square images) or (height, '
+                     'width)') from None
+  return h, w
+
+
+def init_variables(module, image_size, seed: int = 0) -> dict:
+  """All initialised variables ({'params': ...} plus e.g. 'batch_stats') for inputs of
+  `image_size` pixels: an int (square) or (height, width)."""
+  dummy = jnp.zeros((1, *_height_width(image_size), module.in_channels), jnp.float32)
   return jax.jit(lambda rng: dict(module.init(rng, dummy, train=False)))(
       jax.random.PRNGKey(seed))
 
 
-def init_params(module, image_size: int, seed: int = 0):
-  """Initialised parameters for square inputs of `image_size` pixels."""
+def init_params(module, image_size, seed: int = 0):
+  """Initialised parameters for inputs of `image_size` pixels (int or (height, width))."""
   return init_variables(module, image_size, seed)['params']
 
 
-def abstract_variables(module, image_size: int) -> dict:
+def abstract_variables(module, image_size) -> dict:
   """Shapes and dtypes of all variables (nothing is allocated)."""
   if getattr(module, 'attention_impl', None) == 'cudnn':
     # The same variables; cuDNN's attention refuses even to be traced without an NVIDIA
     # GPU (exporting a run trained with it, on a CPU host, failed here).
     module = module.clone(attention_impl=None)
-  dummy = jax.ShapeDtypeStruct((1, image_size, image_size, module.in_channels), jnp.float32)
+  dummy = jax.ShapeDtypeStruct((1, *_height_width(image_size), module.in_channels),
+                               jnp.float32)
   return dict(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
                              dummy))
 
 
-def abstract_params(module, image_size: int):
+def abstract_params(module, image_size):
   """Shapes and dtypes of the parameters (nothing is allocated)."""
   return abstract_variables(module, image_size)['params']
 
@@ -47,7 +60,7 @@ def param_count(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def forward_flops(module, image_size: int, batch: int = 1) -> float:
+def forward_flops(module, image_size, batch: int = 1) -> float:
   """FLOPs of one inference forward pass per image, from XLA's cost analysis.
 
   On CPU the analysis reads the lowered program, before XLA's optimisations, so nothing
@@ -61,7 +74,7 @@ def forward_flops(module, image_size: int, batch: int = 1) -> float:
   if isinstance(module, vit.VisionTransformer):
     module = module.clone(scan_layers=False, layer_loop='unroll', remat_policy=None)
   variables = abstract_variables(module, image_size)
-  images = jax.ShapeDtypeStruct((batch, image_size, image_size, module.in_channels),
+  images = jax.ShapeDtypeStruct((batch, *_height_width(image_size), module.in_channels),
                                 jnp.float32)
   lowered = jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, images)
   cost = _first(lowered.cost_analysis())
@@ -75,14 +88,15 @@ def _first(cost):
   return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
-def analytic_flops(module: vit.VisionTransformer, image_size: int) -> float:
+def analytic_flops(module: vit.VisionTransformer, image_size) -> float:
   """Matmul FLOPs (2 per multiply-add) of the transformer part, per image.
 
   Counts the patch embedding, the attention projections and products, the MLPs, the
   pre-logits layer and the head; not the ResNet stem of hybrids, nor the MAP head.
   """
   sh, sw = module.total_stride()
-  tokens = (image_size // sh) * (image_size // sw)
+  img_h, img_w = _height_width(image_size)
+  tokens = (img_h // sh) * (img_w // sw)
   d, m = module.hidden_size, module.mlp_dim
   if module.resnet_layers is None:
     in_ch = module.in_channels

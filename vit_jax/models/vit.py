@@ -414,6 +414,12 @@ class VisionTransformer(nn.Module):
               if self.classifier == 'unpooled' else '')
       raise ValueError(f"the params have a class token ('cls') but classifier="
                        f"{self.classifier!r} uses none{hint}")
+    if params and self.num_classes and 'head' not in params:
+      raise ValueError(  # (flax's: 'Could not find parameter named "kernel" in scope /head')
+          f"the params have no head ('head'), and this model has num_classes="
+          f'{self.num_classes}: create it with num_classes=0 for the features, or fit the '
+          'params to the model (vit_jax.checkpoints.merge_into(init, params, '
+          'drop_head=True) starts a new head)')
     encoder = params.get('Transformer', {})
     if not encoder:
       return
