@@ -248,3 +248,32 @@ def test_library_errors_name_the_field_and_the_fix():
   with pytest.raises(ValueError, match=r"the params have no head \('head'\), and this model "
                                        'has num_classes=3'):
     module.apply({'params': features}, X)
+
+
+@pytest.mark.parametrize('name, overrides, rate', [
+    ('Swin-T', dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=2,
+                    image_size=16), 'drop_path_rate'),
+    ('ResNet-50', dict(layers=(1, 1, 1, 1)), 'dropout_rate'),
+    ('Res2Net-50 26w4s', dict(layers=(1, 1, 1, 1)), 'drop_path_rate'),
+    ('BiT-R50x1', dict(num_layers=(1,)), 'drop_path_rate'),
+])
+def test_every_family_names_the_fix_for_a_training_apply(name, overrides, rate):
+  """Swin, ResNet, Res2Net and BiT passed flax's errors through ('unit01 needs PRNG for
+  "dropout"', "Cannot update variable 'mean' in '/bn1'", 'Collection batch_stats not
+  found'), which name a submodule and not the fix; the ViT named it already."""
+  module = models.create(name, num_classes=3, **overrides, **{rate: 0.1})
+  variables = models.init_variables(module, 16)
+  has_bn = 'batch_stats' in variables
+  mutable = ['batch_stats'] if has_bn else False
+  with pytest.raises(ValueError, match=rf"{rate}=0.1.*rngs=\{{'dropout': key\}}"):
+    module.apply(variables, X, train=True, mutable=mutable)
+  out = module.apply(variables, X, train=True, mutable=mutable,
+                     rngs={'dropout': jax.random.PRNGKey(1)})
+  assert (out[0] if has_bn else out).shape == (2, 3)
+  if has_bn:
+    with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
+      module.apply(variables, X, train=True, rngs={'dropout': jax.random.PRNGKey(1)})
+    with pytest.raises(ValueError, match="the variables have no 'batch_stats'"):
+      module.apply({'params': variables['params']}, X)
+    frozen = models.create(name, num_classes=3, **overrides, bn_frozen=True)
+    frozen.apply(variables, X, train=True)  # frozen statistics: nothing to update

@@ -236,6 +236,7 @@ class BiT(nn.Module):
   def __call__(self, images, *, train: bool = False):
     """Logits (batch, num_classes) in float32, or pooled features (batch, width)."""
     common.check_nhwc(images, self.in_channels)
+    common.check_train_apply(self, train, dict(drop_path_rate=self.drop_path_rate))
     x = images.astype(self.dtype)
     x = StdConvScope(int(64 * self.width_factor), 7, 2, self.stdconv_eps, self.dtype,
                      self.param_dtype, name='root_block')(x)

@@ -24,6 +24,31 @@ def check_nhwc(images, in_channels: int) -> None:
                      f'shape {tuple(images.shape)}.{hint}')
 
 
+def check_train_apply(module, train: bool, rates: dict, batch_stats: bool = False,
+                      updates_batch_stats: bool = False) -> None:
+  """A ValueError naming the fix where flax's would name a submodule: an apply with
+  train=True and a non-zero rate in `rates` (field -> value) but no 'dropout' key; for
+  models with BatchNorm statistics (`batch_stats`), variables without them, and (where
+  training updates them) a training apply that cannot."""
+  if module.is_initializing():
+    return
+  if batch_stats and 'batch_stats' not in module.variables:
+    raise ValueError(  # (flax's: 'Collection batch_stats not found' in a BatchNorm)
+        "the variables have no 'batch_stats' (the BatchNorm running statistics): apply "
+        "{'params': params, 'batch_stats': stats}, e.g. vit_jax.models.init_variables(...)")
+  if not train:
+    return
+  if updates_batch_stats and not module.is_mutable_collection('batch_stats'):
+    raise ValueError(  # (flax's: "Cannot update variable 'mean' in '/bn1'")
+        "train=True updates the BatchNorm statistics: apply(..., train=True, "
+        "mutable=['batch_stats']) returns (logits, {'batch_stats': ...}), or train=False")
+  if any(value > 0 for value in rates.values()) and not module.has_rng('dropout'):
+    named = ', '.join(f'{field}={value}' for field, value in rates.items())
+    raise ValueError(  # (flax's: '<submodule> needs PRNG for "dropout"')
+        f"train=True with {named} needs a dropout key: apply(..., train=True, "
+        "rngs={'dropout': key}), or train=False")
+
+
 def drop_path(x, rate, rng):
   """Stochastic depth: zeroes a residual branch per example with probability `rate` (a
   float or a traced scalar) and scales the kept ones by 1 / (1 - rate)."""

@@ -299,6 +299,9 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     common.check_nhwc(x, self.in_channels)
+    common.check_train_apply(self, train, dict(drop_path_rate=self.drop_path_rate,
+                                               dropout_rate=self.dropout_rate),
+                             batch_stats=True, updates_batch_stats=not self.bn_frozen)
     x = x.astype(self.dtype)
     x = conv(STEM_WIDTH, 7, 2, name='conv1', dtype=self.dtype, param_dtype=self.param_dtype)(x)
     x = BatchNorm(use_running_average=not train or self.bn_frozen, momentum=self.bn_momentum,

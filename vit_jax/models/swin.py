@@ -456,6 +456,9 @@ class SwinTransformer(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     common.check_nhwc(x, self.in_channels)
+    common.check_train_apply(self, train, dict(
+        drop_rate=self.drop_rate, proj_drop_rate=self.proj_drop_rate,
+        attn_drop_rate=self.attn_drop_rate, drop_path_rate=self.drop_path_rate))
     plan = stage_plan(x.shape[1:3], self.patch_size, self.depths, self.window_size)
     kw = dict(layernorm_eps=self.layernorm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     x = PatchEmbed(self.patch_size, self.embed_dim, name='patch_embed', **kw)(x)

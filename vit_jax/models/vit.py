@@ -443,12 +443,9 @@ class VisionTransformer(nn.Module):
     """
     self._check_input(images)
     self._check_layout()
-    if train and not self.is_initializing() and not self.has_rng('dropout') and (
-        self.dropout_rate > 0 or self.attention_dropout_rate > 0 or self.drop_path_rate > 0):
-      raise ValueError(  # (flax's message: 'Transformer needs PRNG for "dropout"')
-          f'train=True with dropout_rate={self.dropout_rate}, attention_dropout_rate='
-          f'{self.attention_dropout_rate}, drop_path_rate={self.drop_path_rate} needs a '
-          "dropout key: apply(..., train=True, rngs={'dropout': key}), or train=False")
+    common.check_train_apply(self, train, dict(
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        drop_path_rate=self.drop_path_rate))
     x = images.astype(self.dtype)
     if self.resnet_layers is not None:
       x = resnet.bit_stem(
