@@ -205,3 +205,26 @@ def test_a_record_with_a_one_value_patch_size_reads_back(ck, tmp_path):
   ckpt = pretrained.load_checkpoint(path)
   assert ckpt.config_recorded
   assert models.create(ckpt.config).patch_size == tuple(config.patch_size)
+
+
+def test_a_head_wider_than_its_class_names_names_the_rest(tmp_path, caplog):
+  """A run may train num_classes=3 on a folder of 2 classes; predict and visualize then
+  refused its weights ('2 class names for a head of 3 classes') and an export dropped
+  both names. The outputs without a name are named class_<i>, with a warning."""
+  from vit_jax import inference  # pylint: disable=g-import-not-at-top
+  config = _custom_plain()
+  config.num_classes = 3
+  params = models.init_params(models.create(config), config.image_size)
+  path = str(tmp_path / 'wide.safetensors')
+  state_dict_io.write_state_dict(
+      timm_format.to_timm(config, params), path,
+      metadata=pretrained.state_dict_metadata(config, ['cat', 'dog']))
+  with caplog.at_level('WARNING'):
+    ckpt = pretrained.load_checkpoint(path)
+  assert ckpt.class_names == ['cat', 'dog', 'class_2']
+  assert '2 class names for a head of 3 classes' in caplog.text
+  assert inference.ImageClassifier.from_pretrained(path).class_names == ['cat', 'dog', 'class_2']
+  state_dict_io.write_state_dict(
+      timm_format.to_timm(config, params), path,
+      metadata=pretrained.state_dict_metadata(config, ['a', 'b', 'c', 'd']))
+  assert pretrained.load_checkpoint(path).class_names is None  # more names than outputs

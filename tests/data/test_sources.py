@@ -523,3 +523,37 @@ def _png_bytes():
   out = io.BytesIO()
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out, format='PNG')
   return out.getvalue()
+
+
+def test_folder_mistakes_a_researcher_makes_are_named(tmp_path, monkeypatch, caplog):
+  """Images directly in the split (never read, nothing said); an evaluation class folder
+  named in another Unicode form (NFD from macOS; the names printed the same); no
+  evaluation split (the error named no config field); '~' in the folder (no shell
+  expands it after '=')."""
+  import unicodedata  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import builder  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import input_config  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  cafe = unicodedata.normalize('NFC', 'café')
+  for cls in (cafe, 'dog'):
+    (root / 'train' / cls).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / 'train' / cls / 'a.png')
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / 'train' / 'loose.PNG')
+  c = input_config.default_input_config()
+  c.source, c.folder, c.pp_train = 'folder', str(root), 'decode|resize(8)|onehot(2)'
+  with caplog.at_level('WARNING'):
+    with pytest.raises(sources.DataError, match=(
+        r"The run evaluates on config.input.eval_split='test': name one of those splits "
+        r'\(--config.input.eval_split=NAME\), or put held-out images in <folder>/test/')):
+      builder.create_sources(c)
+  assert '1 image(s) directly in' in caplog.text and 'loose.PNG' in caplog.text
+  nfd = unicodedata.normalize('NFD', 'café')
+  (root / 'test' / nfd).mkdir(parents=True)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / 'test' / nfd / 'a.png')
+  with pytest.raises(sources.DataError, match=(
+      r"not among the 2 training classes \('café', 'dog'\)\. 'cafe\\u0301' \(training: "
+      r"'caf\\xe9'\) differ from training classes only in their Unicode form")):
+    builder.create_sources(c)
+  monkeypatch.setenv('HOME', str(tmp_path))
+  train = sources.ImageFolderSource('~/data', 'train', cache_dir=str(tmp_path))
+  assert train.root == str(root) and len(train.paths) == 2

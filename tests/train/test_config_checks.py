@@ -529,3 +529,19 @@ def test_cudnn_attention_off_a_gpu_is_named():
     _validate(c)
   c.model.attention_impl = 'xla'
   _validate(c)
+
+
+def test_decoded_channels_other_than_the_model_s_are_named():
+  """decode(1) for a 3-channel model passed, then stopped the run at step 1 with a
+  traceback (status 1: launch/until_done.sh retried it)."""
+  c = _config()
+  c.input.pp_train = 'decode(1)|resize(28)|value_range(-1, 1)|onehot(10)'
+  with pytest.raises(defaults.ConfigError, match=(
+      r'config.input.pp_train=.* decodes 1-channel images, but the model takes '
+      r'config.model.in_channels=3: set --config.model.in_channels=1')):
+    _validate(c)
+  c.model.in_channels = 1
+  c.input.pp_eval = 'decode(1)|resize(28)|value_range(-1, 1)|onehot(10)'
+  _validate(c)
+  assert preprocess_ops.decoded_channels('resize(28)') is None
+  assert preprocess_ops.decoded_channels('decode|resize(28)') == 3

@@ -222,7 +222,7 @@ def _recorded_names(meta: dict, num_classes) -> list[str] | None:
     names = json.loads(meta.get(META_CLASS_NAMES, 'null'))
   except ValueError:
     return None
-  if isinstance(names, list) and len(names) == (num_classes or 0):
+  if isinstance(names, list) and names and num_classes:  # (fitted to the head later)
     return [str(n) for n in names]
   return None
 
@@ -580,9 +580,11 @@ def load_checkpoint(path, *, model=None, runnable_here: bool = True) -> Checkpoi
     when this process has no GPU, so that the model runs here; False keeps the record
     (vit_jax.convert: an export made on a CPU host keeps the run's choice).
   """
-  path = os.fspath(path)
+  path = os.path.expanduser(os.fspath(path))  # ('--checkpoint=~/w': no shell expands it)
   given = _model_config(model, base=_spec_base(path))
   ckpt = _load_checkpoint(path, model, given)
+  ckpt.class_names = _names_for_the_head(ckpt.class_names, ckpt.config.get('num_classes'),
+                                         path)
   if runnable_here:
     _runnable_attention(ckpt.config, path)
   if isinstance(model, str):
@@ -595,6 +597,23 @@ def load_checkpoint(path, *, model=None, runnable_here: bool = True) -> Checkpoi
         logging.warning('--model %s=%s is not used: the weights at %s have %s=%r.', field,
                         text, path, field, got)
   return ckpt
+
+
+def _names_for_the_head(names, num_classes, path: str):
+  """The recorded class names fitted to the head: a run may train a head wider than its
+  classes (num_classes=3 on a folder of 2), whose weights predict and visualize then
+  refused ('2 class names for a head of 3 classes') and an export dropped the names of:
+  the outputs without a name are named 'class_<i>', with a warning."""
+  if not names or not num_classes or len(names) == num_classes:
+    return names
+  if len(names) > num_classes:
+    logging.warning('%s records %d class names for a head of %d classes: the names are '
+                    'left out', path, len(names), num_classes)
+    return None
+  logging.warning('%s records %d class names for a head of %d classes (the run trained a '
+                  'head wider than its classes): outputs %d to %d are named class_<i>',
+                  path, len(names), num_classes, len(names), num_classes - 1)
+  return list(names) + [f'class_{i}' for i in range(len(names), num_classes)]
 
 
 def _runnable_attention(config, path: str) -> None:

@@ -23,9 +23,17 @@ def create_sources(input_config) -> tuple[sources.Source, sources.Source]:
         f'has one class ({train.class_names[0]!r}); a classifier needs at least two '
         '(the layout is <split>/<class>/<image>, one folder per class)')
   if input_config.source == 'folder':
-    evaluation = sources.ImageFolderSource(root=input_config.folder,
-                                           split=input_config.eval_split,
-                                           class_names=train.class_names)
+    try:
+      evaluation = sources.ImageFolderSource(root=input_config.folder,
+                                             split=input_config.eval_split,
+                                             class_names=train.class_names)
+    except sources.DataError as e:
+      if 'does not exist' not in str(e):
+        raise
+      raise sources.DataError(
+          f'{e}\nThe run evaluates on config.input.eval_split={input_config.eval_split!r}: '
+          'name one of those splits (--config.input.eval_split=NAME), or put held-out '
+          f'images in <folder>/{input_config.eval_split}/<class>/') from None
   else:
     evaluation = sources.create_source(input_config, input_config.eval_split)
   if evaluation.num_examples() == 0:  # a slice that rounds to nothing: 'test[99%:]'

@@ -158,6 +158,16 @@ def output_spec(spec: str) -> tuple[tuple[int, int] | None, str | None, int | No
   return size, size_op, num_classes
 
 
+def decoded_channels(spec: str) -> int | None:
+  """The channels the spec's `decode` gives (3 by default), None without one."""
+  channels = None
+  for name, bound, _ in _build(spec):
+    if name == 'decode':
+      bound.apply_defaults()
+      channels = int(bound.arguments['channels'])
+  return channels
+
+
 # The ops that do not read the image's pixels (they may come before `decode`).
 OPS_WITHOUT_PIXELS = ('decode', 'onehot', 'keep', 'drop')
 

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import os
+import unicodedata
 import concurrent.futures
 import hashlib
 import time
@@ -350,6 +351,7 @@ class ImageFolderSource(Source):
   check_images: bool = True
 
   def __post_init__(self):
+    self.root = os.path.expanduser(self.root)  # ('--config.input.folder=~/d': no shell does)
     self.name = f'folder:{self.root}'
     split_dir = os.path.join(self.root, self.split)
     if '[' in self.split and not tf.io.gfile.isdir(split_dir):
@@ -372,8 +374,16 @@ class ImageFolderSource(Source):
       raise DataError(f'image folder split {split_dir!r} does not exist; expected '
                       f'<root>/<split>/<class>/<image>. Splits under {self.root!r}: '
                       f'{available or none}.{hint}')
-    folders = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(split_dir)
+    entries = tf.io.gfile.listdir(split_dir)
+    folders = sorted(d.rstrip('/') for d in entries
                      if tf.io.gfile.isdir(os.path.join(split_dir, d)))
+    loose = sorted(e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)
+                   and not e.endswith('/') and not tf.io.gfile.isdir(os.path.join(split_dir, e)))
+    if loose:  # (they were left out without a word)
+      logging.warning('%d image(s) directly in %s are not read: %s. An image\'s class is '
+                      'the folder it is in (<split>/<class>/<image>): move them into one.',
+                      len(loose), split_dir, ', '.join(loose[:10]) + (' ...' if len(loose) > 10
+                                                                      else ''))
     found = [d for d in folders if not is_system_folder(d)]
     if len(found) < len(folders):
       logging.info('Not classes: the hidden or system folder(s) %s of %s.',
@@ -383,8 +393,16 @@ class ImageFolderSource(Source):
       self.class_names = found
     unknown = sorted(set(found) - set(self.class_names))
     if unknown:
+      shown = ', '.join(repr(c) for c in self.class_names[:20])
+      more = f' and {len(self.class_names) - 20} more' if len(self.class_names) > 20 else ''
+      nfc = {unicodedata.normalize('NFC', c): c for c in self.class_names}
+      same = [f'{ascii(c)} (training: {ascii(nfc[unicodedata.normalize("NFC", c)])})'
+              for c in unknown if unicodedata.normalize('NFC', c) in nfc]
+      hint = (f'. {", ".join(same)} differ from training classes only in their Unicode form '
+              '(NFC and NFD, e.g. one folder named on macOS): rename one of the two'
+              if same else '')
       raise DataError(f'{split_dir} has class folders {unknown} that are not among the '
-                      f'{len(self.class_names)} training classes')
+                      f'{len(self.class_names)} training classes ({shown}{more}){hint}')
     if not self.class_names:
       raise DataError(f'{split_dir} has no class folders (<class>/<image> expected)')
     paths, labels, ignored, linked, class_of = [], [], {}, {}, {}

@@ -426,6 +426,12 @@ def _check_preprocessing(config) -> None:
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
     _check_decode_and_onehot(field, spec, onehot_classes, classes, preprocess_ops)
+    channels, wanted = preprocess_ops.decoded_channels(spec), config.model.get('in_channels', 3)
+    if channels is not None and channels != wanted:  # (a traceback at the first step)
+      raise ConfigError(
+          f'config.input.{field}={spec!r} decodes {channels}-channel images, but the model '
+          f'takes config.model.in_channels={wanted}: set --config.model.in_channels='
+          f'{channels}, or decode({wanted}) in config.input.pp_train and pp_eval.')
     random_ops = [name for name, _ in preprocess_ops.ops(spec)
                   if name in preprocess_ops.RANDOM_OPS]
     if field == 'pp_eval' and random_ops:  # (it was accepted without a word)
