@@ -39,6 +39,11 @@ def test_config_loads_and_validates(path, tmp_path):
     with pytest.raises(defaults.ConfigError, match='config.init_from'):
       defaults.validate(config, num_devices=1, process_count=1)
     config.init_from = None
+  if config.input.source == 'folder' and not config.input.get('folder'):
+    # (the ImageNet-21k recipes: the user points them at the folder)
+    with pytest.raises(defaults.ConfigError, match='needs config.input.folder'):
+      defaults.validate(config, num_devices=1, process_count=1)
+    config.input.folder = str(tmp_path)
   defaults.validate(config, num_devices=1, process_count=1)
   assert set(config.keys()) == set(defaults.FIELD_DOCS)
 

@@ -204,3 +204,22 @@ def test_a_damaged_recorded_config_is_named(tmp_path):
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert f'{tmp_path / "run" / "config.json"} is not valid JSON' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_a_config_file_that_cannot_load_and_lone_process_flags_are_one_line(tmp_path):
+  """A syntax error in a config file, or a file without get_config, was ml_collections'
+  traceback with status 1 (launch/until_done.sh restarted it); --num_processes=2
+  without a coordinator trained as one process on all the data, without a word."""
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(:\n  pass\n')
+  proc = _run([f'--config={broken}'], tmp_path)
+  assert proc.returncode == 3, subprocess_env.failure(proc)
+  assert f'--config={broken}: a Python syntax error at line 1' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  empty = tmp_path / 'empty.py'
+  empty.write_text('X = 1\n')
+  proc = _run([f'--config={empty}'], tmp_path)
+  assert proc.returncode == 3 and 'the file defines no get_config()' in proc.stderr
+  proc = _run(['--config=configs/demo.py', '--num_processes=2', '--process_id=0'], tmp_path)
+  assert proc.returncode == 3, subprocess_env.failure(proc)
+  assert 'a multi-process run needs --coordinator_address=HOST:PORT' in proc.stderr

@@ -155,10 +155,17 @@ def main(argv):
   tensorflow_startup.leave_keras_out()  # before the input pipeline imports TensorFlow
   # Before anything starts jax's backend (see vit_jax/host_memory.py).
   host_memory.configure(config.get('keep_host_memory'))
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  if not (_DISTRIBUTED.value or _COORDINATOR.value) and (
+      (_NUM_PROCESSES.value or 1) > 1 or _PROCESS_ID.value is not None):
+    # (each process trained alone, on the whole data, without a word)
+    raise defaults.ConfigError(
+        f'--num_processes={_NUM_PROCESSES.value} --process_id={_PROCESS_ID.value} without '
+        '--coordinator_address: a multi-process run needs --coordinator_address=HOST:PORT '
+        "(process 0's host), or --distributed where the cluster gives it (Cloud TPU, SLURM)")
   if _DISTRIBUTED.value or _COORDINATOR.value:
     _join_processes()
   is_main = jax.process_index() == 0
-  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
   from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = loop.workdir_path(_WORKDIR.value)
   if _SUMMARY_ONLY.value:  # (validate() warns for a training run)
@@ -315,11 +322,24 @@ def _config_file_problem(argv) -> str | None:
       if not os.path.isfile(os.path.join(variant, 'config.json')):
         return (f'--config={path}:{variant}: {variant} holds no config.json (it takes the '
                 '--workdir of a run of vit_jax.main)')
+    try:
+      with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    except SyntaxError as e:  # (ml_collections' traceback, status 1: until_done.sh retried)
+      text = f': {e.text.strip()}' if e.text and e.text.strip() else ''
+      return f'--config={path}: a Python syntax error at line {e.lineno}, {e.msg}{text}'
+    except (OSError, ValueError):
+      return None  # ml_collections reports it
+    defined = {node.name for node in tree.body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {alias.asname or alias.name for node in tree.body
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    defined |= {t.id for node in tree.body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    if 'get_config' not in defined:
+      return (f'--config={path}: the file defines no get_config(), which a config file '
+              'has: it returns the ml_collections.ConfigDict (see configs/demo.py)')
     if variant:
-      try:
-        tree = ast.parse(open(path).read(), path)
-      except (OSError, SyntaxError):
-        return None  # ml_collections reports it, with the line
       for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == 'get_config':
           if not (node.args.args or node.args.vararg):

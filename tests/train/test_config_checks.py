@@ -545,3 +545,50 @@ def test_decoded_channels_other_than_the_model_s_are_named():
   _validate(c)
   assert preprocess_ops.decoded_channels('resize(28)') is None
   assert preprocess_ops.decoded_channels('decode|resize(28)') == 3
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('schedule.base_lr', float('inf'), 'must be a number >= 0'),
+    ('optimizer.eps', float('inf'), 'must be a positive number'),
+    ('schedule.warmup_epochs', float('nan'), 'must be a number >= 0'),
+    ('num_epochs', float('inf'), 'must be a non-negative number'),
+    ('seed', 2**64 + 1, 'must be an int of 64 bits'),
+])
+def test_infinite_nan_and_huge_values_fail_before_compiling(field, value, message):
+  """inf and nan passed the range checks, then stopped the run late (base_lr=inf: a
+  NonFiniteError after compiling; warmup_epochs=nan, num_epochs=inf, a seed past 64 bits:
+  tracebacks, status 1) or trained nothing and exited 0 (optimizer.eps=inf)."""
+  c = _config()
+  node, *rest = field.split('.')
+  if rest:
+    c[node][rest[0]] = value
+  else:
+    c[node] = value
+  with pytest.raises(defaults.ConfigError, match=rf'config.{field}=.* {message}'):
+    _validate(c)
+  c = _config()
+  c.model.head_bias_init = float('nan')
+  with pytest.raises(ValueError, match='head_bias_init'):
+    _validate(c)
+
+
+def test_a_config_file_s_misspelled_sub_field_is_named():
+  """c.schedule.warmup_step = 100 in a config file was ignored: the run trained with
+  warmup_steps=0 (overrides on the command line of unknown fields fail already)."""
+  c = _config()
+  c.schedule.warmup_step = 100
+  with pytest.raises(defaults.ConfigError, match=(
+      r'config.schedule.warmup_step is not a field of config.schedule \(did you mean '
+      r'schedule.warmup_steps\?\); its fields: base_lr, ')):
+    _validate(c)
+  c = _config()
+  c.input.pp_tarin = 'decode'
+  with pytest.raises(defaults.ConfigError, match=r'did you mean input.pp_train\?'):
+    _validate(c)
+
+
+def test_a_value_range_of_one_value_is_refused():
+  c = _config()
+  c.input.pp_train = 'decode|resize(28)|value_range(0, 0)|onehot(10)'
+  with pytest.raises(defaults.ConfigError, match='vmax must differ from vmin'):
+    _validate(c)

@@ -226,7 +226,7 @@ def _build(spec: str) -> list:
     try:
       bound = signature.bind(*args, **kwargs)
       op = factory(*args, **kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:  # (value_range(0, 0): 1 / 0)
       raise ValueError(f'Bad arguments for preprocessing op {name!r} in {piece!r}: {e}. '
                        f'It takes {name}{_plain(signature)}.') from e
     ops.append((name, bound, op))
@@ -735,6 +735,8 @@ def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0,
   """
   if in_max == in_min:
     raise ValueError('in_max must differ from in_min')
+  if vmax == vmin:  # (every pixel the same value: nothing to learn from)
+    raise ValueError(f'vmax must differ from vmin (both {vmin}): e.g. value_range(-1, 1)')
   a = (vmax - vmin) / (in_max - in_min)
   b = vmin - in_min * a
 

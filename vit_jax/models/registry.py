@@ -14,6 +14,7 @@ fields in `FIELD_DOCS` and builds its module with `from_config(config)`. A confi
 
 import difflib
 import importlib
+import math
 import numbers
 
 import jax.numpy as jnp
@@ -310,7 +311,9 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+  """A finite real number (head_bias_init=nan trained nothing, and failed late)."""
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 def _field(config, dotted: str, defaults):

@@ -4,6 +4,7 @@ Config files (configs/*.py) start from `default_config()` and set what their rec
 needs; `validate(config)` checks a config before anything is compiled.
 """
 
+import difflib
 import math
 import os
 import re
@@ -150,7 +151,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
     raise ConfigError(f'the config has no training fields {missing}: start it from '
                       'vit_jax.train.defaults.default_config(), or pass --summary_only to '
                       'print the model summary only')
+  _check_sub_fields(config)
   _check_ranges(config)
+  if config.input.get('source') == 'folder' and not config.input.get('folder'):
+    raise ConfigError("config.input.source='folder' needs config.input.folder (the folder "
+                      'holding <split>/<class>/<image>): --config.input.folder=PATH')
   try:
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
   except sharding.MeshError as e:
@@ -321,7 +326,28 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
+  """A finite int or float (inf and nan passed the range checks, then failed late or
+  trained nothing: base_lr=inf, optimizer.eps=inf, warmup_epochs=nan)."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_sub_fields(config) -> None:
+  """Fields of the optimizer, schedule, mesh and input blocks that none of them has: a
+  config file's misspelling (c.schedule.warmup_step = ...) was ignored, and the run
+  trained with the default. (Command-line overrides of unknown fields fail already.)"""
+  defaults = default_config()
+  known = {'optimizer': set(defaults.optimizer.keys()),
+           'schedule': set(defaults.schedule.keys()), 'mesh': set(defaults.mesh.keys()),
+           'input': set(input_config.FIELD_DOCS)}
+  for block, fields in known.items():
+    node = config.get(block)
+    if not isinstance(node, ml_collections.ConfigDict):
+      continue
+    for field in sorted(set(node.keys()) - fields):
+      close = difflib.get_close_matches(field, sorted(fields), n=1, cutoff=0.6)
+      hint = f' (did you mean {block}.{close[0]}?)' if close else ''
+      raise ConfigError(f'config.{block}.{field} is not a field of config.{block}{hint}; '
+                        f'its fields: {", ".join(sorted(fields))}')
 
 
 # (field, test, what it must be): values that run but train something else than meant
@@ -341,6 +367,8 @@ _RANGES = (
     ('keep_best', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
     ('schedule.base_lr', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
     ('schedule.warmup_steps', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
+    ('schedule.warmup_epochs', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    ('seed', lambda v: _is_int(v) and -2**63 <= v < 2**63, 'an int of 64 bits'),
     ('schedule.end_lr_fraction', lambda v: _is_number(v) and 0 <= v <= 1,
      'in [0, 1] (the rate the schedule reaches at total_steps, as a fraction of the peak)'),
     ('min_fsdp_size', lambda v: _is_int(v) and v >= 0, 'an int >= 0'),
