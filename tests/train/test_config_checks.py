@@ -592,3 +592,27 @@ def test_a_value_range_of_one_value_is_refused():
   c.input.pp_train = 'decode|resize(28)|value_range(0, 0)|onehot(10)'
   with pytest.raises(defaults.ConfigError, match='vmax must differ from vmin'):
     _validate(c)
+
+
+def test_freezing_a_new_zero_head_warns_that_nothing_trains(monkeypatch):
+  """--config.freeze=^head/ on a new (zero) head: loss ln(classes) to the end, eval top-1
+  at chance, status 0, without a word."""
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *a: warnings.append(msg % a))
+  c = _config()
+  c.freeze = '^head/'
+  _validate(c)
+  assert any('freeze the head, which starts at zero' in w for w in warnings), warnings
+  warnings.clear()
+  c.freeze, c.trainable = None, '^head/'  # a linear probe: the head trains
+  _validate(c)
+  assert not any('freeze the head' in w for w in warnings), warnings
+
+
+def test_training_in_float16_warns_of_underflow(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *a: warnings.append(msg % a))
+  c = _config()
+  c.model.dtype = 'float16'
+  _validate(c)
+  assert any("no loss scaling" in w and "use 'bfloat16'" in w for w in warnings), warnings

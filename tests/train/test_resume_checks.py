@@ -84,6 +84,14 @@ def test_a_run_started_again_names_what_it_does_not_use(tmp_path, warnings, monk
   assert any(f"config.init_from='{workdir}' is not used: the run resumes from its "
              'own checkpoint' in w and 'a random initialisation' in w for w in warnings), warnings
   assert json.loads((workdir / 'config.json').read_text())['total_steps'] == 4
+  assert not any('training data differs' in w for w in warnings), warnings
+  # An image added since the checkpoint: the rest of its epoch is drawn anew (it did not
+  # say so: some examples were trained twice and others skipped).
+  Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(data / 'train' / 'cat' / 'new.png')
+  warnings.clear()
+  loop.train_and_evaluate(_config(data, total_steps=5), workdir)
+  assert any("The training data differs from the checkpoint's (12 examples then, 13 now)"
+             in w for w in warnings), warnings
   # Other data with as many classes: the head's outputs would change meaning silently.
   other = _folder(tmp_path / 'other_data', ['ant', 'bee', 'cow'])
   with pytest.raises(loop.ResumeError, match=r'trained on the classes \[cat, dog, fox\], but '

@@ -52,6 +52,16 @@ class Source(abc.ABC):
   def num_examples(self, process_index: int = 0, process_count: int = 1) -> int:
     """Examples that process `process_index` of `process_count` reads."""
 
+  def fingerprint(self) -> str:
+    """A short hash of what the epochs are drawn from: the name, split and example
+    count, and for a folder every file and its label (a resumed run compares it)."""
+    digest = hashlib.sha256(f'{self.name}|{self.split}|{self.num_examples()}'.encode())
+    paths, labels = getattr(self, 'paths', None), getattr(self, 'labels', None)
+    if paths is not None and labels is not None:
+      for path, label in zip(paths, labels):
+        digest.update(f'\n{path}\t{int(label)}'.encode())
+    return digest.hexdigest()[:16]
+
   @abc.abstractmethod
   def epoch_dataset(self, *, epoch: int, seed: int, shuffle: bool, start: int = 0,
                     process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:

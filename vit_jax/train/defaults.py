@@ -284,6 +284,7 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
       raise ConfigError(str(e)) from e
     if 'batch_stats' in variables and not config.model.get('bn_frozen', True):
       _warn_batch_norm_not_frozen(variables['batch_stats'], labels)
+    _warn_if_a_new_zero_head_is_frozen(config, labels)
   if (accum > 1 and models.family_of(config.model) in ('resnet', 'res2net')
       and not config.model.get('bn_frozen')):
     logging.warning(
@@ -292,6 +293,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
         'so the step is not the same as one batch of %d; for that, use accum_steps=1 on '
         'more devices, or --config.model.bn_frozen=True when fine-tuning.', accum,
         config.model.get('name'), b // accum, accum, b)
+  if 'float16' in (str(config.model.get('dtype')), str(config.model.get('param_dtype'))):
+    logging.warning(  # (the models take it for inference; training has no loss scaling)
+        "config.model.dtype/param_dtype 'float16': training here has no loss scaling, so "
+        "small gradients underflow to zero in float16; use 'bfloat16' (the same speed on "
+        'GPUs and TPUs that have it, float32 range) for mixed precision.')
   if check_input:
     _check_preprocessing(config)
   if config.init_head not in ('reset', 'keep'):
@@ -401,6 +407,24 @@ def _check_ranges(config) -> None:
     value = config[node][rest[0]] if rest else config[node]
     if not ok(value):
       raise ConfigError(f'config.{field}={value!r} must be {what}')
+
+
+def _warn_if_a_new_zero_head_is_frozen(config, labels) -> None:
+  """A warning where config.trainable / freeze freeze a head that starts at zero (a new
+  head of a ViT, Swin or BiT): its output is its bias, no layer below gets a gradient,
+  and the run trains nothing (it finished at loss ln(classes) without a word)."""
+  from vit_jax.checkpoints import tree  # pylint: disable=g-import-not-at-top
+  if models.family_of(config.model) not in ('vit', 'swin', 'bit'):
+    return  # (a ResNet's fc starts random)
+  if config.get('init_from') and config.get('init_head') == 'keep':
+    return  # the head is the weights'
+  head = [label for name, label in tree.flatten(labels).items() if name.startswith('head/')]
+  if head and all(label == 'frozen' for label in head):
+    logging.warning(
+        'config.trainable / config.freeze freeze the head, which starts at zero (a new '
+        'head): the logits stay at its bias, no layer below it gets a gradient, and the run '
+        'trains nothing. Leave the head trainable, or keep a trained one '
+        '(--config.init_head=keep with --config.init_from).')
 
 
 def _warn_batch_norm_not_frozen(batch_stats, labels) -> None:

@@ -359,6 +359,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     meta = {'seed': config.seed, 'global_batch_size': config.batch_size,
             'steps_per_epoch': spe, 'process_count': jax.process_count(),
             'class_names': train_source.class_names,
+            'train_data': {'examples': train_source.num_examples(),
+                           'fingerprint': train_source.fingerprint()},
             'model': config.model.to_dict(), 'config': json.loads(config.to_json_best_effort())}
     if resuming:
       state, saved_meta = _restore_newest_readable(
@@ -375,6 +377,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                           'order of the resumed run differs from the original run.', key,
                           saved_meta.get(key), meta[key])
       _check_same_classes(saved_meta.get('class_names'), meta['class_names'], workdir)
+      _warn_if_data_changed(saved_meta.get('train_data'), meta['train_data'], spe)
       saved_init = (saved_meta.get('config') or {}).get('init_from') or ''
       if 'config' in saved_meta:  # the weights the run started from, whatever is given now
         meta['config']['init_from'] = saved_meta['config'].get('init_from')
@@ -788,6 +791,22 @@ def _flat_fields(tree, prefix='') -> dict:
     else:
       out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
   return out
+
+
+def _warn_if_data_changed(saved, now, steps_per_epoch) -> None:
+  """A warning where the training files differ from the checkpoint's (an image added or
+  removed since, a folder re-scanned): each epoch's order is drawn over the examples, so
+  the rest of the interrupted epoch is drawn anew (checkpoints before the record: none)."""
+  if not saved or saved.get('fingerprint') == now['fingerprint']:
+    return
+  then, count = saved.get('examples'), now['examples']
+  what = (f'{then} examples then, {count} now' if then != count else
+          f'{count} examples both times, but other files or labels')
+  logging.warning(
+      'The training data differs from the checkpoint\'s (%s): the rest of the interrupted '
+      'epoch is drawn in a new order, so some of its examples are seen twice and others '
+      'not at all (later epochs are whole; %d steps an epoch). To train on exactly the old '
+      'data, restore the files it had.', what, steps_per_epoch)
 
 
 def _check_same_classes(saved, now, workdir) -> None:
