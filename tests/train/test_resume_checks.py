@@ -156,6 +156,38 @@ def test_an_evaluation_that_fails_saves_its_step_first(tmp_path, monkeypatch):
   assert final['step'] == 4 and 'eval_top1' in final
 
 
+def test_a_training_file_gone_mid_run_saves_the_last_step_first(tmp_path, monkeypatch):
+  """A training image moved away during the run stopped it with a bare TensorFlow
+  NotFoundError and lost the steps since the last checkpoint."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import builder  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=5, checkpoint_every=0, eval_every=0)
+  real = builder.create_train_batches
+
+  def failing(*args, **kwargs):
+    def batches():
+      for i, batch in enumerate(real(*args, **kwargs)):
+        if i == 3:
+          raise tf.errors.NotFoundError(None, None, 'train/cat/0.png; No such file')
+        yield batch
+    return batches()
+
+  monkeypatch.setattr(builder, 'create_train_batches', failing)
+  errors = []
+  monkeypatch.setattr(logging, 'error', lambda msg, *a: errors.append(msg % a))
+  with pytest.raises(tf.errors.NotFoundError):
+    loop.train_and_evaluate(config, workdir)
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()
+                if p.name.isdigit()) == ['3']
+  assert any('Reading the training data for step 4 failed' in e and 'Saving step 3 first'
+             in e for e in errors), errors
+  monkeypatch.setattr(builder, 'create_train_batches', real)
+  assert loop.train_and_evaluate(config, workdir)['step'] == 5
+
+
 def test_a_checkpoint_that_took_a_hidden_folder_for_a_class_is_explained(tmp_path):
   with pytest.raises(loop.ResumeError, match=r"include '\.ipynb_checkpoints': a hidden or "
                      'system folder'):

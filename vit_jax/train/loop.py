@@ -481,7 +481,20 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     stop_request = cleanup.enter_context(preemption.StopRequest())
     eval_s = 0.0  # the last evaluation's time, for the ETA of the ones to come
     for step in range(start_step + 1, total_steps + 1):
-      state, step_metrics = train_step(state, next(batches))
+      try:
+        batch = next(batches)
+      except Exception as e:  # pylint: disable=broad-except
+        if _is_tensorflow_error(e) and step > start_step + 1:
+          # A training file that went away (moved, deleted, a network file system): the
+          # steps since the last checkpoint were lost with a bare TensorFlow traceback.
+          _save_before_failing(
+              checkpointer, step - 1, state, dict(meta, step=step - 1),
+              f'Reading the training data for step {step} failed (the error follows: a '
+              'file moved or deleted during the run?). Saving step {step} first, so that no '
+              'training is lost; a restart reads the folder again and goes on from it.',
+              eval_pending=False)
+        raise
+      state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
       if len(pending) > RUN_AHEAD:
         # Dispatch runs at most RUN_AHEAD steps ahead of the device: waiting for an older
@@ -558,7 +571,11 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           raise _preempted(stop_request, f'during the evaluation at step {step}',
                            total_steps, workdir, ' and evaluates it first') from None
         except Exception:
-          _save_before_failing(checkpointer, step, state, dict(meta, step=step))
+          _save_before_failing(
+              checkpointer, step, state, dict(meta, step=step),
+              'The evaluation at step {step} failed (the error follows). Saving step {step} '
+              'first, so that no training is lost; a resumed run goes on from it and '
+              'evaluates it first.')
           raise
         eval_s = time.perf_counter() - eval_start
         writer.write(step, last_eval)
@@ -617,17 +634,24 @@ def _agreed(value: bool) -> bool:
   return value
 
 
-def _save_before_failing(checkpointer, step, state, meta) -> None:
-  """An evaluation that raises (an unreadable eval image, say) would lose the steps
-  trained since the last checkpoint: save this step first, in a single-process run (with
-  several processes, the others are still evaluating and would not join the save)."""
+def _is_tensorflow_error(e: BaseException) -> bool:
+  """An error of TensorFlow's ops (the input pipeline's), without importing it here."""
+  return any(c.__name__ == 'OpError' and c.__module__.startswith('tensorflow')
+             for c in type(e).__mro__)
+
+
+def _save_before_failing(checkpointer, step, state, meta, message: str,
+                         eval_pending: bool = True) -> None:
+  """An evaluation or a read of the training data that raises (an unreadable image, a
+  file gone) would lose the steps trained since the last checkpoint: save `step` first,
+  in a single-process run (with several processes, the others are still evaluating or
+  training and would not join the save); `message` (with {step}) says why."""
   if jax.process_count() > 1 or checkpointer.latest_step() == step:
     return
-  logging.error('The evaluation at step %d failed (the error follows). Saving step %d first, '
-                'so that no training is lost; a resumed run goes on from it and evaluates '
-                'it first.', step, step)
+  logging.error(message.format(step=step))
   try:
-    checkpointer.save(step, state, dict(meta, eval_pending=True))
+    checkpointer.save(step, state, dict(meta, **({'eval_pending': True} if eval_pending
+                                                  else {})))
     checkpointer.wait()
   except Exception as e:  # pylint: disable=broad-except
     logging.error('Saving step %d failed too: %s', step, e)
