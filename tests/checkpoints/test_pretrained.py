@@ -364,6 +364,19 @@ def test_the_one_call_load_of_the_readme(tmp_path):
   assert out.shape == (2, 10)
 
 
+def _saved_timm_vit(path, name, **kwargs):
+  """A 2-block timm ViT on 32 px (patches of 8, 3 classes), every weight perturbed,
+  its state dict saved at `path`."""
+  torch.manual_seed(0)
+  model = timm.create_model(name, pretrained=False, depth=2, img_size=32, patch_size=8,
+                            num_classes=3, **kwargs).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  torch.save(model.state_dict(), path)
+  return model
+
+
 def test_a_timm_vit_of_no_registered_width_warns_and_takes_its_heads(tmp_path, monkeypatch):
   """A timm ViT 256 wide with 8 heads (heads of 32): the state dict does not record the
   heads, and 256 is no registered width. It used to be read with 4 heads without a word
@@ -371,14 +384,8 @@ def test_a_timm_vit_of_no_registered_width_warns_and_takes_its_heads(tmp_path, m
   number, `model='num_heads=8'` (--model=num_heads=8) reads it as timm computes it, and a
   number that does not divide the width says so."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = timm.create_model('vit_base_patch16_224', pretrained=False, embed_dim=256,
-                            num_heads=8, depth=2, img_size=32, patch_size=8,
-                            num_classes=3).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * 0.05)
-  torch.save(model.state_dict(), tmp_path / 'w.pth')
+  model = _saved_timm_vit(tmp_path / 'w.pth', 'vit_base_patch16_224', embed_dim=256,
+                          num_heads=8)
   warnings = []
   monkeypatch.setattr(logging, 'warning', lambda msg, *a: warnings.append(msg % a))
   guessed = checkpoints.load_checkpoint(str(tmp_path / 'w.pth'))
@@ -478,13 +485,7 @@ def test_timm_weights_read_as_a_model_of_another_width_take_heads_of_their_width
   now the heads of the weights' width, with a warning. A spec that sets num_heads, or a
   config of its own, still decides."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=2, img_size=32,
-                            patch_size=8, num_classes=3).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * 0.05)
-  torch.save(model.state_dict(), tmp_path / 'w.pth')
+  model = _saved_timm_vit(tmp_path / 'w.pth', 'vit_tiny_patch16_224')
   warnings = []
   monkeypatch.setattr(logging, 'warning', lambda msg, *a: warnings.append(msg % a))
   ckpt = checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model='vit_small_patch16_224')
