@@ -616,3 +616,29 @@ def test_training_in_float16_warns_of_underflow(monkeypatch):
   c.model.dtype = 'float16'
   _validate(c)
   assert any("no loss scaling" in w and "use 'bfloat16'" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize('spec, message', [
+    ("decode|resize(28)|value_range(-1, 1)|onehot(10, key='labels')",
+     r"onehot\(key='labels'\) reads a key the examples do not have"),
+    ("decode|resize(28)|value_range(-1, 1)|onehot(10)|keep('image')",
+     r"keep\(...\) loses 'label'"),
+    ("decode|resize(28)|value_range(-1, 1)|onehot(10)|drop('label')",
+     r"drop\(...\) loses 'label'"),
+])
+def test_preprocessing_that_loses_the_label_is_named(spec, message):
+  """Each was a KeyError in the first batch (a traceback, status 1)."""
+  c = _config()
+  c.input.pp_train = spec
+  with pytest.raises(defaults.ConfigError, match=message):
+    _validate(c)
+
+
+def test_a_keep_before_a_random_op_must_keep_the_rng():
+  c = _config()
+  c.input.pp_train = "keep('image', 'label')|decode|flip_lr|resize(28)|value_range(-1, 1)|onehot(10)"
+  with pytest.raises(defaults.ConfigError, match="drops 'rng', which the random op flip_lr"):
+    _validate(c)
+  c.input.pp_train = ("keep('image', 'label', 'rng')|decode|flip_lr|resize(28)|"
+                      'value_range(-1, 1)|onehot(10)')
+  _validate(c)

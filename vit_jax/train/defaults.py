@@ -478,6 +478,7 @@ def _check_preprocessing(config) -> None:
     except ValueError as e:
       raise ConfigError(f'config.input.{field}: {e}') from e
     _check_decode_and_onehot(field, spec, onehot_classes, classes, preprocess_ops)
+    _check_example_keys(field, spec, preprocess_ops)
     channels, wanted = preprocess_ops.decoded_channels(spec), config.model.get('in_channels', 3)
     if channels is not None and channels != wanted:  # (a traceback at the first step)
       raise ConfigError(
@@ -523,6 +524,28 @@ def _check_preprocessing(config) -> None:
           f'config.model.num_classes={classes}: make them the same (onehot({classes}) or '
           f'--config.model.num_classes={onehot_classes}).')
   _warn_if_pixel_scales_differ(config, preprocess_ops)
+
+
+def _check_example_keys(field, spec, preprocess_ops) -> None:
+  """The sources' examples hold 'image' and 'label', and a step needs both: a onehot of
+  another key, or a keep/drop that loses one, was a KeyError in the first batch."""
+  ops = preprocess_ops.ops(spec)
+  for i, (name, args) in enumerate(ops):
+    later_random = [n for n, _ in ops[i + 1:] if n in preprocess_ops.RANDOM_OPS]
+    if name == 'keep' and later_random and 'rng' not in args['keys']:
+      raise ConfigError(
+          f"config.input.{field}={spec!r}: keep(...) drops 'rng', which the random op "
+          f"{later_random[0]} after it draws from: add 'rng' to the kept keys")
+    if name == 'onehot' and args['key'] != 'label':
+      raise ConfigError(
+          f"config.input.{field}={spec!r}: onehot(key={args['key']!r}) reads a key the "
+          "examples do not have; they hold 'image' and 'label' (onehot's default key)")
+    lost = {'keep': [k for k in ('image', 'label') if k not in args.get('keys', ())],
+            'drop': [k for k in ('image', 'label') if k in args.get('keys', ())]}.get(name)
+    if lost:
+      raise ConfigError(
+          f'config.input.{field}={spec!r}: {name}(...) loses {", ".join(map(repr, lost))}, '
+          "which every training and evaluation step needs (keep('image', 'label', ...))")
 
 
 def _check_decode_and_onehot(field, spec, onehot_classes, classes, preprocess_ops) -> None:
