@@ -642,3 +642,15 @@ def test_a_keep_before_a_random_op_must_keep_the_rng():
   c.input.pp_train = ("keep('image', 'label', 'rng')|decode|flip_lr|resize(28)|"
                       'value_range(-1, 1)|onehot(10)')
   _validate(c)
+
+
+def test_a_compilation_cache_that_cannot_be_written_is_refused(tmp_path):
+  """/proc/nocache trained with one jax warning and cached nothing."""
+  c = _config()
+  c.compilation_cache_dir = '/proc/nocache'
+  with pytest.raises(defaults.ConfigError, match="compilation_cache_dir='/proc/nocache' "
+                     'cannot be written here'):
+    _validate(c)
+  c.compilation_cache_dir = str(tmp_path / 'new' / 'cache')  # created when first used
+  _validate(c)
+  assert not (tmp_path / 'new').exists()

@@ -164,6 +164,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
   if cache and '://' not in cache and os.path.exists(cache) and not os.path.isdir(cache):
     raise ConfigError(f'config.compilation_cache_dir={cache!r} is a file: give a folder '
                       '(created if missing), or None for no persistent cache')
+  if cache and '://' not in cache and not _writable_folder(os.path.expanduser(cache)):
+    # (jax warned once and cached nothing: every run compiled again)
+    raise ConfigError(f'config.compilation_cache_dir={cache!r} cannot be written here: give '
+                      'a folder this user can create and write, or None for no persistent '
+                      'cache')
   batch_devices = data * fsdp
   if batch_devices % process_count:
     # The batch is split over ('data', 'fsdp') only: a model axis spanning processes would
@@ -325,6 +330,27 @@ def _compact(value) -> str:
   if isinstance(value, ml_collections.ConfigDict):
     value = value.to_dict()
   return repr(value)
+
+
+def _writable_folder(path: str) -> bool:
+  """Whether `path` is a folder this process can write, or could create (its nearest
+  existing parent is a writable folder)."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return False
+    path = parent
+  if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+    return False
+  try:  # (os.access says yes to root in /proc and on read-only mounts)
+    probe = os.path.join(path, f'.vit_jax_write_probe_{os.getpid()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError:
+    return False
+  return True
 
 
 def _is_int(v) -> bool:
