@@ -408,3 +408,28 @@ def test_a_busy_workdir_is_refused_by_every_process(tmp_path):
     assert f'error (WorkdirBusyError): --workdir={workdir} is in use by another run' in out, (
         f'process {i}:\n{out[-3000:]}')
   assert 'process 0 found its lock held' in outs[1]
+
+
+def test_a_config_one_process_cannot_use_stops_every_process(tmp_path):
+  """config.init_from on one host's disk only: that process stopped at once (status 3),
+  the other waited in its first collective until the heartbeat timeout, then a C++ abort
+  (status 134). Both now stop at once, each saying why."""
+  weights = tmp_path / 'weights.npz'
+  weights.write_bytes(b'only on host 0')
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'vit_jax.main', '--config=configs/demo.py',
+       f'--workdir={tmp_path / "w"}', f'--config.input.data_dir={tmp_path / "tfds"}',
+       f'--config.init_from={init}', f'--coordinator_address=localhost:{port}',
+       '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=_env(4),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+           for i, init in enumerate((weights, tmp_path / 'missing.npz'))]
+  try:
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  assert [p.returncode for p in procs] == [3, 3], [o[-2000:] for o in outs]
+  assert 'process(es) [1] of this run found the config or workdir unusable' in outs[0]
+  assert 'missing.npz' in outs[1] and 'does not exist' in outs[1], outs[1][-2000:]
