@@ -102,3 +102,14 @@ def test_the_eta_counts_the_evaluations_still_to_come():
   progress.report(40, 80.0, 0.1, {'loss': 1.0}, other_s=3 * 40.0)  # and 3 evals of 40 s
   first, second = stream.getvalue().splitlines()
   assert first.endswith('ETA 0:00:06') and second.endswith('ETA 0:02:06'), (first, second)
+
+
+def test_one_slow_window_does_not_make_the_eta_jump():
+  import io  # pylint: disable=g-import-not-at-top
+  stream = io.StringIO()
+  progress = metrics.Progress(1000, 8, 0, stream=stream)
+  for step, sps in ((100, 0.1), (200, 0.1), (300, 2.0), (400, 0.1)):
+    progress.report(step, 8 / sps, sps, {})
+  etas = [line.rsplit('ETA ', 1)[1] for line in stream.getvalue().splitlines()]
+  # 900 / 800 / 700 / 600 steps at 0.1 s: the 2 s window moves the median by nothing.
+  assert etas == ['0:01:30', '0:01:20', '0:01:10', '0:01:00'], etas

@@ -10,6 +10,7 @@ checkpoint (steps > S; everything when S is 0) from metrics.jsonl and from the T
 event files, so every reader sees each step once, with the resumed run's values.
 """
 
+import collections
 import json
 import math
 import os
@@ -140,6 +141,7 @@ class Progress:
     self._last_t = self._t0
     self._last_step = start_step
     self.last_window_s = 0.0
+    self._recent_sps = collections.deque(maxlen=5)  # the ETA's seconds per step
 
   def rate(self, step: int) -> tuple[float, float]:
     """(images/s since the last call, seconds per step); resets the window."""
@@ -161,7 +163,10 @@ class Progress:
     if images_per_sec is None:  # the first step, its time compilation's
       parts.append('compiled; img/s and ETA from the next row')
     else:
-      eta = (self.total - step) * sec_per_step + other_s
+      # The median of the last few windows: one slow window (a save's copy, a probe of
+      # the peak, another job on the host) made the ETA jump (6:46, then 0:43).
+      self._recent_sps.append(sec_per_step)
+      eta = (self.total - step) * float(np.median(self._recent_sps)) + other_s
       h, rem = divmod(int(eta), 3600)
       parts += [f'{images_per_sec:,.1f} img/s', f'ETA {h}:{rem // 60:02d}:{rem % 60:02d}']
     print(' | '.join(parts), file=self.stream, flush=True)
