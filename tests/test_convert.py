@@ -706,3 +706,8 @@ def test_leftovers_of_a_killed_conversion_are_cleared(timm_file, tmp_path):
   aside.write_bytes(b'precious')
   _raises('already exists', timm_file[1], out, to='timm')
   assert out.read_bytes() == b'precious' and not aside.exists()
+
+
+def test_an_output_it_cannot_write_is_named(timm_file, tmp_path):
+  """Was a traceback naming the hidden staged file, after the conversion had run."""
+  _raises(r'--output=/proc/z.npz: cannot write in /proc', timm_file[1], '/proc/z.npz')

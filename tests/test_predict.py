@@ -455,3 +455,32 @@ def test_predict_streams_batches_with_progress_and_skips_unreadable_files(traine
   assert re.fullmatch(r'vit_jax\.predict: 3/7 images, [\d.]+ images/s, \d+s left', lines[1])
   assert re.fullmatch(r'vit_jax\.predict: 6/7 images, [\d.]+ images/s, \d+s left', lines[2])
   assert len(lines) == 3
+
+
+def test_image_and_checkpoint_arguments_a_shell_left_alone(tmp_path, photos, monkeypatch,
+                                                           capsys):
+  """'~' after '=', a quoted glob, a URL and a labels file that is not UTF-8: 'no such
+  file', or a UnicodeDecodeError blamed on the checkpoint."""
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  from vit_jax import cli_inputs  # pylint: disable=import-outside-toplevel
+  from vit_jax import image_files  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('HOME', str(photos[0].parent))
+  assert image_files.paths_from_args(['~/astronaut.png']) == [photos[0]]
+  assert image_files.paths_from_args([str(photos[0].parent / '*.png')]) == sorted(
+      p for p in photos if p.suffix == '.png')
+  with pytest.raises(ValueError, match=r'images are read from local files: download '
+                     r'https://example.com/cat.jpg first'):
+    image_files.paths_from_args(['https://example.com/cat.jpg'])
+  save_file(_random_timm_model(num_classes=3).state_dict(), str(tmp_path / 'w.safetensors'))
+  (tmp_path / 'labels.txt').write_bytes(b'caf\xe9\nb\nc\n')
+  for checkpoint, labels, message in (
+      ('https://example.com/w.safetensors', None, 'checkpoints are read from local paths or '
+                                                  'gs://'),
+      (str(tmp_path / 'w.safetensors'), str(tmp_path / 'labels.txt'),
+       f'--labels={tmp_path / "labels.txt"}: not UTF-8 text')):
+    with pytest.raises(SystemExit) as exit_:
+      cli_inputs.images_and_classifier('predict', [str(photos[0])], checkpoint,
+                                       model='vit_tiny_patch16_224', labels=labels)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err

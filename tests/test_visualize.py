@@ -409,3 +409,32 @@ def test_cli_refuses_a_convolutional_model_by_its_family(photos, tmp_path):
   r = _cli(f'--checkpoint={tmp_path / "r.safetensors"}', '--model=resnet50',
            photos / 'astronaut.png', cwd=tmp_path)
   assert r.returncode == 2 and 'is a resnet model: attention maps' in r.stderr, r.stderr
+
+
+def test_cli_expands_home_skips_its_own_pngs_and_names_an_unwritable_out(photos, checkpoint,
+                                                                          tmp_path):
+  """'--out=~/maps' made a folder named '~' here (no shell expands '~' after '='); a
+  second run with --out inside the image folder drew maps of its own maps; an --out it
+  cannot write in was a traceback at the first PNG, after the model ran."""
+  home = tmp_path / 'home'
+  (home / 'imgs').mkdir(parents=True)
+  Image.open(photos / 'astronaut.png').save(home / 'imgs' / 'astronaut.png')
+  env_home = dict(os.environ, HOME=str(home))
+  def run(*args):
+    return subprocess.run([sys.executable, '-m', 'vit_jax.visualize', *map(str, args)],
+                          cwd=tmp_path, env=dict(env_home, JAX_PLATFORMS='cpu',
+                                                 TF_CPP_MIN_LOG_LEVEL='2'),
+                          capture_output=True, text=True, timeout=300)
+  for _ in range(2):
+    r = run(f'--checkpoint={checkpoint}', '--out=~/imgs/maps', '~/imgs')
+    assert r.returncode == 0, r.stderr[-2000:]
+  assert not (tmp_path / '~').exists()
+  assert (home / 'imgs' / 'maps' / 'astronaut_rollout.png').exists()
+  assert "(not drawn: 5 of this tool's own PNGs in --out=" in r.stderr, r.stderr[-2000:]
+  assert sorted(p.name for p in (home / 'imgs' / 'maps').iterdir()) == [  # 4 and the posemb
+      'astronaut_attention_layers.png', 'astronaut_rollout.png', 'astronaut_rollout_mask.png',
+      'astronaut_rollout_original.png', 'posemb_similarity.png']
+  r = run(f'--checkpoint={checkpoint}', '--out=/proc/maps', photos / 'astronaut.png')
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert '--out=/proc/maps: cannot create the folder or write in it' in r.stderr
+  assert 'Traceback' not in r.stderr

@@ -27,12 +27,18 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
     paths = image_files.paths_from_args(args)
   except (FileNotFoundError, ValueError) as e:
     fail(program, str(e))
+  checkpoint = os.path.expanduser(checkpoint)  # ('--checkpoint=~/w': no shell expands it)
+  if '://' in checkpoint and not checkpoint.startswith('gs://'):
+    fail(program, f'cannot load {checkpoint}: checkpoints are read from local paths or '
+                  'gs:// (Cloud Storage); download it first')
   if '://' not in checkpoint and not os.path.exists(checkpoint):
     fail(program, f'cannot load {checkpoint}: no such checkpoint file or folder')
   labels = from_pretrained.get('labels')
-  if labels and '://' not in labels and not os.path.isfile(labels):
-    fail(program, f'--labels={labels}: no such file (a text file of class names, one per '
-                  'line)')
+  if labels and '://' not in labels:
+    labels = from_pretrained['labels'] = os.path.expanduser(labels)
+    if not os.path.isfile(labels):
+      fail(program, f'--labels={labels}: no such file (a text file of class names, one per '
+                    'line)')
   batch_size = from_pretrained.get('batch_size')
   if batch_size is not None and batch_size < 1:
     fail(program, f'--batch_size={batch_size} must be a positive int')
@@ -46,8 +52,17 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
   from vit_jax import inference  # pylint: disable=g-import-not-at-top
   try:
     classifier = inference.ImageClassifier.from_pretrained(checkpoint, **from_pretrained)
+  except UnicodeDecodeError as e:  # (ValueError's kind: a labels file of another encoding)
+    fail(program, f'--labels={labels}: not UTF-8 text ({e.reason} at byte {e.start}); save '
+                  'it as UTF-8' if labels else f'cannot load {checkpoint}: {e}')
   except (FileNotFoundError, ValueError, KeyError) as e:
     fail(program, f'cannot load {checkpoint}: {e}')
+  except Exception as e:  # pylint: disable=broad-except
+    if not any(c.__name__ == 'OpError' for c in type(e).__mro__):
+      raise
+    # TensorFlow's file system (gs://): no network, no credentials, no such object.
+    fail(program, f'cannot load {checkpoint}: {type(e).__name__}: '
+                  f'{str(e).strip().splitlines()[-1] if str(e).strip() else e}')
   if pp:
     problem = pp_problem(pp, classifier.config)
     if problem:

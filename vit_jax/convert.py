@@ -571,11 +571,18 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
   # staged file is named as the output, whose extension says the format, not as the
   # link's target.)
   local = os.path.realpath(output_path)
-  os.makedirs(os.path.dirname(local), exist_ok=True)
   # Written in full beside the output first: a conversion refused or failing half-way
   # leaves an existing output as it was (--overwrite used to delete it first).
   staged = _staging_path(local, os.path.basename(output_path.rstrip('/')))
-  _remove(staged)
+  try:
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    _remove(staged)
+    with open(staged + '.probe', 'w'):  # (a traceback naming the staged file, after the
+      pass                              # whole conversion had run)
+    os.remove(staged + '.probe')
+  except OSError as e:
+    raise ConversionError(f'--output={output_path}: cannot write in '
+                          f'{os.path.dirname(local)} ({e.strerror or e})') from None
   try:
     _write(ckpt, to, staged, output_path, input_path, notes, param_count)
     written = _size(staged)
@@ -663,7 +670,8 @@ def _paths(args) -> tuple[str, str]:
     raise ConversionError(f'--input is required: the weights to read ({_EXAMPLE})')
   if not output:
     raise ConversionError(f'--output is required: where to write ({_EXAMPLE})')
-  return _INPUT.value, output
+  # ('--output=~/x.npz': no shell expands it, and a folder named '~' was made here)
+  return os.path.expanduser(_INPUT.value), os.path.expanduser(output)
 
 
 def main(argv) -> int:

@@ -1,6 +1,7 @@
 """Images given by users: file and folder arguments, and the inputs the models accept
 (paths, encoded bytes, PIL images, uint8 arrays). Light: no JAX or TensorFlow import."""
 
+import glob
 import os
 import pathlib
 import re
@@ -57,16 +58,29 @@ def folder_images(folder) -> list[pathlib.Path]:
 
 
 def expand_images(args) -> list[pathlib.Path]:
-  """Files as given; folders -> their image files (`folder_images`)."""
-  out, missing = [], []
+  """Files as given; folders -> their image files (`folder_images`). A '~' and a glob
+  pattern the shell left as they are ('--x=~/a', a quoted 'img/*.png') are expanded."""
+  out, missing, urls = [], [], []
   for a in args:
-    p = pathlib.Path(a)
-    if p.is_dir():
-      out.extend(folder_images(p))
-    elif p.is_file():
-      out.append(p)
-    else:
+    text = os.path.expanduser(str(a))
+    if '://' in text:
+      urls.append(text)
+      continue
+    matches = (sorted(glob.glob(text)) if glob.has_magic(text) and not os.path.exists(text)
+               else [text])
+    if not matches:
       missing.append(str(a))
+    for match in matches:
+      p = pathlib.Path(match)
+      if p.is_dir():
+        out.extend(folder_images(p))
+      elif p.is_file():
+        out.append(p)
+      else:
+        missing.append(str(a))
+  if urls:
+    raise ValueError(f'images are read from local files: download {", ".join(urls)} first '
+                     '(e.g. curl -O URL)')
   if missing:
     raise FileNotFoundError(f'no such image file or folder: {", ".join(missing)}')
   return out

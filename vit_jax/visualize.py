@@ -46,8 +46,11 @@ mean-pooling head sees (a MAP head's own pooling attention is not included).
 """
 
 import math
+import os
 import pathlib
+import re
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -627,9 +630,19 @@ def main(argv):
     _fail(f'{f["checkpoint"]}: {e}')
   prefix = num_prefix_tokens(module)
 
-  out = pathlib.Path(f['out'])
+  out = pathlib.Path(os.path.expanduser(f['out']))  # ('--out=~/maps': no shell expands it)
   if out.exists() and not out.is_dir():
     _fail(f'--out={out} is a file: give a folder for the PNGs (it is created)')
+  # This tool's own drawings in --out, when --out is inside a folder given: a second run
+  # drew maps of the maps.
+  ours = re.compile(r'.*_(rollout|rollout_mask|rollout_original|attention_layers)\.png$|'
+                    r'posemb_similarity\.png$')
+  mine = [p for p in paths if ours.match(p.name) and p.parent.resolve() == out.resolve()]
+  if mine:
+    print(f'(not drawn: {len(mine)} of this tool\'s own PNGs in --out={out})', file=sys.stderr)
+    paths = [p for p in paths if p not in mine]
+    if not paths:
+      _fail(f'no images to draw besides this tool\'s own PNGs in --out={out}')
   fn = attention_fn(module)
   stems = unique_stems(paths)
   on_original_ok = traces_back(clf.pp)
@@ -666,8 +679,10 @@ def main(argv):
               f'value ops gives {views.shape[1:3]} pixels, not {pixels.shape[1:3]}')
       try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # (a folder it cannot write: a traceback
+          pass                                 # at the first PNG, after the model ran)
       except OSError as e:
-        _fail(f'--out={out}: cannot create the folder ({e})')
+        _fail(f'--out={out}: cannot create the folder or write in it ({e})')
       if not on_original_ok:
         print(f'(no *_rollout_original.png: the preprocessing {clf.pp!r} has ops besides '
               'decode, resize, resize_small and central_crop, whose geometry is not traced '
