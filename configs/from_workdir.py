@@ -38,6 +38,7 @@ def get_config(workdir: str = ''):
     raise ValueError('name the workdir after a colon: '
                      '--config=configs/from_workdir.py:/path/to/workdir')
   from etils import epath  # pylint: disable=g-import-not-at-top  (gs:// paths too)
+  workdir = os.path.expanduser(workdir)  # (':~/run': no shell expands it there)
   path = epath.Path(os.path.join(workdir, 'config.json'))
   if not path.exists():  # a ValueError: absl reports it as one line, as a bad flag
     raise ValueError(f'{path} does not exist: --config=configs/from_workdir.py:DIR takes '

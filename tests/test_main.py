@@ -195,6 +195,22 @@ def test_an_error_inside_a_config_file_keeps_its_traceback(tmp_path):
   assert 'helper_mod.py' in proc.stderr and '(raised at' not in proc.stderr
 
 
+def test_from_workdir_expands_a_home_folder(tmp_path, monkeypatch):
+  """'--config=configs/from_workdir.py:~/run': '~/run holds no config.json'."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'run').mkdir()
+  spec = importlib.util.spec_from_file_location('fw', ROOT / 'configs' / 'from_workdir.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  demo = importlib.util.spec_from_file_location('demo', ROOT / 'configs' / 'demo.py')
+  demo_module = importlib.util.module_from_spec(demo)
+  demo.loader.exec_module(demo_module)
+  (tmp_path / 'run' / 'config.json').write_text(
+      demo_module.get_config().to_json_best_effort())
+  monkeypatch.setenv('HOME', str(tmp_path))
+  assert module.get_config('~/run').batch_size == demo_module.get_config().batch_size
+
+
 def test_a_damaged_recorded_config_is_named(tmp_path):
   """A cut-short config.json was "JSONDecodeError.__init__() missing 2 required
   positional arguments" (ml_collections re-raising the error)."""

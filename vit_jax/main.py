@@ -341,7 +341,7 @@ def _config_file_problem(argv) -> str | None:
       return (f'--config={path}: no such file (the config files are configs/*.py, e.g. '
               '--config=configs/demo.py)')
     if os.path.basename(path) == 'from_workdir.py' and variant and '://' not in variant:
-      if not os.path.isfile(os.path.join(variant, 'config.json')):
+      if not os.path.isfile(os.path.join(os.path.expanduser(variant), 'config.json')):
         return (f'--config={path}:{variant}: {variant} holds no config.json (it takes the '
                 '--workdir of a run of vit_jax.main)')
     try:

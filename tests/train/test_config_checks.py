@@ -654,3 +654,14 @@ def test_a_compilation_cache_that_cannot_be_written_is_refused(tmp_path):
   c.compilation_cache_dir = str(tmp_path / 'new' / 'cache')  # created when first used
   _validate(c)
   assert not (tmp_path / 'new').exists()
+
+
+@pytest.mark.parametrize('classifier', ['unpooled', 'token_unpooled'])
+def test_training_an_unpooled_classifier_is_refused(classifier):
+  """Per-token logits against one label an image: a broadcasting error in the first
+  train step (status 1: launch/until_done.sh restarted it)."""
+  c = _config()
+  c.model.classifier = classifier
+  with pytest.raises(defaults.ConfigError, match=f"classifier='{classifier}' gives an output "
+                     'per token'):
+    _validate(c)

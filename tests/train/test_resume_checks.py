@@ -497,3 +497,14 @@ def test_a_sigterm_while_the_final_save_completes_is_noted_not_fatal(tmp_path, m
   assert signal.getsignal(signal.SIGTERM) is before
   assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()
                 if p.name.isdigit())[-1] == '2'
+
+
+def test_changed_data_at_the_end_of_an_epoch_is_no_warning(warnings):
+  """Resumed at an epoch's end nothing of the epoch is cut short: the next epochs are
+  drawn over the new data (the warning said examples were seen twice)."""
+  saved = {'examples': 12, 'fingerprint': 'a'}
+  now = {'examples': 13, 'fingerprint': 'b'}
+  loop._warn_if_data_changed(saved, now, 3, 6, 3)  # pylint: disable=protected-access
+  assert not warnings
+  loop._warn_if_data_changed(saved, now, 3, 7, 3)  # pylint: disable=protected-access
+  assert len(warnings) == 1 and '12 examples then, 13 now' in warnings[0]

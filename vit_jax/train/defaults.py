@@ -153,6 +153,11 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
                       'print the model summary only')
   _check_sub_fields(config)
   _check_ranges(config)
+  if config.model.get('classifier') in ('unpooled', 'token_unpooled'):
+    # (a broadcasting error in the first train step: logits of every token, one label)
+    raise ConfigError(
+        f'config.model.classifier={config.model.classifier!r} gives an output per token; '
+        "training on image labels needs one per image: 'token', 'gap' or 'map'")
   if config.input.get('source') == 'folder' and not config.input.get('folder'):
     raise ConfigError("config.input.source='folder' needs config.input.folder (the folder "
                       'holding <split>/<class>/<image>): --config.input.folder=PATH')

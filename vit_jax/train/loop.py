@@ -377,7 +377,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
                           'order of the resumed run differs from the original run.', key,
                           saved_meta.get(key), meta[key])
       _check_same_classes(saved_meta.get('class_names'), meta['class_names'], workdir)
-      _warn_if_data_changed(saved_meta.get('train_data'), meta['train_data'], spe)
+      _warn_if_data_changed(saved_meta.get('train_data'), meta['train_data'], spe,
+                            saved_meta.get('step'), saved_meta.get('steps_per_epoch') or spe)
       saved_init = (saved_meta.get('config') or {}).get('init_from') or ''
       if 'config' in saved_meta:  # the weights the run started from, whatever is given now
         meta['config']['init_from'] = saved_meta['config'].get('init_from')
@@ -817,7 +818,7 @@ def _flat_fields(tree, prefix='') -> dict:
   return out
 
 
-def _warn_if_data_changed(saved, now, steps_per_epoch) -> None:
+def _warn_if_data_changed(saved, now, steps_per_epoch, step, saved_steps_per_epoch) -> None:
   """A warning where the training files differ from the checkpoint's (an image added or
   removed since, a folder re-scanned): each epoch's order is drawn over the examples, so
   the rest of the interrupted epoch is drawn anew (checkpoints before the record: none)."""
@@ -826,6 +827,11 @@ def _warn_if_data_changed(saved, now, steps_per_epoch) -> None:
   then, count = saved.get('examples'), now['examples']
   what = (f'{then} examples then, {count} now' if then != count else
           f'{count} examples both times, but other files or labels')
+  if isinstance(step, int) and step % saved_steps_per_epoch == 0:  # (no epoch cut short)
+    logging.info('The training data differs from the checkpoint\'s (%s); the checkpoint is '
+                 'at the end of an epoch, so the next epochs are drawn over the new data.',
+                 what)
+    return
   logging.warning(
       'The training data differs from the checkpoint\'s (%s): the rest of the interrupted '
       'epoch is drawn in a new order, so some of its examples are seen twice and others '
