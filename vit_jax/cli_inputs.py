@@ -58,7 +58,8 @@ def images_and_classifier(program: str, args, checkpoint: str | None, **from_pre
   except (FileNotFoundError, ValueError, KeyError) as e:
     fail(program, f'cannot load {checkpoint}: {e}')
   except Exception as e:  # pylint: disable=broad-except
-    if not any(c.__name__ == 'OpError' for c in type(e).__mro__):
+    from vit_jax import tensorflow_startup  # pylint: disable=g-import-not-at-top
+    if not tensorflow_startup.is_tensorflow_error(e):
       raise
     # TensorFlow's file system (gs://): no network, no credentials, no such object.
     fail(program, f'cannot load {checkpoint}: {type(e).__name__}: '

@@ -58,5 +58,12 @@ def quiet_native_logs() -> bool:
   return True
 
 
+def is_tensorflow_error(e: BaseException) -> bool:
+  """An error of TensorFlow's ops (tf.errors.OpError: the input pipeline's, its gs://
+  file system's), told without importing TensorFlow."""
+  return any(c.__name__ == 'OpError' and c.__module__.startswith('tensorflow')
+             for c in type(e).__mro__)
+
+
 def _tf_keras_installed() -> bool:
   return importlib.util.find_spec('tf_keras') is not None

@@ -41,6 +41,10 @@ _V4_TO_V5 = (
 # The weights of a save_pretrained directory: one file, or the index of its shards.
 DIR_WEIGHTS = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json',
                'pytorch_model.bin.index.json')
+# Why a transformers DeiT (model_type 'deit') is refused.
+DEIT_REFUSAL = ("a transformers DeiT (model_type 'deit') has a distillation token, which "
+                "vit_jax's ViT does not compute; timm's DeiT models without one "
+                '(deit_tiny/small/base_patch16_224) are read from timm weights')
 # The model types whose weights have ViT's layout.
 MODEL_TYPES = ('vit', 'vit_msn', 'vit_mae')
 # transformers' activation names -> whether vit_jax computes them with the tanh form (each
@@ -94,9 +98,7 @@ def from_hf(model_or_state_dict, hf_config=None):
     hf_config = model_or_state_dict.config
   hc = _hf_config_dict(hf_config)
   if hc.get('model_type') == 'deit':
-    raise ValueError("a transformers DeiT (model_type 'deit') has a distillation token, which "
-                     "vit_jax's ViT does not compute; timm's DeiT models without one "
-                     '(deit_tiny/small/base_patch16_224) are read by from_timm')
+    raise ValueError(DEIT_REFUSAL)
   if hc.get('model_type') and hc['model_type'] not in MODEL_TYPES:
     raise ValueError(f"a transformers {hc['model_type']!r} model (model_type); from_hf "
                      f'reads transformers ViTs (model_type {", ".join(MODEL_TYPES)})')

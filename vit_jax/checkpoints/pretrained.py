@@ -97,10 +97,7 @@ def _refuse_hf_model_type(weights: str) -> None:
     return
   model_type = hf_config.get('model_type') if isinstance(hf_config, dict) else None
   if model_type == 'deit':
-    raise ValueError(
-        f'{weights} is a transformers DeiT ({cfg_path}: model_type deit), which has a '
-        "distillation token that vit_jax's ViT does not compute. timm's DeiT models "
-        'without one (deit_tiny/small/base_patch16_224) are read from timm weights')
+    raise ValueError(f'{weights} ({cfg_path}): {hf_format.DEIT_REFUSAL}')
   if model_type and 'architectures' in hf_config and model_type not in HF_MODEL_TYPES:
     raise ValueError(
         f'{weights} is a transformers {model_type!r} model ({cfg_path}: model_type); '

@@ -244,13 +244,11 @@ def _read_model_settings(c, model):
     if other:
       unsupported.append(f"blocks{'.' + part if part else ''} of type {', '.join(other)} "
                          f"(timm's {option}; vit_jax computes timm's {expected})")
-  if unsupported:
-    raise ValueError('this timm model uses features vit_jax does not implement: '
-                     + '; '.join(unsupported))
   block = model.blocks[0]
   if not isinstance(getattr(block, 'ls1', torch.nn.Identity()), torch.nn.Identity):
     unsupported.append('layer scale')
-  if not isinstance(getattr(block.attn, 'q_norm', torch.nn.Identity()), torch.nn.Identity):
+  if not isinstance(getattr(getattr(block, 'attn', None), 'q_norm', torch.nn.Identity()),
+                    torch.nn.Identity):
     unsupported.append('qk-norm')
   if unsupported:
     raise ValueError('this timm model uses features vit_jax does not implement: '

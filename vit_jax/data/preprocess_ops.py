@@ -160,12 +160,8 @@ def output_spec(spec: str) -> tuple[tuple[int, int] | None, str | None, int | No
 
 def decoded_channels(spec: str) -> int | None:
   """The channels the spec's `decode` gives (3 by default), None without one."""
-  channels = None
-  for name, bound, _ in _build(spec):
-    if name == 'decode':
-      bound.apply_defaults()
-      channels = int(bound.arguments['channels'])
-  return channels
+  found = [int(args['channels']) for name, args in ops(spec) if name == 'decode']
+  return found[-1] if found else None
 
 
 # The ops that do not read the image's pixels (they may come before `decode`).
@@ -226,7 +222,7 @@ def _build(spec: str) -> list:
     try:
       bound = signature.bind(*args, **kwargs)
       op = factory(*args, **kwargs)
-    except (TypeError, ValueError, ArithmeticError) as e:  # (value_range(0, 0): 1 / 0)
+    except (TypeError, ValueError, ArithmeticError) as e:  # (normalize with a std of 0)
       raise ValueError(f'Bad arguments for preprocessing op {name!r} in {piece!r}: {e}. '
                        f'It takes {name}{_plain(signature)}.') from e
     ops.append((name, bound, op))

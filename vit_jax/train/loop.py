@@ -18,6 +18,7 @@ import numpy as np
 
 from vit_jax import models
 from vit_jax import sharding as sharding_lib
+from vit_jax import tensorflow_startup
 from vit_jax.checkpoints import train_state as ckpt_lib
 from vit_jax.train import batch_mix
 from vit_jax.train import defaults
@@ -485,7 +486,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       try:
         batch = next(batches)
       except Exception as e:  # pylint: disable=broad-except
-        if _is_tensorflow_error(e) and step > start_step + 1:
+        if tensorflow_startup.is_tensorflow_error(e) and step > start_step + 1:
           # A training file that went away (moved, deleted, a network file system): the
           # steps since the last checkpoint were lost with a bare TensorFlow traceback.
           _save_before_failing(
@@ -633,12 +634,6 @@ def _agreed(value: bool) -> bool:
   if jax.process_count() > 1:
     value = bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
   return value
-
-
-def _is_tensorflow_error(e: BaseException) -> bool:
-  """An error of TensorFlow's ops (the input pipeline's), without importing it here."""
-  return any(c.__name__ == 'OpError' and c.__module__.startswith('tensorflow')
-             for c in type(e).__mro__)
 
 
 def _save_before_failing(checkpointer, step, state, meta, message: str,
