@@ -506,3 +506,25 @@ def test_timm_weights_read_as_a_model_of_another_width_take_heads_of_their_width
   own.num_heads = 2
   assert checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model=own).config.num_heads == 2
   assert not warnings
+
+
+def test_a_gs_workdir_being_written_reads_its_newest_finished_step(tmp_path, monkeypatch):
+  """On gs:// Orbax writes a step folder in place and marks it done with
+  commit_success.txt; reading the run of a workdir still training took the newest step
+  folder, half written, and failed on its missing files."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  local = tmp_path / 'run' / 'checkpoints'
+  for step, done in ((5, True), (7, False)):
+    (local / str(step) / 'state').mkdir(parents=True)
+    if done:
+      (local / str(step) / 'commit_success.txt').write_text('')
+  real_path = epath.Path
+
+  def fake_bucket(path):  # gs://bucket/run -> the local folder, remote as far as it knows
+    return real_path(str(path).replace('gs://bucket', str(tmp_path)))
+  monkeypatch.setattr(epath, 'Path', fake_bucket)
+  assert pretrained.orbax_step_dir('gs://bucket/run').endswith('/checkpoints/5')
+  assert pretrained.orbax_step_dir('gs://bucket/run/checkpoints').endswith('/checkpoints/5')
+  # Locally a step folder is renamed into place when finished: the newest is read.
+  monkeypatch.setattr(epath, 'Path', real_path)
+  assert pretrained.orbax_step_dir(str(tmp_path / 'run')).endswith('/checkpoints/7')

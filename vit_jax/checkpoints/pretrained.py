@@ -54,12 +54,16 @@ def orbax_step_dir(path: str) -> str:
   Local paths are made absolute (Orbax refuses relative ones); gs:// paths work too.
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
-  root = epath.Path(path if '://' in str(path) else os.path.abspath(path))
+  from vit_jax.checkpoints import train_state  # pylint: disable=g-import-not-at-top  (Orbax)
+  remote = '://' in str(path)
+  root = epath.Path(path if remote else os.path.abspath(path))
   for directory in (root, root / 'checkpoints'):
     if (directory / 'state').is_dir():  # a step directory
       return str(directory)
+    # On gs:// the newest step may still be being written (its run is training): the
+    # newest finished one is read.
     steps = [int(d.name) for d in (directory.iterdir() if directory.is_dir() else [])
-             if d.name.isdigit() and (d / 'state').is_dir()]
+             if train_state.is_finished_step(d, remote=remote) and (d / 'state').is_dir()]
     if steps:
       return str(directory / str(max(steps)))
   raise FileNotFoundError(f'no Orbax checkpoint under {path} (expected a workdir, its '

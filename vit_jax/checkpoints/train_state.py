@@ -26,6 +26,18 @@ from orbax.checkpoint import checkpoint_managers
 METRICS_ITEM = checkpoint_manager.METRIC_ITEM_NAME
 
 
+# Orbax's marker of a finished save on object stores (gs://), where a step folder is
+# written in place: a save cut short leaves the folder without it. Local saves are
+# renamed from a temporary folder when complete, so a local step folder is finished.
+COMMIT_MARKER = 'commit_success.txt'
+
+
+def is_finished_step(directory, *, remote: bool) -> bool:
+  """Whether `directory` (an epath.Path) is a finished step checkpoint folder."""
+  return (directory.name.isdigit() and directory.is_dir()
+          and (not remote or (directory / COMMIT_MARKER).exists()))
+
+
 class CheckpointSaveError(OSError):
   """A checkpoint could not be written (a full disk, a lost bucket, permissions); the
   message names the step, the cause and where the run resumes."""

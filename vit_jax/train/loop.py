@@ -60,9 +60,8 @@ def has_checkpoint(workdir) -> bool:
   directory = epath.Path(workdir) / 'checkpoints'
   remote = '://' in str(directory)
   try:
-    return directory.is_dir() and any(
-        d.name.isdigit() and d.is_dir() and (not remote or (d / 'commit_success.txt').exists())
-        for d in directory.iterdir())
+    return directory.is_dir() and any(ckpt_lib.is_finished_step(d, remote=remote)
+                                      for d in directory.iterdir())
   except Exception:  # pylint: disable=broad-except  (a file system's own errors)
     return False
 
