@@ -346,12 +346,13 @@ def test_cli_takes_the_output_as_an_argument(timm_file, tmp_path):
   out = tmp_path / 'hf_dir'
   proc = _cli(f'--input={path}', '--to=hf', str(out))
   assert proc.returncode == 0, proc.stderr
+  assert 'libtpu' not in proc.stderr  # absl INFO (jax's TPU probe): warnings only
   assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors',
                                      'preprocessor_config.json']
   proc = _cli(f'--input={path}', '--to=hf')
   assert proc.returncode == 2 and proc.stderr.startswith(
-      'error: --output is required: where to write (e.g. python -m vit_jax.convert '), (
-          proc.stderr)
+      'vit_jax.convert: error: --output is required: where to write (e.g. python -m '
+      'vit_jax.convert '), proc.stderr
   assert 'Traceback' not in proc.stderr and 'FATAL' not in proc.stderr
   # The transformers directory is an input too.
   assert convert.convert(out, tmp_path / 'w.npz') == 'npz'
@@ -544,7 +545,7 @@ def test_cli_errors_are_one_message_without_traceback(tmp_path):
   checkpoints.save_npz(tmp_path / 'r.npz', params)
   proc = _cli(f'--input={tmp_path / "r.npz"}', f'--output={tmp_path / "r.safetensors"}')
   assert proc.returncode == 2
-  assert proc.stderr.startswith('error: cannot convert to timm: timm VisionTransformer has '
+  assert proc.stderr.startswith('vit_jax.convert: error: cannot convert to timm: timm VisionTransformer has '
                                 'no pre_logits'), proc.stderr
   assert 'Traceback' not in proc.stderr and not proc.stdout
   proc = _cli(f'--input={tmp_path / "r.npz"}', f'--output={tmp_path / "x"}', '--to=onnx')

@@ -32,7 +32,6 @@ timm state dict.
 
 import dataclasses
 import json
-import logging as std_logging
 import os
 import re
 import shutil
@@ -647,13 +646,6 @@ def convert(input_path, output_path, *, to=None, model=None, overwrite=False) ->
   return run(input_path, output_path, to=to, model=model, overwrite=overwrite).to
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops Orbax's INFO chatter (every step of a save); keeps its warnings."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
-
 _EXAMPLE = ('e.g. python -m vit_jax.convert --input=WORKDIR --output=ft.safetensors, or '
             '--input=WORKDIR --to=hf DIR')
 
@@ -677,13 +669,15 @@ def _paths(args) -> tuple[str, str]:
 def main(argv) -> int:
   tensorflow_startup.leave_keras_out()
   tensorflow_startup.quiet_native_logs()
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  # Warnings only on stderr: not Orbax's INFO for every restore step, nor jax's about the
+  # TPU backend it did not find (as predict and visualize).
+  logging.set_verbosity(logging.WARNING)
   try:
     input_path, output_path = _paths(argv[1:])
     result = run(input_path, output_path, to=_TO.value, model=_MODEL.value,
                  overwrite=_OVERWRITE.value)
   except ConversionError as e:  # status 2, as predict's and visualize's usage errors
-    print(f'error: {e}', file=sys.stderr, flush=True)
+    print(f'vit_jax.convert: error: {e}', file=sys.stderr, flush=True)
     return 2
   print(result.summary(), flush=True)
   return 0
