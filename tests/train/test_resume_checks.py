@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from vit_jax import models
+from vit_jax.data import sources
 from vit_jax.train import defaults
 from vit_jax.train import loop
 from vit_jax.train import preemption
@@ -508,3 +509,61 @@ def test_changed_data_at_the_end_of_an_epoch_is_no_warning(warnings):
   assert not warnings
   loop._warn_if_data_changed(saved, now, 3, 7, 3)  # pylint: disable=protected-access
   assert len(warnings) == 1 and '12 examples then, 13 now' in warnings[0]
+
+
+def test_an_evaluation_crop_larger_than_the_images_fails_before_training(tmp_path, monkeypatch):
+  """central_crop(24) of 16 px evaluation images failed only at the first evaluation,
+  after training, with status 1 (TensorFlow's assertion): a restart loop retried it, and
+  every resumed run evaluated first and failed again."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, **{'model.image_size': 24,
+                            'input.pp_train': 'decode|resize(24)|value_range(-1, 1)|onehot(3)',
+                            'input.pp_eval': 'decode|central_crop(24)|onehot(3)'})
+  with pytest.raises(sources.DataError,
+                     match=r"config.input.pp_eval='decode\|central_crop\(24\)\|onehot\(3\)' "
+                     r"fails on an example of split 'test': central_crop\(24\): image height "
+                     r'is smaller than 24 \(got 16\)\. Change the preprocessing'):
+    loop.train_and_evaluate(config, workdir)
+  assert not loop.has_checkpoint(workdir)
+  assert not (workdir / 'metrics.jsonl').exists()  # nothing trained
+
+
+def test_an_image_too_small_later_in_the_evaluation_saves_then_is_a_data_error(
+    tmp_path, monkeypatch):
+  """The first evaluation image passes the check before training; one further on that
+  fails an op's check saves the step, then names config.input.pp_eval (a DataError: a
+  restart would fail the same way), not a TensorFlow traceback."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  for j in range(4):  # the eval split's last class holds 12 px images
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(data / 'test' / 'fox' / f'{j}.png')
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=4, checkpoint_every=0,
+                   **{'input.pp_eval': 'decode|central_crop(14)|resize(16)|onehot(3)'})
+  with pytest.raises(sources.DataError, match=r"pp_eval=.* fails on an example of split "
+                     r"'test': central_crop\(14\): image height is smaller than 14 \(got 12\)"):
+    loop.train_and_evaluate(config, workdir)
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()
+                if p.name.isdigit()) == ['2']
+
+
+def test_preprocessing_failure_reads_only_the_checks_of_the_ops():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import builder, preprocess_ops  # pylint: disable=g-import-not-at-top
+  config = _config('/nowhere', **{'input.pp_train': 'onehot(3)'})
+  op = preprocess_ops.parse('onehot(3)')
+  with pytest.raises(tf.errors.InvalidArgumentError) as raised:  # as in the pipeline
+    list(tf.data.Dataset.from_tensors({'label': tf.constant(7)}).map(op))
+  failure = builder.preprocessing_failure(raised.value, 'pp_train', config.input)
+  assert str(failure) == (
+      "config.input.pp_train='onehot(3)' fails on an example of split 'train': onehot: "
+      "'label' must be in [0, num_classes=3) (got 7). Change the preprocessing (e.g. "
+      'resize(...) before a crop, the onehot(...) class count) or the data; a restart '
+      'would fail the same way')
+  # A file gone, an undecodable image: not the preprocessing's fault; a restart may pass.
+  gone = tf.errors.NotFoundError(None, None, 'train/cat/0.png; No such file')
+  assert builder.preprocessing_failure(gone, 'pp_train', config.input) is None
+  bad = tf.errors.InvalidArgumentError(None, None, 'Invalid JPEG data or crop window')
+  assert builder.preprocessing_failure(bad, 'pp_eval', config.input) is None

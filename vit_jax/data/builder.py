@@ -1,5 +1,7 @@
 """Sources and batches from the `config.input` block (see `input_config.py`)."""
 
+import re
+
 from absl import logging
 
 from vit_jax.data import input_config as input_config_lib
@@ -77,3 +79,43 @@ def create_eval_batches(input_config, source, *, global_batch_size, process_inde
       source, global_batch_size=global_batch_size,
       preprocess=preprocess_ops.parse(input_config.pp_eval), process_index=process_index,
       process_count=process_count, threads=input_config.get('threads'))
+
+
+def preprocessing_failure(error: BaseException, field: str,
+                          input_config) -> sources.DataError | None:
+  """A DataError naming `field` ('pp_train' or 'pp_eval') for a failed check of one of its
+  preprocessing ops (a crop larger than an image, a label outside onehot's classes: a
+  TensorFlow 'assertion failed'), which every restart would meet again; None for any
+  other error (a file gone, a network file system), which a restart may not."""
+  text = str(getattr(error, 'message', None) or error)
+  found = re.search(r'assertion failed: \[(.*)\]\s*$', text.split('\n')[0])
+  if not found:
+    return None
+  parts = found.group(1).split('] [')  # [message] [Condition ...] [x (name) = ] [value] ...
+  what = parts[0].rstrip(':').replace("\\'", "'").replace('\\"', '"')  # TF escapes
+  got = next((parts[i + 1] for i, part in enumerate(parts[:-1])
+              if part.startswith('x (') and part.endswith('= ')), None)
+  pp = input_config.get(field)
+  split = input_config.get('train_split' if field == 'pp_train' else 'eval_split')
+  return sources.DataError(
+      f'config.input.{field}={pp!r} fails on an example of split {split!r}: {what}'
+      + (f' (got {got})' if got is not None else '')
+      + '. Change the preprocessing (e.g. resize(...) before a crop, the onehot(...) '
+      'class count) or the data; a restart would fail the same way')
+
+
+def check_eval_preprocessing(input_config, source) -> None:
+  """Runs config.input.pp_eval on the first eval example of this process, before anything
+  is compiled: an evaluation crop larger than the images failed only at the first
+  evaluation, after training (and each restart then failed there again)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    next(iter(create_eval_batches(input_config, source,
+                                  global_batch_size=jax.process_count())))
+  except StopIteration:
+    pass
+  except Exception as e:  # pylint: disable=broad-except
+    failure = preprocessing_failure(e, 'pp_eval', input_config)
+    if failure is None:
+      raise
+    raise failure from None

@@ -349,6 +349,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
 
     mesh = sharding_lib.create_mesh(config.mesh)
     train_source, eval_source = data_builder.create_sources(config.input)
+    data_builder.check_eval_preprocessing(config.input, eval_source)
     spe = pipeline.steps_per_epoch(train_source, config.batch_size)
     total_steps = run_length(config.total_steps, config.num_epochs, spe)
     t = Trainer(config, mesh, total_steps, steps_per_epoch=spe)
@@ -494,6 +495,9 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
               'file moved or deleted during the run?). Saving step {step} first, so that no '
               'training is lost; a restart reads the folder again and goes on from it.',
               eval_pending=False)
+        failure = data_builder.preprocessing_failure(e, 'pp_train', config.input)
+        if failure is not None:
+          raise failure from e
         raise
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
@@ -571,12 +575,15 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
           checkpointer.wait()
           raise _preempted(stop_request, f'during the evaluation at step {step}',
                            total_steps, workdir, ' and evaluates it first') from None
-        except Exception:
+        except Exception as e:  # pylint: disable=broad-except
           _save_before_failing(
               checkpointer, step, state, dict(meta, step=step),
               'The evaluation at step {step} failed (the error follows). Saving step {step} '
               'first, so that no training is lost; a resumed run goes on from it and '
               'evaluates it first.')
+          failure = data_builder.preprocessing_failure(e, 'pp_eval', config.input)
+          if failure is not None:
+            raise failure from e
           raise
         eval_s = time.perf_counter() - eval_start
         writer.write(step, last_eval)
