@@ -29,7 +29,6 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_flags
 
 from vit_jax import cli_flags
@@ -181,29 +180,15 @@ def main(argv):
       loop.check_workdir(workdir)
     except Exception as e:  # pylint: disable=broad-except
       problem = e
-    _agree_on_validation(problem, defaults)
+    loop.raise_on_every_process(
+        problem, defaults.ConfigError, 'found the config or workdir unusable (their logs say '
+        'why, e.g. a path that exists on this host only)')
   with contextlib.ExitStack() as lock:
     if not _SUMMARY_ONLY.value:
       # Before the model summary compiles anything: a second run in a busy workdir is
       # refused at once, not after the FLOP count (seconds to minutes on a CPU).
       _lock_workdir(lock, workdir, is_main)
     return _summarise_and_train(config, workdir, is_main, defaults)
-
-
-def _agree_on_validation(problem, defaults) -> None:
-  """Raises `problem`, and with several processes makes every process stop when one
-  found the config or workdir unusable (an init_from on one host's disk only): the others
-  waited in their first collective until the heartbeat timeout, then a C++ abort."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    failed = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
-    others = [i for i, f in enumerate(failed.reshape(-1)) if f and i != jax.process_index()]
-    if others and problem is None:
-      raise defaults.ConfigError(
-          f'process(es) {others} of this run found the config or workdir unusable (their '
-          'logs say why, e.g. a path that exists on this host only); this process stops too')
-  if problem is not None:
-    raise problem
 
 
 def _lock_workdir(stack: contextlib.ExitStack, workdir, is_main: bool) -> None:

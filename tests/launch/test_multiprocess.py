@@ -433,3 +433,42 @@ def test_a_config_one_process_cannot_use_stops_every_process(tmp_path):
   assert [p.returncode for p in procs] == [3, 3], [o[-2000:] for o in outs]
   assert 'process(es) [1] of this run found the config or workdir unusable' in outs[0]
   assert 'missing.npz' in outs[1] and 'does not exist' in outs[1], outs[1][-2000:]
+
+
+def test_an_eval_preprocessing_one_process_cannot_run_stops_every_process(tmp_path):
+  """The first evaluation example is preprocessed before compiling; where it fails on one
+  process only (its part of the data), the other stops too, at once, saying which."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for split in ('train', 'test'):
+    for c in ('a', 'b'):
+      (tmp_path / 'data' / split / c).mkdir(parents=True)
+      for j in range(4):
+        Image.fromarray(np.full((28, 28, 3), 60 * j, np.uint8)).save(
+            tmp_path / 'data' / split / c / f'{j}.png')
+  port = _free_port()
+  common = ['--config=configs/demo.py', f'--workdir={tmp_path / "w"}',
+            '--config.input.source=folder', f'--config.input.folder={tmp_path / "data"}',
+            '--config.input.train_split=train', '--config.input.eval_split=test',
+            '--config.model.num_classes=2', '--config.model.image_size=32',
+            '--config.input.pp_train=decode|resize(32)|value_range(-1, 1)|onehot(2)',
+            '--config.total_steps=2', '--config.schedule.warmup_steps=1',
+            f'--coordinator_address=localhost:{port}', '--num_processes=2']
+  # (One preprocessing per process stands for one host whose images are smaller.)
+  pp_eval = ('decode|resize(32)|value_range(-1, 1)|onehot(2)',
+             'decode|central_crop(32)|value_range(-1, 1)|onehot(2)')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'vit_jax.main', *common, f'--config.input.pp_eval={pp}',
+       f'--process_id={i}'], cwd=ROOT, env=dict(_env(4), HOME=str(tmp_path)),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+           for i, pp in enumerate(pp_eval)]
+  try:
+    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  assert [p.returncode for p in procs] == [3, 3], [o[-2000:] for o in outs]
+  assert ('process(es) [1] of this run cannot preprocess its first evaluation example'
+          in outs[0]), outs[0][-2000:]
+  assert 'central_crop(32): image height is smaller than 32 (got 28)' in outs[1], outs[1][-2000:]
+  assert 'First step' not in outs[0] + outs[1]  # nothing compiled

@@ -328,6 +328,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
   # and the benchmark run where TensorFlow is not installed (e.g. a GPU image).
   from vit_jax.data import builder as data_builder  # pylint: disable=g-import-not-at-top
   from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import sources as data_sources  # pylint: disable=g-import-not-at-top
   workdir = workdir_path(workdir)
   is_main = jax.process_index() == 0
   if validate:
@@ -349,7 +350,14 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
 
     mesh = sharding_lib.create_mesh(config.mesh)
     train_source, eval_source = data_builder.create_sources(config.input)
-    data_builder.check_eval_preprocessing(config.input, eval_source)
+    problem = None
+    try:
+      data_builder.check_eval_preprocessing(config.input, eval_source)
+    except data_sources.DataError as e:
+      problem = e
+    raise_on_every_process(problem, data_sources.DataError,
+                           'cannot preprocess its first evaluation example (their logs say '
+                           'why)')
     spe = pipeline.steps_per_epoch(train_source, config.batch_size)
     total_steps = run_length(config.total_steps, config.num_epochs, spe)
     t = Trainer(config, mesh, total_steps, steps_per_epoch=spe)
@@ -633,6 +641,20 @@ def _evaluations(path) -> dict[int, dict]:
         found[row['step']] = {k: v for k, v in row.items()
                               if k.startswith('eval_') and v is not None}
   return found
+
+
+def raise_on_every_process(problem: Exception | None, error_type, what: str) -> None:
+  """Raises `problem`; with several processes, every process stops when one found one
+  (an init_from on one host's disk only, a preprocessing that fails on one host's
+  images): the others waited in their first collective until the heartbeat timeout, then
+  a C++ abort. The others raise `error_type`, saying that process(es) [i, ...] `what`."""
+  if jax.process_count() > 1:
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+    others = [i for i, f in enumerate(failed.reshape(-1)) if f and i != jax.process_index()]
+    if others and problem is None:
+      raise error_type(f'process(es) {others} of this run {what}; this process stops too')
+  if problem is not None:
+    raise problem
 
 
 def _agreed(value: bool) -> bool:
