@@ -248,6 +248,33 @@ def test_from_timm_takes_a_feature_extractor_without_pooling(caplog):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_from_timm_reads_a_head_on_every_token(caplog):
+  """global_pool='' with a head: timm applies it to every token; the model was refused
+  ("global_pool='' with a class token"), though classifier='token_unpooled' (or
+  'unpooled' without a class token) computes exactly that."""
+  torch = pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  for kwargs, unpooled, pooled in ((dict(), 'token_unpooled', 'token'),
+                                   (dict(class_token=False, fc_norm=False), 'unpooled', 'gap')):
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, num_classes=3,
+                              img_size=IMAGE_SIZE, global_pool='', **kwargs).eval()
+    with torch.no_grad():
+      model.head.weight.normal_(0, 0.5)
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+      config, params = checkpoints.from_timm(model)
+    assert config.classifier == unpooled and config.num_classes == 3
+    assert f"for a pooled classifier (to fine-tune) set classifier='{pooled}'" in caplog.text
+    x = np.random.RandomState(0).uniform(-1, 1, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(
+        np.float32)
+    with torch.no_grad():
+      want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    got = np.asarray(models.create(config).apply({'params': params}, x, train=False))
+    assert got.shape == want.shape and np.abs(want).mean() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_from_timm_refuses_blocks_that_compute_otherwise_under_the_same_names():
   """A ResPostBlock (norm after the residual branch) has Block's weight names: it loaded
   without a word and its logits were 0.8 off timm's."""

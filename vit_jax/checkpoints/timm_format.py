@@ -50,6 +50,16 @@ def _registered_name(name: str) -> str | None:
 VIT_KEYS = ('pos_embed', 'patch_embed.proj.weight', 'blocks.0.mlp.fc1.weight')
 
 
+def _per_token_head(config) -> None:
+  """A timm ViT with global_pool='' and a head applies the head to every token: the
+  unpooled classifier of the same weights (pooled, they were refused)."""
+  pooled = config.classifier
+  config.classifier = 'token_unpooled' if pooled == 'token' else 'unpooled'
+  logging.warning("the timm model has global_pool='' and a head: the config read applies "
+                  'the head to every token as timm does (classifier=%r); for a pooled '
+                  'classifier (to fine-tune) set classifier=%r', config.classifier, pooled)
+
+
 def check_vit_keys(sd, what: str) -> None:
   """Raises ValueError naming `what` (a file) when `sd` is not a timm ViT state dict."""
   if 'blocks.0.attn.qkv.weight' in sd and 'blocks.0.attn.qkv.bias' not in sd:
@@ -223,6 +233,8 @@ def _read_model_settings(c, model):
         "the timm model has global_pool='' and no head (it returns every token); the "
         "config read pools (classifier=%r): set classifier=%r for timm's output",
         c.classifier, 'token_unpooled' if c.classifier == 'token' else 'unpooled')
+  elif pool == '':
+    pass  # a head on every token: `_per_token_head`, once the weights are read
   elif pool is not None and pooling.get(pool) != c.classifier:
     has_cls = 'with' if c.classifier == 'token' else 'without'
     unsupported.append(
@@ -516,6 +528,8 @@ def from_timm(model_or_state_dict, name: str | None = None, *, base_config=None,
                  if isinstance(model_or_state_dict, (str, os.PathLike)) else 'the state dict')
   config = _infer_config(sd, name, model, overrides, base_config, keep_base)
   flat = _params_from_timm(sd, config)
+  if model is not None and getattr(model, 'global_pool', None) == '' and config.num_classes:
+    _per_token_head(config)
   module = registry.create(config)
   params = tree.merge_into(summary.abstract_params(module, config.image_size), flat,
                            what='timm state dict')
