@@ -567,3 +567,53 @@ def test_preprocessing_failure_reads_only_the_checks_of_the_ops():
   assert builder.preprocessing_failure(gone, 'pp_train', config.input) is None
   bad = tf.errors.InvalidArgumentError(None, None, 'Invalid JPEG data or crop window')
   assert builder.preprocessing_failure(bad, 'pp_eval', config.input) is None
+
+
+def test_a_stopped_run_given_a_final_step_it_passed_is_refused_or_ends_there(
+    tmp_path, monkeypatch):
+  """Stopped at step 3 of 4, then started with total_steps=2: it said 'already finished
+  at step 3 of 2', reported step 2's evaluation as step 3's, exited 0, and a restart loop
+  (whose status check reads the run's own length, 4) started it again and again."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  monkeypatch.setattr(preemption.StopRequest, '__call__', lambda self, step: step == 3)
+  with pytest.raises(preemption.Preempted, match='at step 3 of 4'):
+    loop.train_and_evaluate(_config(data, total_steps=4, checkpoint_every=0), workdir)
+  monkeypatch.setattr(preemption.StopRequest, '__call__', lambda self, step: False)
+  with pytest.raises(loop.ResumeError, match=r"is at step 3, past this run's final step 2 .*"
+                     r'To end it at step 3, give --config.total_steps=3'):
+    loop.train_and_evaluate(_config(data, total_steps=2), workdir)
+  # Ended where it stopped: step 3, which has no evaluation yet, is evaluated.
+  final = loop.train_and_evaluate(_config(data, total_steps=3), workdir)
+  assert final['step'] == 3 and 'eval_top1' in final
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'eval_top1' in r] == [2, 3]
+  again = loop.train_and_evaluate(_config(data, total_steps=3), workdir)
+  assert again == final   # its own evaluation, once
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'eval_top1' in r] == [2, 3]
+
+
+def test_a_sigterm_during_the_made_up_evaluation_stops_with_its_message(tmp_path,
+                                                                       monkeypatch):
+  """The put-off evaluation (and eval_at_start) ran before the stop handler was in place:
+  a SIGTERM then killed the process without a word (status -15)."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  data = _folder(tmp_path / 'data', ['cat', 'dog', 'fox'])
+  workdir = tmp_path / 'run'
+  config = _config(data, total_steps=4, checkpoint_every=0)
+  monkeypatch.setattr(preemption.StopRequest, 'requested_here', property(lambda self: True))
+  with pytest.raises(preemption.Preempted, match='during the evaluation at step 2 of 4'):
+    loop.train_and_evaluate(config, workdir)
+  with pytest.raises(preemption.Preempted, match='during the evaluation at step 2 of 4, '
+                     'after saving .* and evaluates it first'):
+    loop.train_and_evaluate(config, workdir)   # the made-up evaluation, stopped again
+  with pytest.raises(preemption.Preempted, match='during the evaluation before training '
+                     r'\(config.eval_at_start\): nothing was trained'):
+    loop.train_and_evaluate(_config(data, eval_at_start=True), tmp_path / 'fresh')
+  monkeypatch.setattr(preemption.StopRequest, 'requested_here', property(lambda self: False))
+  final = loop.train_and_evaluate(config, workdir)
+  assert final['step'] == 4
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'eval_top1' in r] == [2, 4]

@@ -410,7 +410,9 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     # evaluated first, the final step's too: such a run has not finished.
     # (Unless a resumed run made it up already, and stopped before its next checkpoint.)
     evaluations = _evaluations(workdir / 'metrics.jsonl') if resuming and is_main else {}
-    put_off = (resuming and bool(saved_meta.get('eval_pending'))
+    # So is a final step without one: a run stopped between evaluations, ended there by a
+    # lowered total_steps.
+    put_off = (resuming and (bool(saved_meta.get('eval_pending')) or start_step >= total_steps)
                and not _agreed(start_step in evaluations))
     if resuming and config.keep_best:
       # Checkpoints saved without metrics (by a run with keep_best=0, or before an
@@ -420,6 +422,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       if ranked:
         logging.info('keep_best: ranked checkpoint(s) %s, saved without metrics, by their '
                      'evaluations in metrics.jsonl.', ranked)
+    if resuming and start_step > total_steps:
+      _refuse_going_back(workdir, start_step, total_steps, saved_meta, spe)
     finished = resuming and start_step >= total_steps and not put_off
     if finished:  # nothing to train or evaluate: the record stays the run's own
       _warn_finished(workdir, start_step, total_steps, saved_meta.get('config') or {},
@@ -429,7 +433,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       (workdir / 'config.json').write_text(json.dumps(meta['config'], indent=2))
       if summary is not None:
         (workdir / 'model_summary.json').write_text(json.dumps(summary, indent=2))
-    if resuming:
+    if resuming and start_step < total_steps:
       _warn_schedule_change(saved_meta, total_steps, spe, t.schedule, start_step)
     module, schedule, image_size = t.module, t.schedule, config.model.image_size
     train_step, eval_step = t.train_step, t.eval_step
@@ -470,9 +474,24 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       pending.clear()
       return fetched
 
+    # Before the evaluation below: a SIGTERM during it stops the run with its message
+    # (it killed the process, status -15, without a word).
+    stop_request = cleanup.enter_context(preemption.StopRequest())
     # The evaluation a stop request put off (see eval_pending below), made up now.
     if (config.get('eval_at_start') and start_step == 0) or put_off:
-      last_eval = evaluate(eval_step, state.variables(), eval_source, config, batch_sharding)
+      try:
+        last_eval = evaluate(eval_step, state.variables(), eval_source, config,
+                             batch_sharding, should_stop=lambda: stop_request.requested_here)
+      except EvaluationStopped:
+        # Nothing trained since the checkpoint (or step 0): a restart evaluates it again.
+        if resuming:
+          raise _preempted(stop_request, f'during the evaluation at step {start_step}',
+                           total_steps, workdir, ' and evaluates it first') from None
+        number = stop_request.signal_number or signal.SIGTERM
+        raise preemption.Preempted(
+            f'stopped by {signal.Signals(number).name} during the evaluation before '
+            'training (config.eval_at_start): nothing was trained; the same command starts '
+            'again', number) from None
       if put_off and config.keep_best:
         # Its checkpoint was saved unranked (a stop during the evaluation), or keep_best
         # would never keep it. Ranked before metrics.jsonl, which tells a later resume it
@@ -482,13 +501,13 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
       writer.write(start_step, last_eval)
       if is_main:
         logging.info('step %d (%s): %s', start_step,
-                     'its evaluation, put off by the stop' if put_off else 'before training',
+                     ('before training' if not put_off else 'its evaluation, put off by the '
+                      'stop' if saved_meta.get('eval_pending') else "the final step's evaluation"),
                      ', '.join(f'{k} {v:.4g}' for k, v in last_eval.items()))
       progress.rate(start_step)
     start_of_pending = start_step
     step = start_step
     final = {}
-    stop_request = cleanup.enter_context(preemption.StopRequest())
     eval_s = 0.0  # the last evaluation's time, for the ETA of the ones to come
     for step in range(start_step + 1, total_steps + 1):
       try:
@@ -613,7 +632,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     # waited for the save, so a late notice lost the final checkpoint).
     checkpointer.wait()
     if start_step >= total_steps and not last_eval:  # a finished run started again
-      last_eval = _last_logged_eval(workdir / 'metrics.jsonl')
+      # (its final step's evaluation: an older one was reported under the final step)
+      last_eval = _evaluations(workdir / 'metrics.jsonl').get(start_step, {})
     final = dict(last_eval, step=step)
     return final
 
@@ -690,14 +710,38 @@ def run_length(total_steps: int | None, num_epochs: float, steps_per_epoch: floa
   return total_steps or max(int(math.ceil(num_epochs * steps_per_epoch)), 1)
 
 
+def _saved_run_length(saved_meta, spe) -> int | None:
+  """The final step of the checkpoint's run (None for a checkpoint without its config)."""
+  saved = saved_meta.get('config') or {}
+  saved_spe = saved_meta.get('steps_per_epoch') or spe
+  return (run_length(saved.get('total_steps'), saved.get('num_epochs', 0), saved_spe)
+          if saved.get('total_steps') or saved.get('num_epochs') else None)
+
+
+def _refuse_going_back(workdir, step, total_steps, saved_meta, spe) -> None:
+  """A checkpoint past this run's final step, of a run stopped before its own end (a
+  lowered total_steps): ResumeError. The run was reported finished at the step it was
+  stopped at, with an older evaluation under that step, and a restart loop
+  (until_done.sh), whose status check reads the run's own length, started it again and
+  again. (A finished run started again with a lower length stays finished.)"""
+  saved_total = _saved_run_length(saved_meta, spe)
+  if saved_total is None or step >= saved_total:
+    return
+  raise ResumeError(
+      f'the checkpoint in {workdir} is at step {step}, past this run\'s final step '
+      f'{total_steps} (config.total_steps, or num_epochs): a run cannot go back, and its own '
+      f'run was stopped before its end (step {saved_total}). To end it at step {step}, give '
+      f'--config.total_steps={step} (its checkpoint is evaluated if it was not); to train '
+      f'{total_steps} steps from the start, give another --workdir')
+
+
 def _warn_schedule_change(saved_meta, total_steps, spe, schedule, step) -> None:
   """A warning where the resumed run's learning rate at the resumed step differs from the
   checkpoint's run's: another final step (a raised total_steps, another num_epochs), or
   another schedule (a changed field, another batch size with schedule.base_lr_batch)."""
   saved = saved_meta.get('config') or {}
   saved_spe = saved_meta.get('steps_per_epoch') or spe
-  saved_total = (run_length(saved.get('total_steps'), saved.get('num_epochs', 0), saved_spe)
-                 if saved.get('total_steps') or saved.get('num_epochs') else None)
+  saved_total = _saved_run_length(saved_meta, spe)
   try:
     before = float(optimizer_lib.learning_rate_schedule(
         ml_collections.ConfigDict(saved['schedule']), saved_total,
@@ -935,10 +979,3 @@ def _warn_finished(workdir, step, total_steps, saved_config: dict, config: dict)
       total_steps, (', although this config differs from the run\'s (' +
                     '; '.join(changed[:10]) + (' ...' if len(changed) > 10 else '') +
                     '), which config.json keeps') if changed else '')
-
-
-def _last_logged_eval(path) -> dict:
-  """The last evaluation row of a workdir's metrics.jsonl (without its step), or {}."""
-  rows = [json.loads(line) for line in (path.read_text().splitlines() if path.exists() else ())
-          if '"eval_' in line]
-  return {k: v for k, v in rows[-1].items() if k != 'step'} if rows else {}
