@@ -84,6 +84,45 @@ def test_a_new_representation_layer_starts_new_and_a_kept_head_says_which_width(
     pretrained.adapt(wide, target, keep_head=True)
 
 
+def test_another_architecture_names_every_difference_and_the_flags_at_once():
+  """Fine-tuning ViT-Ti/16 from 96-wide weights of 3 layers, 4 heads, MLP 192, patch 8
+  named width, depth and patch first and the heads and MLP width only on the next run,
+  then said 'Set config.model ...', which the command line does not take."""
+  source = _params(hidden_size=96, num_layers=3, num_heads=4, mlp_dim=192)   # patch 8
+  target = models.abstract_variables(models.create('ViT-Ti/16', num_classes=10), 32)['params']
+  with pytest.raises(checkpoints.CheckpointMismatchError) as raised:
+    pretrained.adapt(source, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target))
+  message = str(raised.value)
+  for line in ('width (hidden_size): checkpoint 96, model 192',
+               'depth (num_layers): checkpoint 3, model 12',
+               'heads (num_heads): checkpoint 4, model 3',
+               'MLP width (mlp_dim): checkpoint 192, model 768'):
+    assert line in message, message
+  assert ('Give the model the architecture of the checkpoint: --config.model.hidden_size=96 '
+          '--config.model.num_layers=3 --config.model.num_heads=4 --config.model.mlp_dim=192 '
+          '--config.model.patch_size=8 (or, in Python, those fields of the model config); '
+          'only the head, the representation layer and the resolution may change.'
+          ) in message, message
+
+
+def test_a_kept_head_of_another_representation_or_class_count_names_that():
+  """A head kept from weights with a representation layer was blamed on 'another
+  architecture: width, MLP width, heads or patch size differ'; another class count named
+  Python calls, not the flag."""
+  source = _params(num_classes=10, representation_size=32)
+  plain = models.init_params(models.create('ViT-Ti/16', num_classes=10, **SMALL), 32)
+  with pytest.raises(checkpoints.CheckpointMismatchError) as raised:
+    pretrained.adapt(source, plain, keep_head=True)
+  assert 'another architecture' not in str(raised.value)
+  assert 'the representation layer differs: see the last line' in str(raised.value)
+  other = models.init_params(models.create('ViT-Ti/16', num_classes=3, **SMALL), 32)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r'another class count: start a new head, --config.init_head=reset '
+                           r'when fine-tuning(.|\n)*head/kernel: \(64, 10\) in the pretrained '
+                           r'weights, \(64, 3\) in the model'):
+    pretrained.adapt(_params(num_classes=10), other, keep_head=True)
+
+
 def test_keep_head_keeps_the_trained_head():
   source = _params(num_classes=10)
   target = models.init_params(models.create('ViT-Ti/16', num_classes=10, **SMALL), 32)

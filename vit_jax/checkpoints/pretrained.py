@@ -767,30 +767,53 @@ def _depth(flat) -> int:
               if m})
 
 
-def _structure_errors(got, ref) -> list[str]:
-  errors = []
+def _structure_errors(got, ref) -> tuple[list[str], list[str]]:
+  """(what differs between the checkpoint's ViT params and the model's, every difference;
+  the config.model flags that give the model the checkpoint's architecture)."""
+  errors, flags = [], []
   if ('cls' in got) != ('cls' in ref):
     kinds = ('a class token (token classifier)', 'no class token (gap/map classifier)')
     errors.append(f"classifier: the checkpoint has {kinds[0] if 'cls' in got else kinds[1]}, "
                   f"the model has {kinds[0] if 'cls' in ref else kinds[1]}")
+    flags.append('--config.model.classifier=' + ('token' if 'cls' in got else 'gap (or map)'))
   wg, wr = got['embedding/kernel'].shape[-1], ref['embedding/kernel'].shape[-1]
   if wg != wr:
     errors.append(f'width (hidden_size): checkpoint {wg}, model {wr}')
+    flags.append(f'--config.model.hidden_size={wg}')
   if _depth(got) != _depth(ref):
     errors.append(f'depth (num_layers): checkpoint {_depth(got)}, model {_depth(ref)}')
+    flags.append(f'--config.model.num_layers={_depth(got)}')
   block = 'Transformer/encoderblock_0/'
-  for key, axis, what in (('MultiHeadDotProductAttention_0/query/kernel', 1, 'heads (num_heads)'),
-                          ('MlpBlock_0/Dense_0/kernel', -1, 'MLP width (mlp_dim)')):
-    if wg == wr and block + key in got and block + key in ref:
+  # (Their axes do not depend on the width: every difference is named at once.)
+  for key, axis, what, field in (
+      ('MultiHeadDotProductAttention_0/query/kernel', 1, 'heads (num_heads)', 'num_heads'),
+      ('MlpBlock_0/Dense_0/kernel', -1, 'MLP width (mlp_dim)', 'mlp_dim')):
+    if block + key in got and block + key in ref:
       g, r = np.shape(got[block + key])[axis], np.shape(ref[block + key])[axis]
       if g != r:
         errors.append(f'{what}: checkpoint {g}, model {r}')
+        flags.append(f'--config.model.{field}={g}')
   if ('conv_root/kernel' in got) != ('conv_root/kernel' in ref):
     errors.append('hybrid ResNet stem: present in only one of checkpoint and model')
   elif got['embedding/kernel'].shape[:3] != ref['embedding/kernel'].shape[:3]:
     errors.append(f"patch embedding kernel: checkpoint {got['embedding/kernel'].shape}, "
                   f"model {ref['embedding/kernel'].shape}")
-  return errors
+    (gh, gw, gc), (rh, rw, rc) = (got['embedding/kernel'].shape[:3],
+                                  ref['embedding/kernel'].shape[:3])
+    if (gh, gw) != (rh, rw):
+      flags.append(f'--config.model.patch_size={gh}' if gh == gw
+                   else f"--config.model.patch_size='({gh}, {gw})'")
+    if gc != rc and 'conv_root/kernel' not in got:
+      flags.append(f'--config.model.in_channels={gc}')
+  return errors, flags
+
+
+def _architecture_hint(flags, may_change: str) -> str:
+  """The last line of a mismatch: the flags that fit the model to the weights."""
+  return ('\nGive the model the architecture of the checkpoint'
+          + (f": {' '.join(flags)} (or, in Python, those fields of the model config)"
+             if flags else ' (config.model)')
+          + f'; only {may_change} may change.')
 
 
 def adapt(loaded, reference, *, posemb_method: str = 'bilinear',
@@ -804,12 +827,11 @@ def adapt(loaded, reference, *, posemb_method: str = 'bilinear',
   loaded = scan_layout.unstack_layers(loaded)
   got = {k: np.asarray(v) for k, v in tree.flatten(loaded).items()}
   ref = tree.flatten(reference)
-  errors = _structure_errors(got, ref)
+  errors, flags = _structure_errors(got, ref)
   if errors:
     raise tree.CheckpointMismatchError(
-        'the pretrained weights do not fit this model:\n  ' + '\n  '.join(errors) +
-        '\nSet config.model to the architecture of the checkpoint (only the head, the '
-        'representation layer and the resolution may change).')
+        'the pretrained weights do not fit this model:\n  ' + '\n  '.join(errors)
+        + _architecture_hint(flags, 'the head, the representation layer and the resolution'))
   if _POSEMB in got and got[_POSEMB].shape != tuple(ref[_POSEMB].shape):
     prefix = 1 if 'cls' in ref else 0
     kh, kw = tuple(ref['embedding/kernel'].shape[:2])
@@ -847,11 +869,18 @@ _NOT_STRUCTURE = ('name', 'family', 'image_size', 'num_classes', 'dtype', 'param
                   'bn_eps', 'bn_momentum', 'bn_frozen', 'zero_init_last')
 
 
-def _config_differences(loaded, config) -> list[str]:
-  """Architecture fields (of a non-ViT family) that differ between two configs."""
+def _config_differences(loaded, config) -> list[tuple[str, object, object]]:
+  """Architecture fields (of a non-ViT family) that differ between two configs:
+  (field, the checkpoint's value, the model's)."""
   fields = sorted((set(loaded.keys()) | set(config.keys())) - set(_NOT_STRUCTURE))
-  return [f'{k}: checkpoint {tree.plain(loaded.get(k))}, model {tree.plain(config.get(k))}'
-          for k in fields if tree.plain(loaded.get(k)) != tree.plain(config.get(k))]
+  return [(k, tree.plain(loaded.get(k)), tree.plain(config.get(k))) for k in fields
+          if tree.plain(loaded.get(k)) != tree.plain(config.get(k))]
+
+
+def _flag(field: str, value) -> str:
+  """--config.model.FIELD=VALUE as a shell takes it (a tuple quoted)."""
+  return (f"--config.model.{field}='{value}'" if isinstance(value, tuple)
+          else f'--config.model.{field}={value}')
 
 
 _VIT_NUMERICS = ('gelu_approximate', 'layernorm_eps')
@@ -920,15 +949,16 @@ def adapt_variables(loaded, reference: dict, config, *, posemb_method: str = 'bi
     return {'params': adapt(loaded['params'], reference['params'],
                             posemb_method=posemb_method, keep_head=keep_head),
             **{k: v for k, v in reference.items() if k != 'params'}}
-  hint = ('\nSet config.model to the architecture of the checkpoint (only the head, the '
-          'resolution' + (' and the window size' if family == 'swin' else '') +
-          ' may change).')
+  may_change = 'the head, the resolution' + (' and the window size' if family == 'swin'
+                                              else '')
+  hint = _architecture_hint([], may_change)
   if loaded_config is not None:
     differences = _config_differences(loaded_config, config)
     if differences:
       raise tree.CheckpointMismatchError(
-          'the pretrained weights do not fit this model:\n  ' + '\n  '.join(differences)
-          + hint)
+          'the pretrained weights do not fit this model:\n  ' + '\n  '.join(
+              f'{k}: checkpoint {a}, model {b}' for k, a, b in differences)
+          + _architecture_hint([_flag(k, a) for k, a, _ in differences], may_change))
   params = loaded['params']
   if family == 'swin':
     params = swin.resample_window_params(params, config)

@@ -58,27 +58,32 @@ def _short(keys, limit=20):
   return ', '.join(keys[:limit]) + more
 
 
-def _mismatch_hint(differ, got, ref) -> str:
+def _mismatch_hint(differ, got, ref, representation_differs: bool = False) -> str:
   """Why shapes differ, where the keys tell: only the position embedding's token count
-  (another resolution), only the head's outputs (another class count), else another
-  architecture (width, MLP width, patch size, ...)."""
+  (another resolution), only the head's outputs (another class count), the
+  representation layer (its own line follows), else another architecture (width, MLP
+  width, patch size, ...)."""
   def only_axis(k, axis):
     a, b = tuple(got[k].shape), tuple(ref[k].shape)
     return len(a) == len(b) and all(x == y for i, (x, y) in enumerate(zip(a, b))
                                     if i != axis % len(a))
   resolution = [k for k in differ if k.endswith('pos_embedding') and only_axis(k, 1)]
   classes = [k for k in differ if k.startswith(HEAD_KEYS) and only_axis(k, -1)]
-  if set(differ) - set(resolution) - set(classes):
+  representation = [k for k in differ if representation_differs
+                    and k.startswith(('pre_logits/',) + HEAD_KEYS)]
+  if set(differ) - set(resolution) - set(classes) - set(representation):
     return (' (another architecture: width, MLP width, heads or patch size differ; '
             'vit_jax.checkpoints.architecture.infer_model_config(params) reads the '
             "weights' own)")
   hint = ''
+  if representation:
+    hint = ' (the representation layer differs: see the last line)'
   if resolution:
-    hint = ' (a different resolution: resample with vit_jax.models.resample_posemb)'
+    hint += ' (another resolution: resample with vit_jax.models.resample_posemb)'
   if classes:
-    hint += (" (a different class count: a new head, i.e. config.init_head='reset' when "
-             'fine-tuning, adapt_variables(..., keep_head=False), or merge_into(..., '
-             'drop_head=True))')
+    hint += (' (another class count: start a new head, --config.init_head=reset when '
+             'fine-tuning; in Python adapt_variables(..., keep_head=False) or '
+             'merge_into(..., drop_head=True))')
   return hint
 
 
@@ -116,19 +121,19 @@ def merge_into(reference, loaded, *, drop_head: bool = False, strict: bool = Tru
   differ = sorted((k for k in set(ref) & set(got)
                    if tuple(got[k].shape) != tuple(ref[k].shape)),
                   key=lambda k: (k.startswith('batch_stats/'), k))
-  wrong = [f'{k}: {what} has {tuple(got[k].shape)}, model expects {tuple(ref[k].shape)}'
+  wrong = [f'{k}: {tuple(got[k].shape)} in the {what}, {tuple(ref[k].shape)} in the model'
            for k in differ]
+  pre_logits = [k for k in (missing | unexpected | set(differ))
+                if k.startswith('pre_logits/')]
   problems = []
   if wrong:
-    problems.append(f'shape mismatch{_mismatch_hint(differ, got, ref)}:\n  '
+    problems.append(f'shape mismatch{_mismatch_hint(differ, got, ref, bool(pre_logits))}:\n  '
                     + '\n  '.join(wrong[:50])
                     + (f'\n  ... and {len(wrong) - 50} more' if len(wrong) > 50 else ''))
   if strict and missing:
     problems.append(f'missing from the {what} ({len(missing)}): {_short(missing)}')
   if strict and unexpected:
     problems.append(f'unexpected in the {what} ({len(unexpected)}): {_short(unexpected)}')
-  pre_logits = [k for k in (missing | unexpected | set(differ))
-                if k.startswith('pre_logits/')]
   if problems and pre_logits:
     width = next((tuple(got[k].shape)[-1] for k in pre_logits
                   if k in got and k.endswith('kernel')), None)
