@@ -239,3 +239,22 @@ def test_a_config_file_that_cannot_load_and_lone_process_flags_are_one_line(tmp_
   proc = _run(['--config=configs/demo.py', '--num_processes=2', '--process_id=0'], tmp_path)
   assert proc.returncode == 3, subprocess_env.failure(proc)
   assert 'a multi-process run needs --coordinator_address=HOST:PORT' in proc.stderr
+
+
+def test_a_collective_failed_by_a_lost_process_is_one_paragraph(monkeypatch):
+  """A 2-process run whose other process was killed ended with a traceback through the
+  train step ending in 'Gloo all-reduce failed: ... Connection reset by peer'."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import main  # pylint: disable=g-import-not-at-top
+  lost = jax.errors.JaxRuntimeError(
+      'UNKNOWN: Gloo all-reduce failed: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] '
+      'Read error [127.0.0.1]:47950: Connection reset by peer\nmore detail')
+  other = jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 4 GiB')
+  assert main.lost_process_message(lost, '/runs/a') is None  # one process: not a lost peer
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  message = main.lost_process_message(lost, '/runs/a')
+  assert message.startswith('\nerror (lost process): UNKNOWN: Gloo all-reduce failed')
+  assert 'more detail' not in message
+  assert 'resumes from the newest checkpoint in /runs/a/checkpoints' in message
+  assert main.lost_process_message(other, '/runs/a') is None
+  assert main.lost_process_message(ValueError('Connection reset'), '/runs/a') is None

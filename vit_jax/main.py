@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging as std_logging
 import os
+import re
 import signal
 import sys
 import time
@@ -216,6 +217,18 @@ def _lock_workdir(stack: contextlib.ExitStack, workdir, is_main: bool) -> None:
 
 def _summarise_and_train(config, workdir, is_main, defaults):
   """main() once the config and workdir are checked (and the workdir is locked)."""
+  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
+  loaded = {}  # (popped into the call below: the loop frees the weights once used)
+  if not _SUMMARY_ONLY.value and config.init_from and not loop.has_checkpoint(workdir):
+    # Before the summary's FLOP count compiles the model (seconds to minutes): weights
+    # that cannot start this model (another architecture, a damaged file) fail at once.
+    problem = None
+    try:
+      loaded['weights'] = loop.load_pretrained(config)
+    except Exception as e:  # pylint: disable=broad-except
+      problem = e
+    loop.raise_on_every_process(problem, defaults.ConfigError,
+                                'cannot use config.init_from (their logs say why)')
   try:
     summary = model_summary(config.model)
   except ValueError as e:  # --summary_only skipped validate(), which names the same error
@@ -228,12 +241,12 @@ def _summarise_and_train(config, workdir, is_main, defaults):
     print(format_summary(summary), flush=True)
   if _SUMMARY_ONLY.value:
     return
-  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
   from vit_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:
     final = loop.train_and_evaluate(
         config, workdir, forward_flops_per_image=summary['forward_gflops_per_image'] * 1e9,
-        summary=summary, validate=False, lock=False)  # validated and locked in main()
+        summary=summary, validate=False, lock=False,  # validated and locked in main()
+        pretrained_weights=loaded.pop('weights', None))
   except preemption.Preempted as e:
     logging.warning('%s', e)
     if is_main:
@@ -296,8 +309,12 @@ def _main_then_exit(argv):
     sys.stderr.write('\ninterrupted: stopped without saving (the newest complete '
                      'checkpoint is where the same command resumes)\n')
     status = 130
-  except Exception:  # pylint: disable=broad-except
-    traceback.print_exc()
+  except Exception as e:  # pylint: disable=broad-except
+    lost = lost_process_message(e, _WORKDIR.value)
+    if lost:
+      sys.stderr.write(lost)
+    else:
+      traceback.print_exc()
     status = 1
   if jax.process_count() > 1 and not failed:
     jax.distributed.shutdown()  # the processes leave together, as at a normal exit
@@ -305,6 +322,29 @@ def _main_then_exit(argv):
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(status)  # pylint: disable=protected-access
+
+
+# What a collective reports when another process of the run is gone (killed, its host
+# lost): gloo on CPU, NCCL and the coordination service elsewhere.
+_LOST_PEER = re.compile(r'Gloo|NCCL|Connection reset|connection closed|heartbeat|'
+                        r'coordination service|UNAVAILABLE|DEADLINE_EXCEEDED', re.IGNORECASE)
+
+
+def lost_process_message(error: BaseException, workdir: str | None) -> str | None:
+  """One paragraph for a multi-process run's collective that failed because another
+  process is gone (a traceback through the train step said no more), or None."""
+  if jax.process_count() <= 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+    return None
+  text = str(error).strip()
+  if not _LOST_PEER.search(text):
+    return None
+  first = text.splitlines()[0] if text else type(error).__name__
+  return (f'\nerror (lost process): {first[:300]}\nAnother process of this run stopped or '
+          'lost its connection (killed, out of memory, its host lost); this process '
+          f'{jax.process_index()} stops too (status 1). Nothing saved is lost: the same '
+          'command on every host resumes from the newest checkpoint in '
+          f'{os.path.join(workdir or "WORKDIR", "checkpoints")} (the log of the process that '
+          'stopped first says why it did).\n')
 
 
 def _config_file_problem(argv) -> str | None:

@@ -450,6 +450,10 @@ def test_init_from_a_trained_workdir_starts_from_its_weights(reference, data_dir
   assert 'Schedule:' not in proc.stderr  # logged once the Trainer exists: it failed before
   assert 'width (hidden_size): checkpoint 32, model 48' in proc.stderr, proc.stderr[-3000:]
   assert 'cannot schedule new futures' not in proc.stderr
+  # Read before the model summary (its FLOP count compiles the model: 9-14 s here before
+  # the message), and nothing is left in the workdir but its lock file.
+  assert 'FLOP count time' not in proc.stdout + proc.stderr
+  assert not (tmp_path / 'wider' / 'checkpoints').exists()
 
 
 def test_linear_probe_at_a_new_resolution_from_a_workdir(reference, data_dir, tmp_path):

@@ -314,7 +314,7 @@ class Trainer:
 
 def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = None,
                        summary: dict | None = None, validate: bool = True,
-                       lock: bool = True) -> dict:
+                       lock: bool = True, pretrained_weights=None) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) and returns final metrics.
 
   `forward_flops_per_image` (for the MFU) is counted from the model when not given;
@@ -323,6 +323,8 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
   workdir's model_summary.json beside config.json, once the workdir's checkpoint is
   known to fit this config. `validate=False` skips `defaults.validate` (the caller ran it);
   `lock=False` leaves out the workdir lock (the caller holds it: `workdir_lock.hold`).
+  `pretrained_weights`: what `load_pretrained(config)` returned, where the caller read
+  config.init_from already (vit_jax.main, before its model summary); read here if None.
   """
   # The input pipeline (TensorFlow) is imported here, not with the module: the Trainer
   # and the benchmark run where TensorFlow is not installed (e.g. a GPU image).
@@ -346,7 +348,10 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
         async_save=config.async_checkpoint)
     cleanup.callback(checkpointer.close)  # also when the setup below fails (Orbax's threads)
     resuming = checkpointer.latest_step() is not None
-    pretrained_weights = load_pretrained(config) if config.init_from and not resuming else None
+    if not config.init_from or resuming:
+      pretrained_weights = None
+    elif pretrained_weights is None:
+      pretrained_weights = load_pretrained(config)
 
     mesh = sharding_lib.create_mesh(config.mesh)
     train_source, eval_source = data_builder.create_sources(config.input)
