@@ -11,6 +11,7 @@ command line (a subprocess); the rest call `convert.convert`.
 
 import json
 import os
+import shutil
 import pathlib
 import re
 import subprocess
@@ -282,7 +283,7 @@ def _demo_like_run(tmp_path):
   return config, params, str(workdir)
 
 
-def test_unregistered_hybrid_to_safetensors_reads_back_as_itself(tmp_path):
+def test_unregistered_hybrid_to_safetensors_reads_back_as_itself(tmp_path, caplog):
   """The walk-through's bug: a timm export of the demo read back (no model given, as
   predict reads it) as a 1-head exact-GELU model. The .safetensors records the config."""
   config, params, workdir = _demo_like_run(tmp_path)
@@ -302,8 +303,11 @@ def test_unregistered_hybrid_to_safetensors_reads_back_as_itself(tmp_path):
   back = pretrained.load_checkpoint(str(tmp_path / 'back'))
   assert back.config.name == 'demo-like-ViT' and back.class_names == ORBAX_NAMES
   assert back.config.resnet.stdconv_eps == config.resnet.stdconv_eps
-  # A torch file records nothing: the note says what a loader will guess instead.
+  # A torch file records nothing: the note says what a loader will guess instead (and
+  # the loader's own warning, reading it back, named the hidden staging file).
+  caplog.clear()
   notes = convert.run(workdir, tmp_path / 'ft.pth').notes
+  assert not [r for r in caplog.records if '.convert-new-' in r.getMessage()], caplog.text
   assert any(n.startswith('ft.pth is a torch file, which records no model config') and
              'num_heads 1 (not 3), GELU exact (not tanh)' in n and
              'Write .safetensors to record it' in n for n in notes), notes
@@ -712,3 +716,18 @@ def test_leftovers_of_a_killed_conversion_are_cleared(timm_file, tmp_path):
 def test_an_output_it_cannot_write_is_named(timm_file, tmp_path):
   """Was a traceback naming the hidden staged file, after the conversion had run."""
   _raises(r'--output=/proc/z.npz: cannot write in /proc', timm_file[1], '/proc/z.npz')
+
+
+def test_an_output_inside_a_run_s_checkpoints_is_refused(orbax_run, tmp_path):
+  """--output=WD/checkpoints/5 was written; the run then took it for its newest step,
+  found it unreadable and set it aside as 5.unreadable."""
+  _, _, workdir = orbax_run
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  for output, to in ((run / 'checkpoints' / '5', 'orbax'),
+                     (run / 'checkpoints' / 'w.npz', None),
+                     (run / 'checkpoints' / '30' / 'w.safetensors', None)):
+    _raises(r'is inside the Orbax checkpoint folder .*: a training run there would take it '
+            'for one of its own steps', workdir, output, to=to)
+    assert not os.path.exists(output)
+  assert sorted(os.listdir(run / 'checkpoints')) == ['30']

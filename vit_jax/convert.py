@@ -376,10 +376,14 @@ def _preprocessing_note(ckpt, output, shown=None):
   from vit_jax.data import preprocess_ops  # pylint: disable=g-import-not-at-top
   label_ops = preprocess_ops.LABEL_OPS
   pp = preprocess_ops.without_ops(ckpt.pp_eval, label_ops)
-  try:
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # its warnings name the hidden staging file; the
+  try:                                  # note below says what they would
     back = pretrained.load_checkpoint(str(output))
   except Exception:  # pylint: disable=broad-except  (its reader names any problem itself)
     return None
+  finally:
+    logging.set_verbosity(verbosity)
   default = (preprocess_ops.without_ops(back.pp_eval, label_ops) if back.pp_eval
              else inference.default_pp(back.config.image_size, _family(back)))
   if pp == default:
@@ -547,6 +551,14 @@ def run(input_path, output_path, *, to=None, model=None, overwrite=False) -> Res
     # --output=WD/checkpoints, would replace the run's own checkpoints
     raise ConversionError(f'the output {output_path} holds the input {input_path} or its '
                           'checkpoints: write the Orbax directory outside them')
+  parent = os.path.dirname(os.path.abspath(output_path.rstrip('/')) if '://' not in output_path
+                           else output_path.rstrip('/'))
+  if parent and _isdir(parent) and _listdir(parent) and _is_orbax_dir(parent):
+    # --output=WD/checkpoints/5: the run took it for its own newest step, found it
+    # unreadable and set it aside (or, inside a step, it damages that checkpoint).
+    raise ConversionError(f'the output {output_path} is inside the Orbax checkpoint folder '
+                          f'{parent}: a training run there would take it for one of its '
+                          'own steps. Write it outside (e.g. beside the workdir)')
   if '://' not in output_path:  # before the output is checked: one may be put back
     local = os.path.realpath(output_path)
     _clear_leftovers(local, os.path.basename(output_path.rstrip('/')))
