@@ -139,6 +139,29 @@ def test_swin_model_object_keeps_its_resolution_where_the_windows_fit_the_name_s
   assert config.image_size == 224  # a state dict does not show it: the name's
 
 
+def test_a_non_square_swin_whose_last_stage_shrinks_its_window_is_read():
+  """64 x 128 with window 4: the last stage's grid is 2 x 4, which timm (and vit_jax)
+  give a 2 x 4 window, a bias table of 21 rows; from_timm refused it ('not the
+  (2 w - 1)^2 of a square window'), though vit_jax builds the model. A size whose grids
+  the windows do not divide (timm pads them) is named as such."""
+  torch.manual_seed(0)
+  kw = dict(window_size=4, depths=(1, 1, 2, 1), embed_dim=16, num_heads=(1, 1, 2, 2),
+            num_classes=5)
+  model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
+                            img_size=(64, 128), **kw)
+  x = np.random.RandomState(0).uniform(-1, 1, (2, 64, 128, 3)).astype(np.float32)
+  _calibrate_head(_perturb(model), x)
+  config, variables = checkpoints.from_timm(model)
+  assert tuple(config.image_size) == (64, 128) and config.window_size == 4
+  _check(config, variables, model, x, 'Swin at 64 x 128, last window 2 x 4')
+  padded = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
+                             img_size=(64, 96), **kw)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r'the timm Swin model \(image size \(64, 96\), window .*\) is not '
+                           r'one vit_jax builds: .*not a multiple of its window 4'):
+    checkpoints.from_timm(padded)
+
+
 SMALL_SWIN = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 1), img_size=32, patch_size=2,
                   window_size=4)
 

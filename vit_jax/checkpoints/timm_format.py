@@ -417,10 +417,15 @@ def _swin_model_sizes(model) -> ml_collections.ConfigDict | None:
     windows = [tuple(int(w) for w in stage.blocks[0].window_size) for stage in model.layers]
   except (AttributeError, TypeError, IndexError):
     return None
-  if size is None or any(w[0] != w[1] for w in windows):
+  if size is None:
     return None
   size = tuple(int(s) for s in size)
-  window = windows[0][0] if len(set(windows)) == 1 else tuple(w[0] for w in windows)
+  # timm shrinks a stage's window, axis by axis, to a grid no larger than it (a 2 x 4
+  # window on a 2 x 4 grid, for window 4): the window asked for is the larger side (an
+  # axis not shrunk keeps it; a shrunk one is no larger), which vit_jax shrinks the same
+  # way. (A non-square one was refused, though vit_jax builds it.)
+  targets = [max(w) for w in windows]
+  window = targets[0] if len(set(targets)) == 1 else tuple(targets)
   return ml_collections.ConfigDict(dict(
       image_size=size[0] if size[0] == size[1] else size, window_size=window))
 

@@ -73,7 +73,8 @@ def config_from_timm(sd, name: str, prefer=None) -> ml_collections.ConfigDict:
   c.mlp_ratio = float(np.shape(sd['layers.0.blocks.0.mlp.fc1.weight'])[0] / c.embed_dim)
   c.num_classes = int(np.shape(sd['head.fc.weight'])[0]) if 'head.fc.weight' in sd else 0
   if prefer is not None and prefer.get('image_size') and prefer.get('window_size'):
-    c.image_size, c.window_size = prefer.image_size, prefer.window_size
+    with c.ignore_type():  # (a non-square model's size is a pair, the name's an int)
+      c.image_size, c.window_size = prefer.image_size, prefer.window_size
   return native_windows(c, sd)
 
 
@@ -83,11 +84,24 @@ def native_windows(c, sd) -> ml_collections.ConfigDict:
   The name gives a window and resolution; weights trained at another window (or a custom
   model) have tables of another size.
   """
+  tables = [np.shape(sd[f'layers.{i}.blocks.0.attn.relative_position_bias_table'])[0]
+            for i in range(len(c.depths))]
+  try:  # the config's own windows, as the model shrinks them (non-square ones included)
+    plan = swin.stage_plan(c.image_size, c.patch_size, c.depths, c.window_size)
+    if [(2 * p[1][0] - 1) * (2 * p[1][1] - 1) for p in plan] == tables:
+      return c
+    plan_error = None
+  except ValueError as e:  # (e.g. a timm model at a size whose grids its windows do not
+    plan_error = e         # divide: timm pads them, vit_jax does not)
   windows = []
   for i in range(len(c.depths)):
-    rows = np.shape(sd[f'layers.{i}.blocks.0.attn.relative_position_bias_table'])[0]
+    rows = tables[i]
     side = math.isqrt(rows)
     if side * side != rows or side % 2 == 0:
+      if plan_error is not None:
+        raise tree.CheckpointMismatchError(
+            f'the timm Swin model (image size {c.image_size}, window {c.window_size}) is not '
+            f'one vit_jax builds: {plan_error}')
       raise tree.CheckpointMismatchError(
           f'layers.{i}.blocks.0.attn.relative_position_bias_table has {rows} rows: not the '
           '(2 w - 1)^2 of a square window w')
