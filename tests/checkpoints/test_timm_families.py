@@ -226,3 +226,18 @@ def test_weights_read_by_a_config_of_another_window_keep_its_registered_name():
   assert pretrained._timm_name_for(config, 'swin') == 'swin_small_patch4_window7_224'  # pylint: disable=protected-access
   config.name = 'my_swin'
   assert pretrained._timm_name_for(config, 'swin') == 'swin_tiny_patch4_window7_224'  # pylint: disable=protected-access
+
+
+def test_create_timm_model_builds_the_other_families_too():
+  """create_timm_model(ResNet-50's config) failed with AttributeError 'num_layers' (it
+  read ViT fields); it builds the timm model of the architecture, loaded with the
+  variables, which computes the same logits."""
+  torch.manual_seed(0)
+  source = timm.create_model('resnet50', pretrained=False, num_classes=5)
+  x = _images(64)
+  _calibrate_head(_perturb(source), x)
+  config, variables = checkpoints.from_timm(source)
+  model = checkpoints.create_timm_model(config, variables)
+  assert type(model).__name__ == 'ResNet' and model.num_classes == 5
+  np.testing.assert_allclose(_timm_logits(model, x), _timm_logits(source, x), atol=1e-5)
+  _check(config, variables, model, x, 'create_timm_model(ResNet-50)')

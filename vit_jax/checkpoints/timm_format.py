@@ -717,10 +717,24 @@ def create_timm_model(config, params=None):
 
   Plain ViTs match any config; hybrids match the stem numerics of timm
   configs (as returned by `from_timm`), since timm builds its ResNet with fixed epsilons.
+  The other families (Swin, ResNet/ResNeXt, Res2Net, BiT) are the timm model of their
+  architecture (`timm_name`), at the config's resolution and class count; `params` are
+  their variables (params and batch_stats, as `from_timm` returns them).
   """
   import functools  # pylint: disable=g-import-not-at-top
   timm = torch_import.module('timm')
   torch = torch_import.torch()
+  if registry.family_of(config) != 'vit':  # (it read ViT fields: AttributeError num_layers)
+    kwargs = dict(pretrained=False, num_classes=config.get('num_classes') or 0)
+    if registry.family_of(config) == 'swin':
+      if not isinstance(config.window_size, int):
+        raise ValueError(f'window_size={config.window_size} (one per stage): timm builds a '
+                         'Swin of one window for every stage')
+      kwargs.update(img_size=config.image_size, window_size=config.window_size)
+    model = timm.create_model(timm_name(config), **kwargs).eval()
+    if params is not None:
+      model.load_state_dict(to_timm(config, params))
+    return model
   name, kwargs = timm_create_args(config)
   kwargs.update(
       pretrained=False, embed_dim=config.hidden_size,
