@@ -158,8 +158,11 @@ def test_integer_pixels_are_refused_with_how_to_scale_them(name, overrides):
   module = models.create(name, **overrides)
   variables = models.init_variables(module, 16)
   module.apply(variables, X)
-  with pytest.raises(TypeError, match=r'expected float images .*got uint8'):
+  with pytest.raises(TypeError, match=r'expected float images .*got uint8') as raised:
     module.apply(variables, jnp.zeros((2, 16, 16, 3), jnp.uint8))
+  # Each family's scaling (a ResNet was told [-1, 1], not timm's ImageNet mean and std).
+  assert ('[-1, 1] for ViT and BiT' in str(raised.value)
+          and 'ImageNet mean and std for the timm weights of Swin, ResNet' in str(raised.value))
 
 
 def test_train_with_dropout_and_no_dropout_key_names_the_rates_and_the_fix():

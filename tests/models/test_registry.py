@@ -281,3 +281,14 @@ def test_features_without_a_head_are_float32_in_mixed_precision(name, kw):
   variables = jax.jit(lambda k: module.init(k, x, train=False))(jax.random.PRNGKey(0))
   out = jax.jit(lambda v: module.apply(v, x, train=False))(variables)
   assert out.ndim == 2 and out.dtype == jnp.float32, (out.shape, out.dtype)
+
+
+def test_an_unknown_family_or_a_name_that_is_no_string_is_named():
+  """list_models('swinn') returned [] without a word (field_docs('swinn') refused it);
+  get_config(None) failed inside difflib ('NoneType' object is not iterable)."""
+  with pytest.raises(ValueError, match=r"unknown model family 'swinn'; families: \['vit', "):
+    models.list_models('swinn')
+  assert 'Swin-T' in models.list_models('swin') and 'ViT-B/16' in models.list_models('vit')
+  with pytest.raises(ValueError, match=r'a model name is a string, e.g. get_config\("ViT-B/16"\); '
+                                       'got None'):
+    models.get_config(None)

@@ -13,8 +13,9 @@ def check_nhwc(images, in_channels: int) -> None:
     raise ValueError(f'expected NHWC images of rank 4, got shape {tuple(images.shape)}')
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise TypeError(
-        f'expected float images (scaled as the weights expect, e.g. [-1, 1] for a ViT: '
-        f'x.astype(jnp.float32) / 127.5 - 1), got {images.dtype}; '
+        f'expected float images (scaled as the weights expect: [-1, 1] for ViT and BiT, '
+        'x.astype(jnp.float32) / 127.5 - 1; ImageNet mean and std for the timm weights of '
+        f'Swin, ResNet, ResNeXt and Res2Net), got {images.dtype}; '
         'vit_jax.inference.ImageClassifier preprocesses files and uint8 arrays')
   if images.shape[-1] != in_channels:
     hint = ''

@@ -211,6 +211,8 @@ def _is_timm_name(name: str) -> bool:
 
 def list_models(family: str | None = None) -> list[str]:
   """All registered names (of one family): paper names first, then timm names."""
+  if family is not None and family != 'vit' and family not in _FAMILIES:
+    raise ValueError(f'unknown model family {family!r}; families: {families()}')
   names = [n for n in _REGISTRY if family is None or family_of(_REGISTRY[n]) == family]
   return sorted(names, key=lambda n: (_is_timm_name(n), n))
 
@@ -229,6 +231,9 @@ def get_config(name: str) -> ml_collections.ConfigDict:
 
   Raises ValueError naming the closest registered names for an unknown name.
   """
+  if not isinstance(name, str):
+    raise ValueError(f'a model name is a string, e.g. get_config("ViT-B/16"); got '
+                     f'{name!r} (names: vit_jax.models.list_models())')
   if name not in _REGISTRY:
     close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
     hint = f' Closest: {", ".join(close)}.' if close else ''
