@@ -434,6 +434,7 @@ def test_a_timm_vit_of_no_registered_width_warns_and_takes_its_heads(tmp_path, m
   warnings.clear()
   ckpt = checkpoints.load_checkpoint(str(tmp_path / 'w.pth'), model='num_heads=8')
   assert ckpt.config.num_heads == 8 and not warnings
+  assert ckpt.config.name == 'ViT (2 layers x 256 wide, MLP 1024, patch 8)'  # not ViT-B's
   x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()

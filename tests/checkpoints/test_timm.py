@@ -19,6 +19,7 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 
 from vit_jax import checkpoints  # noqa: E402
 from vit_jax import models  # noqa: E402
+from vit_jax.checkpoints import pretrained  # noqa: E402
 
 TOL_PLAIN = 1e-5    # max |logit difference|, fp32, plain ViTs
 TOL_HYBRID = 5e-5   # hybrids (ResNet stem with GroupNorm + weight standardisation)
@@ -358,3 +359,24 @@ def test_an_export_refuses_params_that_do_not_fit_the_config():
   ours = jax.jit(lambda p, x: models.create(fitted).apply({'params': p}, x))(params, x)
   assert np.ptp(theirs) > 0.1
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
+
+
+def test_a_given_model_of_another_architecture_does_not_name_the_weights(tmp_path, caplog):
+  """--model=ViT-S/16 for 192-wide ViT-Ti weights: read with the heads of their width
+  (warned), but the config kept the name ViT-S/16, which convert then recorded in its
+  output; it is named after the weights' own architecture."""
+  torch.manual_seed(0)
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=2, num_classes=3,
+                            img_size=32)
+  path = str(tmp_path / 'w.safetensors')
+  safetensors_torch.save_file(model.state_dict(), path)
+  with caplog.at_level('WARNING'):
+    ck = pretrained.load_checkpoint(path, model='ViT-S/16')
+  assert ck.config.hidden_size == 192 and ck.config.num_heads == 3
+  assert ck.config.name == 'ViT (2 layers x 192 wide, MLP 768, patch 16)', ck.config.name
+  assert 'the weights are 192 wide and model ViT-S/16 is 384 wide' in caplog.text
+  full = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=3,
+                           img_size=32)
+  safetensors_torch.save_file(full.state_dict(), path)
+  assert pretrained.load_checkpoint(path, model='ViT-S/16').config.name == 'ViT-Ti/16'
+  assert pretrained.load_checkpoint(path, model='ViT-Ti/16').config.name == 'ViT-Ti/16'

@@ -84,11 +84,11 @@ def infer_model_config(params, *, name: str | None = None) -> ml_collections.Con
                      f'image makes with {ph}x{pw}-pixel tokens')
   c.image_size = side
   if name is None:
-    c.name = _same_structure_name(c) or 'inferred'
+    c.name = same_structure_name(c) or 'inferred'
   return c
 
 
-def _same_structure_name(c) -> str | None:
+def same_structure_name(c) -> str | None:
   """The registered paper name with the same architecture, if any."""
   for name in registry.list_models('vit'):
     if name.startswith('vit_'):

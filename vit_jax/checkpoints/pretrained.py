@@ -341,6 +341,13 @@ def _asked_numerics(model, given) -> dict:
           if f in given and f in registered and given[f] != registered[f]}
 
 
+def _architecture_text(config) -> str:
+  patch = tree.plain(config.get('patch_size'))
+  patch = patch[0] if isinstance(patch, tuple) and len(set(patch)) == 1 else patch
+  return (f"{config.get('num_layers')} layers x {config.get('hidden_size')} wide, MLP "
+          f"{config.get('mlp_dim')}, patch {patch}")
+
+
 def _heads_of_given(path, sd, model, given) -> int:
   """The number of heads to read a timm ViT state dict with, of a given model: its own,
   unless it is of another width than the weights and does not ask for them (a
@@ -738,6 +745,13 @@ def _load_checkpoint(path: str, model, given) -> Checkpoint:
     config, params = timm_format.from_timm(sd, name, base_config=given, num_heads=heads)
     for field, value in _asked_numerics(model, given).items():
       config[field] = value
+    if given is not None and given.get('hidden_size') != config.hidden_size:
+      # Not the given model (_heads_of_given warned, or the caller set the heads): its
+      # name would label these weights (convert recorded 'ViT-S/16' for 192-wide
+      # weights), though only its numerics are taken. (Another depth keeps the name, as
+      # timm.create_model(name, depth=2) does.)
+      own = architecture.same_structure_name(config)
+      config.name = own or f'ViT ({_architecture_text(config)})'
     return Checkpoint(config, params, 'timm')
   if ('://' in path and not path.endswith(('.npz', '.safetensors', '.bin', '.pt', '.pth'))
       or os.path.isdir(path)):  # an Orbax directory, local or gs://
