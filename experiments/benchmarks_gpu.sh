@@ -15,6 +15,7 @@
 set -euo pipefail
 out=${1:-/tmp/vit_jax_benchmarks_gpu}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the script moves to the repo root next
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1

@@ -38,3 +38,17 @@ def test_benchmark_command_writes_json(tmp_path):
   assert abs(record['ratio'] - record['images_per_sec'] / record['baseline_images_per_sec']) < 1e-9
   assert 'per core' in proc.stdout and 'ratio' in proc.stdout
   assert record['warmup'] == record['run']['warmup'] == 3  # the input mode's default
+
+
+def test_per_core_divides_by_the_cores_the_workers_can_use(tmp_path, monkeypatch):
+  """4 workers on 2 cores: images/s per core was images/s / 4, half the true figure."""
+  from vit_jax.benchmark import input_speed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(input_speed, 'ours', lambda root, **kwargs: 100.0)
+  monkeypatch.setattr(input_speed.os, 'cpu_count', lambda: 2)
+  record = input_speed.run(workers=4, batch_size=1, steps=1, warmup=0, num_files=2,
+                           directory=str(tmp_path))
+  assert record['workers'] == 4 and record['cores_used'] == 2
+  assert record['images_per_sec_per_core'] == 50.0
+  one = input_speed.run(workers=1, batch_size=1, steps=1, warmup=0, num_files=2,
+                        directory=str(tmp_path / 'one'))
+  assert one['images_per_sec_per_core'] == 100.0

@@ -596,6 +596,7 @@ def test_byte_sizes_are_given_in_mebibytes_below_a_gibibyte():
 @pytest.mark.parametrize('args, message', [
     (['--mode=input', '--profile'], '--profile breaks down a model step'),
     (['--mode=infer', '--accum_steps=4'], '--accum_steps=4 accumulates gradients'),
+    (['extra_word', '--mode=input'], "unexpected argument 'extra_word'"),  # was dropped
 ])
 def test_flags_of_another_mode_are_refused(args, message):
   """They were ignored (--profile with the input pipeline) or refused as a bad --set."""
@@ -708,8 +709,21 @@ _USAGE_CASES = [
     (['--compare=timm', '--model=Swin-T/384', '--resolution=384'],
      ["--compare=timm with --model=Swin-T/384: no timm model corresponds to 'Swin-T/384'"]),
     (['--compare=timm_eager', "--set=dtype='float16'"],
-     ["--set: config.model.dtype='float16': the benchmark knows the peak FLOP/s of float32 "
-      'and bfloat16 only']),
+     ["--set=dtype='float16': the compute dtype is set by --dtype (--dtype=float32 or "
+      '--dtype=bfloat16']),
+    # It ran, with its MFU 'not measured' (the peak was probed in --dtype's float32).
+    (["--set=model.dtype='bfloat16'"], ['the compute dtype is set by --dtype']),
+    # An inference A/B of the optimizer timed two identical steps.
+    (['--mode=infer', "--variant=optimizer.name='sgd'"],
+     ["--variant 'variant': config.optimizer.name='sgd' is not read by the inference step"]),
+    (['--mode=infer', '--set=input.mixup_alpha=0.8'],
+     ['--set: config.input.mixup_alpha=0.8 is not read by the inference step', '--mode=train']),
+    # Flags another mode reads were ignored; --workers=-1 gave negative images/s per core.
+    (['--mode=input', '--model=NOPE', '--resolution=7'],
+     ['--model, --resolution are for --mode=train/infer; --mode=input does not read them']),
+    (['--workers=2'], ['--workers is for --mode=input; --mode=train does not read it']),
+    (['--mode=input', '--workers=-1'], ['--workers=-1 must be a positive int']),
+    (['--mode=input', '--workers=0'], ['--workers=0 must be a positive int']),
     (["--variant=half:dtype='float16'"], ["--variant 'half': config.model.dtype='float16'"]),
     (['--mode=input', '--compare=timm'], ["--compare='timm': the input mode compares with "
                                           'torchvision']),
@@ -780,3 +794,26 @@ def test_a_usage_error_is_one_line_and_status_2():
   assert lines == ["vit_jax.benchmark: --compare='timm': the input mode compares with "
                    "torchvision (--compare=torchvision); 'timm' is a baseline of "
                    '--mode=train/infer'], proc.stderr
+
+
+def test_an_mfu_off_achieved_over_median_peak_says_why():
+  """A loaded machine printed 'MFU 0.163 of 59.0 GFLOP/s' next to '2.5 GFLOP/s achieved'
+  (the median of each step's MFU against its own peak): the line gives both now."""
+  from vit_jax.benchmark import __main__ as bench  # pylint: disable=g-import-not-at-top
+  r = {'mfu': 0.163, 'achieved_flops_per_sec': 2.5e9, 'peak_flops_per_sec': 59e9,
+       'peak_flops_per_sec_per_step': [10e9, 59e9, 100e9]}
+  assert "achieved / median peak is 0.042: the machine's speed varied" in bench._mfu_spread(r)
+  assert bench._mfu_spread(dict(r, mfu=0.044)) == ''  # within 10%: one figure is enough
+  assert bench._mfu_spread(dict(r, peak_flops_per_sec_per_step=None)) == ''  # datasheet
+
+
+def test_inference_takes_overrides_of_the_model_and_its_layout_only():
+  from vit_jax.benchmark import overrides  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  overrides.check_for_mode({'mesh.fsdp': 2, 'num_layers': 2, 'config.min_fsdp_size': 0,
+                            'model.remat_policy': 'dots'}, 'infer')
+  overrides.check_for_mode({'optimizer.name': 'sgd', 'loss': 'sigmoid_xent'}, 'train')
+  for bad in ({'schedule.warmup_steps': 5}, {'config.loss': 'sigmoid_xent'},
+              {'config.trainable': 'head'}):
+    with pytest.raises(defaults.ConfigError, match='not read by the inference step'):
+      overrides.check_for_mode(bad, 'infer')

@@ -195,3 +195,39 @@ def test_torch_breakdown_puts_aten_operations_in_the_same_categories():
   by_op = {op['op']: op['category'] for op in r['top_ops']}
   assert by_op.get('aten::mm') == 'matmul', by_op
   assert by_op.get('aten::relu') in (None, 'elementwise')
+
+
+def test_torch_convolutions_of_every_kernel_count_as_matmul():
+  """Under bf16 autocast on a CPU, PyTorch runs a convolution (timm's patch embedding) as
+  aten::_slow_conv2d_forward/_backward, which counted as elementwise."""
+  from vit_jax import torch_import  # pylint: disable=g-import-not-at-top
+  torch = torch_import.torch()
+  for name in ('aten::_slow_conv2d_forward', 'aten::_slow_conv2d_backward',
+               'aten::mkldnn_convolution', 'aten::convolution_backward'):
+    assert step_profile._torch_category(name) == 'matmul', name
+  conv = torch.nn.Conv2d(3, 32, 8, stride=8)
+  x = torch.randn(2, 3, 32, 32)
+
+  def step():
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+      conv(x).float().sum().backward()
+
+  r = step_profile.torch_breakdown(torch, step, steps=2)
+  convs = {op['op']: op['category'] for op in r['top_ops'] if 'conv' in op['op']}
+  assert convs and set(convs.values()) == {'matmul'}, convs
+
+
+def test_an_inference_step_has_no_backward_or_recomputed_time_per_part():
+  """They showed 0.000 s for every part of an inference profile: a pass the step does not
+  have is None ('-' in the table); a part's pass that ran stays a number, 0 where the
+  part had none of it."""
+  parts = {'block 0': {'forward': 0.2}, 'head': {'forward': 0.1}, '': {'': 0.05}}
+  r = step_profile._record({'matmul': 0.3}, 0.4, 1, [], parts)
+  by_part = {p['part']: p for p in r['parts']}
+  assert by_part['block 0']['forward'] == pytest.approx(0.2)
+  assert by_part['block 0']['backward'] is None and by_part['head']['recomputed'] is None
+  trained = step_profile._record({'matmul': 0.3}, 0.4, 1, [],
+                                 {'block 0': {'forward': 0.2, 'backward': 0.4},
+                                  'head': {'forward': 0.1}})
+  by_part = {p['part']: p for p in trained['parts']}
+  assert by_part['head']['backward'] == 0.0 and by_part['block 0']['recomputed'] is None

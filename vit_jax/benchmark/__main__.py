@@ -74,11 +74,13 @@ _KEEP_HOST_MEMORY = flags.DEFINE_enum(
     'auto: on without a GPU/TPU plugin, except with --compare: the setting is process-wide '
     'and slows PyTorch (one malloc arena for all its threads), so comparisons run both '
     'frameworks with the system default.')
-_WORKERS = flags.DEFINE_integer('workers', None, 'Threads / worker processes (default: cores).')
+_WORKERS = flags.DEFINE_integer(
+    'workers', None, 'Threads / worker processes (input; default: the cores).')
 _BATCH = flags.DEFINE_integer('batch', None, 'Batch size (default: 8 train/infer, 64 input).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Timed steps (default: 10 train/infer, 20 input).')
 _FILES = flags.DEFINE_integer(
-    'files', 2048, 'JPEG files written for the run; keep steps x batch within one epoch')
+    'files', 2048, 'JPEG files written for the run (input); keep (warmup + steps) x batch '
+    'within one epoch')
 
 DEFAULT_WARMUP = {'train': 2, 'infer': 2, 'input': 3}
 COMPARE_MODEL = ('timm', 'timm_eager', 'timm_compile')  # --compare of train/infer
@@ -102,6 +104,20 @@ def _fmt_memory(r: dict) -> str:
           f"{size(m['step_bytes'])}: arguments {size(m['argument_bytes'])}, temporaries "
           f"{size(m['temp_bytes'])}, outputs {size(m['output_bytes'] - m['alias_bytes'])} "
           'beyond the donated arguments')
+
+
+def _mfu_spread(r: dict) -> str:
+  """Where the MFU (the median of each step's MFU against the peak probed next to it)
+  is more than 10% off achieved / median peak, the latter too: on a machine whose speed
+  varied during the run the two differ, and the line showed 0.163 next to 2.5 of 59.0
+  GFLOP/s without a word."""
+  if not (r['mfu'] and r['peak_flops_per_sec'] and r['peak_flops_per_sec_per_step']):
+    return ''
+  plain = r['achieved_flops_per_sec'] / r['peak_flops_per_sec']
+  if abs(plain - r['mfu']) <= 0.1 * r['mfu']:
+    return ''
+  return (f" (the median of each step's MFU against its own peak; achieved / median peak "
+          f"is {plain:.3f}: the machine's speed varied during the run, time more --steps)")
 
 
 def check_profile_backend(backend: str) -> None:
@@ -194,6 +210,13 @@ def model_main(warmup: int):
     import jax  # pylint: disable=g-import-not-at-top
     check_profile_backend(jax.default_backend())
   overrides = overrides_lib.parse(_SET.value)
+  for key, value in overrides.items():
+    if overrides_lib.config_path(key) == 'model.dtype':
+      # (it ran, and its MFU was 'not measured': the peak was probed in --dtype)
+      raise app.UsageError(
+          f'--set={key}={value!r}: the compute dtype is set by --dtype (--dtype=float32 or '
+          '--dtype=bfloat16, the dtypes whose peak FLOP/s the benchmark measures); a '
+          '--variant may change it, to time both dtypes in one run')
   variants = overrides_lib.parse_variants(_VARIANT.value)
   configs = [overrides] + [overrides_lib.merge(overrides, v) for v in variants.values()]
   flag_of = ['--set'] + [f'--variant {n!r}' for n in variants]
@@ -265,6 +288,7 @@ def model_main(warmup: int):
       (f"  MFU {r['mfu']:.3f} of {r['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s "
        f"({r['peak_source']})" if r['mfu'] is not None
        else f"  MFU not measured ({r['peak_source']})")
+      + _mfu_spread(r)
       + (f"; {r['mfu_of_best_peak']:.3f} of the best step's peak"
          if r['mfu_of_best_peak'] is not None and r['peak_flops_per_sec_per_step'] else '')
       + ("; the device's peak memory in this process "
@@ -338,8 +362,30 @@ def run_info(warmup: int) -> dict:
           'warmup': warmup}  # the warm-up used (the flag's, or the mode's default)
 
 
+# Flags that only one kind of mode reads (the others are checked below with their own
+# messages: --variant, --profile, --accum_steps, --compare).
+_MODEL_ONLY = ('model', 'resolution', 'dtype', 'compilation_cache_dir', 'set')
+_INPUT_ONLY = ('workers', 'files')
+
+
+def check_mode_flags(mode: str) -> None:
+  """A usage error for a flag given on the command line that `mode` does not read (they
+  were ignored without a word, though the record's argv shows them)."""
+  unread = _INPUT_ONLY if mode != 'input' else _MODEL_ONLY
+  given = [f'--{name}' for name in unread if flags.FLAGS[name].present]
+  if given:
+    modes = '--mode=input' if mode != 'input' else '--mode=train/infer'
+    raise app.UsageError(f'{", ".join(given)} {"is" if len(given) == 1 else "are"} for '
+                         f'{modes}; --mode={mode} does not read '
+                         f'{"it" if len(given) == 1 else "them"}: drop '
+                         f'{"it" if len(given) == 1 else "them"}')
+
+
 def main(argv):
-  del argv  # no positional arguments
+  if len(argv) > 1:  # (they were dropped without a word)
+    raise app.UsageError(f'unexpected argument {argv[1]!r}: every setting is a --flag '
+                         '(python -m vit_jax.benchmark --help)')
+  check_mode_flags(_MODE.value)
   if _JSON.value:  # before the run, not after it
     check_json_path(_JSON.value)
   from vit_jax import host_memory  # pylint: disable=g-import-not-at-top
@@ -354,9 +400,9 @@ def main(argv):
     raise app.UsageError('--variant changes the model or train step: use it with --mode=train/infer')
   if _PROFILE.value and _MODE.value == 'input':
     raise app.UsageError('--profile breaks down a model step: use it with --mode=train/infer')
-  for flag in (_BATCH, _STEPS, _WARMUP, _ACCUM, _RESOLUTION):
+  for flag in (_BATCH, _STEPS, _WARMUP, _ACCUM, _RESOLUTION, _WORKERS):
     if flag.value is not None and flag.value < (0 if flag is _WARMUP else 1):
-      # (--batch=0 and --steps=0 used to mean the defaults, without a word)
+      # (--batch=0, --steps=0 and --workers=0 used to mean the defaults, without a word)
       raise app.UsageError(f'--{flag.name}={flag.value} must be '
                            f'{"an int >= 0" if flag is _WARMUP else "a positive int"}')
   if _ACCUM.value != 1 and _MODE.value != 'train':

@@ -187,8 +187,8 @@ def check_config(*, model='ViT-B/16', mode='train', batch=8, resolution=224,
                  dtype='float32', accum_steps=1, overrides=None):
   """The config `prepare_vit_jax` would build, validated (`defaults.ConfigError` names a
   bad field) without compiling anything."""
-  del mode  # the same config for both modes
   from vit_jax.train import defaults  # pylint: disable=g-import-not-at-top
+  overrides_lib.check_for_mode(overrides, mode)  # the same config for both modes
   config = train_config(model, batch=batch, resolution=resolution, dtype=dtype,
                         accum_steps=accum_steps, overrides=overrides)
   defaults.validate(config, num_devices=jax.device_count(), process_count=1,

@@ -111,6 +111,26 @@ def _check_settable(path: str) -> None:
         f'{", ".join(_SETTABLE + _SETTABLE_PATHS)}')
 
 
+# What the inference step reads: the model and how it is laid out over the devices.
+_INFER_SETTABLE = ('model', 'mesh', 'min_fsdp_size', 'seed')
+
+
+def check_for_mode(overrides: dict | None, mode: str) -> None:
+  """A `defaults.ConfigError` for an override the timed step of `mode` does not read:
+  in 'infer', an optimizer, schedule, loss or mixup field (an inference A/B of
+  --variant=optimizer.name=... timed two identical steps and printed their noise as a
+  ratio)."""
+  if mode != 'infer':
+    return
+  for key, value in (overrides or {}).items():
+    path = config_path(key)
+    if path.split('.')[0] not in _INFER_SETTABLE:
+      raise defaults.ConfigError(
+          f'config.{path}={value!r} is not read by the inference step --mode=infer times '
+          f'(only {", ".join(_INFER_SETTABLE)} fields are): drop it, or time it with '
+          '--mode=train')
+
+
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 

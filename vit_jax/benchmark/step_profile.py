@@ -198,9 +198,12 @@ def _record(categories: dict, wall_s: float, steps: int, top: list,
   record = {'steps': steps, 'wall_s': wall_s, 'seconds': per_step, 'top_ops': top}
   if parts is not None:
     # Seconds per step of each part of the model, by pass, longest first.
-    # None for the passes of work outside the model.
+    # None for the passes of work outside the model, and for a pass the step has not
+    # (an inference step's recomputed and backward passes showed 0.000 s).
+    ran = {d for by_pass in parts.values() for d, t in by_pass.items() if t > 0}
     record['parts'] = [
-        {'part': part, **{d: (by_pass.get(d, 0.0) / steps if set(by_pass) - {''} else None)
+        {'part': part, **{d: (by_pass.get(d, 0.0) / steps
+                              if set(by_pass) - {''} and d in ran else None)
                           for d in DIRECTIONS},
          'seconds': sum(by_pass.values()) / steps}
         for part, by_pass in sorted(parts.items(), key=lambda kv: -sum(kv[1].values()))]
@@ -261,7 +264,9 @@ _TORCH_COPIES = frozenset({
 
 
 def _torch_category(name: str) -> str:
-  if name in _TORCH_MATMUL:
+  if name in _TORCH_MATMUL or 'conv' in name:
+    # (every convolution kernel: bf16 autocast on a CPU runs PyTorch's own
+    # aten::_slow_conv2d_forward/_backward, which counted as elementwise)
     return 'matmul'
   if name in _TORCH_ATTENTION or 'scaled_dot_product' in name:
     return 'attention'
