@@ -258,3 +258,39 @@ def test_a_collective_failed_by_a_lost_process_is_one_paragraph(monkeypatch):
   assert 'resumes from the newest checkpoint in /runs/a/checkpoints' in message
   assert main.lost_process_message(other, '/runs/a') is None
   assert main.lost_process_message(ValueError('Connection reset'), '/runs/a') is None
+
+
+def test_none_on_the_command_line_sets_any_field_to_none(tmp_path):
+  """'None' was refused for a number or a bool ("could not convert string to float"), and
+  taken as the string 'None' by a path or regex field (input.data_dir=None prepared the
+  dataset in ./None/, trainable=None 'matches no parameter')."""
+  proc = _run(['--config=configs/vit_b16.py', '--config.model.num_layers=1',
+               '--config.optimizer.grad_clip_norm=None', '--config.input.data_dir=None',
+               '--config.trainable=none', '--config.keep_host_memory=None',
+               '--config.input.threads', 'None', '--config.compilation_cache_dir=None',
+               '--config.eval_every=None'], tmp_path)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['optimizer']['grad_clip_norm'] is None
+  assert config['input']['data_dir'] is None and config['input']['threads'] is None
+  assert config['trainable'] is None and config['keep_host_memory'] is None
+  assert config['compilation_cache_dir'] is None and config['eval_every'] is None
+  assert config['optimizer']['b1'] == 0.9  # the rest as the config file gives it
+  proc = _run(['--config=configs/vit_b16.py', '--config.optimizer.clip=None'], tmp_path)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert '--config.optimizer.clip names no config field' in proc.stderr
+
+
+def test_num_epochs_alone_is_refused_where_the_config_sets_total_steps(tmp_path):
+  """The fine-tuning recipes set total_steps: --config.num_epochs=3 trained their 10,000
+  steps without a word."""
+  proc = _run(['--config=configs/finetune_cifar10.py', '--config.num_epochs=3'], tmp_path)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert ('--config.num_epochs=3.0 is not read: the config sets config.total_steps=10000'
+          in proc.stderr), proc.stderr[-2000:]
+  assert 'add --config.total_steps=None' in proc.stderr
+  proc = _run(['--config=configs/finetune_cifar10.py', '--config.num_epochs=3',
+               '--config.total_steps=None', '--config.model.num_layers=1'], tmp_path)
+  assert proc.returncode == 0, subprocess_env.failure(proc)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['total_steps'] is None and config['num_epochs'] == 3

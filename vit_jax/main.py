@@ -436,13 +436,15 @@ def _get_config_error(path: str, variant: str) -> str | None:
 # field as a dict, so `--config.model.resnet=None` (a hybrid without its stem) was a
 # "Failed to parse 'None' as a ConfigDict"; it is taken out of the flags and applied to
 # the parsed config.
-_OPTIONAL_SUBCONFIGS = ('model.resnet',)
-
-
 def _none_overrides(argv) -> tuple[list[str], list[str]]:
-  """(argv without the `--config.<optional sub-config>=None` overrides, their fields).
-  The form `--config.model.resnet None` too; a field of the same sub-config given as
-  well (`--config.model.resnet.num_layers=...`) is refused, as it would be dropped."""
+  """(argv without the `--config.FIELD=None` overrides, their fields), to be set to None
+  after parsing. ml_collections parses an override by the type of the field's value, so
+  'None' was refused for a number (--config.optimizer.grad_clip_norm=None: "could not
+  convert string to float"), a bool or a sub-config (model.resnet), and taken as the
+  string 'None' by a path or regex field (input.data_dir=None wrote the dataset to
+  ./None/). The form `--config.FIELD None` too; a field of the same sub-config given as
+  well (`--config.model.resnet.num_layers=...`) is refused, as it would be dropped. A
+  field that cannot be None is named by the config's validation."""
   keep, nones = [], []
   args = list(argv)
   i = 0
@@ -450,11 +452,11 @@ def _none_overrides(argv) -> tuple[list[str], list[str]]:
     arg = args[i]
     name, eq, value = arg.partition('=')
     field = name[len('--config.'):] if name.startswith('--config.') else None
-    if (not eq and field in _OPTIONAL_SUBCONFIGS and i + 1 < len(args)
+    if (not eq and field and i + 1 < len(args)
         and args[i + 1].strip() in ('None', 'none')):
       eq, value = '=', args[i + 1]
       i += 1
-    if eq and field in _OPTIONAL_SUBCONFIGS and value.strip() in ('None', 'none'):
+    if eq and field and value.strip() in ('None', 'none'):
       nones.append(field)
     else:
       keep.append(arg)
@@ -467,6 +469,21 @@ def _none_overrides(argv) -> tuple[list[str], list[str]]:
                        'them\n')
       sys.exit(EXIT_USER_ERROR)
   return keep, nones
+
+
+def _refuse_unread_num_epochs(argv, config) -> None:
+  """--config.num_epochs=N given where the config sets total_steps, which decides the
+  run's length: the fine-tuning recipes set total_steps, and --config.num_epochs=10 on
+  own data trained the recipe's 500 steps without a word."""
+  names = {a.split('=')[0] for a in argv[1:]}
+  if ('--config.num_epochs' in names and '--config.total_steps' not in names
+      and config is not None and config.get('total_steps') is not None):
+    sys.stderr.write(
+        f"FATAL Flags parsing error: --config.num_epochs={config.num_epochs} is not read: "
+        f'the config sets config.total_steps={config.total_steps}, which decides the run\'s '
+        'length. To train for epochs add --config.total_steps=None; to train '
+        f'{config.total_steps} steps drop --config.num_epochs\n')
+    sys.exit(EXIT_USER_ERROR)
 
 
 def _parse_flags(argv):
@@ -482,11 +499,12 @@ def _parse_flags(argv):
     for field in nones:
       parent, _, name = field.rpartition('.')
       config = _CONFIG.value
-      for part in parent.split('.'):
-        config = config[part]
-      if name not in config:
+      for part in parent.split('.') if parent else ():
+        config = config[part] if hasattr(config, 'keys') and part in config else None
+      if not hasattr(config, 'keys') or name not in config:
         raise KeyError(f"'{name}' is not a field of config.{parent}")
       config[name] = None
+    _refuse_unread_num_epochs(given, _CONFIG.value)
     return rest
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
     while e.args and isinstance(e.args[0], BaseException):

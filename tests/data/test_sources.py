@@ -557,3 +557,17 @@ def test_folder_mistakes_a_researcher_makes_are_named(tmp_path, monkeypatch, cap
   monkeypatch.setenv('HOME', str(tmp_path))
   train = sources.ImageFolderSource('~/data', 'train', cache_dir=str(tmp_path))
   assert train.root == str(root) and len(train.paths) == 2
+
+
+def test_a_home_relative_data_dir_is_the_home_folder(tmp_path, monkeypatch):
+  """--config.input.data_dir=~/tfds: tfds prepared the dataset in ./~/tfds under the
+  working directory (only its downloads went to the home folder)."""
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  home.mkdir()
+  cwd.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  monkeypatch.chdir(cwd)
+  source = sources.TfdsSource(name='bundled_mnist', split='test', data_dir='~/tfds')
+  assert str(source.builder.data_dir).startswith(str(home / 'tfds'))
+  assert (home / 'tfds' / 'bundled_mnist').is_dir()
+  assert not (cwd / '~').exists()

@@ -665,3 +665,44 @@ def test_training_an_unpooled_classifier_is_refused(classifier):
   with pytest.raises(defaults.ConfigError, match=f"classifier='{classifier}' gives an output "
                      'per token'):
     _validate(c)
+
+
+def test_a_home_relative_init_from_is_found(tmp_path, monkeypatch):
+  """--config.init_from=~/w was 'does not exist' (no shell expands ~ after '='), though
+  load_checkpoint reads it."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  (tmp_path / 'w.npz').write_bytes(b'')
+  c = _config()
+  c.init_from = '~/w.npz'
+  _validate(c)
+  c.init_from = '~/gone.npz'
+  with pytest.raises(defaults.ConfigError, match=r"init_from='~/gone.npz' does not exist"):
+    _validate(c)
+
+
+@pytest.mark.parametrize('field', ['train_split', 'eval_split'])
+def test_an_empty_split_is_refused(field):
+  """An empty split of an image folder read the folder's root: its split folders became
+  the classes."""
+  c = _config()
+  c.input[field] = ''
+  with pytest.raises(defaults.ConfigError, match=f"config.input.{field}='' must be a split "
+                                                 'name'):
+    _validate(c)
+
+
+def test_a_home_relative_compilation_cache_is_in_the_home_folder(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('HOME', str(tmp_path))
+  updates = {}
+  monkeypatch.setattr(jax.config, 'update', lambda k, v: updates.__setitem__(k, v))
+  c = _config()
+  c.compilation_cache_dir = '~/xla_cache'
+  _validate(c)
+  loop.use_compilation_cache(c)
+  assert updates == {'jax_compilation_cache_dir': str(tmp_path / 'xla_cache')}
+  updates.clear()
+  c.compilation_cache_dir = None
+  loop.use_compilation_cache(c)
+  assert not updates

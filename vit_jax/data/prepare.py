@@ -37,7 +37,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from vit_jax.data import bundled_mnist  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None)
   except tfds.core.registered.DatasetNotFoundError:
     import difflib  # pylint: disable=g-import-not-at-top
     close = difflib.get_close_matches(name.split(':')[0], tfds.list_builders(

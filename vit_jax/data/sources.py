@@ -76,6 +76,9 @@ class Source(abc.ABC):
 
 
 def _tfds_builder(name: str, data_dir: str | None):
+  # ('--config.input.data_dir=~/tfds': no shell expands it, and tfds prepared the dataset
+  # in a folder named '~' under the working directory)
+  data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
   if name in BUNDLED:
     from vit_jax.data import bundled_mnist  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   try:

@@ -266,7 +266,8 @@ def validate(config, *, num_devices: int, process_count: int, check_input: bool 
                       f'--config.schedule.warmup_steps={config.total_steps // 10}')
   if config.init_from and not resuming:
     from etils import epath  # pylint: disable=g-import-not-at-top
-    if not epath.Path(config.init_from).exists():
+    # ('--config.init_from=~/w': no shell expands it; load_checkpoint does)
+    if not epath.Path(os.path.expanduser(config.init_from)).exists():
       name = os.path.basename(config.init_from)
       folder = ('gs://bit_models' if name.startswith('BiT-') else 'gs://vit_models/imagenet21k'
                 if name.startswith(('ViT-', 'R50+ViT-')) else 'gs://vit_models/augreg')
@@ -423,6 +424,12 @@ _RANGES = (
      'a number >= 0 (0 disables it)'),
     ('input.mix_switch_prob', lambda v: _is_number(v) and 0 <= v <= 1, 'in [0, 1]'),
     ('input.source', lambda v: v in ('tfds', 'folder'), "'tfds' or 'folder'"),
+    # (an empty split of an image folder read the folder's root: its splits as classes)
+    ('input.train_split', lambda v: isinstance(v, str) and v.strip() != '',
+     "a split name: 'train', a tfds slice 'train[:99%]', or an image folder's sub-folder"),
+    ('input.eval_split', lambda v: isinstance(v, str) and v.strip() != '',
+     "a split name: 'test', 'validation', a tfds slice 'train[99%:]', or an image "
+     "folder's sub-folder"),
     ('input.shuffle_buffer', lambda v: _is_int(v) and v >= 1,
      'a positive int (examples; only the tfds source uses it)'),
     ('input.threads', lambda v: v is None or (_is_int(v) and v >= 1),

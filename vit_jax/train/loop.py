@@ -337,8 +337,7 @@ def train_and_evaluate(config, workdir, forward_flops_per_image: float | None = 
     defaults.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count(), resuming=has_checkpoint(workdir))
   check_workdir(workdir)
-  if config.get('compilation_cache_dir'):
-    jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
+  use_compilation_cache(config)
 
   with contextlib.ExitStack() as cleanup:  # closed in reverse order, on any exit
     if is_main and lock:  # before anything reads or cleans up another run's checkpoints
@@ -708,6 +707,15 @@ def _save_before_failing(checkpointer, step, state, meta, message: str,
 
 class ResumeError(ValueError):
   """The workdir's checkpoint cannot be resumed with this config; the message says why."""
+
+
+def use_compilation_cache(config) -> None:
+  """jax's persistent compilation cache in config.compilation_cache_dir, if set; a '~'
+  is the home folder, as validate checks it ('~/xla_cache' was written to ./~/xla_cache:
+  no shell expands it after '=')."""
+  if config.get('compilation_cache_dir'):
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(config.compilation_cache_dir))
 
 
 def run_length(total_steps: int | None, num_epochs: float, steps_per_epoch: float) -> int:
