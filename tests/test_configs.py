@@ -124,3 +124,17 @@ def test_the_21k_recipe_starts_with_a_small_sigmoid_loss():
   logits = jax.jit(lambda p, x: module.apply({'params': p}, x, train=False))(params, images)
   loss = step.loss_fn_for(config.loss)(logits, labels)
   assert loss.shape == (4,) and float(loss.max()) < 12.0, loss
+
+
+def test_the_imagenet1k_recipe_evaluates_every_5_epochs_at_any_batch():
+  """eval_every was computed from the recipe's batch of 1024: with --config.batch_size=256
+  the run evaluated every 1.25 epochs (and the rate and warmup followed the batch)."""
+  resnet = _load(CONFIGS[[p.stem for p in CONFIGS].index('resnet50')]).get_config()
+  epoch = 1_281_167 * 0.99
+  assert resnet.eval_every * resnet.batch_size == pytest.approx(5 * epoch, rel=1e-3)
+  resnet.batch_size = 256
+  assert resnet.eval_every * 256 == pytest.approx(5 * epoch, rel=1e-3)
+  assert isinstance(resnet.eval_every, int)
+  defaults.validate(resnet, num_devices=1, process_count=1, check_input=False)
+  resnet.eval_every = 500  # given on the command line: as given
+  assert resnet.eval_every == 500 and resnet.batch_size == 256
