@@ -17,7 +17,8 @@ All processes from one machine, over ssh (process i on the i-th host, coordinato
 the first):
   launch/multinode.sh --hosts=gpu1,gpu2 [--port=PORT] [--log_dir=DIR] --config=... --workdir=...
   Every host needs the code at --remote_dir (default: the path of this script's
-  checkout) and the same Python environment. If one process fails, the others are
+  checkout) and the same Python environment; each process starts there, so a relative
+  --config or --workdir is relative to --remote_dir (give the workdir absolute). If one process fails, the others are
   stopped (a process preempted on its host, status 143, makes the others save and stop).
   SIGTERM or Ctrl-C to this script reaches every process (over ssh): each saves a
   checkpoint after its current step and exits, and the script waits until none runs;

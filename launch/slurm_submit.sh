@@ -58,7 +58,22 @@ while (($#)); do
     --dry_run) DRY_RUN=1 ;;
     -h | --help) usage; exit 0 ;;
     --) shift; main_args+=("$@"); break ;;
-    *) main_args+=("$1") ;;
+    --config | --workdir | --nodes | --gpus_per_node | --per | --cpus_per_gpu | --time | \
+    --partition | --account | --qos | --restarts)
+      # (the value, a word of its own, went to vit_jax.main, which failed in the queue)
+      echo "launch/slurm_submit.sh: write $1=VALUE (one word)" >&2; exit 2 ;;
+    *)
+      name=${1%%=*}
+      if [[ $name == --?*-* ]]; then
+        # vit_jax.main's flags and this script's options are spelled with '_': a dashed
+        # spelling (--dry-run, --gpus-per-node) went to vit_jax.main, so a dry run
+        # submitted the job, which failed in the queue on an unknown flag.
+        inner=${name#--}
+        echo "launch/slurm_submit.sh: unknown option $name: this script's options and" \
+          "vit_jax.main's flags are spelled with '_' (--${inner//-/_}); see --help" >&2
+        exit 2
+      fi
+      main_args+=("$1") ;;
   esac
   shift
 done
@@ -93,7 +108,8 @@ args+=(${more[@]+"${more[@]}"} "$here/slurm.sbatch" ${main_args[@]+"${main_args[
 export CONFIG WORKDIR RESTARTS
 export REPO_DIR=${REPO_DIR:-$(dirname "$here")}
 if [[ -n $DRY_RUN ]]; then
-  echo "CONFIG=$CONFIG WORKDIR=$WORKDIR RESTARTS=$RESTARTS REPO_DIR=$REPO_DIR"
+  printf 'CONFIG=%q WORKDIR=%q RESTARTS=%q REPO_DIR=%q \\\n' "$CONFIG" "$WORKDIR" "$RESTARTS" \
+    "$REPO_DIR"  # (quoted: a path with a space can be pasted)
   printf '%q ' "${args[@]}"
   echo
   exit 0

@@ -120,7 +120,10 @@ log() { echo "launch/tpu_vm.sh: $*" >&2; }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 
-if [[ -z $RUNTIME_VERSION ]]; then
+# Only the commands that create a TPU VM need it (an unknown --type made `help`, `logs`,
+# `stop` and `delete` fail).
+case $cmd in create | up | attempt | resilient) needs_version=1 ;; *) needs_version= ;; esac
+if [[ -z $RUNTIME_VERSION && -n $needs_version ]]; then
   case $ACCELERATOR_TYPE in
     v2-* | v3-* | v4-*) RUNTIME_VERSION=tpu-ubuntu2204-base ;;
     v5litepod-* | v5e-*) RUNTIME_VERSION=v2-alpha-tpuv5-lite ;;

@@ -90,6 +90,8 @@ for v in MAX_ATTEMPTS BACKOFF MAX_BACKOFF; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v=${!v} is not a whole number"
 done
 [[ -z $STOP_ON || $STOP_ON =~ ^[0-9]+$ ]] || die "--stop_on=$STOP_ON is not an exit status"
+# (--max_attempts=0 ran one attempt all the same)
+((MAX_ATTEMPTS >= 1)) || die "--max_attempts=$MAX_ATTEMPTS: give 1 or more"
 
 status_cmd=("$PYTHON" "$here/run_status.py" "$WORKDIR")
 [[ -z $TOTAL_STEPS ]] || status_cmd+=(--total_steps="$TOTAL_STEPS")
@@ -123,6 +125,13 @@ is_done() {
     *) die "cannot tell whether the run is done: \`${status_cmd[*]}\` exited with status" \
       "$rc (its message is above); $1. Fix that, then start the same command again" ;;
   esac
+}
+
+# The newest complete checkpoint's step ('' when there is none, or with --done_cmd).
+newest_step() {
+  [[ -z $DONE_CMD ]] || return 0
+  { "${status_cmd[@]}" --json 2>/dev/null || true; } |
+    sed -n 's/.*"step": *\([0-9][0-9]*\).*/\1/p'
 }
 
 # SIGTERM or Ctrl-C here: the job is told (SIGTERM: vit_jax saves and stops), this script
@@ -183,6 +192,7 @@ while :; do
   attempt=$((attempt + 1))
   log "attempt $attempt of $MAX_ATTEMPTS: $*"
   rc=0
+  before=$(newest_step)
   run_in_group "$@" || rc=$?
   if is_done "not restarting after attempt $attempt (status $rc)"; then
     log "the run is done (attempt $attempt)"
@@ -202,6 +212,14 @@ while :; do
   if [[ $rc == 0 && -z $DONE_CMD && $WORKDIR != *://* && ! -e $WORKDIR ]]; then
     die "attempt $attempt ended with status 0 and --workdir=$WORKDIR does not exist: the" \
       "job writes elsewhere (its --workdir must be this one); not restarting"
+  fi
+  if [[ $rc == 0 && -z $DONE_CMD ]] && [[ $(newest_step) == "$before" ]]; then
+    # The job ended as a finished run does, and saved nothing new: restarting it would do
+    # the same, up to --max_attempts times with the backoff's waits between (hours).
+    die "attempt $attempt ended with status 0 (as a job whose run is finished) without" \
+      "a new checkpoint (newest step: ${before:-none}), yet the status check says the" \
+      "run is not done: this script's --workdir=$WORKDIR${TOTAL_STEPS:+ and --total_steps=$TOTAL_STEPS}" \
+      "must be the job's own (its --workdir, and its final step); not restarting"
   fi
   if [[ -n $STOP_ON && $rc == "$STOP_ON" ]]; then
     log "not restarting: status $rc is --stop_on's (the job was told to stop)"

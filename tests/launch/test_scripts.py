@@ -302,6 +302,15 @@ def test_tpu_spot_and_runtime_version_from_type(stubs):
   assert not any(a.startswith('--project=') for a in argv)  # gcloud's default project
   proc = _sh([LAUNCH / 'tpu_vm.sh', 'create', '--type=v3-8'], env)
   assert proc.returncode == 2 and '--zone' in proc.stderr
+  # A type without a default version: refused where a TPU VM is made, not by the
+  # commands that do not make one (help, logs, stop, delete failed on it).
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'create', '--zone=z', '--type=v7-8'], env)
+  assert proc.returncode == 2 and 'no default runtime version for --type=v7-8' in proc.stderr
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'help', '--type=v7-8'], env)
+  assert proc.returncode == 0 and proc.stdout.startswith('usage:'), proc.stderr
+  proc = _sh([LAUNCH / 'tpu_vm.sh', 'delete', '--zone=z', '--type=v7-8'], env)
+  assert proc.returncode == 0, proc.stderr
+  assert [c['argv'][3] for c in calls('gcloud')][-1] == 'delete'
 
 
 def test_tpu_attempt_recreates_a_preempted_tpu(stubs):
@@ -752,8 +761,9 @@ def test_until_done_reads_a_fresh_workdir_as_not_done(stubs, tmp_path):
   env = dict(env, PYTHON=sys.executable)
   proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={tmp_path}/w', '--backoff=0',
               '--max_attempts=1', '--', 'mkdir', f'{tmp_path}/w'], env)
-  assert proc.returncode == 1, proc.stderr
+  assert proc.returncode == 2, proc.stderr  # status 0 and nothing saved: not restarted
   assert 'no complete checkpoint yet' in proc.stdout
+  assert 'without a new checkpoint (newest step: none)' in proc.stderr
   # A job that never creates the workdir (another --workdir, a typo): not restarted for
   # hours as "not done".
   proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={tmp_path}/typo', '--backoff=0',
@@ -1182,3 +1192,52 @@ def test_until_done_stops_during_the_backoff_at_once(stubs, tmp_path):
   assert proc.returncode == 143, err
   assert 'restarting in 600 s' in err and 'stopped by TERM after attempt 1' in err
   assert time.monotonic() - start < 10  # not the rest of the backoff
+
+
+def test_until_done_does_not_restart_a_finished_job_that_saves_nothing_new(
+    stubs, finished_workdir, tmp_path):
+  """--total_steps=10 given here, the job's run ends at 6: each attempt resumed, found its
+  run finished and exited 0, and was restarted --max_attempts times (20, with hours of
+  backoff), to end with 'start the same command again to continue'."""
+  env, calls = stubs
+  env = dict(env, PYTHON=sys.executable)
+  workdir = _copy(finished_workdir, tmp_path)
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={workdir}', '--total_steps=10',
+              '--backoff=5', '--max_attempts=4', '--', 'true'], env)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.count('attempt 1 of 4') == 1 and 'attempt 2' not in proc.stderr
+  assert ('attempt 1 ended with status 0 (as a job whose run is finished) without a new '
+          'checkpoint (newest step: 6)') in proc.stderr
+  assert f'--workdir={workdir} and --total_steps=10 must be the job' in proc.stderr
+  assert calls('sleep') == []
+  # A job that saves a new step and exits 0 before the end is restarted, as before.
+  job = tmp_path / 'saves.sh'
+  job.write_text(f'#!/usr/bin/env bash\nn=$(ls {workdir}/checkpoints | sort -n | tail -1)\n'
+                 f'cp -r {workdir}/checkpoints/$n {workdir}/checkpoints/$((n + 1))\n')
+  job.chmod(0o755)
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={workdir}', '--total_steps=8',
+              '--backoff=0', '--max_attempts=4', '--', job], env)
+  assert proc.returncode == 0, proc.stderr
+  assert 'the run is done (attempt 2)' in proc.stderr
+  proc = _sh([LAUNCH / 'until_done.sh', f'--workdir={workdir}', '--max_attempts=0', '--',
+              'true'], env)
+  assert proc.returncode == 2 and '--max_attempts=0: give 1 or more' in proc.stderr
+
+
+def test_slurm_submit_refuses_dashed_and_split_options_before_submitting(stubs, tmp_path):
+  """--dry-run (not --dry_run) went to vit_jax.main, so the 'dry run' submitted the job,
+  which failed in the queue on an unknown flag; --nodes 2 sent '2' to vit_jax.main."""
+  env, calls = stubs
+  base = [LAUNCH / 'slurm_submit.sh', '--config=c.py', f'--workdir={tmp_path}']
+  proc = _sh([*base, '--dry-run'], env)
+  assert proc.returncode == 2 and calls('sbatch') == [], proc.stderr
+  assert "unknown option --dry-run: this script's options and vit_jax.main's flags are " \
+         "spelled with '_' (--dry_run)" in proc.stderr
+  proc = _sh([*base, '--dry_run', '--gpus-per-node=4'], env)
+  assert proc.returncode == 2 and '(--gpus_per_node)' in proc.stderr
+  proc = _sh([*base, '--dry_run', '--nodes', '2'], env)
+  assert proc.returncode == 2 and 'write --nodes=VALUE (one word)' in proc.stderr
+  # A dash in a value is no dashed option.
+  proc = _sh([*base, "--config.input.pp_eval=value_range(-1, 1)"], env)
+  assert proc.returncode == 0, proc.stderr
+  assert calls('sbatch')[-1]['argv'][-1] == '--config.input.pp_eval=value_range(-1, 1)'
