@@ -241,3 +241,50 @@ def test_create_timm_model_builds_the_other_families_too():
   assert type(model).__name__ == 'ResNet' and model.num_classes == 5
   np.testing.assert_allclose(_timm_logits(model, x), _timm_logits(source, x), atol=1e-5)
   _check(config, variables, model, x, 'create_timm_model(ResNet-50)')
+
+
+@pytest.mark.parametrize('timm_name, kwargs, changes', [
+    ('swin_tiny_patch4_window7_224',
+     dict(img_size=32, patch_size=2, window_size=4, depths=(1, 1), num_heads=(1, 2),
+          embed_dim=16), dict(remat_policy='dots', custom_vjp=False)),
+    ('resnext50_32x4d', dict(layers=(1, 1, 1, 1)), dict(grouped_conv='native')),
+])
+def test_weights_load_into_a_model_that_only_computes_otherwise(timm_name, kwargs, changes):
+  """adapt_variables (and init_from) refused Swin weights for a model with
+  remat_policy='dots' or custom_vjp=False, and ResNeXt weights for grouped_conv='native',
+  as if they were other architectures: these fields change how, not what, it computes."""
+  from vit_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  source = timm.create_model(timm_name, pretrained=False, num_classes=5, **kwargs)
+  x = _images(32)
+  _calibrate_head(_perturb(source), x)
+  config, variables = checkpoints.from_timm(source)
+  ckpt = pretrained.Checkpoint(config, variables['params'], 'timm',
+                               model_state={k: v for k, v in variables.items()
+                                            if k != 'params'})
+  target = config.copy_and_resolve_references()
+  target.update(**changes)
+  init = models.init_variables(models.create(target), 32)
+  adapted = checkpoints.adapt_variables(ckpt, init, target, keep_head=True)
+  _check(target, adapted, source, x, f'{timm_name} with {changes}')
+
+
+@pytest.mark.parametrize('timm_name, kwargs', [
+    ('swin_tiny_patch4_window7_224', dict(img_size=32, patch_size=2, window_size=4,
+                                          depths=(1, 1), num_heads=(1, 2), embed_dim=16)),
+    ('resnet50', dict(layers=(1, 1, 1, 1))),
+    ('resnext50_32x4d', dict(layers=(1, 1, 1, 1))),
+    ('res2net50_26w_4s', dict(layers=(1, 1, 1, 1))),
+])
+def test_create_timm_model_builds_architectures_of_no_registered_name(timm_name, kwargs):
+  """from_timm read these, but create_timm_model said 'no timm model corresponds to
+  swin_tiny_patch4_window7_224': it builds them, with the same logits."""
+  torch.manual_seed(0)
+  source = timm.create_model(timm_name, pretrained=False, num_classes=5, **kwargs)
+  x = _images(32)
+  _calibrate_head(_perturb(source), x)
+  config, variables = checkpoints.from_timm(source)
+  model = checkpoints.create_timm_model(config, variables)
+  assert sum(p.numel() for p in model.parameters()) == sum(
+      p.numel() for p in source.parameters())
+  np.testing.assert_allclose(_timm_logits(model, x), _timm_logits(source, x), atol=1e-5)

@@ -315,3 +315,18 @@ def test_nchw_input_gets_a_hint():
   with pytest.raises(ValueError, match='NCHW'):
     jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
                    jax.ShapeDtypeStruct((1, 3, 64, 64), jnp.float32))
+
+
+def test_numpy_ints_count_and_bools_do_not():
+  """np.int64(3) classes (labels.max() + 1) was 'invalid', True was one class: as the other
+  families now."""
+  c = ml_collections.ConfigDict(dict(bit.named_configs()['BiT-R50x1'].to_dict(),
+                                     num_layers=(1, 1, 1, 1), num_classes=np.int64(3),
+                                     in_channels=np.int64(1)))
+  module = bit.from_config(c)
+  assert module.num_classes == 3 and type(module.num_classes) is int
+  assert module.in_channels == 1
+  for field in ('num_classes', 'in_channels'):
+    bad = ml_collections.ConfigDict(dict(c.to_dict(), **{field: True}))
+    with pytest.raises(ValueError, match=field):
+      bit.from_config(bad)

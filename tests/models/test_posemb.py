@@ -143,3 +143,14 @@ def test_old_grid_not_matching_token_count_raises():
 def test_bad_rank_raises():
   with pytest.raises(ValueError, match='shape'):
     models.resample_posemb(np.zeros((49, WIDTH), np.float32), 4)
+
+
+@pytest.mark.parametrize('grid', [0, -2, 2.5, (3, 0), (2, 2, 2), True, 'x'])
+def test_a_bad_grid_is_named(grid):
+  """0 failed inside numpy ('cannot reshape array of size 0'), -2 with 'negative
+  dimensions', 2.5 with "'float' object is not iterable"."""
+  posemb = np.zeros((1, 17, 4), np.float32)
+  with pytest.raises(ValueError, match='a grid is a positive int or'):
+    models.resample_posemb(posemb, grid)
+  assert models.resample_posemb(posemb, np.int64(2)).shape == (1, 5, 4)
+  assert models.resample_posemb(posemb, [3, 2]).shape == (1, 7, 4)

@@ -300,3 +300,12 @@ def test_remat_policies_give_the_same_gradients(policy):
   assert 'checkpoint' in jaxpr or 'remat' in jaxpr  # the blocks are rematerialised
   jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6),
                grads(remat), grads(plain))
+
+
+def test_custom_vjp_takes_a_bool_only():
+  """custom_vjp='False' was taken as True (a non-empty string), and jax.jvp then failed
+  on the custom_vjp functions."""
+  for bad in ('False', 0, None):
+    with pytest.raises(ValueError, match=r"custom_vjp=.* the field takes a bool"):
+      swin.from_config(_config(custom_vjp=bad))
+  assert swin.from_config(_config(custom_vjp=np.bool_(False))).custom_vjp is False

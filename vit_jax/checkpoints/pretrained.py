@@ -880,7 +880,10 @@ def head_prefixes(config) -> tuple[str, ...]:
 _NOT_STRUCTURE = ('name', 'family', 'image_size', 'num_classes', 'dtype', 'param_dtype',
                   'window_size', 'drop_rate', 'proj_drop_rate', 'attn_drop_rate',
                   'drop_path_rate', 'dropout_rate', 'layernorm_eps', 'stdconv_eps', 'gn_eps',
-                  'bn_eps', 'bn_momentum', 'bn_frozen', 'zero_init_last')
+                  'bn_eps', 'bn_momentum', 'bn_frozen', 'zero_init_last',
+                  # how a model computes, not its parameters (refused as architecture:
+                  # Swin weights into a model with remat_policy='dots' or custom_vjp=False)
+                  'remat_policy', 'custom_vjp', 'grouped_conv')
 
 
 def _config_differences(loaded, config) -> list[tuple[str, object, object]]:

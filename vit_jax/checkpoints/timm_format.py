@@ -712,6 +712,31 @@ def timm_create_args(config) -> tuple[str, dict]:
   return name, kwargs
 
 
+def _custom_family_args(config) -> tuple[str, dict]:
+  """A timm model name and the keyword arguments that give it `config`'s architecture,
+  for a Swin or ResNet-family config of no registered timm name (a Swin of depths=(1, 1),
+  a ResNet of layers=(1, 1, 1, 1): create_timm_model said 'no timm model corresponds to
+  swin_tiny_patch4_window7_224' of a model from_timm had just read)."""
+  family = registry.family_of(config)
+  if family == 'swin':
+    return 'swin_tiny_patch4_window7_224', dict(
+        embed_dim=config.embed_dim, depths=tuple(config.depths),
+        num_heads=tuple(config.num_heads), patch_size=config.patch_size,
+        mlp_ratio=config.mlp_ratio, in_chans=config.in_channels)
+  if family == 'resnet' and config.block in ('bottleneck', 'basic'):
+    return ('resnet50' if config.block == 'bottleneck' else 'resnet18'), dict(
+        layers=tuple(config.layers), cardinality=config.cardinality,
+        base_width=config.base_width, in_chans=config.in_channels)
+  if family == 'res2net':
+    return 'res2net50_26w_4s', dict(
+        layers=tuple(config.layers), cardinality=config.cardinality,
+        base_width=config.base_width, block_args=dict(scale=config.scale),
+        in_chans=config.in_channels)
+  raise ValueError(f"no timm model corresponds to {config.get('name')!r} (family {family}): "
+                   'timm builds the registered architectures of this family only '
+                   f'(vit_jax.models.list_models({family!r}))')
+
+
 def create_timm_model(config, params=None):
   """A timm model with the architecture and numerics of `config`, loaded with `params`.
 
@@ -731,7 +756,12 @@ def create_timm_model(config, params=None):
         raise ValueError(f'window_size={config.window_size} (one per stage): timm builds a '
                          'Swin of one window for every stage')
       kwargs.update(img_size=config.image_size, window_size=config.window_size)
-    model = timm.create_model(timm_name(config), **kwargs).eval()
+    try:
+      name = timm_name(config)
+    except ValueError:  # an architecture of no registered name (depths=(1, 1), ...)
+      name, structure = _custom_family_args(config)
+      kwargs.update(structure)
+    model = timm.create_model(name, **kwargs).eval()
     if params is not None:
       model.load_state_dict(to_timm(config, params))
     return model

@@ -320,14 +320,16 @@ def from_config(config) -> BiT:
   rate = config.drop_path_rate
   _check(isinstance(rate, (int, float)) and 0 <= rate < 1, 'drop_path_rate', rate,
          'a float in [0, 1)')
-  _check(config.num_classes is None or (isinstance(config.num_classes, int)
+  # (numpy ints as the other families take them, labels.max() + 1; a bool is no count)
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+  _check(config.num_classes is None or (is_int(config.num_classes)
                                         and config.num_classes >= 0),
          'num_classes', config.num_classes, 'an int >= 0, or None for the pooled features')
-  _check(isinstance(config.in_channels, int) and config.in_channels > 0, 'in_channels',
+  _check(is_int(config.in_channels) and config.in_channels > 0, 'in_channels',
          config.in_channels, 'an int > 0')
-  return BiT(num_classes=config.num_classes, num_layers=tuple(int(n) for n in layers),
+  return BiT(num_classes=None if config.num_classes is None else int(config.num_classes), num_layers=tuple(int(n) for n in layers),
              width_factor=wf,
              stdconv_eps=float(config.stdconv_eps), gn_eps=float(config.gn_eps),
-             drop_path_rate=float(rate), in_channels=config.in_channels,
+             drop_path_rate=float(rate), in_channels=int(config.in_channels),
              dtype=_dtype(config.dtype, 'dtype'),
              param_dtype=_dtype(config.param_dtype, 'param_dtype'))

@@ -67,12 +67,15 @@ def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
 
 
 def _as_grid(grid) -> tuple[int, int]:
-  if isinstance(grid, int):
-    return (grid, grid)
-  grid = tuple(int(g) for g in grid)
-  if len(grid) != 2:
-    raise ValueError(f'a grid is an int or (rows, cols), got {grid}')
-  return grid
+  """(rows, cols) of a grid given as an int or a pair of positive ints; a ValueError
+  naming the value otherwise (0 or 2.5 failed inside numpy's reshape)."""
+  is_int = lambda g: isinstance(g, (int, np.integer)) and not isinstance(g, bool)  # noqa: E731
+  pair = (grid, grid) if is_int(grid) else (
+      tuple(grid) if isinstance(grid, (tuple, list, np.ndarray)) else None)
+  if pair is None or len(pair) != 2 or not all(is_int(g) and g > 0 for g in pair):
+    raise ValueError(f'a grid is a positive int or (rows, cols) of positive ints, got '
+                     f'{grid!r}')
+  return (int(pair[0]), int(pair[1]))
 
 
 def resample_posemb(posemb, new_grid, method: str = 'bilinear', *,

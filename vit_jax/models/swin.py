@@ -715,6 +715,10 @@ def from_config(config) -> SwinTransformer:
   if config.remat_policy not in remat_lib.POLICIES:
     raise ValueError(f'remat_policy={config.remat_policy!r} is not one of '
                      f'{remat_lib.POLICIES}')
+  custom_vjp = config.get('custom_vjp', _OPTIONAL_FIELDS['custom_vjp'])
+  if not isinstance(custom_vjp, (bool, np.bool_)):  # (the string 'False' was True)
+    raise ValueError(f'custom_vjp={custom_vjp!r} ({type(custom_vjp).__name__}): the field '
+                     'takes a bool, e.g. custom_vjp=False')
   dtypes = {}
   for field in ('dtype', 'param_dtype'):
     if config[field] not in _DTYPES:
@@ -732,4 +736,4 @@ def from_config(config) -> SwinTransformer:
       drop_path_rate=float(config.drop_path_rate),
       layernorm_eps=float(config.layernorm_eps), remat_policy=config.remat_policy,
       in_channels=config.in_channels,
-      custom_vjp=bool(config.get('custom_vjp', _OPTIONAL_FIELDS['custom_vjp'])), **dtypes)
+      custom_vjp=bool(custom_vjp), **dtypes)
