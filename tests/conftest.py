@@ -23,6 +23,7 @@ import collections
 import os
 import shutil
 import tempfile
+import pytest
 
 _CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
 if _CACHE_ENV not in os.environ:  # the controller makes it; xdist workers inherit it
@@ -78,3 +79,16 @@ def pytest_collection_modifyitems(items):
     return (1, -tests_in[module[item]], module[item])
 
   items.sort(key=rank)
+
+
+@pytest.fixture(autouse=True)
+def _absl_verbosity_restored():
+  """A command run in-process (vit_jax.convert's main sets absl's verbosity to WARNING)
+  left later tests on the same worker without absl's INFO lines, which they assert."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  # The absl logger's own level (NOTSET until set_verbosity is called: then caplog's root
+  # level decides), not the verbosity flag (set_verbosity would pin it to WARNING).
+  logger = absl_logging.get_absl_logger()
+  level = logger.level
+  yield
+  logger.setLevel(level)

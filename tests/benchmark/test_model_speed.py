@@ -799,12 +799,12 @@ def test_a_usage_error_is_one_line_and_status_2():
 def test_an_mfu_off_achieved_over_median_peak_says_why():
   """A loaded machine printed 'MFU 0.163 of 59.0 GFLOP/s' next to '2.5 GFLOP/s achieved'
   (the median of each step's MFU against its own peak): the line gives both now."""
-  from vit_jax.benchmark import __main__ as bench  # pylint: disable=g-import-not-at-top
+  from vit_jax.benchmark import model_speed  # pylint: disable=g-import-not-at-top
   r = {'mfu': 0.163, 'achieved_flops_per_sec': 2.5e9, 'peak_flops_per_sec': 59e9,
        'peak_flops_per_sec_per_step': [10e9, 59e9, 100e9]}
-  assert "achieved / median peak is 0.042: the machine's speed varied" in bench._mfu_spread(r)
-  assert bench._mfu_spread(dict(r, mfu=0.044)) == ''  # within 10%: one figure is enough
-  assert bench._mfu_spread(dict(r, peak_flops_per_sec_per_step=None)) == ''  # datasheet
+  assert "achieved / median peak is 0.042: the machine's speed varied" in model_speed.mfu_spread(r)
+  assert model_speed.mfu_spread(dict(r, mfu=0.044)) == ''  # within 10%: one figure is enough
+  assert model_speed.mfu_spread(dict(r, peak_flops_per_sec_per_step=None)) == ''  # datasheet
 
 
 def test_inference_takes_overrides_of_the_model_and_its_layout_only():

@@ -106,20 +106,6 @@ def _fmt_memory(r: dict) -> str:
           'beyond the donated arguments')
 
 
-def _mfu_spread(r: dict) -> str:
-  """Where the MFU (the median of each step's MFU against the peak probed next to it)
-  is more than 10% off achieved / median peak, the latter too: on a machine whose speed
-  varied during the run the two differ, and the line showed 0.163 next to 2.5 of 59.0
-  GFLOP/s without a word."""
-  if not (r['mfu'] and r['peak_flops_per_sec'] and r['peak_flops_per_sec_per_step']):
-    return ''
-  plain = r['achieved_flops_per_sec'] / r['peak_flops_per_sec']
-  if abs(plain - r['mfu']) <= 0.1 * r['mfu']:
-    return ''
-  return (f" (the median of each step's MFU against its own peak; achieved / median peak "
-          f"is {plain:.3f}: the machine's speed varied during the run, time more --steps)")
-
-
 def check_profile_backend(backend: str) -> None:
   """--profile maps XLA:CPU's per-operation trace events to the compiled HLO; other
   backends' traces name kernels instead, so it stops before anything compiles."""
@@ -288,7 +274,7 @@ def model_main(warmup: int):
       (f"  MFU {r['mfu']:.3f} of {r['peak_flops_per_sec'] / 1e9:.1f} GFLOP/s "
        f"({r['peak_source']})" if r['mfu'] is not None
        else f"  MFU not measured ({r['peak_source']})")
-      + _mfu_spread(r)
+      + model_speed.mfu_spread(r)
       + (f"; {r['mfu_of_best_peak']:.3f} of the best step's peak"
          if r['mfu_of_best_peak'] is not None and r['peak_flops_per_sec_per_step'] else '')
       + ("; the device's peak memory in this process "
